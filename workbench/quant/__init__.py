@@ -1,0 +1,1 @@
+"""Quantization: our INT8 preset over NVIDIA Model Optimizer, our calibrators, BN folding."""

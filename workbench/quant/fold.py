@@ -1,0 +1,117 @@
+"""Fold BatchNorm into the convolution before it, before quantization.
+
+TensorRT folds BN into the convolution anyway; folding first means the weight
+scales are computed on the weights TensorRT will actually run, and the Q/DQ
+ONNX has no BatchNormalization nodes between a Conv and its consumer.
+
+Pairs are found by running the model once with hooks: a BatchNorm whose input
+is exactly the output tensor of a convolution, where no other module read that
+tensor. The folded model is then checked against the original numerically, so
+a pair the hooks misread (a functional use of the conv output) cannot pass.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@torch.no_grad()
+def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    produced_by: dict[int, str] = {}
+    readers: dict[int, list[str]] = {}
+    modules = dict(model.named_modules())
+    handles = []
+    keep_alive = []  # tensor ids are only unique while the tensors live
+
+    def hook(name: str):
+        def fn(module, inputs, output):
+            for t in inputs:
+                if isinstance(t, torch.Tensor):
+                    readers.setdefault(id(t), []).append(name)
+                    keep_alive.append(t)
+            if isinstance(module, _CONVS) and isinstance(output, torch.Tensor):
+                produced_by[id(output)] = name
+                keep_alive.append(output)
+
+        return fn
+
+    for name, module in modules.items():
+        if isinstance(module, _CONVS + _BNS):
+            handles.append(module.register_forward_hook(hook(name)))
+    try:
+        was_training = model.training
+        model.eval()
+        model(example)
+        model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    pairs = []
+    for tensor_id, conv_name in produced_by.items():
+        names = readers.get(tensor_id, [])
+        if len(names) == 1 and isinstance(modules[names[0]], _BNS):
+            pairs.append((conv_name, names[0]))
+    return pairs
+
+
+def _fuse(conv: nn.Module, bn: nn.Module) -> None:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+    shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+    shape = [-1] + [1] * (conv.weight.dim() - 1)
+    conv.weight.data = conv.weight.data * scale.reshape(shape)
+    bias = conv.bias.data if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.bias = nn.Parameter(bias * scale + shift)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+@torch.no_grad()
+def fold_batchnorm_(model: nn.Module, example: torch.Tensor, atol: float = 1e-3) -> list[tuple[str, str]]:
+    """Fold each Conv->BN pair in place (BN becomes Identity); returns the pairs folded.
+
+    If the folded model's output differs from the original's by more than
+    `atol` relative to its scale, the model is restored and nothing is folded.
+    """
+    pairs = find_conv_bn_pairs(model, example)
+    if not pairs:
+        return []
+    was_training = model.training
+    model.eval()
+    reference = model(example)
+    backup = copy.deepcopy(model.state_dict())
+    modules = dict(model.named_modules())
+    for conv_name, bn_name in pairs:
+        _fuse(modules[conv_name], modules[bn_name])
+        _set_module(model, bn_name, nn.Identity())
+    folded = model(example)
+    ref_t, new_t = _first_tensor(reference), _first_tensor(folded)
+    err = (ref_t - new_t).abs().max().item() / max(ref_t.abs().max().item(), 1e-6)
+    if err > atol:
+        for conv_name, bn_name in pairs:
+            _set_module(model, bn_name, modules[bn_name])
+        model.load_state_dict(backup, strict=False)
+        for conv_name, _ in pairs:
+            if f"{conv_name}.bias" not in backup:
+                modules[conv_name].bias = None
+        pairs = []
+    model.train(was_training)
+    return pairs
+
+
+def _first_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (list, tuple)):
+        return _first_tensor(out[0])
+    if isinstance(out, dict):
+        return _first_tensor(next(iter(out.values())))
+    raise TypeError(f"cannot compare model outputs of type {type(out).__name__}")

@@ -1,0 +1,267 @@
+"""INT8 post-training quantization: one verb, `quantize_(model, Int8Config, forward_loop)`.
+
+NVIDIA Model Optimizer inserts the quantizers, fake-quantizes and exports Q/DQ
+ONNX; the choice of which layers and the activation ranges are ours:
+
+- our CNN preset: per-channel weights on the output-channel axis, per-tensor
+  activations, on Conv/Linear layers only (no LLM name exclusions, nothing on
+  BatchNorm or pooling inputs);
+- subclasses of nn.Conv2d/nn.Linear (EfficientNet-Lite's padded convolutions)
+  are registered with modelopt first, since it matches modules by exact class
+  and would silently leave them in float;
+- activation ranges come from our own histogram calibrators (max, entropy,
+  percentile, mse), computed in one calibration pass next to modelopt's
+  max pass for the weights.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from ..errors import CalibrationError
+from .calibrators import AbsHistogram, NonFiniteError, compute_amax
+from .fold import fold_batchnorm_
+
+QUANTIZABLE_TYPES: dict[str, type[nn.Module]] = {
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+    "Conv3d": nn.Conv3d,
+    "ConvTranspose1d": nn.ConvTranspose1d,
+    "ConvTranspose2d": nn.ConvTranspose2d,
+    "ConvTranspose3d": nn.ConvTranspose3d,
+    "Linear": nn.Linear,
+}
+# Transposed convolutions store weights as (in, out, ...): their output channels are axis 1.
+_WEIGHT_AXIS = {"ConvTranspose1d": 1, "ConvTranspose2d": 1, "ConvTranspose3d": 1}
+# Smallest range we hand to a quantizer: an all-zero input still needs a positive scale in ONNX.
+MIN_AMAX = 1e-6
+
+
+class Int8Config(BaseModel):
+    """The INT8 preset for CNNs and its calibration method."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    method: Literal["max", "entropy", "percentile", "mse"] = Field(
+        "entropy", description="How activation ranges are chosen from the calibration data."
+    )
+    percentile: float = Field(99.99, description="For method percentile: the share of |x| kept unclipped, in percent.")
+    num_bins: int = Field(2048, ge=256, le=65536, description="Histogram bins for entropy/percentile/mse.")
+    weights: Literal["per_channel", "per_tensor"] = Field("per_channel", description="Weight scale granularity.")
+    layer_types: list[str] = Field(
+        default_factory=lambda: ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d", "Linear"],
+        description="Module types quantized (their subclasses too). Choices: " + ", ".join(QUANTIZABLE_TYPES),
+    )
+    exclude: list[str] = Field(default_factory=list, description="Module-name glob patterns kept in float, e.g. 'fc', 'layer1.*'.")
+    fold_batchnorm: bool = Field(True, description="Fold BatchNorm into the preceding convolution first.")
+
+    @field_validator("percentile")
+    @classmethod
+    def _percentile_range(cls, v: float) -> float:
+        if not 0 < v <= 100:
+            raise ValueError("percentile is in percent: 0 < percentile <= 100, e.g. 99.99")
+        return v
+
+    @field_validator("layer_types")
+    @classmethod
+    def _known_types(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in QUANTIZABLE_TYPES]
+        if unknown:
+            raise ValueError(f"unknown layer types {unknown}; choose from {', '.join(QUANTIZABLE_TYPES)}")
+        return v
+
+
+@dataclass
+class QuantResult:
+    """What quantize_ did: enough for the report and to reproduce it."""
+
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    quantized: dict[str, str] = field(default_factory=dict)  # module name -> type name
+    excluded: dict[str, str] = field(default_factory=dict)  # module name -> type name (matched an exclude)
+    activation_amax: dict[str, float] = field(default_factory=dict)  # input quantizer -> amax
+    batches: int = 0
+    samples: int = 0
+
+    def census(self) -> dict[str, dict[str, int]]:
+        """Per layer type: how many layers run INT8 and how many stay float."""
+        out: dict[str, dict[str, int]] = {}
+        for names, key in ((self.quantized, "int8"), (self.excluded, "float")):
+            for type_name in names.values():
+                out.setdefault(type_name, {"int8": 0, "float": 0})[key] += 1
+        return out
+
+
+def select_layers(model: nn.Module, config: Int8Config) -> tuple[dict[str, str], dict[str, str]]:
+    """Split the quantizable layers into (quantized, excluded) by type and exclude patterns."""
+    types = {name: QUANTIZABLE_TYPES[name] for name in config.layer_types}
+    quantized, excluded = {}, {}
+    for name, module in model.named_modules():
+        type_name = _type_name(module, types)
+        if type_name is None or not name:
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+            excluded[name] = type_name
+        else:
+            quantized[name] = type_name
+    return quantized, excluded
+
+
+def unmatched_patterns(model: nn.Module, patterns: list[str]) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n]
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
+def _type_name(module: nn.Module, types: dict[str, type[nn.Module]]) -> str | None:
+    # Most specific first: ConvTranspose2d is not a Conv2d, but check exact classes before isinstance.
+    for name, cls in types.items():
+        if type(module) is cls:
+            return name
+    for name, cls in types.items():
+        if isinstance(module, cls):
+            return name
+    return None
+
+
+def modelopt_config(model: nn.Module, config: Int8Config, layers: dict[str, str]) -> dict:
+    """The modelopt quant_cfg for exactly these layers: everything else disabled, by name."""
+    entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
+    for name, type_name in layers.items():
+        axis = _WEIGHT_AXIS.get(type_name, 0) if config.weights == "per_channel" else None
+        entries.append({"quantizer_name": f"{name}.weight_quantizer", "cfg": {"num_bits": 8, "axis": axis}, "enable": True})
+        entries.append({"quantizer_name": f"{name}.input_quantizer", "cfg": {"num_bits": 8, "axis": None}, "enable": True})
+    return {"quant_cfg": entries, "algorithm": "max"}
+
+
+def register_subclasses(model: nn.Module) -> list[str]:
+    """Register subclasses of nn.Conv*/nn.Linear with modelopt (it matches exact classes only)."""
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
+    from modelopt.torch.quantization.nn.modules.quant_module import QuantLinearConvBase
+
+    registered = []
+    for module in model.modules():
+        cls = type(module)
+        if cls in QuantModuleRegistry or not isinstance(module, tuple(QUANTIZABLE_TYPES.values())):
+            continue
+        base = next(c for c in QUANTIZABLE_TYPES.values() if isinstance(module, c))
+        if cls is base:
+            continue
+        quant_cls = type(f"_Quant{cls.__name__}", (QuantLinearConvBase,), {})
+        QuantModuleRegistry.register({cls: f"{cls.__module__}.{cls.__qualname__}"})(quant_cls)
+        registered.append(cls.__qualname__)
+    return registered
+
+
+def quantize_(
+    model: nn.Module,
+    config: Int8Config,
+    forward_loop: Callable[[nn.Module], None],
+    example_input: torch.Tensor,
+) -> QuantResult:
+    """Quantize `model` in place to INT8 fake-quant and calibrate it with `forward_loop`.
+
+    `forward_loop(model)` runs the calibration batches through the model.
+    """
+    import modelopt.torch.quantization as mtq
+
+    result = QuantResult()
+    model.eval()
+    if config.fold_batchnorm:
+        result.folded = fold_batchnorm_(model, example_input)
+    result.quantized, result.excluded = select_layers(model, config)
+    if not result.quantized:
+        raise CalibrationError(
+            "calibrate: no layer to quantize: the model has no "
+            f"{'/'.join(config.layer_types)} layers outside the exclude patterns {config.exclude}"
+        )
+    register_subclasses(model)
+    mt_cfg = modelopt_config(model, config, result.quantized)
+
+    histograms: dict[str, AbsHistogram] = {}
+    counter = {"batches": 0, "samples": 0}
+    needs_hist = config.method != "max"
+
+    def counting_loop(m: nn.Module) -> None:
+        handles = _attach_collectors(m, result.quantized, histograms, config.num_bins, counter, needs_hist)
+        try:
+            forward_loop(m)
+        finally:
+            for h in handles:
+                h.remove()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            mtq.quantize(model, mt_cfg, forward_loop=counting_loop)
+        except NonFiniteError as e:
+            raise CalibrationError(
+                f"calibrate: {e}. Check the input data and normalisation (data.transform) and the model's weights; "
+                "a NaN/Inf activation cannot be given an INT8 range."
+            ) from None
+    if counter["batches"] == 0:
+        raise CalibrationError("calibrate: the calibration data produced no batches: data.calibration is empty")
+    result.batches, result.samples = counter["batches"], counter["samples"]
+
+    modules = dict(model.named_modules())
+    for name in result.quantized:
+        quantizer = modules[name].input_quantizer
+        if config.method == "max":
+            amax = float(quantizer.amax.max()) if quantizer.amax is not None else 0.0
+        else:
+            amax = compute_amax(histograms[name], config.method, percentile=config.percentile)
+        amax = max(amax, MIN_AMAX)
+        quantizer.amax = torch.tensor(amax, device=_device_of(model))
+        result.activation_amax[f"{name}.input_quantizer"] = amax
+        weight_q = modules[name].weight_quantizer
+        if weight_q.amax is not None:
+            # A channel of all-zero weights gets amax 0 and a zero scale, which ONNX cannot express.
+            weight_q.amax = weight_q.amax.clamp(min=MIN_AMAX)
+    return result
+
+
+def _attach_collectors(model, layers, histograms, num_bins, counter, needs_hist):
+    """Hooks that count batches, reject NaN/Inf and build |x| histograms of each layer's input."""
+    handles = []
+    first = next(iter(layers))
+    modules = dict(model.named_modules())
+
+    for name in layers:
+
+        def pre_hook(module, args, name=name):
+            x = args[0]
+            if name == first:
+                counter["batches"] += 1
+                counter["samples"] += int(x.shape[0]) if x.dim() > 0 else 1
+            if not torch.isfinite(x).all():
+                bad = int((~torch.isfinite(x)).sum())
+                raise NonFiniteError(
+                    f"{bad} NaN/Inf values in the input of layer '{name}' in calibration batch {counter['batches']}"
+                )
+            if needs_hist:
+                histograms.setdefault(name, AbsHistogram(num_bins=num_bins)).update(x.detach())
+
+        handles.append(modules[name].register_forward_pre_hook(pre_hook))
+    return handles
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def quantizer_summary(model: nn.Module) -> dict[str, int]:
+    """How many TensorQuantizers are enabled, by role (input/weight/output): catches silent no-ops."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    counts = {"input": 0, "weight": 0, "output": 0, "other": 0}
+    for name, module in model.named_modules():
+        if isinstance(module, TensorQuantizer) and module.is_enabled:
+            role = name.rsplit(".", 1)[-1].removesuffix("_quantizer")
+            counts[role if role in counts else "other"] += 1
+    return counts

@@ -1,0 +1,184 @@
+"""The run report (report.md + plot) and the one-screen console summary.
+
+Both read only the run directory (metrics.json), so a finished run can be
+re-reported, or read by the notebook, without re-running anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .io import atomic_path, write_text
+
+BACKEND_TITLES = {
+    "pytorch_fp32": "FP32 (PyTorch)",
+    "pytorch_int8": "INT8 fake-quant (PyTorch)",
+    "ort_fp32": "FP32 (ONNX Runtime)",
+    "ort_int8_faithful": "INT8 Q/DQ (ONNX Runtime, faithful: TensorRT arithmetic)",
+    "ort_int8_default": "INT8 Q/DQ (ONNX Runtime, default: ORT integer kernels)",
+}
+
+
+def load_metrics(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def backend_rows(metrics: dict) -> list[dict]:
+    """One row per evaluated backend: the numbers the table and the summary show."""
+    evaluation = metrics.get("stages", {}).get("evaluate", {})
+    rows = []
+    for name, entry in evaluation.get("backends", {}).items():
+        m = entry.get("metrics", {})
+        lat = entry.get("latency", {})
+        rows.append(
+            {
+                "backend": name,
+                "title": BACKEND_TITLES.get(name, name),
+                "top1": m.get("top1"),
+                "top5": m.get("top5"),
+                "agreement": m.get("agreement_top1"),
+                "kl": m.get("mean_kl"),
+                "size_mb": entry["size_bytes"] / 1e6 if "size_bytes" in entry else None,
+                "latency": {k: v["median_ms"] for k, v in lat.items()},
+                "latency_p90": {k: v["p90_ms"] for k, v in lat.items()},
+            }
+        )
+    return rows
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    metrics = load_metrics(run_dir)
+    stages = metrics.get("stages", {})
+    lines = [f"# Run report: {metrics.get('recipe')}", ""]
+    lines.append(f"Status: **{metrics.get('status')}**, device `{metrics.get('device')}`, torch {metrics.get('torch')}, started {metrics.get('started')}.")
+    lines.append("")
+    rows = backend_rows(metrics)
+    if rows:
+        batch_keys = sorted({k for r in rows for k in r["latency"]}, key=lambda k: int(k[1:]))
+        labeled = stages.get("evaluate", {}).get("labeled")
+        head = ["Backend"] + (["Top-1 %", "Top-5 %"] if labeled else []) + ["Agreement with FP32 %", "Mean KL", "Size MB"]
+        head += [f"Latency {k} median (p90) ms" for k in batch_keys]
+        lines += [f"## Accuracy, size, latency ({stages['evaluate']['samples']} evaluation samples)", ""]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for r in rows:
+            cells = [r["title"]]
+            if labeled:
+                cells += [_fmt(r["top1"]), _fmt(r["top5"])]
+            cells += [_fmt(r["agreement"]), _fmt(r["kl"], 5), _fmt(r["size_mb"])]
+            cells += [f"{_fmt(r['latency'].get(k))} ({_fmt(r['latency_p90'].get(k))})" if k in r["latency"] else "n/a" for k in batch_keys]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        cmp = stages["evaluate"].get("ort_faithful_vs_fakequant")
+        if cmp:
+            lines.append(
+                f"The faithful ONNX Runtime execution agrees with the fake-quant model on {cmp['agreement_top1']:.2f}% of "
+                f"top-1 predictions (max |logit difference| {cmp['max_abs_diff']:.4f})."
+            )
+            lines.append("")
+        lines.append(
+            "Latency is measured on this machine's CPU with ONNX Runtime (and PyTorch eager for FP32); "
+            "the TensorRT-style Q/DQ graph keeps FP32 weights behind DequantizeLinear, which ONNX Runtime's "
+            "integer kernels do not run fast: it is the artifact for TensorRT, not a CPU-speed claim."
+        )
+        lines.append("")
+        plot = _plot(run_dir, rows, labeled)
+        if plot:
+            lines += [f"![accuracy and latency]({plot.name})", ""]
+    cal = stages.get("calibrate")
+    if cal:
+        lines += ["## Calibration", ""]
+        method = cal["method"] + (f" ({cal['percentile']})" if cal.get("percentile") else "")
+        lines.append(f"Method **{method}** on {cal['samples']} samples in {cal['seconds']:.1f} s; {cal['folded_batchnorm']} BatchNorm layers folded into convolutions.")
+        lines.append("")
+        lines += ["| Layer type | INT8 | float |", "|---|---|---|"]
+        for type_name, counts in cal["census"].items():
+            lines.append(f"| {type_name} | {counts['int8']} | {counts['float']} |")
+        q = cal.get("enabled_quantizers", {})
+        lines += ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, {q.get('output', 0)} on outputs.", ""]
+    exp = stages.get("export")
+    if exp:
+        lines += ["## Exported ONNX", ""]
+        for name, entry in exp.items():
+            c = entry["census"]
+            quantized = ", ".join(f"{v} {k}" for k, v in c["quantized"].items()) or "none"
+            floating = ", ".join(f"{len(v)} {k}" for k, v in c["float"].items()) or "none"
+            lines.append(
+                f"- `{name}`: {entry['bytes'] / 1e6:.2f} MB, opset {c['opset']}, {c['QuantizeLinear']} QuantizeLinear / "
+                f"{c['DequantizeLinear']} DequantizeLinear; INT8 compute nodes: {quantized}; float compute nodes: {floating}."
+            )
+        lines.append("")
+    timings = metrics.get("timings_s", {})
+    if timings:
+        lines += ["## Stage times", "", "| Stage | Seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+        lines.append("")
+    path = run_dir / "report.md"
+    write_text(path, "\n".join(lines))
+    return path
+
+
+def _plot(run_dir: Path, rows: list[dict], labeled: bool) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "top1" if labeled else "agreement"
+    names = [r["backend"] for r in rows]
+    acc = [r[key] if r[key] is not None else 0 for r in rows]
+    lat = [r["latency"].get("b1", 0) or 0 for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    axes[0].barh(names, acc, color="#4C72B0")
+    axes[0].set_xlabel("top-1 %" if labeled else "top-1 agreement with FP32 %")
+    lo = min(acc) if acc else 0
+    axes[0].set_xlim(max(0, lo - 5), 100 if not labeled else min(100, max(acc) + 2))
+    axes[1].barh(names, lat, color="#DD8452")
+    axes[1].set_xlabel("latency, batch 1, median ms (CPU)")
+    for ax in axes:
+        ax.invert_yaxis()
+    fig.tight_layout()
+    path = run_dir / "accuracy_latency.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def print_summary(run_dir: str | Path, console) -> None:
+    from rich.table import Table
+
+    metrics = load_metrics(run_dir)
+    rows = backend_rows(metrics)
+    labeled = metrics.get("stages", {}).get("evaluate", {}).get("labeled")
+    table = Table(title=f"{metrics.get('recipe')}: {metrics.get('status')}")
+    table.add_column("backend")
+    table.add_column("top-1 %" if labeled else "agreement %", justify="right")
+    table.add_column("size MB", justify="right")
+    table.add_column("b1 ms", justify="right")
+    table.add_column("b8 ms", justify="right")
+    for r in rows:
+        table.add_row(
+            r["backend"],
+            _fmt(r["top1"] if labeled else r["agreement"]),
+            _fmt(r["size_mb"]),
+            _fmt(r["latency"].get("b1")),
+            _fmt(r["latency"].get("b8")),
+        )
+    cal = metrics.get("stages", {}).get("calibrate")
+    if rows:
+        console.print(table)
+    if cal:
+        census = ", ".join(f"{t}: {c['int8']} INT8 / {c['float']} float" for t, c in cal["census"].items())
+        console.print(f"quantized layers: {census}")
+    console.print(f"run directory: {run_dir}")

@@ -1,0 +1,143 @@
+"""A Run: the state stages hand on, and the function that carries a recipe through its stages.
+
+    recipe -> preflight (model, data: fail before writing anything) -> run dir
+           -> stages in order -> report -> run dir renamed complete
+
+The run directory is built as `<name>-<timestamp>.incomplete` and renamed to
+`<name>-<timestamp>` only when every stage finished, or to `.failed` (with the
+error in metrics.json) when one did not. Every file in it is written
+atomically, so no directory ever holds half a file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import ImageDataset, build_dataset, check_readable, make_loader
+from .errors import WorkbenchError
+from .io import write_json, write_text
+from .models import resolve_model
+from .recipe import Recipe, dump_recipe
+from .stages import STAGES
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    dir: Path
+    model: nn.Module  # the model as the stages leave it
+    reference: nn.Module  # the FP32 model as loaded: never modified
+    device: torch.device
+    metrics: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)  # in-memory hand-over between stages
+    _datasets: dict[str, ImageDataset] = field(default_factory=dict)
+
+    def dataset(self, split: str) -> ImageDataset:
+        if split not in self._datasets:
+            self._datasets[split] = build_dataset(self.recipe.data, split)
+        return self._datasets[split]
+
+    def loader(self, split: str):
+        return make_loader(self.dataset(split), self.recipe.data)
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        c, h, w = self.recipe.model.input_size
+        return torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(0)).to(self.device)
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def record(self, stage: str, values: dict[str, Any]) -> None:
+        """Store a stage's metrics and rewrite metrics.json (after every stage, atomically)."""
+        self.metrics.setdefault("stages", {})[stage] = values
+        self.save_metrics()
+
+    def save_metrics(self) -> None:
+        write_json(self.path("metrics.json"), self.metrics)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise WorkbenchError("device: 'cuda' was asked for but no CUDA device is available; use device: auto or cpu")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def preflight(recipe: Recipe) -> tuple[nn.Module, dict[str, ImageDataset]]:
+    """Everything that can fail on the user's input, before a single file is written."""
+    model = resolve_model(recipe.model)
+    datasets = {}
+    for name, _ in recipe.stage_list():
+        for split in STAGES[name].needs_data:
+            if split not in datasets:
+                datasets[split] = build_dataset(recipe.data, split)
+                check_readable(datasets[split], f"data.{split}")
+    return model, datasets
+
+
+def run_recipe(recipe: Recipe, console=None) -> Run:
+    """Carry `recipe` through its stages; return the finished Run (its dir holds every artifact)."""
+    from .report import print_summary, write_report
+
+    model, datasets = preflight(recipe)
+    device = pick_device(recipe.device)
+    model = model.to(device).eval()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    final_dir = _unique_dir(Path(recipe.runs_dir) / f"{recipe.name}-{stamp}")
+    work_dir = final_dir.with_name(final_dir.name + ".incomplete")
+    work_dir.mkdir(parents=True)
+    run = Run(recipe=recipe, dir=work_dir, model=copy.deepcopy(model), reference=model, device=device, _datasets=datasets)
+    run.metrics = {
+        "recipe": recipe.name,
+        "status": "running",
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "device": str(device),
+        "torch": torch.__version__,
+        "stages": {},
+    }
+    write_text(run.path("recipe.yaml"), dump_recipe(recipe))
+    run.save_metrics()
+    try:
+        for index, (name, options) in enumerate(recipe.stage_list()):
+            if console is not None:
+                console.print(f"[bold]stage {index + 1}/{len(recipe.stages)}: {name}[/bold]")
+            start = time.perf_counter()
+            STAGES[name].fn(run, options)
+            run.metrics.setdefault("timings_s", {})[name] = round(time.perf_counter() - start, 3)
+            run.save_metrics()
+        run.metrics["status"] = "complete"
+        run.metrics["finished"] = datetime.now().isoformat(timespec="seconds")
+        run.save_metrics()
+        write_report(run.dir)
+    except BaseException as e:
+        run.metrics["status"] = "failed"
+        run.metrics["error"] = str(e) if isinstance(e, WorkbenchError) else "".join(traceback.format_exception_only(e)).strip()
+        run.save_metrics()
+        failed = final_dir.with_name(final_dir.name + ".failed")
+        os.replace(work_dir, failed)
+        run.dir = failed
+        raise
+    os.replace(work_dir, final_dir)
+    run.dir = final_dir
+    if console is not None:
+        print_summary(run.dir, console)
+    return run
+
+
+def _unique_dir(path: Path) -> Path:
+    candidate, n = path, 1
+    while any(candidate.with_name(candidate.name + s).exists() for s in ("", ".incomplete", ".failed")):
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate

@@ -1,0 +1,76 @@
+"""Runners: PyTorch eager and ONNX Runtime behind one call signature.
+
+ONNX Runtime runs a Q/DQ graph in two ways, and both matter:
+- mode "faithful" (graph optimisations off): QuantizeLinear/DequantizeLinear
+  run as plain ops and the convolutions in float. That is the arithmetic
+  TensorRT performs on the same graph, so it must match the fake-quant model.
+- mode "default" (ONNX Runtime's optimisations on): Q/DQ fuse into ORT's own
+  integer kernels, which is what a CPU deployment runs. On AVX2 CPUs without
+  VNNI those kernels can saturate with signed 8-bit activations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Runner(Protocol):
+    name: str
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class TorchRunner:
+    def __init__(self, model: nn.Module, name: str, device: str | torch.device = "cpu"):
+        self.model = model.eval()
+        self.name = name
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = torch.as_tensor(batch).to(self.device)
+        out = self.model(x)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return out.float().cpu().numpy()
+
+
+def ort_available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+class OrtRunner:
+    def __init__(
+        self,
+        path: str | Path,
+        name: str,
+        mode: Literal["faithful", "default"] = "faithful",
+        threads: int | None = None,
+    ):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_DISABLE_ALL if mode == "faithful" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        )
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.name = name
+        self.mode = mode
+        self.path = Path(path)
+
+    def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        if isinstance(batch, torch.Tensor):
+            batch = batch.detach().cpu().numpy()
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]

@@ -1,0 +1,8 @@
+"""Stages, one module each, registered by name. Order in a run is the recipe's."""
+
+from .registry import STAGES, StageOptions, StageSpec, get_stage, register_stage
+
+# Importing a stage module registers it.
+from . import calibrate, export, evaluate  # noqa: E402,F401
+
+__all__ = ["STAGES", "StageOptions", "StageSpec", "get_stage", "register_stage"]

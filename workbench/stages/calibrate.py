@@ -1,0 +1,73 @@
+"""calibrate: INT8 post-training quantization of the run's model (fake-quant, modelopt quantizers)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from pydantic import ConfigDict, Field
+
+from ..errors import CalibrationError
+from ..io import write_json
+from ..progress import track
+from ..quant.ptq import Int8Config, quantize_, quantizer_summary, unmatched_patterns
+from .registry import register_stage
+
+
+class CalibrateOptions(Int8Config):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    max_batches: int | None = Field(None, gt=0, description="Stop after this many calibration batches (default: all).")
+
+
+@register_stage("calibrate", CalibrateOptions, needs_data=("calibration",))
+def calibrate(run, opts: CalibrateOptions) -> None:
+    """INT8 PTQ: per-channel weights, per-tensor activations, ranges by max/entropy/percentile/mse."""
+    if "quant" in run.state:
+        raise CalibrationError("calibrate: the model is already quantized; a recipe calibrates once")
+    if missing := unmatched_patterns(run.model, opts.exclude):
+        raise CalibrationError(
+            f"stages.calibrate.exclude: pattern(s) {missing} match no module of the model; "
+            "module names look like 'layer1.0.conv1' (see calibration.json of a run, or model.named_modules())"
+        )
+    loader = run.loader("calibration")
+    total = len(loader) if opts.max_batches is None else min(len(loader), opts.max_batches)
+
+    def forward_loop(model) -> None:
+        with torch.no_grad():
+            for i, (images, _) in enumerate(track(loader, f"calibrate ({opts.method})", total=total)):
+                if opts.max_batches is not None and i >= opts.max_batches:
+                    break
+                model(images.to(run.device))
+
+    start = time.perf_counter()
+    result = quantize_(run.model, opts, forward_loop, run.example_input())
+    seconds = time.perf_counter() - start
+    run.state["quant"] = result
+    census = result.census()
+    write_json(
+        run.path("calibration.json"),
+        {
+            "config": opts.model_dump(mode="json"),
+            "batches": result.batches,
+            "samples": result.samples,
+            "folded_batchnorm": [list(p) for p in result.folded],
+            "quantized_layers": result.quantized,
+            "float_layers": result.excluded,
+            "activation_amax": result.activation_amax,
+        },
+    )
+    run.record(
+        "calibrate",
+        {
+            "method": opts.method,
+            "percentile": opts.percentile if opts.method == "percentile" else None,
+            "samples": result.samples,
+            "seconds": round(seconds, 3),
+            "folded_batchnorm": len(result.folded),
+            "layers_int8": len(result.quantized),
+            "layers_float": len(result.excluded),
+            "census": census,
+            "enabled_quantizers": quantizer_summary(run.model),
+        },
+    )

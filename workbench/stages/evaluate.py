@@ -1,0 +1,118 @@
+"""evaluate: score every backend on the evaluation split, in one pass, through one task scorer.
+
+Backends (those that exist at this point of the run):
+  pytorch_fp32       the model as loaded
+  pytorch_int8       the fake-quant model (after calibrate)
+  ort_fp32           model_fp32.onnx in ONNX Runtime
+  ort_int8_faithful  model.onnx, ORT optimisations off: TensorRT's arithmetic on that graph
+  ort_int8_default   model.onnx, ORT optimisations on: ORT's integer kernels (a CPU deployment)
+Each is also compared with the FP32 model (agreement, KL); the faithful ONNX
+is compared with the fake-quant model it was exported from.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from ..errors import RecipeError
+from ..progress import track
+from ..runtime import OrtRunner, TorchRunner, measure_latency
+from ..tasks import new_scorer
+from .registry import StageOptions, register_stage
+
+Backend = Literal["pytorch_fp32", "pytorch_int8", "ort_fp32", "ort_int8_faithful", "ort_int8_default"]
+
+
+class EvaluateOptions(StageOptions):
+    backends: list[Backend] | None = Field(None, description="Backends to score; default: every one available.")
+    max_samples: int | None = Field(None, gt=0, description="Score only the first N evaluation samples.")
+    latency: bool = Field(True, description="Measure latency of each backend (warm-up, repeats, median, p90).")
+    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], description="Batch sizes timed.")
+    latency_repeats: int = Field(20, ge=1, description="Timed repeats per batch size.")
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: all cores).")
+
+
+def available_backends(run) -> list[str]:
+    out = ["pytorch_fp32"]
+    if "quant" in run.state:
+        out.append("pytorch_int8")
+    onnx = run.state.get("onnx", {})
+    if onnx.get("fp32"):
+        out.append("ort_fp32")
+    if onnx.get("model"):
+        if "quant" in run.state:
+            out += ["ort_int8_faithful", "ort_int8_default"]
+        elif "ort_fp32" not in out:
+            out.append("ort_fp32")
+    return out
+
+
+def build_runners(run, backends: list[str], threads: int | None) -> dict:
+    onnx = run.state.get("onnx", {})
+    fp32_onnx = onnx.get("fp32") or (onnx.get("model") if "quant" not in run.state else None)
+    makers = {
+        "pytorch_fp32": lambda: TorchRunner(run.reference, "pytorch_fp32", run.device),
+        "pytorch_int8": lambda: TorchRunner(run.model, "pytorch_int8", run.device),
+        "ort_fp32": lambda: OrtRunner(fp32_onnx, "ort_fp32", "default", threads),
+        "ort_int8_faithful": lambda: OrtRunner(onnx["model"], "ort_int8_faithful", "faithful", threads),
+        "ort_int8_default": lambda: OrtRunner(onnx["model"], "ort_int8_default", "default", threads),
+    }
+    return {b: makers[b]() for b in backends}
+
+
+@register_stage("evaluate", EvaluateOptions, needs_data=("evaluation",))
+def evaluate(run, opts: EvaluateOptions) -> None:
+    """Accuracy (or agreement with FP32), size and latency of every backend."""
+    available = available_backends(run)
+    backends = opts.backends or available
+    if missing := [b for b in backends if b not in available]:
+        raise RecipeError(
+            f"stages.evaluate.backends: {missing} are not available at this point of the recipe "
+            f"(available: {available}); put calibrate/export before evaluate"
+        )
+    runners = build_runners(run, backends, opts.threads)
+    # Time before scoring: ONNX Runtime's worker threads keep spinning for a while after a run,
+    # which would steal the cores from whichever backend is timed next.
+    latencies = {}
+    if opts.latency:
+        for b, runner in runners.items():
+            if b != "pytorch_int8":  # fake-quant speed means nothing for deployment
+                latencies[b] = measure_latency(runner, tuple(run.recipe.model.input_size), opts.latency_batch_sizes, repeats=opts.latency_repeats)
+    dataset = run.dataset("evaluation")
+    labeled = dataset.labeled
+    scorers = {b: new_scorer(run.recipe.task, labeled) for b in backends}
+    faithful_vs_fakequant = new_scorer(run.recipe.task, labeled=False)
+    max_abs_diff = 0.0
+    seen = 0
+    loader = run.loader("evaluation")
+    for images, labels in track(loader, "evaluate", total=len(loader)):
+        if opts.max_samples is not None and seen >= opts.max_samples:
+            break
+        if opts.max_samples is not None:
+            images, labels = images[: opts.max_samples - seen], labels[: opts.max_samples - seen]
+        seen += images.shape[0]
+        reference = runners["pytorch_fp32"](images) if "pytorch_fp32" in runners else TorchRunner(run.reference, "ref", run.device)(images)
+        outputs = {b: (reference if b == "pytorch_fp32" else runner(images)) for b, runner in runners.items()}
+        for b, out in outputs.items():
+            scorers[b].update(out, labels, reference)
+        if "pytorch_int8" in outputs and "ort_int8_faithful" in outputs:
+            faithful_vs_fakequant.update(outputs["ort_int8_faithful"], None, outputs["pytorch_int8"])
+            max_abs_diff = max(max_abs_diff, float(np.abs(outputs["ort_int8_faithful"] - outputs["pytorch_int8"]).max()))
+
+    results: dict[str, dict] = {}
+    for b, runner in runners.items():
+        entry = {"metrics": scorers[b].result()}
+        if isinstance(runner, OrtRunner):
+            entry["size_bytes"] = runner.path.stat().st_size
+        elif b == "pytorch_fp32":
+            entry["size_bytes"] = sum(p.numel() * p.element_size() for p in run.reference.parameters())
+        if b in latencies:
+            entry["latency"] = latencies[b]
+        results[b] = entry
+    values = {"samples": seen, "labeled": labeled, "backends": results}
+    if faithful_vs_fakequant.n_ref:
+        values["ort_faithful_vs_fakequant"] = {**faithful_vs_fakequant.result(), "max_abs_diff": max_abs_diff}
+    run.record("evaluate", values)

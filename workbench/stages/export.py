@@ -1,0 +1,29 @@
+"""export: the run's model as ONNX (Q/DQ when calibrated) plus the FP32 model for comparison."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..onnx_tools import export_onnx, qdq_census
+from .registry import StageOptions, register_stage
+
+
+class ExportOptions(StageOptions):
+    opset: int = Field(17, ge=13, le=21, description="ONNX opset (13+ for per-channel Q/DQ; 17 recommended).")
+    dynamic_batch: bool = Field(True, description="Batch dimension dynamic in the exported graph.")
+    dynamic_size: bool = Field(False, description="Height and width dynamic too.")
+    fp32: bool = Field(True, description="Also export the FP32 model as model_fp32.onnx (the baseline in the report).")
+
+
+@register_stage("export", ExportOptions)
+def export(run, opts: ExportOptions) -> None:
+    """ONNX export (Q/DQ for a calibrated model), checked with onnx.checker."""
+    example = run.example_input(batch=1)
+    values = {}
+    if opts.fp32:
+        path = export_onnx(run.reference, example, run.path("model_fp32.onnx"), opts.opset, opts.dynamic_batch, opts.dynamic_size)
+        values["model_fp32.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path)}
+    path = export_onnx(run.model, example, run.path("model.onnx"), opts.opset, opts.dynamic_batch, opts.dynamic_size)
+    values["model.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path), "quantized": "quant" in run.state}
+    run.state["onnx"] = {"model": path, "fp32": run.path("model_fp32.onnx") if opts.fp32 else None}
+    run.record("export", values)
