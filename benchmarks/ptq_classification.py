@@ -1,0 +1,142 @@
+"""PTQ accuracy of every calibrator on a real classifier, on every backend, plus ONNX Runtime latency.
+
+    python benchmarks/ptq_classification.py resnet20        # CIFAR-10 test (10,000), calibrated on 512 train images
+    python benchmarks/ptq_classification.py efficientnet_lite0   # imagenet_samples (1,000)
+
+Reads ../shared/assets (or $WORKBENCH_ASSETS). Prints a markdown table: top-1 of
+FP32 and of INT8 per calibrator for the fake-quant model, the Q/DQ ONNX run
+faithfully in ONNX Runtime (optimisations off) and with ORT's integer kernels
+(default optimisations), and the agreement of each with FP32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workbench.data import build_dataset  # noqa: E402
+from workbench.models import resolve_model  # noqa: E402
+from workbench.onnx_tools import export_onnx  # noqa: E402
+from workbench.quant.ptq import Int8Config, quantize_  # noqa: E402
+from workbench.recipe import DataConfig, DataSplit, ModelConfig, TransformConfig  # noqa: E402
+from workbench.runtime import OrtRunner, TorchRunner, measure_latency  # noqa: E402
+from workbench.tasks import ClassificationScorer  # noqa: E402
+
+ASSETS = Path(os.environ.get("WORKBENCH_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
+
+SETUPS = {
+    "resnet20": dict(
+        model=ModelConfig(spec="cifar_resnet:resnet20", weights=str(ASSETS / "models/cifar10_resnet20.th"), input_size=(3, 32, 32)),
+        data=DataConfig(
+            transform=TransformConfig(),
+            calibration=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10_jpg/train"), count=512, seed=0),
+            evaluation=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10_jpg/test")),
+            batch_size=250,
+        ),
+    ),
+    "efficientnet_lite0": dict(
+        model=ModelConfig(spec="efficientnet_lite:efficientnet-lite0", input_size=(3, 224, 224)),
+        data=DataConfig(
+            transform=TransformConfig(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+            calibration=DataSplit(calib_set="skimage_photos"),
+            evaluation=DataSplit(source="files", path=str(ASSETS / "data/imagenet_samples"), labels="wnid_prefix"),
+            batch_size=50,
+        ),
+    ),
+}
+METHODS = [("max", None), ("entropy", None), ("percentile", 99.9), ("percentile", 99.99), ("percentile", 99.999), ("mse", None)]
+
+
+def load_batches(data: DataConfig, split: str, limit: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ds = build_dataset(data, split)
+    loader = torch.utils.data.DataLoader(ds, batch_size=data.batch_size, num_workers=2)
+    out, n = [], 0
+    for x, y in loader:
+        out.append((x, y))
+        n += len(x)
+        if limit and n >= limit:
+            break
+    return out
+
+
+def score(runner, batches, reference=None) -> dict:
+    scorer = ClassificationScorer(labeled=True)
+    outputs = []
+    for i, (x, y) in enumerate(batches):
+        out = runner(x)
+        outputs.append(out)
+        scorer.update(out, y, reference[i] if reference is not None else None)
+    return {**scorer.result(), "outputs": outputs}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model", choices=list(SETUPS))
+    p.add_argument("--methods", nargs="*", help="e.g. max entropy percentile:99.99 mse")
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--calib-source", choices=["default", "imagenet_samples"], default="default")
+    args = p.parse_args()
+    if not (ASSETS / "models").is_dir():
+        sys.exit(f"shared assets not found at {ASSETS}: set WORKBENCH_ASSETS=../shared/assets")
+    setup = SETUPS[args.model]
+    methods = METHODS if not args.methods else [(m.split(":")[0], float(m.split(":")[1]) if ":" in m else None) for m in args.methods]
+    torch.manual_seed(0)
+    fp32 = resolve_model(setup["model"])
+    c, h, w = setup["model"].input_size
+    example = torch.randn(1, c, h, w)
+    calib = load_batches(setup["data"], "calibration")
+    evals = load_batches(setup["data"], "evaluation", args.eval_limit)
+    n_eval = sum(len(x) for x, _ in evals)
+    print(f"# {args.model}: {sum(len(x) for x, _ in calib)} calibration images, {n_eval} evaluation images, torch {torch.__version__}\n")
+
+    ref = score(TorchRunner(fp32, "fp32"), evals)
+    tmp = Path(tempfile.mkdtemp())
+    fp32_onnx = export_onnx(copy.deepcopy(fp32), example, tmp / "fp32.onnx")
+    rows = [("FP32", "-", f"{ref['top1']:.2f}", "-", "-", "100.00", "-", "-")]
+    lat_rows = [("FP32", measure_latency(OrtRunner(fp32_onnx, "fp32", "default"), (c, h, w), (1, 8), repeats=30))]
+    for method, pct in methods:
+        model = copy.deepcopy(fp32)
+        cfg = Int8Config(method=method, **({"percentile": pct} if pct else {}))
+
+        def loop(m):
+            with torch.no_grad():
+                for x, _ in calib:
+                    m(x)
+
+        start = time.perf_counter()
+        quantize_(model, cfg, loop, example)
+        seconds = time.perf_counter() - start
+        path = export_onnx(model, example, tmp / f"{method}{pct or ''}.onnx")
+        fq = score(TorchRunner(model, "fq"), evals, ref["outputs"])
+        faithful = score(OrtRunner(path, "f", "faithful"), evals, ref["outputs"])
+        default = score(OrtRunner(path, "d", "default"), evals, ref["outputs"])
+        name = method + (f" {pct}" if pct else "")
+        rows.append((name, f"{seconds:.1f}", f"{fq['top1']:.2f}", f"{faithful['top1']:.2f}", f"{default['top1']:.2f}",
+                     f"{fq['agreement_top1']:.2f}", f"{faithful['agreement_top1']:.2f}", f"{default['agreement_top1']:.2f}"))
+        print(f"  done {name}: fake-quant {fq['top1']:.2f}", file=sys.stderr)
+        if method == methods[0][0]:
+            lat_rows.append(("INT8 Q/DQ (TensorRT style), ORT default", measure_latency(OrtRunner(path, "d", "default"), (c, h, w), (1, 8), repeats=30)))
+
+    print("| Calibrator | Calib s | Top-1 fake-quant | Top-1 ORT faithful | Top-1 ORT default | Agree fake-quant | Agree ORT faithful | Agree ORT default |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print(f"\nONNX Runtime latency on this CPU ({os.cpu_count()} threads), median (p90) ms:\n")
+    print("| Graph | batch 1 | batch 8 | images/s at batch 8 |")
+    print("|---|---|---|---|")
+    for name, lat in lat_rows:
+        print(f"| {name} | {lat['b1']['median_ms']:.2f} ({lat['b1']['p90_ms']:.2f}) | {lat['b8']['median_ms']:.2f} ({lat['b8']['p90_ms']:.2f}) | {lat['b8']['images_per_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
