@@ -84,7 +84,10 @@ def main() -> None:
     p.add_argument("model", choices=list(SETUPS))
     p.add_argument("--methods", nargs="*", help="e.g. max entropy percentile:99.99 mse")
     p.add_argument("--eval-limit", type=int, default=None)
-    p.add_argument("--calib-source", choices=["default", "imagenet_samples"], default="default")
+    p.add_argument(
+        "--calib-holdout", type=int, default=0,
+        help="calibrate on N evaluation images held out by a seeded split, and score on the rest (never on the same images)",
+    )
     args = p.parse_args()
     if not (ASSETS / "models").is_dir():
         sys.exit(f"shared assets not found at {ASSETS}: set WORKBENCH_ASSETS=../shared/assets")
@@ -94,8 +97,17 @@ def main() -> None:
     fp32 = resolve_model(setup["model"])
     c, h, w = setup["model"].input_size
     example = torch.randn(1, c, h, w)
-    calib = load_batches(setup["data"], "calibration")
-    evals = load_batches(setup["data"], "evaluation", args.eval_limit)
+    if args.calib_holdout:
+        pool = load_batches(setup["data"], "evaluation")
+        xs, ys = torch.cat([x for x, _ in pool]), torch.cat([y for _, y in pool])
+        order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(0))
+        held, rest = order[: args.calib_holdout], order[args.calib_holdout :]
+        bs = setup["data"].batch_size
+        calib = [(xs[held[i : i + bs]], ys[held[i : i + bs]]) for i in range(0, len(held), bs)]
+        evals = [(xs[rest[i : i + bs]], ys[rest[i : i + bs]]) for i in range(0, len(rest), bs)]
+    else:
+        calib = load_batches(setup["data"], "calibration")
+        evals = load_batches(setup["data"], "evaluation", args.eval_limit)
     n_eval = sum(len(x) for x, _ in evals)
     print(f"# {args.model}: {sum(len(x) for x, _ in calib)} calibration images, {n_eval} evaluation images, torch {torch.__version__}\n")
 

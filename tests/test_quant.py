@@ -99,3 +99,21 @@ def test_fp32_export_has_no_qdq(tmp_path):
     model = tiny_cnn()
     census = qdq_census(export_onnx(copy.deepcopy(model), torch.randn(1, 3, 32, 32), tmp_path / "f.onnx"))
     assert census["QuantizeLinear"] == 0 and census["float"]["Conv"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU machine)")
+def test_quantize_on_cuda_matches_onnx(tmp_path):
+    model = tiny_cnn().cuda()
+    calib = [x.cuda() for x in CALIB]
+
+    def loop(m):
+        with torch.no_grad():
+            for x in calib:
+                m(x)
+
+    result = quantize_(model, Int8Config(method="entropy"), loop, torch.randn(1, 3, 32, 32, device="cuda"))
+    assert result.census()["Conv2d"]["int8"] == 3
+    path = export_onnx(model, torch.randn(1, 3, 32, 32, device="cuda"), tmp_path / "cuda.onnx")
+    fake = TorchRunner(model, "fq", "cuda")(TEST)
+    faithful = OrtRunner(path, "ort", "faithful")(TEST.numpy())
+    np.testing.assert_allclose(faithful, fake, atol=5e-3 * np.abs(fake).max())

@@ -10,11 +10,13 @@ T = TypeVar("T")
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     disable = not sys.stderr.isatty() or bool(os.environ.get("WORKBENCH_NO_PROGRESS"))
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, transient=True, disable=disable) as progress:
+    # On stderr: stdout stays clean for tables and for callers that capture it.
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=disable) as progress:
         task = progress.add_task(description, total=total if total is not None else _len(items))
         for item in items:
             yield item

@@ -16,7 +16,9 @@ ONNX; the choice of which layers and the activation ranges are ours:
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import io
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -195,7 +197,8 @@ def quantize_(
             for h in handles:
                 h.remove()
 
-    with warnings.catch_warnings():
+    # modelopt prints "Inserted N quantizers" and warns about LLM matters: our census says more.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             mtq.quantize(model, mt_cfg, forward_loop=counting_loop)

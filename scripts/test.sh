@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up and run the test suite. Tests that need ../shared/assets skip, saying so, when it is absent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh dev
+export WORKBENCH_ASSETS="${WORKBENCH_ASSETS:-$(cd .. && pwd)/shared/assets}"
+export WORKBENCH_NO_PROGRESS=1
+.venv/bin/python -m pytest -q -rs "$@"
