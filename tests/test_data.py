@@ -113,3 +113,22 @@ def test_calib_set_build_is_reproducible(tmp_path, images, monkeypatch):
         build_calib_set("mini", tmp_path / "a")
     with pytest.raises(DataError, match="no calibration set named 'maxi'"):
         build_calib_set("maxi", tmp_path / "c")
+
+
+def test_hf_imagefolder_builder(images, monkeypatch, tmp_path):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    built = build_dataset(_data(evaluation={"source": "hf", "name": "imagefolder", "path": str(images)}), "evaluation")
+    assert len(built) == 18 and built.labeled
+    assert sorted({s.label for s in built.samples}) == [0, 1, 2]
+
+
+def test_calib_set_count_and_seed_overrides(tmp_path, images, monkeypatch):
+    defs = tmp_path / "defs"
+    defs.mkdir()
+    (defs / "mini.yaml").write_text(f"source: imagefolder\npath: {images}\ncount: 10\nseed: 5\n")
+    monkeypatch.setenv("WORKBENCH_CALIBRATION_DATA", str(defs))
+    keys = lambda **kw: [s.key for s in build_dataset(DataConfig(calibration=DataSplit(calib_set="mini", **kw)), "calibration").samples]
+    assert len(keys()) == 10 and len(keys(count=4)) == 4
+    assert keys() == keys(seed=5) != keys(seed=0)

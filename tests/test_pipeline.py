@@ -109,3 +109,24 @@ def test_quickstart_recipe_pieces_resolve():
     model, datasets = preflight(recipe)
     assert len(datasets["calibration"]) >= 64 and len(datasets["evaluation"]) >= 64
     assert datasets["calibration"][0][0].shape == (3, 224, 224)
+
+
+def test_quickstart_end_to_end_small(tmp_path, capsys):
+    """The README's main job, on 16 calibration and 16 evaluation crops: real EfficientNet-Lite0, all backends."""
+    pytest.importorskip("skimage", reason="quickstart extra not installed")
+    pytest.importorskip("efficientnet_lite_pytorch", reason="quickstart extra not installed")
+    from pathlib import Path
+
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+    code = main(["run", str(recipe), f"runs_dir={tmp_path}", "data.calibration.count=16", "data.evaluation.count=16",
+                 "data.batch_size=8", "stages.evaluate.latency=false"])
+    assert code == 0
+    (run_dir,) = tmp_path.iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cal = metrics["stages"]["calibrate"]
+    # EfficientNet-Lite's padded convolutions must be quantized, not silently left in float.
+    assert cal["census"] == {"Conv2d": {"int8": 49, "float": 0}, "Linear": {"int8": 1, "float": 0}}
+    assert cal["folded_batchnorm"] == 49
+    backends = metrics["stages"]["evaluate"]["backends"]
+    assert backends["ort_int8_faithful"]["metrics"]["samples"] == 16
+    assert backends["pytorch_int8"]["metrics"]["mean_kl"] < 0.5

@@ -60,7 +60,7 @@ def load_calib_set(name: str, field: str = "calib_set", count: int | None = None
     raw.pop("description", None)
     if count is not None:
         raw["count"] = count
-    if seed is not None and seed != 0:
+    if seed is not None:
         raw["seed"] = seed
     try:
         split = DataSplit.model_validate(raw)

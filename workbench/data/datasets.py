@@ -81,7 +81,11 @@ def build_dataset(data: DataConfig, split_name: str) -> ImageDataset:
     if split is None:
         raise DataError(f"{field} is not set: the recipe needs it for this stage")
     if split.calib_set:
-        split, transform = load_calib_set(split.calib_set, field, count=split.count, seed=split.seed)
+        # count and seed given next to calib_set override the set's own.
+        given = split.model_fields_set
+        split, transform = load_calib_set(
+            split.calib_set, field, count=split.count, seed=split.seed if "seed" in given else None
+        )
         # The set fixes which pixels; the model fixes how they are normalised.
         transform = transform.model_copy(update={"mean": data.transform.mean, "std": data.transform.std})
     else:
