@@ -75,6 +75,14 @@ def test_conv_subclass_is_quantized_not_silently_skipped():
     assert model.conv1.weight_quantizer.is_enabled and model.conv1.input_quantizer.amax is not None
 
 
+def test_census_sees_through_zero_padding(tmp_path):
+    model = tiny_cnn(subclass_conv=True)
+    quantize_(model, Int8Config(method="max"), _loop, torch.randn(1, 3, 32, 32))
+    census = qdq_census(export_onnx(model, torch.randn(1, 3, 32, 32), tmp_path / "pad.onnx"))
+    assert census["op_counts"].get("Pad", 0) == 3  # DQ -> Pad -> Conv
+    assert census["quantized"] == {"Conv": 3, "Gemm": 1} and census["float"] == {}
+
+
 def test_nan_activation_stops_calibration_with_the_layer_name():
     with pytest.raises(CalibrationError, match=r"NaN/Inf values in the input of layer 'conv2'"):
         quantize_(nan_cnn(), Int8Config(method="entropy", fold_batchnorm=False), _loop, torch.randn(1, 3, 32, 32))

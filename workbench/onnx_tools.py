@@ -67,8 +67,9 @@ def qdq_census(path: str | Path) -> dict:
 
     def from_dq(name: str) -> bool:
         node = producer.get(name)
-        # Identity/Cast sit between DQ and Conv in some exports.
-        while node is not None and node.op_type in ("Identity", "Cast", "Reshape", "Transpose"):
+        # Identity/Cast sit between DQ and Conv in some exports; a zero Pad (TF-style "same"
+        # padding) commutes with symmetric dequantization, so the Conv still computes on INT8.
+        while node is not None and node.op_type in ("Identity", "Cast", "Reshape", "Transpose", "Pad"):
             node = producer.get(node.input[0])
         return node is not None and node.op_type == "DequantizeLinear"
 
