@@ -77,3 +77,70 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: in
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def make_tiny_yolov5_checkpoint(path: Path, nc: int = 3) -> Path:
+    """A randomly initialised YOLOv5-v6-style detector pickled as YOLOv5 pickles it (models.common.*, models.yolo.*).
+
+    The classes are ours, renamed into fake `models.common` / `models.yolo` modules while
+    saving, so the file references exactly the globals a real YOLOv5 checkpoint does.
+    """
+    import sys
+    import types
+
+    from workbench.models import yolov5_legacy as y
+
+    fake = {"models": types.ModuleType("models"), "models.common": types.ModuleType("models.common"), "models.yolo": types.ModuleType("models.yolo")}
+    renamed = {}
+    for cls, mod in [(y.Conv, "models.common"), (y.Bottleneck, "models.common"), (y.C3, "models.common"), (y.SPPF, "models.common"),
+                     (y.Concat, "models.common"), (y.Detect, "models.yolo"), (y.Model, "models.yolo")]:
+        new = type(cls.__name__, (cls,), {"__module__": mod})
+        setattr(fake[mod], cls.__name__, new)
+        renamed[cls.__name__] = new
+
+    def conv(c1, c2, k=1, s=1):
+        m = renamed["Conv"]()
+        m.conv = nn.Conv2d(c1, c2, k, s, k // 2, bias=False)
+        m.bn = nn.BatchNorm2d(c2)
+        m.act = nn.SiLU()
+        return m
+
+    def c3(c1, c2):
+        m = renamed["C3"]()
+        m.cv1, m.cv2, m.cv3 = conv(c1, c2 // 2), conv(c1, c2 // 2), conv(c2, c2)
+        b = renamed["Bottleneck"]()
+        b.cv1, b.cv2, b.add = conv(c2 // 2, c2 // 2), conv(c2 // 2, c2 // 2, 3), True
+        m.m = nn.Sequential(b)
+        return m
+
+    def sppf(c1, c2):
+        m = renamed["SPPF"]()
+        m.cv1, m.cv2, m.m = conv(c1, c1 // 2), conv(c1 * 2, c2), nn.MaxPool2d(5, 1, 2)
+        return m
+
+    torch.manual_seed(0)
+    layers = [conv(3, 8, 3, 2), conv(8, 16, 3, 2), c3(16, 16), conv(16, 32, 3, 2), sppf(32, 32)]
+    detect = renamed["Detect"]()
+    detect.nc, detect.no, detect.nl, detect.na = nc, nc + 5, 2, 3
+    detect.register_buffer("anchors", torch.tensor([[[2.5, 3.25], [4.0, 7.5], [8.25, 5.75]], [[1.9, 3.8], [3.9, 2.8], [3.7, 7.4]]]))
+    detect.stride = torch.tensor([4.0, 8.0])
+    detect.m = nn.ModuleList([nn.Conv2d(16, 3 * (nc + 5), 1), nn.Conv2d(32, 3 * (nc + 5), 1)])
+    layers.append(detect)
+    for i, layer in enumerate(layers):
+        layer.f, layer.i, layer.type, layer.np = (-1 if i < 5 else [2, 4]), i, type(layer).__name__, 0
+    model = renamed["Model"]()
+    model.model, model.save, model.names, model.stride = nn.Sequential(*layers), [2, 4], [f"c{k}" for k in range(nc)], detect.stride
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+    saved = {k: sys.modules.get(k) for k in fake}
+    sys.modules.update(fake)
+    try:
+        torch.save({"model": model.half(), "epoch": -1}, path)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return path

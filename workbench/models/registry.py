@@ -226,3 +226,59 @@ def _build_file(name: str, config: ModelConfig) -> nn.Module:
             "architecture in model.spec and this file as model.weights."
         )
     return obj.float()
+
+
+@register_source("yolov5", lambda: [], "yolov5:weights/yolov5n.pt")
+def _build_yolov5(name: str, config: ModelConfig) -> nn.Module:
+    from .yolov5_legacy import load_yolov5_checkpoint
+
+    return load_yolov5_checkpoint(name)
+
+
+class UltralyticsDetector(nn.Module):
+    """An Ultralytics DetectionModel that returns only its inference tensor (B, 4 + classes, N)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def import_ultralytics():
+    """Import Ultralytics offline, with its settings file in a temp dir (it must not write into the project)."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "workbench-ultralytics"))
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    try:
+        import ultralytics
+    except ImportError:
+        raise ModelLoadError(
+            "model.spec 'ultralytics:...' needs the optional extra: pip install 'workbench[ultralytics]' (AGPL-3.0)"
+        ) from None
+    return ultralytics
+
+
+@register_source("ultralytics", lambda: ["yolov8n.yaml", "yolo11n.yaml", "yolov5nu.yaml", "PATH.pt"], "ultralytics:yolov8n.pt")
+def _build_ultralytics(name: str, config: ModelConfig) -> nn.Module:
+    path = Path(name)
+    if path.suffix not in (".pt", ".yaml", ".yml"):
+        raise ModelLoadError(f"model.spec 'ultralytics:{name}': give a .pt checkpoint or a model .yaml (e.g. yolov8n.yaml)")
+    if path.suffix == ".pt" and not path.is_file():
+        raise ModelLoadError(
+            f"model.spec: Ultralytics weights {path} are not on this machine, and nothing is downloaded here. "
+            f"Copy {path.name} there from a machine with internet, or use 'ultralytics:{path.stem}.yaml' for a randomly initialised model of the same architecture."
+        )
+    ultralytics = import_ultralytics()
+    try:
+        model = ultralytics.YOLO(str(path), task="detect").model
+    except Exception as e:
+        raise ModelLoadError(f"model.spec: Ultralytics could not load {name}: {e}") from None
+    if type(model).__name__ != "DetectionModel":
+        raise ModelLoadError(f"model.spec: {name} is a {type(model).__name__}, not a detector (DetectionModel)")
+    return UltralyticsDetector(model.float().eval())

@@ -1,0 +1,150 @@
+"""Legacy YOLOv5 (v6.x) checkpoints, loaded without YOLOv5's code and without running arbitrary pickles.
+
+A YOLOv5 `.pt` file pickles the whole model: objects of `models.common.Conv`,
+`models.yolo.Detect` and so on. Rather than installing the `yolov5` package
+(GPL-3.0, and its loaders reach for a hub), a restricted unpickler maps exactly
+those class names onto the small modules below and refuses every other global
+outside torch. Unpickling restores attributes (weights, `f`/`i` wiring, anchors,
+strides); the forward passes are written here from the published architecture.
+
+The output is YOLOv5's inference tensor (B, N, 5 + classes): cx, cy, w, h in
+input pixels, objectness and class probabilities, already sigmoid-decoded.
+"""
+
+from __future__ import annotations
+
+import pickle
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+
+
+class Conv(nn.Module):
+    """conv -> BatchNorm -> activation (attributes conv, bn, act as pickled)."""
+
+    def forward(self, x):
+        if hasattr(self, "bn"):
+            return self.act(self.bn(self.conv(x)))
+        return self.act(self.conv(x))  # fused checkpoints drop bn
+
+
+class Bottleneck(nn.Module):
+    def forward(self, x):
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C3(nn.Module):
+    def forward(self, x):
+        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+
+
+class SPPF(nn.Module):
+    def forward(self, x):
+        x = self.cv1(x)
+        y1 = self.m(x)
+        y2 = self.m(y1)
+        return self.cv2(torch.cat((x, y1, y2, self.m(y2)), 1))
+
+
+class Concat(nn.Module):
+    def forward(self, x):
+        return torch.cat(x, self.d)
+
+
+class Detect(nn.Module):
+    """Anchor-based head: per level a 1x1 conv, then the box decode (kept in float by the quantizer)."""
+
+    def forward(self, xs):
+        outputs = []
+        for i in range(self.nl):
+            x = self.m[i](xs[i])
+            bs, _, ny, nx = x.shape
+            x = x.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2)
+            grid, anchor_grid = self._grid(nx, ny, i, x)
+            xy, wh, conf = x.sigmoid().split((2, 2, self.nc + 1), 4)
+            xy = (xy * 2 + grid) * self.stride[i]
+            wh = (wh * 2) ** 2 * anchor_grid
+            outputs.append(torch.cat((xy, wh, conf), 4).reshape(bs, -1, self.no))
+        return torch.cat(outputs, 1)
+
+    def _grid(self, nx: int, ny: int, i: int, like: torch.Tensor):
+        # Built from the feature map's shape each call, so export keeps height and width dynamic.
+        ys = torch.arange(ny, device=like.device, dtype=like.dtype)
+        xs = torch.arange(nx, device=like.device, dtype=like.dtype)
+        yv, xv = torch.meshgrid(ys, xs, indexing="ij")
+        grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2) - 0.5
+        anchor_grid = (self.anchors[i] * self.stride[i]).view(1, self.na, 1, 1, 2).to(like.dtype)
+        return grid, anchor_grid
+
+
+class Model(nn.Module):
+    """The layer graph: each layer reads the previous output or the saved outputs its `f` names."""
+
+    def forward(self, x):
+        saved = []
+        for layer in self.model:
+            if layer.f != -1:
+                x = saved[layer.f] if isinstance(layer.f, int) else [x if j == -1 else saved[j] for j in layer.f]
+            x = layer(x)
+            saved.append(x if layer.i in self.save else None)
+        return x
+
+
+_YOLOV5_CLASSES = {
+    ("models.common", "Conv"): Conv,
+    ("models.common", "Bottleneck"): Bottleneck,
+    ("models.common", "C3"): C3,
+    ("models.common", "SPPF"): SPPF,
+    ("models.common", "Concat"): Concat,
+    ("models.yolo", "Detect"): Detect,
+    ("models.yolo", "Model"): Model,
+    ("models.yolo", "DetectionModel"): Model,
+}
+_ALLOWED_PREFIXES = ("torch.", "collections")
+_ALLOWED = {("builtins", "set"), ("__builtin__", "set"), ("builtins", "getattr"), ("torch", "Size")}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _YOLOV5_CLASSES:
+            return _YOLOV5_CLASSES[(module, name)]
+        if module == "torch" or module.startswith(_ALLOWED_PREFIXES) or (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"the checkpoint needs {module}.{name}, which the YOLOv5 loader does not know "
+            "(it maps YOLOv5 v6 classes: Conv, C3, Bottleneck, SPPF, Concat, Detect, Model)"
+        )
+
+
+# torch.load takes a module-like object with an Unpickler and load().
+_pickle_module = types.SimpleNamespace(Unpickler=_Unpickler, load=lambda f, **kw: _Unpickler(f, **kw).load(), __name__="yolov5_restricted")
+
+
+def load_yolov5_checkpoint(path: str | Path) -> nn.Module:
+    """The FP32 eval-mode model from a YOLOv5 v6 `.pt` (its 'ema' if present, else 'model')."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model.spec: YOLOv5 checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module)
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(f"model.spec: {path} is not a YOLOv5 v6 checkpoint this loader can read: {e}") from None
+    except Exception as e:
+        raise ModelLoadError(f"model.spec: cannot read {path} as a PyTorch checkpoint ({e})") from None
+    model = None
+    if isinstance(ckpt, dict):
+        model = ckpt.get("ema") or ckpt.get("model")
+    if not isinstance(model, Model) or not isinstance(model.model[-1], Detect):
+        raise ModelLoadError(
+            f"model.spec: {path} holds no YOLOv5 detector (expected a 'model' entry whose last layer is Detect)"
+        )
+    model = model.float().eval()
+    for m in model.modules():
+        if isinstance(m, nn.Upsample):
+            m.recompute_scale_factor = None  # attribute missing from checkpoints made by older torch
+    return model
