@@ -68,6 +68,10 @@ class TransformConfig(StrictModel):
         None, description="Random resized crop to this size (seeded per sample; for calibration sets).", gt=0
     )
     scale: tuple[float, float] = Field((0.25, 1.0), description="Area range of random_resized_crop.")
+    letterbox: tuple[int, int] | None = Field(
+        None, description="Detection: letterbox every image into (height, width), keeping its aspect ratio (pad 114)."
+    )
+    stride: int = Field(32, gt=0, description="Detection: the model's largest stride (letterbox sizes must be multiples).")
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean (RGB, 0..1).")
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std (RGB, 0..1).")
 
@@ -80,12 +84,16 @@ class TransformConfig(StrictModel):
 
 
 class DataSplit(StrictModel):
-    source: Literal["imagefolder", "files", "hf", "package"] | None = Field(
+    source: Literal["imagefolder", "files", "hf", "package", "coco", "yolo_txt"] | None = Field(
         None,
         description="imagefolder: class sub-folders under path; files: every image under path (labels from "
         "the file name's WordNet-id prefix with labels: wnid_prefix); hf: a Hugging Face dataset "
-        "(load_from_disk path, or name); package: images shipped inside an installed package.",
+        "(load_from_disk path, or name); package: images shipped inside an installed package; "
+        "coco: images under path with a COCO JSON (annotations); yolo_txt: images under path with YOLO "
+        "txt labels (label_dir).",
     )
+    annotations: str | None = Field(None, description="coco: the COCO instances JSON for the images under path.")
+    label_dir: str | None = Field(None, description="yolo_txt: folder of <image stem>.txt files (cls cx cy w h, normalised).")
     calib_set: str | None = Field(
         None, description="Name of a calibration-set definition in calibration_data/ (instead of source)."
     )
@@ -113,6 +121,10 @@ class DataSplit(StrictModel):
             raise ValueError(f"source {self.source!r} needs 'path'")
         if self.source == "hf" and not (self.path or self.name):
             raise ValueError("source 'hf' needs 'path' (a saved dataset) or 'name'")
+        if self.source == "coco" and not (self.path and self.annotations):
+            raise ValueError("source 'coco' needs 'path' (the images) and 'annotations' (the COCO JSON)")
+        if self.source == "yolo_txt" and not (self.path and self.label_dir):
+            raise ValueError("source 'yolo_txt' needs 'path' (the images) and 'label_dir' (the txt labels)")
         if self.source == "package" and not self.package:
             raise ValueError("source 'package' needs 'package', e.g. package: skimage")
         return self
@@ -127,9 +139,16 @@ class DataConfig(StrictModel):
     workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 
 
+class DetectionConfig(StrictModel):
+    conf: float = Field(0.001, ge=0, le=1, description="Score threshold before NMS (0.001 for mAP, as pycocotools-style evaluation expects).")
+    iou: float = Field(0.6, gt=0, le=1, description="NMS IoU threshold.")
+    max_det: int = Field(300, gt=0, description="Detections kept per image.")
+
+
 class Recipe(StrictModel):
     name: str = Field(description="Run name: the run directory is <runs_dir>/<name>-<timestamp>.")
-    task: Literal["classification"] = Field("classification", description="What the model's output means.")
+    task: Literal["classification", "detection"] = Field("classification", description="What the model's output means.")
+    detection: DetectionConfig = Field(default_factory=DetectionConfig, description="Decoding and NMS for task: detection.")
     model: ModelConfig
     data: DataConfig
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")

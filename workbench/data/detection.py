@@ -1,0 +1,426 @@
+"""Detection datasets: COCO JSON or YOLO txt labels, with YOLO letterbox preprocessing.
+
+Every image is letterboxed into the network input (scaled to fit, padded with
+grey 114) exactly as Ultralytics/YOLOv5 do, so a YOLO model sees the pixels it
+was trained on. Ground-truth boxes stay in ORIGINAL pixels, and each dataset
+carries a pycocotools COCO object for exactly its images: the scorer maps the
+detections back through the image's `Letterbox` and lets pycocotools score
+them, whichever label format the data came in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .sources import IMAGE_SUFFIXES, open_image_file
+
+try:  # the resize YOLO models are trained with; see _resize_bilinear
+    import cv2
+except ImportError:  # pragma: no cover - depends on the environment
+    cv2 = None
+
+PAD_VALUE = 114
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How one image was mapped into the network input: x_input = x_orig * ratio + pad_left."""
+
+    ratio: float
+    pad_left: float
+    pad_top: float
+    orig_h: int
+    orig_w: int
+
+    def to_original(self, boxes_xyxy: np.ndarray) -> np.ndarray:
+        """Boxes (n, 4) xyxy in network-input pixels -> original pixels, clipped to the image."""
+        boxes = np.array(boxes_xyxy, dtype=np.float64, copy=True).reshape(-1, 4)
+        boxes[:, [0, 2]] = (boxes[:, [0, 2]] - self.pad_left) / self.ratio
+        boxes[:, [1, 3]] = (boxes[:, [1, 3]] - self.pad_top) / self.ratio
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, self.orig_w)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, self.orig_h)
+        return boxes
+
+    def to_input(self, boxes_xyxy: np.ndarray) -> np.ndarray:
+        """Boxes (n, 4) xyxy in original pixels -> network-input pixels (the inverse, no clipping)."""
+        boxes = np.array(boxes_xyxy, dtype=np.float64, copy=True).reshape(-1, 4)
+        boxes[:, [0, 2]] = boxes[:, [0, 2]] * self.ratio + self.pad_left
+        boxes[:, [1, 3]] = boxes[:, [1, 3]] * self.ratio + self.pad_top
+        return boxes
+
+
+def letterbox(
+    img: Image.Image,
+    size: tuple[int, int],
+    stride: int = 32,
+    auto: bool = False,
+    color: tuple[int, int, int] = (PAD_VALUE, PAD_VALUE, PAD_VALUE),
+) -> tuple[np.ndarray, Letterbox]:
+    """Scale `img` to fit `size` (h, w) keeping its aspect ratio, then pad evenly: (h, w, 3) uint8 RGB.
+
+    As Ultralytics' LetterBox / YOLOv5's letterbox: r = min(h/ih, w/iw) (small
+    images are scaled up too), the scaled size rounded to whole pixels, and the
+    padding split with the odd pixel going right/bottom. auto=True pads only to
+    the next multiple of `stride` (rectangular inference) instead of to `size`.
+    """
+    h, w = size
+    pixels = np.asarray(img.convert("RGB"))
+    ih, iw = pixels.shape[:2]
+    r = min(h / ih, w / iw)
+    new_w, new_h = int(round(iw * r)), int(round(ih * r))
+    dw, dh = w - new_w, h - new_h
+    if auto:
+        dw, dh = dw % stride, dh % stride
+    dw, dh = dw / 2, dh / 2
+    if (new_w, new_h) != (iw, ih):
+        pixels = _resize_bilinear(pixels, new_w, new_h)
+    # Ultralytics' rounding: a half pixel goes to the right/bottom side.
+    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
+    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
+    out = np.empty((new_h + top + bottom, new_w + left + right, 3), dtype=np.uint8)
+    out[...] = np.asarray(color, dtype=np.uint8)
+    out[top : top + new_h, left : left + new_w] = pixels
+    # The offsets actually used (integers), as Ultralytics 8's scale_boxes: YOLOv5 kept dw/2
+    # unrounded, which puts boxes half a pixel off whenever the padding is odd.
+    return out, Letterbox(ratio=r, pad_left=float(left), pad_top=float(top), orig_h=ih, orig_w=iw)
+
+
+def _resize_bilinear(pixels: np.ndarray, new_w: int, new_h: int) -> np.ndarray:
+    # YOLO models are trained on cv2.resize(INTER_LINEAR): bilinear with no antialiasing. We use
+    # cv2 when it is installed (it comes with ultralytics/yolov5) so the pixels are the ones the
+    # model was trained on. PIL's BILINEAR is NOT equivalent: it antialiases when shrinking (a
+    # wider filter, visibly softer images). Without cv2, torch's bilinear with antialias=False
+    # computes the same half-pixel interpolation in float (at most 1 grey level away from cv2's
+    # fixed-point arithmetic).
+    if cv2 is not None:
+        return cv2.resize(np.ascontiguousarray(pixels), (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float()
+    t = torch.nn.functional.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False)
+    return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+@dataclass(frozen=True)
+class _Record:
+    path: Path
+    image_id: int
+    width: int  # as the label file says; checked against the decoded image
+    height: int
+    boxes: np.ndarray  # (n, 4) float32 xyxy, original pixels, crowd boxes excluded
+    labels: np.ndarray  # (n,) int64 contiguous class index
+
+
+class DetectionDataset(Dataset):
+    """Letterboxed images and their ground truth.
+
+    item -> (float32 (3, H, W) RGB in 0..1, {"image_id", "boxes" (n, 4) xyxy original
+    pixels, "labels" (n,) contiguous class index, "letterbox": Letterbox}).
+    """
+
+    def __init__(
+        self,
+        records: list[_Record],
+        coco_gt: COCO,
+        category_ids: list[int],
+        size: tuple[int, int],
+        stride: int,
+        source: str,
+    ):
+        self.records = records
+        self.coco_gt = coco_gt
+        self.category_ids = category_ids  # contiguous class index -> COCO category id
+        self.size = size
+        self.stride = stride
+        self.source = source  # the label file or folder, for messages
+        self.image_ids = [r.image_id for r in records]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        rec = self.records[index]
+        img = open_image_file(rec.path)
+        if img.size != (rec.width, rec.height):
+            raise DataError(
+                f"image {rec.path} is {img.width}x{img.height} but {self.source} says {rec.width}x{rec.height}: "
+                "the boxes would not fit it; use the images the labels were made for"
+            )
+        pixels, lb = letterbox(img, self.size, self.stride)
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
+        target = {
+            "image_id": rec.image_id,
+            "boxes": torch.from_numpy(rec.boxes),
+            "labels": torch.from_numpy(rec.labels),
+            "letterbox": lb,
+        }
+        return tensor, target
+
+
+def detection_collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
+    """Images stacked (they share the letterbox size); targets kept as a list (box counts differ)."""
+    images, targets = zip(*batch)
+    return torch.stack(images), list(targets)
+
+
+def coco_dataset(
+    images_dir: str | Path,
+    annotations_json: str | Path,
+    size: tuple[int, int] = (640, 640),
+    stride: int = 32,
+    count: int | None = None,
+    seed: int = 0,
+) -> DetectionDataset:
+    """Images described by a COCO instances JSON; sorted category ids give the class index (COCO 80 -> 0..79)."""
+    images_dir, annotations_json = Path(images_dir), Path(annotations_json)
+    size = _check_size(size, stride)
+    data = _load_coco_json(annotations_json)
+    _image_files(images_dir)  # the folder exists and holds images
+
+    try:
+        categories = sorted(int(c["id"]) for c in data["categories"])
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{annotations_json}: every entry of 'categories' needs an integer 'id'") from None
+    index_of = {cat: i for i, cat in enumerate(categories)}
+
+    images: dict[int, dict] = {}
+    for img in data["images"]:
+        if not isinstance(img, dict) or not {"id", "file_name"} <= img.keys():
+            raise DataError(f"{annotations_json}: an entry of 'images' has no 'id' or 'file_name' ({str(img)[:80]})")
+        images[int(img["id"])] = img
+    missing = [img["file_name"] for img in images.values() if not (images_dir / img["file_name"]).is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of the {len(images)} images listed in {annotations_json} are not in {images_dir} "
+            f"(e.g. {missing[0]!r}); point images_dir at the folder the annotation file describes"
+        )
+
+    # Image order does not depend on the JSON's: sorted by file name, as the other sources sort paths.
+    chosen = sorted(images, key=lambda i: images[i]["file_name"])
+    chosen = _subset(chosen, count, seed, str(annotations_json))
+    chosen_set = set(chosen)
+
+    annotations = []
+    per_image: dict[int, list[dict]] = {i: [] for i in chosen}
+    for ann in data["annotations"]:
+        if not isinstance(ann, dict) or ann.get("image_id") not in chosen_set:
+            continue
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+            raise DataError(f"{annotations_json}: annotation {ann.get('id')} has bbox {bbox!r}; COCO wants [x, y, width, height]")
+        if ann.get("category_id") not in index_of:
+            raise DataError(
+                f"{annotations_json}: annotation {ann.get('id')} has category_id {ann.get('category_id')!r}, "
+                "which is not in 'categories'"
+            )
+        ann = dict(ann)  # our copy: the caller's dict stays as it was
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(bbox[2]) * float(bbox[3]))  # pycocotools needs it for its area ranges
+        annotations.append(ann)
+        per_image[ann["image_id"]].append(ann)
+    # pycocotools records a match as the GT's id, and id 0 reads as "unmatched": renumber if any id is unusable.
+    ids = [a.get("id") for a in annotations]
+    if any(not isinstance(i, int) or i <= 0 for i in ids) or len(set(ids)) != len(ids):
+        for n, ann in enumerate(annotations, start=1):
+            ann["id"] = n
+
+    records = []
+    for image_id in chosen:
+        img = images[image_id]
+        kept = [a for a in per_image[image_id] if not a["iscrowd"]]  # crowd regions: only pycocotools uses them
+        xywh = np.array([a["bbox"] for a in kept], dtype=np.float64).reshape(-1, 4)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1).astype(np.float32)
+        labels = np.array([index_of[a["category_id"]] for a in kept], dtype=np.int64)
+        width, height = img.get("width"), img.get("height")
+        if width is None or height is None:
+            width, height = _image_size(images_dir / img["file_name"])
+        records.append(_Record(images_dir / img["file_name"], image_id, int(width), int(height), boxes, labels))
+
+    gt = {
+        "images": [images[i] for i in chosen],
+        "annotations": annotations,
+        "categories": data["categories"],
+    }
+    if "info" in data:
+        gt["info"] = data["info"]
+    return DetectionDataset(records, _coco_from_dict(gt), categories, size, stride, str(annotations_json))
+
+
+def yolo_txt_dataset(
+    images_dir: str | Path,
+    labels_dir: str | Path,
+    size: tuple[int, int] = (640, 640),
+    stride: int = 32,
+    num_classes: int | None = None,
+    count: int | None = None,
+    seed: int = 0,
+) -> DetectionDataset:
+    """Images with YOLO txt labels (labels_dir/<stem>.txt, rows "cls cx cy w h" normalised to 0..1).
+
+    An image without a label file is a background image (no objects), as in
+    Ultralytics. num_classes: the model's class count (class ids must be below
+    it); None takes the largest id + 1. Category id = class id in the COCO
+    ground truth built here, so scoring is the same as for COCO JSON.
+    """
+    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    size = _check_size(size, stride)
+    paths = _image_files(images_dir)
+    if not labels_dir.is_dir():
+        raise DataError(f"labels folder {labels_dir} does not exist or is not a folder")
+    label_files = [labels_dir / f"{p.stem}.txt" for p in paths]
+    if not any(f.is_file() for f in label_files):
+        raise DataError(
+            f"none of the {len(paths)} images in {images_dir} has a label file in {labels_dir} "
+            f"(e.g. {label_files[0].name} for {paths[0].name}); labels are <image stem>.txt"
+        )
+
+    rows = [_read_yolo_labels(f, num_classes) if f.is_file() else np.zeros((0, 5)) for f in label_files]
+    if num_classes is None:
+        num_classes = max((int(r[:, 0].max()) + 1 for r in rows if len(r)), default=1)
+
+    records, images, annotations = [], [], []
+    # Image ids are positions in the sorted file list: stable, and unique whatever the names are.
+    for image_id, (path, labels) in enumerate(zip(paths, rows)):
+        width, height = _image_size(path)
+        cx, cy, w, h = (labels[:, k] * scale for k, scale in zip(range(1, 5), (width, height, width, height)))
+        boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1).reshape(-1, 4)
+        cls = labels[:, 0].astype(np.int64)
+        records.append(_Record(path, image_id, width, height, boxes.astype(np.float32), cls))
+        images.append({"id": image_id, "file_name": path.name, "width": width, "height": height})
+        for box, c in zip(boxes, cls):
+            bw, bh = float(box[2] - box[0]), float(box[3] - box[1])
+            annotations.append({
+                "id": len(annotations) + 1,  # pycocotools reads id 0 as "unmatched"
+                "image_id": image_id,
+                "category_id": int(c),
+                "bbox": [float(box[0]), float(box[1]), bw, bh],
+                "area": bw * bh,
+                "iscrowd": 0,
+            })
+
+    keep = _subset(list(range(len(records))), count, seed, str(images_dir))
+    kept_ids = {records[i].image_id for i in keep}
+    gt = {
+        "images": [images[i] for i in keep],
+        "annotations": [a for a in annotations if a["image_id"] in kept_ids],
+        "categories": [{"id": c, "name": str(c)} for c in range(num_classes)],
+    }
+    return DetectionDataset(
+        [records[i] for i in keep], _coco_from_dict(gt), list(range(num_classes)), size, stride, str(labels_dir)
+    )
+
+
+def _read_yolo_labels(path: Path, num_classes: int | None) -> np.ndarray:
+    """(n, 5) float64 rows cls, cx, cy, w, h, every value checked."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"label file {path} cannot be read ({e})") from None
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"label file {path} line {lineno}"
+        if len(fields) != 5:
+            raise DataError(
+                f"{where}: {line.strip()!r} has {len(fields)} values; YOLO detection labels are 'cls cx cy w h' "
+                "(segmentation polygons are not supported)"
+            )
+        try:
+            values = [float(v) for v in fields]
+        except ValueError:
+            raise DataError(f"{where}: {line.strip()!r} is not numbers; YOLO detection labels are 'cls cx cy w h'") from None
+        cls = values[0]
+        if not np.isfinite(cls) or cls != int(cls) or cls < 0:
+            raise DataError(f"{where}: class {fields[0]!r} is not a class index (a whole number from 0)")
+        if num_classes is not None and cls >= num_classes:
+            raise DataError(
+                f"{where}: class {int(cls)} is not below num_classes={num_classes} (the model has {num_classes} "
+                f"classes, ids 0..{num_classes - 1}); fix the label or use a model trained on these classes"
+            )
+        if not all(np.isfinite(v) and 0.0 <= v <= 1.0 for v in values[1:]) or values[3] <= 0 or values[4] <= 0:
+            raise DataError(
+                f"{where}: box {' '.join(fields[1:])} is not normalised; cx cy w h must be in 0..1 (pixels divided "
+                "by the image's width/height) with w, h > 0"
+            )
+        rows.append(values)
+    return np.array(rows, dtype=np.float64).reshape(-1, 5)
+
+
+def _load_coco_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"annotation file {path} does not exist; give the COCO instances JSON (e.g. instances_val2017.json)")
+    try:
+        with path.open() as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"annotation file {path} is not valid JSON ({e}); give a COCO instances JSON") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"annotation file {path} cannot be read ({e})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"annotation file {path} is not COCO: it holds a {type(data).__name__}, not an object")
+    absent = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if absent:
+        keys = ", ".join(map(repr, data)) or "none"
+        raise DataError(
+            f"annotation file {path} is not COCO: no {' / '.join(map(repr, absent))} list (its keys: {keys}); "
+            "detection needs a COCO instances JSON"
+        )
+    return data
+
+
+def _image_files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise DataError(f"images folder {root} does not exist or is not a folder")
+    paths = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DataError(f"images folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return paths
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the header alone."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"image {path} cannot be read ({e}): remove or replace the file") from None
+
+
+def _subset(items: list, count: int | None, seed: int, source: str) -> list:
+    # The same seeded permutation as datasets.sample_subset, without cycling: a repeated image would count twice.
+    if count is None:
+        return items
+    if count > len(items):
+        raise DataError(f"count is {count} but {source} holds only {len(items)} images; lower count")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[order[i]] for i in range(count)]
+
+
+def _check_size(size, stride: int) -> tuple[int, int]:
+    h, w = (int(s) for s in size)
+    if h <= 0 or w <= 0 or h % stride or w % stride:
+        raise DataError(f"detection input size {h}x{w} must be positive multiples of the stride {stride}")
+    return h, w
+
+
+def _coco_from_dict(dataset: dict) -> COCO:
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+        coco.createIndex()
+    return coco

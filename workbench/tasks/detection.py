@@ -1,0 +1,261 @@
+"""Detection scoring: YOLO raw outputs -> boxes -> pycocotools mAP, and agreement with the FP32 model.
+
+This is the only place that knows what a detector's output means. Two head
+layouts are understood (the raw tensor, before any NMS):
+
+- "anchor_objectness", YOLOv5: (B, N, 5 + C) rows [cx, cy, w, h, obj, cls_1..cls_C],
+  probabilities already sigmoided; score = obj * cls.
+- "anchor_free", YOLOv8/11: (B, 4 + C, N) columns [cx, cy, w, h, cls_1..cls_C]; score = cls.
+
+Boxes are in network-input (letterboxed) pixels; the dataset's Letterbox maps
+them back to the original image, where the COCO ground truth lives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import torch
+import torchvision
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from ..errors import DataError
+
+ANCHOR_OBJECTNESS = "anchor_objectness"
+ANCHOR_FREE = "anchor_free"
+MAX_NMS = 30000  # boxes kept (by score) before NMS, as Ultralytics: bounds NMS time on a noisy model
+AGREEMENT_SCORE = 0.25  # detections a user would see (Ultralytics' predict default)
+AGREEMENT_IOU = 0.5
+
+
+def _first(output):
+    # YOLOv5 and Ultralytics models in eval mode return (predictions, raw feature maps).
+    while isinstance(output, (list, tuple)):
+        if not output:
+            raise ValueError("the detector returned an empty list/tuple")
+        output = output[0]
+    return output
+
+
+def _as_tensor(output) -> torch.Tensor:
+    output = _first(output)
+    t = output.detach().cpu() if isinstance(output, torch.Tensor) else torch.from_numpy(np.asarray(output))
+    return t if t.dtype == torch.float64 else t.float()  # float16/int -> float32; float64 kept
+
+
+def detect_head_format(output: torch.Tensor | np.ndarray, num_classes: int) -> str:
+    """Which head layout `output` has: "anchor_objectness" (YOLOv5) or "anchor_free" (YOLOv8/11)."""
+    shape = tuple(_first(output).shape)
+    c = num_classes
+    if len(shape) == 3:
+        v5 = shape[2] == 5 + c
+        v8 = shape[1] == 4 + c
+        if v5 and not v8:
+            return ANCHOR_OBJECTNESS
+        if v8 and not v5:
+            return ANCHOR_FREE
+        if v5 and v8:
+            # (B, 4+C, 5+C): both readings fit; real heads have far more boxes than channels.
+            raise ValueError(
+                f"detector output {shape} is ambiguous for {c} classes: it reads as YOLOv5 (B, N, 5+C) with N={shape[1]} "
+                f"and as YOLOv8 (B, 4+C, N) with N={shape[2]}; use an input size that gives more boxes"
+            )
+    hint = ""
+    if len(shape) == 3 and shape[2] == 4 + c:
+        hint = " It looks like a transposed YOLOv8 output (B, N, 4+C): transpose it to (B, 4+C, N)."
+    elif len(shape) == 3 and (shape[2] > 5 or shape[1] > 4):
+        hint = f" Check num_classes: the model may have {shape[2] - 5} (YOLOv5) or {shape[1] - 4} (YOLOv8) classes."
+    raise ValueError(
+        f"detector output of shape {shape} is not a supported head for {c} classes: expected YOLOv5 "
+        f"(batch, boxes, {5 + c}) = [cx, cy, w, h, obj, {c} class scores] or YOLOv8/11 (batch, {4 + c}, boxes) = "
+        f"[cx, cy, w, h, {c} class scores], raw (before NMS).{hint}"
+    )
+
+
+def decode(
+    output,
+    num_classes: int,
+    conf: float = 0.001,
+    iou: float = 0.6,
+    max_det: int = 300,
+    multi_label: bool = False,
+) -> list[np.ndarray]:
+    """Raw head output -> per image an array (k, 6): x1, y1, x2, y2, score, class index (network-input pixels).
+
+    As Ultralytics' non_max_suppression: keep score > conf, the best class per box
+    (or every class above conf with multi_label), at most 30000 boxes by score,
+    class-aware NMS at `iou`, then the `max_det` best. float32 out, float64 for float64 in.
+    """
+    fmt = detect_head_format(output, num_classes)
+    pred = _as_tensor(output)
+    if not torch.isfinite(pred).all():
+        raise FloatingPointError(f"the detector produced NaN/Inf in its output (shape {tuple(pred.shape)})")
+    out_dtype = np.float64 if pred.dtype == torch.float64 else np.float32
+    if fmt == ANCHOR_FREE:
+        pred = pred.transpose(1, 2)  # -> (B, N, 4 + C)
+    results = []
+    for x in pred:
+        if fmt == ANCHOR_OBJECTNESS:
+            x = x[x[:, 4] > conf]  # obj <= conf means obj * cls <= conf: drop early, as YOLOv5
+            scores = x[:, 5:] * x[:, 4:5]
+        else:
+            scores = x[:, 4:]
+        boxes = _cxcywh_to_xyxy(x[:, :4])
+        if multi_label:
+            i, j = (scores > conf).nonzero(as_tuple=True)
+            boxes, score, cls = boxes[i], scores[i, j], j
+        else:
+            score, cls = scores.max(1) if len(scores) else (scores.new_zeros(0), scores.new_zeros(0, dtype=torch.long))
+            keep = score > conf
+            boxes, score, cls = boxes[keep], score[keep], cls[keep]
+        if len(score) > MAX_NMS:
+            top = score.argsort(descending=True)[:MAX_NMS]
+            boxes, score, cls = boxes[top], score[top], cls[top]
+        keep = torchvision.ops.batched_nms(boxes, score, cls, iou)[:max_det]  # sorted by score, best first
+        det = torch.cat([boxes[keep], score[keep, None], cls[keep, None].to(boxes.dtype)], dim=1)
+        results.append(det.numpy().astype(out_dtype, copy=False))
+    return results
+
+
+def _cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
+    half = b[:, 2:4] / 2
+    return torch.cat([b[:, :2] - half, b[:, :2] + half], dim=1)
+
+
+class DetectionScorer:
+    """Accumulates one backend's detections batch by batch; `result()` gives its metrics.
+
+    map50_95 and map50: pycocotools COCOeval (bbox, its default parameters, so
+    at most 100 detections per image count) on exactly the images seen. When
+    reference outputs (the FP32 model's) are given: box_agreement, the percent
+    of the reference's confident detections (score >= 0.25) that this backend
+    also finds (same class, IoU >= 0.5, matched one-to-one greedily by score),
+    and box_agreement_f1, its harmonic mean with the reverse direction.
+    """
+
+    primary_metric = "map50_95"
+
+    def __init__(
+        self,
+        coco_gt: COCO,
+        category_ids: list[int],
+        num_classes: int,
+        conf: float = 0.001,
+        iou: float = 0.6,
+        max_det: int = 300,
+    ):
+        if len(category_ids) != num_classes:
+            # Class index i means the i-th sorted category id; with another count every label shifts.
+            raise DataError(
+                f"the dataset has {len(category_ids)} categories but the model has {num_classes} classes; class "
+                "index i is the i-th category (sorted ids), so they must be the same (YOLO txt labels: pass the "
+                "model's num_classes)"
+            )
+        self.coco_gt = coco_gt
+        self.category_ids = np.asarray(category_ids, dtype=np.int64)
+        self.num_classes = num_classes
+        self.nms = {"conf": conf, "iou": iou, "max_det": max_det}
+        self.image_ids: list[int] = []
+        self.rows: list[np.ndarray] = []  # per image (k, 7): image_id, x, y, w, h, score, category_id
+        self.ref_total = self.ref_matched = 0  # reference detections, and those this backend found
+        self.own_total = self.own_matched = 0  # the reverse direction
+        self.ref_images = 0  # images scored against a reference
+
+    def update(self, outputs, targets: list[dict], reference=None) -> None:
+        dets = decode(outputs, self.num_classes, **self.nms)
+        if len(dets) != len(targets):
+            raise ValueError(f"the detector returned {len(dets)} images' outputs for a batch of {len(targets)} targets")
+        refs = decode(reference, self.num_classes, **self.nms) if reference is not None else None
+        for b, (det, target) in enumerate(zip(dets, targets)):
+            image_id = int(target["image_id"])
+            lb = target["letterbox"]
+            boxes = lb.to_original(det[:, :4])
+            self.image_ids.append(image_id)
+            if len(det):
+                row = np.empty((len(det), 7), dtype=np.float64)
+                row[:, 0] = image_id
+                row[:, 1:3] = boxes[:, :2]
+                row[:, 3:5] = boxes[:, 2:] - boxes[:, :2]  # COCO wants x, y, width, height
+                row[:, 5] = det[:, 4]
+                row[:, 6] = self.category_ids[det[:, 5].astype(np.int64)]
+                self.rows.append(row)
+            if refs is not None:
+                own = np.concatenate([boxes, det[:, 4:6]], axis=1)
+                ref = refs[b]
+                ref = np.concatenate([lb.to_original(ref[:, :4]), ref[:, 4:6]], axis=1)
+                own, ref = own[own[:, 4] >= AGREEMENT_SCORE], ref[ref[:, 4] >= AGREEMENT_SCORE]
+                self.ref_images += 1
+                self.ref_total += len(ref)
+                self.own_total += len(own)
+                self.ref_matched += _greedy_matches(ref, own)
+                self.own_matched += _greedy_matches(own, ref)
+
+    def result(self) -> dict[str, float]:
+        out: dict[str, float] = {"samples": len(self.image_ids)}
+        maps = self._coco_map()
+        if maps is not None:
+            out["map50_95"], out["map50"] = maps
+        if self.ref_images:
+            recall = _share(self.ref_matched, self.ref_total, self.own_total)
+            precision = _share(self.own_matched, self.own_total, self.ref_total)
+            out["box_agreement"] = recall
+            out["box_agreement_f1"] = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
+        return out
+
+    def _coco_map(self) -> tuple[float, float] | None:
+        """(mAP50-95, mAP50) from pycocotools; None when the images seen hold no ground-truth box."""
+        image_ids = sorted(set(self.image_ids))
+        if not image_ids:
+            return None
+        has_gt = any(not a.get("iscrowd", 0) for a in self.coco_gt.loadAnns(self.coco_gt.getAnnIds(imgIds=image_ids)))
+        if not has_gt:
+            return None
+        if not self.rows:
+            return 0.0, 0.0  # no detections at all (pycocotools' loadRes cannot take an empty list)
+        dets = np.concatenate(self.rows)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; its numbers are kept as is
+            coco_dt = self.coco_gt.loadRes(dets)
+            ev = COCOeval(self.coco_gt, coco_dt, "bbox")
+            ev.params.imgIds = image_ids
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        return float(ev.stats[0]), float(ev.stats[1])
+
+    @staticmethod
+    def headline(metrics: dict[str, float]) -> tuple[str, float | None]:
+        """The one number a summary shows for this backend."""
+        if "map50_95" in metrics:
+            return "mAP50-95", metrics["map50_95"]
+        return "box agreement %", metrics.get("box_agreement")
+
+
+def _share(matched: int, total: int, other_total: int) -> float:
+    # Percent of `total` matched. Neither side finding anything confident is full agreement.
+    if total:
+        return 100.0 * matched / total
+    return 100.0 if other_total == 0 else 0.0
+
+
+def _greedy_matches(a: np.ndarray, b: np.ndarray) -> int:
+    """How many rows of `a` (x1, y1, x2, y2, score, class) find a partner in `b`: same class, IoU >= 0.5.
+
+    One-to-one and greedy by `a`'s score, as COCO matching: each detection of `a`,
+    best first, takes the unmatched `b` detection it overlaps most.
+    """
+    if not len(a) or not len(b):
+        return 0
+    ious = torchvision.ops.box_iou(torch.from_numpy(a[:, :4]).double(), torch.from_numpy(b[:, :4]).double()).numpy()
+    ious[a[:, 5][:, None] != b[:, 5][None, :]] = -1.0
+    free = np.ones(len(b), dtype=bool)
+    matched = 0
+    for i in np.argsort(-a[:, 4], kind="stable"):
+        row = np.where(free, ious[i], -1.0)
+        j = int(row.argmax())
+        if row[j] >= AGREEMENT_IOU:
+            free[j] = False
+            matched += 1
+    return matched
