@@ -32,27 +32,44 @@ def _fmt(value, digits: int = 2) -> str:
     return str(value)
 
 
+# Metric columns in the order a table shows them; a column appears when any backend has it.
+METRIC_COLUMNS = [
+    ("top1", "Top-1 %", 2),
+    ("top5", "Top-5 %", 2),
+    ("map50_95", "mAP50-95", 4),
+    ("map50", "mAP50", 4),
+    ("agreement_top1", "Agreement with FP32 %", 2),
+    ("mean_kl", "Mean KL", 5),
+    ("box_agreement", "Box agreement with FP32 %", 2),
+]
+# The one number per backend that summaries and plots show, best first.
+HEADLINE = [("top1", "top-1 %"), ("map50_95", "mAP50-95"), ("agreement_top1", "top-1 agreement with FP32 %"), ("box_agreement", "box agreement with FP32 %")]
+
+
 def backend_rows(metrics: dict) -> list[dict]:
-    """One row per evaluated backend: the numbers the table and the summary show."""
+    """One row per evaluated backend: its metrics, size and latency."""
     evaluation = metrics.get("stages", {}).get("evaluate", {})
     rows = []
     for name, entry in evaluation.get("backends", {}).items():
-        m = entry.get("metrics", {})
         lat = entry.get("latency", {})
         rows.append(
             {
                 "backend": name,
                 "title": BACKEND_TITLES.get(name, name),
-                "top1": m.get("top1"),
-                "top5": m.get("top5"),
-                "agreement": m.get("agreement_top1"),
-                "kl": m.get("mean_kl"),
+                "metrics": entry.get("metrics", {}),
                 "size_mb": entry["size_bytes"] / 1e6 if "size_bytes" in entry else None,
                 "latency": {k: v["median_ms"] for k, v in lat.items()},
                 "latency_p90": {k: v["p90_ms"] for k, v in lat.items()},
             }
         )
     return rows
+
+
+def headline_key(rows: list[dict]) -> tuple[str, str] | None:
+    for key, label in HEADLINE:
+        if any(key in r["metrics"] for r in rows):
+            return key, label
+    return None
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -65,25 +82,27 @@ def write_report(run_dir: str | Path) -> Path:
     rows = backend_rows(metrics)
     if rows:
         batch_keys = sorted({k for r in rows for k in r["latency"]}, key=lambda k: int(k[1:]))
-        labeled = stages.get("evaluate", {}).get("labeled")
-        head = ["Backend"] + (["Top-1 %", "Top-5 %"] if labeled else []) + ["Agreement with FP32 %", "Mean KL", "Size MB"]
+        columns = [c for c in METRIC_COLUMNS if any(c[0] in r["metrics"] for r in rows)]
+        head = ["Backend"] + [title for _, title, _ in columns] + ["Size MB"]
         head += [f"Latency {k} median (p90) ms" for k in batch_keys]
         lines += [f"## Accuracy, size, latency ({stages['evaluate']['samples']} evaluation samples)", ""]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for r in rows:
-            cells = [r["title"]]
-            if labeled:
-                cells += [_fmt(r["top1"]), _fmt(r["top5"])]
-            cells += [_fmt(r["agreement"]), _fmt(r["kl"], 5), _fmt(r["size_mb"])]
+            cells = [r["title"]] + [_fmt(r["metrics"].get(key), digits) for key, _, digits in columns] + [_fmt(r["size_mb"])]
             cells += [f"{_fmt(r['latency'].get(k))} ({_fmt(r['latency_p90'].get(k))})" if k in r["latency"] else "n/a" for k in batch_keys]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         cmp = stages["evaluate"].get("ort_faithful_vs_fakequant")
         if cmp:
+            what = (
+                f"{cmp['agreement_top1']:.2f}% of top-1 predictions"
+                if "agreement_top1" in cmp
+                else f"{cmp.get('box_agreement', 0):.2f}% of its boxes (score >= 0.25, IoU >= 0.5, same class)"
+            )
             lines.append(
-                f"The faithful ONNX Runtime execution agrees with the fake-quant model on {cmp['agreement_top1']:.2f}% of "
-                f"top-1 predictions (max |logit difference| {cmp['max_abs_diff']:.4f})."
+                f"The faithful ONNX Runtime execution agrees with the fake-quant model on {what} "
+                f"(max |output difference| {cmp['max_abs_diff']:.4f})."
             )
             lines.append("")
         lines.append(
@@ -92,7 +111,7 @@ def write_report(run_dir: str | Path) -> Path:
             "integer kernels do not run fast: it is the artifact for TensorRT, not a CPU-speed claim."
         )
         lines.append("")
-        plot = _plot(run_dir, rows, labeled)
+        plot = _plot(run_dir, rows)
         if plot:
             lines += [f"![accuracy and latency]({plot.name})", ""]
     cal = stages.get("calibrate")
@@ -128,21 +147,22 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
-def _plot(run_dir: Path, rows: list[dict], labeled: bool) -> Path | None:
+def _plot(run_dir: Path, rows: list[dict]) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "top1" if labeled else "agreement"
+    found = headline_key(rows)
+    if found is None:
+        return None
+    key, label = found
     names = [r["backend"] for r in rows]
-    acc = [r[key] if r[key] is not None else 0 for r in rows]
+    values = [r["metrics"].get(key) or 0 for r in rows]
     lat = [r["latency"].get("b1", 0) or 0 for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    axes[0].barh(names, acc, color="#4C72B0")
-    axes[0].set_xlabel("top-1 %" if labeled else "top-1 agreement with FP32 %")
-    lo = min(acc) if acc else 0
-    axes[0].set_xlim(max(0, lo - 5), 100 if not labeled else min(100, max(acc) + 2))
+    axes[0].barh(names, values, color="#4C72B0")
+    axes[0].set_xlabel(label)
     axes[1].barh(names, lat, color="#DD8452")
     axes[1].set_xlabel("latency, batch 1, median ms (CPU)")
     for ax in axes:
@@ -160,24 +180,19 @@ def print_summary(run_dir: str | Path, console) -> None:
 
     metrics = load_metrics(run_dir)
     rows = backend_rows(metrics)
-    labeled = metrics.get("stages", {}).get("evaluate", {}).get("labeled")
+    found = headline_key(rows)
     table = Table(title=f"{metrics.get('recipe')}: {metrics.get('status')}")
     table.add_column("backend")
-    table.add_column("top-1 %" if labeled else "agreement %", justify="right")
-    table.add_column("size MB", justify="right")
-    table.add_column("b1 ms", justify="right")
-    table.add_column("b8 ms", justify="right")
+    table.add_column(found[1] if found else "metric", justify="right")
+    for column in ("size MB", "b1 ms", "b8 ms"):
+        table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(
-            r["backend"],
-            _fmt(r["top1"] if labeled else r["agreement"]),
-            _fmt(r["size_mb"]),
-            _fmt(r["latency"].get("b1")),
-            _fmt(r["latency"].get("b8")),
-        )
-    cal = metrics.get("stages", {}).get("calibrate")
+        value = r["metrics"].get(found[0]) if found else None
+        table.add_row(r["backend"], _fmt(value, 4 if found and found[0].startswith("map") else 2), _fmt(r["size_mb"]),
+                      _fmt(r["latency"].get("b1")), _fmt(r["latency"].get("b8")))
     if rows:
         console.print(table)
+    cal = metrics.get("stages", {}).get("calibrate")
     if cal:
         census = ", ".join(f"{t}: {c['int8']} INT8 / {c['float']} float" for t, c in cal["census"].items())
         console.print(f"quantized layers: {census}")

@@ -90,9 +90,22 @@ def build_dataset(data: DataConfig, split_name: str) -> ImageDataset:
         transform = transform.model_copy(update={"mean": data.transform.mean, "std": data.transform.std})
     else:
         transform = split.transform or data.transform
+    if split.source in ("coco", "yolo_txt"):
+        return _detection_dataset(split, transform, field)
     samples = list_samples(split, field)
     samples = sample_subset(samples, split, transform, field)
     return ImageDataset(samples, transform, seed=split.seed)
+
+
+def _detection_dataset(split: DataSplit, transform: TransformConfig, field: str):
+    from .detection import coco_dataset, yolo_txt_dataset
+
+    if transform.letterbox is None:
+        raise DataError(f"{field}: detection sources need data.transform.letterbox: [height, width], e.g. [640, 640]")
+    size, stride = tuple(transform.letterbox), transform.stride
+    if split.source == "coco":
+        return coco_dataset(split.path, split.annotations, size, stride, count=split.count, seed=split.seed)
+    return yolo_txt_dataset(split.path, split.label_dir, size, stride, count=split.count, seed=split.seed)
 
 
 def sample_subset(samples: list[Sample], split: DataSplit, transform: TransformConfig, field: str) -> list[Sample]:
@@ -108,19 +121,27 @@ def sample_subset(samples: list[Sample], split: DataSplit, transform: TransformC
     return [samples[order[i % len(order)]] for i in range(split.count)]
 
 
-def make_loader(dataset: ImageDataset, data: DataConfig, shuffle: bool = False) -> DataLoader:
+def make_loader(dataset, data: DataConfig, shuffle: bool = False) -> DataLoader:
+    from .detection import DetectionDataset, detection_collate
+
     return DataLoader(
         dataset,
         batch_size=data.batch_size,
         shuffle=shuffle,
         num_workers=data.workers,
         persistent_workers=False,
+        # Detection targets differ in length per image: keep them as a list.
+        collate_fn=detection_collate if isinstance(dataset, DetectionDataset) else None,
     )
 
 
 def check_readable(dataset: ImageDataset, field: str, limit: int | None = None) -> None:
     """Check every image (or the first `limit`) up front, so a bad file fails before any output is written."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    if not hasattr(dataset, "samples"):  # a DetectionDataset: records with paths
+        for record in dataset.records[:n]:
+            verify_image(Sample(str(record.path), lambda: None), field)
+        return
     seen: set[str] = set()
     for sample in dataset.samples[:n]:
         if sample.key in seen:

@@ -20,7 +20,7 @@ from pydantic import Field
 from ..errors import RecipeError
 from ..progress import track
 from ..runtime import OrtRunner, TorchRunner, measure_latency
-from ..tasks import new_scorer
+from ..tasks import is_labeled, new_scorer
 from .registry import StageOptions, register_stage
 
 Backend = Literal["pytorch_fp32", "pytorch_int8", "ort_fp32", "ort_int8_faithful", "ort_int8_default"]
@@ -82,9 +82,10 @@ def evaluate(run, opts: EvaluateOptions) -> None:
             if b != "pytorch_int8":  # fake-quant speed means nothing for deployment
                 latencies[b] = measure_latency(runner, tuple(run.recipe.model.input_size), opts.latency_batch_sizes, repeats=opts.latency_repeats)
     dataset = run.dataset("evaluation")
-    labeled = dataset.labeled
-    scorers = {b: new_scorer(run.recipe.task, labeled) for b in backends}
-    faithful_vs_fakequant = new_scorer(run.recipe.task, labeled=False)
+    labeled = is_labeled(dataset)
+    scorers = {b: new_scorer(run.recipe, dataset) for b in backends}
+    faithful_vs_fakequant = new_scorer(run.recipe, dataset, compare_only=True)
+    compared = False
     max_abs_diff = 0.0
     seen = 0
     loader = run.loader("evaluation")
@@ -92,14 +93,16 @@ def evaluate(run, opts: EvaluateOptions) -> None:
         if opts.max_samples is not None and seen >= opts.max_samples:
             break
         if opts.max_samples is not None:
-            images, labels = images[: opts.max_samples - seen], labels[: opts.max_samples - seen]
+            keep = opts.max_samples - seen
+            images, labels = images[:keep], labels[:keep]
         seen += images.shape[0]
         reference = runners["pytorch_fp32"](images) if "pytorch_fp32" in runners else TorchRunner(run.reference, "ref", run.device)(images)
         outputs = {b: (reference if b == "pytorch_fp32" else runner(images)) for b, runner in runners.items()}
         for b, out in outputs.items():
             scorers[b].update(out, labels, reference)
         if "pytorch_int8" in outputs and "ort_int8_faithful" in outputs:
-            faithful_vs_fakequant.update(outputs["ort_int8_faithful"], None, outputs["pytorch_int8"])
+            faithful_vs_fakequant.update(outputs["ort_int8_faithful"], labels, outputs["pytorch_int8"])
+            compared = True
             max_abs_diff = max(max_abs_diff, float(np.abs(outputs["ort_int8_faithful"] - outputs["pytorch_int8"]).max()))
 
     results: dict[str, dict] = {}
@@ -113,6 +116,6 @@ def evaluate(run, opts: EvaluateOptions) -> None:
             entry["latency"] = latencies[b]
         results[b] = entry
     values = {"samples": seen, "labeled": labeled, "backends": results}
-    if faithful_vs_fakequant.n_ref:
+    if compared:
         values["ort_faithful_vs_fakequant"] = {**faithful_vs_fakequant.result(), "max_abs_diff": max_abs_diff}
     run.record("evaluate", values)

@@ -183,9 +183,9 @@ class DetectionScorer:
                 row[:, 6] = self.category_ids[det[:, 5].astype(np.int64)]
                 self.rows.append(row)
             if refs is not None:
-                own = np.concatenate([boxes, det[:, 4:6]], axis=1)
-                ref = refs[b]
-                ref = np.concatenate([lb.to_original(ref[:, :4]), ref[:, 4:6]], axis=1)
+                # Compared in network-input pixels: clipping to the image would shrink boxes that
+                # reach into the letterbox padding to nothing, and an empty box matches nothing, not even itself.
+                own, ref = det, refs[b]
                 own, ref = own[own[:, 4] >= AGREEMENT_SCORE], ref[ref[:, 4] >= AGREEMENT_SCORE]
                 self.ref_images += 1
                 self.ref_total += len(ref)

@@ -1,0 +1,66 @@
+"""Detection end to end: a tiny YOLOv5-format detector through calibrate -> export -> evaluate on generated COCO data."""
+
+import json
+
+import pytest
+
+from helpers import make_tiny_yolov5_checkpoint
+from test_detection_data import write_detection_set
+from workbench.cli import main
+
+
+def _recipe(tmp_path, ckpt, images, ann, stages):
+    text = f"""name: tinyyolo
+task: detection
+model: {{spec: "yolov5:{ckpt}", input_size: [3, 64, 64]}}
+data:
+  transform: {{letterbox: [64, 64], stride: 8}}
+  calibration: {{source: coco, path: "{images}", annotations: "{ann}"}}
+  evaluation: {{source: coco, path: "{images}", annotations: "{ann}"}}
+  batch_size: 2
+runs_dir: "{tmp_path / 'runs'}"
+stages:
+{stages}"""
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_detection_run_scores_every_backend_with_map(tmp_path):
+    ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
+    images, ann, _ = write_detection_set(tmp_path / "set")
+    stages = "  - calibrate: {method: max}\n  - export: {dynamic_size: true}\n  - evaluate: {latency_repeats: 2, latency_batch_sizes: [1]}\n"
+    assert main(["run", str(_recipe(tmp_path, ckpt, images, ann, stages))]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["stages"]["calibrate"]["census"] == {"Conv2d": {"int8": 12, "float": 0}}
+    backends = metrics["stages"]["evaluate"]["backends"]
+    assert set(backends) == {"pytorch_fp32", "pytorch_int8", "ort_fp32", "ort_int8_faithful", "ort_int8_default"}
+    for b in backends.values():
+        assert 0.0 <= b["metrics"]["map50_95"] <= 1.0 and b["metrics"]["samples"] == 4
+    assert backends["pytorch_fp32"]["metrics"]["box_agreement"] == 100.0
+    # the box decode stays float: the exported graph quantizes the convolutions and nothing after them
+    census = metrics["stages"]["export"]["model.onnx"]["census"]
+    assert census["quantized"] == {"Conv": 12} and census["float"] == {}
+    report = (run_dir / "report.md").read_text()
+    assert "mAP50-95" in report and "Box agreement" in report
+
+
+def test_detection_source_without_letterbox(tmp_path, capsys):
+    ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
+    images, ann, _ = write_detection_set(tmp_path / "set")
+    path = _recipe(tmp_path, ckpt, images, ann, "  - evaluate: {latency: false}\n")
+    path.write_text(path.read_text().replace("  transform: {letterbox: [64, 64], stride: 8}\n", ""))
+    assert main(["run", str(path)]) == 2
+    assert "data.transform.letterbox" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_annotations_that_do_not_match_the_images(tmp_path, capsys):
+    ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
+    images, ann, _ = write_detection_set(tmp_path / "set")
+    (images / "a.png").unlink()
+    assert main(["run", str(_recipe(tmp_path, ckpt, images, ann, "  - evaluate: {latency: false}\n"))]) == 2
+    err = capsys.readouterr().err
+    assert "a.png" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
