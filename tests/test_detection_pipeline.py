@@ -64,3 +64,22 @@ def test_annotations_that_do_not_match_the_images(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "a.png" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_classifier_is_not_a_detector(tmp_path, capsys, images):
+    _, ann, _ = write_detection_set(tmp_path / "set")
+    path = _recipe(tmp_path, "x", tmp_path / "set" / "images", ann, "  - evaluate: {latency: false}\n")
+    path.write_text(path.read_text().replace('spec: "yolov5:x", input_size: [3, 64, 64]', 'spec: "import:helpers:tiny_cnn", input_size: [3, 64, 64]'))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a supported head for 3 classes" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_labels_beyond_the_models_classes(tmp_path, capsys):
+    ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=2)  # the data has 3 classes
+    images, ann, _ = write_detection_set(tmp_path / "set")
+    assert main(["run", str(_recipe(tmp_path, ckpt, images, ann, "  - evaluate: {latency: false}\n"))]) == 2
+    err = capsys.readouterr().err
+    assert "for 3 classes" in err and "2 (YOLOv5)" in err
+    assert not (tmp_path / "runs").exists()

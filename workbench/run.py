@@ -83,7 +83,33 @@ def preflight(recipe: Recipe) -> tuple[nn.Module, dict[str, ImageDataset]]:
             if split not in datasets:
                 datasets[split] = build_dataset(recipe.data, split)
                 check_readable(datasets[split], f"data.{split}")
+    if recipe.task == "detection":
+        _check_detector(recipe, model, datasets)
     return model, datasets
+
+
+def _check_detector(recipe: Recipe, model: nn.Module, datasets: dict) -> None:
+    """The model's output is a head the adapter decodes, for as many classes as the data has."""
+    from .tasks.detection import UnknownHeadError, detect_head_format
+
+    c, h, w = recipe.model.input_size
+    with torch.no_grad():
+        output = model(torch.zeros(1, c, h, w))
+    for split, dataset in datasets.items():
+        num_classes = len(getattr(dataset, "category_ids", []))
+        if not num_classes:
+            raise WorkbenchError(f"data.{split}: task detection needs a detection source (coco or yolo_txt)")
+        try:
+            detect_head_format(output, num_classes)
+        except UnknownHeadError as e:
+            shape = tuple(output[0].shape if isinstance(output, (list, tuple)) else output.shape)
+            if len(shape) != 3:
+                raise UnknownHeadError(f"model.spec: this model is not a detector the adapter knows. {e}") from None
+            raise UnknownHeadError(
+                f"data.{split} has {num_classes} classes, and the model's output {shape} does not decode for "
+                f"{num_classes}: if it is a detector, it has {shape[-1] - 5} (YOLOv5) or {shape[1] - 4} (YOLOv8) classes, "
+                f"so labels and model disagree. ({e})"
+            ) from None
 
 
 def run_recipe(recipe: Recipe, console=None) -> Run:

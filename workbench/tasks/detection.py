@@ -22,7 +22,7 @@ import torchvision
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ..errors import DataError
+from ..errors import DataError, ModelLoadError
 
 ANCHOR_OBJECTNESS = "anchor_objectness"
 ANCHOR_FREE = "anchor_free"
@@ -46,6 +46,10 @@ def _as_tensor(output) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()  # float16/int -> float32; float64 kept
 
 
+class UnknownHeadError(ModelLoadError, ValueError):
+    """The model's output is not a detection head the adapter can decode (a user-facing error, exit 2)."""
+
+
 def detect_head_format(output: torch.Tensor | np.ndarray, num_classes: int) -> str:
     """Which head layout `output` has: "anchor_objectness" (YOLOv5) or "anchor_free" (YOLOv8/11)."""
     shape = tuple(_first(output).shape)
@@ -59,7 +63,7 @@ def detect_head_format(output: torch.Tensor | np.ndarray, num_classes: int) -> s
             return ANCHOR_FREE
         if v5 and v8:
             # (B, 4+C, 5+C): both readings fit; real heads have far more boxes than channels.
-            raise ValueError(
+            raise UnknownHeadError(
                 f"detector output {shape} is ambiguous for {c} classes: it reads as YOLOv5 (B, N, 5+C) with N={shape[1]} "
                 f"and as YOLOv8 (B, 4+C, N) with N={shape[2]}; use an input size that gives more boxes"
             )
@@ -68,7 +72,7 @@ def detect_head_format(output: torch.Tensor | np.ndarray, num_classes: int) -> s
         hint = " It looks like a transposed YOLOv8 output (B, N, 4+C): transpose it to (B, 4+C, N)."
     elif len(shape) == 3 and (shape[2] > 5 or shape[1] > 4):
         hint = f" Check num_classes: the model may have {shape[2] - 5} (YOLOv5) or {shape[1] - 4} (YOLOv8) classes."
-    raise ValueError(
+    raise UnknownHeadError(
         f"detector output of shape {shape} is not a supported head for {c} classes: expected YOLOv5 "
         f"(batch, boxes, {5 + c}) = [cx, cy, w, h, obj, {c} class scores] or YOLOv8/11 (batch, {4 + c}, boxes) = "
         f"[cx, cy, w, h, {c} class scores], raw (before NMS).{hint}"
