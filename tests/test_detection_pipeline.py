@@ -83,3 +83,23 @@ def test_labels_beyond_the_models_classes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "for 3 classes" in err and "2 (YOLOv5)" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_exported_detector_runs_at_other_sizes(tmp_path):
+    import numpy as np
+    import torch
+
+    from workbench.models import resolve_model
+    from workbench.onnx_tools import export_onnx
+    from workbench.quant.ptq import Int8Config, quantize_
+    from workbench.recipe import ModelConfig
+    from workbench.runtime import OrtRunner, TorchRunner
+
+    model = resolve_model(ModelConfig(spec=f"yolov5:{make_tiny_yolov5_checkpoint(tmp_path / 't.pt')}"))
+    quantize_(model, Int8Config(method="max"), lambda m: m(torch.rand(4, 3, 64, 64)), torch.rand(1, 3, 64, 64))
+    path = export_onnx(model, torch.rand(1, 3, 64, 64), tmp_path / "t.onnx", dynamic_size=True)
+    for shape in [(2, 3, 64, 64), (1, 3, 48, 64)]:  # square and non-square (like 480x640 at full size)
+        x = torch.rand(*shape)
+        faithful, fake = OrtRunner(path, "f", "faithful")(x), TorchRunner(model, "t")(x)
+        assert faithful.shape == fake.shape == (shape[0], 3 * ((shape[2] // 4) * (shape[3] // 4) + (shape[2] // 8) * (shape[3] // 8)), 8)
+        np.testing.assert_allclose(faithful, fake, atol=1e-2 * np.abs(fake).max())

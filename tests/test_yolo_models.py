@@ -56,3 +56,13 @@ def test_ultralytics_yaml_builds_offline(tmp_path, monkeypatch):
     assert model(torch.rand(1, 3, 320, 320)).shape == (1, 84, 2100)
     with pytest.raises(ModelLoadError, match="not on this machine"):
         resolve_model(ModelConfig(spec=f"ultralytics:{tmp_path / 'yolov8n.pt'}"))
+
+
+def test_ultralytics_dfl_stays_float():
+    pytest.importorskip("ultralytics", reason="ultralytics extra not installed")
+    from workbench.quant.ptq import Int8Config, quantize_
+
+    model = resolve_model(ModelConfig(spec="ultralytics:yolov8n.yaml"))
+    result = quantize_(model, Int8Config(method="max"), lambda m: m(torch.rand(2, 3, 128, 128)), torch.rand(1, 3, 128, 128))
+    assert result.excluded == {"model.model.22.dfl.conv": "Conv2d"}
+    assert result.census()["Conv2d"] == {"int8": 63, "float": 1}

@@ -102,15 +102,31 @@ class QuantResult:
         return out
 
 
+# Module classes whose convolutions are part of a detector's box decode, not its features:
+# Ultralytics' DFL holds a fixed 1x1 convolution that takes the expectation of a softmax over
+# box-distance bins. Quantizing it moves every box; TensorRT deployments keep it in float.
+DECODE_MODULES = frozenset({"DFL"})
+
+
+def decode_layers(model: nn.Module) -> set[str]:
+    """Names of the layers inside decode modules (kept in float whatever the config says)."""
+    names = set()
+    for name, module in model.named_modules():
+        if type(module).__name__ in DECODE_MODULES:
+            names.update(f"{name}.{child}" if child else name for child, _ in module.named_modules())
+    return names
+
+
 def select_layers(model: nn.Module, config: Int8Config) -> tuple[dict[str, str], dict[str, str]]:
-    """Split the quantizable layers into (quantized, excluded) by type and exclude patterns."""
+    """Split the quantizable layers into (quantized, excluded) by type, decode rules and exclude patterns."""
     types = {name: QUANTIZABLE_TYPES[name] for name in config.layer_types}
     quantized, excluded = {}, {}
+    decode = decode_layers(model)
     for name, module in model.named_modules():
         type_name = _type_name(module, types)
         if type_name is None or not name:
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+        if name in decode or any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
             excluded[name] = type_name
         else:
             quantized[name] = type_name
