@@ -33,7 +33,7 @@ def test_detection_run_scores_every_backend_with_map(tmp_path):
     assert main(["run", str(_recipe(tmp_path, ckpt, images, ann, stages))]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["stages"]["calibrate"]["census"] == {"Conv2d": {"int8": 12, "float": 0}}
+    assert metrics["stages"]["calibrate"]["census"] == {"Conv2d": {"int8": 12, "float": 0}, "Add (residual)": {"int8": 1, "float": 0}}
     backends = metrics["stages"]["evaluate"]["backends"]
     assert set(backends) == {"pytorch_fp32", "pytorch_int8", "ort_fp32", "ort_int8_faithful", "ort_int8_default"}
     for b in backends.values():

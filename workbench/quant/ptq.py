@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import CalibrationError
 from .calibrators import AbsHistogram, NonFiniteError, compute_amax
 from .fold import fold_batchnorm_
+from .rules import insert_residual_quantizers
 
 QUANTIZABLE_TYPES: dict[str, type[nn.Module]] = {
     "Conv1d": nn.Conv1d,
@@ -65,6 +66,9 @@ class Int8Config(BaseModel):
     )
     exclude: list[str] = Field(default_factory=list, description="Module-name glob patterns kept in float, e.g. 'fc', 'layer1.*'.")
     fold_batchnorm: bool = Field(True, description="Fold BatchNorm into the preceding convolution first.")
+    residual_add: bool = Field(
+        True, description="Quantize both inputs of residual Adds in YOLO Bottlenecks, so TensorRT fuses them into the convolution."
+    )
 
     @field_validator("percentile")
     @classmethod
@@ -90,6 +94,7 @@ class QuantResult:
     quantized: dict[str, str] = field(default_factory=dict)  # module name -> type name
     excluded: dict[str, str] = field(default_factory=dict)  # module name -> type name (matched an exclude)
     activation_amax: dict[str, float] = field(default_factory=dict)  # input quantizer -> amax
+    residual_quantizers: list[str] = field(default_factory=list)  # added by the residual_add rule
     batches: int = 0
     samples: int = 0
 
@@ -99,6 +104,8 @@ class QuantResult:
         for names, key in ((self.quantized, "int8"), (self.excluded, "float")):
             for type_name in names.values():
                 out.setdefault(type_name, {"int8": 0, "float": 0})[key] += 1
+        if self.residual_quantizers:
+            out["Add (residual)"] = {"int8": len(self.residual_quantizers) // 2, "float": 0}
         return out
 
 
@@ -189,6 +196,7 @@ def quantize_(
     `forward_loop(model)` runs the calibration batches through the model.
     """
     import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.nn import TensorQuantizer
 
     result = QuantResult()
     model.eval()
@@ -203,42 +211,48 @@ def quantize_(
     register_subclasses(model)
     mt_cfg = modelopt_config(model, config, result.quantized)
 
-    histograms: dict[str, AbsHistogram] = {}
-    counter = {"batches": 0, "samples": 0}
-    needs_hist = config.method != "max"
-
-    def counting_loop(m: nn.Module) -> None:
-        handles = _attach_collectors(m, result.quantized, histograms, config.num_bins, counter, needs_hist)
-        try:
-            forward_loop(m)
-        finally:
-            for h in handles:
-                h.remove()
-
-    # modelopt prints "Inserted N quantizers" and warns about LLM matters: our census says more.
+    # modelopt inserts the quantizers and calibrates the weights (per-channel max); without a
+    # forward loop it leaves the activation ranges unset, and those are ours to compute below.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        try:
-            mtq.quantize(model, mt_cfg, forward_loop=counting_loop)
-        except NonFiniteError as e:
-            raise CalibrationError(
-                f"calibrate: {e}. Check the input data and normalisation (data.transform) and the model's weights; "
-                "a NaN/Inf activation cannot be given an INT8 range."
-            ) from None
+        mtq.quantize(model, mt_cfg, forward_loop=None)
+    if config.residual_add:
+        result.residual_quantizers = insert_residual_quantizers(model)
+    modules = dict(model.named_modules())
+    activation_quantizers = {f"{n}.input_quantizer": modules[n].input_quantizer for n in result.quantized}
+    activation_quantizers.update({n: modules[n] for n in result.residual_quantizers})
+
+    # One calibration pass in float (every quantizer passes data through), collecting |x| histograms.
+    histograms: dict[str, AbsHistogram] = {}
+    counter = {"batches": 0, "samples": 0}
+    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer) and q.is_enabled]
+    for q in quantizers:
+        q.disable_quant()
+    handles = _attach_collectors(model, activation_quantizers, histograms, config.num_bins, counter)
+    try:
+        forward_loop(model)
+    except NonFiniteError as e:
+        raise CalibrationError(
+            f"calibrate: {e}. Check the input data and normalisation (data.transform) and the model's weights; "
+            "a NaN/Inf activation cannot be given an INT8 range."
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+        for q in quantizers:
+            q.enable_quant()
     if counter["batches"] == 0:
         raise CalibrationError("calibrate: the calibration data produced no batches: data.calibration is empty")
     result.batches, result.samples = counter["batches"], counter["samples"]
 
-    modules = dict(model.named_modules())
+    device = _device_of(model)
+    for name, quantizer in activation_quantizers.items():
+        hist = histograms[name]
+        amax = hist.amax if config.method == "max" else compute_amax(hist, config.method, percentile=config.percentile)
+        quantizer.amax = torch.tensor(max(amax, MIN_AMAX), device=device)
+        quantizer.enable()
+        result.activation_amax[name] = max(amax, MIN_AMAX)
     for name in result.quantized:
-        quantizer = modules[name].input_quantizer
-        if config.method == "max":
-            amax = float(quantizer.amax.max()) if quantizer.amax is not None else 0.0
-        else:
-            amax = compute_amax(histograms[name], config.method, percentile=config.percentile)
-        amax = max(amax, MIN_AMAX)
-        quantizer.amax = torch.tensor(amax, device=_device_of(model))
-        result.activation_amax[f"{name}.input_quantizer"] = amax
         weight_q = modules[name].weight_quantizer
         if weight_q.amax is not None:
             # A channel of all-zero weights gets amax 0 and a zero scale, which ONNX cannot express.
@@ -246,13 +260,12 @@ def quantize_(
     return result
 
 
-def _attach_collectors(model, layers, histograms, num_bins, counter, needs_hist):
-    """Hooks that count batches, reject NaN/Inf and build |x| histograms of each layer's input."""
+def _attach_collectors(model, quantizers: dict, histograms: dict, num_bins: int, counter: dict) -> list:
+    """Hooks on activation quantizers that count batches, reject NaN/Inf and build |x| histograms."""
     handles = []
-    first = next(iter(layers))
-    modules = dict(model.named_modules())
+    first = next(iter(quantizers))
 
-    for name in layers:
+    for name, quantizer in quantizers.items():
 
         def pre_hook(module, args, name=name):
             x = args[0]
@@ -261,13 +274,13 @@ def _attach_collectors(model, layers, histograms, num_bins, counter, needs_hist)
                 counter["samples"] += int(x.shape[0]) if x.dim() > 0 else 1
             if not torch.isfinite(x).all():
                 bad = int((~torch.isfinite(x)).sum())
+                layer = name.removesuffix(".input_quantizer")
                 raise NonFiniteError(
-                    f"{bad} NaN/Inf values in the input of layer '{name}' in calibration batch {counter['batches']}"
+                    f"{bad} NaN/Inf values in the input of layer '{layer}' in calibration batch {counter['batches']}"
                 )
-            if needs_hist:
-                histograms.setdefault(name, AbsHistogram(num_bins=num_bins)).update(x.detach())
+            histograms.setdefault(name, AbsHistogram(num_bins=num_bins)).update(x.detach())
 
-        handles.append(modules[name].register_forward_pre_hook(pre_hook))
+        handles.append(quantizer.register_forward_pre_hook(pre_hook))
     return handles
 
 

@@ -1,0 +1,63 @@
+"""TensorRT placement rules beyond "quantize the input and weight of every Conv/Linear".
+
+Each rule is named, finds the modules it applies to, and changes how they quantize:
+
+- `residual_add`: in residual blocks (`x + cv2(cv1(x))`, YOLOv5 and Ultralytics
+  `Bottleneck` with `add`), both inputs of the Add get a quantizer. TensorRT then
+  fuses the Add into the convolution before it and runs it in INT8; with float
+  inputs it would run the Add on its own, in higher precision.
+- Concat and MaxPool need no rule of their own here: activations are quantized
+  once, at the input of the convolution that reads the Concat (YOLOv5's C3/SPPF), so
+  every branch of the Concat and every MaxPool in SPPF shares that one scale when
+  TensorRT moves the Q above the Concat, and no Q/DQ dangles on a Split or Concat.
+  `tests/test_yolo_rules.py` checks this on the exported graph.
+- The box decode (and Ultralytics' DFL) stays float: see `DECODE_MODULES` in ptq.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+RESIDUAL_BLOCKS = frozenset({"Bottleneck"})
+
+
+class ResidualAdd(nn.Module):
+    """`x + y` with both inputs fake-quantized (modelopt TensorQuantizers, exported as Q/DQ)."""
+
+    def __init__(self):
+        super().__init__()
+        from modelopt.torch.quantization.config import QuantizerAttributeConfig
+        from modelopt.torch.quantization.nn import TensorQuantizer
+
+        cfg = QuantizerAttributeConfig(num_bits=8, axis=None)
+        self.input0_quantizer = TensorQuantizer(cfg)
+        self.input1_quantizer = TensorQuantizer(cfg)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.input0_quantizer(x) + self.input1_quantizer(y)
+
+
+def _residual_forward(self, x):
+    return self.residual_add(x, self.cv2(self.cv1(x)))
+
+
+def residual_blocks(model: nn.Module) -> list[str]:
+    """Names of the residual blocks the `residual_add` rule applies to."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if type(m).__name__ in RESIDUAL_BLOCKS and getattr(m, "add", False) and hasattr(m, "cv1") and hasattr(m, "cv2")
+    ]
+
+
+def insert_residual_quantizers(model: nn.Module) -> list[str]:
+    """Apply `residual_add`; returns the quantizer names added (calibrated like any input quantizer)."""
+    names = []
+    for name in residual_blocks(model):
+        block = model.get_submodule(name)
+        block.residual_add = ResidualAdd()
+        # A subclass with the quantized forward, so the block keeps its type, name and state dict keys.
+        block.__class__ = type(f"QuantResidual{type(block).__name__}", (type(block),), {"forward": _residual_forward})
+        names += [f"{name}.residual_add.input0_quantizer", f"{name}.residual_add.input1_quantizer"]
+    return names
