@@ -124,7 +124,8 @@ def write_report(run_dir: str | Path) -> Path:
         for type_name, counts in cal["census"].items():
             lines.append(f"| {type_name} | {counts['int8']} | {counts['float']} |")
         q = cal.get("enabled_quantizers", {})
-        lines += ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, {q.get('output', 0)} on outputs.", ""]
+        lines += ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
+                  f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""]
     exp = stages.get("export")
     if exp:
         lines += ["## Exported ONNX", ""]

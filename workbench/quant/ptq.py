@@ -290,12 +290,12 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def quantizer_summary(model: nn.Module) -> dict[str, int]:
-    """How many TensorQuantizers are enabled, by role (input/weight/output): catches silent no-ops."""
+    """How many TensorQuantizers are enabled, by role (input/weight/output/residual_add): catches silent no-ops."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    counts = {"input": 0, "weight": 0, "output": 0, "other": 0}
+    counts = {"input": 0, "weight": 0, "output": 0, "residual_add": 0, "other": 0}
     for name, module in model.named_modules():
         if isinstance(module, TensorQuantizer) and module.is_enabled:
-            role = name.rsplit(".", 1)[-1].removesuffix("_quantizer")
+            role = "residual_add" if ".residual_add." in name else name.rsplit(".", 1)[-1].removesuffix("_quantizer")
             counts[role if role in counts else "other"] += 1
     return counts
