@@ -103,3 +103,16 @@ def test_exported_detector_runs_at_other_sizes(tmp_path):
         faithful, fake = OrtRunner(path, "f", "faithful")(x), TorchRunner(model, "t")(x)
         assert faithful.shape == fake.shape == (shape[0], 3 * ((shape[2] // 4) * (shape[3] // 4) + (shape[2] // 8) * (shape[3] // 8)), 8)
         np.testing.assert_allclose(faithful, fake, atol=1e-2 * np.abs(fake).max())
+
+
+def test_yolo_txt_labels_run_end_to_end(tmp_path):
+    ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
+    images, ann, labels = write_detection_set(tmp_path / "set")
+    path = _recipe(tmp_path, ckpt, images, ann, "  - calibrate: {method: percentile}\n  - evaluate: {latency: false}\n")
+    text = path.read_text().replace(f'source: coco, path: "{images}", annotations: "{ann}"', f'source: yolo_txt, path: "{images}", label_dir: "{labels}"')
+    path.write_text(text)
+    assert main(["run", str(path)]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    backends = json.loads((run_dir / "metrics.json").read_text())["stages"]["evaluate"]["backends"]
+    assert set(backends) == {"pytorch_fp32", "pytorch_int8"}
+    assert backends["pytorch_int8"]["metrics"]["samples"] == 4 and "map50_95" in backends["pytorch_int8"]["metrics"]
