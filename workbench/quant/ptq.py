@@ -9,9 +9,9 @@ ONNX; the choice of which layers and the activation ranges are ours:
 - subclasses of nn.Conv2d/nn.Linear (EfficientNet-Lite's padded convolutions)
   are registered with modelopt first, since it matches modules by exact class
   and would silently leave them in float;
-- activation ranges come from our own histogram calibrators (max, entropy,
-  percentile, mse), computed in one calibration pass next to modelopt's
-  max pass for the weights.
+- modelopt calibrates the weights (per-channel max); every activation range
+  (conv inputs, residual-Add inputs) comes from our histogram calibrators (max,
+  entropy, percentile, mse) over one float calibration pass.
 """
 
 from __future__ import annotations

@@ -88,6 +88,8 @@ def evaluate(run, opts: EvaluateOptions) -> None:
     compared = False
     max_abs_diff = 0.0
     seen = 0
+    # Every backend is compared with the FP32 model, scored or not.
+    reference_runner = runners.get("pytorch_fp32") or TorchRunner(run.reference, "reference", run.device)
     loader = run.loader("evaluation")
     for images, labels in track(loader, "evaluate", total=len(loader)):
         if opts.max_samples is not None and seen >= opts.max_samples:
@@ -96,7 +98,7 @@ def evaluate(run, opts: EvaluateOptions) -> None:
             keep = opts.max_samples - seen
             images, labels = images[:keep], labels[:keep]
         seen += images.shape[0]
-        reference = runners["pytorch_fp32"](images) if "pytorch_fp32" in runners else TorchRunner(run.reference, "ref", run.device)(images)
+        reference = reference_runner(images)
         outputs = {b: (reference if b == "pytorch_fp32" else runner(images)) for b, runner in runners.items()}
         for b, out in outputs.items():
             scorers[b].update(out, labels, reference)
