@@ -23,19 +23,38 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workbench.data.detection import coco_dataset, detection_collate  # noqa: E402
+from workbench.models.registry import resolve_model  # noqa: E402
 from workbench.models.yolov5_legacy import load_yolov5_checkpoint  # noqa: E402
+from workbench.recipe import ModelConfig  # noqa: E402
 from workbench.onnx_tools import export_onnx, qdq_census  # noqa: E402
 from workbench.quant.ptq import Int8Config, quantize_  # noqa: E402
 from workbench.runtime import OrtRunner, TorchRunner  # noqa: E402
+from workbench.runtime.compare import layer_divergence  # noqa: E402
 from workbench.tasks.detection import DetectionScorer  # noqa: E402
 
 ASSETS = Path(os.environ.get("WORKBENCH_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 METHODS = ["max", "entropy", "percentile:99.99", "mse"]
 
 
+class Float64Runner:
+    """The same fake-quant model in float64: same scales, only the arithmetic's rounding differs."""
+
+    def __init__(self, model):
+        self.model = copy.deepcopy(model).double().eval()
+
+    @torch.no_grad()
+    def __call__(self, x):
+        out = self.model(x.double())
+        return (out[0] if isinstance(out, (list, tuple)) else out).float().numpy()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--methods", nargs="*", default=METHODS)
+    p.add_argument("--model", default="yolov5n", help="yolov5n (the shared checkpoint) or an Ultralytics spec such as "
+                   "ultralytics:yolov8n.yaml (random weights: only fake-quant vs ONNX agreement means anything)")
+    p.add_argument("--fp64-control", action="store_true",
+                   help="also score each fake-quant model in float64: the spread that arithmetic order alone makes")
     args = p.parse_args()
     if not (ASSETS / "models/yolov5n.pt").is_file():
         sys.exit(f"shared assets not found at {ASSETS}: set WORKBENCH_ASSETS=../shared/assets")
@@ -44,11 +63,18 @@ def main() -> None:
     train = coco_dataset(coco / "train2017", coco / "annotations/instances_train2017.json", (640, 640))
     load = lambda ds: list(torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=detection_collate))  # noqa: E731
     evals, calib = load(val), load(train)
-    fp32 = load_yolov5_checkpoint(ASSETS / "models/yolov5n.pt")
+    random_weights = args.model != "yolov5n"
+    if random_weights:
+        fp32 = resolve_model(ModelConfig(spec=args.model))
+        # Random class scores sit near the head's bias init (about 1e-5): keep every box, compare the top 100.
+        nms = {"conf": 0.0, "iou": 0.6, "max_det": 100, "agreement_score": 0.0}
+    else:
+        fp32 = load_yolov5_checkpoint(ASSETS / "models/yolov5n.pt")
+        nms = {"conf": 0.001, "iou": 0.6, "max_det": 300}
     example = torch.rand(1, 3, 640, 640)
 
     def score(runner, reference=None):
-        scorer = DetectionScorer(val.coco_gt, val.category_ids, 80, conf=0.001, iou=0.6, max_det=300)
+        scorer = DetectionScorer(val.coco_gt, val.category_ids, 80, **nms)
         outs = []
         for i, (x, targets) in enumerate(evals):
             out = runner(x)
@@ -57,8 +83,8 @@ def main() -> None:
         return {**scorer.result(), "outputs": outs}
 
     ref = score(TorchRunner(fp32, "fp32"))
-    print(f"# yolov5n on coco_tiny: {len(train)} calibration images, {len(val)} evaluation images, torch {torch.__version__}\n")
-    rows = [("FP32", "-", f"{ref['map50_95']:.3f} / {ref['map50']:.3f}", "-", "-", "-")]
+    print(f"# {args.model} on coco_tiny: {len(train)} calibration images, {len(val)} evaluation images, torch {torch.__version__}\n")
+    rows = [("FP32", "-", f"{ref['map50_95']:.3f} / {ref['map50']:.3f}", "-", "-", "-", "-", "-", "-")]
     tmp = Path(tempfile.mkdtemp())
     census = None
     for spec in args.methods:
@@ -76,21 +102,30 @@ def main() -> None:
         seconds = time.perf_counter() - start
         path = export_onnx(model, example, tmp / f"{method}{pct}.onnx", dynamic_size=True)
         fq = score(TorchRunner(model, "fq"), ref["outputs"])
-        faithful = score(OrtRunner(path, "f", "faithful"))
+        faithful = score(OrtRunner(path, "f", "faithful"), fq["outputs"])
+        max_diff = max(float(abs(a - b).max()) for a, b in zip(faithful["outputs"], fq["outputs"]))
         default = score(OrtRunner(path, "d", "default"))
-        rows.append((spec.replace(":", " "), f"{seconds:.1f}", f"{fq['map50_95']:.3f} / {fq['map50']:.3f}",
+        control = "-"
+        if args.fp64_control:
+            fq64 = score(Float64Runner(model))
+            control = f"{fq64['map50_95']:.3f} / {fq64['map50']:.3f}"
+            divergence = layer_divergence(model, path, evals[0][0][:4])
+            print(f"  {spec}: ORT faithful vs fake-quant relative error, first conv {divergence[0]['rel_error']:.1e}, "
+                  f"deepest {max(r['rel_error'] for r in divergence):.1e}", file=sys.stderr)
+        rows.append((spec.replace(":", " "), f"{seconds:.1f}", f"{fq['map50_95']:.3f} / {fq['map50']:.3f}", control,
                      f"{faithful['map50_95']:.3f} / {faithful['map50']:.3f}", f"{default['map50_95']:.3f} / {default['map50']:.3f}",
-                     f"{fq['box_agreement']:.1f}"))
+                     f"{fq['box_agreement']:.1f}", f"{faithful['box_agreement']:.1f}", f"{max_diff:.1e}"))
         print(f"  done {spec}: fake-quant {fq['map50_95']:.3f}", file=sys.stderr, flush=True)
         census = census or (result.census(), qdq_census(path))
-    print("| Calibrator | Calib s | mAP50-95 / mAP50 fake-quant | ORT faithful | ORT default | Box agreement with FP32 % (fake-quant) |")
-    print("|---|---|---|---|---|---|")
+    print("| Calibrator | Calib s | mAP50-95 / mAP50 fake-quant | fake-quant in float64 | ORT faithful | ORT default | Box agreement with FP32 % (fake-quant) "
+          "| Box agreement ORT faithful vs fake-quant % | max abs output diff ORT vs fake-quant |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
     if census:
         layers, graph = census
         print(f"\nQ/DQ census of the exported graph: layers {layers}; ONNX compute nodes on INT8 inputs {graph['quantized']}, "
-              f"in float {({k: len(v) for k, v in graph['float'].items()}) or 'none'}; {graph['QuantizeLinear']} QuantizeLinear, "
+              f"in float {graph['float'] or 'none'}; {graph['QuantizeLinear']} QuantizeLinear, "
               f"{graph['DequantizeLinear']} DequantizeLinear; ops {graph['op_counts']}")
 
 

@@ -71,3 +71,26 @@ def test_residual_rule_can_be_turned_off(tmp_path):
     model = resolve_model(ModelConfig(spec=f"yolov5:{make_tiny_yolov5_checkpoint(tmp_path / 't.pt')}"))
     result = quantize_(model, Int8Config(method="max", residual_add=False), _loop, torch.rand(1, 3, 64, 64))
     assert result.residual_quantizers == [] and "Add (residual)" not in result.census()
+
+
+def test_every_tensor_is_quantized_with_one_scale(exported):
+    """A tensor read by several quantizers (C3's cv1/cv2, a shortcut and its cv1) gets one scale in the graph,
+    so TensorRT can move that one Q above a Concat or MaxPool without requantizing."""
+    _, _, _, graph, producer = exported
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+
+    def source(name):  # modelopt's export puts a Cast between a tensor and its Q
+        node = producer.get(name)
+        while node is not None and node.op_type in ("Identity", "Cast"):
+            name, node = node.input[0], producer.get(node.input[0])
+        return name
+
+    scales: dict[str, list] = {}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and "weight_quantizer" not in node.name:
+            scale = inits.get(node.input[1], consts.get(node.input[1]))
+            scales.setdefault(source(node.input[0]), []).append(float(np.asarray(scale).reshape(-1)[0]))
+    read_twice = {t: s for t, s in scales.items() if len(s) > 1}
+    assert len(read_twice) >= 2, "the tiny detector has tensors read by two quantizers (C3 cv1/cv2, Bottleneck shortcut)"
+    assert all(len(set(s)) == 1 for s in read_twice.values()), read_twice

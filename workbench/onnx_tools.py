@@ -89,3 +89,39 @@ def qdq_census(path: str | Path) -> dict:
         "float": {k: v for k, v in float_nodes.items()},
         "op_counts": dict(ops),
     }
+
+
+def scope_to_module(node_name: str, module_names: set[str]) -> str | None:
+    """The PyTorch module an exported node belongs to, from the TorchScript exporter's scope name.
+
+    `/model.2/m/m.0/cv1/conv/Conv` is `model.2.m.0.cv1.conv`: each scope segment is a
+    child's name relative to its parent, except that children of a container (the
+    ModuleList `m`) are named relative to the container's parent (`m.0`), so each
+    segment is tried under the current module and then under its ancestors.
+    Returns the deepest module found, or None when the first segment matches nothing.
+    """
+    segments = [s for s in node_name.split("/") if s][:-1]
+    path: list[str] = []  # module names from the root down
+    for seg in segments:
+        for prefix in reversed([""] + path):
+            candidate = f"{prefix}.{seg}" if prefix else seg
+            if candidate in module_names:
+                path.append(candidate)
+                break
+        else:
+            break
+    return path[-1] if path else None
+
+
+def nodes_by_module(path: str | Path, model: nn.Module, ops: tuple[str, ...] | None = None) -> dict[str, list[str]]:
+    """Module name -> names of the exported nodes in its scope (optionally only these op types), in graph order."""
+    import onnx
+
+    names = {n for n, _ in model.named_modules() if n}
+    out: dict[str, list[str]] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if ops is None or node.op_type in ops:
+            module = scope_to_module(node.name, names)
+            if module is not None:
+                out.setdefault(module, []).append(node.name)
+    return out

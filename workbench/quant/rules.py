@@ -6,11 +6,15 @@ Each rule is named, finds the modules it applies to, and changes how they quanti
   `Bottleneck` with `add`), both inputs of the Add get a quantizer. TensorRT then
   fuses the Add into the convolution before it and runs it in INT8; with float
   inputs it would run the Add on its own, in higher precision.
-- Concat and MaxPool need no rule of their own here: activations are quantized
-  once, at the input of the convolution that reads the Concat (YOLOv5's C3/SPPF), so
-  every branch of the Concat and every MaxPool in SPPF shares that one scale when
-  TensorRT moves the Q above the Concat, and no Q/DQ dangles on a Split or Concat.
-  `tests/test_yolo_rules.py` checks this on the exported graph.
+- `concat_maxpool_shared_scale`: activations are quantized once, at the input of the
+  convolution that reads the Concat (YOLOv5's C3/SPPF, Ultralytics' C2f), and no Q/DQ is
+  put on a Concat input, a Split output or around a MaxPool. TensorRT moves that one Q
+  above the Concat and the MaxPools (they commute with quantization), so every branch
+  shares one scale and nothing is requantized; no Q/DQ dangles on a Split or Concat.
+- `one_scale_per_tensor`: a tensor read by several quantizers (C3's cv1 and cv2, a
+  shortcut and its block's cv1) gets the same scale from each, because each quantizer
+  calibrates on the same tensor with the same calibrator; TensorRT can then share one Q.
+  Both are checked on the exported graph in `tests/test_yolo_rules.py`.
 - The box decode (and Ultralytics' DFL) stays float: see `DECODE_MODULES` in ptq.py.
 """
 

@@ -135,7 +135,8 @@ class DetectionScorer:
     map50_95 and map50: pycocotools COCOeval (bbox, its default parameters, so
     at most 100 detections per image count) on exactly the images seen. When
     reference outputs (the FP32 model's) are given: box_agreement, the percent
-    of the reference's confident detections (score >= 0.25) that this backend
+    of the reference's confident detections (score >= agreement_score, 0.25 by
+    default; 0 compares every kept detection, for random-weight models) that this backend
     also finds (same class, IoU >= 0.5, matched one-to-one greedily by score),
     and box_agreement_f1, its harmonic mean with the reverse direction.
     """
@@ -150,6 +151,7 @@ class DetectionScorer:
         conf: float = 0.001,
         iou: float = 0.6,
         max_det: int = 300,
+        agreement_score: float = AGREEMENT_SCORE,
     ):
         if len(category_ids) != num_classes:
             # Class index i means the i-th sorted category id; with another count every label shifts.
@@ -162,6 +164,7 @@ class DetectionScorer:
         self.category_ids = np.asarray(category_ids, dtype=np.int64)
         self.num_classes = num_classes
         self.nms = {"conf": conf, "iou": iou, "max_det": max_det}
+        self.agreement_score = agreement_score
         self.image_ids: list[int] = []
         self.rows: list[np.ndarray] = []  # per image (k, 7): image_id, x, y, w, h, score, category_id
         self.ref_total = self.ref_matched = 0  # reference detections, and those this backend found
@@ -190,7 +193,7 @@ class DetectionScorer:
                 # Compared in network-input pixels: clipping to the image would shrink boxes that
                 # reach into the letterbox padding to nothing, and an empty box matches nothing, not even itself.
                 own, ref = det, refs[b]
-                own, ref = own[own[:, 4] >= AGREEMENT_SCORE], ref[ref[:, 4] >= AGREEMENT_SCORE]
+                own, ref = own[own[:, 4] >= self.agreement_score], ref[ref[:, 4] >= self.agreement_score]
                 self.ref_images += 1
                 self.ref_total += len(ref)
                 self.own_total += len(own)
