@@ -52,6 +52,58 @@ def tiny_cnn(num_classes: int = 3, subclass_conv: bool = False) -> TinyCNN:
     return TinyCNN(num_classes, subclass_conv).eval()
 
 
+def colour_blob_batch(n_per_class: int = 16, classes: int = 3, size: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images like make_image_folder's, as a normalised batch (ImageNet mean/std) with labels."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for c in range(classes):
+        for _ in range(n_per_class):
+            base = np.zeros((size, size, 3))
+            base[..., c % 3] = 160
+            images.append(np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8) / 255.0)
+            labels.append(c)
+    x = torch.tensor(np.stack(images), dtype=torch.float32).permute(0, 3, 1, 2)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (x - mean) / std, torch.tensor(labels)
+
+
+def trained_cnn(num_classes: int = 3, steps: int = 40) -> TinyCNN:
+    """TinyCNN trained for a second on colour blobs: its predictions depend on the image, as a real model's do."""
+    key = (num_classes, steps)
+    if key not in _TRAINED:
+        _TRAINED[key] = _train_tiny(num_classes, steps).state_dict()
+    model = TinyCNN(num_classes)
+    model.load_state_dict(_TRAINED[key])
+    return model.eval()
+
+
+_TRAINED: dict = {}  # trained once per test session
+
+
+def _train_tiny(num_classes: int, steps: int) -> TinyCNN:
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes)
+    x, y = colour_blob_batch()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def outlier_cnn(num_classes: int = 3) -> TinyCNN:
+    """A trained model with one layer that INT8 ruins: channel 0 of conv2's input is a constant 5000
+    that conv2 ignores (zero weights), so a max-calibrated range of 5000 rounds every other channel to 0."""
+    model = trained_cnn(num_classes)
+    with torch.no_grad():
+        model.bn1.bias[0] = 5000.0
+        model.bn1.weight[0] = 0.0
+        model.conv2.weight[:, 0] = 0.0
+    return model
+
+
 def nan_cnn(num_classes: int = 3) -> TinyCNN:
     """A model whose second layer sees NaN: calibration must refuse it."""
     model = TinyCNN(num_classes)

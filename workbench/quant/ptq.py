@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import CalibrationError
 from .calibrators import AbsHistogram, NonFiniteError, compute_amax
 from .fold import fold_batchnorm_
-from .rules import insert_residual_quantizers
+from .rules import insert_residual_quantizers, residual_blocks
 
 QUANTIZABLE_TYPES: dict[str, type[nn.Module]] = {
     "Conv1d": nn.Conv1d,
@@ -95,17 +95,20 @@ class QuantResult:
     excluded: dict[str, str] = field(default_factory=dict)  # module name -> type name (matched an exclude)
     activation_amax: dict[str, float] = field(default_factory=dict)  # input quantizer -> amax
     residual_quantizers: list[str] = field(default_factory=list)  # added by the residual_add rule
+    kept_float: list[str] = field(default_factory=list)  # units switched back to float after calibration (mixed precision)
     batches: int = 0
     samples: int = 0
 
     def census(self) -> dict[str, dict[str, int]]:
         """Per layer type: how many layers run INT8 and how many stay float."""
         out: dict[str, dict[str, int]] = {}
-        for names, key in ((self.quantized, "int8"), (self.excluded, "float")):
-            for type_name in names.values():
-                out.setdefault(type_name, {"int8": 0, "float": 0})[key] += 1
+        kept = set(self.kept_float)
+        for name, type_name in [*self.quantized.items(), *self.excluded.items()]:
+            key = "int8" if name in self.quantized and name not in kept else "float"
+            out.setdefault(type_name, {"int8": 0, "float": 0})[key] += 1
         if self.residual_quantizers:
-            out["Add (residual)"] = {"int8": len(self.residual_quantizers) // 2, "float": 0}
+            adds = {n.rsplit(".", 1)[0] for n in self.residual_quantizers}
+            out["Add (residual)"] = {"int8": len(adds - kept), "float": len(adds & kept)}
         return out
 
 
@@ -141,7 +144,7 @@ def select_layers(model: nn.Module, config: Int8Config) -> tuple[dict[str, str],
 
 
 def unmatched_patterns(model: nn.Module, patterns: list[str]) -> list[str]:
-    names = [n for n, _ in model.named_modules() if n]
+    names = [n for n, _ in model.named_modules() if n] + [f"{b}.residual_add" for b in residual_blocks(model)]
     return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
 
@@ -195,33 +198,9 @@ def quantize_(
 
     `forward_loop(model)` runs the calibration batches through the model.
     """
-    import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    result = QuantResult()
-    model.eval()
-    if config.fold_batchnorm:
-        result.folded = fold_batchnorm_(model, example_input)
-    result.quantized, result.excluded = select_layers(model, config)
-    if not result.quantized:
-        raise CalibrationError(
-            "calibrate: no layer to quantize: the model has no "
-            f"{'/'.join(config.layer_types)} layers outside the exclude patterns {config.exclude}"
-        )
-    register_subclasses(model)
-    mt_cfg = modelopt_config(model, config, result.quantized)
-
-    # modelopt inserts the quantizers and calibrates the weights (per-channel max); without a
-    # forward loop it leaves the activation ranges unset, and those are ours to compute below.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        mtq.quantize(model, mt_cfg, forward_loop=None)
-    if config.residual_add:
-        result.residual_quantizers = insert_residual_quantizers(model)
-    modules = dict(model.named_modules())
-    activation_quantizers = {f"{n}.input_quantizer": modules[n].input_quantizer for n in result.quantized}
-    activation_quantizers.update({n: modules[n] for n in result.residual_quantizers})
-
+    result, activation_quantizers = _insert_quantizers(model, config, example_input)
     # One calibration pass in float (every quantizer passes data through), collecting |x| histograms.
     histograms: dict[str, AbsHistogram] = {}
     counter = {"batches": 0, "samples": 0}
@@ -244,20 +223,99 @@ def quantize_(
     if counter["batches"] == 0:
         raise CalibrationError("calibrate: the calibration data produced no batches: data.calibration is empty")
     result.batches, result.samples = counter["batches"], counter["samples"]
+    amax = {
+        name: histograms[name].amax if config.method == "max" else compute_amax(histograms[name], config.method, percentile=config.percentile)
+        for name in activation_quantizers
+    }
+    _set_ranges(model, result, activation_quantizers, amax)
+    return result
 
+
+def restore_(model: nn.Module, config: Int8Config, activation_amax: dict[str, float], example_input: torch.Tensor) -> QuantResult:
+    """Rebuild a calibrated fake-quant model from saved ranges (a run's calibration.json), without data.
+
+    Folding, layer choice and weight ranges are deterministic functions of the weights and
+    the config, so only the activation ranges need saving.
+    """
+    result, activation_quantizers = _insert_quantizers(model, config, example_input)
+    if missing := sorted(set(activation_quantizers) - set(activation_amax)):
+        raise CalibrationError(
+            f"the saved ranges have no entry for {len(missing)} quantizer(s), e.g. {missing[0]!r}: they were calibrated "
+            "for another model or another config; calibrate again"
+        )
+    _set_ranges(model, result, activation_quantizers, {n: activation_amax[n] for n in activation_quantizers})
+    return result
+
+
+def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torch.Tensor) -> tuple[QuantResult, dict]:
+    """Fold BN, choose the layers, insert modelopt quantizers (weights calibrated) and the rules' quantizers."""
+    import modelopt.torch.quantization as mtq
+
+    result = QuantResult()
+    model.eval()
+    if config.fold_batchnorm:
+        result.folded = fold_batchnorm_(model, example_input)
+    result.quantized, result.excluded = select_layers(model, config)
+    if not result.quantized:
+        raise CalibrationError(
+            "calibrate: no layer to quantize: the model has no "
+            f"{'/'.join(config.layer_types)} layers outside the exclude patterns {config.exclude}"
+        )
+    register_subclasses(model)
+    mt_cfg = modelopt_config(model, config, result.quantized)
+
+    # modelopt inserts the quantizers and calibrates the weights (per-channel max); without a
+    # forward loop it leaves the activation ranges unset, and those are ours to compute.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        mtq.quantize(model, mt_cfg, forward_loop=None)
+    if config.residual_add:
+        result.residual_quantizers = insert_residual_quantizers(model, config.exclude)
+    modules = dict(model.named_modules())
+    activation_quantizers = {f"{n}.input_quantizer": modules[n].input_quantizer for n in result.quantized}
+    activation_quantizers.update({n: modules[n] for n in result.residual_quantizers})
+    return result, activation_quantizers
+
+
+def _set_ranges(model: nn.Module, result: QuantResult, activation_quantizers: dict, amax: dict[str, float]) -> None:
     device = _device_of(model)
     for name, quantizer in activation_quantizers.items():
-        hist = histograms[name]
-        amax = hist.amax if config.method == "max" else compute_amax(hist, config.method, percentile=config.percentile)
-        quantizer.amax = torch.tensor(max(amax, MIN_AMAX), device=device)
+        value = max(float(amax[name]), MIN_AMAX)
+        quantizer.amax = torch.tensor(value, device=device)
         quantizer.enable()
-        result.activation_amax[name] = max(amax, MIN_AMAX)
+        result.activation_amax[name] = value
+    modules = dict(model.named_modules())
     for name in result.quantized:
         weight_q = modules[name].weight_quantizer
         if weight_q.amax is not None:
             # A channel of all-zero weights gets amax 0 and a zero scale, which ONNX cannot express.
             weight_q.amax = weight_q.amax.clamp(min=MIN_AMAX)
-    return result
+
+
+def quant_units(model: nn.Module, result: QuantResult) -> dict[str, list]:
+    """Every unit that can be switched between INT8 and float, with its quantizers.
+
+    Units are the quantized layers (input and weight quantizer) and, under the
+    residual_add rule, each block's `<block>.residual_add` (both Add inputs).
+    Switching a unit keeps its calibrated ranges: nothing is recalibrated.
+    """
+    modules = dict(model.named_modules())
+    units = {name: [modules[name].input_quantizer, modules[name].weight_quantizer] for name in result.quantized}
+    for name in result.residual_quantizers[::2]:
+        block = name.rsplit(".", 1)[0]  # "<block>.residual_add"
+        units[block] = [modules[f"{block}.input0_quantizer"], modules[f"{block}.input1_quantizer"]]
+    return units
+
+
+def set_float_units(model: nn.Module, result: QuantResult, float_units: list[str] | set[str]) -> None:
+    """Run exactly `float_units` in float (their quantizers off) and every other unit in INT8."""
+    units = quant_units(model, result)
+    if unknown := sorted(set(float_units) - set(units)):
+        raise CalibrationError(f"{unknown} are not quantized layers of this model; quantized units look like {next(iter(units))!r}")
+    for name, quantizers in units.items():
+        for q in quantizers:
+            q.disable() if name in float_units else q.enable()
+    result.kept_float = [n for n in units if n in set(float_units)]
 
 
 def _attach_collectors(model, quantizers: dict, histograms: dict, num_bins: int, counter: dict) -> list:

@@ -20,6 +20,8 @@ Each rule is named, finds the modules it applies to, and changes how they quanti
 
 from __future__ import annotations
 
+import fnmatch
+
 import torch
 from torch import nn
 
@@ -55,10 +57,15 @@ def residual_blocks(model: nn.Module) -> list[str]:
     ]
 
 
-def insert_residual_quantizers(model: nn.Module) -> list[str]:
-    """Apply `residual_add`; returns the quantizer names added (calibrated like any input quantizer)."""
+def insert_residual_quantizers(model: nn.Module, exclude: list[str] = ()) -> list[str]:
+    """Apply `residual_add`; returns the quantizer names added (calibrated like any input quantizer).
+
+    A block whose `<block>.residual_add` matches an exclude pattern keeps its float Add.
+    """
     names = []
     for name in residual_blocks(model):
+        if any(fnmatch.fnmatchcase(f"{name}.residual_add", p) for p in exclude):
+            continue
         block = model.get_submodule(name)
         block.residual_add = ResidualAdd()
         # A subclass with the quantized forward, so the block keeps its type, name and state dict keys.

@@ -20,8 +20,24 @@ def new_scorer(recipe, dataset, compare_only: bool = False):
     return ClassificationScorer(labeled=dataset.labeled and not compare_only)
 
 
+def metric_points(metrics: dict) -> tuple[str, float | None]:
+    """The task's headline metric in points, the unit budgets are given in: top-1 and
+    agreement in percent, mAP50-95 times 100 (0.310 is 31.0 points)."""
+    if "map50_95" in metrics:
+        return "mAP50-95 points", 100.0 * metrics["map50_95"]
+    for key, name in (("top1", "top-1 %"), ("agreement_top1", "top-1 agreement %"), ("box_agreement", "box agreement %")):
+        if key in metrics:
+            return name, metrics[key]
+    return "none", None
+
+
+def agreement_points(metrics: dict) -> float | None:
+    """Agreement with the FP32 model in percent (top-1 or box agreement)."""
+    return metrics.get("agreement_top1", metrics.get("box_agreement"))
+
+
 def is_labeled(dataset) -> bool:
     return bool(getattr(dataset, "labeled", True))
 
 
-__all__ = ["ClassificationScorer", "DetectionScorer", "TASKS", "is_labeled", "new_scorer"]
+__all__ = ["ClassificationScorer", "DetectionScorer", "TASKS", "agreement_points", "is_labeled", "metric_points", "new_scorer"]

@@ -1,0 +1,119 @@
+"""Per-layer sensitivity and mixed precision on a small trained CNN with one layer INT8 ruins (conv2)."""
+
+import csv
+import json
+
+import onnx
+import pytest
+
+from conftest import tiny_recipe
+from helpers import make_image_folder
+from workbench.cli import main
+
+
+@pytest.fixture
+def blobs(tmp_path):
+    # 30 per class: top-1 and agreement resolve 100/90 = 1.1 points.
+    return make_image_folder(tmp_path / "blobs", per_class=30, seed=3)
+
+
+def _recipe(images, runs, stages, model="outlier_cnn"):
+    return tiny_recipe(images, runs, stages).replace("helpers:tiny_cnn", f"helpers:{model}")
+
+
+def _run(tmp_path, text, *overrides):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return main(["run", str(path), *overrides])
+
+
+def _only_dir(runs):
+    (run_dir,) = runs.iterdir()
+    return run_dir
+
+
+SWEEP = "  - calibrate: {method: max}\n  - sensitivity: {proxy_samples: 16}\n"
+
+
+def test_sensitivity_finds_the_layer_int8_ruins(blobs, tmp_path):
+    runs = tmp_path / "runs"
+    assert _run(tmp_path, _recipe(blobs, runs, SWEEP + "  - export: {}\n")) == 0
+    run_dir = _only_dir(runs)
+    table = json.loads((run_dir / "sensitivity.json").read_text())
+    rows = table["layers"]
+    assert [r["layer"] for r in rows][0] == "conv2" and rows[0]["rank"] == 1 and rows[0]["proxy_rank"] == 1
+    assert {r["layer"] for r in rows} == {"conv1", "conv2", "conv3", "fc"}
+    worst = rows[0]
+    assert worst["only_delta"] < -20  # conv2 alone in INT8 costs tens of top-1 points
+    assert worst["loo_delta"] > 20  # and keeping it float buys them back
+    assert all(abs(r["only_delta"]) < 5 for r in rows[1:])
+    assert worst["only_sqnr_db"] < min(r["only_sqnr_db"] for r in rows[1:])
+    assert worst["type"] == "Conv2d" and worst["macs"] == 16 * 16 * 16 * 8 * 9 and worst["params"] == 16 * 8 * 9 + 16
+    assert "/conv2/input_quantizer/QuantizeLinear" in worst["onnx_qdq_nodes"]
+    # The same names in the exported graph.
+    graph_nodes = {n.name for n in onnx.load(str(run_dir / "model.onnx")).graph.node}
+    assert all(set(r["onnx_qdq_nodes"]) <= graph_nodes and r["onnx_qdq_nodes"] for r in rows)
+    with open(run_dir / "sensitivity.csv") as f:
+        assert [r["layer"] for r in csv.DictReader(f)] == [r["layer"] for r in rows]
+    assert (run_dir / "sensitivity.png").stat().st_size > 1000
+    # The sweep leaves the model as calibrated: every layer in INT8 in the export.
+    census = json.loads((run_dir / "metrics.json").read_text())["stages"]["export"]["model.onnx"]["census"]
+    assert census["quantized"] == {"Conv": 3, "Gemm": 1}
+
+
+def test_mixed_precision_keeps_exactly_the_ruined_layer_float(blobs, tmp_path):
+    runs = tmp_path / "runs"
+    stages = SWEEP + "  - mixed_precision: {max_drop: 2.0}\n  - export: {}\n  - evaluate: {latency: false}\n"
+    assert _run(tmp_path, _recipe(blobs, runs, stages)) == 0
+    run_dir = _only_dir(runs)
+    metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]
+    mp = metrics["mixed_precision"]
+    assert mp["float_layers"] == ["conv2"]
+    assert mp["fp32"] - mp["int8_all"] > 20 and mp["fp32"] - mp["final"] <= 2.0
+    assert 0.5 < mp["int8_mac_share"] < 0.9
+    # The plan is in the exported graph: conv2 computes in float, the rest on INT8.
+    census = metrics["export"]["model.onnx"]["census"]
+    assert census["float"] == {"Conv": ["/conv2/Conv"]} and census["quantized"] == {"Conv": 2, "Gemm": 1}
+    assert metrics["evaluate"]["backends"]["ort_int8_faithful"]["metrics"]["top1"] >= mp["fp32"] - 2.0
+    # ... and in a recipe that reproduces it as plain PTQ.
+    plan = run_dir / "recipe_mixed_precision.yaml"
+    text = plan.read_text()
+    assert "mixed_precision" not in text.split("stages:")[1] and "- conv2" in text
+    rerun = tmp_path / "rerun"
+    assert main(["run", str(plan), f"runs_dir={rerun}"]) == 0
+    again = json.loads((_only_dir(rerun) / "metrics.json").read_text())["stages"]
+    assert again["calibrate"]["census"]["Conv2d"] == {"int8": 2, "float": 1}
+    assert again["evaluate"]["backends"]["pytorch_int8"]["metrics"]["top1"] == pytest.approx(mp["final"])
+
+
+def test_budget_that_no_plan_meets(blobs, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    stages = SWEEP + "  - mixed_precision: {max_drop: 2.0, candidates: [fc, conv3]}\n"
+    assert _run(tmp_path, _recipe(blobs, runs, stages)) == 2
+    err = capsys.readouterr().err
+    assert "cannot be met even with all 2 candidate layers in float" in err and "Loosen the budget" in err
+    assert _only_dir(runs).name.endswith(".failed")
+
+
+def test_evaluation_too_small_for_the_budget(images, tmp_path, capsys):
+    stages = "  - calibrate: {method: max}\n  - mixed_precision: {max_drop: 0.5}\n"
+    assert _run(tmp_path, _recipe(images, tmp_path / "runs", stages)) == 2
+    assert "18 evaluation samples measure the metric in steps of 5.56 points" in capsys.readouterr().err
+
+
+def test_layer_pattern_matching_nothing(images, tmp_path, capsys):
+    stages = "  - calibrate: {method: max}\n  - sensitivity: {layers: ['conv9*']}\n"
+    assert _run(tmp_path, _recipe(images, tmp_path / "runs", stages)) == 2
+    err = capsys.readouterr().err
+    assert "stages.sensitivity.layers" in err and "conv9*" in err
+
+
+def test_sensitivity_needs_calibration(images, tmp_path, capsys):
+    assert _run(tmp_path, _recipe(images, tmp_path / "runs", "  - sensitivity: {}\n")) == 2
+    assert "put a calibrate stage before it" in capsys.readouterr().err
+
+
+def test_two_budgets_are_rejected(images, tmp_path, capsys):
+    stages = "  - calibrate: {method: max}\n  - mixed_precision: {max_drop: 1, min_agreement: 99}\n"
+    assert _run(tmp_path, _recipe(images, tmp_path / "runs", stages)) == 2
+    assert "exactly one budget" in capsys.readouterr().err

@@ -1,0 +1,204 @@
+"""Per-layer sensitivity to INT8: which layers hurt when quantized.
+
+Two sweeps over the calibrated model, reusing its ranges (nothing is recalibrated):
+  one_at_a_time   only this unit in INT8, everything else float: the damage it does alone;
+  leave_one_out   every unit in INT8 except this one: what keeping it in float buys back.
+Each configuration is scored by cheap proxies against the FP32 outputs (SQNR,
+cosine, KL: `tasks.proxies`) on a small probe set, and optionally by the task
+metric (top-1, mAP50-95) on an evaluation subset. A "unit" is a quantized layer
+(its input and weight quantizers) or a residual Add (`<block>.residual_add`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..tasks.proxies import ProxyMeter
+from .ptq import QuantResult, quant_units, set_float_units
+
+MODES = ("one_at_a_time", "leave_one_out")
+PREFIX = {"one_at_a_time": "only", "leave_one_out": "loo"}
+
+
+@dataclass
+class Probe:
+    """Inputs (on the model's device), their targets and the FP32 model's outputs on them."""
+
+    inputs: list[torch.Tensor]
+    targets: list
+    references: list[torch.Tensor]
+
+    @property
+    def samples(self) -> int:
+        return sum(int(x.shape[0]) for x in self.inputs)
+
+
+def make_probe(reference: nn.Module, batches, samples: int | None, device) -> Probe:
+    """The first `samples` samples of `batches` (all when None), with the reference model's outputs."""
+    inputs, targets, refs, seen = [], [], [], 0
+    with torch.no_grad():
+        for images, labels in batches:
+            if samples is not None and seen >= samples:
+                break
+            if samples is not None and seen + images.shape[0] > samples:
+                keep = samples - seen
+                images, labels = images[:keep], labels[:keep]
+            images = images.to(device)
+            inputs.append(images)
+            targets.append(labels)
+            refs.append(_first(reference(images)).detach())
+            seen += images.shape[0]
+    return Probe(inputs, targets, refs)
+
+
+def _first(out):
+    while isinstance(out, (list, tuple)):
+        out = out[0]
+    return out
+
+
+def layer_costs(model: nn.Module, units: list[str], example: torch.Tensor) -> dict[str, dict]:
+    """Per unit: module type, multiply-accumulates for one `example` sample, parameter count."""
+    modules = dict(model.named_modules())
+    costs: dict[str, dict] = {}
+    handles = []
+
+    def hook(name):
+        def fn(module, inputs, output):
+            out = _first(output)
+            per_sample = out[0].numel() if out.dim() > 0 else 1
+            weight = getattr(module, "weight", None)
+            if isinstance(module, nn.Linear):
+                macs = per_sample * module.in_features
+            elif weight is not None and weight.dim() > 2:  # conv: every output element reads in/groups x kernel
+                macs = per_sample * weight[0].numel() if not isinstance(module, nn.modules.conv._ConvTransposeNd) else (
+                    inputs[0][0].numel() * weight[0].numel()
+                )
+            else:
+                macs = 0
+            costs[name]["macs"] = int(macs)
+
+        return fn
+
+    for name in units:
+        module = modules[name]
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        type_name = "Add (residual)" if name.endswith(".residual_add") else type(module).__name__.removeprefix("Quant")
+        costs[name] = {"type": type_name, "macs": 0, "params": int(params)}
+        if not name.endswith(".residual_add"):
+            handles.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return costs
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict]  # one per unit, ranked (rank 1 = most sensitive)
+    baselines: dict[str, dict]  # "fp32" and "int8": proxies (and task metric) with no / every unit in INT8
+    metric_name: str | None  # e.g. "top-1 %", "mAP50-95 points"; None without the task-metric sweep
+    seconds: dict[str, float] = field(default_factory=dict)  # "proxy", "task"
+
+
+def measure_proxies(model: nn.Module, probe: Probe, task: str, num_classes: int | None) -> dict[str, float]:
+    meter = ProxyMeter(task, num_classes)
+    with torch.no_grad():
+        for x, ref in zip(probe.inputs, probe.references):
+            meter.update(ref, _first(model(x)))
+    return meter.result()
+
+
+def measure_task(model: nn.Module, probe: Probe, new_scorer: Callable, points: Callable) -> tuple[str, float]:
+    """(name, value) of the task metric in points (percent for top-1 and agreement, mAP x 100) on the probe set."""
+    scorer = new_scorer()
+    with torch.no_grad():
+        for x, targets, ref in zip(probe.inputs, probe.targets, probe.references):
+            scorer.update(_first(model(x)).float().cpu().numpy(), targets, ref.float().cpu().numpy())
+    return points(scorer.result())
+
+
+def sweep(
+    model: nn.Module,
+    result: QuantResult,
+    units: list[str],
+    proxy_probe: Probe,
+    task: str,
+    num_classes: int | None,
+    modes: tuple[str, ...] = MODES,
+    task_probe: Probe | None = None,
+    new_scorer: Callable | None = None,
+    points: Callable | None = None,
+    progress: Callable = lambda it, desc, total: it,
+) -> SweepResult:
+    """Score every unit in every mode; the model is left as it came (the units float before stay float)."""
+    all_units = list(quant_units(model, result))
+    before = list(result.kept_float)
+    configs = {"fp32": all_units, "int8": []}
+    for mode in modes:
+        for u in units:
+            configs[f"{mode}:{u}"] = [v for v in all_units if v != u] if mode == "one_at_a_time" else [u]
+    scores: dict[str, dict] = {k: {} for k in configs}
+    seconds = {}
+    metric_name = None
+    try:
+        start = time.perf_counter()
+        for key in progress(configs, "sensitivity (proxies)", len(configs)):
+            set_float_units(model, result, configs[key])
+            scores[key].update(measure_proxies(model, proxy_probe, task, num_classes))
+        seconds["proxy"] = time.perf_counter() - start
+        if task_probe is not None:
+            start = time.perf_counter()
+            for key in progress(configs, "sensitivity (task metric)", len(configs)):
+                set_float_units(model, result, configs[key])
+                metric_name, scores[key]["metric"] = measure_task(model, task_probe, new_scorer, points)
+            seconds["task"] = time.perf_counter() - start
+    finally:
+        set_float_units(model, result, before)
+
+    rows = []
+    fp32_metric, int8_metric = scores["fp32"].get("metric"), scores["int8"].get("metric")
+    for u in units:
+        row = {"layer": u}
+        for mode in modes:
+            s, p = scores[f"{mode}:{u}"], PREFIX[mode]
+            row.update({f"{p}_sqnr_db": s["sqnr_db"], f"{p}_cosine": s["cosine"], f"{p}_kl": s["kl"]})
+            if "metric" in s:
+                row[f"{p}_metric"] = s["metric"]
+                # one_at_a_time: change against FP32 (negative hurts); leave_one_out: gain over all-INT8.
+                row[f"{p}_delta"] = s["metric"] - (fp32_metric if mode == "one_at_a_time" else int8_metric)
+        rows.append(row)
+    rank_rows(rows)
+    return SweepResult(rows, {"fp32": scores["fp32"], "int8": scores["int8"]}, metric_name, seconds)
+
+
+def proxy_sensitivity(row: dict) -> float:
+    """Higher is more sensitive, from the proxies alone: the noise this unit adds alone (low SQNR),
+    or else how much SQNR keeping it float buys back."""
+    if "only_sqnr_db" in row:
+        return -row["only_sqnr_db"]
+    return row["loo_sqnr_db"]
+
+
+def task_sensitivity(row: dict) -> float | None:
+    """Higher is more sensitive, in task-metric points: the loss alone plus the gain when left out."""
+    parts = [-row["only_delta"]] if "only_delta" in row else []
+    parts += [row["loo_delta"]] if "loo_delta" in row else []
+    return sum(parts) if parts else None
+
+
+def rank_rows(rows: list[dict]) -> None:
+    """Sort in place, most sensitive first (task metric, ties broken by the proxies); set rank and proxy_rank."""
+    for i, row in enumerate(sorted(rows, key=lambda r: -proxy_sensitivity(r))):
+        row["proxy_rank"] = i + 1
+    rows.sort(key=lambda r: (-(task_sensitivity(r) or 0.0), -proxy_sensitivity(r)))
+    for i, row in enumerate(rows):
+        row["rank"] = i + 1

@@ -1,0 +1,205 @@
+"""mixed_precision: keep the fewest layers (by MACs) in float so the model meets an accuracy budget.
+
+The budget is `max_drop` (task-metric points below FP32: top-1 %, or mAP50-95 x 100)
+or `min_agreement` (percent agreement with the FP32 model). Layers are tried in
+the sensitivity ranking (the sensitivity stage's table, or a proxy sweep run
+here): the shortest prefix of the ranking that meets the budget is found by
+bisection, then each chosen layer, largest MACs first, is put back into INT8
+if the budget still holds without it. The plan is verified on the full
+evaluation split, written into `recipe_mixed_precision.yaml` (the run's recipe
+with the plan as calibrate excludes, so it re-runs as plain PTQ) and applied
+to the model, so the export stage writes it into the Q/DQ ONNX.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import yaml
+from pydantic import Field, model_validator
+
+from ..errors import CalibrationError, RecipeError
+from ..io import write_json, write_text
+from ..progress import track
+from ..quant.ptq import quant_units, set_float_units
+from ..quant.sensitivity import layer_costs, make_probe, measure_task, sweep
+from ..recipe import dump_recipe
+from ..tasks import agreement_points, metric_points, new_scorer
+from .registry import StageOptions, register_stage
+from .sensitivity import selected_units
+
+
+class MixedPrecisionOptions(StageOptions):
+    max_drop: float | None = Field(None, ge=0, description="Largest allowed drop of the task metric below FP32, in points (top-1 %, mAP50-95 x 100).")
+    min_agreement: float | None = Field(None, gt=0, le=100, description="Smallest allowed agreement with the FP32 model, in percent.")
+    candidates: list[str] = Field(default_factory=list, description="Glob patterns of the layers allowed to stay float (default: any).")
+    search_samples: int | None = Field(None, gt=0, description="Search on the first N evaluation samples (default: all); the final plan is always verified on all.")
+    proxy_samples: int = Field(16, gt=0, description="Without a sensitivity stage before: samples of the proxy sweep that ranks the layers.")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.max_drop is None) == (self.min_agreement is None):
+            raise ValueError("give exactly one budget: max_drop (points below FP32) or min_agreement (percent)")
+        return self
+
+
+class Budget:
+    """Measures a plan on a probe set and says whether it meets the budget."""
+
+    def __init__(self, run, opts: MixedPrecisionOptions, probe):
+        self.run, self.opts, self.probe = run, opts, probe
+        self.dataset = run.dataset("evaluation")
+        self.units = list(quant_units(run.model, run.state["quant"]))
+        self.fp32 = self.measure(self.units)
+        self.log: list[dict] = []
+
+    def measure(self, float_units: list[str]) -> float:
+        set_float_units(self.run.model, self.run.state["quant"], float_units)
+        points = metric_points if self.opts.max_drop is not None else (lambda m: ("agreement %", agreement_points(m)))
+        name, value = measure_task(self.run.model, self.probe, lambda: new_scorer(self.run.recipe, self.dataset), points)
+        if value is None:
+            raise RecipeError(f"stages.mixed_precision.max_drop needs a labeled evaluation split (it measures {name}); use min_agreement")
+        self.name = name
+        return value
+
+    def meets(self, value: float) -> bool:
+        if self.opts.max_drop is not None:
+            return self.fp32 - value <= self.opts.max_drop + 1e-9
+        return value >= self.opts.min_agreement - 1e-9
+
+    def check(self, float_units: list[str], step: str) -> tuple[bool, float]:
+        value = self.measure(float_units)
+        ok = self.meets(value)
+        self.log.append({"step": step, "float_layers": len(float_units), "value": value, "meets": ok})
+        return ok, value
+
+
+def resolution_check(run, opts: MixedPrecisionOptions, samples: int) -> None:
+    """A top-1 or agreement on N samples moves in steps of 100/N points: it must resolve the budget."""
+    if run.recipe.task == "detection":
+        return
+    slack = opts.max_drop if opts.max_drop is not None else 100.0 - opts.min_agreement
+    step = 100.0 / samples
+    if slack and step > slack:
+        need = math.ceil(100.0 / slack)
+        field = "search_samples" if opts.search_samples else "data.evaluation"
+        raise RecipeError(
+            f"stages.mixed_precision: {samples} evaluation samples measure the metric in steps of {step:.3g} points, "
+            f"coarser than the budget ({slack:g} points); it needs at least {need} samples ({field})"
+        )
+
+
+@register_stage("mixed_precision", MixedPrecisionOptions, needs_data=("evaluation",))
+def mixed_precision(run, opts: MixedPrecisionOptions) -> None:
+    """Keep the fewest layers (by MACs) in float so the accuracy budget holds; verified on the full evaluation."""
+    result = run.state.get("quant")
+    if result is None:
+        raise CalibrationError("stages.mixed_precision needs a calibrated model: put a calibrate stage before it")
+    units = list(quant_units(run.model, result))
+    candidates = selected_units(units, opts.candidates, "stages.mixed_precision.candidates")
+    ranking = _ranking(run, opts, candidates)
+    costs = layer_costs(run.model, units, run.example_input())
+
+    full = make_probe(run.reference, run.loader("evaluation"), None, run.device)
+    search = make_probe(run.reference, run.loader("evaluation"), opts.search_samples, run.device) if opts.search_samples else full
+    resolution_check(run, opts, search.samples)
+    budget = Budget(run, opts, search)
+    ok, int8_value = budget.check([], "every layer INT8")
+    plan: list[str] = []
+    if not ok:
+        ok_all, best = budget.check(ranking, "every candidate float")
+        if not ok_all:
+            set_float_units(run.model, result, [])
+            raise CalibrationError(
+                f"stages.mixed_precision: the budget cannot be met even with all {len(ranking)} candidate layers in float: "
+                f"FP32 scores {budget.fp32:.3f} {budget.name}, the best plan {best:.3f}. Loosen the budget, widen "
+                "`candidates`, or improve the calibration (method, data)"
+            )
+        plan = _shortest_prefix(budget, ranking)
+        plan = _put_back(budget, plan, costs)
+
+    verified = budget if search is full else Budget(run, opts, full)
+    while True:
+        ok, final = verified.check(plan, "verify on the full evaluation")
+        rest = [u for u in ranking if u not in plan]
+        if ok or not rest:
+            break
+        plan.append(rest[0])  # the search subset was optimistic: add the next most sensitive layer
+    if not ok:
+        set_float_units(run.model, result, [])
+        raise CalibrationError(f"stages.mixed_precision: no plan meets the budget on the full evaluation split (best {final:.3f} {verified.name})")
+
+    int8_full = int8_value if verified is budget else verified.measure([])
+    set_float_units(run.model, result, plan)
+    total = sum(costs[u]["macs"] for u in units)
+    int8_macs = sum(costs[u]["macs"] for u in units if u not in plan)
+    summary = {
+        "budget": {"max_drop": opts.max_drop} if opts.max_drop is not None else {"min_agreement": opts.min_agreement},
+        "metric": verified.name,
+        "fp32": verified.fp32,
+        "int8_all": int8_full,
+        "final": final,
+        "float_layers": plan,
+        "int8_layers": len(units) - len(plan),
+        "int8_mac_share": int8_macs / total if total else 1.0,
+        "search_samples": search.samples,
+        "evaluation_samples": full.samples,
+        "log": budget.log + (verified.log if verified is not budget else []),
+    }
+    write_json(run.path("mixed_precision.json"), summary)
+    write_text(run.path("recipe_mixed_precision.yaml"), _plan_recipe(run, plan))
+    run.record("mixed_precision", {k: v for k, v in summary.items() if k != "log"})
+
+
+def _ranking(run, opts: MixedPrecisionOptions, candidates: list[str]) -> list[str]:
+    """Candidates, most sensitive first: from the sensitivity stage's table, or a quick proxy sweep."""
+    table = run.state.get("sensitivity")
+    if table is None:
+        probe = make_probe(run.reference, run.loader("evaluation"), opts.proxy_samples, run.device)
+        dataset = run.dataset("evaluation")
+        num_classes = len(getattr(dataset, "category_ids", [])) or None
+        found = sweep(run.model, run.state["quant"], candidates, probe, run.recipe.task, num_classes, ("one_at_a_time",),
+                      progress=lambda it, desc, total: track(it, desc, total=total))
+        table = found.rows
+    ranked = [r["layer"] for r in table if r["layer"] in set(candidates)]
+    return ranked + [u for u in candidates if u not in set(ranked)]  # layers the sweep skipped go last
+
+
+def _shortest_prefix(budget: Budget, ranking: list[str]) -> list[str]:
+    """The shortest prefix of the ranking that meets the budget (bisection; the full ranking meets it)."""
+    lo, hi = 0, len(ranking)  # prefix lo fails, prefix hi meets
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ok, _ = budget.check(ranking[:mid], f"first {mid} of the ranking float")
+        lo, hi = (lo, mid) if ok else (mid, hi)
+    return ranking[:hi]
+
+
+def _put_back(budget: Budget, plan: list[str], costs: dict) -> list[str]:
+    """Try each float layer back in INT8, largest MACs first; keep it INT8 where the budget still holds."""
+    plan = list(plan)
+    for unit in sorted(plan, key=lambda u: -costs[u]["macs"]):
+        if len(plan) == 1:
+            break  # an empty plan is every layer INT8, which already failed
+        trial = [u for u in plan if u != unit]
+        ok, _ = budget.check(trial, f"{unit} back to INT8")
+        if ok:
+            plan = trial
+    return plan
+
+
+def _plan_recipe(run, plan: list[str]) -> str:
+    """The run's recipe with the plan as calibrate excludes and without the search stages: plain PTQ that reproduces it."""
+    data = yaml.safe_load(dump_recipe(run.recipe))
+    stages = []
+    for entry in data["stages"]:
+        name, options = next(iter(entry.items()))
+        if name in ("sensitivity", "mixed_precision"):
+            continue
+        if name == "calibrate":
+            options["exclude"] = list(dict.fromkeys((options.get("exclude") or []) + plan))
+        stages.append({name: options})
+    data["stages"] = stages
+    header = f"# {run.recipe.name}: the mixed-precision plan of run {run.dir.name.removesuffix('.incomplete')} ({len(plan)} layers in float)\n"
+    return header + yaml.safe_dump(data, sort_keys=False)

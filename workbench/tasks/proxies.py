@@ -1,0 +1,68 @@
+"""Cheap proxies for "how far is this output from the FP32 model's": SQNR, cosine, KL.
+
+They need no labels and no decoding, so a sensitivity sweep can score every
+layer in seconds. KL compares what the outputs mean: for a classifier the
+softmax over classes; for a detector the per-box score channels (objectness and
+class scores, already probabilities in YOLO heads), as Bernoulli distributions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .detection import ANCHOR_FREE, _first, detect_head_format
+
+EPS = 1e-7
+
+
+def _tensor(x) -> torch.Tensor:
+    x = _first(x) if isinstance(x, (list, tuple)) else x
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    return t.double().cpu()
+
+
+class ProxyMeter:
+    """Accumulates (reference, output) pairs batch by batch; `result()` gives sqnr_db, cosine, kl."""
+
+    def __init__(self, task: str, num_classes: int | None = None):
+        self.task = task
+        self.num_classes = num_classes
+        self.signal = self.noise = 0.0
+        self.cosine_sum = self.kl_sum = 0.0
+        self.n = 0
+
+    def update(self, reference, output) -> None:
+        ref, out = _tensor(reference), _tensor(output)
+        if ref.shape != out.shape:
+            raise ValueError(f"output shape {tuple(out.shape)} differs from the reference's {tuple(ref.shape)}")
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("the model produced NaN/Inf outputs")
+        self.signal += float((ref**2).sum())
+        self.noise += float(((out - ref) ** 2).sum())
+        flat_r, flat_o = ref.flatten(1), out.flatten(1)
+        self.cosine_sum += float(torch.nn.functional.cosine_similarity(flat_r, flat_o, dim=1, eps=EPS).sum())
+        self.kl_sum += float(self._kl(ref, out).sum())
+        self.n += ref.shape[0]
+
+    def _kl(self, ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """KL(reference || output) per sample."""
+        if self.task == "classification":
+            log_p, log_q = ref.log_softmax(1), out.log_softmax(1)
+            return (log_p.exp() * (log_p - log_q)).sum(1)
+        fmt = detect_head_format(ref, self.num_classes)
+        if fmt == ANCHOR_FREE:
+            p, q = ref[:, 4:, :], out[:, 4:, :]
+        else:
+            p, q = ref[:, :, 4:], out[:, :, 4:]
+        p, q = p.clamp(EPS, 1 - EPS), q.clamp(EPS, 1 - EPS)
+        kl = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+        return kl.flatten(1).mean(1)
+
+    def result(self) -> dict[str, float]:
+        if not self.n:
+            return {}
+        sqnr = math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, EPS) / self.noise)
+        return {"sqnr_db": sqnr, "cosine": self.cosine_sum / self.n, "kl": self.kl_sum / self.n}
