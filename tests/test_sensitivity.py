@@ -74,6 +74,8 @@ def test_mixed_precision_keeps_exactly_the_ruined_layer_float(blobs, tmp_path):
     # The plan is in the exported graph: conv2 computes in float, the rest on INT8.
     census = metrics["export"]["model.onnx"]["census"]
     assert census["float"] == {"Conv": ["/conv2/Conv"]} and census["quantized"] == {"Conv": 2, "Gemm": 1}
+    props = {p.key: p.value for p in onnx.load(str(run_dir / "model.onnx")).metadata_props}
+    assert json.loads(props["workbench.float_layers"]) == ["conv2"] and props["workbench.int8_layers"] == "3"
     assert metrics["evaluate"]["backends"]["ort_int8_faithful"]["metrics"]["top1"] >= mp["fp32"] - 2.0
     # ... and in a recipe that reproduces it as plain PTQ.
     plan = run_dir / "recipe_mixed_precision.yaml"

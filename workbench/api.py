@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .recipe import Recipe, load_recipe
+from .errors import RecipeError
+import yaml
+
+from .recipe import Recipe, load_recipe, parse_recipe
 from .run import Run, run_recipe
 
 
@@ -16,8 +19,37 @@ def run(recipe: str | os.PathLike | Recipe, overrides: list[str] | tuple[str, ..
     return run_recipe(recipe, console=console)
 
 
+def sensitivity_recipe(recipe: Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """The recipe's stages up to its calibrate stage, then `sensitivity` (with the recipe's own options if it
+    has them); `overrides` (`stages.sensitivity.x=...`) apply to the derived recipe."""
+    data = recipe.model_dump(mode="json")
+    names = [next(iter(s)) for s in data["stages"]]
+    if "calibrate" not in names:
+        raise RecipeError(f"{recipe.name}: the recipe has no calibrate stage, and sensitivity needs a calibrated model; add one")
+    own = next((s["sensitivity"] for s in data["stages"] if "sensitivity" in s), {})
+    data["stages"] = data["stages"][: names.index("calibrate") + 1] + [{"sensitivity": own}]
+    data["name"] = f"{recipe.name}-sensitivity"
+    return parse_recipe(yaml.safe_dump(data, sort_keys=False), f"{recipe.name} (sensitivity)", overrides)
+
+
+def sensitivity(recipe: str | os.PathLike | Recipe, overrides: list[str] | tuple[str, ...] = (), console=None) -> Run:
+    """`workbench sensitivity RECIPE`: calibrate as the recipe says, then the per-layer sensitivity sweep."""
+    # Options of the sweep may be given even when the recipe has no sensitivity stage of its own.
+    own = [o for o in overrides if o.startswith("stages.sensitivity.")]
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, [o for o in overrides if o not in own])
+    return run_recipe(sensitivity_recipe(recipe, own), console=console)
+
+
 def load_run(run_dir: str | os.PathLike) -> dict:
     """A finished run's metrics, read from its directory."""
     from .report import load_metrics
 
     return load_metrics(Path(run_dir))
+
+
+def open_run(run_dir: str | os.PathLike, device: str = "cpu"):
+    """A run directory reopened for exploration: its calibrated model rebuilt from the saved ranges (see explore.py)."""
+    from .explore import RunExplorer
+
+    return RunExplorer(Path(run_dir), device)

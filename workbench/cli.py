@@ -1,6 +1,7 @@
 """The `workbench` command: parses, calls the Python API, prints. Nothing else lives here.
 
     workbench run RECIPE [key.path=value ...]
+    workbench sensitivity RECIPE [key.path=value ...]
     workbench validate RECIPE [key.path=value ...]
     workbench schema [--out FILE]
     workbench calib-data build NAME --out DIR | list
@@ -25,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe: workbench run recipes/quickstart.yaml [key.path=value ...]")
     run.add_argument("recipe")
     run.add_argument("overrides", nargs="*", help="recipe fields to override, e.g. stages.calibrate.method=mse")
+
+    sens = sub.add_parser("sensitivity", help="calibrate as the recipe says, then rank every layer's INT8 sensitivity")
+    sens.add_argument("recipe")
+    sens.add_argument("overrides", nargs="*", help="recipe fields to override, e.g. stages.sensitivity.proxy_samples=32")
 
     val = sub.add_parser("validate", help="check a recipe without running it")
     val.add_argument("recipe")
@@ -75,6 +80,12 @@ def _dispatch(args, parser) -> int:
 
         run = api.run(args.recipe, args.overrides, console=console)
         console.print(f"report: {run.dir / 'report.md'}")
+        return 0
+    if args.command == "sensitivity":
+        from . import api
+
+        run = api.sensitivity(args.recipe, args.overrides, console=console)
+        console.print(f"sensitivity table: {run.dir / 'sensitivity.csv'}")
         return 0
     if args.command == "validate":
         from .recipe import load_recipe

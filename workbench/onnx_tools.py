@@ -16,8 +16,19 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "output"
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 17, dynamic_batch: bool = True, dynamic_size: bool = False) -> Path:
-    """Export with the TorchScript exporter (modelopt's Q/DQ export needs it: dynamo=False), then check."""
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | Path,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    dynamic_size: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Export with the TorchScript exporter (modelopt's Q/DQ export needs it: dynamo=False), then check.
+
+    `metadata` goes into the model's metadata_props (e.g. the precision plan).
+    """
     import onnx
 
     axes = {}
@@ -50,6 +61,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset
             raise ExportError(f"export: torch.onnx.export failed for {type(model).__name__}: {e}") from None
         finally:
             model.train(was_training)
+        if metadata:
+            proto = onnx.load(str(tmp))
+            for key, value in metadata.items():
+                proto.metadata_props.add(key=key, value=value)
+            onnx.save(proto, str(tmp))
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as e:

@@ -126,6 +126,7 @@ def write_report(run_dir: str | Path) -> Path:
         q = cal.get("enabled_quantizers", {})
         lines += ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
                   f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""]
+    lines += _sensitivity_section(run_dir, stages)
     exp = stages.get("export")
     if exp:
         lines += ["## Exported ONNX", ""]
@@ -146,6 +147,44 @@ def write_report(run_dir: str | Path) -> Path:
     path = run_dir / "report.md"
     write_text(path, "\n".join(lines))
     return path
+
+
+def _sensitivity_section(run_dir: Path, stages: dict) -> list[str]:
+    lines = []
+    sens = stages.get("sensitivity")
+    table_path = run_dir / "sensitivity.json"
+    if sens and table_path.is_file():
+        table = json.loads(table_path.read_text())["layers"]
+        lines += ["## Layer sensitivity", ""]
+        task = f", task metric ({sens['metric']}) on {sens['task_samples']} in {sens['task_seconds']:.1f} s" if sens.get("metric") else ""
+        lines.append(
+            f"{sens['units']} layers, modes {', '.join(sens['modes'])}: proxies on {sens['proxy_samples']} samples in "
+            f"{sens['proxy_seconds']:.1f} s{task}. `only`: this layer alone in INT8 (change against FP32); `loo`: every "
+            "layer but this one in INT8 (gain over all-INT8). Full table: `sensitivity.csv`."
+        )
+        lines.append("")
+        lines += ["| Rank | Layer | Type | MMACs | only Δ | loo Δ | only SQNR dB | Proxy rank |", "|---|---|---|---|---|---|---|---|"]
+        for r in table[:10]:
+            lines.append(
+                f"| {r['rank']} | `{r['layer']}` | {r['type']} | {r['macs'] / 1e6:.1f} | {_fmt(r.get('only_delta'))} | "
+                f"{_fmt(r.get('loo_delta'))} | {_fmt(r.get('only_sqnr_db'), 1)} | {r['proxy_rank']} |"
+            )
+        lines.append("")
+        if (run_dir / "sensitivity.png").is_file():
+            lines += ["![layer sensitivity](sensitivity.png)", ""]
+    mp = stages.get("mixed_precision")
+    if mp:
+        budget = ", ".join(f"{k} {v}" for k, v in mp["budget"].items())
+        floats = ", ".join(f"`{u}`" for u in mp["float_layers"]) or "none"
+        lines += ["## Mixed precision", ""]
+        lines.append(
+            f"Budget {budget} ({mp['metric']}): FP32 {_fmt(mp['fp32'])}, every layer INT8 {_fmt(mp['int8_all'])}, "
+            f"plan {_fmt(mp['final'])} on {mp['evaluation_samples']} samples. Kept in float ({len(mp['float_layers'])}): "
+            f"{floats}; {mp['int8_layers']} layers and {100 * mp['int8_mac_share']:.1f}% of the MACs in INT8. "
+            "`recipe_mixed_precision.yaml` re-runs this plan as plain PTQ."
+        )
+        lines.append("")
+    return lines
 
 
 def _plot(run_dir: Path, rows: list[dict]) -> Path | None:

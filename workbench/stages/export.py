@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pydantic import Field
 
 from ..onnx_tools import export_onnx, qdq_census
@@ -23,7 +25,15 @@ def export(run, opts: ExportOptions) -> None:
     if opts.fp32:
         path = export_onnx(run.reference, example, run.path("model_fp32.onnx"), opts.opset, opts.dynamic_batch, opts.dynamic_size)
         values["model_fp32.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path)}
-    path = export_onnx(run.model, example, run.path("model.onnx"), opts.opset, opts.dynamic_batch, opts.dynamic_size)
+    metadata = None
+    if "quant" in run.state:
+        result = run.state["quant"]
+        # The precision plan travels with the graph: which layers were kept float, by PyTorch name.
+        metadata = {
+            "workbench.float_layers": json.dumps(sorted(set(result.excluded) | set(result.kept_float))),
+            "workbench.int8_layers": str(len(result.quantized) - len(set(result.kept_float) & set(result.quantized))),
+        }
+    path = export_onnx(run.model, example, run.path("model.onnx"), opts.opset, opts.dynamic_batch, opts.dynamic_size, metadata)
     values["model.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path), "quantized": "quant" in run.state}
     run.state["onnx"] = {"model": path, "fp32": run.path("model_fp32.onnx") if opts.fp32 else None}
     run.record("export", values)

@@ -1,0 +1,118 @@
+"""A finished run reopened for exploration: what the sensitivity notebook drives.
+
+    explorer = workbench.open_run("runs/yolov5n-...")
+    explorer.table                      # the run's sensitivity rows, most sensitive first
+    explorer.set_float(["model.24.m.0"])
+    explorer.evaluate(samples=32)       # task metric and agreement with FP32 on a subset
+    print(explorer.plan_snippet())      # the recipe lines that reproduce this precision plan
+
+The calibrated model is rebuilt from the run's recipe.yaml and calibration.json
+(`quant.ptq.restore_`): no calibration data is read and nothing is recalibrated.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from .data import build_dataset, make_loader
+from .errors import CalibrationError, WorkbenchError
+from .models import resolve_model
+from .quant.ptq import quant_units, restore_, set_float_units
+from .quant.sensitivity import layer_costs, make_probe
+from .recipe import parse_recipe
+from .stages.calibrate import CalibrateOptions
+from .tasks import agreement_points, metric_points, new_scorer
+
+
+class RunExplorer:
+    def __init__(self, run_dir: Path, device: str = "cpu"):
+        self.dir = Path(run_dir)
+        if not (self.dir / "recipe.yaml").is_file():
+            raise WorkbenchError(f"{self.dir} is not a run directory (no recipe.yaml): give a directory under runs/")
+        calibration = self.dir / "calibration.json"
+        if not calibration.is_file():
+            raise CalibrationError(
+                f"{self.dir} has no calibration.json: that run was not calibrated. Run a recipe with a calibrate stage "
+                "(workbench sensitivity RECIPE does) and open that run"
+            )
+        self.recipe = parse_recipe((self.dir / "recipe.yaml").read_text(), str(self.dir / "recipe.yaml"))
+        saved = json.loads(calibration.read_text())
+        self.config = CalibrateOptions(**saved["config"])
+        self.device = torch.device(device)
+        self.reference = resolve_model(self.recipe.model).to(self.device).eval()
+        self.model = copy.deepcopy(self.reference)
+        self.result = restore_(self.model, self.config, saved["activation_amax"], self._example())
+        self.units = list(quant_units(self.model, self.result))
+        sens = self.dir / "sensitivity.json"
+        self.table: list[dict] = json.loads(sens.read_text())["layers"] if sens.is_file() else []
+        plan = self.dir / "mixed_precision.json"
+        self.run_plan: list[str] = json.loads(plan.read_text())["float_layers"] if plan.is_file() else []
+        self.set_float(self.run_plan)
+        self._dataset = None
+        self._probes: dict[int | None, object] = {}
+
+    def _example(self) -> torch.Tensor:
+        c, h, w = self.recipe.model.input_size
+        return torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0)).to(self.device)
+
+    @property
+    def float_layers(self) -> list[str]:
+        return list(self.result.kept_float)
+
+    def set_float(self, layers: list[str]) -> None:
+        """Keep exactly these layers (names from the table) in float; every other quantized layer INT8."""
+        set_float_units(self.model, self.result, layers)
+
+    def evaluate(self, samples: int | None = 64) -> dict:
+        """The current plan scored on the first `samples` evaluation samples (None: all), with FP32 alongside."""
+        if self._dataset is None:
+            self._dataset = build_dataset(self.recipe.data, "evaluation")
+        if samples not in self._probes:
+            self._probes[samples] = make_probe(self.reference, make_loader(self._dataset, self.recipe.data), samples, self.device)
+        probe = self._probes[samples]
+        scorer = new_scorer(self.recipe, self._dataset)
+        with torch.no_grad():
+            for x, targets, ref in zip(probe.inputs, probe.targets, probe.references):
+                out = self.model(x)
+                out = out[0] if isinstance(out, (list, tuple)) else out
+                scorer.update(out.float().cpu().numpy(), targets, ref.float().cpu().numpy())
+        metrics = scorer.result()
+        name, value = metric_points(metrics)
+        return {"samples": probe.samples, "metric": name, "value": value, "agreement": agreement_points(metrics),
+                "float_layers": len(self.float_layers), "int8_mac_share": self.int8_mac_share()}
+
+    def int8_mac_share(self) -> float:
+        if not hasattr(self, "_costs"):
+            self._costs = layer_costs(self.model, self.units, self._example())
+        total = sum(c["macs"] for c in self._costs.values())
+        kept = set(self.float_layers)
+        return sum(c["macs"] for u, c in self._costs.items() if u not in kept) / total if total else 1.0
+
+    def plan_snippet(self) -> str:
+        """The calibrate stage that reproduces the current plan, as recipe YAML."""
+        options = self.config.model_dump(mode="json")
+        options["exclude"] = list(dict.fromkeys(self.config.exclude + self.float_layers))
+        return yaml.safe_dump({"stages": [{"calibrate": options}]}, sort_keys=False)
+
+    def plot_sensitivity(self, top: int = 20, ax=None):
+        """Bar chart of the most sensitive layers (task-metric sensitivity if the run measured it, else SQNR)."""
+        import matplotlib.pyplot as plt
+
+        from .quant.sensitivity import proxy_sensitivity, task_sensitivity
+
+        if not self.table:
+            raise WorkbenchError(f"{self.dir} has no sensitivity.json: run `workbench sensitivity` on its recipe first")
+        rows = self.table[:top]
+        task = task_sensitivity(rows[0]) is not None
+        values = [task_sensitivity(r) if task else -proxy_sensitivity(r) for r in rows]
+        if ax is None:
+            _, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1))
+        ax.barh([r["layer"] for r in rows], values, color="#C44E52" if task else "#4C72B0")
+        ax.invert_yaxis()
+        ax.set_xlabel("sensitivity, task-metric points" if task else "SQNR with only this layer INT8, dB")
+        return ax
