@@ -1,6 +1,7 @@
 """Detection end to end: a tiny YOLOv5-format detector through calibrate -> export -> evaluate on generated COCO data."""
 
 import json
+import math
 
 import pytest
 
@@ -116,3 +117,28 @@ def test_yolo_txt_labels_run_end_to_end(tmp_path):
     backends = json.loads((run_dir / "metrics.json").read_text())["stages"]["evaluate"]["backends"]
     assert set(backends) == {"pytorch_fp32", "pytorch_int8"}
     assert backends["pytorch_int8"]["metrics"]["samples"] == 4 and "map50_95" in backends["pytorch_int8"]["metrics"]
+
+
+def test_detector_sensitivity_and_mixed_precision(tmp_path):
+    """The sweep covers every convolution and the residual Add; a plan keeps named units float in the graph."""
+    ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
+    images, ann, _ = write_detection_set(tmp_path / "set")
+    stages = (
+        "  - calibrate: {method: max}\n  - sensitivity: {proxy_samples: 4}\n"
+        "  - mixed_precision: {min_agreement: 100}\n  - export: {}\n"
+    )
+    assert main(["run", str(_recipe(tmp_path, ckpt, images, ann, stages))]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    table = json.loads((run_dir / "sensitivity.json").read_text())
+    rows = table["layers"]
+    assert table["metric"] == "mAP50-95 points" and len(rows) == 13
+    assert {r["type"] for r in rows} == {"Conv2d", "Add (residual)"}
+    add = next(r for r in rows if r["type"] == "Add (residual)")
+    assert add["layer"] == "model.2.m.0.residual_add" and len(add["onnx_qdq_nodes"]) == 4
+    assert all(math.isfinite(r["only_sqnr_db"]) and 0 <= r["only_kl"] for r in rows)
+    metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]
+    mp = metrics["mixed_precision"]
+    assert mp["metric"] == "agreement %" and mp["final"] == 100.0 and mp["int8_all"] < 100.0  # random weights: INT8 moves boxes
+    assert 1 <= len(mp["float_layers"]) < 13
+    census = metrics["export"]["model.onnx"]["census"]
+    assert census["quantized"].get("Conv", 0) == 12 - sum(u != "model.2.m.0.residual_add" for u in mp["float_layers"])

@@ -1,0 +1,133 @@
+"""Per-layer sensitivity and mixed precision under a budget, through the recipe runner.
+
+    python benchmarks/sensitivity.py yolov5n [--device cpu|cuda] [--max-drop 0.2] [--proxy-samples 16]
+    python benchmarks/sensitivity.py resnet20 [--weights per_tensor]
+    python benchmarks/sensitivity.py efficientnet_lite0 [--min-agreement 99]
+
+Runs calibrate (mse) -> sensitivity (both modes, proxies and task metric) ->
+mixed_precision -> export -> evaluate, and prints: the time of the proxy sweep and
+of the task-metric sweep, the plan (layers kept float, share of convolution MACs
+in INT8), the final metric for fake-quant and for the ONNX in ONNX Runtime, and
+how well each proxy ranks layers against the task metric (Spearman).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workbench import api  # noqa: E402
+from workbench.quant.sensitivity import task_sensitivity  # noqa: E402
+from workbench.recipe import dump_recipe, load_recipe, parse_recipe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("WORKBENCH_ASSETS", ROOT.parent / "shared" / "assets"))
+RECIPES = {"yolov5n": "recipes/yolov5n_coco_int8.yaml", "resnet20": "recipes/resnet20_cifar10_int8.yaml"}
+EFFICIENTNET = {
+    "name": "efficientnet_lite0_imagenet_samples",
+    "model": {"spec": "efficientnet_lite:efficientnet-lite0", "input_size": [3, 224, 224]},
+    "data": {
+        "transform": {"resize": 256, "crop": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        "calibration": {"calib_set": "skimage_photos"},
+        "evaluation": {"source": "files", "path": str(ASSETS / "data/imagenet_samples"), "labels": "wnid_prefix"},
+        "batch_size": 50,
+    },
+}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rho: Pearson correlation of the ranks, ties given their average rank (as scipy)."""
+
+    def ranks(x):
+        x = np.asarray(x, dtype=float)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(1, len(x) + 1)
+        for v in np.unique(x):  # average the ranks of ties
+            r[x == v] = r[x == v].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def build_recipe(args, runs: Path):
+    os.environ.setdefault("WORKBENCH_ASSETS", str(ASSETS))
+    if args.model == "efficientnet_lite0":
+        base = dict(EFFICIENTNET)
+    else:
+        base = yaml.safe_load(dump_recipe(load_recipe(ROOT / RECIPES[args.model])))
+    budget = {"min_agreement": args.min_agreement} if args.min_agreement else {"max_drop": args.max_drop}
+    sens = {"proxy_samples": args.proxy_samples}
+    if args.task_samples:
+        sens["task_samples"] = args.task_samples
+    base["stages"] = [
+        {"calibrate": {"method": "mse", "weights": args.weights}},
+        {"sensitivity": sens},
+        {"mixed_precision": budget},
+        {"export": {}},
+        {"evaluate": {"backends": ["pytorch_fp32", "pytorch_int8", "ort_int8_faithful"], "latency": False}},
+    ]
+    base["device"] = args.device
+    base["runs_dir"] = str(runs)
+    return parse_recipe(yaml.safe_dump(base, sort_keys=False), f"benchmark {args.model}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model", choices=["yolov5n", "resnet20", "efficientnet_lite0"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-drop", type=float, default=0.2)
+    p.add_argument("--min-agreement", type=float)
+    p.add_argument("--proxy-samples", type=int, default=16)
+    p.add_argument("--task-samples", type=int)
+    p.add_argument("--weights", default="per_channel", choices=["per_channel", "per_tensor"])
+    p.add_argument("--runs", default=None, help="keep the run directory here (default: a temp dir)")
+    args = p.parse_args()
+    if not (ASSETS / "models").is_dir():
+        sys.exit(f"shared assets not found at {ASSETS}: set WORKBENCH_ASSETS=../shared/assets")
+    runs = Path(args.runs or tempfile.mkdtemp())
+    run = api.run(build_recipe(args, runs))
+    stages = run.metrics["stages"]
+    sens, mp, ev = stages["sensitivity"], stages["mixed_precision"], stages["evaluate"]["backends"]
+    table = json.loads((run.dir / "sensitivity.json").read_text())["layers"]
+    print(f"# {args.model}: sensitivity and mixed precision on {run.metrics['device']} ({run.dir})\n")
+    print(f"- layers swept: {sens['units']}; proxy sweep ({sens['proxy_samples']} samples, 2 modes): {sens['proxy_seconds']:.1f} s; "
+          f"task-metric sweep ({sens['task_samples']} samples, 2 modes): {sens['task_seconds']:.1f} s")
+    budget = ", ".join(f"{k} {v}" for k, v in mp["budget"].items())
+    print(f"- budget {budget} ({mp['metric']}): FP32 {mp['fp32']:.2f}, all INT8 {mp['int8_all']:.2f}, plan {mp['final']:.2f} "
+          f"on {mp['evaluation_samples']} samples")
+    print(f"- kept float: {len(mp['float_layers'])} {mp['float_layers']}; INT8 share of MACs {100 * mp['int8_mac_share']:.1f}%")
+    key = "map50_95" if "map50_95" in ev["pytorch_int8"]["metrics"] else "top1"
+    scale = 100 if key == "map50_95" else 1
+    print(f"- full evaluation ({key}): FP32 {scale * ev['pytorch_fp32']['metrics'][key]:.2f}, fake-quant "
+          f"{scale * ev['pytorch_int8']['metrics'][key]:.2f}, ONNX Runtime faithful {scale * ev['ort_int8_faithful']['metrics'][key]:.2f}")
+    task = [task_sensitivity(r) for r in table]
+    if all(t is not None for t in task):
+        print("\n| Proxy | Spearman rank correlation with the task-metric sensitivity |\n|---|---|")
+        for name, values in (("SQNR, only this layer INT8 (lower = more sensitive)", [-r["only_sqnr_db"] for r in table]),
+                             ("KL, only this layer INT8", [r["only_kl"] for r in table]),
+                             ("cosine, only this layer INT8", [-r["only_cosine"] for r in table]),
+                             ("SQNR gain, this layer float (leave-one-out)", [r["loo_sqnr_db"] for r in table])):
+            rho = spearman(values, task)
+            print(f"| {name} | {rho:.2f} |" if not math.isnan(rho) else f"| {name} | n/a (constant) |")
+    print("\n| Rank | Layer | Type | MMACs | only delta | loo delta | only SQNR dB | proxy rank |\n|---|---|---|---|---|---|---|---|")
+    for r in table[:10]:
+        print(f"| {r['rank']} | {r['layer']} | {r['type']} | {r['macs'] / 1e6:.1f} | {r.get('only_delta', 0):.2f} | "
+              f"{r.get('loo_delta', 0):.2f} | {r['only_sqnr_db']:.1f} | {r['proxy_rank']} |")
+
+
+if __name__ == "__main__":
+    main()
