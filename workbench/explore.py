@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .data import build_dataset, make_loader
+from .data import build_dataset, subset_loader
 from .errors import CalibrationError, WorkbenchError
 from .models import resolve_model
 from .quant.ptq import quant_units, restore_, set_float_units
@@ -69,18 +69,19 @@ class RunExplorer:
         set_float_units(self.model, self.result, layers)
 
     def evaluate(self, samples: int | None = 64) -> dict:
-        """The current plan scored on the first `samples` evaluation samples (None: all), with FP32 alongside."""
+        """The current plan scored on `samples` evaluation samples drawn with a seed (None: all), with FP32 alongside."""
         if self._dataset is None:
             self._dataset = build_dataset(self.recipe.data, "evaluation")
         if samples not in self._probes:
-            self._probes[samples] = make_probe(self.reference, make_loader(self._dataset, self.recipe.data), samples, self.device)
+            loader = subset_loader(self._dataset, self.recipe.data, samples)
+            self._probes[samples] = make_probe(self.reference, loader, None, self.device)
         probe = self._probes[samples]
         scorer = new_scorer(self.recipe, self._dataset)
         with torch.no_grad():
             for x, targets, ref in zip(probe.inputs, probe.targets, probe.references):
                 out = self.model(x)
                 out = out[0] if isinstance(out, (list, tuple)) else out
-                scorer.update(out.float().cpu().numpy(), targets, ref.float().cpu().numpy())
+                scorer.update(out.float(), targets, ref.float())
         metrics = scorer.result()
         name, value = metric_points(metrics)
         return {"samples": probe.samples, "metric": name, "value": value, "agreement": agreement_points(metrics),
@@ -109,10 +110,12 @@ class RunExplorer:
             raise WorkbenchError(f"{self.dir} has no sensitivity.json: run `workbench sensitivity` on its recipe first")
         rows = self.table[:top]
         task = task_sensitivity(rows[0]) is not None
-        values = [task_sensitivity(r) if task else -proxy_sensitivity(r) for r in rows]
+        only = "only_sqnr_db" in rows[0]
+        values = [task_sensitivity(r) if task else (r["only_sqnr_db"] if only else r["loo_sqnr_db"]) for r in rows]
         if ax is None:
             _, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1))
         ax.barh([r["layer"] for r in rows], values, color="#C44E52" if task else "#4C72B0")
         ax.invert_yaxis()
-        ax.set_xlabel("sensitivity, task-metric points" if task else "SQNR with only this layer INT8, dB")
+        ax.set_xlabel("sensitivity, task-metric points" if task else "SQNR with only this layer INT8, dB (lower hurts more)"
+                      if only else "output SQNR with this layer float and the rest INT8, dB")
         return ax

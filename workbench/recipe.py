@@ -235,6 +235,31 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | tup
         raise RecipeError(_format_errors(e, source, lines)) from None
 
 
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """The recipe with every relative path that exists here made absolute.
+
+    A run's recipe.yaml is re-read later (the notebook, a re-run of its plan) from
+    another working directory; relative paths would then point nowhere.
+    """
+
+    def fix(value):
+        if isinstance(value, str) and value and not os.path.isabs(value) and os.path.exists(value):
+            return os.path.abspath(value)
+        return value
+
+    data = recipe.model_dump(mode="json")
+    model = data["model"]
+    model["weights"] = fix(model.get("weights"))
+    source, sep, rest = model["spec"].partition(":")
+    if sep and source in ("file", "yolov5", "ultralytics"):
+        model["spec"] = f"{source}:{fix(rest)}"
+    for split in ("calibration", "evaluation", "finetune"):
+        if data["data"].get(split):
+            for key in ("path", "annotations", "label_dir"):
+                data["data"][split][key] = fix(data["data"][split].get(key))
+    return recipe_model().model_validate(data)
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML: every default written out, so a run says exactly what it did."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -27,7 +27,7 @@ from .data import ImageDataset, build_dataset, check_readable, make_loader
 from .errors import WorkbenchError
 from .io import write_json, write_text
 from .models import resolve_model
-from .recipe import Recipe, dump_recipe
+from .recipe import Recipe, dump_recipe, with_absolute_paths
 from .stages import STAGES
 
 
@@ -116,6 +116,7 @@ def run_recipe(recipe: Recipe, console=None) -> Run:
     """Carry `recipe` through its stages; return the finished Run (its dir holds every artifact)."""
     from .report import print_summary, write_report
 
+    recipe = with_absolute_paths(recipe)
     model, datasets = preflight(recipe)
     device = pick_device(recipe.device)
     model = model.to(device).eval()

@@ -8,6 +8,7 @@ its position, so results do not depend on worker count or batch size).
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import torch
@@ -124,6 +125,7 @@ def sample_subset(samples: list[Sample], split: DataSplit, transform: TransformC
 def make_loader(dataset, data: DataConfig, shuffle: bool = False) -> DataLoader:
     from .detection import DetectionDataset, detection_collate
 
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
     return DataLoader(
         dataset,
         batch_size=data.batch_size,
@@ -131,8 +133,20 @@ def make_loader(dataset, data: DataConfig, shuffle: bool = False) -> DataLoader:
         num_workers=data.workers,
         persistent_workers=False,
         # Detection targets differ in length per image: keep them as a list.
-        collate_fn=detection_collate if isinstance(dataset, DetectionDataset) else None,
+        collate_fn=detection_collate if isinstance(base, DetectionDataset) else None,
     )
+
+
+def subset_loader(dataset, data: DataConfig, samples: int | None, seed: int = 0) -> DataLoader:
+    """A loader over `samples` items drawn with a seed (all when None or more than there are).
+
+    Drawn, not the first N: image folders list their classes in order, so the first N
+    would be a few classes only.
+    """
+    if samples is None or samples >= len(dataset):
+        return make_loader(dataset, data)
+    indices = sorted(random.Random(seed).sample(range(len(dataset)), samples))
+    return make_loader(torch.utils.data.Subset(dataset, indices), data)
 
 
 def check_readable(dataset: ImageDataset, field: str, limit: int | None = None) -> None:

@@ -122,7 +122,7 @@ def measure_task(model: nn.Module, probe: Probe, new_scorer: Callable, points: C
     scorer = new_scorer()
     with torch.no_grad():
         for x, targets, ref in zip(probe.inputs, probe.targets, probe.references):
-            scorer.update(_first(model(x)).float().cpu().numpy(), targets, ref.float().cpu().numpy())
+            scorer.update(_first(model(x)).float(), targets, ref.float())
     return points(scorer.result())
 
 

@@ -19,6 +19,7 @@ import math
 import yaml
 from pydantic import Field, model_validator
 
+from ..data import subset_loader
 from ..errors import CalibrationError, RecipeError
 from ..io import write_json, write_text
 from ..progress import track
@@ -34,7 +35,7 @@ class MixedPrecisionOptions(StageOptions):
     max_drop: float | None = Field(None, ge=0, description="Largest allowed drop of the task metric below FP32, in points (top-1 %, mAP50-95 x 100).")
     min_agreement: float | None = Field(None, gt=0, le=100, description="Smallest allowed agreement with the FP32 model, in percent.")
     candidates: list[str] = Field(default_factory=list, description="Glob patterns of the layers allowed to stay float (default: any).")
-    search_samples: int | None = Field(None, gt=0, description="Search on the first N evaluation samples (default: all); the final plan is always verified on all.")
+    search_samples: int | None = Field(None, gt=0, description="Search on N evaluation samples drawn with a seed (default: all); the final plan is always verified on all.")
     proxy_samples: int = Field(16, gt=0, description="Without a sensitivity stage before: samples of the proxy sweep that ranks the layers.")
 
     @model_validator(mode="after")
@@ -101,8 +102,9 @@ def mixed_precision(run, opts: MixedPrecisionOptions) -> None:
     ranking = _ranking(run, opts, candidates)
     costs = layer_costs(run.model, units, run.example_input())
 
+    dataset = run.dataset("evaluation")
     full = make_probe(run.reference, run.loader("evaluation"), None, run.device)
-    search = make_probe(run.reference, run.loader("evaluation"), opts.search_samples, run.device) if opts.search_samples else full
+    search = make_probe(run.reference, subset_loader(dataset, run.recipe.data, opts.search_samples), None, run.device) if opts.search_samples else full
     resolution_check(run, opts, search.samples)
     budget = Budget(run, opts, search)
     ok, int8_value = budget.check([], "every layer INT8")
@@ -156,8 +158,8 @@ def _ranking(run, opts: MixedPrecisionOptions, candidates: list[str]) -> list[st
     """Candidates, most sensitive first: from the sensitivity stage's table, or a quick proxy sweep."""
     table = run.state.get("sensitivity")
     if table is None:
-        probe = make_probe(run.reference, run.loader("evaluation"), opts.proxy_samples, run.device)
         dataset = run.dataset("evaluation")
+        probe = make_probe(run.reference, subset_loader(dataset, run.recipe.data, opts.proxy_samples), None, run.device)
         num_classes = len(getattr(dataset, "category_ids", [])) or None
         found = sweep(run.model, run.state["quant"], candidates, probe, run.recipe.task, num_classes, ("one_at_a_time",),
                       progress=lambda it, desc, total: track(it, desc, total=total))

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..errors import CalibrationError, RecipeError
+from ..data import subset_loader
 from ..io import atomic_path, write_json, write_text
 from ..onnx_tools import export_onnx, nodes_by_module
 from ..progress import track
@@ -32,10 +33,10 @@ Mode = Literal["one_at_a_time", "leave_one_out"]
 
 class SensitivityOptions(StageOptions):
     modes: list[Mode] = Field(default_factory=lambda: list(MODES), min_length=1, description="Sweeps to run.")
-    proxy_samples: int = Field(16, gt=0, description="Evaluation samples the proxies (SQNR, cosine, KL) are measured on.")
+    proxy_samples: int = Field(16, gt=0, description="Evaluation samples (drawn with a seed) the proxies (SQNR, cosine, KL) are measured on.")
     task_metric: bool = Field(True, description="Also score every configuration by the task metric (slower).")
     task_samples: int | None = Field(
-        None, gt=0, description="Evaluation samples for the task-metric sweep (default: 512 for classifiers, all for detectors)."
+        None, gt=0, description="Evaluation samples for the task-metric sweep, drawn with a seed (default: 2000 for classifiers, all for detectors)."
     )
     layers: list[str] = Field(default_factory=list, description="Glob patterns: sweep only these units (default: every quantized one).")
     top: int = Field(20, gt=0, description="Layers shown in sensitivity.png.")
@@ -74,11 +75,12 @@ def sensitivity(run, opts: SensitivityOptions) -> None:
     units = selected_units(list(quant_units(run.model, result)), opts.layers, "stages.sensitivity.layers")
     dataset = run.dataset("evaluation")
     num_classes = len(getattr(dataset, "category_ids", [])) or None
-    proxy_probe = make_probe(run.reference, run.loader("evaluation"), opts.proxy_samples, run.device)
+    proxy_probe = make_probe(run.reference, subset_loader(dataset, run.recipe.data, opts.proxy_samples), None, run.device)
     task_probe = None
     if opts.task_metric:
-        default = None if run.recipe.task == "detection" else 512
-        task_probe = make_probe(run.reference, run.loader("evaluation"), opts.task_samples or default, run.device)
+        default = None if run.recipe.task == "detection" else 2000
+        samples = opts.task_samples or default
+        task_probe = make_probe(run.reference, subset_loader(dataset, run.recipe.data, samples), None, run.device)
     found = sweep(
         run.model,
         result,

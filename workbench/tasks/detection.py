@@ -41,8 +41,10 @@ def _first(output):
 
 
 def _as_tensor(output) -> torch.Tensor:
+    # A tensor stays on its device: on a GPU the NMS of a sensitivity sweep's hundreds of
+    # evaluations runs there too; only the kept boxes come back to the CPU.
     output = _first(output)
-    t = output.detach().cpu() if isinstance(output, torch.Tensor) else torch.from_numpy(np.asarray(output))
+    t = output.detach() if isinstance(output, torch.Tensor) else torch.from_numpy(np.asarray(output))
     return t if t.dtype == torch.float64 else t.float()  # float16/int -> float32; float64 kept
 
 
@@ -120,7 +122,7 @@ def decode(
             boxes, score, cls = boxes[top], score[top], cls[top]
         keep = torchvision.ops.batched_nms(boxes, score, cls, iou)[:max_det]  # sorted by score, best first
         det = torch.cat([boxes[keep], score[keep, None], cls[keep, None].to(boxes.dtype)], dim=1)
-        results.append(det.numpy().astype(out_dtype, copy=False))
+        results.append(det.cpu().numpy().astype(out_dtype, copy=False))
     return results
 
 
