@@ -70,9 +70,11 @@ def build_recipe(args, runs: Path):
     else:
         base = yaml.safe_load(dump_recipe(load_recipe(ROOT / RECIPES[args.model])))
     budget = {"min_agreement": args.min_agreement} if args.min_agreement else {"max_drop": args.max_drop}
-    sens = {"proxy_samples": args.proxy_samples}
+    sens = {"proxy_samples": args.proxy_samples} if args.proxy_samples else {}
     if args.task_samples:
         sens["task_samples"] = args.task_samples
+    if args.no_task_metric:
+        sens["task_metric"] = False
     base["stages"] = [
         {"calibrate": {"method": "mse", "weights": args.weights}},
         {"sensitivity": sens},
@@ -91,8 +93,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-drop", type=float, default=0.2)
     p.add_argument("--min-agreement", type=float)
-    p.add_argument("--proxy-samples", type=int, default=16)
+    p.add_argument("--proxy-samples", type=int, help="default: the stage's (16 classifiers, 8 detectors)")
     p.add_argument("--task-samples", type=int)
+    p.add_argument("--no-task-metric", action="store_true", help="proxy sweep only (the ranking then comes from the proxies)")
     p.add_argument("--weights", default="per_channel", choices=["per_channel", "per_tensor"])
     p.add_argument("--runs", default=None, help="keep the run directory here (default: a temp dir)")
     args = p.parse_args()
@@ -105,7 +108,8 @@ def main() -> None:
     table = json.loads((run.dir / "sensitivity.json").read_text())["layers"]
     print(f"# {args.model}: sensitivity and mixed precision on {run.metrics['device']} ({run.dir})\n")
     print(f"- layers swept: {sens['units']}; proxy sweep ({sens['proxy_samples']} samples, 2 modes): {sens['proxy_seconds']:.1f} s; "
-          f"task-metric sweep ({sens['task_samples']} samples, 2 modes): {sens['task_seconds']:.1f} s")
+          f"task-metric sweep ({sens['task_samples']} samples, 2 modes): {sens['task_seconds']:.1f} s; "
+          f"mixed-precision search and verification: {run.metrics['timings_s']['mixed_precision']:.1f} s")
     budget = ", ".join(f"{k} {v}" for k, v in mp["budget"].items())
     print(f"- budget {budget} ({mp['metric']}): FP32 {mp['fp32']:.2f}, all INT8 {mp['int8_all']:.2f}, plan {mp['final']:.2f} "
           f"on {mp['evaluation_samples']} samples")

@@ -12,6 +12,7 @@ a pair the hooks misread (a functional use of the conv output) cannot pass.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -84,6 +85,23 @@ def fold_batchnorm_(model: nn.Module, example: torch.Tensor, atol: float = 1e-3)
     pairs = find_conv_bn_pairs(model, example)
     if not pairs:
         return []
+    with _exact_float32():
+        return _fold_checked(model, example, pairs, atol)
+
+
+@contextlib.contextmanager
+def _exact_float32():
+    # On a GPU, TF32 convolutions differ from the float32 result by ~1e-3 relative, which would
+    # fail the check below although the fold is exact; compare in true float32.
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _fold_checked(model: nn.Module, example: torch.Tensor, pairs: list[tuple[str, str]], atol: float) -> list[tuple[str, str]]:
     was_training = model.training
     model.eval()
     reference = model(example)

@@ -2,8 +2,8 @@
 
 They need no labels and no decoding, so a sensitivity sweep can score every
 layer in seconds. KL compares what the outputs mean: for a classifier the
-softmax over classes; for a detector the per-box score channels (objectness and
-class scores, already probabilities in YOLO heads), as Bernoulli distributions.
+softmax over classes; for a detector each box's confidence (the score NMS ranks
+by, already a probability in YOLO heads), as a Bernoulli distribution.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ EPS = 1e-7
 
 
 def _tensor(x) -> torch.Tensor:
+    # Kept on the model's device: a sweep measures hundreds of configurations.
     x = _first(x) if isinstance(x, (list, tuple)) else x
     t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-    return t.double().cpu()
+    return t.float()
 
 
 class ProxyMeter:
@@ -36,6 +37,7 @@ class ProxyMeter:
 
     def update(self, reference, output) -> None:
         ref, out = _tensor(reference), _tensor(output)
+        ref = ref.to(out.device)
         if ref.shape != out.shape:
             raise ValueError(f"output shape {tuple(out.shape)} differs from the reference's {tuple(ref.shape)}")
         if not torch.isfinite(out).all():
@@ -52,14 +54,15 @@ class ProxyMeter:
         if self.task == "classification":
             log_p, log_q = ref.log_softmax(1), out.log_softmax(1)
             return (log_p.exp() * (log_p - log_q)).sum(1)
-        fmt = detect_head_format(ref, self.num_classes)
-        if fmt == ANCHOR_FREE:
-            p, q = ref[:, 4:, :], out[:, 4:, :]
-        else:
-            p, q = ref[:, :, 4:], out[:, :, 4:]
-        p, q = p.clamp(EPS, 1 - EPS), q.clamp(EPS, 1 - EPS)
+        p, q = self._confidence(ref).clamp(EPS, 1 - EPS), self._confidence(out).clamp(EPS, 1 - EPS)
         kl = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
-        return kl.flatten(1).mean(1)
+        return kl.mean(1)
+
+    def _confidence(self, x: torch.Tensor) -> torch.Tensor:
+        """Per box, the score NMS ranks by: objectness x best class (YOLOv5) or best class (YOLOv8/11)."""
+        if detect_head_format(x, self.num_classes) == ANCHOR_FREE:
+            return x[:, 4:, :].amax(1)
+        return x[:, :, 4] * x[:, :, 5:].amax(2)
 
     def result(self) -> dict[str, float]:
         if not self.n:
