@@ -5,6 +5,7 @@ import json
 
 import onnx
 import pytest
+import torch
 
 from conftest import tiny_recipe
 from helpers import make_image_folder
@@ -119,3 +120,15 @@ def test_two_budgets_are_rejected(images, tmp_path, capsys):
     stages = "  - calibrate: {method: max}\n  - mixed_precision: {max_drop: 1, min_agreement: 99}\n"
     assert _run(tmp_path, _recipe(images, tmp_path / "runs", stages)) == 2
     assert "exactly one budget" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sensitivity_and_mixed_precision_on_cuda(blobs, tmp_path):
+    runs = tmp_path / "runs"
+    stages = SWEEP + "  - mixed_precision: {max_drop: 2.0}\n"
+    text = _recipe(blobs, runs, stages).replace("runs_dir:", "device: cuda\nruns_dir:")
+    assert _run(tmp_path, text) == 0
+    metrics = json.loads((_only_dir(runs) / "metrics.json").read_text())
+    assert metrics["device"].startswith("cuda")
+    assert metrics["stages"]["sensitivity"]["most_sensitive"][0] == "conv2"
+    assert metrics["stages"]["mixed_precision"]["float_layers"] == ["conv2"]
