@@ -132,3 +132,31 @@ def test_sensitivity_and_mixed_precision_on_cuda(blobs, tmp_path):
     assert metrics["device"].startswith("cuda")
     assert metrics["stages"]["sensitivity"]["most_sensitive"][0] == "conv2"
     assert metrics["stages"]["mixed_precision"]["float_layers"] == ["conv2"]
+
+
+def test_open_run_without_calibration(images, tmp_path):
+    from workbench import api
+    from workbench.errors import CalibrationError
+
+    runs = tmp_path / "runs"
+    assert _run(tmp_path, _recipe(images, runs, "  - evaluate: {latency: false}\n", model="tiny_cnn")) == 0
+    with pytest.raises(CalibrationError, match="has no calibration.json: that run was not calibrated"):
+        api.open_run(_only_dir(runs))
+    with pytest.raises(Exception, match="not a run directory"):
+        api.open_run(tmp_path)
+
+
+def test_open_run_rebuilds_the_calibrated_model(blobs, tmp_path):
+    """The explorer's model, rebuilt from calibration.json without data, scores as the run's did."""
+    from workbench import api
+
+    runs = tmp_path / "runs"
+    stages = SWEEP + "  - evaluate: {latency: false}\n"
+    assert _run(tmp_path, _recipe(blobs, runs, stages)) == 0
+    run_dir = _only_dir(runs)
+    run_top1 = json.loads((run_dir / "metrics.json").read_text())["stages"]["evaluate"]["backends"]["pytorch_int8"]["metrics"]["top1"]
+    explorer = api.open_run(run_dir)
+    assert explorer.evaluate(samples=None)["value"] == pytest.approx(run_top1)
+    explorer.set_float(["conv2"])
+    assert explorer.evaluate(samples=None)["value"] > run_top1 + 20
+    assert "- conv2" in explorer.plan_snippet()
