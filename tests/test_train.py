@@ -1,0 +1,104 @@
+"""The shared training loop and the finetune stage, on small models and generated images."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_recipe
+from helpers import colour_blob_batch, make_image_folder, trained_cnn, tiny_cnn
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.train import TrainOptions, distillation_loss, fit
+
+
+def _batches(n=4, seed=1):
+    x, y = colour_blob_batch(n_per_class=8, seed=seed)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(x), generator=g)
+    x, y = x[order], y[order]
+    return [(x[i : i + 6], y[i : i + 6]) for i in range(0, len(x), 6)][:n]
+
+
+def _kd_loss(teacher):
+    def loss_fn(outputs, batch):
+        with torch.no_grad():
+            t = teacher(batch[0])
+        loss = distillation_loss("classification", outputs, t, temperature=2.0)
+        return loss, {"distill": loss.item()}
+
+    return loss_fn
+
+
+def _agreement(a, b, x):
+    with torch.no_grad():
+        return float((a(x).argmax(1) == b(x).argmax(1)).float().mean())
+
+
+def test_distillation_teaches_a_fresh_student_without_labels():
+    teacher, student = trained_cnn(), tiny_cnn()
+    x, _ = colour_blob_batch(seed=7)
+    before = _agreement(student, teacher, x)
+    history = fit(student, _batches(), TrainOptions(epochs=6, lr=0.05), _kd_loss(teacher), torch.device("cpu"), "classification")
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert history[-1]["distill"] < 0.5 * history[0]["distill"]
+    assert _agreement(student, teacher, x) >= max(0.9, before + 0.2)
+    assert history[-1]["lr"] < 0.05 * 0.1  # cosine schedule decayed to near zero
+
+
+def test_resume_continues_exactly(tmp_path):
+    """An interrupted run resumed from its epoch-1 checkpoint ends with the same weights as an uninterrupted one."""
+    teacher = trained_cnn()
+    opts = TrainOptions(epochs=3, lr=0.05)
+    straight = tiny_cnn()
+    fit(straight, _batches(), opts, _kd_loss(teacher), torch.device("cpu"), "classification", tmp_path / "a")
+    resumed = tiny_cnn()
+    history = fit(resumed, _batches(), opts.model_copy(update={"resume": str(tmp_path / "a" / "finetune_epoch1.pt")}),
+                  _kd_loss(teacher), torch.device("cpu"), "classification", tmp_path / "b")
+    assert [h["epoch"] for h in history] == [1, 2, 3] and sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "finetune_epoch2.pt", "finetune_epoch3.pt"]
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_resume_from_a_missing_or_foreign_checkpoint(tmp_path):
+    opts = TrainOptions(resume=str(tmp_path / "nope.pt"))
+    with pytest.raises(WorkbenchError, match="does not exist"):
+        fit(tiny_cnn(), _batches(), opts, _kd_loss(trained_cnn()), torch.device("cpu"), "classification")
+    torch.save({"model": {"x": torch.zeros(1)}, "optimizer": {}, "scheduler": {}, "step": 1, "epoch": 1, "history": []}, tmp_path / "bad.pt")
+    with pytest.raises(WorkbenchError, match="does not fit this model"):
+        fit(tiny_cnn(), _batches(), TrainOptions(resume=str(tmp_path / "bad.pt")), _kd_loss(trained_cnn()), torch.device("cpu"), "classification")
+
+
+def test_diverging_loss_stops_with_advice():
+    def bad_loss(outputs, batch):
+        return outputs.sum() * float("nan"), {}
+
+    with pytest.raises(WorkbenchError, match="lower the learning rate"):
+        fit(tiny_cnn(), _batches(), TrainOptions(), bad_loss, torch.device("cpu"), "classification")
+
+
+def test_finetune_stage_with_labels_learns(tmp_path):
+    images = make_image_folder(tmp_path / "blobs", per_class=20, seed=4)
+    runs = tmp_path / "runs"
+    text = tiny_recipe(images, runs, "  - finetune: {epochs: 4, lr: 0.05, distill: false, eval_samples: 30}\n  - evaluate: {latency: false}\n")
+    text = text.replace("  batch_size: 4", f'  finetune: {{source: imagefolder, path: "{images}"}}\n  batch_size: 8')
+    (tmp_path / "r.yaml").write_text(text)
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    (run_dir,) = runs.iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]
+    history = metrics["finetune"]["history"]
+    assert len(history) == 4 and history[-1]["cross_entropy"] < history[0]["cross_entropy"]
+    assert metrics["evaluate"]["backends"]["pytorch_fp32"]["metrics"]["top1"] < 50  # the untrained model
+    assert (run_dir / "checkpoints" / "finetune_epoch4.pt").is_file() and (run_dir / "training_curve.png").is_file()
+    assert history[-1]["eval"]["metric"] == "top-1 %" and history[-1]["eval"]["value"] > 80
+
+
+def test_finetune_with_nothing_to_learn_from(tmp_path, capsys):
+    images = make_image_folder(tmp_path / "flat", classes=1, per_class=6)
+    runs = tmp_path / "runs"
+    text = tiny_recipe(images, runs, "  - finetune: {distill: false}\n")
+    text = text.replace("  batch_size: 4", f'  finetune: {{source: files, path: "{images}", pattern: "**/*.png"}}\n  batch_size: 4')
+    (tmp_path / "r.yaml").write_text(text)
+    assert main(["run", str(tmp_path / "r.yaml")]) == 2
+    assert "nothing to learn from" in capsys.readouterr().err

@@ -1,0 +1,176 @@
+"""The training loop: epochs or steps, SGD/AdamW with a cosine or one-cycle schedule, AMP on CUDA,
+gradient clipping, a checkpoint after every epoch, resume from one, and a progress bar
+with the loss; an optional evaluation after every epoch gives the training curve.
+
+`fit` knows nothing about pruning or quantization: the caller passes the model (pruned,
+or fake-quantized for QAT), the batches and a loss function of (outputs, batch).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from ..errors import WorkbenchError
+from ..io import atomic_path
+from ..progress import track
+
+
+class TrainOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    epochs: int = Field(1, ge=1, description="Passes over the fine-tune split.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs when reached first).")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD with Nesterov momentum, or AdamW.")
+    lr: float = Field(0.01, gt=0, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(5e-4, ge=0, description="Weight decay (not applied to biases and norm layers).")
+    schedule: Literal["cosine", "onecycle", "constant"] = Field("cosine", description="Learning-rate schedule over all steps.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (cosine and constant schedules).")
+    amp: bool = Field(True, description="Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.")
+    grad_clip: float | None = Field(10.0, gt=0, description="Clip the gradient norm to this value (None: no clipping).")
+    train_mode: Literal["auto", "train", "eval"] = Field(
+        "auto", description="Module mode while training: 'eval' freezes BatchNorm statistics (auto: train for classifiers, eval for detectors)."
+    )
+    resume: str | None = Field(None, description="A checkpoint (checkpoints/*.pt of an earlier run) to resume from.")
+
+    @model_validator(mode="after")
+    def _onecycle_has_no_warmup(self):
+        if self.schedule == "onecycle" and self.warmup_steps:
+            raise ValueError("warmup_steps is for cosine/constant; the one-cycle schedule has its own warm-up")
+        return self
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_norm = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm))
+            (no_decay if is_norm or name == "bias" or p.dim() <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _schedule(opts: TrainOptions, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier for step i (0-based)."""
+
+    def factor(i: int) -> float:
+        if opts.schedule == "onecycle":  # 30% up from lr/25, then cosine down to lr/1e4
+            up = max(1, int(0.3 * total_steps))
+            if i < up:
+                return 0.04 + 0.96 * i / up
+            progress = (i - up) / max(1, total_steps - up)
+            return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * progress))
+        if i < opts.warmup_steps:
+            return (i + 1) / opts.warmup_steps
+        if opts.schedule == "constant":
+            return 1.0
+        progress = (i - opts.warmup_steps) / max(1, total_steps - opts.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def fit(
+    model: nn.Module,
+    batches,
+    opts: TrainOptions,
+    loss_fn: Callable[[object, tuple], tuple[torch.Tensor, dict[str, float]]],
+    device: torch.device,
+    task: str,
+    checkpoint_dir: Path | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    label: str = "finetune",
+) -> list[dict]:
+    """Train `model` in place; return the history (one entry per epoch: losses, lr, eval metrics, seconds).
+
+    `batches` is re-iterable (a DataLoader); `loss_fn(outputs, batch)` returns the loss and
+    its named parts. A checkpoint `<label>_epoch<N>.pt` is written after every epoch.
+    """
+    steps_per_epoch = len(batches)
+    if steps_per_epoch == 0:
+        raise WorkbenchError(f"{label}: the training data produced no batches")
+    total = opts.epochs * steps_per_epoch if opts.max_steps is None else min(opts.max_steps, opts.epochs * steps_per_epoch)
+    params = _param_groups(model, opts.weight_decay)
+    if not any(g["params"] for g in params):
+        raise WorkbenchError(f"{label}: the model has no trainable parameters")
+    if opts.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, nesterov=opts.momentum > 0)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=opts.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(opts, total))
+    amp = opts.amp and device.type == "cuda"
+    mode = opts.train_mode if opts.train_mode != "auto" else ("train" if task == "classification" else "eval")
+    history: list[dict] = []
+    step, start_epoch = 0, 0
+    if opts.resume:
+        step, start_epoch, history = _load_checkpoint(Path(opts.resume), model, optimizer, scheduler, label)
+
+    for epoch in range(start_epoch, opts.epochs):
+        if step >= total:
+            break
+        model.train(mode == "train")
+        start = time.perf_counter()
+        sums: dict[str, float] = {}
+        seen = 0
+        for batch in track(batches, f"{label} epoch {epoch + 1}/{opts.epochs}", total=min(steps_per_epoch, total - step)):
+            if step >= total:
+                break
+            images = batch[0].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                outputs = model(images)
+            loss, parts = loss_fn(outputs, batch)
+            if not torch.isfinite(loss):
+                raise WorkbenchError(
+                    f"{label}: the loss became {loss.item()} at step {step + 1}; lower the learning rate (lr: {opts.lr}) "
+                    "or enable grad_clip"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if opts.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            seen += 1
+            for k, v in {"loss": loss.item(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v
+        model.eval()
+        entry = {"epoch": epoch + 1, "steps": step, "lr": optimizer.param_groups[0]["lr"],
+                 **{k: v / max(seen, 1) for k, v in sums.items()}, "seconds": round(time.perf_counter() - start, 2)}
+        if evaluate is not None:
+            entry["eval"] = evaluate(model)
+        history.append(entry)
+        if checkpoint_dir is not None:
+            _save_checkpoint(checkpoint_dir / f"{label}_epoch{epoch + 1}.pt", model, optimizer, scheduler, step, epoch + 1, history)
+    model.eval()
+    return history
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, epoch: int, history: list[dict]) -> None:
+    # The RNG state too: a resumed run then shuffles the next epoch exactly as an uninterrupted one.
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "step": step, "epoch": epoch, "history": history, "rng": torch.get_rng_state()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler, label: str) -> tuple[int, int, list[dict]]:
+    if not path.is_file():
+        raise WorkbenchError(f"{label}.resume: checkpoint {path} does not exist: give a checkpoints/*.pt file of an earlier run")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise WorkbenchError(f"{label}.resume: {path} does not fit this model and optimizer ({str(e).splitlines()[0]})") from None
+    return int(state["step"]), int(state["epoch"]), list(state["history"])
