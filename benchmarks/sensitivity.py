@@ -84,7 +84,7 @@ def build_recipe(args, runs: Path):
     ]
     base["device"] = args.device
     base["runs_dir"] = str(runs)
-    return parse_recipe(yaml.safe_dump(base, sort_keys=False), f"benchmark {args.model}")
+    return parse_recipe(yaml.safe_dump(base, sort_keys=False), f"benchmark {args.model}", args.set)
 
 
 def main() -> None:
@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--task-samples", type=int)
     p.add_argument("--no-task-metric", action="store_true", help="proxy sweep only (the ranking then comes from the proxies)")
     p.add_argument("--weights", default="per_channel", choices=["per_channel", "per_tensor"])
+    p.add_argument("--set", nargs="*", default=[], help="recipe overrides, e.g. data.evaluation.path=DIR")
     p.add_argument("--runs", default=None, help="keep the run directory here (default: a temp dir)")
     args = p.parse_args()
     if not (ASSETS / "models").is_dir():
