@@ -4,7 +4,7 @@
     python benchmarks/sensitivity.py resnet20 [--weights per_tensor]
     python benchmarks/sensitivity.py efficientnet_lite0 [--min-agreement 99]
 
-Runs calibrate (mse) -> sensitivity (both modes, proxies and task metric) ->
+Runs calibrate (mse unless --method) -> sensitivity (both modes, proxies and task metric) ->
 mixed_precision -> export -> evaluate, and prints: the time of the proxy sweep and
 of the task-metric sweep, the plan (layers kept float, share of convolution MACs
 in INT8), the final metric for fake-quant and for the ONNX in ONNX Runtime, and
@@ -76,7 +76,7 @@ def build_recipe(args, runs: Path):
     if args.no_task_metric:
         sens["task_metric"] = False
     base["stages"] = [
-        {"calibrate": {"method": "mse", "weights": args.weights}},
+        {"calibrate": {"method": args.method, "weights": args.weights}},
         {"sensitivity": sens},
         {"mixed_precision": budget},
         {"export": {}},
@@ -96,6 +96,7 @@ def main() -> None:
     p.add_argument("--proxy-samples", type=int, help="default: the stage's (16 classifiers, 8 detectors)")
     p.add_argument("--task-samples", type=int)
     p.add_argument("--no-task-metric", action="store_true", help="proxy sweep only (the ranking then comes from the proxies)")
+    p.add_argument("--method", default="mse", choices=["max", "entropy", "percentile", "mse"])
     p.add_argument("--weights", default="per_channel", choices=["per_channel", "per_tensor"])
     p.add_argument("--set", nargs="*", default=[], help="recipe overrides, e.g. data.evaluation.path=DIR")
     p.add_argument("--runs", default=None, help="keep the run directory here (default: a temp dir)")
