@@ -1,0 +1,73 @@
+"""Unstructured magnitude pruning and 2:4 sparsity, directly and through the prune stage."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_recipe
+from helpers import make_image_folder, trained_cnn
+from workbench.cli import main
+from workbench.prune import magnitude_prune_, make_permanent, prunable_layers, sparsity_2to4_, weight_sparsity
+from workbench.prune.unstructured import two_four_mask
+
+
+def test_two_four_mask_keeps_the_two_largest_of_every_four_input_channels():
+    w = torch.randn(8, 16, 3, 3)
+    mask = two_four_mask(w)
+    groups = mask.movedim(1, -1).reshape(-1, 4)
+    assert (groups.sum(1) == 2).all()
+    kept = (w.abs() * mask).movedim(1, -1).reshape(-1, 4)
+    dropped = (w.abs() * (1 - mask)).movedim(1, -1).reshape(-1, 4)
+    assert (dropped.max(1).values <= kept.topk(2, 1).values[:, 1]).all()  # every dropped weight is smaller than both kept
+
+
+def test_global_magnitude_reaches_the_sparsity_and_masks_become_permanent():
+    model = trained_cnn()
+    layers = prunable_layers(model, ignore=["fc"])
+    magnitude_prune_(model, layers, 0.5, "global")
+    make_permanent(layers)
+    sparsity = weight_sparsity(layers)
+    assert sparsity["all"] == pytest.approx(0.5, abs=0.01)
+    assert len({round(v, 2) for k, v in sparsity.items() if k != "all"}) > 1  # global: layers differ
+    assert not any(hasattr(m, "weight_mask") for m in model.modules())
+    assert list(model.state_dict()) == list(trained_cnn().state_dict())  # plain weights again
+
+
+def test_2to4_skips_layers_whose_channels_do_not_divide_by_4():
+    model = trained_cnn()
+    layers = prunable_layers(model)
+    skipped = sparsity_2to4_(layers)
+    make_permanent(layers)
+    assert skipped == ["conv1"]  # 3 input channels
+    sparsity = weight_sparsity({n: m for n, m in layers.items() if n != "conv1"})
+    assert all(v == pytest.approx(0.5) for v in sparsity.values())
+
+
+def test_prune_stage_in_steps_with_finetuning_keeps_accuracy(tmp_path):
+    images = make_image_folder(tmp_path / "blobs", per_class=20, seed=4)
+    runs = tmp_path / "runs"
+    stages = ("  - prune: {method: magnitude, sparsity: 0.6, steps: 2, ignore: [fc], "
+              "finetune_between: {epochs: 2, lr: 0.01, eval_samples: 30}}\n  - evaluate: {latency: false}\n")
+    text = tiny_recipe(images, runs, stages).replace("helpers:tiny_cnn", "helpers:trained_cnn")
+    text = text.replace("  batch_size: 4", f'  finetune: {{source: imagefolder, path: "{images}"}}\n  batch_size: 8')
+    (tmp_path / "r.yaml").write_text(text)
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    (run_dir,) = runs.iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]
+    assert metrics["prune"]["sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert len(metrics["prune"]["finetune_history"]) == 2
+    assert metrics["evaluate"]["backends"]["pytorch_fp32"]["metrics"]["top1"] > 90
+
+
+def test_prune_ignore_pattern_matching_nothing(images, tmp_path, capsys):
+    stages = "  - prune: {method: magnitude, ignore: ['head.*']}\n"
+    (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs", stages))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 2
+    assert "stages.prune.ignore" in capsys.readouterr().err
+
+
+def test_prune_ratio_outside_0_1(images, tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs", "  - prune: {method: magnitude, sparsity: 1.5}\n"))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 2
+    assert "sparsity" in capsys.readouterr().err and not (tmp_path / "runs").exists()
