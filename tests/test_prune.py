@@ -71,3 +71,50 @@ def test_prune_ratio_outside_0_1(images, tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs", "  - prune: {method: magnitude, sparsity: 1.5}\n"))
     assert main(["run", str(tmp_path / "r.yaml")]) == 2
     assert "sparsity" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def _structured_recipe(images, runs, stages, model="trained_cnn"):
+    text = tiny_recipe(images, runs, stages).replace("helpers:tiny_cnn", f"helpers:{model}")
+    return text.replace("  batch_size: 4", f'  finetune: {{source: imagefolder, path: "{images}"}}\n  batch_size: 8')
+
+
+def test_structured_prune_finetune_calibrate_export_and_reload(tmp_path):
+    images = make_image_folder(tmp_path / "blobs", per_class=20, seed=4)
+    runs = tmp_path / "runs"
+    stages = ("  - prune: {method: structured, ratio: 0.5}\n  - finetune: {epochs: 2, lr: 0.01, eval_samples: 30}\n"
+              "  - calibrate: {method: mse}\n  - export: {}\n  - evaluate: {latency: false}\n")
+    (tmp_path / "r.yaml").write_text(_structured_recipe(images, runs, stages))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    (run_dir,) = runs.iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]
+    prune = metrics["prune"]
+    assert prune["out_channels"] == {"conv1": 8, "conv2": 8, "conv3": 8, "fc": 3}  # 16 -> 8; 8 stays (round_to 8)
+    assert prune["macs_after"] < 0.6 * prune["macs_before"]
+    backends = metrics["evaluate"]["backends"]
+    assert backends["ort_int8_faithful"]["metrics"]["top1"] > 85  # pruned, fine-tuned, INT8, in ONNX Runtime
+    # A later recipe reloads the pruned model on the same architecture, no pickled classes.
+    again = tmp_path / "again"
+    text = _structured_recipe(images, again, "  - evaluate: {latency: false}\n").replace(
+        "  input_size: [3, 32, 32]", f'  input_size: [3, 32, 32]\n  pruned: "{run_dir / "pruned_model.pt"}"')
+    (tmp_path / "again.yaml").write_text(text)
+    assert main(["run", str(tmp_path / "again.yaml")]) == 0
+    (again_dir,) = again.iterdir()
+    reloaded = json.loads((again_dir / "metrics.json").read_text())["stages"]["evaluate"]["backends"]["pytorch_fp32"]["metrics"]
+    # The run's own FP32 reference is the unpruned model; the reloaded pruned FP32 model scores like the fine-tuned one.
+    assert reloaded["top1"] > 85
+
+
+def test_structured_prune_that_breaks_the_model_is_refused(images, tmp_path, capsys):
+    """Per-layer pruning cuts the channels of option-A ResNet shortcuts, which zero-pad with F.pad (untraced)."""
+    text = tiny_recipe(images, tmp_path / "runs", "  - prune: {method: structured, ratio: 0.5, scope: layer}\n").replace(
+        '"import:helpers:tiny_cnn"', "cifar_resnet:resnet20").replace("num_classes", "x")
+    (tmp_path / "r.yaml").write_text(text)
+    assert main(["run", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "structured pruning broke the model" in err and "F.pad" in err
+
+
+def test_structured_needs_one_of_ratio_or_macs_target(images, tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs", "  - prune: {method: structured}\n"))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 2
+    assert "exactly one of ratio" in capsys.readouterr().err

@@ -45,7 +45,11 @@ class RunExplorer:
         self.config = CalibrateOptions(**saved["config"])
         self.device = torch.device(device)
         self.reference = resolve_model(self.recipe.model).to(self.device).eval()
-        self.model = copy.deepcopy(self.reference)
+        pruned = self.dir / "pruned_model.pt"
+        if pruned.is_file():  # the run pruned the model before calibrating it: rebuild that shape
+            self.model = resolve_model(self.recipe.model.model_copy(update={"pruned": str(pruned)})).to(self.device).eval()
+        else:
+            self.model = copy.deepcopy(self.reference)
         self.result = restore_(self.model, self.config, saved["activation_amax"], self._example())
         self.units = list(quant_units(self.model, self.result))
         sens = self.dir / "sensitivity.json"

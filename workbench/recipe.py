@@ -59,6 +59,9 @@ class ModelConfig(StrictModel):
     input_size: tuple[int, int, int] = Field(
         (3, 224, 224), description="C, H, W of one input: used for export, latency and tracing."
     )
+    pruned: str | None = Field(
+        None, description="A pruned_model.pt written by a run's structured prune stage: reshapes the architecture to it and loads its weights."
+    )
 
 
 class TransformConfig(StrictModel):
@@ -250,6 +253,7 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     data = recipe.model_dump(mode="json")
     model = data["model"]
     model["weights"] = fix(model.get("weights"))
+    model["pruned"] = fix(model.get("pruned"))
     source, sep, rest = model["spec"].partition(":")
     if sep and source in ("file", "yolov5", "ultralytics"):
         model["spec"] = f"{source}:{fix(rest)}"

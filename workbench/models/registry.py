@@ -49,6 +49,12 @@ def resolve_model(config: ModelConfig) -> nn.Module:
     model = MODEL_SOURCES[source].build(name, config)
     if config.weights and source != "torchvision":
         load_weights(model, config.weights)
+    if config.pruned:
+        from ..prune.structured import load_pruned
+
+        if not Path(config.pruned).is_file():
+            raise ModelLoadError(f"model.pruned: {config.pruned} does not exist: give the pruned_model.pt of a run's prune stage")
+        model = load_pruned(model, config.pruned)
     return model.eval()
 
 

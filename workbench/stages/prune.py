@@ -1,6 +1,8 @@
-"""prune: unstructured magnitude pruning (in steps, optionally fine-tuned between) or 2:4 sparsity.
+"""prune: structured channel pruning over a dependency graph, unstructured magnitude pruning
+(in steps, optionally fine-tuned between) or 2:4 sparsity.
 
-Structured channel pruning over a dependency graph is not built yet (see the open issue).
+Structured pruning writes `pruned_model.pt` (shapes and weights, no pickled classes);
+`model.pruned: <path>` in a later recipe reloads it on the same architecture.
 """
 
 from __future__ import annotations
@@ -8,20 +10,29 @@ from __future__ import annotations
 import fnmatch
 from typing import Literal
 
+import torch
+
 from pydantic import Field
 
 from ..data import make_loader
 from ..errors import CalibrationError, RecipeError
 from ..prune import magnitude_prune_, make_permanent, prunable_layers, sparsity_2to4_, weight_sparsity
+from ..prune.unstructured import PRUNABLE as PRUNABLE_OUTPUTS
 from ..train import fit
 from .finetune import FinetuneOptions, epoch_evaluator, training_losses
 from .registry import StageOptions, register_stage
 
 
 class PruneOptions(StageOptions):
-    method: Literal["magnitude", "sparsity_2to4"] = Field(..., description="magnitude: zero the smallest weights; sparsity_2to4: 2 of every 4.")
+    method: Literal["structured", "magnitude", "sparsity_2to4"] = Field(
+        ..., description="structured: remove channels; magnitude: zero the smallest weights; sparsity_2to4: 2 of every 4."
+    )
     sparsity: float = Field(0.5, gt=0, lt=1, description="magnitude: the share of weights zeroed at the end.")
-    scope: Literal["global", "layer"] = Field("global", description="magnitude: rank weights across all layers or within each.")
+    ratio: float | None = Field(None, gt=0, lt=1, description="structured: the share of channels removed (or give macs_target).")
+    macs_target: float | None = Field(None, gt=0, lt=1, description="structured: prune until MACs are at most this share of the original.")
+    importance: Literal["magnitude", "bn_scale", "taylor"] = Field("magnitude", description="structured: how channels are ranked.")
+    round_to: int = Field(8, ge=1, description="structured: channel counts kept a multiple of this (TensorRT INT8 kernels like 8/16/32).")
+    scope: Literal["global", "layer"] = Field("global", description="Rank weights (magnitude) or channels (structured) across all layers, or within each layer.")
     steps: int = Field(1, ge=1, description="magnitude: reach the sparsity in this many equal steps.")
     finetune_between: FinetuneOptions | None = Field(None, description="Fine-tune after each step but the last (distillation from FP32).")
     ignore: list[str] = Field(default_factory=list, description="Layer-name glob patterns left dense, e.g. the classifier 'fc'.")
@@ -38,6 +49,8 @@ def prune_stage(run, opts: PruneOptions) -> None:
     layers = prunable_layers(run.model, opts.ignore)
     if not layers:
         raise RecipeError("stages.prune: no Conv/Linear layer left to prune after `ignore`")
+    if opts.method == "structured":
+        return _structured(run, opts, layers)
     dense_params = sum(m.weight.numel() for m in layers.values())
     history = []
     skipped: list[str] = []
@@ -71,3 +84,47 @@ def prune_stage(run, opts: PruneOptions) -> None:
         "note": "dense runtimes (ONNX Runtime, PyTorch) run these zeros at dense speed; 2:4 sparsity is faster only "
                 "on sparse tensor cores (TensorRT, Ampere and newer)",
     })
+
+
+def _structured(run, opts: PruneOptions, layers: dict) -> None:
+    from ..prune.structured import prune_channels_, save_pruned
+
+    if (opts.ratio is None) == (opts.macs_target is None):
+        raise RecipeError("stages.prune: method structured needs exactly one of ratio (share of channels) or macs_target")
+    # The output layers keep their channels: the classifier's classes, a detector's head (boxes and classes).
+    keep = [m for name, m in run.model.named_modules() if name and name not in layers and isinstance(m, PRUNABLE_OUTPUTS)]
+    keep += [m for m in run.model.modules() if type(m).__name__ == "Detect"]
+    linears = [m for m in run.model.modules() if isinstance(m, torch.nn.Linear)]
+    if run.recipe.task == "classification" and linears:
+        keep.append(linears[-1])
+    example = run.example_input()
+    gradients = None
+    if opts.importance == "taylor":
+        gradients = _gradient_batches(run)
+    counts = prune_channels_(run.model, example, keep, opts.ratio, opts.macs_target, opts.importance,
+                             opts.scope == "global", opts.round_to, gradients)
+    path = save_pruned(run.model, run.path("pruned_model.pt"))
+    run.state["pruned_model"] = path
+    channels = {n: int(m.weight.shape[0]) for n, m in run.model.named_modules() if isinstance(m, PRUNABLE_OUTPUTS)}
+    run.record("prune", {"method": "structured", "importance": opts.importance, "ratio": opts.ratio,
+                         "macs_target": opts.macs_target, "round_to": opts.round_to, **counts,
+                         "macs_ratio": counts["macs_after"] / counts["macs_before"], "out_channels": channels,
+                         "saved": path.name})
+
+
+def _gradient_batches(run):
+    """Backward passes of cross-entropy on a few labeled fine-tune batches (Taylor importance needs gradients)."""
+    if run.recipe.task != "classification" or not run.recipe.data.finetune:
+        raise RecipeError("stages.prune.importance taylor needs a labeled classification fine-tune split (data.finetune)")
+    dataset = run.dataset("finetune")
+    if not getattr(dataset, "labeled", False):
+        raise RecipeError("stages.prune.importance taylor needs labels in data.finetune; use magnitude or bn_scale")
+    loader = make_loader(dataset, run.recipe.data, shuffle=False)
+
+    def run_batches(model):
+        for i, (images, labels) in enumerate(loader):
+            if i >= 4:
+                break
+            torch.nn.functional.cross_entropy(model(images.to(run.device)), torch.as_tensor(labels).to(run.device)).backward()
+
+    return run_batches

@@ -1,0 +1,131 @@
+"""Structured channel pruning over Torch-Pruning's dependency graph.
+
+Removing output channels of one convolution changes the inputs of every layer
+that reads them, the BatchNorm after it and, through residual Adds and Concats,
+the channels of coupled layers elsewhere. Torch-Pruning traces the model into a
+dependency graph and prunes each coupled group together, so the model stays
+consistent; channel counts are rounded to a multiple of `round_to` so INT8
+kernels (multiples of 8 or 16 channels) still get full tiles.
+
+A pruned model is saved as Torch-Pruning's structured state dict
+(`save_pruned`), which rebuilds the pruned shapes on a fresh instance of the
+original architecture (`load_pruned`): no pickled classes.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import WorkbenchError
+from ..io import atomic_path
+
+
+class PruningError(WorkbenchError):
+    """Structured pruning cannot be applied to this model as asked."""
+
+
+def _importance(kind: str):
+    import torch_pruning as tp
+
+    if kind == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if kind == "bn_scale":
+        return tp.importance.BNScaleImportance()
+    return tp.importance.GroupTaylorImportance()
+
+
+def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    return int(macs), int(params)
+
+
+def prune_channels_(
+    model: nn.Module,
+    example: torch.Tensor,
+    ignored: list[nn.Module],
+    ratio: float | None,
+    macs_target: float | None = None,
+    importance: str = "magnitude",
+    global_pruning: bool = False,
+    round_to: int = 8,
+    gradient_batches=None,
+) -> dict:
+    """Prune `ratio` of the channels (or until MACs <= macs_target x the original); returns before/after counts.
+
+    `gradient_batches`: a callable that runs backward passes on the model, for Taylor importance.
+    The model is restored and PruningError raised if the pruned model no longer runs.
+    """
+    import torch_pruning as tp
+
+    backup = copy.deepcopy(model.state_dict())
+    original = copy.deepcopy(model)
+    base_macs, base_params = count_macs_params(model, example)
+    try:
+        pruner = tp.pruner.MetaPruner(
+            model, example, importance=_importance(importance), pruning_ratio=ratio if ratio else 0.9,
+            global_pruning=global_pruning, ignored_layers=ignored, round_to=round_to,
+            iterative_steps=1 if ratio else 30,
+        )
+    except Exception as e:
+        raise PruningError(f"structured pruning: Torch-Pruning cannot trace this model: {type(e).__name__}: {e}") from None
+    steps = 1 if ratio else 30
+    for _ in range(steps):
+        if importance == "taylor":
+            if gradient_batches is None:
+                raise PruningError("importance taylor needs gradients: a labeled fine-tune split (data.finetune)")
+            model.zero_grad()
+            gradient_batches(model)
+        pruner.step()
+        if macs_target and count_macs_params(model, example)[0] <= macs_target * base_macs:
+            break
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as e:
+        _restore(model, original)
+        raise PruningError(
+            f"structured pruning broke the model: {type(e).__name__}: {str(e).splitlines()[0]}. An operation in its forward "
+            "couples channels in a way the dependency graph does not see (for example a residual shortcut that zero-pads "
+            "channels with F.pad, as option-A CIFAR ResNets do); ignore the layers around it or prune another way"
+        ) from None
+    empty = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[0] == 0]
+    if empty:
+        _restore(model, original)
+        raise PruningError(f"structured pruning would remove every channel of {empty}: lower the ratio or ignore them")
+    del backup
+    macs, params = count_macs_params(model, example)
+    return {"macs_before": base_macs, "macs_after": macs, "params_before": base_params, "params_after": params}
+
+
+def _restore(model: nn.Module, original: nn.Module) -> None:
+    # Pruning replaced parameters with smaller ones: put the original modules back.
+    for name, child in list(original.named_children()):
+        setattr(model, name, child)
+
+
+def save_pruned(model: nn.Module, path: str | Path) -> Path:
+    """The pruned model as Torch-Pruning's structured state dict (shapes and weights, no classes)."""
+    import torch_pruning as tp
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(tp.state_dict(model), tmp)
+    return path
+
+
+def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
+    """Reshape a fresh instance of the original architecture to the saved pruned one and load its weights."""
+    import torch_pruning as tp
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)  # tp's dict holds attribute values
+        tp.load_state_dict(model, state_dict=state)
+    except (RuntimeError, KeyError, ValueError, FileNotFoundError) as e:
+        raise PruningError(f"{path}: not a pruned model of this architecture ({str(e).splitlines()[0]})") from None
+    return model.eval()
