@@ -88,6 +88,8 @@ def test_structured_prune_finetune_calibrate_export_and_reload(tmp_path):
     (run_dir,) = runs.iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]
     prune = metrics["prune"]
+    assert prune["onnx_bytes_after"] < prune["onnx_bytes_before"] and prune["ort_latency_b1_ms_after"] > 0
+    assert "## Pruning" in (run_dir / "report.md").read_text()
     assert prune["out_channels"] == {"conv1": 8, "conv2": 8, "conv3": 8, "fc": 3}  # 16 -> 8; 8 stays (round_to 8)
     assert prune["macs_after"] < 0.6 * prune["macs_before"]
     backends = metrics["evaluate"]["backends"]
@@ -106,7 +108,7 @@ def test_structured_prune_finetune_calibrate_export_and_reload(tmp_path):
 
 def test_structured_prune_that_breaks_the_model_is_refused(images, tmp_path, capsys):
     """Per-layer pruning cuts the channels of option-A ResNet shortcuts, which zero-pad with F.pad (untraced)."""
-    text = tiny_recipe(images, tmp_path / "runs", "  - prune: {method: structured, ratio: 0.5, scope: layer}\n").replace(
+    text = tiny_recipe(images, tmp_path / "runs", "  - prune: {method: structured, ratio: 0.5, scope: layer, latency: false}\n").replace(
         '"import:helpers:tiny_cnn"', "cifar_resnet:resnet20").replace("num_classes", "x")
     (tmp_path / "r.yaml").write_text(text)
     assert main(["run", str(tmp_path / "r.yaml")]) == 2

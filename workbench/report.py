@@ -126,6 +126,7 @@ def write_report(run_dir: str | Path) -> Path:
         q = cal.get("enabled_quantizers", {})
         lines += ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
                   f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""]
+    lines += _prune_section(stages)
     lines += _sensitivity_section(run_dir, stages)
     exp = stages.get("export")
     if exp:
@@ -147,6 +148,29 @@ def write_report(run_dir: str | Path) -> Path:
     path = run_dir / "report.md"
     write_text(path, "\n".join(lines))
     return path
+
+
+def _prune_section(stages: dict) -> list[str]:
+    p = stages.get("prune")
+    if not p:
+        return []
+    lines = ["## Pruning", ""]
+    if p["method"] == "structured":
+        lines += ["| | Parameters | MMACs | ONNX MB | ORT latency b1 ms |", "|---|---|---|---|---|"]
+        for key in ("before", "after"):
+            size = p.get(f"onnx_bytes_{key}")
+            lat = p.get(f"ort_latency_b1_ms_{key}")
+            lines.append(f"| {key} | {p[f'params_{key}']:,} | {p[f'macs_{key}'] / 1e6:.1f} | "
+                         f"{_fmt(size / 1e6 if size else None)} | {_fmt(lat)} |")
+        lines += ["", f"Structured ({p['importance']} importance, channels rounded to {p['round_to']}): MACs x{p['macs_ratio']:.2f}"
+                  + (f", ONNX Runtime {p['ort_speedup_b1']:.2f}x faster at batch 1." if "ort_speedup_b1" in p else "."), ""]
+    else:
+        lines += [f"{p['method']}: {100 * p['sparsity']:.1f}% of {p['weights']:,} weights are zero ({p['layers']} layers). {p['note']}.", ""]
+    ft = stages.get("finetune")
+    if ft and ft.get("eval"):
+        lines += [f"After fine-tuning ({ft['epochs']} epochs): {ft['eval']['metric']} {_fmt(ft['eval']['value'])} on the evaluation subset; "
+                  "curve in `training_curve.png`.", ""]
+    return lines
 
 
 def _sensitivity_section(run_dir: Path, stages: dict) -> list[str]:

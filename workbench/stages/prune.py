@@ -32,6 +32,7 @@ class PruneOptions(StageOptions):
     macs_target: float | None = Field(None, gt=0, lt=1, description="structured: prune until MACs are at most this share of the original.")
     importance: Literal["magnitude", "bn_scale", "taylor"] = Field("magnitude", description="structured: how channels are ranked.")
     round_to: int = Field(8, ge=1, description="structured: channel counts kept a multiple of this (TensorRT INT8 kernels like 8/16/32).")
+    latency: bool = Field(True, description="Report ONNX Runtime CPU latency (batch 1) and ONNX size of the FP32 model before and after.")
     scope: Literal["global", "layer"] = Field("global", description="Rank weights (magnitude) or channels (structured) across all layers, or within each layer.")
     steps: int = Field(1, ge=1, description="magnitude: reach the sparsity in this many equal steps.")
     finetune_between: FinetuneOptions | None = Field(None, description="Fine-tune after each step but the last (distillation from FP32).")
@@ -109,7 +110,26 @@ def _structured(run, opts: PruneOptions, layers: dict) -> None:
     run.record("prune", {"method": "structured", "importance": opts.importance, "ratio": opts.ratio,
                          "macs_target": opts.macs_target, "round_to": opts.round_to, **counts,
                          "macs_ratio": counts["macs_after"] / counts["macs_before"], "out_channels": channels,
-                         "saved": path.name})
+                         "saved": path.name, **(_onnx_before_after(run) if opts.latency else {})})
+
+
+def _onnx_before_after(run) -> dict:
+    """FP32 ONNX size and ONNX Runtime batch-1 latency of the model before (the reference) and after pruning."""
+    import tempfile
+    from pathlib import Path
+
+    from ..onnx_tools import export_onnx
+    from ..runtime import OrtRunner, measure_latency
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, model in (("before", run.reference), ("after", run.model)):
+            path = export_onnx(model, run.example_input(), Path(tmp) / f"{key}.onnx")
+            latency = measure_latency(OrtRunner(path, key, "default"), tuple(run.recipe.model.input_size), [1], repeats=20)
+            out[f"onnx_bytes_{key}"] = path.stat().st_size
+            out[f"ort_latency_b1_ms_{key}"] = latency["b1"]["median_ms"]
+    out["ort_speedup_b1"] = out["ort_latency_b1_ms_before"] / out["ort_latency_b1_ms_after"]
+    return out
 
 
 def _gradient_batches(run):
