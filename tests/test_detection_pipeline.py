@@ -3,7 +3,6 @@
 import json
 import math
 
-import pytest
 
 from helpers import make_tiny_yolov5_checkpoint
 from test_detection_data import write_detection_set

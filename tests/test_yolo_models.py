@@ -1,6 +1,5 @@
 """Detector loading: legacy YOLOv5 checkpoints through a restricted unpickler, Ultralytics models offline."""
 
-import pickle
 
 import pytest
 import torch

@@ -108,7 +108,7 @@ class RunExplorer:
         """Bar chart of the most sensitive layers (task-metric sensitivity if the run measured it, else SQNR)."""
         import matplotlib.pyplot as plt
 
-        from .quant.sensitivity import proxy_sensitivity, task_sensitivity
+        from .quant.sensitivity import task_sensitivity
 
         if not self.table:
             raise WorkbenchError(f"{self.dir} has no sensitivity.json: run `workbench sensitivity` on its recipe first")

@@ -63,7 +63,6 @@ def prune_channels_(
     """
     import torch_pruning as tp
 
-    backup = copy.deepcopy(model.state_dict())
     original = copy.deepcopy(model)
     base_macs, base_params = count_macs_params(model, example)
     try:
@@ -98,7 +97,6 @@ def prune_channels_(
     if empty:
         _restore(model, original)
         raise PruningError(f"structured pruning would remove every channel of {empty}: lower the ratio or ignore them")
-    del backup
     macs, params = count_macs_params(model, example)
     return {"macs_before": base_macs, "macs_after": macs, "params_before": base_params, "params_after": params}
 

@@ -8,7 +8,6 @@ epoch (`checkpoints/finetune_epoch<N>.pt`, resumable with `resume:`), `finetune.
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -78,19 +77,23 @@ def epoch_evaluator(run, samples: int | None):
     return evaluate
 
 
+def train_on_finetune_split(run, opts: FinetuneOptions, checkpoint_dir, label: str) -> list[dict]:
+    """Train the run's model on data.finetune with the options' losses; the history per epoch."""
+    dataset = run.dataset("finetune")
+    num_classes = len(getattr(dataset, "category_ids", [])) or None
+    loader = make_loader(dataset, run.recipe.data, shuffle=True)
+    loss_fn = training_losses(run, opts, num_classes, bool(getattr(dataset, "labeled", False)))
+    evaluate = epoch_evaluator(run, opts.eval_samples)
+    return fit(run.model, loader, opts, loss_fn, run.device, run.recipe.task, checkpoint_dir, evaluate, label)
+
+
 @register_stage("finetune", FinetuneOptions, needs_data=("finetune",))
 def finetune(run, opts: FinetuneOptions) -> None:
     """Fine-tune (after pruning): distillation from the FP32 model and/or the task loss, checkpoints per epoch."""
     if "quant" in run.state:
         raise CalibrationError("stages.finetune: the model is already quantized; fine-tune before calibrate (training a fake-quant model is QAT)")
-    dataset = run.dataset("finetune")
-    num_classes = len(getattr(dataset, "category_ids", [])) or None
-    loader = make_loader(dataset, run.recipe.data, shuffle=True)
-    labeled = bool(getattr(dataset, "labeled", False))
-    loss_fn = training_losses(run, opts, num_classes, labeled)
-    evaluate = epoch_evaluator(run, opts.eval_samples)
     torch.manual_seed(0)  # the shuffling order
-    history = fit(run.model, loader, opts, loss_fn, run.device, run.recipe.task, run.path("checkpoints"), evaluate, "finetune")
+    history = train_on_finetune_split(run, opts, run.path("checkpoints"), "finetune")
     write_json(run.path("finetune.json"), {"options": opts.model_dump(mode="json"), "history": history})
     plot_history(run.path("training_curve.png"), history, "finetune")
     last = history[-1] if history else {}

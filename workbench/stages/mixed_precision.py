@@ -13,7 +13,6 @@ to the model, so the export stage writes it into the Q/DQ ONNX.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 
 import yaml

@@ -18,8 +18,7 @@ from ..data import make_loader
 from ..errors import CalibrationError, RecipeError
 from ..prune import magnitude_prune_, make_permanent, prunable_layers, sparsity_2to4_, weight_sparsity
 from ..prune.unstructured import PRUNABLE as PRUNABLE_OUTPUTS
-from ..train import fit
-from .finetune import FinetuneOptions, epoch_evaluator, training_losses
+from .finetune import FinetuneOptions, train_on_finetune_split
 from .registry import StageOptions, register_stage
 
 
@@ -64,13 +63,9 @@ def prune_stage(run, opts: PruneOptions) -> None:
             done = opts.sparsity * (step - 1) / opts.steps
             magnitude_prune_(run.model, layers, (target - done) / (1 - done), opts.scope)
             if opts.finetune_between is not None and step < opts.steps:
-                ft = opts.finetune_between
-                dataset = run.dataset("finetune") if run.recipe.data.finetune else None
-                if dataset is None:
+                if not run.recipe.data.finetune:
                     raise RecipeError("stages.prune.finetune_between needs data.finetune (images to fine-tune on)")
-                loss_fn = training_losses(run, ft, len(getattr(dataset, "category_ids", [])) or None, bool(getattr(dataset, "labeled", False)))
-                history += fit(run.model, make_loader(dataset, run.recipe.data, shuffle=True), ft, loss_fn, run.device,
-                               run.recipe.task, None, epoch_evaluator(run, ft.eval_samples), f"prune step {step}")
+                history += train_on_finetune_split(run, opts.finetune_between, None, f"prune step {step}")
     make_permanent(layers)
     sparsity = weight_sparsity(layers)
     run.record("prune", {
