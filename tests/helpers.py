@@ -196,3 +196,25 @@ def make_tiny_yolov5_checkpoint(path: Path, nc: int = 3) -> Path:
             else:
                 sys.modules[k] = v
     return path
+
+
+class PadShortcutNet(nn.Module):
+    """A downsampling residual block whose shortcut zero-pads channels with F.pad, inline in forward."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, stride=2)
+        self.conv3 = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        shortcut = nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))
+        x = torch.relu(self.conv2(x) + shortcut)
+        return self.fc(self.conv3(x).mean((2, 3)))
+
+
+def pad_shortcut_net(num_classes: int = 3) -> PadShortcutNet:
+    torch.manual_seed(0)
+    return PadShortcutNet(num_classes).eval()

@@ -40,6 +40,33 @@ def test_random_crops_are_reproducible_and_distinct(images):
     assert not torch.equal(a[0][0], a[same_image[0]][0])
 
 
+def test_training_augmentation_varies_per_draw_and_keeps_the_size(images):
+    aug = {"source": "imagefolder", "path": str(images), "transform": {"pad_crop": 4, "hflip": True}}
+    ds = build_dataset(_data(finetune=aug), "finetune")
+    plain = build_dataset(_data(finetune={"source": "imagefolder", "path": str(images)}), "finetune")
+    torch.manual_seed(0)
+    draws = torch.stack([ds[0][0] for _ in range(8)])
+    assert draws.shape == (8, 3, 32, 32)
+    assert len({d.sum().item() for d in draws}) > 1  # a new crop and flip on every draw
+    original = plain[0][0]
+
+    def is_shifted_copy(d):  # the interior of each draw is the image moved by at most 4 pixels, maybe mirrored
+        return any(torch.equal(v[:, 8:24, 8:24], original[:, 8 + dy : 24 + dy, 8 + dx : 24 + dx])
+                   for v in (d, d.flip(-1)) for dy in range(-4, 5) for dx in range(-4, 5))
+
+    assert all(is_shifted_copy(d) for d in draws)
+
+
+@pytest.mark.parametrize("where", ["transform", "evaluation"])
+def test_augmentation_outside_the_finetune_split_is_refused(images, where):
+    transform = {"hflip": True}
+    with pytest.raises(ValueError, match="training augmentation; set them on data.finetune.transform"):
+        if where == "transform":
+            DataConfig(transform=TransformConfig(**transform))
+        else:
+            _data(evaluation={"source": "imagefolder", "path": str(images), "transform": transform})
+
+
 def test_count_beyond_images_without_crops_is_an_error(images):
     with pytest.raises(DataError, match="count is 100 but the source holds only 18"):
         build_dataset(_data(calibration={"source": "imagefolder", "path": str(images), "count": 100}), "calibration")

@@ -1,14 +1,17 @@
 """Unstructured magnitude pruning and 2:4 sparsity, directly and through the prune stage."""
 
+import copy
 import json
 
 import pytest
 import torch
 
 from conftest import tiny_recipe
-from helpers import make_image_folder, trained_cnn
+from helpers import make_image_folder, pad_shortcut_net, trained_cnn
+from workbench.models.cifar_resnet import cifar_resnet, option_a_as_convolutions_
 from workbench.cli import main
 from workbench.prune import magnitude_prune_, make_permanent, prunable_layers, sparsity_2to4_, weight_sparsity
+from workbench.prune.structured import PruningError, load_pruned, prune_channels_, save_pruned
 from workbench.prune.unstructured import two_four_mask
 
 
@@ -94,6 +97,9 @@ def test_structured_prune_finetune_calibrate_export_and_reload(tmp_path):
     assert prune["macs_after"] < 0.6 * prune["macs_before"]
     backends = metrics["evaluate"]["backends"]
     assert backends["ort_int8_faithful"]["metrics"]["top1"] > 85  # pruned, fine-tuned, INT8, in ONNX Runtime
+    pruned = backends["pytorch_fp32_pruned"]["metrics"]["top1"]
+    assert backends["ort_fp32_pruned"]["metrics"]["top1"] == pytest.approx(pruned, abs=1)
+    assert backends["ort_fp32_pruned"]["size_bytes"] < backends["ort_fp32"]["size_bytes"]
     # A later recipe reloads the pruned model on the same architecture, no pickled classes.
     again = tmp_path / "again"
     text = _structured_recipe(images, again, "  - evaluate: {latency: false}\n").replace(
@@ -102,18 +108,49 @@ def test_structured_prune_finetune_calibrate_export_and_reload(tmp_path):
     assert main(["run", str(tmp_path / "again.yaml")]) == 0
     (again_dir,) = again.iterdir()
     reloaded = json.loads((again_dir / "metrics.json").read_text())["stages"]["evaluate"]["backends"]["pytorch_fp32"]["metrics"]
-    # The run's own FP32 reference is the unpruned model; the reloaded pruned FP32 model scores like the fine-tuned one.
-    assert reloaded["top1"] > 85
+    # The run's own FP32 reference is the unpruned model; the reloaded one is the pruned model with its fine-tuned weights.
+    assert reloaded["top1"] == pruned
 
 
-def test_structured_prune_that_breaks_the_model_is_refused(images, tmp_path, capsys):
-    """Per-layer pruning cuts the channels of option-A ResNet shortcuts, which zero-pad with F.pad (untraced)."""
-    text = tiny_recipe(images, tmp_path / "runs", "  - prune: {method: structured, ratio: 0.5, scope: layer, latency: false}\n").replace(
-        '"import:helpers:tiny_cnn"', "cifar_resnet:resnet20").replace("num_classes", "x")
+def test_structured_prune_that_breaks_the_model_is_refused_naming_the_op(images, tmp_path, capsys):
+    """A shortcut that zero-pads channels with F.pad couples channels the dependency graph cannot see."""
+    stages = "  - prune: {method: structured, ratio: 0.5, scope: layer, latency: false}\n"
+    text = tiny_recipe(images, tmp_path / "runs", stages).replace("helpers:tiny_cnn", "helpers:pad_shortcut_net")
     (tmp_path / "r.yaml").write_text(text)
     assert main(["run", str(tmp_path / "r.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "structured pruning broke the model" in err and "F.pad" in err
+    assert "structured pruning broke the model" in err and "ConstantPadNdBackward0" in err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("pruned_model.pt"))
+
+
+def test_failed_pruning_leaves_the_model_as_it_was():
+    model = pad_shortcut_net()
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x)
+    with pytest.raises(PruningError, match="ConstantPadNdBackward0"):
+        prune_channels_(model, x[:1], [model.fc], 0.5, global_pruning=False)
+    assert torch.equal(model(x), before)
+
+
+def test_option_a_resnet_shortcuts_become_exact_convolutions_and_prune_per_layer(tmp_path):
+    model = cifar_resnet("resnet20").eval()
+    x = torch.randn(4, 3, 32, 32)
+    before = model(x)
+    converted = copy.deepcopy(model)
+    assert option_a_as_convolutions_(converted) == 2
+    assert torch.equal(converted(x), before)  # 0/1 weights: the same function, bit for bit
+    counts = prune_channels_(model, x[:1], [model.linear], 0.5, global_pruning=False)
+    widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert widths["layer1.0.conv2"] == 8 and widths["layer2.0.shortcut"] == 16 and widths["layer3.2.conv1"] == 32
+    assert counts["macs_after"] < 0.3 * counts["macs_before"]
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "shortcut" in n)  # stays a fixed map
+    # The pruned shortcut still embeds each kept input channel once and pads the rest with zeros.
+    w = model.layer2[0].shortcut.weight[:, :, 0, 0]
+    assert ((w == 0) | (w == 1)).all() and (w.sum(0) <= 1).all()
+    save_pruned(model, tmp_path / "p.pt")
+    reloaded = load_pruned(cifar_resnet("resnet20"), tmp_path / "p.pt")
+    assert torch.equal(reloaded(x), model(x))
+    assert not any(p.requires_grad for n, p in reloaded.named_parameters() if "shortcut" in n)
 
 
 def test_structured_needs_one_of_ratio_or_macs_target(images, tmp_path, capsys):

@@ -75,6 +75,10 @@ class TransformConfig(StrictModel):
         None, description="Detection: letterbox every image into (height, width), keeping its aspect ratio (pad 114)."
     )
     stride: int = Field(32, gt=0, description="Detection: the model's largest stride (letterbox sizes must be multiples).")
+    hflip: bool = Field(False, description="Training augmentation (data.finetune only): random horizontal flip.")
+    pad_crop: int | None = Field(
+        None, ge=1, description="Training augmentation (data.finetune only): pad by this many pixels, crop back at random (CIFAR-style)."
+    )
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean (RGB, 0..1).")
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std (RGB, 0..1).")
 
@@ -140,6 +144,16 @@ class DataConfig(StrictModel):
     finetune: DataSplit | None = Field(None, description="Images for fine-tuning and QAT.")
     batch_size: int = Field(32, gt=0, description="Batch size of every loader.")
     workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @model_validator(mode="after")
+    def _augment_only_for_training(self) -> "DataConfig":
+        # Augmented calibration or evaluation images would make ranges and scores random.
+        for name in ("transform", "calibration", "evaluation"):
+            t = self.transform if name == "transform" else getattr(getattr(self, name), "transform", None)
+            if t is not None and (t.hflip or t.pad_crop):
+                field = "data.transform" if name == "transform" else f"data.{name}.transform"
+                raise ValueError(f"{field}: hflip and pad_crop are training augmentation; set them on data.finetune.transform")
+        return self
 
 
 class DetectionConfig(StrictModel):

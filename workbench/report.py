@@ -13,8 +13,10 @@ from .io import atomic_path, write_text
 
 BACKEND_TITLES = {
     "pytorch_fp32": "FP32 (PyTorch)",
+    "pytorch_fp32_pruned": "FP32 pruned (PyTorch)",
     "pytorch_int8": "INT8 fake-quant (PyTorch)",
     "ort_fp32": "FP32 (ONNX Runtime)",
+    "ort_fp32_pruned": "FP32 pruned (ONNX Runtime)",
     "ort_int8_faithful": "INT8 Q/DQ (ONNX Runtime, faithful: TensorRT arithmetic)",
     "ort_int8_default": "INT8 Q/DQ (ONNX Runtime, default: ORT integer kernels)",
 }

@@ -39,7 +39,16 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         img = self.spatial(index)
-        tensor = TF.normalize(TF.to_tensor(img), self.transform.mean, self.transform.std)
+        tensor = TF.to_tensor(img)
+        t = self.transform
+        if t.pad_crop:  # augmentation draws from the global RNG: a new crop every epoch
+            h, w = tensor.shape[1:]
+            tensor = TF.pad(tensor, [t.pad_crop])
+            top, left = (int(v) for v in torch.randint(0, 2 * t.pad_crop + 1, (2,)))
+            tensor = tensor[:, top : top + h, left : left + w]
+        if t.hflip and torch.rand(()) < 0.5:
+            tensor = tensor.flip(-1)
+        tensor = TF.normalize(tensor, t.mean, t.std)
         return tensor, self.samples[index].label
 
     @property

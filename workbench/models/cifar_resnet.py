@@ -15,13 +15,45 @@ from torch import nn
 class LambdaLayer(nn.Module):
     """Option-A shortcut: stride-2 subsampling plus zero channel padding."""
 
-    def __init__(self, pad_channels: int):
+    def __init__(self, in_planes: int, planes: int):
         super().__init__()
-        self.pad_channels = pad_channels
+        self.in_planes, self.planes = in_planes, planes
+        self.pad_channels = (planes - in_planes) // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.pad_channels
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p))
+
+
+class ZeroPadShortcut(nn.Conv2d):
+    """The option-A shortcut as the 1x1 stride-2 convolution it equals: weight[pad + i, i] = 1, frozen.
+
+    F.pad places input channel i at output channel pad + i, a coupling that a dependency
+    graph cannot see, so channel pruning would misalign the residual Add. As a convolution
+    the coupling is explicit: pruning removes its rows with the block's output channels and
+    its columns with the input's, and the function stays exact. Its weights are 0 and 1,
+    which INT8 represents exactly; it adds 2 x 131k MACs to ResNet-20's 41M.
+    """
+
+    def __init__(self, in_planes: int, planes: int):
+        super().__init__(in_planes, planes, 1, stride=2, bias=False)
+        pad = (planes - in_planes) // 2
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[pad : pad + in_planes, :, 0, 0] = torch.eye(in_planes)
+        self.weight.requires_grad_(False)
+
+
+def option_a_as_convolutions_(model: nn.Module) -> int:
+    """Replace every option-A LambdaLayer shortcut with its ZeroPadShortcut (same outputs); how many were replaced."""
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LambdaLayer):
+                conv = ZeroPadShortcut(child.in_planes, child.planes)
+                setattr(module, name, conv.to(next(model.parameters()).device))
+                replaced += 1
+    return replaced
 
 
 class BasicBlock(nn.Module):
@@ -35,7 +67,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = nn.Sequential()
         if stride != 1 or in_planes != planes:
-            self.shortcut = LambdaLayer(planes // 4)
+            self.shortcut = LambdaLayer(in_planes, planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -15,6 +15,7 @@ original architecture (`load_pruned`): no pickled classes.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import torch
@@ -63,7 +64,9 @@ def prune_channels_(
     """
     import torch_pruning as tp
 
+    make_coupling_explicit_(model)
     original = copy.deepcopy(model)
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     base_macs, base_params = count_macs_params(model, example)
     try:
         pruner = tp.pruner.MetaPruner(
@@ -73,32 +76,69 @@ def prune_channels_(
         )
     except Exception as e:
         raise PruningError(f"structured pruning: Torch-Pruning cannot trace this model: {type(e).__name__}: {e}") from None
-    steps = 1 if ratio else 30
-    for _ in range(steps):
-        if importance == "taylor":
-            if gradient_batches is None:
-                raise PruningError("importance taylor needs gradients: a labeled fine-tune split (data.finetune)")
-            model.zero_grad()
-            gradient_batches(model)
-        pruner.step()
-        if macs_target and count_macs_params(model, example)[0] <= macs_target * base_macs:
-            break
+    if importance == "taylor" and gradient_batches is None:
+        raise PruningError("importance taylor needs gradients: a labeled fine-tune split (data.finetune)")
     try:
+        for _ in range(1 if ratio else 30):
+            if importance == "taylor":
+                model.zero_grad()
+                gradient_batches(model)
+            pruner.step()
+            if macs_target and count_macs_params(model, example)[0] <= macs_target * base_macs:
+                break
         with torch.no_grad():
             model.eval()(example)
     except Exception as e:
         _restore(model, original)
+        suspects = ", ".join(untracked_channel_ops(pruner.DG)) or "none recognised"
         raise PruningError(
             f"structured pruning broke the model: {type(e).__name__}: {str(e).splitlines()[0]}. An operation in its forward "
-            "couples channels in a way the dependency graph does not see (for example a residual shortcut that zero-pads "
-            "channels with F.pad, as option-A CIFAR ResNets do); ignore the layers around it or prune another way"
+            "couples channels in a way Torch-Pruning's dependency graph does not see; it took these for channel-wise "
+            f"operations: {suspects}. Ignore the layers around it (stages.prune.ignore) or rewrite it as a layer "
+            "(an option-A F.pad shortcut becomes a 1x1 convolution, as workbench does for its CIFAR ResNets)"
         ) from None
     empty = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[0] == 0]
     if empty:
         _restore(model, original)
         raise PruningError(f"structured pruning would remove every channel of {empty}: lower the ratio or ignore them")
+    _freeze(model, frozen)  # Torch-Pruning's new, smaller Parameters are trainable again
     macs, params = count_macs_params(model, example)
     return {"macs_before": base_macs, "macs_after": macs, "params_before": base_params, "params_after": params}
+
+
+# Operations that really keep channel i at channel i; Torch-Pruning assumes this of every op it does not know.
+_CHANNELWISE = re.compile(
+    r"(Relu|Sigmoid|Silu|Hardswish|Hardsigmoid|Hardtanh|Gelu|LeakyRelu|Elu|Tanh|Clamp|Add|Sub|Mul|Div|Neg|Mean|Sum|Amax|"
+    r"MaxPool\dD|AvgPool\dD|AdaptiveAvgPool\dD|AdaptiveMaxPool\dD|UpsampleNearest\dD|UpsampleBilinear\dD|Clone|ToCopy|"
+    r"Permute|T|Expand|Unsqueeze|Squeeze|Softmax|LogSoftmax|Exp|Pow|Sqrt|Rsqrt|Max|Min|Where)Backward\d*"
+)
+
+
+def untracked_channel_ops(graph) -> list[str]:
+    """The autograd ops that Torch-Pruning treated as channel-wise for want of knowing them."""
+    names = set()
+    for node in graph.module2node.values():
+        grad_fn = getattr(node.module, "_grad_fn", None)
+        name = type(grad_fn).__name__ if grad_fn is not None and not isinstance(grad_fn, str) else grad_fn
+        if type(node.module).__name__ == "_ElementWiseOp" and name and not _CHANNELWISE.fullmatch(name):
+            names.add(name)
+    return sorted(names)
+
+
+def make_coupling_explicit_(model: nn.Module) -> None:
+    """Rewrite modules whose channel coupling the dependency graph cannot see into exact equivalents it can.
+
+    Applied before pruning and before loading a pruned model, so both see the same modules.
+    """
+    from ..models.cifar_resnet import option_a_as_convolutions_
+
+    option_a_as_convolutions_(model)
+
+
+def _freeze(model: nn.Module, names: list[str]) -> None:
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(False)
 
 
 def _restore(model: nn.Module, original: nn.Module) -> None:
@@ -121,9 +161,12 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     """Reshape a fresh instance of the original architecture to the saved pruned one and load its weights."""
     import torch_pruning as tp
 
+    make_coupling_explicit_(model)
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)  # tp's dict holds attribute values
         tp.load_state_dict(model, state_dict=state)
+        _freeze(model, frozen)
     except (RuntimeError, KeyError, ValueError, FileNotFoundError) as e:
         raise PruningError(f"{path}: not a pruned model of this architecture ({str(e).splitlines()[0]})") from None
     return model.eval()

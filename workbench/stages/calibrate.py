@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -40,6 +41,8 @@ def calibrate(run, opts: CalibrateOptions) -> None:
                     break
                 model(images.to(run.device))
 
+    if run.state.get("pruned_fp32") is run.model:  # keep the pruned FP32 model: quantize_ works in place
+        run.state["pruned_fp32"] = copy.deepcopy(run.model)
     start = time.perf_counter()
     result = quantize_(run.model, opts, forward_loop, run.example_input())
     seconds = time.perf_counter() - start

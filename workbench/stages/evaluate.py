@@ -2,8 +2,10 @@
 
 Backends (those that exist at this point of the run):
   pytorch_fp32       the model as loaded
+  pytorch_fp32_pruned  the pruned (and fine-tuned) model before quantization (after prune)
   pytorch_int8       the fake-quant model (after calibrate)
   ort_fp32           model_fp32.onnx in ONNX Runtime
+  ort_fp32_pruned    model_pruned_fp32.onnx in ONNX Runtime
   ort_int8_faithful  model.onnx, ORT optimisations off: TensorRT's arithmetic on that graph
   ort_int8_default   model.onnx, ORT optimisations on: ORT's integer kernels (a CPU deployment)
 Each is also compared with the FP32 model (agreement, KL); the faithful ONNX
@@ -23,7 +25,8 @@ from ..runtime import OrtRunner, TorchRunner, measure_latency
 from ..tasks import is_labeled, new_scorer
 from .registry import StageOptions, register_stage
 
-Backend = Literal["pytorch_fp32", "pytorch_int8", "ort_fp32", "ort_int8_faithful", "ort_int8_default"]
+Backend = Literal["pytorch_fp32", "pytorch_fp32_pruned", "pytorch_int8", "ort_fp32", "ort_fp32_pruned",
+                  "ort_int8_faithful", "ort_int8_default"]
 
 
 class EvaluateOptions(StageOptions):
@@ -37,11 +40,15 @@ class EvaluateOptions(StageOptions):
 
 def available_backends(run) -> list[str]:
     out = ["pytorch_fp32"]
+    if "pruned_fp32" in run.state:
+        out.append("pytorch_fp32_pruned")
     if "quant" in run.state:
         out.append("pytorch_int8")
     onnx = run.state.get("onnx", {})
     if onnx.get("fp32"):
         out.append("ort_fp32")
+    if onnx.get("pruned_fp32"):
+        out.append("ort_fp32_pruned")
     if onnx.get("model"):
         if "quant" in run.state:
             out += ["ort_int8_faithful", "ort_int8_default"]
@@ -55,7 +62,9 @@ def build_runners(run, backends: list[str], threads: int | None) -> dict:
     fp32_onnx = onnx.get("fp32") or (onnx.get("model") if "quant" not in run.state else None)
     makers = {
         "pytorch_fp32": lambda: TorchRunner(run.reference, "pytorch_fp32", run.device),
+        "pytorch_fp32_pruned": lambda: TorchRunner(run.state["pruned_fp32"], "pytorch_fp32_pruned", run.device),
         "pytorch_int8": lambda: TorchRunner(run.model, "pytorch_int8", run.device),
+        "ort_fp32_pruned": lambda: OrtRunner(onnx["pruned_fp32"], "ort_fp32_pruned", "default", threads),
         "ort_fp32": lambda: OrtRunner(fp32_onnx, "ort_fp32", "default", threads),
         "ort_int8_faithful": lambda: OrtRunner(onnx["model"], "ort_int8_faithful", "faithful", threads),
         "ort_int8_default": lambda: OrtRunner(onnx["model"], "ort_int8_default", "default", threads),
@@ -112,8 +121,9 @@ def evaluate(run, opts: EvaluateOptions) -> None:
         entry = {"metrics": scorers[b].result()}
         if isinstance(runner, OrtRunner):
             entry["size_bytes"] = runner.path.stat().st_size
-        elif b == "pytorch_fp32":
-            entry["size_bytes"] = sum(p.numel() * p.element_size() for p in run.reference.parameters())
+        elif b in ("pytorch_fp32", "pytorch_fp32_pruned"):
+            model = run.reference if b == "pytorch_fp32" else run.state["pruned_fp32"]
+            entry["size_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
         if b in latencies:
             entry["latency"] = latencies[b]
         results[b] = entry

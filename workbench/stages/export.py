@@ -14,7 +14,8 @@ class ExportOptions(StageOptions):
     opset: int = Field(17, ge=13, le=21, description="ONNX opset (13+ for per-channel Q/DQ; 17 recommended).")
     dynamic_batch: bool = Field(True, description="Batch dimension dynamic in the exported graph.")
     dynamic_size: bool = Field(False, description="Height and width dynamic too.")
-    fp32: bool = Field(True, description="Also export the FP32 model as model_fp32.onnx (the baseline in the report).")
+    fp32: bool = Field(True, description="Also export the FP32 model as model_fp32.onnx (the baseline in the report), "
+                       "and a pruned model before quantization as model_pruned_fp32.onnx.")
 
 
 @register_stage("export", ExportOptions)
@@ -25,6 +26,10 @@ def export(run, opts: ExportOptions) -> None:
     if opts.fp32:
         path = export_onnx(run.reference, example, run.path("model_fp32.onnx"), opts.opset, opts.dynamic_batch, opts.dynamic_size)
         values["model_fp32.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path)}
+        if "pruned_fp32" in run.state and "quant" in run.state:
+            path = export_onnx(run.state["pruned_fp32"], example, run.path("model_pruned_fp32.onnx"), opts.opset,
+                               opts.dynamic_batch, opts.dynamic_size)
+            values["model_pruned_fp32.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path)}
     metadata = None
     if "quant" in run.state:
         result = run.state["quant"]
@@ -35,5 +40,6 @@ def export(run, opts: ExportOptions) -> None:
         }
     path = export_onnx(run.model, example, run.path("model.onnx"), opts.opset, opts.dynamic_batch, opts.dynamic_size, metadata)
     values["model.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path), "quantized": "quant" in run.state}
-    run.state["onnx"] = {"model": path, "fp32": run.path("model_fp32.onnx") if opts.fp32 else None}
+    run.state["onnx"] = {"model": path, "fp32": run.path("model_fp32.onnx") if opts.fp32 else None,
+                         "pruned_fp32": run.path("model_pruned_fp32.onnx") if "model_pruned_fp32.onnx" in values else None}
     run.record("export", values)

@@ -94,6 +94,10 @@ def finetune(run, opts: FinetuneOptions) -> None:
         raise CalibrationError("stages.finetune: the model is already quantized; fine-tune before calibrate (training a fake-quant model is QAT)")
     torch.manual_seed(0)  # the shuffling order
     history = train_on_finetune_split(run, opts, run.path("checkpoints"), "finetune")
+    if "pruned_model" in run.state:  # the saved pruned model gets the fine-tuned weights
+        from .prune import keep_pruned_fp32
+
+        keep_pruned_fp32(run)
     write_json(run.path("finetune.json"), {"options": opts.model_dump(mode="json"), "history": history})
     plot_history(run.path("training_curve.png"), history, "finetune")
     last = history[-1] if history else {}

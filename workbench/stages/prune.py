@@ -1,8 +1,9 @@
 """prune: structured channel pruning over a dependency graph, unstructured magnitude pruning
 (in steps, optionally fine-tuned between) or 2:4 sparsity.
 
-Structured pruning writes `pruned_model.pt` (shapes and weights, no pickled classes);
-`model.pruned: <path>` in a later recipe reloads it on the same architecture.
+Every method writes `pruned_model.pt` (shapes and weights, no pickled classes; re-saved
+by a later finetune stage); `model.pruned: <path>` in a later recipe reloads it on the
+same architecture.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def prune_stage(run, opts: PruneOptions) -> None:
                 history += train_on_finetune_split(run, opts.finetune_between, None, f"prune step {step}")
     make_permanent(layers)
     sparsity = weight_sparsity(layers)
+    keep_pruned_fp32(run)
     run.record("prune", {
         "method": opts.method,
         "layers": len(layers) - len(skipped),
@@ -83,7 +85,7 @@ def prune_stage(run, opts: PruneOptions) -> None:
 
 
 def _structured(run, opts: PruneOptions, layers: dict) -> None:
-    from ..prune.structured import prune_channels_, save_pruned
+    from ..prune.structured import prune_channels_
 
     if (opts.ratio is None) == (opts.macs_target is None):
         raise RecipeError("stages.prune: method structured needs exactly one of ratio (share of channels) or macs_target")
@@ -99,13 +101,25 @@ def _structured(run, opts: PruneOptions, layers: dict) -> None:
         gradients = _gradient_batches(run)
     counts = prune_channels_(run.model, example, keep, opts.ratio, opts.macs_target, opts.importance,
                              opts.scope == "global", opts.round_to, gradients)
-    path = save_pruned(run.model, run.path("pruned_model.pt"))
-    run.state["pruned_model"] = path
+    path = keep_pruned_fp32(run)
     channels = {n: int(m.weight.shape[0]) for n, m in run.model.named_modules() if isinstance(m, PRUNABLE_OUTPUTS)}
     run.record("prune", {"method": "structured", "importance": opts.importance, "ratio": opts.ratio,
                          "macs_target": opts.macs_target, "round_to": opts.round_to, **counts,
                          "macs_ratio": counts["macs_after"] / counts["macs_before"], "out_channels": channels,
                          "saved": path.name, **(_onnx_before_after(run) if opts.latency else {})})
+
+
+def keep_pruned_fp32(run):
+    """Save the pruned model (re-saved after fine-tuning) and mark it as the run's pruned FP32 model.
+
+    Evaluate and export then show it beside the original FP32 model and the INT8 one.
+    """
+    from ..prune.structured import save_pruned
+
+    run.state["pruned_fp32"] = run.model
+    path = save_pruned(run.model, run.path("pruned_model.pt"))
+    run.state["pruned_model"] = path
+    return path
 
 
 def _onnx_before_after(run) -> dict:
