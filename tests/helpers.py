@@ -185,6 +185,8 @@ def make_tiny_yolov5_checkpoint(path: Path, nc: int = 3) -> Path:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 1.5)
+    for p in model.parameters():  # as YOLOv5 saves its checkpoints
+        p.requires_grad_(False)
     saved = {k: sys.modules.get(k) for k in fake}
     sys.modules.update(fake)
     try:

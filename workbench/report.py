@@ -170,8 +170,9 @@ def _prune_section(stages: dict) -> list[str]:
         lines += [f"{p['method']}: {100 * p['sparsity']:.1f}% of {p['weights']:,} weights are zero ({p['layers']} layers). {p['note']}.", ""]
     ft = stages.get("finetune")
     if ft and ft.get("eval"):
-        lines += [f"After fine-tuning ({ft['epochs']} epochs): {ft['eval']['metric']} {_fmt(ft['eval']['value'])} on the evaluation subset; "
-                  "curve in `training_curve.png`.", ""]
+        start = f"{_fmt(ft['eval_before']['value'])} after pruning, " if ft.get("eval_before") else ""
+        lines += [f"{ft['eval']['metric']} on the evaluation subset: {start}{_fmt(ft['eval']['value'])} after fine-tuning "
+                  f"({ft['epochs']} epochs); curve in `training_curve.png`.", ""]
     return lines
 
 

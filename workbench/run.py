@@ -47,6 +47,14 @@ class Run:
             self._datasets[split] = build_dataset(self.recipe.data, split)
         return self._datasets[split]
 
+    def num_classes(self, split: str) -> int | None:
+        """A detector's class count: from the split if it is labeled, else from the evaluation split (None if neither)."""
+        for name in (split, "evaluation"):
+            if name == split or self.recipe.data.evaluation is not None:
+                if count := len(getattr(self.dataset(name), "category_ids", [])):
+                    return count
+        return None
+
     def loader(self, split: str):
         return make_loader(self.dataset(split), self.recipe.data)
 
@@ -90,6 +98,7 @@ def preflight(recipe: Recipe) -> tuple[nn.Module, dict[str, ImageDataset]]:
 
 def _check_detector(recipe: Recipe, model: nn.Module, datasets: dict) -> None:
     """The model's output is a head the adapter decodes, for as many classes as the data has."""
+    from .data.detection import LetterboxedImages
     from .tasks.detection import UnknownHeadError, detect_head_format
 
     c, h, w = recipe.model.input_size
@@ -98,7 +107,13 @@ def _check_detector(recipe: Recipe, model: nn.Module, datasets: dict) -> None:
     for split, dataset in datasets.items():
         num_classes = len(getattr(dataset, "category_ids", []))
         if not num_classes:
-            raise WorkbenchError(f"data.{split}: task detection needs a detection source (coco or yolo_txt)")
+            if split != "evaluation" and isinstance(dataset, LetterboxedImages):
+                continue  # unlabeled letterboxed images: enough to calibrate and to distil
+            raise WorkbenchError(
+                f"data.evaluation: task detection scores with a detection source (coco or yolo_txt)"
+                if split == "evaluation" else
+                f"data.{split}: task detection needs a detection source (coco or yolo_txt) or images with transform.letterbox"
+            )
         try:
             detect_head_format(output, num_classes)
         except UnknownHeadError as e:

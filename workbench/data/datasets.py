@@ -104,6 +104,10 @@ def build_dataset(data: DataConfig, split_name: str) -> ImageDataset:
         return _detection_dataset(split, transform, field)
     samples = list_samples(split, field)
     samples = sample_subset(samples, split, transform, field)
+    if transform.letterbox:  # a detector's unlabeled images (calibration, distillation)
+        from .detection import LetterboxedImages
+
+        return LetterboxedImages(samples, tuple(transform.letterbox), transform.stride)
     return ImageDataset(samples, transform, seed=split.seed)
 
 
@@ -132,7 +136,7 @@ def sample_subset(samples: list[Sample], split: DataSplit, transform: TransformC
 
 
 def make_loader(dataset, data: DataConfig, shuffle: bool = False) -> DataLoader:
-    from .detection import DetectionDataset, detection_collate
+    from .detection import DetectionDataset, LetterboxedImages, detection_collate
 
     base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
     return DataLoader(
@@ -142,7 +146,7 @@ def make_loader(dataset, data: DataConfig, shuffle: bool = False) -> DataLoader:
         num_workers=data.workers,
         persistent_workers=False,
         # Detection targets differ in length per image: keep them as a list.
-        collate_fn=detection_collate if isinstance(base, DetectionDataset) else None,
+        collate_fn=detection_collate if isinstance(base, (DetectionDataset, LetterboxedImages)) else None,
     )
 
 

@@ -170,6 +170,28 @@ class DetectionDataset(Dataset):
         return tensor, target
 
 
+class LetterboxedImages(Dataset):
+    """Images without labels, letterboxed as a detector sees them: for calibration and distillation.
+
+    item -> (float32 (3, H, W) RGB in 0..1, {"boxes" (0, 4), "labels" (0,), "letterbox": Letterbox}).
+    """
+
+    category_ids: list[int] = []  # no classes: this set cannot be scored
+
+    def __init__(self, samples: list, size: tuple[int, int], stride: int):
+        self.samples = samples
+        self.size = _check_size(size, stride)
+        self.stride = stride
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        pixels, lb = letterbox(self.samples[index].opener().convert("RGB"), self.size, self.stride)
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
+        return tensor, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "letterbox": lb}
+
+
 def detection_collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
     """Images stacked (they share the letterbox size); targets kept as a list (box counts differ)."""
     images, targets = zip(*batch)

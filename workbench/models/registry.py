@@ -49,6 +49,10 @@ def resolve_model(config: ModelConfig) -> nn.Module:
     model = MODEL_SOURCES[source].build(name, config)
     if config.weights and source != "torchvision":
         load_weights(model, config.weights)
+    # Checkpoints saved for inference (YOLOv5's among them) freeze every parameter; fine-tuning,
+    # QAT and Torch-Pruning's tracing (which follows autograd) all need them trainable.
+    for p in model.parameters():
+        p.requires_grad_(True)
     if config.pruned:
         from ..prune.structured import load_pruned
 

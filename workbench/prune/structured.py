@@ -68,10 +68,13 @@ def prune_channels_(
     original = copy.deepcopy(model)
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     base_macs, base_params = count_macs_params(model, example)
+    per_layer = None
+    if ratio and not global_pruning:
+        per_layer = _nearest_multiple_ratios(model, ignored, ratio, round_to)
     try:
         pruner = tp.pruner.MetaPruner(
             model, example, importance=_importance(importance), pruning_ratio=ratio if ratio else 0.9,
-            global_pruning=global_pruning, ignored_layers=ignored, round_to=round_to,
+            pruning_ratio_dict=per_layer, global_pruning=global_pruning, ignored_layers=ignored, round_to=round_to,
             iterative_steps=1 if ratio else 30,
         )
     except Exception as e:
@@ -139,6 +142,22 @@ def _freeze(model: nn.Module, names: list[str]) -> None:
     params = dict(model.named_parameters())
     for name in names:
         params[name].requires_grad_(False)
+
+
+def _nearest_multiple_ratios(model: nn.Module, ignored: list[nn.Module], ratio: float, round_to: int) -> dict:
+    """Per-layer ratios that keep the multiple of round_to nearest to (1 - ratio) x the channels.
+
+    Torch-Pruning rounds the kept channels down, so ratio 0.2 of 16 channels with round_to 8
+    keeps 8 (a 50% cut); here it keeps 16, and 24 of 32, 104 of 128.
+    """
+    ratios = {}
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and module not in ignored:
+            channels = module.weight.shape[0]
+            keep = max(round_to, round(channels * (1 - ratio) / round_to) * round_to)
+            # +0.5: Torch-Pruning keeps int(channels x (1 - r)) channels, which must land on `keep` exactly.
+            ratios[module] = max(0.0, 1 - (keep + 0.5) / channels) if keep < channels else 0.0
+    return ratios
 
 
 def _restore(model: nn.Module, original: nn.Module) -> None:

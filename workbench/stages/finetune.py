@@ -80,7 +80,9 @@ def epoch_evaluator(run, samples: int | None):
 def train_on_finetune_split(run, opts: FinetuneOptions, checkpoint_dir, label: str) -> list[dict]:
     """Train the run's model on data.finetune with the options' losses; the history per epoch."""
     dataset = run.dataset("finetune")
-    num_classes = len(getattr(dataset, "category_ids", [])) or None
+    num_classes = run.num_classes("finetune")
+    if run.recipe.task == "detection" and num_classes is None:
+        raise RecipeError("data.finetune: distilling a detector needs its class count: add data.evaluation (a coco or yolo_txt source)")
     loader = make_loader(dataset, run.recipe.data, shuffle=True)
     loss_fn = training_losses(run, opts, num_classes, bool(getattr(dataset, "labeled", False)))
     evaluate = epoch_evaluator(run, opts.eval_samples)
@@ -93,6 +95,8 @@ def finetune(run, opts: FinetuneOptions) -> None:
     if "quant" in run.state:
         raise CalibrationError("stages.finetune: the model is already quantized; fine-tune before calibrate (training a fake-quant model is QAT)")
     torch.manual_seed(0)  # the shuffling order
+    evaluate = epoch_evaluator(run, opts.eval_samples)
+    before = evaluate(run.model.eval()) if evaluate is not None and not opts.resume else None  # the starting point
     history = train_on_finetune_split(run, opts, run.path("checkpoints"), "finetune")
     if "pruned_model" in run.state:  # the saved pruned model gets the fine-tuned weights
         from .prune import keep_pruned_fp32
@@ -102,7 +106,7 @@ def finetune(run, opts: FinetuneOptions) -> None:
     plot_history(run.path("training_curve.png"), history, "finetune")
     last = history[-1] if history else {}
     run.record("finetune", {"epochs": len(history), "steps": last.get("steps", 0), "final_loss": last.get("loss"),
-                            "eval": last.get("eval"), "history": history})
+                            "eval_before": before, "eval": last.get("eval"), "history": history})
 
 
 def plot_history(path, history: list[dict], title: str) -> None:
