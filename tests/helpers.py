@@ -220,3 +220,41 @@ class PadShortcutNet(nn.Module):
 def pad_shortcut_net(num_classes: int = 3) -> PadShortcutNet:
     torch.manual_seed(0)
     return PadShortcutNet(num_classes).eval()
+
+
+class NanAfterSteps(TinyCNN):
+    """Trains normally for 10 training-mode forwards, then outputs NaN (a run that diverges mid-training)."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__(num_classes)
+        self.training_calls = 0
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.training:
+            self.training_calls += 1
+            if self.training_calls > 10:
+                return out * float("nan")
+        return out
+
+
+def nan_after_steps_cnn(num_classes: int = 3) -> NanAfterSteps:
+    model = NanAfterSteps(num_classes)
+    model.load_state_dict(trained_cnn(num_classes).state_dict())
+    return model.eval()
+
+
+def stretched_cnn(num_classes: int = 3, factor: float = 16.0) -> TinyCNN:
+    """trained_cnn with one conv1 channel's output `factor` x larger and conv2's reading of it `factor` x smaller.
+
+    The same function (ReLU is positively homogeneous), but per-tensor INT8 now spends its
+    range on that channel: the other channels of conv1's folded weights and of conv2's
+    input get `factor` x coarser steps. PTQ loses accuracy that QAT can win back.
+    """
+    model = trained_cnn(num_classes)
+    c = int(model.conv1.weight.abs().flatten(1).amax(1).argmax())
+    with torch.no_grad():
+        model.bn1.weight[c] *= factor
+        model.bn1.bias[c] *= factor
+        model.conv2.weight[:, c] /= factor
+    return model.eval()

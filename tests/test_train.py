@@ -9,6 +9,7 @@ from conftest import tiny_recipe
 from helpers import colour_blob_batch, make_image_folder, trained_cnn, tiny_cnn
 from workbench.cli import main
 from workbench.errors import WorkbenchError
+from workbench.quant.ptq import Int8Config, quantize_, refresh_weight_ranges_
 from workbench.train import TrainOptions, distillation_loss, fit
 
 
@@ -74,7 +75,7 @@ def test_diverging_loss_stops_with_advice():
     def bad_loss(outputs, batch):
         return outputs.sum() * float("nan"), {}
 
-    with pytest.raises(WorkbenchError, match="lower the learning rate"):
+    with pytest.raises(WorkbenchError, match="Lower the learning rate"):
         fit(tiny_cnn(), _batches(), TrainOptions(), bad_loss, torch.device("cpu"), "classification")
 
 
@@ -102,3 +103,77 @@ def test_finetune_with_nothing_to_learn_from(tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(text)
     assert main(["run", str(tmp_path / "r.yaml")]) == 2
     assert "nothing to learn from" in capsys.readouterr().err
+
+
+def _qat_recipe(tmp_path, stages, model="outlier_cnn"):
+    images = make_image_folder(tmp_path / "blobs", per_class=20, seed=4)
+    text = tiny_recipe(images, tmp_path / "runs", stages).replace("helpers:tiny_cnn", f"helpers:{model}")
+    text = text.replace("  batch_size: 4", f'  finetune: {{source: files, path: "{images}", pattern: "**/*.png"}}\n  batch_size: 8')
+    (tmp_path / "r.yaml").write_text(text)
+    return tmp_path / "r.yaml"
+
+
+def test_qat_brings_per_tensor_int8_closer_to_fp32_without_labels(tmp_path):
+    """Per-tensor weights with max ranges: QAT by distillation (no labels) moves the INT8 model towards FP32."""
+    stages = ("  - calibrate: {method: max, weights: per_tensor}\n"
+              "  - qat: {epochs: 4, lr: 0.0003, eval_samples: 60}\n  - export: {}\n  - evaluate: {latency: false}\n")
+    assert main(["run", str(_qat_recipe(tmp_path, stages, model="stretched_cnn"))]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    stages = json.loads((run_dir / "metrics.json").read_text())["stages"]
+    ev = stages["evaluate"]["backends"]
+    kl = {b: e["metrics"]["mean_kl"] for b, e in ev.items()}
+    assert kl["pytorch_int8"] < kl["pytorch_int8_ptq"] / 3  # QAT output much closer to FP32 than PTQ's
+    assert kl["ort_int8_faithful"] == pytest.approx(kl["pytorch_int8"], rel=1e-3)  # the exported QAT graph is the same model
+    assert kl["ort_int8_ptq"] == pytest.approx(kl["pytorch_int8_ptq"], rel=1e-3)
+    assert ev["pytorch_int8"]["metrics"]["top1"] == 100.0
+    history = stages["qat"]["history"]
+    assert "distill" in history[0] and "cross_entropy" not in history[0]  # unlabeled images: distillation only
+    assert history[-1]["loss"] < history[0]["loss"] / 5
+    for name in ("qat_model.pt", "training_curve_qat.png", "checkpoints/qat_epoch4.pt", "model_ptq.onnx"):
+        assert (run_dir / name).is_file()
+    assert "## Quantization-aware training" in (run_dir / "report.md").read_text()
+def test_qat_weight_ranges_follow_the_weights():
+    model = trained_cnn()
+    x = colour_blob_batch()[0]
+    result = quantize_(model, Int8Config(method="max"), lambda m: m(x), x[:1])
+    with torch.no_grad():
+        model.conv2.weight[3] *= 2  # a channel grows during training
+    before = model.conv2.weight_quantizer.amax.flatten()[3].item()
+    refresh_weight_ranges_(model, result)
+    after = model.conv2.weight_quantizer.amax.flatten()[3].item()
+    assert after == pytest.approx(2 * before, rel=1e-5)
+    assert after == pytest.approx(model.conv2.weight[3].abs().max().item(), rel=1e-6)
+
+
+def test_qat_without_calibration(tmp_path, capsys):
+    assert main(["run", str(_qat_recipe(tmp_path, "  - qat: {epochs: 1}\n"))]) == 2
+    assert "QAT starts from a calibrated model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["lr: 5.0", "epochs: 0", "epochs: 5000"])
+def test_qat_options_out_of_range(tmp_path, capsys, bad):
+    assert main(["run", str(_qat_recipe(tmp_path, f"  - calibrate: {{}}\n  - qat: {{{bad}}}\n"))]) == 2
+    assert bad.split(":")[0] in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_nan_loss_stops_and_names_the_step_and_the_last_good_checkpoint(tmp_path, capsys):
+    stages = "  - calibrate: {}\n  - qat: {epochs: 3, eval_samples: 10}\n"  # 8 steps an epoch; NaN from step 11
+    path = _qat_recipe(tmp_path, stages, model="nan_after_steps_cnn")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "the loss became nan at step" in err and "qat.resume" in err
+    (failed,) = (tmp_path / "runs").iterdir()
+    assert failed.name.endswith(".failed") and (failed / "checkpoints" / "qat_epoch1.pt").is_file()
+
+
+def test_resume_with_a_changed_recipe_is_refused(tmp_path, capsys):
+    stages = "  - calibrate: {}\n  - qat: {epochs: 1, eval_samples: 10}\n"
+    path = _qat_recipe(tmp_path, stages)
+    assert main(["run", str(path)]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    checkpoint = run_dir / "checkpoints" / "qat_epoch1.pt"
+    changed = stages.replace("epochs: 1,", f'epochs: 2, lr: 0.001, resume: "{checkpoint}",')
+    path.write_text(path.read_text().replace(stages, changed))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "comes from a run with other settings" in err and "options" in err

@@ -17,6 +17,8 @@ BACKEND_TITLES = {
     "pytorch_int8": "INT8 fake-quant (PyTorch)",
     "ort_fp32": "FP32 (ONNX Runtime)",
     "ort_fp32_pruned": "FP32 pruned (ONNX Runtime)",
+    "pytorch_int8_ptq": "INT8 PTQ before QAT, fake-quant (PyTorch)",
+    "ort_int8_ptq": "INT8 PTQ before QAT (ONNX Runtime, faithful)",
     "ort_int8_faithful": "INT8 Q/DQ (ONNX Runtime, faithful: TensorRT arithmetic)",
     "ort_int8_default": "INT8 Q/DQ (ONNX Runtime, default: ORT integer kernels)",
 }
@@ -129,6 +131,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
                   f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""]
     lines += _prune_section(stages)
+    lines += _qat_section(stages)
     lines += _sensitivity_section(run_dir, stages)
     exp = stages.get("export")
     if exp:
@@ -173,6 +176,22 @@ def _prune_section(stages: dict) -> list[str]:
         start = f"{_fmt(ft['eval_before']['value'])} after pruning, " if ft.get("eval_before") else ""
         lines += [f"{ft['eval']['metric']} on the evaluation subset: {start}{_fmt(ft['eval']['value'])} after fine-tuning "
                   f"({ft['epochs']} epochs); curve in `training_curve.png`.", ""]
+    return lines
+
+
+def _qat_section(stages: dict) -> list[str]:
+    q = stages.get("qat")
+    if not q:
+        return []
+    lines = ["## Quantization-aware training", ""]
+    if q.get("eval") and q.get("eval_before"):
+        lines.append(f"{q['eval']['metric']} on the evaluation subset: PTQ {_fmt(q['eval_before']['value'])}, after "
+                     f"{q['epochs']} QAT epochs {_fmt(q['eval']['value'])}.")
+    per_epoch = q.get("seconds_per_epoch") or []
+    if per_epoch:
+        lines.append(f"{sum(per_epoch) / len(per_epoch):.1f} s per epoch. FP32, PTQ and QAT side by side, in PyTorch and "
+                     "ONNX Runtime: the accuracy table above. Loss and metric per epoch: `training_curve_qat.png`.")
+    lines += ["", "![QAT training curve](training_curve_qat.png)", ""]
     return lines
 
 

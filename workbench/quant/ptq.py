@@ -292,6 +292,28 @@ def _set_ranges(model: nn.Module, result: QuantResult, activation_quantizers: di
             weight_q.amax = weight_q.amax.clamp(min=MIN_AMAX)
 
 
+@torch.no_grad()
+def refresh_weight_ranges_(model: nn.Module, result: QuantResult) -> None:
+    """Re-measure every weight quantizer's range (absolute max, per channel or per tensor) from the current weights.
+
+    Calibration measured the weights before training; during QAT they move, and a range
+    left behind would clip the channels that grew.
+    """
+    modules = dict(model.named_modules())
+    for name in result.quantized:
+        layer = modules[name]
+        q = layer.weight_quantizer
+        if q.amax is None or not q.is_enabled:
+            continue
+        w = layer.weight.detach().abs()
+        if q.amax.numel() == 1:
+            amax = w.amax()
+        else:
+            axis = q.axis if isinstance(q.axis, int) else q.axis[0]
+            amax = w.amax(dim=[d for d in range(w.dim()) if d != axis % w.dim()], keepdim=True)
+        q.amax = amax.reshape(q.amax.shape).clamp(min=MIN_AMAX).to(q.amax.dtype)
+
+
 def quant_units(model: nn.Module, result: QuantResult) -> dict[str, list]:
     """Every unit that can be switched between INT8 and float, with its quantizers.
 

@@ -3,11 +3,13 @@
 Backends (those that exist at this point of the run):
   pytorch_fp32       the model as loaded
   pytorch_fp32_pruned  the pruned (and fine-tuned) model before quantization (after prune)
-  pytorch_int8       the fake-quant model (after calibrate)
+  pytorch_int8       the fake-quant model (after calibrate; after qat, the QAT model)
+  pytorch_int8_ptq   the fake-quant model before QAT (after qat)
   ort_fp32           model_fp32.onnx in ONNX Runtime
   ort_fp32_pruned    model_pruned_fp32.onnx in ONNX Runtime
   ort_int8_faithful  model.onnx, ORT optimisations off: TensorRT's arithmetic on that graph
   ort_int8_default   model.onnx, ORT optimisations on: ORT's integer kernels (a CPU deployment)
+  ort_int8_ptq       model_ptq.onnx (the PTQ graph, after qat), faithful
 Each is also compared with the FP32 model (agreement, KL); the faithful ONNX
 is compared with the fake-quant model it was exported from.
 """
@@ -25,8 +27,8 @@ from ..runtime import OrtRunner, TorchRunner, measure_latency
 from ..tasks import is_labeled, new_scorer
 from .registry import StageOptions, register_stage
 
-Backend = Literal["pytorch_fp32", "pytorch_fp32_pruned", "pytorch_int8", "ort_fp32", "ort_fp32_pruned",
-                  "ort_int8_faithful", "ort_int8_default"]
+Backend = Literal["pytorch_fp32", "pytorch_fp32_pruned", "pytorch_int8", "pytorch_int8_ptq", "ort_fp32", "ort_fp32_pruned",
+                  "ort_int8_faithful", "ort_int8_default", "ort_int8_ptq"]
 
 
 class EvaluateOptions(StageOptions):
@@ -44,6 +46,8 @@ def available_backends(run) -> list[str]:
         out.append("pytorch_fp32_pruned")
     if "quant" in run.state:
         out.append("pytorch_int8")
+    if "ptq_model" in run.state:
+        out.append("pytorch_int8_ptq")
     onnx = run.state.get("onnx", {})
     if onnx.get("fp32"):
         out.append("ort_fp32")
@@ -51,7 +55,7 @@ def available_backends(run) -> list[str]:
         out.append("ort_fp32_pruned")
     if onnx.get("model"):
         if "quant" in run.state:
-            out += ["ort_int8_faithful", "ort_int8_default"]
+            out += ["ort_int8_faithful", "ort_int8_default"] + (["ort_int8_ptq"] if onnx.get("ptq") else [])
         elif "ort_fp32" not in out:
             out.append("ort_fp32")
     return out
@@ -64,6 +68,8 @@ def build_runners(run, backends: list[str], threads: int | None) -> dict:
         "pytorch_fp32": lambda: TorchRunner(run.reference, "pytorch_fp32", run.device),
         "pytorch_fp32_pruned": lambda: TorchRunner(run.state["pruned_fp32"], "pytorch_fp32_pruned", run.device),
         "pytorch_int8": lambda: TorchRunner(run.model, "pytorch_int8", run.device),
+        "pytorch_int8_ptq": lambda: TorchRunner(run.state["ptq_model"], "pytorch_int8_ptq", run.device),
+        "ort_int8_ptq": lambda: OrtRunner(onnx["ptq"], "ort_int8_ptq", "faithful", threads),
         "ort_fp32_pruned": lambda: OrtRunner(onnx["pruned_fp32"], "ort_fp32_pruned", "default", threads),
         "ort_fp32": lambda: OrtRunner(fp32_onnx, "ort_fp32", "default", threads),
         "ort_int8_faithful": lambda: OrtRunner(onnx["model"], "ort_int8_faithful", "faithful", threads),
@@ -88,7 +94,7 @@ def evaluate(run, opts: EvaluateOptions) -> None:
     latencies = {}
     if opts.latency:
         for b, runner in runners.items():
-            if b != "pytorch_int8":  # fake-quant speed means nothing for deployment
+            if b not in ("pytorch_int8", "pytorch_int8_ptq"):  # fake-quant speed means nothing for deployment
                 latencies[b] = measure_latency(runner, tuple(run.recipe.model.input_size), opts.latency_batch_sizes, repeats=opts.latency_repeats)
     dataset = run.dataset("evaluation")
     labeled = is_labeled(dataset)

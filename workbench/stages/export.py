@@ -30,6 +30,10 @@ def export(run, opts: ExportOptions) -> None:
             path = export_onnx(run.state["pruned_fp32"], example, run.path("model_pruned_fp32.onnx"), opts.opset,
                                opts.dynamic_batch, opts.dynamic_size)
             values["model_pruned_fp32.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path)}
+    if "ptq_model" in run.state:  # after QAT: the PTQ graph too, to compare
+        path = export_onnx(run.state["ptq_model"], example, run.path("model_ptq.onnx"), opts.opset, opts.dynamic_batch,
+                           opts.dynamic_size)
+        values["model_ptq.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path)}
     metadata = None
     if "quant" in run.state:
         result = run.state["quant"]
@@ -41,5 +45,6 @@ def export(run, opts: ExportOptions) -> None:
     path = export_onnx(run.model, example, run.path("model.onnx"), opts.opset, opts.dynamic_batch, opts.dynamic_size, metadata)
     values["model.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path), "quantized": "quant" in run.state}
     run.state["onnx"] = {"model": path, "fp32": run.path("model_fp32.onnx") if opts.fp32 else None,
-                         "pruned_fp32": run.path("model_pruned_fp32.onnx") if "model_pruned_fp32.onnx" in values else None}
+                         "pruned_fp32": run.path("model_pruned_fp32.onnx") if "model_pruned_fp32.onnx" in values else None,
+                         "ptq": run.path("model_ptq.onnx") if "model_ptq.onnx" in values else None}
     run.record("export", values)

@@ -17,7 +17,7 @@ from ..data import make_loader, subset_loader
 from ..errors import CalibrationError, RecipeError
 from ..io import atomic_path, write_json
 from ..tasks import metric_points, new_scorer
-from ..train import TrainOptions, distillation_loss, fit
+from ..train import HeadTaps, TrainOptions, distillation_loss, fit, head_distillation
 from .registry import register_stage
 
 
@@ -38,6 +38,8 @@ def training_losses(run, opts, num_classes: int | None, labeled: bool):
         raise RecipeError(f"stages.finetune: nothing to learn from: distill is off and {what}; turn distill on")
     teacher = run.reference.eval()
     image_size = float(max(run.recipe.model.input_size[1:]))
+    # Detectors: distil the raw head outputs where the head is known (see train.losses).
+    student_taps, teacher_taps = (HeadTaps(run.model), HeadTaps(teacher)) if task == "detection" else (None, None)
 
     def loss_fn(outputs, batch):
         images, targets = batch
@@ -45,7 +47,10 @@ def training_losses(run, opts, num_classes: int | None, labeled: bool):
         if opts.distill:
             with torch.no_grad():
                 teacher_out = teacher(images.to(run.device))
-            kd = distillation_loss(task, outputs, teacher_out, opts.temperature, num_classes, image_size)
+            if student_taps and teacher_taps:
+                kd = head_distillation(student_taps.outputs, teacher_taps.outputs)
+            else:
+                kd = distillation_loss(task, outputs, teacher_out, opts.temperature, num_classes, image_size)
             total = total + opts.distill_weight * kd
             parts["distill"] = kd.item()
         if use_ce:
@@ -55,6 +60,7 @@ def training_losses(run, opts, num_classes: int | None, labeled: bool):
             parts["cross_entropy"] = ce.item()
         return total, parts
 
+    loss_fn.taps = [t for t in (student_taps, teacher_taps) if t is not None]  # removed after training
     return loss_fn
 
 
@@ -77,7 +83,17 @@ def epoch_evaluator(run, samples: int | None):
     return evaluate
 
 
-def train_on_finetune_split(run, opts: FinetuneOptions, checkpoint_dir, label: str) -> list[dict]:
+def fingerprint(run, opts, label: str) -> dict:
+    """What a checkpoint's training was: resuming it under other settings is refused."""
+    return {
+        "stage": label,
+        "model": run.recipe.model.model_dump(mode="json"),
+        "data.finetune": run.recipe.data.finetune.model_dump(mode="json") if run.recipe.data.finetune else None,
+        "options": opts.model_dump(mode="json", exclude={"resume"}),
+    }
+
+
+def train_on_finetune_split(run, opts: FinetuneOptions, checkpoint_dir, label: str, after_step=None) -> list[dict]:
     """Train the run's model on data.finetune with the options' losses; the history per epoch."""
     dataset = run.dataset("finetune")
     num_classes = run.num_classes("finetune")
@@ -86,7 +102,12 @@ def train_on_finetune_split(run, opts: FinetuneOptions, checkpoint_dir, label: s
     loader = make_loader(dataset, run.recipe.data, shuffle=True)
     loss_fn = training_losses(run, opts, num_classes, bool(getattr(dataset, "labeled", False)))
     evaluate = epoch_evaluator(run, opts.eval_samples)
-    return fit(run.model, loader, opts, loss_fn, run.device, run.recipe.task, checkpoint_dir, evaluate, label)
+    try:
+        return fit(run.model, loader, opts, loss_fn, run.device, run.recipe.task, checkpoint_dir, evaluate, label,
+                   after_step, fingerprint(run, opts, label))
+    finally:
+        for taps in loss_fn.taps:
+            taps.remove()
 
 
 @register_stage("finetune", FinetuneOptions, needs_data=("finetune",))

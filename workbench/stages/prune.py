@@ -17,6 +17,7 @@ from pydantic import Field
 
 from ..data import make_loader
 from ..errors import CalibrationError, RecipeError
+from ..tasks.detection import detection_heads
 from ..prune import magnitude_prune_, make_permanent, prunable_layers, sparsity_2to4_, weight_sparsity
 from ..prune.unstructured import PRUNABLE as PRUNABLE_OUTPUTS
 from .finetune import FinetuneOptions, train_on_finetune_split
@@ -91,7 +92,7 @@ def _structured(run, opts: PruneOptions, layers: dict) -> None:
         raise RecipeError("stages.prune: method structured needs exactly one of ratio (share of channels) or macs_target")
     # The output layers keep their channels: the classifier's classes, a detector's head (boxes and classes).
     keep = [m for name, m in run.model.named_modules() if name and name not in layers and isinstance(m, PRUNABLE_OUTPUTS)]
-    keep += [m for m in run.model.modules() if type(m).__name__ == "Detect"]
+    keep += detection_heads(run.model)
     linears = [m for m in run.model.modules() if isinstance(m, torch.nn.Linear)]
     if run.recipe.task == "classification" and linears:
         keep.append(linears[-1])

@@ -48,6 +48,14 @@ def _as_tensor(output) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()  # float16/int -> float32; float64 kept
 
 
+# YOLO head classes (YOLOv5 and Ultralytics): their convolutions give the raw predictions.
+HEAD_MODULES = frozenset({"Detect", "Segment", "Pose", "OBB", "v10Detect"})
+
+
+def detection_heads(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ in HEAD_MODULES]
+
+
 class UnknownHeadError(ModelLoadError, ValueError):
     """The model's output is not a detection head the adapter can decode (a user-facing error, exit 2)."""
 

@@ -1,6 +1,6 @@
 """Training shared by fine-tuning after pruning and quantization-aware training: one loop, written once."""
 
 from .loop import TrainOptions, fit
-from .losses import distillation_loss
+from .losses import HeadTaps, distillation_loss, head_distillation
 
-__all__ = ["TrainOptions", "distillation_loss", "fit"]
+__all__ = ["HeadTaps", "TrainOptions", "distillation_loss", "fit", "head_distillation"]

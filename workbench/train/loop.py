@@ -38,6 +38,7 @@ class TrainOptions(BaseModel):
     train_mode: Literal["auto", "train", "eval"] = Field(
         "auto", description="Module mode while training: 'eval' freezes BatchNorm statistics (auto: train for classifiers, eval for detectors)."
     )
+    freeze_bn_stats: bool = Field(False, description="Keep BatchNorm running statistics fixed while the weights train.")
     resume: str | None = Field(None, description="A checkpoint (checkpoints/*.pt of an earlier run) to resume from.")
 
     @model_validator(mode="after")
@@ -88,11 +89,15 @@ def fit(
     checkpoint_dir: Path | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     label: str = "finetune",
+    after_step: Callable[[], None] | None = None,
+    fingerprint: dict | None = None,
 ) -> list[dict]:
     """Train `model` in place; return the history (one entry per epoch: losses, lr, eval metrics, seconds).
 
     `batches` is re-iterable (a DataLoader); `loss_fn(outputs, batch)` returns the loss and
-    its named parts. A checkpoint `<label>_epoch<N>.pt` is written after every epoch.
+    its named parts. A checkpoint `<label>_epoch<N>.pt` is written after every epoch, with
+    `fingerprint` (what the run was: recipe and options); resuming with another fingerprint
+    is refused. `after_step` runs after every optimizer step (QAT re-measures weight ranges).
     """
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
@@ -110,13 +115,19 @@ def fit(
     mode = opts.train_mode if opts.train_mode != "auto" else ("train" if task == "classification" else "eval")
     history: list[dict] = []
     step, start_epoch = 0, 0
+    fingerprint = fingerprint or {}
     if opts.resume:
-        step, start_epoch, history = _load_checkpoint(Path(opts.resume), model, optimizer, scheduler, label)
+        step, start_epoch, history = _load_checkpoint(Path(opts.resume), model, optimizer, scheduler, label, fingerprint)
+    last_good = Path(opts.resume) if opts.resume else None
 
     for epoch in range(start_epoch, opts.epochs):
         if step >= total:
             break
         model.train(mode == "train")
+        if opts.freeze_bn_stats:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         start = time.perf_counter()
         sums: dict[str, float] = {}
         seen = 0
@@ -128,9 +139,11 @@ def fit(
                 outputs = model(images)
             loss, parts = loss_fn(outputs, batch)
             if not torch.isfinite(loss):
+                kept = (f"the last good checkpoint is checkpoints/{last_good.name} (resume from it with {label}.resume)"
+                        if last_good else "no epoch had finished, so there is no checkpoint")
                 raise WorkbenchError(
-                    f"{label}: the loss became {loss.item()} at step {step + 1}; lower the learning rate (lr: {opts.lr}) "
-                    "or enable grad_clip"
+                    f"{label}: the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); training stopped and "
+                    f"{kept}. Lower the learning rate (lr: {opts.lr}) or set grad_clip"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -138,6 +151,8 @@ def fit(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
             optimizer.step()
             scheduler.step()
+            if after_step is not None:
+                after_step()
             step += 1
             seen += 1
             for k, v in {"loss": loss.item(), **parts}.items():
@@ -149,24 +164,31 @@ def fit(
             entry["eval"] = evaluate(model)
         history.append(entry)
         if checkpoint_dir is not None:
-            _save_checkpoint(checkpoint_dir / f"{label}_epoch{epoch + 1}.pt", model, optimizer, scheduler, step, epoch + 1, history)
+            last_good = checkpoint_dir / f"{label}_epoch{epoch + 1}.pt"
+            _save_checkpoint(last_good, model, optimizer, scheduler, step, epoch + 1, history, fingerprint)
     model.eval()
     return history
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, epoch: int, history: list[dict]) -> None:
+def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, epoch: int, history: list[dict], fingerprint: dict) -> None:
     # The RNG state too: a resumed run then shuffles the next epoch exactly as an uninterrupted one.
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "step": step, "epoch": epoch, "history": history, "rng": torch.get_rng_state()}
+             "step": step, "epoch": epoch, "history": history, "rng": torch.get_rng_state(), "fingerprint": fingerprint}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, label: str) -> tuple[int, int, list[dict]]:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, label: str, fingerprint: dict) -> tuple[int, int, list[dict]]:
     if not path.is_file():
         raise WorkbenchError(f"{label}.resume: checkpoint {path} does not exist: give a checkpoints/*.pt file of an earlier run")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state.get("fingerprint", {})
+        if changed := sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k)):
+            raise WorkbenchError(
+                f"{label}.resume: {path} comes from a run with other settings ({', '.join(changed)} changed); resume "
+                "with the recipe that wrote it, or start afresh without resume"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

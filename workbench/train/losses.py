@@ -4,9 +4,12 @@ Distillation needs only images, so a pruned or fake-quantized model can recover 
 unlabeled data:
 - classifiers: KL between temperature-softened teacher and student logits (Hinton et al.),
   scaled by T^2 so its gradient does not shrink with T;
-- detectors: the decoded head output (boxes, objectness, class scores): boxes by a
-  smooth-L1 in units of the input size, scores by binary cross-entropy against the
-  teacher's scores as soft targets.
+- detectors: the raw outputs of the head's convolutions (before the decode), by mean
+  squared error scaled by the teacher's variance per convolution (`HeadTaps`). Every
+  anchor and channel gets a dense signal; the decoded boxes of background anchors, which
+  mean nothing, get no weight. Models without a known head fall back to the decoded
+  output: boxes by smooth-L1 in units of the input size, scores by binary cross-entropy
+  against the teacher's scores.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..tasks.detection import ANCHOR_FREE, detect_head_format
+from torch import nn
+
+from ..tasks.detection import ANCHOR_FREE, detect_head_format, detection_heads
 
 
 def _first(out):
@@ -43,3 +48,36 @@ def distillation_loss(task: str, student_out, teacher_out, temperature: float = 
     if task == "classification":
         return classification_distillation(student.float(), teacher.float(), temperature)
     return detection_distillation(student.float(), teacher.float(), num_classes, image_size)
+
+
+class HeadTaps:
+    """Keeps the output of every convolution inside a detector's head on each forward (empty: no known head).
+
+    Structured pruning leaves the head's output channels alone, so a pruned student's taps
+    line up with the unpruned teacher's, name for name.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.outputs: dict[str, torch.Tensor] = {}
+        heads = {id(h) for h in detection_heads(model)}
+        convs = [(f"{name}.{n}", m) for name, head in model.named_modules() if id(head) in heads
+                 for n, m in head.named_modules() if isinstance(m, nn.Conv2d)]
+        self.handles = [m.register_forward_hook(self._keep(name)) for name, m in convs]
+
+    def _keep(self, name: str):
+        def hook(module, inputs, output):
+            self.outputs[name] = output
+
+        return hook
+
+    def __bool__(self) -> bool:
+        return bool(self.handles)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def head_distillation(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    losses = [F.mse_loss(student[k].float(), teacher[k].float()) / (teacher[k].float().var() + 1e-6) for k in teacher]
+    return torch.stack(losses).mean()

@@ -1,0 +1,57 @@
+"""qat: quantization-aware training of the calibrated model, by distillation from the FP32 model.
+
+Starts from the calibrate stage's model (BatchNorm already folded into the convolutions,
+ranges calibrated; with a mixed-precision plan applied, its float layers stay float) and
+trains the weights through the fake quantizers (straight-through estimator) with the
+shared training loop. Activation ranges stay as calibrated; weight ranges follow the
+weights after every step unless `freeze_ranges`. Distillation from the FP32 model needs
+only images, so QAT works without labels.
+
+Keeps the PTQ model (`run.state["ptq_model"]`) so export and evaluate show FP32, PTQ and
+QAT side by side; writes `qat.json`, `training_curve_qat.png`, `qat_model.pt` (the
+fake-quant state dict) and a checkpoint per epoch (`checkpoints/qat_epoch<N>.pt`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..errors import CalibrationError
+from ..io import atomic_path, write_json
+from ..quant.ptq import refresh_weight_ranges_
+from .finetune import FinetuneOptions, epoch_evaluator, plot_history, train_on_finetune_split
+from .registry import register_stage
+
+
+class QatOptions(FinetuneOptions):
+    epochs: int = Field(3, ge=1, le=1000, description="Passes over the fine-tune split (QAT needs few).")
+    lr: float = Field(1e-4, gt=0, le=0.1, description="Peak learning rate: small, the weights are already trained.")
+    optimizer: Literal["sgd", "adamw"] = Field("adamw", description="SGD with Nesterov momentum, or AdamW.")
+    freeze_bn_stats: bool = Field(True, description="Keep BatchNorm statistics fixed (those not folded at calibration).")
+    freeze_ranges: bool = Field(False, description="Keep the calibrated weight ranges too (default: they follow the weights).")
+
+
+@register_stage("qat", QatOptions, needs_data=("finetune",))
+def qat(run, opts: QatOptions) -> None:
+    """Quantization-aware training of the calibrated model (distillation from FP32, STE through the fake quantizers)."""
+    if "quant" not in run.state:
+        raise CalibrationError("stages.qat: QAT starts from a calibrated model; put calibrate (and optionally mixed_precision) before qat")
+    result = run.state["quant"]
+    run.state["ptq_model"] = copy.deepcopy(run.model)
+    torch.manual_seed(0)  # the shuffling order
+    evaluate = epoch_evaluator(run, opts.eval_samples)
+    before = evaluate(run.model.eval()) if evaluate is not None and not opts.resume else None
+    after_step = None if opts.freeze_ranges else (lambda: refresh_weight_ranges_(run.model, result))
+    history = train_on_finetune_split(run, opts, run.path("checkpoints"), "qat", after_step)
+    with atomic_path(run.path("qat_model.pt")) as tmp:
+        torch.save(run.model.state_dict(), tmp)
+    write_json(run.path("qat.json"), {"options": opts.model_dump(mode="json"), "history": history})
+    plot_history(run.path("training_curve_qat.png"), history, "QAT")
+    last = history[-1] if history else {}
+    run.record("qat", {"epochs": len(history), "steps": last.get("steps", 0), "final_loss": last.get("loss"),
+                       "eval_before": before, "eval": last.get("eval"), "history": history,
+                       "seconds_per_epoch": [h["seconds"] for h in history]})
