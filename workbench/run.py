@@ -110,7 +110,7 @@ def _check_detector(recipe: Recipe, model: nn.Module, datasets: dict) -> None:
             if split != "evaluation" and isinstance(dataset, LetterboxedImages):
                 continue  # unlabeled letterboxed images: enough to calibrate and to distil
             raise WorkbenchError(
-                f"data.evaluation: task detection scores with a detection source (coco or yolo_txt)"
+                "data.evaluation: task detection scores with a detection source (coco or yolo_txt)"
                 if split == "evaluation" else
                 f"data.{split}: task detection needs a detection source (coco or yolo_txt) or images with transform.letterbox"
             )
