@@ -26,10 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe: workbench run recipes/quickstart.yaml [key.path=value ...]")
     run.add_argument("recipe")
     run.add_argument("overrides", nargs="*", help="recipe fields to override, e.g. stages.calibrate.method=mse")
+    run.add_argument("--gpus", type=int, default=1, metavar="N",
+                     help="N processes under torchrun, one per GPU (gloo CPU processes where there is no GPU)")
 
     sens = sub.add_parser("sensitivity", help="calibrate as the recipe says, then rank every layer's INT8 sensitivity")
     sens.add_argument("recipe")
     sens.add_argument("overrides", nargs="*", help="recipe fields to override, e.g. stages.sensitivity.proxy_samples=32")
+    sens.add_argument("--gpus", type=int, default=1, metavar="N", help="split the sweep over N processes (torchrun)")
 
     val = sub.add_parser("validate", help="check a recipe without running it")
     val.add_argument("recipe")
@@ -74,7 +77,13 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args, parser) -> int:
     from rich.console import Console
 
-    console = Console(stderr=False)
+    from . import distributed
+
+    if getattr(args, "gpus", 1) < 1:
+        raise WorkbenchError(f"--gpus {args.gpus}: give 1 or more")
+    if getattr(args, "gpus", 1) > 1 and not distributed.launched():
+        return distributed.relaunch_under_torchrun(args.gpus, [args.command, args.recipe, *args.overrides])
+    console = Console(stderr=False, quiet=not distributed.is_main() and distributed.launched())
     if args.command == "run":
         from . import api
 

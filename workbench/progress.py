@@ -13,7 +13,7 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    disable = not sys.stderr.isatty() or bool(os.environ.get("WORKBENCH_NO_PROGRESS"))
+    disable = not sys.stderr.isatty() or bool(os.environ.get("WORKBENCH_NO_PROGRESS")) or int(os.environ.get("RANK", "0")) > 0
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     # On stderr: stdout stays clean for tables and for callers that capture it.
     with Progress(*columns, console=Console(stderr=True), transient=True, disable=disable) as progress:

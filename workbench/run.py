@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .data import ImageDataset, build_dataset, check_readable, make_loader
 from .errors import WorkbenchError
 from .io import write_json, write_text
@@ -132,6 +134,9 @@ def run_recipe(recipe: Recipe, console=None) -> Run:
     from .report import print_summary, write_report
 
     recipe = with_absolute_paths(recipe)
+    distributed.init()
+    if not distributed.is_main():  # rank 0 writes the run directory; the others compute beside it
+        recipe = recipe.model_copy(update={"runs_dir": tempfile.mkdtemp(prefix=f"workbench-rank{distributed.rank()}-")})
     model, datasets = preflight(recipe)
     device = pick_device(recipe.device)
     if device.type == "cuda":

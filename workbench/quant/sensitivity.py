@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import distributed
 from ..tasks.proxies import ProxyMeter
 from .ptq import QuantResult, quant_units, set_float_units
 
@@ -146,7 +147,9 @@ def sweep(
     for mode in modes:
         for u in units:
             configs[f"{mode}:{u}"] = [v for v in all_units if v != u] if mode == "one_at_a_time" else [u]
-    scores: dict[str, dict] = {k: {} for k in configs}
+    # Under torchrun each process scores its share of the configurations; the parts are gathered after.
+    mine = distributed.shard(list(configs))
+    scores: dict[str, dict] = {k: {} for k in mine}
     seconds = {}
     metric_name = None
     try:
@@ -155,18 +158,22 @@ def sweep(
         with torch.no_grad():
             model(proxy_probe.inputs[0][:1])
         start = time.perf_counter()
-        for key in progress(configs, "sensitivity (proxies)", len(configs)):
+        for key in progress(mine, "sensitivity (proxies)", len(mine)):
             set_float_units(model, result, configs[key])
             scores[key].update(measure_proxies(model, proxy_probe, task, num_classes))
         seconds["proxy"] = time.perf_counter() - start
         if task_probe is not None:
             start = time.perf_counter()
-            for key in progress(configs, "sensitivity (task metric)", len(configs)):
+            for key in progress(mine, "sensitivity (task metric)", len(mine)):
                 set_float_units(model, result, configs[key])
                 metric_name, scores[key]["metric"] = measure_task(model, task_probe, new_scorer, points)
             seconds["task"] = time.perf_counter() - start
     finally:
         set_float_units(model, result, before)
+    scores = distributed.gather_dict(scores)
+    per_rank = distributed.gather_dict({distributed.rank(): (seconds, metric_name)})
+    seconds = {k: max(s[k] for s, _ in per_rank.values()) for k in seconds}  # wall time: the slowest rank's
+    metric_name = next((m for _, m in per_rank.values() if m), None)
 
     rows = []
     fp32_metric, int8_metric = scores["fp32"].get("metric"), scores["int8"].get("metric")

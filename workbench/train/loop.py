@@ -99,6 +99,17 @@ def fit(
     `fingerprint` (what the run was: recipe and options); resuming with another fingerprint
     is refused. `after_step` runs after every optimizer step (QAT re-measures weight ranges).
     """
+    from .. import distributed
+
+    ddp_model = model
+    if distributed.active():
+        # One process per GPU: each takes every world_size-th sample, with batch_size / world_size per step,
+        # so the global batch is the recipe's; DDP averages the gradients (and keeps BatchNorm buffers
+        # equal by broadcasting rank 0's). The checkpoints and the evaluation are rank 0's.
+        batches = _sharded(batches, label)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+        if not distributed.is_main():
+            checkpoint_dir, evaluate = None, None
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
         raise WorkbenchError(f"{label}: the training data produced no batches")
@@ -123,6 +134,8 @@ def fit(
     for epoch in range(start_epoch, opts.epochs):
         if step >= total:
             break
+        if hasattr(batches.sampler, "set_epoch"):
+            batches.sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
         model.train(mode == "train")
         if opts.freeze_bn_stats:
             for m in model.modules():
@@ -136,7 +149,7 @@ def fit(
                 break
             images = batch[0].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                outputs = model(images)
+                outputs = ddp_model(images)
             loss, parts = loss_fn(outputs, batch)
             if not torch.isfinite(loss):
                 kept = (f"the last good checkpoint is checkpoints/{last_good.name} (resume from it with {label}.resume)"
@@ -168,6 +181,22 @@ def fit(
             _save_checkpoint(last_good, model, optimizer, scheduler, step, epoch + 1, history, fingerprint)
     model.eval()
     return history
+
+
+def _sharded(loader, label: str):
+    """The loader's dataset split across ranks, per-rank batch = the loader's batch / world size."""
+    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    from .. import distributed
+
+    world = distributed.world_size()
+    if loader.batch_size % world:
+        raise WorkbenchError(f"{label}: data.batch_size {loader.batch_size} does not divide over {world} processes; "
+                             f"make it a multiple of {world}")
+    sampler = DistributedSampler(loader.dataset, shuffle=isinstance(loader.sampler, RandomSampler), seed=0)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size // world, sampler=sampler,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn)
 
 
 def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, epoch: int, history: list[dict], fingerprint: dict) -> None:
