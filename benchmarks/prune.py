@@ -57,11 +57,18 @@ def time_onnx(run_dir: Path, batch_sizes: list[int], input_size: tuple[int, ...]
     return out
 
 
+def onnx_input_size(path: Path) -> tuple[int, ...]:
+    """(C, H, W) of the graph's input (its batch dimension is dynamic)."""
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value for d in dims[1:])
+
+
 def row(run_dir: Path, batch_sizes: list[int]) -> str:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     stages = metrics["stages"]
-    recipe = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "recipe.yaml").read_text())))
-    input_size = tuple(recipe["model"]["input_size"])
+    input_size = onnx_input_size(run_dir / "model_fp32.onnx")
     ev = stages["evaluate"]["backends"]
     key = "map50_95" if "map50_95" in ev["pytorch_fp32"]["metrics"] else "top1"
     scale = 100 if key == "map50_95" else 1
