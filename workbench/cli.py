@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     sens.add_argument("overrides", nargs="*", help="recipe fields to override, e.g. stages.sensitivity.proxy_samples=32")
     sens.add_argument("--gpus", type=int, default=1, metavar="N", help="split the sweep over N processes (torchrun)")
 
+    check = sub.add_parser("check-onnx", help="check a Q/DQ ONNX against TensorRT's explicit-quantization rules")
+    check.add_argument("onnx", help="the .onnx file, e.g. runs/<run>/model.onnx")
+    check.add_argument("--json", action="store_true", help="print the violations as JSON")
+
     val = sub.add_parser("validate", help="check a recipe without running it")
     val.add_argument("recipe")
     val.add_argument("overrides", nargs="*")
@@ -96,6 +100,17 @@ def _dispatch(args, parser) -> int:
         run = api.sensitivity(args.recipe, args.overrides, console=console)
         console.print(f"sensitivity table: {run.dir / 'sensitivity.csv'}")
         return 0
+    if args.command == "check-onnx":
+        from .qdq_check import check_qdq
+
+        violations = check_qdq(args.onnx)
+        if args.json:
+            print(json.dumps([v.as_dict() for v in violations], indent=2))
+        else:
+            for v in violations:
+                print(v)
+            print(f"{args.onnx}: {len(violations)} violation(s) of TensorRT's Q/DQ rules")
+        return 1 if violations else 0
     if args.command == "validate":
         from .recipe import load_recipe
 

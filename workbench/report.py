@@ -144,6 +144,11 @@ def write_report(run_dir: str | Path) -> Path:
                 f"- `{name}`: {entry['bytes'] / 1e6:.2f} MB, opset {c['opset']}, {c['QuantizeLinear']} QuantizeLinear / "
                 f"{c['DequantizeLinear']} DequantizeLinear; INT8 compute nodes: {quantized}; float compute nodes: {floating}."
             )
+            rules = entry.get("tensorrt_rules")
+            if rules is not None:
+                lines.append(f"  TensorRT Q/DQ rules (`workbench check-onnx`): {len(rules)} violation(s)"
+                             + ("." if not rules else ":"))
+                lines += [f"  - [{v['rule']}] `{v['node']}` (module `{v['module']}`): {v['message']}" for v in rules[:20]]
         lines.append("")
     timings = metrics.get("timings_s", {})
     if timings:

@@ -67,7 +67,7 @@ class Int8Config(BaseModel):
     exclude: list[str] = Field(default_factory=list, description="Module-name glob patterns kept in float, e.g. 'fc', 'layer1.*'.")
     fold_batchnorm: bool = Field(True, description="Fold BatchNorm into the preceding convolution first.")
     residual_add: bool = Field(
-        True, description="Quantize both inputs of residual Adds in YOLO Bottlenecks, so TensorRT fuses them into the convolution."
+        True, description="Quantize both inputs of residual Adds (YOLO Bottlenecks, ResNet blocks), so TensorRT fuses them into the convolution."
     )
 
     @field_validator("percentile")

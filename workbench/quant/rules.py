@@ -3,9 +3,10 @@
 Each rule is named, finds the modules it applies to, and changes how they quantize:
 
 - `residual_add`: in residual blocks (`x + cv2(cv1(x))`, YOLOv5 and Ultralytics
-  `Bottleneck` with `add`), both inputs of the Add get a quantizer. TensorRT then
-  fuses the Add into the convolution before it and runs it in INT8; with float
-  inputs it would run the Add on its own, in higher precision.
+  `Bottleneck` with `add`; ResNet `BasicBlock` and `Bottleneck`, torchvision's and the
+  CIFAR ResNets', `bn(conv(...)) + shortcut(x)`), both inputs of the Add get a quantizer.
+  TensorRT then fuses the Add into the convolution before it and runs it in INT8; with
+  a float input it would run the Add on its own, in higher precision.
 - `concat_maxpool_shared_scale`: activations are quantized once, at the input of the
   convolution that reads the Concat (YOLOv5's C3/SPPF, Ultralytics' C2f), and no Q/DQ is
   put on a Concat input, a Split output or around a MaxPool. TensorRT moves that one Q
@@ -25,7 +26,7 @@ import fnmatch
 import torch
 from torch import nn
 
-RESIDUAL_BLOCKS = frozenset({"Bottleneck"})
+RESIDUAL_BLOCKS = frozenset({"Bottleneck", "BasicBlock"})
 
 
 class ResidualAdd(nn.Module):
@@ -44,17 +45,41 @@ class ResidualAdd(nn.Module):
         return self.input0_quantizer(x) + self.input1_quantizer(y)
 
 
-def _residual_forward(self, x):
+def _yolo_forward(self, x):
     return self.residual_add(x, self.cv2(self.cv1(x)))
+
+
+def _shortcut(self, x):
+    if getattr(self, "downsample", None) is not None:  # torchvision
+        return self.downsample(x)
+    return self.shortcut(x) if hasattr(self, "shortcut") else x  # CIFAR ResNets
+
+
+def _resnet_basic_forward(self, x):
+    out = torch.relu(self.bn1(self.conv1(x)))
+    return torch.relu(self.residual_add(self.bn2(self.conv2(out)), _shortcut(self, x)))
+
+
+def _resnet_bottleneck_forward(self, x):
+    out = torch.relu(self.bn1(self.conv1(x)))
+    out = torch.relu(self.bn2(self.conv2(out)))
+    return torch.relu(self.residual_add(self.bn3(self.conv3(out)), _shortcut(self, x)))
+
+
+def _quantized_forward(block: nn.Module):
+    """The forward with a quantized Add for this kind of residual block, or None if it is not one we know."""
+    if type(block).__name__ not in RESIDUAL_BLOCKS:
+        return None
+    if hasattr(block, "cv1") and hasattr(block, "cv2"):
+        return _yolo_forward if getattr(block, "add", False) else None  # YOLO: add is False without a shortcut
+    if all(hasattr(block, a) for a in ("conv1", "bn1", "conv2", "bn2")):
+        return _resnet_bottleneck_forward if hasattr(block, "conv3") else _resnet_basic_forward
+    return None
 
 
 def residual_blocks(model: nn.Module) -> list[str]:
     """Names of the residual blocks the `residual_add` rule applies to."""
-    return [
-        name
-        for name, m in model.named_modules()
-        if type(m).__name__ in RESIDUAL_BLOCKS and getattr(m, "add", False) and hasattr(m, "cv1") and hasattr(m, "cv2")
-    ]
+    return [name for name, m in model.named_modules() if _quantized_forward(m) is not None]
 
 
 def insert_residual_quantizers(model: nn.Module, exclude: list[str] = ()) -> list[str]:
@@ -67,8 +92,9 @@ def insert_residual_quantizers(model: nn.Module, exclude: list[str] = ()) -> lis
         if any(fnmatch.fnmatchcase(f"{name}.residual_add", p) for p in exclude):
             continue
         block = model.get_submodule(name)
+        forward = _quantized_forward(block)
         block.residual_add = ResidualAdd()
         # A subclass with the quantized forward, so the block keeps its type, name and state dict keys.
-        block.__class__ = type(f"QuantResidual{type(block).__name__}", (type(block),), {"forward": _residual_forward})
+        block.__class__ = type(f"QuantResidual{type(block).__name__}", (type(block),), {"forward": forward})
         names += [f"{name}.residual_add.input0_quantizer", f"{name}.residual_add.input1_quantizer"]
     return names

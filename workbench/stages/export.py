@@ -7,6 +7,7 @@ import json
 from pydantic import Field
 
 from ..onnx_tools import export_onnx, qdq_census
+from ..qdq_check import check_qdq
 from .registry import StageOptions, register_stage
 
 
@@ -44,6 +45,9 @@ def export(run, opts: ExportOptions) -> None:
         }
     path = export_onnx(run.model, example, run.path("model.onnx"), opts.opset, opts.dynamic_batch, opts.dynamic_size, metadata)
     values["model.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path), "quantized": "quant" in run.state}
+    if "quant" in run.state:  # TensorRT's Q/DQ rules, node by node (workbench check-onnx)
+        names = {n for n, _ in run.model.named_modules()}
+        values["model.onnx"]["tensorrt_rules"] = [v.as_dict() for v in check_qdq(path, names)]
     run.state["onnx"] = {"model": path, "fp32": run.path("model_fp32.onnx") if opts.fp32 else None,
                          "pruned_fp32": run.path("model_pruned_fp32.onnx") if "model_pruned_fp32.onnx" in values else None,
                          "ptq": run.path("model_ptq.onnx") if "model_ptq.onnx" in values else None}

@@ -134,7 +134,7 @@ def fit(
     for epoch in range(start_epoch, opts.epochs):
         if step >= total:
             break
-        if hasattr(batches.sampler, "set_epoch"):
+        if hasattr(getattr(batches, "sampler", None), "set_epoch"):
             batches.sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
         model.train(mode == "train")
         if opts.freeze_bn_stats:

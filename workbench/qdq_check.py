@@ -1,0 +1,245 @@
+"""Check a Q/DQ ONNX graph against TensorRT's explicit-quantization rules.
+
+TensorRT builds an INT8 engine from the Q/DQ nodes it is given and from nothing else;
+a misplaced or malformed pair does not fail the build, it silently leaves a layer in
+float or adds a reformat. Each rule below names what TensorRT needs:
+
+- `opset`: per-channel Q/DQ (the `axis` attribute) needs opset 13 or newer.
+- `qdq_pair`: every QuantizeLinear feeds DequantizeLinear nodes only, and every
+  DequantizeLinear reads a QuantizeLinear or an INT8 constant (no orphans).
+- `int8_zero_point`: zero points are INT8 and zero (symmetric); a missing zero point
+  means UINT8, which TensorRT rejects.
+- `positive_scale`: scales are finite and greater than zero.
+- `weight_per_channel_axis`: per-channel weight scales have one entry per output
+  channel on the right axis (0 for Conv, 1 for ConvTranspose).
+- `activation_per_tensor`: activation (non-constant) Q/DQ scales are scalars.
+- `quantized_inputs`: a Conv/ConvTranspose/Gemm/MatMul whose weight is quantized also
+  has its data input from a DequantizeLinear, and the other way round; otherwise
+  TensorRT runs it in float.
+- `residual_add`: an Add of two activations next to an INT8 convolution has every
+  input that is not that convolution's own output from a DequantizeLinear, so TensorRT
+  fuses the Add into the convolution in INT8.
+- `concat_shared_scale`: the quantized inputs of a Concat share one scale, so the Concat
+  needs no requantization.
+
+Violations name the node and, from the exporter's scope, the PyTorch module it came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import WorkbenchError
+
+WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1}
+MATMUL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class Violation:
+    rule: str
+    node: str
+    module: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f" (module {self.module})" if self.module else ""
+        return f"[{self.rule}] {self.node}{where}: {self.message}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def module_from_scope(node_name: str, module_names: set[str] | None = None) -> str | None:
+    """`/model.2/m/m.0/cv1/conv/Conv` -> `model.2.m.0.cv1.conv` (exact with the model's module names)."""
+    if module_names is not None:
+        from .onnx_tools import scope_to_module
+
+        return scope_to_module(node_name, module_names)
+    parts: list[str] = []
+    for seg in [s for s in node_name.split("/") if s][:-1]:
+        if parts and seg.startswith(parts[-1] + "."):  # a container's child: `m` then `m.0`
+            parts[-1] = seg
+        else:
+            parts.append(seg)
+    parts = [p for p in parts if not p.endswith("_quantizer")]
+    return ".".join(parts) or None
+
+
+def load_onnx(path: str | Path):
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise WorkbenchError(f"{path}: no such file; give the path of an exported .onnx model")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # onnx raises DecodeError and friends for a file that is not a model
+        raise WorkbenchError(f"{path} is not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'cannot parse'})") from None
+
+
+class _Graph:
+    def __init__(self, model):
+        from onnx import numpy_helper
+
+        self.nodes = list(model.graph.node)
+        self.producer = {out: n for n in self.nodes for out in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in self.nodes:
+            for name in n.input:
+                self.consumers.setdefault(name, []).append(n)
+        self.const = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        for n in self.nodes:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                self.const[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+
+    def value(self, name: str):
+        return self.const.get(name)
+
+    def source(self, name: str):
+        """The producing node, looking through Cast/Identity (modelopt exports Casts around Q/DQ) and zero Pads
+        (padding with zeros commutes with symmetric quantization: TensorRT moves the DQ past it)."""
+        node = self.producer.get(name)
+        while node is not None and (node.op_type in ("Cast", "Identity") or self._zero_pad(node)):
+            node = self.producer.get(node.input[0])
+        return node
+
+    def _zero_pad(self, node) -> bool:
+        if node.op_type != "Pad":
+            return False
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+        value = self.const.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        return mode == "constant" and (value is None or not np.any(value))
+
+    def from_dq(self, name: str) -> bool:
+        node = self.source(name)
+        return node is not None and node.op_type == "DequantizeLinear"
+
+
+def check_qdq(model_or_path, module_names: set[str] | None = None) -> list[Violation]:
+    """Every violation of the rules in this module's docstring; [] for a graph TensorRT will build as intended."""
+    model = load_onnx(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
+    g = _Graph(model)
+    out: list[Violation] = []
+
+    def flag(rule: str, node, message: str) -> None:
+        out.append(Violation(rule, node.name or node.op_type, module_from_scope(node.name, module_names), message))
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    qdq = [n for n in g.nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if qdq and opset < 13:
+        out.append(Violation("opset", "graph", None, f"opset {opset}: per-channel Q/DQ needs opset 13 or newer; export with opset 17"))
+
+    for n in qdq:
+        _check_scale_and_zero_point(g, n, flag)
+        scale = g.value(n.input[1])
+        data = n.input[0] if n.op_type == "QuantizeLinear" else None
+        if data is not None and data not in g.const and scale is not None and scale.size > 1:
+            flag("activation_per_tensor", n, f"activation quantized with {scale.size} scales; TensorRT takes one scale per activation tensor")
+        if n.op_type == "QuantizeLinear":
+            bad = [c.op_type for c in g.consumers.get(n.output[0], []) if c.op_type != "DequantizeLinear"]
+            if bad or not g.consumers.get(n.output[0]):
+                flag("qdq_pair", n, f"QuantizeLinear feeds {bad or 'nothing'} instead of a DequantizeLinear")
+        else:
+            src = g.producer.get(n.input[0])
+            is_const = n.input[0] in g.const
+            if not is_const and (src is None or src.op_type != "QuantizeLinear"):
+                flag("qdq_pair", n, f"DequantizeLinear reads {src.op_type if src else 'a graph input'}, not a QuantizeLinear or an INT8 constant")
+
+    for n in g.nodes:
+        if n.op_type in MATMUL_OPS:
+            _check_matmul(g, n, flag)
+        elif n.op_type == "Add":
+            _check_residual_add(g, n, flag)
+        elif n.op_type == "Concat":
+            _check_concat(g, n, flag)
+    return out
+
+
+def _check_scale_and_zero_point(g: _Graph, n, flag) -> None:
+    scale = g.value(n.input[1])
+    if scale is not None and (not np.all(np.isfinite(scale)) or np.any(scale <= 0)):
+        flag("positive_scale", n, f"scale has values <= 0 or not finite (min {np.min(scale):.3g})")
+    if len(n.input) < 3 or not n.input[2]:
+        if n.op_type == "QuantizeLinear":
+            flag("int8_zero_point", n, "no zero point: ONNX then quantizes to UINT8, which TensorRT does not take; give an INT8 zero point of 0")
+        return
+    zp = g.value(n.input[2])
+    if zp is not None and (zp.dtype != np.int8 or np.any(zp != 0)):
+        flag("int8_zero_point", n, f"zero point is {zp.dtype} with values {np.unique(zp)[:4].tolist()}; TensorRT needs INT8 zeros")
+
+
+def _weight_qdq(g: _Graph, name: str):
+    """The DequantizeLinear that gives a constant weight, or None."""
+    node = g.source(name)
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    q = g.producer.get(node.input[0])
+    data = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else node.input[0]
+    return node if data in g.const else None
+
+
+def _check_matmul(g: _Graph, n, flag) -> None:
+    if len(n.input) < 2:
+        return
+    weight_dq = _weight_qdq(g, n.input[1])
+    data_dq = g.from_dq(n.input[0])
+    if weight_dq is not None and not data_dq:
+        flag("quantized_inputs", n, "the weight is quantized but the data input is not: TensorRT runs this layer in float")
+    if data_dq and weight_dq is None and n.input[1] in g.const:
+        flag("quantized_inputs", n, "the data input is quantized but the weight is not: add Q/DQ on the weight")
+    if weight_dq is None:
+        return
+    scale = g.value(weight_dq.input[1])
+    if scale is None or scale.size <= 1:
+        return  # per-tensor weights are allowed
+    q = g.producer.get(weight_dq.input[0])
+    weight = g.value(q.input[0] if q is not None and q.op_type == "QuantizeLinear" else weight_dq.input[0])
+    axis = next((a.i for a in weight_dq.attribute if a.name == "axis"), 1)
+    if n.op_type in WEIGHT_AXIS:
+        want = WEIGHT_AXIS[n.op_type]
+    elif n.op_type == "Gemm":
+        want = 0 if next((a.i for a in n.attribute if a.name == "transB"), 0) else 1
+    else:
+        want = 1  # MatMul: (K, N)
+    channels = weight.shape[want] if weight is not None and weight.ndim > want else None
+    if axis % max(weight.ndim if weight is not None else 1, 1) != want or (channels is not None and scale.size != channels):
+        flag("weight_per_channel_axis", n, f"per-channel weight scales on axis {axis} with {scale.size} entries; "
+             f"{n.op_type} needs axis {want} with one per output channel ({channels})")
+
+
+def _is_activation_dq(g: _Graph, dq) -> bool:
+    q = g.producer.get(dq.input[0])
+    data = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else dq.input[0]
+    return data not in g.const
+
+
+def _check_residual_add(g: _Graph, n, flag) -> None:
+    inputs = [i for i in n.input if i not in g.const]
+    if len(inputs) != 2:
+        return
+    sources = [g.source(i) for i in inputs]
+    int8_conv = [s is not None and s.op_type in ("Conv", "ConvTranspose") and _weight_qdq(g, s.input[1]) is not None for s in sources]
+    quantized = [g.from_dq(i) for i in inputs]
+    if not any(int8_conv) and not any(quantized):
+        return  # a float region
+    for i, (name, q, conv) in enumerate(zip(inputs, quantized, int8_conv)):
+        if not q and not conv:
+            other = "an INT8 convolution" if any(int8_conv) else "a quantized tensor"
+            src = sources[i].op_type if sources[i] is not None else "a graph input"
+            flag("residual_add", n, f"input {i} ({src}) is float while the other is {other}: quantize it so TensorRT fuses the Add in INT8")
+
+
+def _check_concat(g: _Graph, n, flag) -> None:
+    scales = []
+    for name in n.input:
+        node = g.source(name)
+        if node is not None and node.op_type == "DequantizeLinear" and _is_activation_dq(g, node):
+            value = g.value(node.input[1])
+            if value is not None:
+                scales.append(float(np.asarray(value).reshape(-1)[0]))
+    if len(scales) > 1 and not np.allclose(scales, scales[0], rtol=1e-6, atol=0):
+        flag("concat_shared_scale", n, f"quantized inputs have scales {sorted(set(round(s, 8) for s in scales))[:4]}: give them one scale")
