@@ -143,13 +143,14 @@ def test_detector_sensitivity_and_mixed_precision(tmp_path):
     assert census["quantized"].get("Conv", 0) == 12 - sum(u != "model.2.m.0.residual_add" for u in mp["float_layers"])
 
 
-def test_detector_structured_prune_distill_calibrate_export(tmp_path):
+def test_detector_prune_finetune_calibrate_qat_export(tmp_path):
     """YOLOv5 checkpoints freeze their parameters; pruning (which traces autograd) and distillation still work."""
     ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
     images, ann, _ = write_detection_set(tmp_path / "set")
     stages = ("  - prune: {method: structured, ratio: 0.4, scope: layer, latency: false}\n"
               "  - finetune: {epochs: 1, lr: 0.001, eval_samples: 4}\n"
-              "  - calibrate: {method: max}\n  - export: {}\n  - evaluate: {latency: false}\n")
+              "  - calibrate: {method: max}\n  - qat: {epochs: 1, lr: 0.00001, eval_samples: 4}\n"
+              "  - export: {}\n  - evaluate: {latency: false}\n")
     path = _recipe(tmp_path, ckpt, images, ann, stages)
     path.write_text(path.read_text().replace("  batch_size: 2", f'  finetune: {{source: files, path: "{images}"}}\n  batch_size: 2'))
     assert main(["run", str(path)]) == 0
@@ -160,5 +161,7 @@ def test_detector_structured_prune_distill_calibrate_export(tmp_path):
     assert prune["out_channels"]["model.1.conv"] == 8 and prune["out_channels"]["model.5.m.0"] == 24  # head kept
     assert stages["finetune"]["history"][0]["distill"] > 0
     backends = stages["evaluate"]["backends"]
-    assert {"pytorch_fp32_pruned", "ort_fp32_pruned", "ort_int8_faithful"} <= set(backends)
+    assert {"pytorch_fp32_pruned", "ort_fp32_pruned", "pytorch_int8_ptq", "ort_int8_ptq", "ort_int8_faithful"} <= set(backends)
+    assert stages["qat"]["history"][0]["distill"] > 0  # QAT on the pruned detector, by head distillation
+    assert stages["export"]["model.onnx"]["tensorrt_rules"] == []  # the pruned, QAT-trained graph keeps TensorRT's rules
     assert backends["ort_fp32_pruned"]["metrics"]["box_agreement"] > 0

@@ -132,6 +132,13 @@ def test_failed_pruning_leaves_the_model_as_it_was():
     assert torch.equal(model(x), before)
 
 
+def test_a_ratio_that_would_empty_a_layer_is_refused():
+    model = trained_cnn()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(PruningError, match="would lose every channel"):
+        prune_channels_(model, x, [model.fc], 0.99, global_pruning=True, round_to=1)
+
+
 def test_option_a_resnet_shortcuts_become_exact_convolutions_and_prune_per_layer(tmp_path):
     model = cifar_resnet("resnet20").eval()
     x = torch.randn(4, 3, 32, 32)

@@ -106,6 +106,12 @@ def prune_channels_(
         raise PruningError(f"structured pruning would remove every channel of {empty}: lower the ratio or ignore them")
     _freeze(model, frozen)  # Torch-Pruning's new, smaller Parameters are trainable again
     macs, params = count_macs_params(model, example)
+    if macs == base_macs and params == base_params:
+        # Torch-Pruning skips a step that would leave a layer with no channels, silently.
+        raise PruningError(
+            f"structured pruning removed nothing: at ratio {ratio} (scope {'global' if global_pruning else 'layer'}) some layer "
+            "would lose every channel, and Torch-Pruning then prunes none; lower the ratio, or use scope: layer"
+        )
     return {"macs_before": base_macs, "macs_after": macs, "params_before": base_params, "params_after": params}
 
 
