@@ -38,6 +38,17 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("onnx", help="the .onnx file, e.g. runs/<run>/model.onnx")
     check.add_argument("--json", action="store_true", help="print the violations as JSON")
 
+    eng = sub.add_parser("build", help="build a TensorRT engine from an ONNX (Q/DQ for INT8)")
+    eng.add_argument("onnx")
+    eng.add_argument("--precision", choices=["int8", "fp16", "fp32"], default="int8")
+    eng.add_argument("--batch", type=int, nargs=3, default=[1, 8, 32], metavar=("MIN", "OPT", "MAX"))
+    eng.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: the graph's fixed size)")
+    eng.add_argument("--out", help="engine path (default: next to the ONNX, .engine)")
+    eng.add_argument("--weak-typing", action="store_true", help="weakly typed network with INT8 and FP16 flags")
+    eng.add_argument("--sparse", action="store_true", help="allow 2:4 sparse kernels")
+    eng.add_argument("--workspace-mib", type=int, default=4096)
+    eng.add_argument("--timing-cache", help="timing cache file (default: ~/.cache/workbench/tensorrt_timing.cache)")
+
     val = sub.add_parser("validate", help="check a recipe without running it")
     val.add_argument("recipe")
     val.add_argument("overrides", nargs="*")
@@ -100,6 +111,8 @@ def _dispatch(args, parser) -> int:
         run = api.sensitivity(args.recipe, args.overrides, console=console)
         console.print(f"sensitivity table: {run.dir / 'sensitivity.csv'}")
         return 0
+    if args.command == "build":
+        return _build_engine(args)
     if args.command == "check-onnx":
         from .qdq_check import check_qdq
 
@@ -158,3 +171,30 @@ def _dispatch(args, parser) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _build_engine(args) -> int:
+    from pathlib import Path
+
+    from .qdq_check import load_onnx
+    from .runtime.tensorrt import BuildRequest, Profile, build_engine
+    from .stages.build import default_timing_cache
+
+    onnx_path = Path(args.onnx)
+    dims = load_onnx(onnx_path).graph.input[0].type.tensor_type.shape.dim
+    fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if args.size:
+        hw = tuple(args.size)
+    elif len(fixed) == 4 and fixed[2] and fixed[3]:
+        hw = (fixed[2], fixed[3])
+    else:
+        raise WorkbenchError(f"{onnx_path} has a dynamic image size: give --size H W")
+    channels = fixed[1] if len(fixed) > 1 and fixed[1] else 3
+    profile = Profile(*[(b, channels, *hw) for b in args.batch])
+    cache = Path(args.timing_cache) if args.timing_cache else default_timing_cache()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else onnx_path.with_suffix(".engine")
+    sidecar = build_engine(BuildRequest(onnx_path, out, profile, args.precision, not args.weak_typing, True,
+                                        args.workspace_mib, cache, args.sparse))
+    print(f"engine: {out} (TensorRT {sidecar['tensorrt']}, {sidecar['gpu']}); layers by precision: {sidecar['layer_precisions']}")
+    return 0

@@ -19,6 +19,7 @@ BACKEND_TITLES = {
     "ort_fp32_pruned": "FP32 pruned (ONNX Runtime)",
     "pytorch_int8_ptq": "INT8 PTQ before QAT, fake-quant (PyTorch)",
     "ort_int8_ptq": "INT8 PTQ before QAT (ONNX Runtime, faithful)",
+    "tensorrt": "TensorRT engine",
     "ort_int8_faithful": "INT8 Q/DQ (ONNX Runtime, faithful: TensorRT arithmetic)",
     "ort_int8_default": "INT8 Q/DQ (ONNX Runtime, default: ORT integer kernels)",
 }
@@ -149,6 +150,16 @@ def write_report(run_dir: str | Path) -> Path:
                 lines.append(f"  TensorRT Q/DQ rules (`workbench check-onnx`): {len(rules)} violation(s)"
                              + ("." if not rules else ":"))
                 lines += [f"  - [{v['rule']}] `{v['node']}` (module `{v['module']}`): {v['message']}" for v in rules[:20]]
+        lines.append("")
+    b = stages.get("build")
+    if b:
+        lines += ["## TensorRT engine", ""]
+        if b.get("built"):
+            lines.append(f"`{b['engine']}`: TensorRT {b['tensorrt']} on {b['gpu']} (compute capability {b['compute_capability']}), "
+                         f"{'strongly' if b['strongly_typed'] else 'weakly'} typed, profile {b['profile']}; layers by output "
+                         f"precision: {b['layer_precisions']}. Sidecar: `{b['engine']}.json`.")
+        else:
+            lines.append(f"Not built: {b['reason']}")
         lines.append("")
     timings = metrics.get("timings_s", {})
     if timings:

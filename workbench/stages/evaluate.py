@@ -10,6 +10,7 @@ Backends (those that exist at this point of the run):
   ort_int8_faithful  model.onnx, ORT optimisations off: TensorRT's arithmetic on that graph
   ort_int8_default   model.onnx, ORT optimisations on: ORT's integer kernels (a CPU deployment)
   ort_int8_ptq       model_ptq.onnx (the PTQ graph, after qat), faithful
+  tensorrt           the engine of the build stage (where TensorRT and a GPU are present)
 Each is also compared with the FP32 model (agreement, KL); the faithful ONNX
 is compared with the fake-quant model it was exported from.
 """
@@ -24,11 +25,12 @@ from pydantic import Field
 from ..errors import RecipeError
 from ..progress import track
 from ..runtime import OrtRunner, TorchRunner, measure_latency
+from ..runtime.tensorrt import TensorRTRunner
 from ..tasks import is_labeled, new_scorer
 from .registry import StageOptions, register_stage
 
 Backend = Literal["pytorch_fp32", "pytorch_fp32_pruned", "pytorch_int8", "pytorch_int8_ptq", "ort_fp32", "ort_fp32_pruned",
-                  "ort_int8_faithful", "ort_int8_default", "ort_int8_ptq"]
+                  "ort_int8_faithful", "ort_int8_default", "ort_int8_ptq", "tensorrt"]
 
 
 class EvaluateOptions(StageOptions):
@@ -58,6 +60,8 @@ def available_backends(run) -> list[str]:
             out += ["ort_int8_faithful", "ort_int8_default"] + (["ort_int8_ptq"] if onnx.get("ptq") else [])
         elif "ort_fp32" not in out:
             out.append("ort_fp32")
+    if run.state.get("engine"):
+        out.append("tensorrt")
     return out
 
 
@@ -69,6 +73,7 @@ def build_runners(run, backends: list[str], threads: int | None) -> dict:
         "pytorch_fp32_pruned": lambda: TorchRunner(run.state["pruned_fp32"], "pytorch_fp32_pruned", run.device),
         "pytorch_int8": lambda: TorchRunner(run.model, "pytorch_int8", run.device),
         "pytorch_int8_ptq": lambda: TorchRunner(run.state["ptq_model"], "pytorch_int8_ptq", run.device),
+        "tensorrt": lambda: TensorRTRunner(run.state["engine"], "tensorrt"),
         "ort_int8_ptq": lambda: OrtRunner(onnx["ptq"], "ort_int8_ptq", "faithful", threads),
         "ort_fp32_pruned": lambda: OrtRunner(onnx["pruned_fp32"], "ort_fp32_pruned", "default", threads),
         "ort_fp32": lambda: OrtRunner(fp32_onnx, "ort_fp32", "default", threads),
@@ -125,7 +130,7 @@ def evaluate(run, opts: EvaluateOptions) -> None:
     results: dict[str, dict] = {}
     for b, runner in runners.items():
         entry = {"metrics": scorers[b].result()}
-        if isinstance(runner, OrtRunner):
+        if isinstance(runner, (OrtRunner, TensorRTRunner)):
             entry["size_bytes"] = runner.path.stat().st_size
         elif b in ("pytorch_fp32", "pytorch_fp32_pruned"):
             model = run.reference if b == "pytorch_fp32" else run.state["pruned_fp32"]

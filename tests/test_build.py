@@ -1,0 +1,100 @@
+"""TensorRT engine builds: every check around the builder runs here; the build itself where tensorrt exists."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_recipe
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.runtime.tensorrt import check_engine_matches, layer_precision_summary
+
+try:
+    import tensorrt  # noqa: F401
+
+    HAVE_TRT = torch.cuda.is_available()
+except ImportError:
+    HAVE_TRT = False
+needs_tensorrt = pytest.mark.skipif(not HAVE_TRT, reason="needs tensorrt and an NVIDIA GPU")
+
+
+def _run(images, tmp_path, build_opts="{}"):
+    stages = f"  - calibrate: {{method: max}}\n  - export: {{}}\n  - build: {build_opts}\n  - evaluate: {{latency: false}}\n"
+    (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs", stages))
+    return main(["run", str(tmp_path / "r.yaml")])
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="checks the behaviour without tensorrt")
+def test_without_tensorrt_the_run_still_writes_its_onnx_and_report(images, tmp_path):
+    assert _run(images, tmp_path) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    build = json.loads((run_dir / "metrics.json").read_text())["stages"]["build"]
+    assert build["built"] is False and "pip install tensorrt" in build["reason"]
+    assert (run_dir / "model.onnx").is_file() and "## TensorRT engine" in (run_dir / "report.md").read_text()
+    assert not list(run_dir.glob("*.engine"))
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="checks the behaviour without tensorrt")
+def test_required_build_without_tensorrt_fails_the_run(images, tmp_path, capsys):
+    assert _run(images, tmp_path, "{required: true}") == 2
+    assert "TensorRT is not installed" in capsys.readouterr().err
+
+
+def test_profile_out_of_order_is_refused_before_anything_runs(images, tmp_path, capsys):
+    assert _run(images, tmp_path, "{min_batch: 16, opt_batch: 8, max_batch: 4}") == 2
+    assert "min_batch <= opt_batch <= max_batch" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def _exported(images, tmp_path):
+    stages = "  - calibrate: {method: max}\n  - export: {}\n"
+    (tmp_path / "e.yaml").write_text(tiny_recipe(images, tmp_path / "exp", stages))
+    assert main(["run", str(tmp_path / "e.yaml")]) == 0
+    (run_dir,) = (tmp_path / "exp").iterdir()
+    return run_dir
+
+
+def test_cli_build_checks_the_request_first(images, tmp_path, capsys):
+    run_dir = _exported(images, tmp_path)
+    assert main(["build", str(run_dir / "model.onnx"), "--batch", "8", "4", "1"]) == 2
+    assert "min <= opt <= max" in capsys.readouterr().err
+    assert main(["build", str(run_dir / "model_fp32.onnx"), "--precision", "int8"]) == 2
+    assert "no QuantizeLinear/DequantizeLinear nodes" in capsys.readouterr().err
+    (tmp_path / "junk.onnx").write_text("hello")
+    assert main(["build", str(tmp_path / "junk.onnx")]) == 2
+    assert "is not an ONNX model" in capsys.readouterr().err
+    assert main(["build", str(run_dir / "model.onnx"), "--size", "64", "64"]) == 2  # the graph's size is fixed at 32
+    assert "fixed at 32" in capsys.readouterr().err
+    if not HAVE_TRT:
+        assert main(["build", str(run_dir / "model.onnx")]) == 2
+        assert "TensorRT is not installed" in capsys.readouterr().err
+    assert not list(run_dir.glob("*.engine"))
+
+
+def test_engine_for_another_tensorrt_or_gpu_is_refused_by_name():
+    sidecar = {"engine": "m.engine", "tensorrt": "10.3.0", "gpu": "NVIDIA A100", "compute_capability": "8.0"}
+    check_engine_matches(sidecar, "10.3.0", "8.0", "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(WorkbenchError, match="built with TensorRT 10.3.0, this machine has 10.8.0"):
+        check_engine_matches(sidecar, "10.8.0", "8.0", "NVIDIA A100")
+    with pytest.raises(WorkbenchError, match=r"built for NVIDIA A100 \(compute capability 8.0\), this GPU is NVIDIA H100 \(9.0\)"):
+        check_engine_matches(sidecar, "10.3.0", "9.0", "NVIDIA H100")
+
+
+def test_layer_precision_summary_reads_the_inspector_format():
+    # The shape of IEngineInspector's JSON with ProfilingVerbosity.DETAILED (TensorRT 10).
+    layers = [
+        {"Name": "conv1 + relu", "Outputs": [{"Name": "a", "Format/Datatype": "Int8 NC/32HW32"}]},
+        {"Name": "conv2", "Outputs": [{"Name": "b", "Format/Datatype": "Int8 NC/32HW32"}]},
+        {"Name": "head", "Outputs": [{"Name": "c", "Format/Datatype": "Half NCHW"}]},
+        {"Name": "out", "Outputs": [{"Name": "d", "Format/Datatype": "Row major linear FP32"}]},
+    ]
+    assert layer_precision_summary(layers) == {"Int8": 2, "Half": 1, "Float": 1}
+
+
+@needs_tensorrt
+def test_build_int8_engine_and_score_it(images, tmp_path):
+    assert _run(images, tmp_path, "{required: true, max_batch: 8}") == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    build = json.loads((run_dir / "metrics.json").read_text())["stages"]["build"]
+    assert build["built"] and build["layer_precisions"].get("Int8", 0) > 0
+    assert (run_dir / "model_int8.engine").is_file() and (run_dir / "model_int8.engine.json").is_file()
