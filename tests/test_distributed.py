@@ -16,6 +16,10 @@ from workbench.cli import main
 from workbench.train import TrainOptions, fit
 
 
+# Two CPU processes with gloo; on a machine with a GPU each process would take a GPU with NCCL instead.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="gloo CPU processes; GPU runs: benchmarks/multi_gpu.py")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
