@@ -100,8 +100,14 @@ def _structured(run, opts: PruneOptions, layers: dict) -> None:
     gradients = None
     if opts.importance == "taylor":
         gradients = _gradient_batches(run)
-    counts = prune_channels_(run.model, example, keep, opts.ratio, opts.macs_target, opts.importance,
-                             opts.scope == "global", opts.round_to, gradients)
+    # On the CPU: a model the pruning breaks then fails with a Python error we can report, where on a
+    # GPU an out-of-range index is a device-side assert that poisons the CUDA context for the process.
+    run.model.cpu()
+    try:
+        counts = prune_channels_(run.model, example.cpu(), keep, opts.ratio, opts.macs_target, opts.importance,
+                                 opts.scope == "global", opts.round_to, gradients)
+    finally:
+        run.model.to(run.device)
     path = keep_pruned_fp32(run)
     channels = {n: int(m.weight.shape[0]) for n, m in run.model.named_modules() if isinstance(m, PRUNABLE_OUTPUTS)}
     run.record("prune", {"method": "structured", "importance": opts.importance, "ratio": opts.ratio,
@@ -155,6 +161,7 @@ def _gradient_batches(run):
         for i, (images, labels) in enumerate(loader):
             if i >= 4:
                 break
-            torch.nn.functional.cross_entropy(model(images.to(run.device)), torch.as_tensor(labels).to(run.device)).backward()
+            device = next(model.parameters()).device
+            torch.nn.functional.cross_entropy(model(images.to(device)), torch.as_tensor(labels).to(device)).backward()
 
     return run_batches
