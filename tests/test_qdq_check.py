@@ -139,3 +139,20 @@ def test_cli_check_onnx(resnet_onnx, tmp_path, capsys):
     assert "is not an ONNX model" in capsys.readouterr().err
     assert main(["check-onnx", str(tmp_path / "missing.onnx")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_efficientnet_lite_skip_adds_are_quantized_and_the_graph_has_no_violations(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="quickstart extra not installed")
+    from workbench.quant.ptq import quant_units, set_float_units
+
+    spec = ModelConfig(spec="efficientnet_lite:efficientnet-lite0", input_size=[3, 224, 224])
+    model, reference = resolve_model(spec), resolve_model(spec)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 224, 224)
+    result = quantize_(model, Int8Config(method="max"), lambda m: m(x), x[:1])
+    assert result.census()["Add (residual)"] == {"int8": 9, "float": 0}  # the 9 blocks with an identity skip
+    set_float_units(model, result, list(quant_units(model, result)))
+    with torch.no_grad():  # the rewritten block forward computes the package's function
+        assert torch.allclose(model(x), reference(x), atol=1e-4)
+    set_float_units(model, result, [])
+    assert check_qdq(export_onnx(model, x[:1], tmp_path / "e.onnx")) == []

@@ -4,7 +4,8 @@ Each rule is named, finds the modules it applies to, and changes how they quanti
 
 - `residual_add`: in residual blocks (`x + cv2(cv1(x))`, YOLOv5 and Ultralytics
   `Bottleneck` with `add`; ResNet `BasicBlock` and `Bottleneck`, torchvision's and the
-  CIFAR ResNets', `bn(conv(...)) + shortcut(x)`), both inputs of the Add get a quantizer.
+  CIFAR ResNets', `bn(conv(...)) + shortcut(x)`; EfficientNet(-Lite)'s `MBConvBlock` with
+  its identity skip), both inputs of the Add get a quantizer.
   TensorRT then fuses the Add into the convolution before it and runs it in INT8; with
   a float input it would run the Add on its own, in higher precision.
 - `concat_maxpool_shared_scale`: activations are quantized once, at the input of the
@@ -26,7 +27,7 @@ import fnmatch
 import torch
 from torch import nn
 
-RESIDUAL_BLOCKS = frozenset({"Bottleneck", "BasicBlock"})
+RESIDUAL_BLOCKS = frozenset({"Bottleneck", "BasicBlock", "MBConvBlock"})
 
 
 class ResidualAdd(nn.Module):
@@ -66,12 +67,34 @@ def _resnet_bottleneck_forward(self, x):
     return torch.relu(self.residual_add(self.bn3(self.conv3(out)), _shortcut(self, x)))
 
 
+def _mbconv_forward(self, inputs, drop_connect_rate=None):
+    # efficientnet_pytorch / efficientnet_lite_pytorch MBConvBlock, with the skip Add quantized.
+    x = inputs
+    if self._block_args.expand_ratio != 1:
+        x = self._swish(self._bn0(self._expand_conv(inputs)))
+    x = self._swish(self._bn1(self._depthwise_conv(x)))
+    if self.has_se:
+        squeezed = self._se_expand(self._swish(self._se_reduce(nn.functional.adaptive_avg_pool2d(x, 1))))
+        x = torch.sigmoid(squeezed) * x
+    x = self._bn2(self._project_conv(x))
+    if drop_connect_rate and self.training:
+        raise RuntimeError("the quantized MBConvBlock is for inference: drop_connect is a training-time op")
+    return self.residual_add(x, inputs)
+
+
+def _mbconv_has_skip(block: nn.Module) -> bool:
+    args = block._block_args
+    return bool(block.id_skip and args.stride in (1, [1], [1, 1]) and args.input_filters == args.output_filters)
+
+
 def _quantized_forward(block: nn.Module):
     """The forward with a quantized Add for this kind of residual block, or None if it is not one we know."""
     if type(block).__name__ not in RESIDUAL_BLOCKS:
         return None
     if hasattr(block, "cv1") and hasattr(block, "cv2"):
         return _yolo_forward if getattr(block, "add", False) else None  # YOLO: add is False without a shortcut
+    if type(block).__name__ == "MBConvBlock":
+        return _mbconv_forward if hasattr(block, "_block_args") and _mbconv_has_skip(block) else None
     if all(hasattr(block, a) for a in ("conv1", "bn1", "conv2", "bn2")):
         return _resnet_bottleneck_forward if hasattr(block, "conv3") else _resnet_basic_forward
     return None
