@@ -125,8 +125,10 @@ def test_quickstart_end_to_end_small(tmp_path, capsys):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     cal = metrics["stages"]["calibrate"]
     # EfficientNet-Lite's padded convolutions must be quantized, not silently left in float.
-    assert cal["census"] == {"Conv2d": {"int8": 49, "float": 0}, "Linear": {"int8": 1, "float": 0}}
+    assert cal["census"] == {"Conv2d": {"int8": 49, "float": 0}, "Linear": {"int8": 1, "float": 0},
+                             "Add (residual)": {"int8": 9, "float": 0}}
     assert cal["folded_batchnorm"] == 49
+    assert metrics["stages"]["export"]["model.onnx"]["tensorrt_rules"] == []
     backends = metrics["stages"]["evaluate"]["backends"]
     assert backends["ort_int8_faithful"]["metrics"]["samples"] == 16
     assert backends["pytorch_int8"]["metrics"]["mean_kl"] < 0.5

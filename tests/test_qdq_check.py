@@ -34,6 +34,15 @@ def test_exported_resnet_and_yolo_graphs_have_no_violations(resnet_onnx, tmp_pat
     assert check_qdq(_quantized_onnx(yolo, torch.rand(4, 3, 64, 64), tmp_path / "y.onnx")) == []
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_torchvision_resnets_pass_the_rules(tmp_path, name):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval()
+    assert check_qdq(_quantized_onnx(model, torch.randn(2, 3, 64, 64), tmp_path / f"{name}.onnx")) == []
+
+
 def _node(model, op, contains=""):
     return next(n for n in model.graph.node if n.op_type == op and contains in n.name)
 
