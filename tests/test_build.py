@@ -98,3 +98,27 @@ def test_build_int8_engine_and_score_it(images, tmp_path):
     build = json.loads((run_dir / "metrics.json").read_text())["stages"]["build"]
     assert build["built"] and build["layer_precisions"].get("Int8", 0) > 0
     assert (run_dir / "model_int8.engine").is_file() and (run_dir / "model_int8.engine.json").is_file()
+
+
+def test_bench_times_every_artifact_and_writes_json_plot_and_report(images, tmp_path):
+    stages = ("  - calibrate: {method: max}\n  - export: {}\n"
+              "  - bench: {batch_sizes: [1, 4], repeats: 5, warmup: 1, threads: 1}\n")
+    (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs", stages))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    bench = json.loads((run_dir / "bench.json").read_text())
+    expected = {"pytorch_fp32_cpu", "ort_fp32", "ort_int8"} | ({"pytorch_fp32_cuda", "pytorch_fp16_cuda"} if torch.cuda.is_available() else set())
+    assert set(bench["backends"]) == expected
+    for name, entry in bench["backends"].items():
+        for b in ("b1", "b4"):
+            t = entry["latency"][b]
+            assert 0 < t["median_ms"] <= t["p90_ms"] and t["images_per_s"] > 0, name
+    sizes = {n: e["bytes"] for n, e in bench["backends"].items()}
+    assert sizes["ort_int8"] == (run_dir / "model.onnx").stat().st_size and sizes["ort_fp32"] == (run_dir / "model_fp32.onnx").stat().st_size
+    assert (run_dir / "bench.png").is_file() and "## Latency and size on this machine" in (run_dir / "report.md").read_text()
+
+
+def test_bench_with_no_batch_sizes_is_refused(images, tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs", "  - bench: {batch_sizes: []}\n"))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 2
+    assert "batch_sizes" in capsys.readouterr().err and not (tmp_path / "runs").exists()

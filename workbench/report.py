@@ -151,6 +151,18 @@ def write_report(run_dir: str | Path) -> Path:
                              + ("." if not rules else ":"))
                 lines += [f"  - [{v['rule']}] `{v['node']}` (module `{v['module']}`): {v['message']}" for v in rules[:20]]
         lines.append("")
+    bench = stages.get("bench")
+    if bench:
+        keys = [f"b{b}" for b in bench["batch_sizes"]]
+        lines += ["## Latency and size on this machine", "",
+                  f"{bench['repeats']} timed runs per batch size, {bench['threads']} CPU threads; median ms (p90), images/s.", "",
+                  "| Artifact | Size MB | " + " | ".join(f"{k} ms | {k} img/s" for k in keys) + " |",
+                  "|---|---|" + "---|---|" * len(keys)]
+        for name, entry in bench["backends"].items():
+            cells = [f"{_fmt(entry['latency'][k]['median_ms'])} ({_fmt(entry['latency'][k]['p90_ms'])}) | "
+                     f"{entry['latency'][k]['images_per_s']:.0f}" for k in keys]
+            lines.append(f"| {name} | {entry['bytes'] / 1e6:.2f} | " + " | ".join(cells) + " |")
+        lines += ["", "![throughput](bench.png)", ""]
     b = stages.get("build")
     if b:
         lines += ["## TensorRT engine", ""]

@@ -26,14 +26,15 @@ class Runner(Protocol):
 
 
 class TorchRunner:
-    def __init__(self, model: nn.Module, name: str, device: str | torch.device = "cpu"):
+    def __init__(self, model: nn.Module, name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.model = model.eval()
         self.name = name
         self.device = torch.device(device)
+        self.dtype = dtype  # the input's: float16 for a half-precision model
 
     @torch.no_grad()
     def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
-        x = torch.as_tensor(batch).to(self.device)
+        x = torch.as_tensor(batch).to(self.device, self.dtype)
         out = self.model(x)
         if isinstance(out, (list, tuple)):
             out = out[0]

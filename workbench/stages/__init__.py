@@ -3,6 +3,6 @@
 from .registry import STAGES, StageOptions, StageSpec, get_stage, register_stage
 
 # Importing a stage module registers it.
-from . import build, calibrate, export, evaluate, finetune, mixed_precision, prune, qat, sensitivity  # noqa: E402,F401
+from . import bench, build, calibrate, export, evaluate, finetune, mixed_precision, prune, qat, sensitivity  # noqa: E402,F401
 
 __all__ = ["STAGES", "StageOptions", "StageSpec", "get_stage", "register_stage"]
