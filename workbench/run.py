@@ -51,10 +51,10 @@ class Run:
 
     def num_classes(self, split: str) -> int | None:
         """A detector's class count: from the split if it is labeled, else from the evaluation split (None if neither)."""
-        for name in (split, "evaluation"):
-            if name == split or self.recipe.data.evaluation is not None:
-                if count := len(getattr(self.dataset(name), "category_ids", [])):
-                    return count
+        names = [split] + (["evaluation"] if split != "evaluation" and self.recipe.data.evaluation is not None else [])
+        for name in names:
+            if count := len(getattr(self.dataset(name), "category_ids", [])):
+                return count
         return None
 
     def loader(self, split: str):

@@ -115,19 +115,28 @@ def finetune(run, opts: FinetuneOptions) -> None:
     """Fine-tune (after pruning): distillation from the FP32 model and/or the task loss, checkpoints per epoch."""
     if "quant" in run.state:
         raise CalibrationError("stages.finetune: the model is already quantized; fine-tune before calibrate (training a fake-quant model is QAT)")
-    torch.manual_seed(0)  # the shuffling order
-    evaluate = epoch_evaluator(run, opts.eval_samples)
-    before = evaluate(run.model.eval()) if evaluate is not None and not opts.resume else None  # the starting point
-    history = train_on_finetune_split(run, opts, run.path("checkpoints"), "finetune")
+    summary = train_stage(run, opts, "finetune", "training_curve.png")
     if "pruned_model" in run.state:  # the saved pruned model gets the fine-tuned weights
         from .prune import keep_pruned_fp32
 
         keep_pruned_fp32(run)
-    write_json(run.path("finetune.json"), {"options": opts.model_dump(mode="json"), "history": history})
-    plot_history(run.path("training_curve.png"), history, "finetune")
+    run.record("finetune", summary)
+
+
+def train_stage(run, opts: FinetuneOptions, label: str, curve: str, after_step=None) -> dict:
+    """The body both training stages share: score the start, train, write `<label>.json` and the curve.
+
+    Returns the stage's metrics (epochs, steps, final loss, evaluation before and after, history).
+    """
+    torch.manual_seed(0)  # the shuffling order
+    evaluate = epoch_evaluator(run, opts.eval_samples)
+    before = evaluate(run.model.eval()) if evaluate is not None and not opts.resume else None  # the starting point
+    history = train_on_finetune_split(run, opts, run.path("checkpoints"), label, after_step)
+    write_json(run.path(f"{label}.json"), {"options": opts.model_dump(mode="json"), "history": history})
+    plot_history(run.path(curve), history, label if label != "qat" else "QAT")
     last = history[-1] if history else {}
-    run.record("finetune", {"epochs": len(history), "steps": last.get("steps", 0), "final_loss": last.get("loss"),
-                            "eval_before": before, "eval": last.get("eval"), "history": history})
+    return {"epochs": len(history), "steps": last.get("steps", 0), "final_loss": last.get("loss"),
+            "eval_before": before, "eval": last.get("eval"), "history": history}
 
 
 def plot_history(path, history: list[dict], title: str) -> None:

@@ -21,9 +21,9 @@ import torch
 from pydantic import Field
 
 from ..errors import CalibrationError
-from ..io import atomic_path, write_json
+from ..io import atomic_path
 from ..quant.ptq import refresh_weight_ranges_
-from .finetune import FinetuneOptions, epoch_evaluator, plot_history, train_on_finetune_split
+from .finetune import FinetuneOptions, train_stage
 from .registry import register_stage
 
 
@@ -42,16 +42,8 @@ def qat(run, opts: QatOptions) -> None:
         raise CalibrationError("stages.qat: QAT starts from a calibrated model; put calibrate (and optionally mixed_precision) before qat")
     result = run.state["quant"]
     run.state["ptq_model"] = copy.deepcopy(run.model)
-    torch.manual_seed(0)  # the shuffling order
-    evaluate = epoch_evaluator(run, opts.eval_samples)
-    before = evaluate(run.model.eval()) if evaluate is not None and not opts.resume else None
     after_step = None if opts.freeze_ranges else (lambda: refresh_weight_ranges_(run.model, result))
-    history = train_on_finetune_split(run, opts, run.path("checkpoints"), "qat", after_step)
+    summary = train_stage(run, opts, "qat", "training_curve_qat.png", after_step)
     with atomic_path(run.path("qat_model.pt")) as tmp:
         torch.save(run.model.state_dict(), tmp)
-    write_json(run.path("qat.json"), {"options": opts.model_dump(mode="json"), "history": history})
-    plot_history(run.path("training_curve_qat.png"), history, "QAT")
-    last = history[-1] if history else {}
-    run.record("qat", {"epochs": len(history), "steps": last.get("steps", 0), "final_loss": last.get("loss"),
-                       "eval_before": before, "eval": last.get("eval"), "history": history,
-                       "seconds_per_epoch": [h["seconds"] for h in history]})
+    run.record("qat", {**summary, "seconds_per_epoch": [h["seconds"] for h in summary["history"]]})
