@@ -70,10 +70,13 @@ def test_prune_ignore_pattern_matching_nothing(images, tmp_path, capsys):
     assert "stages.prune.ignore" in capsys.readouterr().err
 
 
-def test_prune_ratio_outside_0_1(images, tmp_path, capsys):
-    (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs", "  - prune: {method: magnitude, sparsity: 1.5}\n"))
+@pytest.mark.parametrize("stage", ["{method: magnitude, sparsity: 1.5}", "{method: structured, ratio: 0}",
+                                   "{method: structured, ratio: 1.2}"])
+def test_prune_ratio_outside_0_1(images, tmp_path, capsys, stage):
+    (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs", f"  - prune: {stage}\n"))
     assert main(["run", str(tmp_path / "r.yaml")]) == 2
-    assert "sparsity" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    field = "sparsity" if "sparsity" in stage else "ratio"
+    assert field in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
 def _structured_recipe(images, runs, stages, model="trained_cnn"):
@@ -137,6 +140,15 @@ def test_a_ratio_that_would_empty_a_layer_is_refused():
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(PruningError, match="would lose every channel"):
         prune_channels_(model, x, [model.fc], 0.99, global_pruning=True, round_to=1)
+
+
+def test_a_ratio_that_would_empty_a_layer_fails_the_run(tmp_path, capsys):
+    images = make_image_folder(tmp_path / "blobs", per_class=4, seed=4)
+    stages = "  - prune: {method: structured, ratio: 0.99, scope: global, round_to: 1, latency: false}\n"
+    (tmp_path / "r.yaml").write_text(_structured_recipe(images, tmp_path / "runs", stages))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 2
+    assert "would lose every channel" in capsys.readouterr().err
+    assert not list((tmp_path / "runs").rglob("pruned_model.pt"))
 
 
 def test_option_a_resnet_shortcuts_become_exact_convolutions_and_prune_per_layer(tmp_path):
