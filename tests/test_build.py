@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_recipe
 from workbench.cli import main
 from workbench.errors import WorkbenchError
+from workbench.onnx_tools import export_onnx
 from workbench.runtime.tensorrt import check_engine_matches, layer_precision_summary
 
 try:
@@ -107,14 +108,15 @@ def test_bench_times_every_artifact_and_writes_json_plot_and_report(images, tmp_
     assert main(["run", str(tmp_path / "r.yaml")]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     bench = json.loads((run_dir / "bench.json").read_text())
-    expected = {"pytorch_fp32_cpu", "ort_fp32", "ort_int8"} | ({"pytorch_fp32_cuda", "pytorch_fp16_cuda"} if torch.cuda.is_available() else set())
+    expected = {"pytorch_fp32_cpu", "ort_fp32", "ort_int8_default", "ort_int8_native"} | ({"pytorch_fp32_cuda", "pytorch_fp16_cuda"} if torch.cuda.is_available() else set())
     assert set(bench["backends"]) == expected
     for name, entry in bench["backends"].items():
         for b in ("b1", "b4"):
             t = entry["latency"][b]
             assert 0 < t["median_ms"] <= t["p90_ms"] and t["images_per_s"] > 0, name
     sizes = {n: e["bytes"] for n, e in bench["backends"].items()}
-    assert sizes["ort_int8"] == (run_dir / "model.onnx").stat().st_size and sizes["ort_fp32"] == (run_dir / "model_fp32.onnx").stat().st_size
+    assert sizes["ort_int8_native"] == (run_dir / "model_int8_ort.onnx").stat().st_size
+    assert sizes["ort_int8_default"] == (run_dir / "model.onnx").stat().st_size and sizes["ort_fp32"] == (run_dir / "model_fp32.onnx").stat().st_size
     assert (run_dir / "bench.png").is_file() and "## Latency and size on this machine" in (run_dir / "report.md").read_text()
 
 
@@ -122,3 +124,32 @@ def test_bench_with_no_batch_sizes_is_refused(images, tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs", "  - bench: {batch_sizes: []}\n"))
     assert main(["run", str(tmp_path / "r.yaml")]) == 2
     assert "batch_sizes" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_bench_command_times_the_files_of_a_run_directory(images, tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs", "  - calibrate: {method: max}\n  - export: {}\n"))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    out = tmp_path / "bench" / "b.json"
+    assert main(["bench", str(run_dir), "--batch-sizes", "1", "2", "--repeats", "3", "--warmup", "1", "--threads", "1",
+                 "--json", str(out), "--plot", str(tmp_path / "b.png")]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["backends"]) == {"model.onnx", "model_fp32.onnx", "model_int8_ort.onnx"}
+    for name, entry in result["backends"].items():
+        assert entry["bytes"] == (run_dir / name).stat().st_size
+        assert 0 < entry["latency"]["b2"]["median_ms"] <= entry["latency"]["b2"]["p90_ms"]
+    assert (tmp_path / "b.png").stat().st_size > 0 and "model_int8_ort.onnx" in capsys.readouterr().out
+
+
+def test_bench_command_bad_input(tmp_path, capsys):
+    assert main(["bench", str(tmp_path / "missing.onnx")]) == 2
+    assert "missing.onnx: not an .onnx or .engine file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["bench", str(tmp_path / "empty")]) == 2
+    assert "no .onnx or .engine files" in capsys.readouterr().err
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    path = export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "dyn.onnx", dynamic_size=True)
+    assert main(["bench", str(path), "--json", str(tmp_path / "x.json")]) == 2
+    assert "give it with --input-size" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+    assert main(["bench", str(path), "--input-size", "3", "16", "16", "--repeats", "2", "--batch-sizes", "1"]) == 0
+    assert main(["bench", str(path), "--batch-sizes", "0"]) == 2

@@ -27,12 +27,15 @@ def test_run_writes_a_complete_run_directory(images, tmp_path, capsys):
     assert metrics["stages"]["calibrate"]["method"] == "percentile"
     assert metrics["stages"]["calibrate"]["census"] == {"Conv2d": {"int8": 3, "float": 0}, "Linear": {"int8": 1, "float": 0}}
     backends = metrics["stages"]["evaluate"]["backends"]
-    assert set(backends) == {"pytorch_fp32", "pytorch_int8", "ort_fp32", "ort_int8_faithful", "ort_int8_default"}
+    assert set(backends) == {"pytorch_fp32", "pytorch_int8", "ort_fp32", "ort_int8_faithful", "ort_int8_default", "ort_int8_native"}
     assert backends["pytorch_fp32"]["metrics"]["agreement_top1"] == 100.0
     assert backends["ort_fp32"]["metrics"]["agreement_top1"] == 100.0
     assert 0 <= backends["ort_int8_faithful"]["metrics"]["top1"] <= 100
     assert backends["ort_int8_faithful"]["latency"]["b1"]["median_ms"] > 0
     assert metrics["stages"]["evaluate"]["ort_faithful_vs_fakequant"]["agreement_top1"] == 100.0
+    native = metrics["stages"]["export"]["model_int8_ort.onnx"]
+    assert native["fused"].get("QLinearConv", 0) >= 1 and native["weights_folded"] == 4
+    assert metrics["stages"]["evaluate"]["ort_native_vs_faithful"]["agreement_top1"] >= 90.0
     report = (run_dir / "report.md").read_text()
     assert "INT8 Q/DQ (ONNX Runtime, faithful" in report and "| Conv2d | 3 | 0 |" in report
     assert "percentile" in (run_dir / "recipe.yaml").read_text()

@@ -53,3 +53,19 @@ def open_run(run_dir: str | os.PathLike, device: str = "cpu"):
     from .explore import RunExplorer
 
     return RunExplorer(Path(run_dir), device)
+
+
+def bench(paths: list[str | os.PathLike], batch_sizes: list[int] = (1, 8), warmup: int = 5, repeats: int = 50,
+          threads: int | None = None, input_size: tuple[int, int, int] | None = None) -> dict:
+    """`workbench bench`: latency and throughput of model files (.onnx in ONNX Runtime, .engine in TensorRT),
+    or of every such file in a directory; the same measurement as the bench stage."""
+    from .runtime.latency import bench_artifacts, file_artifact, model_files, model_input_shape
+
+    results = {}
+    for path in model_files([Path(p) for p in paths]):
+        shape = tuple(input_size) if input_size else model_input_shape(path)
+        if shape is None:
+            raise RecipeError(f"{path}: the input size is dynamic; give it with --input-size C H W")
+        results.update(bench_artifacts({path.name: file_artifact(path, threads)}, shape, list(batch_sizes), warmup,
+                                       repeats, threads))
+    return {"batch_sizes": list(batch_sizes), "repeats": repeats, "threads": threads or os.cpu_count(), "backends": results}

@@ -3,6 +3,9 @@
     workbench run RECIPE [key.path=value ...]
     workbench sensitivity RECIPE [key.path=value ...]
     workbench validate RECIPE [key.path=value ...]
+    workbench check-onnx MODEL.onnx
+    workbench build MODEL.onnx [--precision int8|fp16|fp32]
+    workbench bench MODEL.onnx|MODEL.engine|RUN_DIR ... [--batch-sizes 1 8] [--json FILE]
     workbench schema [--out FILE]
     workbench calib-data build NAME --out DIR | list
     workbench models list [PATTERN]
@@ -48,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     eng.add_argument("--sparse", action="store_true", help="allow 2:4 sparse kernels")
     eng.add_argument("--workspace-mib", type=int, default=4096)
     eng.add_argument("--timing-cache", help="timing cache file (default: ~/.cache/workbench/tensorrt_timing.cache)")
+
+    ben = sub.add_parser("bench", help="latency and throughput of .onnx/.engine files (or all of those in a run directory)")
+    ben.add_argument("paths", nargs="+", metavar="PATH")
+    ben.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="B")
+    ben.add_argument("--warmup", type=int, default=5)
+    ben.add_argument("--repeats", type=int, default=50)
+    ben.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    ben.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="for graphs with a dynamic image size")
+    ben.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ben.add_argument("--plot", metavar="FILE.png", help="also plot images/s per artifact and batch size")
 
     val = sub.add_parser("validate", help="check a recipe without running it")
     val.add_argument("recipe")
@@ -113,6 +126,8 @@ def _dispatch(args, parser) -> int:
         return 0
     if args.command == "build":
         return _build_engine(args)
+    if args.command == "bench":
+        return _bench(args, console)
     if args.command == "check-onnx":
         from .qdq_check import check_qdq
 
@@ -171,6 +186,38 @@ def _dispatch(args, parser) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _bench(args, console) -> int:
+    from rich.table import Table
+
+    from . import api
+
+    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        raise WorkbenchError("--batch-sizes and --repeats take numbers >= 1, --warmup >= 0, --threads >= 1")
+    result = api.bench(args.paths, args.batch_sizes, args.warmup, args.repeats, args.threads, args.input_size)
+    table = Table(title=f"{result['repeats']} timed runs per batch size, {result['threads']} threads: median ms (p90), images/s")
+    table.add_column("artifact", overflow="fold")
+    table.add_column("MB", justify="right")
+    for b in args.batch_sizes:
+        table.add_column(f"b{b} ms", justify="right")
+        table.add_column(f"b{b} img/s", justify="right")
+    for name, entry in result["backends"].items():
+        cells = []
+        for b in args.batch_sizes:
+            t = entry["latency"][f"b{b}"]
+            cells += [f"{t['median_ms']:.2f} ({t['p90_ms']:.2f})", f"{t['images_per_s']:.0f}"]
+        table.add_row(name, f"{entry['bytes'] / 1e6:.2f}", *cells)
+    console.print(table)
+    if args.json:
+        from .io import write_json
+
+        write_json(args.json, result)
+    if args.plot:
+        from .stages.bench import plot_throughput
+
+        plot_throughput(args.plot, result["backends"], args.batch_sizes)
+    return 0
 
 
 def _build_engine(args) -> int:

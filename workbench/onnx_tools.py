@@ -24,10 +24,12 @@ def export_onnx(
     dynamic_batch: bool = True,
     dynamic_size: bool = False,
     metadata: dict[str, str] | None = None,
+    clean: bool = False,
 ) -> Path:
     """Export with the TorchScript exporter (modelopt's Q/DQ export needs it: dynamo=False), then check.
 
-    `metadata` goes into the model's metadata_props (e.g. the precision plan).
+    `metadata` goes into the model's metadata_props (e.g. the precision plan). `clean` runs
+    onnxslim over the graph (constant folding, dead and duplicate nodes; Q/DQ kept).
     """
     import onnx
 
@@ -61,9 +63,13 @@ def export_onnx(
             raise ExportError(f"export: torch.onnx.export failed for {type(model).__name__}: {e}") from None
         finally:
             model.train(was_training)
-        if metadata:
+        if metadata or clean:
             proto = onnx.load(str(tmp))
-            for key, value in metadata.items():
+            if clean:
+                from .ort_int8 import clean_graph
+
+                proto = clean_graph(proto)
+            for key, value in (metadata or {}).items():
                 proto.metadata_props.add(key=key, value=value)
             onnx.save(proto, str(tmp))
         try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -27,3 +30,67 @@ def measure_latency(runner, input_shape: tuple[int, ...], batch_sizes=(1, 8), wa
             "images_per_s": b / median,
         }
     return out
+
+
+def bench_artifacts(artifacts: dict[str, tuple[Callable[[], object], int]], input_shape: tuple[int, ...],
+                    batch_sizes=(1, 8), warmup: int = 5, repeats: int = 50, threads: int | None = None) -> dict[str, dict]:
+    """Time each artifact, one in memory at a time: name -> {"bytes", "latency": measure_latency(...)}.
+
+    `artifacts` maps a name to (a function making its runner, its size in bytes). `threads` fixes
+    PyTorch's CPU threads here (ONNX Runtime runners take theirs when they are made).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    results = {}
+    try:
+        for name, (make, size) in artifacts.items():
+            runner = make()
+            results[name] = {"bytes": int(size), "latency": measure_latency(runner, input_shape, batch_sizes, warmup, repeats)}
+            del runner
+    finally:
+        torch.set_num_threads(before)
+    return results
+
+
+def model_files(paths: list[Path]) -> list[Path]:
+    """The model files named: .onnx and .engine files, a directory standing for those in it (a run directory)."""
+    from ..errors import WorkbenchError
+
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix in (".onnx", ".engine"))
+        elif path.is_file() and path.suffix in (".onnx", ".engine"):
+            files.append(path)
+        else:
+            raise WorkbenchError(f"{path}: not an .onnx or .engine file, nor a directory holding some")
+    if not files:
+        raise WorkbenchError(f"{', '.join(map(str, paths))}: no .onnx or .engine files to time")
+    return files
+
+
+def file_artifact(path: Path, threads: int | None = None) -> tuple[Callable[[], object], int]:
+    """(runner factory, bytes) of a model file: .onnx in ONNX Runtime (default optimisations), .engine in TensorRT."""
+    if path.suffix == ".engine":
+        from .tensorrt import TensorRTRunner
+
+        return (lambda: TensorRTRunner(path, path.name)), path.stat().st_size
+    from .runners import OrtRunner
+
+    return (lambda: OrtRunner(path, path.name, "default", threads)), path.stat().st_size
+
+
+def model_input_shape(path: Path) -> tuple[int, ...] | None:
+    """(C, H, W) of a model file's input when the file fixes it (ONNX graph input, engine sidecar), else None."""
+    path = Path(path)
+    if path.suffix == ".engine":
+        side = path.with_name(path.name + ".json")
+        return tuple(json.loads(side.read_text())["profile"]["opt"][1:]) if side.is_file() else None
+    from ..qdq_check import load_onnx
+
+    dims = load_onnx(path).graph.input[0].type.tensor_type.shape.dim
+    fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims][1:]
+    return tuple(fixed) if fixed and all(fixed) else None

@@ -1,8 +1,8 @@
 """bench: latency and throughput of every artifact the run has, on this machine, and their size on disk.
 
 PyTorch FP32 on the CPU (and FP32/FP16 on CUDA where present), ONNX Runtime FP32 (the
-original and, after pruning, the pruned graph), ONNX Runtime on the Q/DQ graph with its
-integer kernels, and the TensorRT engine where the build stage made one. Each is warmed
+original and, after pruning, the pruned graph), ONNX Runtime on the TensorRT-style Q/DQ graph
+and on its ONNX Runtime flavour (integer kernels), and the TensorRT engine where the build stage made one. Each is warmed
 up, then timed `repeats` times per batch size (median, p90, images/s) with a fixed thread
 count. Latency is end to end: input from host memory, outputs back to it.
 Writes bench.json and bench.png; the report shows the table.
@@ -16,7 +16,8 @@ import torch
 from pydantic import Field
 
 from ..io import atomic_path, write_json
-from ..runtime import OrtRunner, TorchRunner, measure_latency
+from ..runtime import OrtRunner, TorchRunner
+from ..runtime.latency import bench_artifacts
 from .registry import StageOptions, register_stage
 
 
@@ -38,11 +39,11 @@ def _artifacts(run, opts: BenchOptions) -> dict[str, tuple]:
         if opts.cuda_fp16:
             out["pytorch_fp16_cuda"] = (lambda: TorchRunner(copy.deepcopy(run.reference).cuda().half(), "pytorch_fp16_cuda",
                                                             "cuda", torch.float16), params // 2)
-    for key, name, mode in (("fp32", "ort_fp32", "default"), ("pruned_fp32", "ort_fp32_pruned", "default"),
-                            ("model", "ort_int8", "default")):
+    for key, name in (("fp32", "ort_fp32"), ("pruned_fp32", "ort_fp32_pruned"), ("model", "ort_int8_default"),
+                      ("ort_int8", "ort_int8_native")):
         path = onnx.get(key)
         if path is not None and (key != "model" or "quant" in run.state):
-            out[name] = (lambda p=path, n=name, m=mode: OrtRunner(p, n, m, opts.threads), path.stat().st_size)
+            out[name] = (lambda p=path, n=name: OrtRunner(p, n, "default", opts.threads), path.stat().st_size)
     if run.state.get("engine"):
         from ..runtime.tensorrt import TensorRTRunner
 
@@ -54,27 +55,17 @@ def _artifacts(run, opts: BenchOptions) -> dict[str, tuple]:
 @register_stage("bench", BenchOptions)
 def bench(run, opts: BenchOptions) -> None:
     """Latency (median, p90) and throughput per batch size of every artifact, and its size."""
+    results = bench_artifacts(_artifacts(run, opts), tuple(run.recipe.model.input_size), opts.batch_sizes, opts.warmup,
+                              opts.repeats, opts.threads)
     threads = torch.get_num_threads()
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    results = {}
-    try:
-        for name, (make, size) in _artifacts(run, opts).items():
-            runner = make()
-            timing = measure_latency(runner, tuple(run.recipe.model.input_size), opts.batch_sizes, warmup=opts.warmup,
-                                     repeats=opts.repeats)
-            results[name] = {"bytes": int(size), "latency": timing}
-            del runner  # one backend in memory at a time
-    finally:
-        torch.set_num_threads(threads)
     values = {"threads": opts.threads or threads, "batch_sizes": opts.batch_sizes, "repeats": opts.repeats,
               "cpu_threads_default": threads, "backends": results}
     write_json(run.path("bench.json"), values)
-    _plot(run.path("bench.png"), results, opts.batch_sizes)
+    plot_throughput(run.path("bench.png"), results, opts.batch_sizes)
     run.record("bench", values)
 
 
-def _plot(path, results: dict, batch_sizes: list[int]) -> None:
+def plot_throughput(path, results: dict, batch_sizes: list[int]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,11 +8,13 @@ Backends (those that exist at this point of the run):
   ort_fp32           model_fp32.onnx in ONNX Runtime
   ort_fp32_pruned    model_pruned_fp32.onnx in ONNX Runtime
   ort_int8_faithful  model.onnx, ORT optimisations off: TensorRT's arithmetic on that graph
-  ort_int8_default   model.onnx, ORT optimisations on: ORT's integer kernels (a CPU deployment)
+  ort_int8_default   model.onnx, ORT optimisations on (ORT fuses what it can of the TensorRT-style graph)
+  ort_int8_native    model_int8_ort.onnx: the same ranges laid out for ORT's integer kernels (a CPU deployment)
   ort_int8_ptq       model_ptq.onnx (the PTQ graph, after qat), faithful
   tensorrt           the engine of the build stage (where TensorRT and a GPU are present)
 Each is also compared with the FP32 model (agreement, KL); the faithful ONNX
-is compared with the fake-quant model it was exported from.
+is compared with the fake-quant model it was exported from, and the ORT-native
+graph with the faithful one (the same function, up to integer rounding).
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from ..tasks import is_labeled, new_scorer
 from .registry import StageOptions, register_stage
 
 Backend = Literal["pytorch_fp32", "pytorch_fp32_pruned", "pytorch_int8", "pytorch_int8_ptq", "ort_fp32", "ort_fp32_pruned",
-                  "ort_int8_faithful", "ort_int8_default", "ort_int8_ptq", "tensorrt"]
+                  "ort_int8_faithful", "ort_int8_default", "ort_int8_native", "ort_int8_ptq", "tensorrt"]
+
+
+# Backends that compute the same function, compared output by output: (graph, its reference).
+SAME_FUNCTION = {
+    "ort_faithful_vs_fakequant": ("ort_int8_faithful", "pytorch_int8"),  # the export is the fake-quant model
+    "ort_native_vs_faithful": ("ort_int8_native", "ort_int8_faithful"),  # the ORT flavour is the TensorRT-style graph
+}
 
 
 class EvaluateOptions(StageOptions):
@@ -57,7 +66,8 @@ def available_backends(run) -> list[str]:
         out.append("ort_fp32_pruned")
     if onnx.get("model"):
         if "quant" in run.state:
-            out += ["ort_int8_faithful", "ort_int8_default"] + (["ort_int8_ptq"] if onnx.get("ptq") else [])
+            out += ["ort_int8_faithful", "ort_int8_default"] + (["ort_int8_native"] if onnx.get("ort_int8") else [])
+            out += ["ort_int8_ptq"] if onnx.get("ptq") else []
         elif "ort_fp32" not in out:
             out.append("ort_fp32")
     if run.state.get("engine"):
@@ -79,6 +89,7 @@ def build_runners(run, backends: list[str], threads: int | None) -> dict:
         "ort_fp32": lambda: OrtRunner(fp32_onnx, "ort_fp32", "default", threads),
         "ort_int8_faithful": lambda: OrtRunner(onnx["model"], "ort_int8_faithful", "faithful", threads),
         "ort_int8_default": lambda: OrtRunner(onnx["model"], "ort_int8_default", "default", threads),
+        "ort_int8_native": lambda: OrtRunner(onnx["ort_int8"], "ort_int8_native", "default", threads),
     }
     return {b: makers[b]() for b in backends}
 
@@ -104,9 +115,8 @@ def evaluate(run, opts: EvaluateOptions) -> None:
     dataset = run.dataset("evaluation")
     labeled = is_labeled(dataset)
     scorers = {b: new_scorer(run.recipe, dataset) for b in backends}
-    faithful_vs_fakequant = new_scorer(run.recipe, dataset, compare_only=True)
-    compared = False
-    max_abs_diff = 0.0
+    pairs = {key: [new_scorer(run.recipe, dataset, compare_only=True), 0.0]  # scorer, max |diff|
+             for key, pair in SAME_FUNCTION.items() if set(pair) <= set(runners)}
     seen = 0
     # Every backend is compared with the FP32 model, scored or not.
     reference_runner = runners.get("pytorch_fp32") or TorchRunner(run.reference, "reference", run.device)
@@ -122,10 +132,10 @@ def evaluate(run, opts: EvaluateOptions) -> None:
         outputs = {b: (reference if b == "pytorch_fp32" else runner(images)) for b, runner in runners.items()}
         for b, out in outputs.items():
             scorers[b].update(out, labels, reference)
-        if "pytorch_int8" in outputs and "ort_int8_faithful" in outputs:
-            faithful_vs_fakequant.update(outputs["ort_int8_faithful"], labels, outputs["pytorch_int8"])
-            compared = True
-            max_abs_diff = max(max_abs_diff, float(np.abs(outputs["ort_int8_faithful"] - outputs["pytorch_int8"]).max()))
+        for key, entry in pairs.items():
+            graph, reference = SAME_FUNCTION[key]
+            entry[0].update(outputs[graph], labels, outputs[reference])
+            entry[1] = max(entry[1], float(np.abs(outputs[graph] - outputs[reference]).max()))
 
     results: dict[str, dict] = {}
     for b, runner in runners.items():
@@ -139,6 +149,7 @@ def evaluate(run, opts: EvaluateOptions) -> None:
             entry["latency"] = latencies[b]
         results[b] = entry
     values = {"samples": seen, "labeled": labeled, "backends": results}
-    if compared:
-        values["ort_faithful_vs_fakequant"] = {**faithful_vs_fakequant.result(), "max_abs_diff": max_abs_diff}
+    for key, (scorer, max_abs_diff) in pairs.items():
+        if seen:
+            values[key] = {**scorer.result(), "max_abs_diff": max_abs_diff}
     run.record("evaluate", values)

@@ -7,6 +7,7 @@ import json
 from pydantic import Field
 
 from ..onnx_tools import export_onnx, qdq_census
+from ..ort_int8 import WeightType, to_ort_int8
 from ..qdq_check import check_qdq
 from .registry import StageOptions, register_stage
 
@@ -17,38 +18,57 @@ class ExportOptions(StageOptions):
     dynamic_size: bool = Field(False, description="Height and width dynamic too.")
     fp32: bool = Field(True, description="Also export the FP32 model as model_fp32.onnx (the baseline in the report), "
                        "and a pruned model before quantization as model_pruned_fp32.onnx.")
+    clean: bool = Field(True, description="Clean every exported graph with onnxslim (constant folding, dead and duplicate "
+                        "nodes); Q/DQ nodes stay as they are.")
+    ort_int8: bool = Field(True, description="For a calibrated model, also write model_int8_ort.onnx: the same ranges laid "
+                           "out for ONNX Runtime's integer kernels (INT8 weight initializers, u8 activations).")
+    ort_weights: WeightType = Field("auto", description="Weight type of model_int8_ort.onnx: exact (never saturates), s8 "
+                                    "(fastest; exact on VNNI CPUs), reduce_range (7-bit where needed), auto (s8 on VNNI/Arm "
+                                    "CPUs, exact elsewhere).")
 
 
 @register_stage("export", ExportOptions)
 def export(run, opts: ExportOptions) -> None:
-    """ONNX export (Q/DQ for a calibrated model), checked with onnx.checker."""
+    """ONNX export (Q/DQ for a calibrated model), checked with onnx.checker; the ONNX Runtime flavour beside it."""
     example = run.example_input(batch=1)
     values = {}
+
+    def write(model, name: str, metadata: dict | None = None):
+        path = export_onnx(model, example, run.path(name), opts.opset, opts.dynamic_batch, opts.dynamic_size, metadata,
+                           clean=opts.clean)
+        values[name] = {"bytes": path.stat().st_size, "census": qdq_census(path)}
+        return path
+
+    quantized = "quant" in run.state
     if opts.fp32:
-        path = export_onnx(run.reference, example, run.path("model_fp32.onnx"), opts.opset, opts.dynamic_batch, opts.dynamic_size)
-        values["model_fp32.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path)}
-        if "pruned_fp32" in run.state and "quant" in run.state:
-            path = export_onnx(run.state["pruned_fp32"], example, run.path("model_pruned_fp32.onnx"), opts.opset,
-                               opts.dynamic_batch, opts.dynamic_size)
-            values["model_pruned_fp32.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path)}
+        write(run.reference, "model_fp32.onnx")
+        if "pruned_fp32" in run.state and quantized:
+            write(run.state["pruned_fp32"], "model_pruned_fp32.onnx")
     if "ptq_model" in run.state:  # after QAT: the PTQ graph too, to compare
-        path = export_onnx(run.state["ptq_model"], example, run.path("model_ptq.onnx"), opts.opset, opts.dynamic_batch,
-                           opts.dynamic_size)
-        values["model_ptq.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path)}
+        write(run.state["ptq_model"], "model_ptq.onnx")
     metadata = None
-    if "quant" in run.state:
+    if quantized:
         result = run.state["quant"]
         # The precision plan travels with the graph: which layers were kept float, by PyTorch name.
         metadata = {
             "workbench.float_layers": json.dumps(sorted(set(result.excluded) | set(result.kept_float))),
             "workbench.int8_layers": str(len(result.quantized) - len(set(result.kept_float) & set(result.quantized))),
         }
-    path = export_onnx(run.model, example, run.path("model.onnx"), opts.opset, opts.dynamic_batch, opts.dynamic_size, metadata)
-    values["model.onnx"] = {"bytes": path.stat().st_size, "census": qdq_census(path), "quantized": "quant" in run.state}
-    if "quant" in run.state:  # TensorRT's Q/DQ rules, node by node (workbench check-onnx)
+    path = write(run.model, "model.onnx", metadata)
+    values["model.onnx"]["quantized"] = quantized
+    ort_path = None
+    if quantized:  # TensorRT's Q/DQ rules, node by node (workbench check-onnx)
         names = {n for n, _ in run.model.named_modules()}
         values["model.onnx"]["tensorrt_rules"] = [v.as_dict() for v in check_qdq(path, names)]
-    run.state["onnx"] = {"model": path, "fp32": run.path("model_fp32.onnx") if opts.fp32 else None,
-                         "pruned_fp32": run.path("model_pruned_fp32.onnx") if "model_pruned_fp32.onnx" in values else None,
-                         "ptq": run.path("model_ptq.onnx") if "model_ptq.onnx" in values else None}
+        if opts.ort_int8:
+            ort_path = run.path("model_int8_ort.onnx")
+            conversion = to_ort_int8(path, ort_path, opts.ort_weights)
+            values["model_int8_ort.onnx"] = {"bytes": ort_path.stat().st_size, **conversion.as_dict()}
+    run.state["onnx"] = {
+        "model": path,
+        "fp32": run.path("model_fp32.onnx") if opts.fp32 else None,
+        "pruned_fp32": run.path("model_pruned_fp32.onnx") if "model_pruned_fp32.onnx" in values else None,
+        "ptq": run.path("model_ptq.onnx") if "model_ptq.onnx" in values else None,
+        "ort_int8": ort_path,
+    }
     run.record("export", values)

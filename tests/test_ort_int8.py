@@ -1,0 +1,122 @@
+"""The ONNX Runtime flavour of a Q/DQ export: integer kernels really used, the same function as the TensorRT-style graph."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from helpers import colour_blob_batch
+from workbench.errors import ExportError
+from workbench.onnx_tools import export_onnx
+from workbench.ort_int8 import optimized_op_counts, to_ort_int8, u8s8_can_saturate
+from workbench.qdq_check import check_qdq
+from workbench.quant.ptq import Int8Config, quantize_
+from workbench.runtime import OrtRunner
+
+
+class ReluNet(nn.Module):
+    """Conv-BN-ReLU layers, one ReLU6 (a Clip from 0), and a classifier. The last conv's output is averaged
+    before any quantizer (as in ResNet and EfficientNet heads), so only the first three can fuse in ORT."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+
+        def block(i, o, act):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), act)
+
+        self.features = nn.Sequential(block(3, 16, nn.ReLU()), block(16, 32, nn.ReLU()), block(32, 32, nn.ReLU6()),
+                                      block(32, 32, nn.ReLU()))
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(TensorRT-style Q/DQ ONNX, its FP32 ONNX, a batch) for ReluNet calibrated on that batch."""
+    tmp = tmp_path_factory.mktemp("ort")
+    x, _ = colour_blob_batch(8)
+    model = ReluNet().eval()
+    with torch.no_grad():  # BN statistics of the data, so activations have realistic ranges
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+        model.train()(x)
+        model.eval()
+    fp32 = export_onnx(model, x[:1], tmp / "fp32.onnx")
+    quantize_(model, Int8Config(method="max"), lambda m: m(x), x[:1])
+    return export_onnx(model, x[:1], tmp / "model.onnx"), fp32, x.numpy()
+
+
+def test_every_conv_runs_on_integer_kernels_and_matches_the_tensorrt_graph(exported, tmp_path):
+    trt, _, x = exported
+    result = to_ort_int8(trt, tmp_path / "ort.onnx", "exact")
+    # In the TensorRT-style graph ONNX Runtime keeps every conv in float (the Relu sits before the Q).
+    assert optimized_op_counts(trt).get("QLinearConv", 0) == 0
+    assert result.fused.get("QLinearConv") == 3 and result.fused.get("FusedConv") == 1 and "Conv" not in result.fused
+    assert result.weights_folded == 5 and result.activations_relu == 2 and result.activations_clip == 1
+    assert len(result.absorbed) == 3  # two Relu and the ReLU6's Clip (the last Relu feeds the mean, in float)
+    # Weights are stored as 8-bit integers: no FP32 weight tensor is left in the graph.
+    types = {t.name: t.data_type for t in onnx.load(str(result.path)).graph.initializer if len(t.dims) >= 2}
+    assert types and set(types.values()) <= {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+
+    reference = OrtRunner(trt, "trt", "faithful")(x)
+    native = OrtRunner(result.path, "native", "default")(x)
+    assert (native.argmax(1) == reference.argmax(1)).mean() == 1.0
+    assert np.linalg.norm(native - reference) / np.linalg.norm(reference) < 0.05
+
+
+def test_relu_layers_keep_tensorrts_integers(exported, tmp_path):
+    """After a Relu the flavour uses TensorRT's own scale (u8, zero-point 0): executed plainly, it is the
+    TensorRT-style graph except where a value exceeds the calibrated amax (which TensorRT clips)."""
+    trt, _, x = exported
+    result = to_ort_int8(trt, tmp_path / "ort.onnx", "exact")
+    reference = OrtRunner(trt, "trt", "faithful")(x)
+    plain = OrtRunner(result.path, "plain", "faithful")(x)
+    # Only the ReLU6 layer differs by design (255 steps over [0, 6] instead of 127).
+    assert np.linalg.norm(plain - reference) / np.linalg.norm(reference) < 0.02
+
+
+def test_weight_types(exported, tmp_path):
+    trt, _, _ = exported
+    exact = to_ort_int8(trt, tmp_path / "exact.onnx", "exact")
+    s8 = to_ort_int8(trt, tmp_path / "s8.onnx", "s8")
+    reduced = to_ort_int8(trt, tmp_path / "rr.onnx", "reduce_range")
+    # The first conv reads the signed image and the conv after the ReLU6 reads 0..255; the classifier reads the mean
+    # of a Relu output (signed layout): those get unsigned (exact) or 7-bit (reduce_range) weights. The rest read 0..127.
+    assert exact.weights_unsigned == 3 and exact.weights_7bit == 0
+    assert s8.weights_unsigned == 0 and s8.weights_7bit == 0
+    assert reduced.weights_7bit == 3 and reduced.weights_unsigned == 0
+    from onnx import numpy_helper
+
+    seven = [numpy_helper.to_array(t) for t in onnx.load(str(reduced.path)).graph.initializer if t.name.endswith("_int8")]
+    assert any(v.min() >= -64 and v.max() <= 63 for v in seven) and any(v.max() > 63 or v.min() < -64 for v in seven)
+    auto = to_ort_int8(trt, tmp_path / "auto.onnx", "auto")
+    assert auto.weights == ("exact" if u8s8_can_saturate() else "s8")
+
+
+def test_an_fp32_graph_or_a_non_model_is_refused(exported, tmp_path):
+    _, fp32, _ = exported
+    with pytest.raises(ExportError, match="no signed INT8 Q/DQ pairs"):
+        to_ort_int8(fp32, tmp_path / "out.onnx")
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("not a model")
+    with pytest.raises(ExportError, match="not an ONNX model"):
+        to_ort_int8(bad, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_cleaning_keeps_the_function_and_the_tensorrt_rules(exported, tmp_path):
+    trt, _, x = exported
+    model = ReluNet().eval()
+    quantize_(model, Int8Config(method="max"), lambda m: m(torch.from_numpy(x)), torch.from_numpy(x[:1]))
+    raw = export_onnx(model, torch.from_numpy(x[:1]), tmp_path / "raw.onnx")
+    clean = export_onnx(model, torch.from_numpy(x[:1]), tmp_path / "clean.onnx", clean=True)
+    nodes = lambda p: len(onnx.load(str(p)).graph.node)  # noqa: E731
+    assert nodes(clean) < nodes(raw)  # modelopt's Constant nodes folded away
+    np.testing.assert_array_equal(OrtRunner(clean, "c", "faithful")(x), OrtRunner(raw, "r", "faithful")(x))
+    names = {n for n, _ in model.named_modules()}
+    assert check_qdq(clean, names) == [] and check_qdq(raw, names) == []
