@@ -120,3 +120,31 @@ def test_cleaning_keeps_the_function_and_the_tensorrt_rules(exported, tmp_path):
     np.testing.assert_array_equal(OrtRunner(clean, "c", "faithful")(x), OrtRunner(raw, "r", "faithful")(x))
     names = {n for n, _ in model.named_modules()}
     assert check_qdq(clean, names) == [] and check_qdq(raw, names) == []
+
+
+def test_depthwise_convs_keep_signed_weights_in_exact_mode(tmp_path):
+    """ORT's depthwise kernel does not saturate, so exact mode keeps its weights signed (the fast kernel)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6(),
+                          nn.Conv2d(16, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x, _ = colour_blob_batch(4)
+    quantize_(model, Int8Config(method="max"), lambda m: m(x), x[:1])
+    trt = export_onnx(model, x[:1], tmp_path / "model.onnx")
+    result = to_ort_int8(trt, tmp_path / "ort.onnx", "exact")
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(result.path)).graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    by_conv = {}
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type == "Conv":
+            by_conv[node.name] = weights[producer[node.input[1]].input[0]]
+    depthwise = [w for w in by_conv.values() if w.shape[1] == 1]
+    pointwise = [w for w in by_conv.values() if w.shape[1] == 16]  # reads the ReLU6 output: 0..255
+    assert len(depthwise) == 1 and depthwise[0].dtype == np.int8
+    assert len(pointwise) == 1 and pointwise[0].dtype == np.uint8
+    assert result.fused.get("QLinearConv") == 3  # the last conv writes the graph's float output
+    reference = OrtRunner(trt, "trt", "faithful")(x.numpy())
+    native = OrtRunner(result.path, "native", "default")(x.numpy())
+    assert np.linalg.norm(native - reference) / np.linalg.norm(reference) < 0.05

@@ -18,8 +18,8 @@ overhead (measured 1.5-4x slower than FP32). `to_ort_int8` rewrites the graph:
   as an 8-bit initializer read by a DequantizeLinear.
 
 Weight types ("weights"):
-  exact         signed 8-bit where the layer's input stays within 0..127 (after a Relu), the same
-                integers shifted to unsigned with zero-point 128 elsewhere. Never saturates.
+  exact         signed 8-bit where the layer's input stays within 0..127 (after a Relu) and in depthwise
+                convs, the same integers shifted to unsigned with zero-point 128 elsewhere. Never saturates.
   s8            signed 8-bit everywhere: ONNX Runtime's fastest U8S8 kernels.
   reduce_range  signed 8-bit where the input stays within 0..127, 7-bit elsewhere (ORT's own fix).
   auto          s8 on CPUs where U8S8 cannot saturate (VNNI, Arm), exact elsewhere.
@@ -200,7 +200,11 @@ def to_ort_int8(src: str | Path, dst: str | Path, weights: WeightType = "auto") 
         if weight is None:
             continue
         axis = _attr(q, "axis", 1)
-        wide_input = any(top.get(layer.input[0], 255) > 127 for dq in dqs for layer in g.consumers[dq.output[0]])
+        layers = [layer for dq in dqs for layer in g.consumers[dq.output[0]]]
+        # Saturation needs a GEMM kernel: ORT's depthwise kernel widens first (measured: identical outputs
+        # for EfficientNet-Lite0 with signed and with unsigned depthwise weights).
+        depthwise = weight.ndim == 4 and weight.shape[1] == 1 and all(_attr(layer, "group", 1) > 1 for layer in layers)
+        wide_input = any(top.get(layer.input[0], 255) > 127 for layer in layers) and not depthwise
         values, zp, new_scale = _quantize_constant(weight.astype(np.float32), scale, zero_point, axis), zero_point, q.input[1]
         if wide_input and weights == "exact":
             values = (values.astype(np.int16) + 128).astype(np.uint8)
