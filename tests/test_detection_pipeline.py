@@ -49,6 +49,7 @@ def test_detection_run_scores_every_backend_with_map(tmp_path):
     assert census["quantized"] == {"Conv": 12} and census["float"] == {}
     report = (run_dir / "report.md").read_text()
     assert "mAP50-95" in report and "Box agreement" in report
+    assert "12 convolution(s) still run in float in ONNX Runtime" in report and "`model_fp32.onnx` is faster" in report
 
 
 def test_detection_source_without_letterbox(tmp_path, capsys):

@@ -79,13 +79,20 @@ def test_diverging_loss_stops_with_advice():
         fit(tiny_cnn(), _batches(), TrainOptions(), bad_loss, torch.device("cpu"), "classification")
 
 
+def _finetune_recipe(tmp_path, images, stages: str, finetune_split: str, batch_size: int = 4):
+    """A tiny recipe with a finetune split (a YAML flow mapping) and the given stages, written to r.yaml."""
+    text = tiny_recipe(images, tmp_path / "runs", stages)
+    text = text.replace("  batch_size: 4", f"  finetune: {finetune_split}\n  batch_size: {batch_size}")
+    (tmp_path / "r.yaml").write_text(text)
+    return tmp_path / "r.yaml"
+
+
 def test_finetune_stage_with_labels_learns(tmp_path):
     images = make_image_folder(tmp_path / "blobs", per_class=20, seed=4)
     runs = tmp_path / "runs"
-    text = tiny_recipe(images, runs, "  - finetune: {epochs: 4, lr: 0.05, distill: false, eval_samples: 30}\n  - evaluate: {latency: false}\n")
-    text = text.replace("  batch_size: 4", f'  finetune: {{source: imagefolder, path: "{images}"}}\n  batch_size: 8')
-    (tmp_path / "r.yaml").write_text(text)
-    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    recipe = _finetune_recipe(tmp_path, images, "  - finetune: {epochs: 4, lr: 0.05, distill: false, eval_samples: 30}\n"
+                              "  - evaluate: {latency: false}\n", f'{{source: imagefolder, path: "{images}"}}', batch_size=8)
+    assert main(["run", str(recipe)]) == 0
     (run_dir,) = runs.iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]
     history = metrics["finetune"]["history"]
@@ -97,11 +104,9 @@ def test_finetune_stage_with_labels_learns(tmp_path):
 
 def test_finetune_with_nothing_to_learn_from(tmp_path, capsys):
     images = make_image_folder(tmp_path / "flat", classes=1, per_class=6)
-    runs = tmp_path / "runs"
-    text = tiny_recipe(images, runs, "  - finetune: {distill: false}\n")
-    text = text.replace("  batch_size: 4", f'  finetune: {{source: files, path: "{images}", pattern: "**/*.png"}}\n  batch_size: 4')
-    (tmp_path / "r.yaml").write_text(text)
-    assert main(["run", str(tmp_path / "r.yaml")]) == 2
+    recipe = _finetune_recipe(tmp_path, images, "  - finetune: {distill: false}\n",
+                              f'{{source: files, path: "{images}", pattern: "**/*.png"}}')
+    assert main(["run", str(recipe)]) == 2
     assert "nothing to learn from" in capsys.readouterr().err
 
 

@@ -145,6 +145,12 @@ def write_report(run_dir: str | Path) -> Path:
                              f"weights stored as 8-bit ({entry['weights']}: {entry['weights_unsigned']} unsigned, "
                              f"{entry['weights_7bit']} 7-bit), {entry['absorbed']} Relu/Clip absorbed into quantization; "
                              f"ONNX Runtime runs: {fused}.")
+                in_float = entry["fused"].get("Conv", 0) + entry["fused"].get("FusedConv", 0)
+                if in_float:
+                    lines.append(f"  {in_float} convolution(s) still run in float in ONNX Runtime: their outputs go to an "
+                                 "activation (SiLU) or a pooling head, not to a quantizer, so ONNX Runtime cannot make them "
+                                 "QLinearConv." + (" No convolution runs on integer kernels: for a CPU deployment "
+                                                   "`model_fp32.onnx` is faster." if not entry["fused"].get("QLinearConv") else ""))
                 continue
             c = entry["census"]
             quantized = ", ".join(f"{v} {k}" for k, v in c["quantized"].items()) or "none"

@@ -144,7 +144,9 @@ def fit(
         start = time.perf_counter()
         sums: dict[str, float] = {}
         seen = 0
-        for batch in track(batches, f"{label} epoch {epoch + 1}/{opts.epochs}", total=min(steps_per_epoch, total - step)):
+        running = lambda: f"loss {sums.get('loss', 0.0) / max(seen, 1):.4g}"  # noqa: E731  (the epoch's mean so far)
+        for batch in track(batches, f"{label} epoch {epoch + 1}/{opts.epochs}", total=min(steps_per_epoch, total - step),
+                           status=running):
             if step >= total:
                 break
             images = batch[0].to(device, non_blocking=True)
