@@ -41,6 +41,28 @@ class TorchRunner:
         return out.float().cpu().numpy()
 
 
+class DeviceResidentRunner:
+    """A CUDA model's compute time alone, for latency only: the input is uploaded once per shape and stays on the
+    GPU, the output stays there, and each call ends with a synchronize. (TorchRunner's time is end to end: host
+    copies in and out, as a caller sees it; this one is the figure an engine's GPU compute time compares with.)"""
+
+    def __init__(self, model: nn.Module, name: str, dtype: torch.dtype = torch.float32, channels_last: bool = False):
+        self.model = model.eval()
+        self.name = name
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self._x = None
+
+    @torch.no_grad()
+    def __call__(self, batch: np.ndarray | torch.Tensor) -> None:
+        if self._x is None or tuple(self._x.shape) != tuple(batch.shape):
+            self._x = torch.as_tensor(batch).to("cuda", self.dtype)
+            if self.channels_last:
+                self._x = self._x.contiguous(memory_format=torch.channels_last)
+        self.model(self._x)
+        torch.cuda.synchronize()
+
+
 def ort_available_providers() -> list[str]:
     import onnxruntime as ort
 

@@ -1,10 +1,12 @@
 """bench: latency and throughput of every artifact the run has, on this machine, and their size on disk.
 
-PyTorch FP32 on the CPU (and FP32/FP16 on CUDA where present), ONNX Runtime FP32 (the
-original and, after pruning, the pruned graph), ONNX Runtime on the TensorRT-style Q/DQ graph
-and on its ONNX Runtime flavour (integer kernels), and the TensorRT engine where the build stage made one. Each is warmed
-up, then timed `repeats` times per batch size (median, p90, images/s) with a fixed thread
-count. Latency is end to end: input from host memory, outputs back to it.
+Artifacts: PyTorch FP32 on the CPU; PyTorch FP32 and FP16 (channels-last) on CUDA where present; ONNX
+Runtime FP32 (the original and, after pruning, the pruned graph); ONNX Runtime on the TensorRT-style
+Q/DQ graph and on its ONNX Runtime flavour (integer kernels); the TensorRT engine where the build
+stage made one. Each is warmed up, then timed `repeats` times per batch size (median, p90, images/s)
+with a fixed thread count. Latency is end to end, input from host memory and outputs back to it, as
+a caller sees it; the `*_cuda_compute` rows are the GPU's compute alone (input resident, output left
+on the GPU, synchronised), the figure an engine's GPU time compares with.
 Writes bench.json and bench.png; the report shows the table.
 """
 
@@ -16,7 +18,7 @@ import torch
 from pydantic import Field
 
 from ..io import atomic_path, write_json
-from ..runtime import OrtRunner, TorchRunner
+from ..runtime import DeviceResidentRunner, OrtRunner, TorchRunner
 from ..runtime.latency import bench_artifacts
 from .registry import StageOptions, register_stage
 
@@ -35,10 +37,15 @@ def _artifacts(run, opts: BenchOptions) -> dict[str, tuple]:
     params = sum(p.numel() * p.element_size() for p in run.reference.parameters())
     out = {"pytorch_fp32_cpu": (lambda: TorchRunner(copy.deepcopy(run.reference).cpu(), "pytorch_fp32_cpu"), params)}
     if torch.cuda.is_available():
-        out["pytorch_fp32_cuda"] = (lambda: TorchRunner(copy.deepcopy(run.reference).cuda(), "pytorch_fp32_cuda", "cuda"), params)
+        fp32 = lambda: copy.deepcopy(run.reference).cuda()  # noqa: E731
+        # FP16 in channels-last memory, the layout cuDNN's tensor-core convolutions want.
+        fp16 = lambda: copy.deepcopy(run.reference).cuda().half().to(memory_format=torch.channels_last)  # noqa: E731
+        out["pytorch_fp32_cuda"] = (lambda: TorchRunner(fp32(), "pytorch_fp32_cuda", "cuda"), params)
+        out["pytorch_fp32_cuda_compute"] = (lambda: DeviceResidentRunner(fp32(), "pytorch_fp32_cuda_compute"), params)
         if opts.cuda_fp16:
-            out["pytorch_fp16_cuda"] = (lambda: TorchRunner(copy.deepcopy(run.reference).cuda().half(), "pytorch_fp16_cuda",
-                                                            "cuda", torch.float16), params // 2)
+            out["pytorch_fp16_cuda"] = (lambda: TorchRunner(fp16(), "pytorch_fp16_cuda", "cuda", torch.float16), params // 2)
+            out["pytorch_fp16_cuda_compute"] = (lambda: DeviceResidentRunner(fp16(), "pytorch_fp16_cuda_compute", torch.float16,
+                                                                             channels_last=True), params // 2)
     for key, name in (("fp32", "ort_fp32"), ("pruned_fp32", "ort_fp32_pruned"), ("model", "ort_int8_default"),
                       ("ort_int8", "ort_int8_native")):
         path = onnx.get(key)
