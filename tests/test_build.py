@@ -154,3 +154,22 @@ def test_bench_command_bad_input(tmp_path, capsys):
     assert "give it with --input-size" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
     assert main(["bench", str(path), "--input-size", "3", "16", "16", "--repeats", "2", "--batch-sizes", "1"]) == 0
     assert main(["bench", str(path), "--batch-sizes", "0"]) == 2
+
+
+def test_bench_command_names_and_shapes(tmp_path, capsys):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    for run in ("runA", "runB"):  # the same file name in two run directories: two rows
+        export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / run / "model.onnx")
+    out = tmp_path / "b.json"
+    assert main(["bench", str(tmp_path / "runA"), str(tmp_path / "runB"), "--repeats", "2", "--batch-sizes", "1",
+                 "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())["backends"]) == {"runA/model.onnx", "runB/model.onnx"}
+    fixed = export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "fixed.onnx", dynamic_batch=False)
+    assert main(["bench", str(fixed)]) == 2  # default batch sizes 1 and 8
+    assert "batch size is fixed at 1" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path / "runA"), "--input-size", "3", "8", "9"]) == 2  # a wrong size: ORT's error, named
+    err = capsys.readouterr().err
+    assert "model.onnx: cannot run a batch of shape (B, 3, 8, 9)" in err and "Traceback" not in err
+    (tmp_path / "lone.engine").write_bytes(b"\0" * 16)
+    assert main(["bench", str(tmp_path / "lone.engine")]) == 2
+    assert "sidecar lone.engine.json is missing" in capsys.readouterr().err

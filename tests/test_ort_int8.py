@@ -148,3 +148,59 @@ def test_depthwise_convs_keep_signed_weights_in_exact_mode(tmp_path):
     reference = OrtRunner(trt, "trt", "faithful")(x.numpy())
     native = OrtRunner(result.path, "native", "default")(x.numpy())
     assert np.linalg.norm(native - reference) / np.linalg.norm(reference) < 0.05
+
+
+def _qdq_graph(tmp_path, activation: str, per_channel_activation: bool = False, dq_zero_point: bool = True):
+    """x -> activation -> Q/DQ (int8, zero-point 0) -> Conv with a Q/DQ weight, written as an ONNX file."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    c = 4
+    act_scale = np.full(c, 0.05, np.float32) if per_channel_activation else np.asarray(0.05, np.float32)
+    inits = [numpy_helper.from_array(act_scale, "sx"), numpy_helper.from_array(np.zeros(act_scale.shape, np.int8), "zx"),
+             numpy_helper.from_array(rng.standard_normal((c, c, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.full(c, 0.02, np.float32), "sw"), numpy_helper.from_array(np.zeros(c, np.int8), "zw"),
+             numpy_helper.from_array(np.asarray(0.0, np.float32), "lo")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 4, 4])]
+    if activation == "relu":
+        nodes = [helper.make_node("Relu", ["x"], ["a"])]
+    else:  # a Clip whose upper bound is a graph input, known only at run time
+        inputs.append(helper.make_tensor_value_info("hi", TensorProto.FLOAT, []))
+        nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["a"])]
+    axis = {"axis": 1} if per_channel_activation else {}
+    nodes += [helper.make_node("QuantizeLinear", ["a", "sx", "zx"], ["aq"], **axis),
+              helper.make_node("DequantizeLinear", ["aq", "sx", "zx"] if dq_zero_point else ["aq", "sx"], ["ad"], **axis),
+              helper.make_node("QuantizeLinear", ["w", "sw", "zw"], ["wq"], axis=0),
+              helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+              helper.make_node("Conv", ["ad", "wd"], ["y"])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 4, 4])], inits)
+    path = tmp_path / f"{activation}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _run(path, feeds):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def test_a_clip_with_a_run_time_bound_stays(tmp_path):
+    src = _qdq_graph(tmp_path, "clip")
+    result = to_ort_int8(src, tmp_path / "ort.onnx", "exact")
+    assert result.absorbed == [] and result.activations_clip == 0
+    x = np.random.default_rng(1).uniform(0, 6, (1, 4, 4, 4)).astype(np.float32)
+    feeds = {"x": x, "hi": np.asarray(2.0, np.float32)}
+    np.testing.assert_allclose(_run(result.path, feeds), _run(src, feeds), atol=1e-5)
+
+
+def test_per_channel_activations_and_a_dequantize_without_zero_point_are_handled(tmp_path):
+    per_channel = to_ort_int8(_qdq_graph(tmp_path, "relu", per_channel_activation=True), tmp_path / "pc.onnx", "exact")
+    assert per_channel.activations_relu == 0 and per_channel.activations_shifted == 1  # the Relu stays, values exact
+    x = np.random.default_rng(2).standard_normal((1, 4, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(_run(per_channel.path, {"x": x}), _run(tmp_path / "relu.onnx", {"x": x}), atol=1e-5)
+    (tmp_path / "b").mkdir()
+    no_zp = to_ort_int8(_qdq_graph(tmp_path / "b", "relu", dq_zero_point=False), tmp_path / "nz.onnx", "exact")
+    assert no_zp.activations_relu == 0 and no_zp.weights_folded == 1  # that pair is left as it is

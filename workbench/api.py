@@ -59,13 +59,22 @@ def bench(paths: list[str | os.PathLike], batch_sizes: list[int] = (1, 8), warmu
           threads: int | None = None, input_size: tuple[int, int, int] | None = None) -> dict:
     """`workbench bench`: latency and throughput of model files (.onnx in ONNX Runtime, .engine in TensorRT),
     or of every such file in a directory; the same measurement as the bench stage."""
-    from .runtime.latency import bench_artifacts, file_artifact, model_files, model_input_shape
+    from .runtime.latency import bench_artifacts, check_bench_options, file_artifact, model_files, model_input_shape
 
+    check_bench_options(batch_sizes, warmup, repeats, threads)
+    files = model_files([Path(p) for p in paths])
+    names = [f.name for f in files]
     results = {}
-    for path in model_files([Path(p) for p in paths]):
-        shape = tuple(input_size) if input_size else model_input_shape(path)
+    for path in files:
+        shape, fixed_batch = model_input_shape(path)
+        if input_size:
+            shape = tuple(input_size)
         if shape is None:
             raise RecipeError(f"{path}: the input size is dynamic; give it with --input-size C H W")
-        results.update(bench_artifacts({path.name: file_artifact(path, threads)}, shape, list(batch_sizes), warmup,
-                                       repeats, threads))
-    return {"batch_sizes": list(batch_sizes), "repeats": repeats, "threads": threads or os.cpu_count(), "backends": results}
+        if fixed_batch and any(b != fixed_batch for b in batch_sizes):
+            raise RecipeError(f"{path}: the graph's batch size is fixed at {fixed_batch}; time it with --batch-sizes {fixed_batch} "
+                              "(or export with a dynamic batch)")
+        name = path.name if names.count(path.name) == 1 else f"{path.parent.name}/{path.name}"  # two run dirs
+        results.update(bench_artifacts({name: file_artifact(path, threads)}, shape, list(batch_sizes), warmup, repeats,
+                                       threads))
+    return {"batch_sizes": list(batch_sizes), "repeats": repeats, "threads": threads, "backends": results}

@@ -184,19 +184,15 @@ def _dispatch(args, parser) -> int:
     return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def _bench(args, console) -> int:
     from rich.table import Table
 
     from . import api
 
-    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
-        raise WorkbenchError("--batch-sizes and --repeats take numbers >= 1, --warmup >= 0, --threads >= 1")
     result = api.bench(args.paths, args.batch_sizes, args.warmup, args.repeats, args.threads, args.input_size)
-    table = Table(title=f"{result['repeats']} timed runs per batch size, {result['threads']} threads: median ms (p90), images/s")
+    threads = f"{result['threads']} threads" if result["threads"] else "default threads (all cores)"
+    table = Table(title=f"{result['repeats']} timed runs per batch size, {threads}: median ms (p90), images/s")
     table.add_column("artifact", overflow="fold")
     table.add_column("MB", justify="right")
     for b in args.batch_sizes:
@@ -245,3 +241,7 @@ def _build_engine(args) -> int:
                                         args.workspace_mib, cache, args.sparse))
     print(f"engine: {out} (TensorRT {sidecar['tensorrt']}, {sidecar['gpu']}); layers by precision: {sidecar['layer_precisions']}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

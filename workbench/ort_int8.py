@@ -19,7 +19,9 @@ overhead (measured 1.5-4x slower than FP32). `to_ort_int8` rewrites the graph:
 
 Weight types ("weights"):
   exact         signed 8-bit where the layer's input stays within 0..127 (after a Relu) and in depthwise
-                convs, the same integers shifted to unsigned with zero-point 128 elsewhere. Never saturates.
+                convs, the same integers shifted to unsigned with zero-point 128 elsewhere. Never saturates
+                for activations within their calibrated ranges (a value above a Relu's amax, which
+                TensorRT would clamp, reaches up to 255 here and can).
   s8            signed 8-bit everywhere: ONNX Runtime's fastest U8S8 kernels.
   reduce_range  signed 8-bit where the input stays within 0..127, 7-bit elsewhere (ORT's own fix).
   auto          s8 on CPUs where U8S8 cannot saturate (VNNI, Arm), exact elsewhere.
@@ -134,9 +136,12 @@ def _activation_before(g: _Graph, q) -> tuple[object, float] | None:
     if node.op_type == "Relu":
         return node, float("inf")
     if node.op_type == "Clip":
-        lo = g.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "min")
-        hi = g.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else _attr(node, "max")
-        if lo is not None and float(np.asarray(lo)) == 0.0:
+        named = [len(node.input) > i and bool(node.input[i]) for i in (1, 2)]
+        lo = g.constant(node.input[1]) if named[0] else _attr(node, "min")
+        hi = g.constant(node.input[2]) if named[1] else _attr(node, "max")
+        if named[1] and hi is None:
+            return None  # an upper bound computed at run time: the Clip must stay
+        if lo is not None and np.asarray(lo).size == 1 and float(np.asarray(lo)) == 0.0:
             return node, float(np.asarray(hi)) if hi is not None else float("inf")
     return None
 
@@ -164,7 +169,9 @@ def to_ort_int8(src: str | Path, dst: str | Path, weights: WeightType = "auto") 
         if scale is None or zero_point is None or zero_point.dtype != np.int8 or np.any(zero_point != 0):
             continue
         readers = g.consumers[q.output[0]]
-        if readers and q.output[0] not in g.outputs and all(r.op_type == "DequantizeLinear" for r in readers):
+        if readers and q.output[0] not in g.outputs and all(r.op_type == "DequantizeLinear" and len(r.input) == 3
+                                                            and r.input[1] == q.input[1] and r.input[2] == q.input[2]
+                                                            for r in readers):
             pairs.append((q, scale, zero_point, readers))
     if not pairs:
         raise ExportError(f"{src}: no signed INT8 Q/DQ pairs: export a calibrated model (the ONNX Runtime flavour "
@@ -174,8 +181,10 @@ def to_ort_int8(src: str | Path, dst: str | Path, weights: WeightType = "auto") 
     for q, scale, zero_point, dqs in pairs:  # activations first: the weights' type depends on them
         if g.constant(q.input[0]) is not None:
             continue
-        before = _activation_before(g, q)
+        before = _activation_before(g, q) if scale.size == 1 else None  # per-channel activations: shifted only
         if before is not None and before[0].op_type == "Relu":
+            # Within the calibrated range the values are 0..127; above it (TensorRT clamps at amax) they
+            # reach 255, where U8S8 can saturate: `exact` is exact within the calibrated range.
             new_scale, largest = q.input[1], 127
             q.input[0] = before[0].input[0]  # Q clamps at zero-point 0 = 0.0: the Relu is redundant
             result.activations_relu += 1
@@ -188,7 +197,7 @@ def to_ort_int8(src: str | Path, dst: str | Path, weights: WeightType = "auto") 
             new_scale, largest = q.input[1], 255
             result.activations_shifted += 1
         zp = g.add_constant(f"{q.output[0]}_zero_point_u8",
-                            np.asarray(0 if before is not None else 128, np.uint8).reshape(zero_point.shape))
+                            np.full(zero_point.shape, 0 if before is not None else 128, np.uint8))
         q.input[1], q.input[2] = new_scale, zp
         for dq in dqs:
             dq.input[1], dq.input[2] = new_scale, zp

@@ -113,8 +113,9 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append(
             "Latency is measured on this machine's CPU with ONNX Runtime (and PyTorch eager for FP32). "
             "The TensorRT-style Q/DQ graph keeps FP32 weights behind DequantizeLinear and Relu between Conv and "
-            "QuantizeLinear, which ONNX Runtime cannot fuse into its integer kernels: it is the artifact for TensorRT. "
-            "The CPU deployment artifact is the ONNX Runtime flavour."
+            "QuantizeLinear, which ONNX Runtime cannot fuse into its integer kernels: it is the artifact for TensorRT."
+            + (" The CPU deployment artifact is the ONNX Runtime flavour (`ort_int8_native`)."
+               if "ort_int8_native" in stages["evaluate"]["backends"] else "")
         )
         lines.append("")
         plot = _plot(run_dir, rows)
@@ -139,6 +140,9 @@ def write_report(run_dir: str | Path) -> Path:
     if exp:
         lines += ["## Exported ONNX", ""]
         for name, entry in exp.items():
+            if "error" in entry:  # the ONNX Runtime flavour could not be written
+                lines.append(f"- `{name}`: not written: {entry['error']}")
+                continue
             if "census" not in entry:  # the ONNX Runtime flavour
                 fused = ", ".join(f"{n} {op}" for op, n in entry["fused"].items())
                 lines.append(f"- `{name}`: {entry['bytes'] / 1e6:.2f} MB, the ONNX Runtime flavour: {entry['weights_folded']} "
@@ -147,9 +151,9 @@ def write_report(run_dir: str | Path) -> Path:
                              f"ONNX Runtime runs: {fused}.")
                 in_float = entry["fused"].get("Conv", 0) + entry["fused"].get("FusedConv", 0)
                 if in_float:
-                    lines.append(f"  {in_float} convolution(s) still run in float in ONNX Runtime: their outputs go to an "
-                                 "activation (SiLU) or a pooling head, not to a quantizer, so ONNX Runtime cannot make them "
-                                 "QLinearConv." + (" No convolution runs on integer kernels: for a CPU deployment "
+                    lines.append(f"  {in_float} convolution(s) still run in float in ONNX Runtime: their outputs do not go "
+                                 "straight to a quantizer (an activation such as SiLU, a pooling head, the graph output), "
+                                 "so ONNX Runtime cannot make them QLinearConv." + (" No convolution runs on integer kernels: for a CPU deployment "
                                                    "`model_fp32.onnx` is faster." if not entry["fused"].get("QLinearConv") else ""))
                 continue
             c = entry["census"]

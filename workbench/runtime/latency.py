@@ -32,6 +32,14 @@ def measure_latency(runner, input_shape: tuple[int, ...], batch_sizes=(1, 8), wa
     return out
 
 
+def check_bench_options(batch_sizes, warmup: int, repeats: int, threads: int | None) -> None:
+    from ..errors import WorkbenchError
+
+    if not batch_sizes or min(batch_sizes) < 1 or repeats < 1 or warmup < 0 or (threads is not None and threads < 1):
+        raise WorkbenchError(f"bench: batch sizes and repeats must be >= 1, warmup >= 0, threads >= 1 (got batch sizes "
+                             f"{list(batch_sizes)}, repeats {repeats}, warmup {warmup}, threads {threads})")
+
+
 def bench_artifacts(artifacts: dict[str, tuple[Callable[[], object], int]], input_shape: tuple[int, ...],
                     batch_sizes=(1, 8), warmup: int = 5, repeats: int = 50, threads: int | None = None) -> dict[str, dict]:
     """Time each artifact, one in memory at a time: name -> {"bytes", "latency": measure_latency(...)}.
@@ -41,14 +49,24 @@ def bench_artifacts(artifacts: dict[str, tuple[Callable[[], object], int]], inpu
     """
     import torch
 
+    from ..errors import WorkbenchError
+
+    check_bench_options(batch_sizes, warmup, repeats, threads)
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     results = {}
     try:
         for name, (make, size) in artifacts.items():
-            runner = make()
-            results[name] = {"bytes": int(size), "latency": measure_latency(runner, input_shape, batch_sizes, warmup, repeats)}
+            try:
+                runner = make()
+                latency = measure_latency(runner, input_shape, batch_sizes, warmup, repeats)
+            except WorkbenchError:
+                raise
+            except Exception as e:  # ORT's and TensorRT's errors for a model that cannot run at this shape
+                raise WorkbenchError(f"{name}: cannot run a batch of shape (B, {', '.join(map(str, input_shape))}) "
+                                     f"for B in {list(batch_sizes)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            results[name] = {"bytes": int(size), "latency": latency}
             del runner
     finally:
         torch.set_num_threads(before)
@@ -83,14 +101,22 @@ def file_artifact(path: Path, threads: int | None = None) -> tuple[Callable[[], 
     return (lambda: OrtRunner(path, path.name, "default", threads)), path.stat().st_size
 
 
-def model_input_shape(path: Path) -> tuple[int, ...] | None:
-    """(C, H, W) of a model file's input when the file fixes it (ONNX graph input, engine sidecar), else None."""
+def model_input_shape(path: Path) -> tuple[tuple[int, ...] | None, int | None]:
+    """((C, H, W) when the file fixes them, else None; the fixed batch size, else None) of a model file's input,
+    from the ONNX graph input or an engine's sidecar (the profile's opt shape; engines take any batch in it)."""
+    from ..errors import WorkbenchError
+
     path = Path(path)
     if path.suffix == ".engine":
         side = path.with_name(path.name + ".json")
-        return tuple(json.loads(side.read_text())["profile"]["opt"][1:]) if side.is_file() else None
+        try:
+            return tuple(json.loads(side.read_text())["profile"]["opt"][1:]), None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise WorkbenchError(f"{path}: its sidecar {side.name} is missing or unreadable ({type(e).__name__}); "
+                                 "build engines with `workbench build`, which writes it") from None
     from ..qdq_check import load_onnx
 
     dims = load_onnx(path).graph.input[0].type.tensor_type.shape.dim
-    fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims][1:]
-    return tuple(fixed) if fixed and all(fixed) else None
+    fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    shape = tuple(fixed[1:]) if len(fixed) > 1 and all(fixed[1:]) else None
+    return shape, (fixed[0] if fixed else None)

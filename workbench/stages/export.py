@@ -6,6 +6,7 @@ import json
 
 from pydantic import Field
 
+from ..errors import ExportError
 from ..onnx_tools import export_onnx, qdq_census
 from ..ort_int8 import WeightType, to_ort_int8
 from ..qdq_check import check_qdq
@@ -22,9 +23,10 @@ class ExportOptions(StageOptions):
                         "nodes); Q/DQ nodes stay as they are.")
     ort_int8: bool = Field(True, description="For a calibrated model, also write model_int8_ort.onnx: the same ranges laid "
                            "out for ONNX Runtime's integer kernels (INT8 weight initializers, u8 activations).")
-    ort_weights: WeightType = Field("auto", description="Weight type of model_int8_ort.onnx: exact (never saturates), s8 "
-                                    "(fastest; exact on VNNI CPUs), reduce_range (7-bit where needed), auto (s8 on VNNI/Arm "
-                                    "CPUs, exact elsewhere).")
+    ort_weights: WeightType = Field("auto", description="Weight type of model_int8_ort.onnx: exact (no saturation within "
+                                    "the calibrated ranges), s8 (fastest; exact on VNNI CPUs), reduce_range (7-bit where "
+                                    "needed), auto (s8 if the CPU running the export has VNNI or is Arm, exact otherwise: "
+                                    "set it for the deployment CPU when that differs).")
 
 
 @register_stage("export", ExportOptions)
@@ -61,9 +63,14 @@ def export(run, opts: ExportOptions) -> None:
         names = {n for n, _ in run.model.named_modules()}
         values["model.onnx"]["tensorrt_rules"] = [v.as_dict() for v in check_qdq(path, names)]
         if opts.ort_int8:
-            ort_path = run.path("model_int8_ort.onnx")
-            conversion = to_ort_int8(path, ort_path, opts.ort_weights)
-            values["model_int8_ort.onnx"] = {"bytes": ort_path.stat().st_size, **conversion.as_dict()}
+            # The TensorRT artifact is written; a graph the converter cannot re-lay is reported, not fatal.
+            try:
+                conversion = to_ort_int8(path, run.path("model_int8_ort.onnx"), opts.ort_weights)
+            except ExportError as e:
+                values["model_int8_ort.onnx"] = {"error": str(e)}
+            else:
+                ort_path = conversion.path
+                values["model_int8_ort.onnx"] = {"bytes": ort_path.stat().st_size, **conversion.as_dict()}
     run.state["onnx"] = {
         "model": path,
         "fp32": run.path("model_fp32.onnx") if opts.fp32 else None,
