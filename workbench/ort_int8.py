@@ -146,24 +146,11 @@ def _activation_before(g: _Graph, q) -> tuple[object, float] | None:
     return None
 
 
-def to_ort_int8(src: str | Path, dst: str | Path, weights: WeightType = "auto") -> OrtConversion:
-    """Write the ONNX Runtime flavour of the Q/DQ graph `src` to `dst` (see the module docstring)."""
-    import onnx
-    from onnx import numpy_helper
-
-    try:
-        model = onnx.load(str(src))
-    except Exception as e:
-        raise ExportError(f"{src}: not an ONNX model ({e})") from None
-    if weights == "auto":
-        weights = "exact" if u8s8_can_saturate() else "s8"
-    model = clean_graph(model)
-    g = _Graph(model.graph)
-    result = OrtConversion(Path(dst), weights)
-
-    # The symmetric signed Q/DQ pairs modelopt writes; anything else is left as it is.
+def _signed_pairs(g: _Graph, graph) -> list[tuple]:
+    """(Q, scale, zero-point, its DQ readers) for the symmetric signed Q/DQ pairs modelopt writes; anything else
+    (a Q read by other ops, a DQ with other parameters or no zero-point) is left as it is."""
     pairs = []
-    for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
+    for q in (n for n in graph.node if n.op_type == "QuantizeLinear"):
         scale = g.constant(q.input[1])
         zero_point = g.constant(q.input[2]) if len(q.input) > 2 else None
         if scale is None or zero_point is None or zero_point.dtype != np.int8 or np.any(zero_point != 0):
@@ -173,12 +160,14 @@ def to_ort_int8(src: str | Path, dst: str | Path, weights: WeightType = "auto") 
                                                             and r.input[1] == q.input[1] and r.input[2] == q.input[2]
                                                             for r in readers):
             pairs.append((q, scale, zero_point, readers))
-    if not pairs:
-        raise ExportError(f"{src}: no signed INT8 Q/DQ pairs: export a calibrated model (the ONNX Runtime flavour "
-                          "re-lays an INT8 graph; an FP32 graph has nothing to convert)")
+    return pairs
 
-    top = {}  # DQ output -> the largest u8 value the activation takes within its calibrated range
-    for q, scale, zero_point, dqs in pairs:  # activations first: the weights' type depends on them
+
+def _move_activations_to_u8(g: _Graph, pairs: list, result: OrtConversion) -> dict[str, int]:
+    """Activation Q/DQ pairs to unsigned 8-bit (see the module docstring), Relu/Clip absorbed where they can be.
+    Returns DQ output -> the largest u8 value the activation takes within its calibrated range."""
+    top = {}
+    for q, scale, zero_point, dqs in pairs:
         if g.constant(q.input[0]) is not None:
             continue
         before = _activation_before(g, q) if scale.size == 1 else None  # per-channel activations: shifted only
@@ -203,8 +192,14 @@ def to_ort_int8(src: str | Path, dst: str | Path, weights: WeightType = "auto") 
             dq.input[1], dq.input[2] = new_scale, zp
             top[dq.output[0]] = largest
 
+    return top
+
+
+def _fold_weights(g: _Graph, pairs: list, weights: str, top: dict[str, int], result: OrtConversion) -> set[int]:
+    """Each weight's QuantizeLinear computed once into an 8-bit initializer of the chosen type; returns the ids
+    of the QuantizeLinear nodes that are now redundant."""
     folded = set()
-    for q, scale, zero_point, dqs in pairs:  # weights: quantized once, offline
+    for q, scale, zero_point, dqs in pairs:
         weight = g.constant(q.input[0])
         if weight is None:
             continue
@@ -230,7 +225,31 @@ def to_ort_int8(src: str | Path, dst: str | Path, weights: WeightType = "auto") 
             dq.input[0], dq.input[1], dq.input[2] = values_name, new_scale, zp_name
         folded.add(id(q))
         result.weights_folded += 1
+    return folded
 
+
+def to_ort_int8(src: str | Path, dst: str | Path, weights: WeightType = "auto") -> OrtConversion:
+    """Write the ONNX Runtime flavour of the Q/DQ graph `src` to `dst` (see the module docstring)."""
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        model = onnx.load(str(src))
+    except Exception as e:
+        raise ExportError(f"{src}: not an ONNX model ({e})") from None
+    if weights == "auto":
+        weights = "exact" if u8s8_can_saturate() else "s8"
+    model = clean_graph(model)
+    g = _Graph(model.graph)
+    result = OrtConversion(Path(dst), weights)
+
+    pairs = _signed_pairs(g, model.graph)
+    if not pairs:
+        raise ExportError(f"{src}: no signed INT8 Q/DQ pairs: export a calibrated model (the ONNX Runtime flavour "
+                          "re-lays an INT8 graph; an FP32 graph has nothing to convert)")
+
+    top = _move_activations_to_u8(g, pairs, result)  # first: the weights' type depends on the activations
+    folded = _fold_weights(g, pairs, weights, top, result)
     kept = [n for n in model.graph.node if id(n) not in folded]
     del model.graph.node[:]
     model.graph.node.extend(kept)
