@@ -175,7 +175,8 @@ def _qdq_graph(tmp_path, activation: str, per_channel_activation: bool = False, 
               helper.make_node("Conv", ["ad", "wd"], ["y"])]
     graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 4, 4])], inits)
     path = tmp_path / f"{activation}.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    # IR 9: what ONNX Runtime 1.20+ reads (a newer onnx writes a newer IR by default).
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
     return path
 
 
