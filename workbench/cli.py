@@ -219,13 +219,12 @@ def _bench(args, console) -> int:
 def _build_engine(args) -> int:
     from pathlib import Path
 
-    from .qdq_check import load_onnx
+    from .onnx_tools import onnx_input_dims
     from .runtime.tensorrt import BuildRequest, Profile, build_engine
     from .stages.build import default_timing_cache
 
     onnx_path = Path(args.onnx)
-    dims = load_onnx(onnx_path).graph.input[0].type.tensor_type.shape.dim
-    fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    fixed = onnx_input_dims(onnx_path)
     if args.size:
         hw = tuple(args.size)
     elif len(fixed) == 4 and fixed[2] and fixed[3]:

@@ -44,6 +44,8 @@ import numpy as np
 
 from .errors import ExportError
 from .io import atomic_path
+from .onnx_tools import GraphIndex, check_model_file, clean_graph
+from .runtime.runners import ort_session_options
 
 WeightType = Literal["auto", "exact", "s8", "reduce_range"]
 
@@ -77,34 +79,12 @@ def u8s8_can_saturate() -> bool:
     return not any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8"))
 
 
-def clean_graph(model):
-    """Constant folding, dead nodes and duplicate Q/DQ removed by onnxslim, which keeps Q/DQ nodes
-    intact (tested: identical outputs and the same TensorRT rule check on the graphs we export)."""
-    import onnxslim
+class _Graph(GraphIndex):
+    """The graph index, plus the constants the rewrite adds (written as initializers at the end)."""
 
-    return onnxslim.slim(model)
-
-
-class _Graph:
-    """Index of one ONNX graph: constants by name, producer and consumers of each tensor."""
-
-    def __init__(self, graph):
-        from onnx import numpy_helper
-
-        self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        for node in graph.node:
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.consumers = collections.defaultdict(list)
-        for node in graph.node:
-            for name in node.input:
-                self.consumers[name].append(node)
-        self.outputs = {o.name for o in graph.output}
+    def __init__(self, model):
+        super().__init__(model)
         self.added: dict[str, np.ndarray] = {}
-
-    def constant(self, name: str) -> np.ndarray | None:
-        return self.constants.get(name)
 
     def add_constant(self, name: str, value: np.ndarray) -> str:
         self.added[name] = self.constants[name] = value
@@ -146,11 +126,11 @@ def _activation_before(g: _Graph, q) -> tuple[object, float] | None:
     return None
 
 
-def _signed_pairs(g: _Graph, graph) -> list[tuple]:
+def _signed_pairs(g: _Graph) -> list[tuple]:
     """(Q, scale, zero-point, its DQ readers) for the symmetric signed Q/DQ pairs modelopt writes; anything else
     (a Q read by other ops, a DQ with other parameters or no zero-point) is left as it is."""
     pairs = []
-    for q in (n for n in graph.node if n.op_type == "QuantizeLinear"):
+    for q in (n for n in g.nodes if n.op_type == "QuantizeLinear"):
         scale = g.constant(q.input[1])
         zero_point = g.constant(q.input[2]) if len(q.input) > 2 else None
         if scale is None or zero_point is None or zero_point.dtype != np.int8 or np.any(zero_point != 0):
@@ -240,10 +220,10 @@ def to_ort_int8(src: str | Path, dst: str | Path, weights: WeightType = "auto") 
     if weights == "auto":
         weights = "exact" if u8s8_can_saturate() else "s8"
     model = clean_graph(model)
-    g = _Graph(model.graph)
+    g = _Graph(model)
     result = OrtConversion(Path(dst), weights)
 
-    pairs = _signed_pairs(g, model.graph)
+    pairs = _signed_pairs(g)
     if not pairs:
         raise ExportError(f"{src}: no signed INT8 Q/DQ pairs: export a calibrated model (the ONNX Runtime flavour "
                           "re-lays an INT8 graph; an FP32 graph has nothing to convert)")
@@ -261,10 +241,7 @@ def to_ort_int8(src: str | Path, dst: str | Path, weights: WeightType = "auto") 
     dst = Path(dst)
     with atomic_path(dst) as tmp:
         onnx.save(model, str(tmp))
-        try:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except onnx.checker.ValidationError as e:
-            raise ExportError(f"{dst}: the ONNX Runtime flavour fails onnx.checker: {e}") from None
+        check_model_file(tmp, f"{dst}: the ONNX Runtime flavour")
         result.fused = optimized_op_counts(tmp)
     return result
 
@@ -276,10 +253,8 @@ def optimized_op_counts(path: str | Path) -> dict[str, int]:
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = ort_session_options("default")
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        options.log_severity_level = 3
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         ops = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
     interesting = ("QLinear", "QGemm", "MatMulInteger", "ConvInteger", "Conv", "FusedConv", "Gemm", "MatMul",

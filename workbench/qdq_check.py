@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import WorkbenchError
+from .onnx_tools import GraphIndex, load_onnx, scope_to_module
 
 WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1}
 MATMUL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -56,8 +56,6 @@ class Violation:
 def module_from_scope(node_name: str, module_names: set[str] | None = None) -> str | None:
     """`/model.2/m/m.0/cv1/conv/Conv` -> `model.2.m.0.cv1.conv` (exact with the model's module names)."""
     if module_names is not None:
-        from .onnx_tools import scope_to_module
-
         return scope_to_module(node_name, module_names)
     parts: list[str] = []
     for seg in [s for s in node_name.split("/") if s][:-1]:
@@ -69,60 +67,10 @@ def module_from_scope(node_name: str, module_names: set[str] | None = None) -> s
     return ".".join(parts) or None
 
 
-def load_onnx(path: str | Path):
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise WorkbenchError(f"{path}: no such file; give the path of an exported .onnx model")
-    try:
-        return onnx.load(str(path))
-    except Exception as e:  # onnx raises DecodeError and friends for a file that is not a model
-        raise WorkbenchError(f"{path} is not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'cannot parse'})") from None
-
-
-class _Graph:
-    def __init__(self, model):
-        from onnx import numpy_helper
-
-        self.nodes = list(model.graph.node)
-        self.producer = {out: n for n in self.nodes for out in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in self.nodes:
-            for name in n.input:
-                self.consumers.setdefault(name, []).append(n)
-        self.const = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-        for n in self.nodes:
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.const[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-
-    def value(self, name: str):
-        return self.const.get(name)
-
-    def source(self, name: str):
-        """The producing node, looking through Cast/Identity (modelopt exports Casts around Q/DQ) and zero Pads
-        (padding with zeros commutes with symmetric quantization: TensorRT moves the DQ past it)."""
-        node = self.producer.get(name)
-        while node is not None and (node.op_type in ("Cast", "Identity") or self._zero_pad(node)):
-            node = self.producer.get(node.input[0])
-        return node
-
-    def _zero_pad(self, node) -> bool:
-        if node.op_type != "Pad":
-            return False
-        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
-        value = self.const.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        return mode == "constant" and (value is None or not np.any(value))
-
-    def from_dq(self, name: str) -> bool:
-        node = self.source(name)
-        return node is not None and node.op_type == "DequantizeLinear"
-
-
 def check_qdq(model_or_path, module_names: set[str] | None = None) -> list[Violation]:
     """Every violation of the rules in this module's docstring; [] for a graph TensorRT will build as intended."""
     model = load_onnx(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
-    g = _Graph(model)
+    g = GraphIndex(model)
     out: list[Violation] = []
 
     def flag(rule: str, node, message: str) -> None:
@@ -135,9 +83,9 @@ def check_qdq(model_or_path, module_names: set[str] | None = None) -> list[Viola
 
     for n in qdq:
         _check_scale_and_zero_point(g, n, flag)
-        scale = g.value(n.input[1])
+        scale = g.constant(n.input[1])
         data = n.input[0] if n.op_type == "QuantizeLinear" else None
-        if data is not None and data not in g.const and scale is not None and scale.size > 1:
+        if data is not None and data not in g.constants and scale is not None and scale.size > 1:
             flag("activation_per_tensor", n, f"activation quantized with {scale.size} scales; TensorRT takes one scale per activation tensor")
         if n.op_type == "QuantizeLinear":
             bad = [c.op_type for c in g.consumers.get(n.output[0], []) if c.op_type != "DequantizeLinear"]
@@ -145,7 +93,7 @@ def check_qdq(model_or_path, module_names: set[str] | None = None) -> list[Viola
                 flag("qdq_pair", n, f"QuantizeLinear feeds {bad or 'nothing'} instead of a DequantizeLinear")
         else:
             src = g.producer.get(n.input[0])
-            is_const = n.input[0] in g.const
+            is_const = n.input[0] in g.constants
             if not is_const and (src is None or src.op_type != "QuantizeLinear"):
                 flag("qdq_pair", n, f"DequantizeLinear reads {src.op_type if src else 'a graph input'}, not a QuantizeLinear or an INT8 constant")
 
@@ -159,45 +107,45 @@ def check_qdq(model_or_path, module_names: set[str] | None = None) -> list[Viola
     return out
 
 
-def _check_scale_and_zero_point(g: _Graph, n, flag) -> None:
-    scale = g.value(n.input[1])
+def _check_scale_and_zero_point(g: GraphIndex, n, flag) -> None:
+    scale = g.constant(n.input[1])
     if scale is not None and (not np.all(np.isfinite(scale)) or np.any(scale <= 0)):
         flag("positive_scale", n, f"scale has values <= 0 or not finite (min {np.min(scale):.3g})")
     if len(n.input) < 3 or not n.input[2]:
         if n.op_type == "QuantizeLinear":
             flag("int8_zero_point", n, "no zero point: ONNX then quantizes to UINT8, which TensorRT does not take; give an INT8 zero point of 0")
         return
-    zp = g.value(n.input[2])
+    zp = g.constant(n.input[2])
     if zp is not None and (zp.dtype != np.int8 or np.any(zp != 0)):
         flag("int8_zero_point", n, f"zero point is {zp.dtype} with values {np.unique(zp)[:4].tolist()}; TensorRT needs INT8 zeros")
 
 
-def _weight_qdq(g: _Graph, name: str):
+def _weight_qdq(g: GraphIndex, name: str):
     """The DequantizeLinear that gives a constant weight, or None."""
     node = g.source(name)
     if node is None or node.op_type != "DequantizeLinear":
         return None
     q = g.producer.get(node.input[0])
     data = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else node.input[0]
-    return node if data in g.const else None
+    return node if data in g.constants else None
 
 
-def _check_matmul(g: _Graph, n, flag) -> None:
+def _check_matmul(g: GraphIndex, n, flag) -> None:
     if len(n.input) < 2:
         return
     weight_dq = _weight_qdq(g, n.input[1])
     data_dq = g.from_dq(n.input[0])
     if weight_dq is not None and not data_dq:
         flag("quantized_inputs", n, "the weight is quantized but the data input is not: TensorRT runs this layer in float")
-    if data_dq and weight_dq is None and n.input[1] in g.const:
+    if data_dq and weight_dq is None and n.input[1] in g.constants:
         flag("quantized_inputs", n, "the data input is quantized but the weight is not: add Q/DQ on the weight")
     if weight_dq is None:
         return
-    scale = g.value(weight_dq.input[1])
+    scale = g.constant(weight_dq.input[1])
     if scale is None or scale.size <= 1:
         return  # per-tensor weights are allowed
     q = g.producer.get(weight_dq.input[0])
-    weight = g.value(q.input[0] if q is not None and q.op_type == "QuantizeLinear" else weight_dq.input[0])
+    weight = g.constant(q.input[0] if q is not None and q.op_type == "QuantizeLinear" else weight_dq.input[0])
     axis = next((a.i for a in weight_dq.attribute if a.name == "axis"), 1)
     if n.op_type in WEIGHT_AXIS:
         want = WEIGHT_AXIS[n.op_type]
@@ -211,14 +159,14 @@ def _check_matmul(g: _Graph, n, flag) -> None:
              f"{n.op_type} needs axis {want} with one per output channel ({channels})")
 
 
-def _is_activation_dq(g: _Graph, dq) -> bool:
+def _is_activation_dq(g: GraphIndex, dq) -> bool:
     q = g.producer.get(dq.input[0])
     data = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else dq.input[0]
-    return data not in g.const
+    return data not in g.constants
 
 
-def _check_residual_add(g: _Graph, n, flag) -> None:
-    inputs = [i for i in n.input if i not in g.const]
+def _check_residual_add(g: GraphIndex, n, flag) -> None:
+    inputs = [i for i in n.input if i not in g.constants]
     if len(inputs) != 2:
         return
     sources = [g.source(i) for i in inputs]
@@ -233,12 +181,12 @@ def _check_residual_add(g: _Graph, n, flag) -> None:
             flag("residual_add", n, f"input {i} ({src}) is float while the other is {other}: quantize it so TensorRT fuses the Add in INT8")
 
 
-def _check_concat(g: _Graph, n, flag) -> None:
+def _check_concat(g: GraphIndex, n, flag) -> None:
     scales = []
     for name in n.input:
         node = g.source(name)
         if node is not None and node.op_type == "DequantizeLinear" and _is_activation_dq(g, node):
-            value = g.value(node.input[1])
+            value = g.constant(node.input[1])
             if value is not None:
                 scales.append(float(np.asarray(value).reshape(-1)[0]))
     if len(scales) > 1 and not np.allclose(scales, scales[0], rtol=1e-6, atol=0):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..onnx_tools import scope_to_module
+from .runners import ort_session_options
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 COMPUTE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -54,11 +55,7 @@ def layer_divergence(model: nn.Module, onnx_path: str | Path, batch: torch.Tenso
         for h in hooks:
             h.remove()
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if mode == "faithful" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    )
-    options.log_severity_level = 3
+    options = ort_session_options(mode)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "taps.onnx"
         onnx.save(proto, str(path))

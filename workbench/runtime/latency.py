@@ -114,9 +114,8 @@ def model_input_shape(path: Path) -> tuple[tuple[int, ...] | None, int | None]:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise WorkbenchError(f"{path}: its sidecar {side.name} is missing or unreadable ({type(e).__name__}); "
                                  "build engines with `workbench build`, which writes it") from None
-    from ..qdq_check import load_onnx
+    from ..onnx_tools import onnx_input_dims
 
-    dims = load_onnx(path).graph.input[0].type.tensor_type.shape.dim
-    fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    fixed = onnx_input_dims(path)
     shape = tuple(fixed[1:]) if len(fixed) > 1 and all(fixed[1:]) else None
     return shape, (fixed[0] if fixed else None)

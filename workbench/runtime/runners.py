@@ -63,6 +63,21 @@ class DeviceResidentRunner:
         torch.cuda.synchronize()
 
 
+def ort_session_options(mode: Literal["faithful", "default"] = "faithful", threads: int | None = None):
+    """ONNX Runtime session options for one of the two ways of running a Q/DQ graph (module docstring)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if mode == "faithful" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
 def ort_available_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -79,15 +94,7 @@ class OrtRunner:
     ):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_DISABLE_ALL if mode == "faithful" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        )
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), ort_session_options(mode, threads), providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.name = name
         self.mode = mode
