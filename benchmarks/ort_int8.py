@@ -39,8 +39,8 @@ task: classification
 model: {{spec: "cifar_resnet:resnet20", weights: "{A}/models/cifar10_resnet20.th", input_size: [3, 32, 32]}}
 data:
   transform: {{mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}}
-  calibration: {{source: imagefolder, path: "{A}/data/cifar10_jpg/train", count: 512, seed: 0}}
-  evaluation: {{source: imagefolder, path: "{A}/data/cifar10_jpg/test"}}
+  calibration: {{source: imagefolder, path: "{A}/data/cifar10/train", count: 512, seed: 0}}
+  evaluation: {{source: imagefolder, path: "{A}/data/cifar10/test"}}
   batch_size: 250
 stages:
   - calibrate: {{method: mse}}

@@ -38,8 +38,8 @@ SETUPS = {
         model=ModelConfig(spec="cifar_resnet:resnet20", weights=str(ASSETS / "models/cifar10_resnet20.th"), input_size=(3, 32, 32)),
         data=DataConfig(
             transform=TransformConfig(),
-            calibration=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10_jpg/train"), count=512, seed=0),
-            evaluation=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10_jpg/test")),
+            calibration=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10/train"), count=512, seed=0),
+            evaluation=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10/test")),
             batch_size=250,
         ),
     ),
