@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model,
+                      field_validator, model_validator)
 
 from .errors import RecipeError
 
@@ -37,7 +38,65 @@ from .errors import RecipeError
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Base of every recipe section and stage's options: unknown keys, NaN/Inf and booleans given for numbers are
+    errors (pydantic would take `count: true` as 1 and `std: .inf` as a number)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info) -> Any:
+        given = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, bool) for v in given) and _wants_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("true/false is not a number: give a number")
+        return value
+
+
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field (or its items) takes an int or float and not a bool."""
+    if annotation in (int, float):
+        return True
+    args = typing.get_args(annotation)
+    if any(a is bool or a is Any for a in args):
+        return False
+    return any(_wants_number(a) for a in args if a is not type(None))
+
+
+# Bounds shared by several fields: beyond them a value is a typo or an attempt to exhaust the machine.
+MAX_IMAGE_SIDE = 8192  # pixels of one side of a model input, a resize or a crop
+MAX_BATCH = 16384  # images in one batch
+MAX_SEED = 2**63  # torch.manual_seed and numpy take seeds below this
+MAX_COUNT = 10_000_000  # samples in one split: the sampled index is built in memory
+MAX_WORKERS = 64
+CALIB_SET_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+ImageSide = Annotated[int, Field(gt=0, le=MAX_IMAGE_SIDE)]
+
+
+def check_batch_sizes(sizes: list[int]) -> list[int]:
+    """A list of batch sizes to time: each listed once (a repeated size would overwrite its own timing)."""
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"each batch size once, e.g. [1, 8]; {sorted(sizes)} repeats one")
+    return sizes
+
+
+def check_calib_set_name(name: str) -> str:
+    """A set name is a file name in calibration_data/: a path would read a YAML from anywhere."""
+    if not re.fullmatch(CALIB_SET_NAME, name):
+        raise ValueError(f"{name!r} is not a set name: use letters, digits, '_', '-' and '.', no '/' and no leading "
+                         "'.' (`workbench calib-data list` shows the sets)")
+    return name
+
+
+def _check_input_size(size: tuple[int, int, int]) -> tuple[int, int, int]:
+    c, h, w = size
+    if not 1 <= c <= 64 or not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
+        raise ValueError(f"input_size is [channels, height, width] with 1 <= channels <= 64 and sides from 1 to "
+                         f"{MAX_IMAGE_SIDE}, e.g. [3, 224, 224]")
+    return size
+
+
+InputSize = Annotated[tuple[int, int, int], AfterValidator(_check_input_size)]
 
 
 class ModelConfig(StrictModel):
@@ -50,13 +109,30 @@ class ModelConfig(StrictModel):
         None,
         description="State dict to load into the architecture (torch.load weights_only=True; 'state_dict' or "
         "'model' wrappers and 'module.' prefixes are unwrapped). For torchvision: a weights enum name such as "
-        "'DEFAULT' (needs the hub cache) or a file path.",
+        "'DEFAULT' (read from torch's hub cache; downloaded only with allow_download) or a file path.",
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model factory.")
     trust_pickle: bool = Field(
-        False, description="Allow unpickling a whole model object (runs code from the file: only for files you trust)."
+        False,
+        description="Allow unpickling a whole model object (runs code from the file: only for files you trust): "
+        "needed by 'file:' specs, Ultralytics .pt files and model.pruned files in the old pickled format.",
     )
-    input_size: tuple[int, int, int] = Field(
+    trust_code: bool = Field(
+        False,
+        description="Allow an 'import:' spec to import a module and call the factory it names (runs that code, as "
+        "Hugging Face's trust_remote_code). The module is looked up in import_path, then the working directory, "
+        "then the installed packages.",
+    )
+    import_path: str | None = Field(
+        None,
+        description="Folder searched first for an 'import:' module; load_recipe sets it to the recipe's folder.",
+    )
+    allow_download: bool = Field(
+        False,
+        description="Let torchvision download a weights enum's file (e.g. weights: DEFAULT) into torch's hub cache; "
+        "without it only an already cached file is used.",
+    )
+    input_size: InputSize = Field(
         (3, 224, 224), description="C, H, W of one input: used for export, latency and tracing."
     )
     pruned: str | None = Field(
@@ -65,19 +141,19 @@ class ModelConfig(StrictModel):
 
 
 class TransformConfig(StrictModel):
-    resize: int | None = Field(None, description="Resize the shorter side to this many pixels.", gt=0)
-    crop: int | None = Field(None, description="Center crop to this square size.", gt=0)
-    random_resized_crop: int | None = Field(
-        None, description="Random resized crop to this size (seeded per sample; for calibration sets).", gt=0
+    resize: ImageSide | None = Field(None, description="Resize the shorter side to this many pixels.")
+    crop: ImageSide | None = Field(None, description="Center crop to this square size.")
+    random_resized_crop: ImageSide | None = Field(
+        None, description="Random resized crop to this size (seeded per sample; for calibration sets)."
     )
     scale: tuple[float, float] = Field((0.25, 1.0), description="Area range of random_resized_crop.")
-    letterbox: tuple[int, int] | None = Field(
+    letterbox: tuple[ImageSide, ImageSide] | None = Field(
         None, description="Detection: letterbox every image into (height, width), keeping its aspect ratio (pad 114)."
     )
-    stride: int = Field(32, gt=0, description="Detection: the model's largest stride (letterbox sizes must be multiples).")
+    stride: int = Field(32, gt=0, le=1024, description="Detection: the model's largest stride (letterbox sizes must be multiples).")
     hflip: bool = Field(False, description="Training augmentation (data.finetune only): random horizontal flip.")
     pad_crop: int | None = Field(
-        None, ge=1, description="Training augmentation (data.finetune only): pad by this many pixels, crop back at random (CIFAR-style)."
+        None, ge=1, le=MAX_IMAGE_SIDE, description="Training augmentation (data.finetune only): pad by this many pixels, crop back at random (CIFAR-style)."
     )
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean (RGB, 0..1).")
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std (RGB, 0..1).")
@@ -87,6 +163,13 @@ class TransformConfig(StrictModel):
     def _scale_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not 0 < v[0] <= v[1] <= 1:
             raise ValueError("scale must be two numbers with 0 < low <= high <= 1, e.g. [0.25, 1.0]")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0:  # images are divided by it: 0 gives Inf, a negative std flips the image
+            raise ValueError("std is a positive number per channel, e.g. [0.229, 0.224, 0.225]")
         return v
 
 
@@ -109,6 +192,9 @@ class DataSplit(StrictModel):
     split: str = Field("train", description="hf: split to read.")
     image_column: str = Field("image", description="hf: column holding the images.")
     label_column: str | None = Field("label", description="hf: column holding the labels (null: unlabeled).")
+    allow_download: bool = Field(
+        False, description="hf: let datasets download from the Hugging Face Hub (a hub name); off, only local data is read."
+    )
     package: str | None = Field(None, description="package: the installed package that ships the images, e.g. skimage.")
     pattern: str | list[str] = Field(
         "**/*", description="Glob(s) relative to path or the package folder selecting image files, e.g. ['data/*.png', 'data/*.jpg']."
@@ -116,9 +202,14 @@ class DataSplit(StrictModel):
     labels: Literal["none", "folder", "wnid_prefix"] | None = Field(
         None, description="Where labels come from; default: folder for imagefolder, none otherwise."
     )
-    count: int | None = Field(None, gt=0, description="Number of samples; with random crops it may exceed the images.")
-    seed: int = Field(0, description="Seed of the sampling and of random crops.")
+    count: int | None = Field(None, gt=0, le=MAX_COUNT, description="Number of samples; with random crops it may exceed the images.")
+    seed: int = Field(0, ge=0, lt=MAX_SEED, description="Seed of the sampling and of random crops (0 <= seed < 2**63).")
     transform: TransformConfig | None = Field(None, description="Overrides data.transform for this split.")
+
+    @field_validator("calib_set")
+    @classmethod
+    def _plain_set_name(cls, v: str | None) -> str | None:
+        return v if v is None else check_calib_set_name(v)
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSplit":
@@ -142,8 +233,16 @@ class DataConfig(StrictModel):
     calibration: DataSplit | None = Field(None, description="Images that calibrate INT8 ranges.")
     evaluation: DataSplit | None = Field(None, description="Images that score every backend.")
     finetune: DataSplit | None = Field(None, description="Images for fine-tuning and QAT.")
-    batch_size: int = Field(32, gt=0, description="Batch size of every loader.")
-    workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    batch_size: BatchSize = Field(32, description="Batch size of every loader.")
+    workers: int = Field(0, ge=0, description=f"DataLoader worker processes (at most {MAX_WORKERS}).")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_bounded(cls, v: int) -> int:
+        if v > MAX_WORKERS:
+            raise ValueError(f"at most {MAX_WORKERS} DataLoader workers: each is a process holding its own copy of the "
+                             "dataset, and more than the CPU cores only costs memory")
+        return v
 
     @model_validator(mode="after")
     def _augment_only_for_training(self) -> "DataConfig":
@@ -230,19 +329,17 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist: give the path of a .yaml recipe (see recipes/)")
-    text = path.read_text(encoding="utf-8")
-    return parse_recipe(text, source=str(path), overrides=overrides)
+    recipe = parse_recipe(read_yaml_text(path, "recipe file"), source=str(path), overrides=overrides)
+    if recipe.model.spec.startswith("import:") and recipe.model.import_path is None:
+        # `import:mymodels:net` finds mymodels.py beside the recipe, as a script finds its neighbours.
+        recipe.model.import_path = str(path.resolve().parent)
+    return recipe
 
 
 def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{source}: not valid YAML: {e}") from None
+    data, lines = load_yaml(text, source)
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping with keys name, model, data, stages")
-    lines = _line_map(node) if node is not None else {}
     for item in overrides:
         _apply_override(data, item)
     data = _expand_env(data, (), source, lines)
@@ -268,6 +365,7 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     model = data["model"]
     model["weights"] = fix(model.get("weights"))
     model["pruned"] = fix(model.get("pruned"))
+    model["import_path"] = fix(model.get("import_path"))
     source, sep, rest = model["spec"].partition(":")
     if sep and source in ("file", "yolov5", "ultralytics"):
         model["spec"] = f"{source}:{fix(rest)}"
@@ -281,6 +379,95 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML: every default written out, so a run says exactly what it did."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+# A recipe is a few kilobytes. These limits stop hostile YAML (a "billion laughs" alias bomb, deep nesting,
+# a huge file) with a message long before it costs memory or time, and leave normal anchors and aliases usable.
+MAX_YAML_BYTES = 1024 * 1024
+MAX_YAML_NODES = 100_000  # counted expanded: an alias counts the whole node it repeats, every time it is used
+MAX_YAML_DEPTH = 64
+
+
+def read_yaml_text(path: Path, what: str) -> str:
+    """The text of a YAML file, refused (naming the file) when it is too large or not UTF-8."""
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise RecipeError(f"{what} {path} is {size} bytes; the limit is {MAX_YAML_BYTES} bytes (1 MiB): "
+                          "a recipe names its data, it does not hold it")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{what} {path}: byte {e.start} (line {line}) is not UTF-8 ({raw[e.start:e.start + 1]!r}): "
+                          "save the file as UTF-8") from None
+
+
+def load_yaml(text: str, source: str) -> tuple[Any, dict[PathKey, int]]:
+    """Parse YAML once, safely and within the limits above: the data and the line of every key path."""
+    if len(text) > MAX_YAML_BYTES:
+        raise RecipeError(f"{source}: {len(text)} characters of YAML; the limit is {MAX_YAML_BYTES} (1 MiB)")
+    loader = _LimitedLoader(text, source)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+    return data, (_line_map(node) if node is not None else {})
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """SafeLoader that counts the expanded size and depth of every node as it is composed, and refuses
+    duplicate keys (PyYAML keeps the last one silently) and keys that are not plain scalars."""
+
+    def __init__(self, text: str, source: str):
+        super().__init__(text)
+        self.source = source
+        self.depth = 0
+        self.sizes: dict[int, int] = {}  # id(node) -> nodes it expands to; absent while it is being composed
+
+    def compose_node(self, parent, index):
+        mark = self.peek_event().start_mark
+        where = f"{self.source}:{mark.line + 1}"
+        alias = self.check_event(yaml.AliasEvent)
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise RecipeError(f"{where}: the YAML is nested more than {MAX_YAML_DEPTH} levels deep; a recipe needs fewer than 10")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        if alias and id(node) not in self.sizes:  # the anchor's node is still being composed: it contains itself
+            raise RecipeError(f"{where}: an alias refers to the anchor it is inside of: the YAML would never end")
+        if not alias:
+            self.sizes[id(node)] = 1 + sum(self.sizes[id(child)] for child in self._children(node))
+            if isinstance(node, yaml.MappingNode):
+                self._check_keys(node)
+        if self.sizes[id(node)] > MAX_YAML_NODES:
+            raise RecipeError(f"{where}: the YAML expands to more than {MAX_YAML_NODES} values (aliases counted each "
+                              "time they are used, as in a 'billion laughs' bomb); a recipe needs a few hundred")
+        return node
+
+    @staticmethod
+    def _children(node) -> list:
+        if isinstance(node, yaml.MappingNode):
+            return [part for pair in node.value for part in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    def _check_keys(self, node: yaml.MappingNode) -> None:
+        seen: dict[str, int] = {}
+        for key, _ in node.value:
+            line = key.start_mark.line + 1
+            if not isinstance(key, yaml.ScalarNode):
+                raise RecipeError(f"{self.source}:{line}: a mapping key must be a plain name, not a list or mapping")
+            if key.tag == "tag:yaml.org,2002:merge":  # '<<: *base' then overriding keys is YAML's normal reuse
+                continue
+            if key.value in seen:
+                raise RecipeError(f"{self.source}:{line}: key {key.value!r} appears twice in one mapping (lines "
+                                  f"{seen[key.value]} and {line}); YAML would silently keep the last: remove one")
+            seen[key.value] = line
 
 
 def _line_map(node: yaml.Node, prefix: PathKey = ()) -> dict[PathKey, int]:
@@ -300,10 +487,7 @@ def _apply_override(data: dict, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise RecipeError(f"override {item!r} is missing an '=' sign: write key.path=value, e.g. stages.calibrate.method=entropy")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"override {item!r}: value is not valid YAML: {e}") from None
+    value = load_yaml(raw, f"override {item!r}: value")[0] if raw != "" else None
     parts = key.split(".")
     target: Any = data
     for i, part in enumerate(parts[:-1]):

@@ -14,12 +14,11 @@ import os
 import shutil
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from ..errors import DataError
 from ..io import write_json
-from ..recipe import DataSplit, TransformConfig
+from ..recipe import DataSplit, TransformConfig, check_calib_set_name, load_yaml, read_yaml_text
 
 ENV_DIR = "WORKBENCH_CALIBRATION_DATA"
 
@@ -43,6 +42,10 @@ def list_calib_sets() -> list[str]:
 
 
 def find_calib_set(name: str, field: str = "calib_set") -> Path:
+    try:
+        check_calib_set_name(name)
+    except ValueError as e:
+        raise DataError(f"{field}: {e}") from None
     for d in calib_set_dirs():
         path = d / f"{name}.yaml"
         if path.is_file():
@@ -56,7 +59,9 @@ def find_calib_set(name: str, field: str = "calib_set") -> Path:
 def load_calib_set(name: str, field: str = "calib_set", count: int | None = None, seed: int | None = None) -> tuple[DataSplit, TransformConfig]:
     """The split a named set defines (count/seed overridable by the recipe) and its spatial transform."""
     path = find_calib_set(name, field)
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    raw = load_yaml(read_yaml_text(path, "calibration set"), str(path))[0] or {}
+    if not isinstance(raw, dict):
+        raise DataError(f"calibration set {path} must be a YAML mapping (source, path, count, ...)")
     raw.pop("description", None)
     if count is not None:
         raw["count"] = count

@@ -15,20 +15,23 @@ from __future__ import annotations
 import copy
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..io import atomic_path, write_json
+from ..recipe import BatchSize, check_batch_sizes
 from ..runtime import DeviceResidentRunner, OrtRunner, TorchRunner
 from ..runtime.latency import bench_artifacts
 from .registry import StageOptions, register_stage
 
 
 class BenchOptions(StageOptions):
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1, description="Batch sizes timed.")
+    batch_sizes: list[BatchSize] = Field(default_factory=lambda: [1, 8], min_length=1, description="Batch sizes timed.")
     warmup: int = Field(5, ge=0, description="Untimed runs per batch size.")
     repeats: int = Field(50, ge=1, description="Timed runs per batch size.")
     threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch and ONNX Runtime (default: all cores).")
     cuda_fp16: bool = Field(True, description="Also time the FP32 model in half precision on CUDA, where present.")
+
+    _batch_sizes_once = field_validator("batch_sizes")(check_batch_sizes)
 
 
 def _artifacts(run, opts: BenchOptions) -> dict[str, tuple]:

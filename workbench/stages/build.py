@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 
 from ..errors import RecipeError
 from ..runtime.tensorrt import BuildRequest, Profile, TensorRTUnavailable, build_engine, check_request
+from ..recipe import MAX_BATCH, ImageSide
 from .registry import StageOptions, register_stage
 
 
@@ -23,12 +24,12 @@ def default_timing_cache() -> Path:
 
 class BuildOptions(StageOptions):
     precision: Literal["int8", "fp16", "fp32"] = Field("int8", description="int8: the Q/DQ graph (model.onnx); fp16/fp32: the FP32 graph.")
-    min_batch: int = Field(1, ge=1, description="Smallest batch of the optimization profile.")
-    opt_batch: int = Field(8, ge=1, description="Batch TensorRT tunes for.")
-    max_batch: int = Field(32, ge=1, description="Largest batch.")
-    min_size: tuple[int, int] | None = Field(None, description="Smallest (H, W), for graphs exported with dynamic_size.")
-    opt_size: tuple[int, int] | None = Field(None, description="(H, W) TensorRT tunes for (default: the recipe's input size).")
-    max_size: tuple[int, int] | None = Field(None, description="Largest (H, W).")
+    min_batch: int = Field(1, ge=1, le=MAX_BATCH, description="Smallest batch of the optimization profile.")
+    opt_batch: int = Field(8, ge=1, le=MAX_BATCH, description="Batch TensorRT tunes for.")
+    max_batch: int = Field(32, ge=1, le=MAX_BATCH, description="Largest batch.")
+    min_size: tuple[ImageSide, ImageSide] | None = Field(None, description="Smallest (H, W), for graphs exported with dynamic_size.")
+    opt_size: tuple[ImageSide, ImageSide] | None = Field(None, description="(H, W) TensorRT tunes for (default: the recipe's input size).")
+    max_size: tuple[ImageSide, ImageSide] | None = Field(None, description="Largest (H, W).")
     strongly_typed: bool = Field(True, description="Precisions from the graph (TensorRT 10's recommended mode for Q/DQ).")
     fp16: bool = Field(True, description="Weakly typed builds: allow FP16 for the layers the graph keeps float.")
     workspace_mib: int = Field(4096, ge=16, description="Builder workspace limit.")

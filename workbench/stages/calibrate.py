@@ -6,18 +6,17 @@ import copy
 import time
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
 from ..errors import CalibrationError
 from ..io import write_json
 from ..progress import track
 from ..quant.ptq import Int8Config, quantize_, quantizer_summary, unmatched_patterns
+from ..recipe import StrictModel
 from .registry import register_stage
 
 
-class CalibrateOptions(Int8Config):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class CalibrateOptions(Int8Config, StrictModel):
     max_batches: int | None = Field(None, gt=0, description="Stop after this many calibration batches (default: all).")
 
 

@@ -22,10 +22,11 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..errors import RecipeError
 from ..progress import track
+from ..recipe import BatchSize, check_batch_sizes
 from ..runtime import OrtRunner, TorchRunner, measure_latency
 from ..runtime.tensorrt import TensorRTRunner
 from ..tasks import is_labeled, new_scorer
@@ -46,9 +47,11 @@ class EvaluateOptions(StageOptions):
     backends: list[Backend] | None = Field(None, description="Backends to score; default: every one available.")
     max_samples: int | None = Field(None, gt=0, description="Score only the first N evaluation samples.")
     latency: bool = Field(True, description="Measure latency of each backend (warm-up, repeats, median, p90).")
-    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], description="Batch sizes timed.")
+    latency_batch_sizes: list[BatchSize] = Field(default_factory=lambda: [1, 8], min_length=1, description="Batch sizes timed.")
     latency_repeats: int = Field(20, ge=1, description="Timed repeats per batch size.")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: all cores).")
+
+    _batch_sizes_once = field_validator("latency_batch_sizes")(check_batch_sizes)
 
 
 def available_backends(run) -> list[str]:

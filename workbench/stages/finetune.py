@@ -16,12 +16,13 @@ from pydantic import Field
 from ..data import make_loader, subset_loader
 from ..errors import CalibrationError, RecipeError
 from ..io import atomic_path, write_json
+from ..recipe import StrictModel
 from ..tasks import metric_points, new_scorer
 from ..train import HeadTaps, TrainOptions, distillation_loss, fit, head_distillation
 from .registry import register_stage
 
 
-class FinetuneOptions(TrainOptions):
+class FinetuneOptions(TrainOptions, StrictModel):
     distill: bool = Field(True, description="Distil from the FP32 model (needs no labels).")
     distill_weight: float = Field(1.0, ge=0, description="Weight of the distillation loss.")
     temperature: float = Field(4.0, gt=0, description="Classifier distillation temperature.")

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..data import make_loader
 from ..errors import CalibrationError, RecipeError
@@ -32,12 +32,22 @@ class PruneOptions(StageOptions):
     ratio: float | None = Field(None, gt=0, lt=1, description="structured: the share of channels removed (or give macs_target).")
     macs_target: float | None = Field(None, gt=0, lt=1, description="structured: prune until MACs are at most this share of the original.")
     importance: Literal["magnitude", "bn_scale", "taylor"] = Field("magnitude", description="structured: how channels are ranked.")
-    round_to: int = Field(8, ge=1, description="structured: channel counts kept a multiple of this (TensorRT INT8 kernels like 8/16/32).")
+    round_to: int = Field(8, ge=1, le=256, description="structured: channel counts kept a multiple of this (TensorRT INT8 kernels like 8/16/32).")
     latency: bool = Field(True, description="Report ONNX Runtime CPU latency (batch 1) and ONNX size of the FP32 model before and after.")
     scope: Literal["global", "layer"] = Field("global", description="Rank weights (magnitude) or channels (structured) across all layers, or within each layer.")
-    steps: int = Field(1, ge=1, description="magnitude: reach the sparsity in this many equal steps.")
+    steps: int = Field(1, ge=1, le=100, description="magnitude: reach the sparsity in this many equal steps.")
     finetune_between: FinetuneOptions | None = Field(None, description="Fine-tune after each step but the last (distillation from FP32).")
     ignore: list[str] = Field(default_factory=list, description="Layer-name glob patterns left dense, e.g. the classifier 'fc'.")
+
+    @model_validator(mode="after")
+    def _structured_has_one_target(self) -> "PruneOptions":
+        given = [k for k in ("ratio", "macs_target") if getattr(self, k) is not None]
+        if self.method == "structured" and len(given) != 1:
+            raise ValueError("method structured needs exactly one of ratio (share of channels removed) or macs_target "
+                             f"(share of MACs kept), e.g. ratio: 0.3; got {' and '.join(given) or 'neither'}")
+        if self.method != "structured" and given:
+            raise ValueError(f"{' and '.join(given)} are for method structured; method {self.method} prunes to sparsity")
+        return self
 
 
 @register_stage("prune", PruneOptions)
@@ -88,8 +98,6 @@ def prune_stage(run, opts: PruneOptions) -> None:
 def _structured(run, opts: PruneOptions, layers: dict) -> None:
     from ..prune.structured import prune_channels_
 
-    if (opts.ratio is None) == (opts.macs_target is None):
-        raise RecipeError("stages.prune: method structured needs exactly one of ratio (share of channels) or macs_target")
     # The output layers keep their channels: the classifier's classes, a detector's head (boxes and classes).
     keep = [m for name, m in run.model.named_modules() if name and name not in layers and isinstance(m, PRUNABLE_OUTPUTS)]
     keep += detection_heads(run.model)

@@ -10,13 +10,11 @@ import difflib
 from dataclasses import dataclass
 from typing import Callable
 
-from pydantic import BaseModel, ConfigDict
+from ..recipe import StrictModel
 
 
-class StageOptions(BaseModel):
-    """Base of every stage's options: unknown keys are errors, never ignored."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class StageOptions(StrictModel):
+    """Base of every stage's options: unknown keys, NaN/Inf and booleans for numbers are errors, never ignored."""
 
 
 @dataclass(frozen=True)
