@@ -30,6 +30,7 @@ def tiny_recipe(images: Path, runs: Path, stages: str = None, extra_model: str =
 model:
   spec: "import:helpers:tiny_cnn"
   input_size: [3, 32, 32]
+  trust_code: true
 {extra_model}data:
   calibration: {{source: imagefolder, path: "{images}", count: 12, seed: 0}}
   evaluation: {{source: imagefolder, path: "{images}"}}

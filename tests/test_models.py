@@ -9,7 +9,7 @@ from workbench.recipe import ModelConfig
 
 
 def test_import_spec_with_kwargs():
-    model = resolve_model(ModelConfig(spec="import:helpers:tiny_cnn", kwargs={"num_classes": 5}))
+    model = resolve_model(ModelConfig(spec="import:helpers:tiny_cnn", trust_code=True, kwargs={"num_classes": 5}))
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
     assert not model.training
 
@@ -27,7 +27,7 @@ def test_unknown_source_and_names():
     with pytest.raises(ModelLoadError, match="resnet20"):
         resolve_model(ModelConfig(spec="cifar_resnet:resnet21"))
     with pytest.raises(ModelLoadError, match="cannot import module"):
-        resolve_model(ModelConfig(spec="import:no_such_module_xyz:f"))
+        resolve_model(ModelConfig(spec="import:no_such_module_xyz:f", trust_code=True))
 
 
 def test_cifar_resnets_have_published_sizes():
@@ -38,12 +38,12 @@ def test_cifar_resnets_have_published_sizes():
 
 
 def test_state_dict_round_trip_with_wrappers(tmp_path):
-    model = resolve_model(ModelConfig(spec="import:helpers:tiny_cnn"))
+    model = resolve_model(ModelConfig(spec="import:helpers:tiny_cnn", trust_code=True))
     with torch.no_grad():
         model.fc.weight.fill_(0.25)
     path = tmp_path / "w.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, path)
-    loaded = resolve_model(ModelConfig(spec="import:helpers:tiny_cnn", weights=str(path)))
+    loaded = resolve_model(ModelConfig(spec="import:helpers:tiny_cnn", trust_code=True, weights=str(path)))
     assert torch.equal(loaded.fc.weight, model.fc.weight)
 
 
@@ -51,7 +51,7 @@ def test_checkpoint_keys_that_do_not_match(tmp_path):
     path = tmp_path / "other.pth"
     torch.save(resolve_model(ModelConfig(spec="cifar_resnet:resnet20")).state_dict(), path)
     with pytest.raises(ModelLoadError) as e:
-        resolve_model(ModelConfig(spec="import:helpers:tiny_cnn", weights=str(path)))
+        resolve_model(ModelConfig(spec="import:helpers:tiny_cnn", trust_code=True, weights=str(path)))
     msg = str(e.value)
     assert str(path) in msg and "missing" in msg and "unexpected" in msg and "model.spec" in msg
 
@@ -60,18 +60,18 @@ def test_corrupt_and_missing_weights(tmp_path):
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"this is not a checkpoint" * 10)
     with pytest.raises(ModelLoadError, match="not a valid PyTorch checkpoint"):
-        resolve_model(ModelConfig(spec="import:helpers:tiny_cnn", weights=str(bad)))
+        resolve_model(ModelConfig(spec="import:helpers:tiny_cnn", trust_code=True, weights=str(bad)))
     with pytest.raises(ModelLoadError, match="does not exist"):
-        resolve_model(ModelConfig(spec="import:helpers:tiny_cnn", weights=str(tmp_path / "none.pth")))
+        resolve_model(ModelConfig(spec="import:helpers:tiny_cnn", trust_code=True, weights=str(tmp_path / "none.pth")))
 
 
 def test_whole_pickle_needs_trust(tmp_path):
     path = tmp_path / "whole.pt"
-    torch.save(resolve_model(ModelConfig(spec="import:helpers:tiny_cnn")), path)
+    torch.save(resolve_model(ModelConfig(spec="import:helpers:tiny_cnn", trust_code=True)), path)
     with pytest.raises(ModelLoadError, match="trust_pickle: true"):
         resolve_model(ModelConfig(spec=f"file:{path}"))
     with pytest.raises(ModelLoadError, match="weights_only"):
-        resolve_model(ModelConfig(spec="import:helpers:tiny_cnn", weights=str(path)))
+        resolve_model(ModelConfig(spec="import:helpers:tiny_cnn", trust_code=True, weights=str(path)))
     model = resolve_model(ModelConfig(spec=f"file:{path}", trust_pickle=True))
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 

@@ -29,13 +29,13 @@ def test_yolov5_loader_refuses_foreign_globals(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"model": Evil()}, path)
-    with pytest.raises(ModelLoadError, match=r"print, which the YOLOv5 loader does not know"):
+    with pytest.raises(ModelLoadError, match=r"__builtin__.print, which a YOLOv5 v6 checkpoint does not need"):
         resolve_model(ModelConfig(spec=f"yolov5:{path}"))
 
 
 def test_checkpoint_that_is_not_a_detector(tmp_path):
     path = tmp_path / "cls.pt"
-    torch.save({"model": torch.nn.Linear(2, 2)}, path)
+    torch.save({"model": torch.nn.Conv2d(2, 2, 1)}, path)  # a layer the loader admits, but no detector
     with pytest.raises(ModelLoadError, match="no YOLOv5 detector"):
         resolve_model(ModelConfig(spec=f"yolov5:{path}"))
     with pytest.raises(ModelLoadError, match="does not exist"):

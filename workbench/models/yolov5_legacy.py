@@ -4,8 +4,9 @@ A YOLOv5 `.pt` file pickles the whole model: objects of `models.common.Conv`,
 `models.yolo.Detect` and so on. Rather than installing the `yolov5` package
 (GPL-3.0, and its loaders reach for a hub), a restricted unpickler maps exactly
 those class names onto the small modules below and refuses every other global
-outside torch. Unpickling restores attributes (weights, `f`/`i` wiring, anchors,
-strides); the forward passes are written here from the published architecture.
+but an exact list of torch.nn layers and tensor rebuilders. Unpickling restores
+attributes (weights, `f`/`i` wiring, anchors, strides); the forward passes are
+written here from the published architecture.
 
 The output is YOLOv5's inference tensor (B, N, 5 + classes): cx, cy, w, h in
 input pixels, objectness and class probabilities, already sigmoid-decoded.
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
+from .guards import refuse_torchscript
 
 
 class Conv(nn.Module):
@@ -105,19 +107,36 @@ _YOLOV5_CLASSES = {
     ("models.yolo", "Model"): Model,
     ("models.yolo", "DetectionModel"): Model,
 }
-_ALLOWED_PREFIXES = ("torch.", "collections")
-_ALLOWED = {("builtins", "set"), ("__builtin__", "set"), ("builtins", "getattr"), ("torch", "Size")}
+# Exactly the globals a YOLOv5 v6 checkpoint references (logged while loading the released yolov5n.pt):
+# never a whole module, since `torch.os`, `torch.hub.os` and `builtins.getattr` each reach os.system.
+# Storages are not listed: torch.load resolves every "...Storage" name itself, to a storage type.
+_ALLOWED = {
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("__builtin__", "set"),  # protocol-2 pickles spell builtins so
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch.nn.modules.activation", "SiLU"),
+    ("torch.nn.modules.batchnorm", "BatchNorm2d"),
+    ("torch.nn.modules.container", "ModuleList"),
+    ("torch.nn.modules.container", "Sequential"),
+    ("torch.nn.modules.conv", "Conv2d"),
+    ("torch.nn.modules.linear", "Identity"),  # Conv(act=False)
+    ("torch.nn.modules.pooling", "MaxPool2d"),
+    ("torch.nn.modules.upsampling", "Upsample"),
+}
 
 
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _YOLOV5_CLASSES:
             return _YOLOV5_CLASSES[(module, name)]
-        if module == "torch" or module.startswith(_ALLOWED_PREFIXES) or (module, name) in _ALLOWED:
+        if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
-            f"the checkpoint needs {module}.{name}, which the YOLOv5 loader does not know "
-            "(it maps YOLOv5 v6 classes: Conv, C3, Bottleneck, SPPF, Concat, Detect, Model)"
+            f"it refers to {module}.{name}, which a YOLOv5 v6 checkpoint does not need, so it was refused "
+            "(the loader unpickles only YOLOv5's classes Conv, C3, Bottleneck, SPPF, Concat, Detect, Model, "
+            "the torch.nn layers they use and tensors)"
         )
 
 
@@ -130,6 +149,7 @@ def load_yolov5_checkpoint(path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model.spec: YOLOv5 checkpoint {path} does not exist")
+    refuse_torchscript(path, "model.spec")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module)
     except pickle.UnpicklingError as e:
