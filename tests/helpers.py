@@ -24,6 +24,7 @@ class PaddedConv2d(nn.Conv2d):
 class TinyCNN(nn.Module):
     def __init__(self, num_classes: int = 3, subclass_conv: bool = False):
         super().__init__()
+        torch.manual_seed(0)  # before the layers: every TinyCNN starts as the same model, whatever ran before
         conv = PaddedConv2d if subclass_conv else (lambda i, o, k, **kw: nn.Conv2d(i, o, k, padding=1, **kw))
         self.conv1 = conv(3, 8, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(8)
@@ -32,7 +33,7 @@ class TinyCNN(nn.Module):
         self.conv3 = conv(16, 16, 3, bias=False)
         self.bn3 = nn.BatchNorm2d(16)
         self.fc = nn.Linear(16, num_classes)
-        torch.manual_seed(0)
+        torch.manual_seed(0)  # the BN statistics as before the seed above existed (trained_cnn's weights unchanged)
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
                 # Non-trivial statistics so folding BN really changes the weights.
@@ -258,3 +259,34 @@ def stretched_cnn(num_classes: int = 3, factor: float = 16.0) -> TinyCNN:
         model.bn1.bias[c] *= factor
         model.conv2.weight[:, c] /= factor
     return model.eval()
+
+
+class BiasedConvBN(nn.Module):
+    """Convolutions with their own bias before BatchNorm (as torchvision's and many hand-written models have):
+    folding must keep that bias, scaled by the BN."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, num_classes)
+        with torch.no_grad():
+            for conv in (self.conv1, self.conv2):
+                conv.bias.uniform_(-1.0, 1.0)  # large next to the outputs: dropping it moves them far
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def biased_conv_bn_net(num_classes: int = 3) -> BiasedConvBN:
+    return BiasedConvBN(num_classes).eval()

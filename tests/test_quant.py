@@ -46,8 +46,12 @@ def test_every_calibrator_quantizes_every_layer(method):
     assert result.census() == {"Conv2d": {"int8": 3, "float": 0}, "Linear": {"int8": 1, "float": 0}}
     assert result.samples == 32 and result.batches == 4
     assert len(result.activation_amax) == 4 and all(a > 0 for a in result.activation_amax.values())
-    out, ref = model(TEST), fp32(TEST)
-    assert not torch.equal(out, ref)  # really quantized
+    for name in ("conv1", "conv2", "conv3", "fc"):  # both quantizers of every layer are on, with ranges
+        layer = getattr(model, name)
+        assert layer.input_quantizer.is_enabled and layer.weight_quantizer.is_enabled
+        assert float(layer.input_quantizer.amax) == pytest.approx(result.activation_amax[f"{name}.input_quantizer"])
+    out, ref = model(TEST), fp32(TEST)  # the same model before quantization (TinyCNN is seeded before its layers)
+    assert (out - ref).abs().max() > 1e-3 * ref.abs().max()  # really quantized: more than float rounding apart
     # Clipping calibrators may clip this random model's narrow pooled features hard (see the
     # benchmarks for trained models); with max ranges nothing is clipped, so it stays close.
     if method == "max":
