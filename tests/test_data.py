@@ -92,10 +92,12 @@ def test_unreadable_image_is_named(images):
 
 
 def test_files_with_wordnet_prefix_labels(tmp_path):
-    for name in ["n02_b.png", "n01_a.png", "n03_c.png", "n01_d.png"]:
+    # Class indices of the full ImageNet-1k list (tench 0, goldfish 1, toilet tissue 999), not of the ids present.
+    for name in ["n01443537_b.png", "n01440764_a.png", "n15075141_c.png", "n01440764_d.png"]:
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
     ds = build_dataset(_data(evaluation={"source": "files", "path": str(tmp_path), "labels": "wnid_prefix"}), "evaluation")
-    assert {s.key.rsplit("/", 1)[1]: s.label for s in ds.samples} == {"n01_a.png": 0, "n01_d.png": 0, "n02_b.png": 1, "n03_c.png": 2}
+    assert {s.key.rsplit("/", 1)[1]: s.label for s in ds.samples} == {
+        "n01440764_a.png": 0, "n01440764_d.png": 0, "n01443537_b.png": 1, "n15075141_c.png": 999}
 
 
 def test_package_images(tmp_path):

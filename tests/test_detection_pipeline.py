@@ -78,7 +78,7 @@ def test_a_classifier_is_not_a_detector(tmp_path, capsys, images):
     path.write_text(path.read_text().replace('spec: "yolov5:x", input_size: [3, 64, 64]', 'spec: "import:helpers:tiny_cnn", input_size: [3, 64, 64], trust_code: true'))
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "is not a supported head for 3 classes" in err and "Traceback" not in err
+    assert "not a detector the adapter knows: its output has shape (1, 3)" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
 
 
@@ -87,7 +87,7 @@ def test_labels_beyond_the_models_classes(tmp_path, capsys):
     images, ann, _ = write_detection_set(tmp_path / "set")
     assert main(["run", str(_recipe(tmp_path, ckpt, images, ann, "  - evaluate: {latency: false}\n"))]) == 2
     err = capsys.readouterr().err
-    assert "for 3 classes" in err and "2 (YOLOv5)" in err
+    assert "instances.json lists 3 categories but the model has 2 classes" in err
     assert not (tmp_path / "runs").exists()
 
 

@@ -27,6 +27,7 @@ from .quant.sensitivity import layer_costs, make_probe
 from .recipe import parse_recipe
 from .stages.calibrate import CalibrateOptions
 from .tasks import agreement_points, metric_points, new_scorer
+from .tasks.detection import model_num_classes
 
 
 class RunExplorer:
@@ -76,6 +77,9 @@ class RunExplorer:
         """The current plan scored on `samples` evaluation samples drawn with a seed (None: all), with FP32 alongside."""
         if self._dataset is None:
             self._dataset = build_dataset(self.recipe.data, "evaluation")
+            if self.recipe.task == "detection" and hasattr(self._dataset, "with_num_classes"):  # the model's classes
+                classes = model_num_classes(self.reference, self.recipe.model.input_size)
+                self._dataset = self._dataset.with_num_classes(classes, "data.evaluation")
         if samples not in self._probes:
             loader = subset_loader(self._dataset, self.recipe.data, samples)
             self._probes[samples] = make_probe(self.reference, loader, None, self.device)

@@ -31,6 +31,7 @@ from .io import write_json, write_text
 from .models import resolve_model
 from .recipe import Recipe, dump_recipe, with_absolute_paths
 from .stages import STAGES
+from .tasks.detection import model_num_classes
 
 
 @dataclass
@@ -46,16 +47,19 @@ class Run:
 
     def dataset(self, split: str) -> ImageDataset:
         if split not in self._datasets:
-            self._datasets[split] = build_dataset(self.recipe.data, split)
+            dataset = build_dataset(self.recipe.data, split)
+            if self.recipe.task == "detection" and hasattr(dataset, "with_num_classes"):  # labels read as the model's
+                dataset = dataset.with_num_classes(self.num_classes(), f"data.{split}")
+            self._datasets[split] = dataset
         return self._datasets[split]
 
-    def num_classes(self, split: str) -> int | None:
-        """A detector's class count: from the split if it is labeled, else from the evaluation split (None if neither)."""
-        names = [split] + (["evaluation"] if split != "evaluation" and self.recipe.data.evaluation is not None else [])
-        for name in names:
-            if count := len(getattr(self.dataset(name), "category_ids", [])):
-                return count
-        return None
+    def num_classes(self) -> int | None:
+        """A detector's class count, the model's own (head, names or output, never the labels); None otherwise."""
+        if self.recipe.task != "detection":
+            return None
+        if "num_classes" not in self.state:
+            self.state["num_classes"] = model_num_classes(self.reference, self.recipe.model.input_size)
+        return self.state["num_classes"]
 
     def loader(self, split: str):
         return make_loader(self.dataset(split), self.recipe.data)
@@ -99,34 +103,21 @@ def preflight(recipe: Recipe) -> tuple[nn.Module, dict[str, ImageDataset]]:
 
 
 def _check_detector(recipe: Recipe, model: nn.Module, datasets: dict) -> None:
-    """The model's output is a head the adapter decodes, for as many classes as the data has."""
-    from .data.detection import LetterboxedImages
-    from .tasks.detection import UnknownHeadError, detect_head_format
+    """The model is a detector the adapter decodes, and every labeled split is read for the model's classes
+    (the datasets are replaced by ones with the model's class count)."""
+    from .data.detection import DetectionDataset, LetterboxedImages
 
-    c, h, w = recipe.model.input_size
-    with torch.no_grad():
-        output = model(torch.zeros(1, c, h, w))
+    num_classes = model_num_classes(model, recipe.model.input_size)
     for split, dataset in datasets.items():
-        num_classes = len(getattr(dataset, "category_ids", []))
-        if not num_classes:
-            if split != "evaluation" and isinstance(dataset, LetterboxedImages):
-                continue  # unlabeled letterboxed images: enough to calibrate and to distil
+        if isinstance(dataset, DetectionDataset):
+            datasets[split] = dataset.with_num_classes(num_classes, f"data.{split}")
+        elif split == "evaluation" or not isinstance(dataset, LetterboxedImages):
+            # unlabeled letterboxed images are enough to calibrate and to distil, not to score
             raise WorkbenchError(
                 "data.evaluation: task detection scores with a detection source (coco or yolo_txt)"
                 if split == "evaluation" else
                 f"data.{split}: task detection needs a detection source (coco or yolo_txt) or images with transform.letterbox"
             )
-        try:
-            detect_head_format(output, num_classes)
-        except UnknownHeadError as e:
-            shape = tuple(output[0].shape if isinstance(output, (list, tuple)) else output.shape)
-            if len(shape) != 3:
-                raise UnknownHeadError(f"model.spec: this model is not a detector the adapter knows. {e}") from None
-            raise UnknownHeadError(
-                f"data.{split} has {num_classes} classes, and the model's output {shape} does not decode for "
-                f"{num_classes}: if it is a detector, it has {shape[-1] - 5} (YOLOv5) or {shape[1] - 4} (YOLOv8) classes, "
-                f"so labels and model disagree. ({e})"
-            ) from None
 
 
 def run_recipe(recipe: Recipe, console=None) -> Run:

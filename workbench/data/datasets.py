@@ -29,6 +29,7 @@ class ImageDataset(Dataset):
         self.samples = samples
         self.transform = transform
         self.seed = seed
+        self._first_size: tuple[str, tuple[int, int]] | None = None  # the first image's key and size, per process
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -39,6 +40,13 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         img = self.spatial(index)
+        # Images that leave the transform at different sizes cannot be batched (torch's collate would
+        # fail with a bare "stack expects each tensor to be equal size"): name the two here.
+        key = self.samples[index].key
+        if self._first_size is None:
+            self._first_size = (key, img.size)
+        elif img.size != self._first_size[1]:
+            raise DataError(_size_mismatch("data", *self._first_size, key, img.size))
         tensor = TF.to_tensor(img)
         t = self.transform
         if t.pad_crop:  # augmentation draws from the global RNG: a new crop every epoch
@@ -170,11 +178,41 @@ def check_readable(dataset: ImageDataset, field: str, limit: int | None = None) 
             verify_image(Sample(str(record.path), lambda: None), field)
         return
     seen: set[str] = set()
+    first = None  # (key, size after the transform) of the first file
     for sample in dataset.samples[:n]:
         if sample.key in seen:
             continue
         seen.add(sample.key)
-        verify_image(sample, field)
+        size = verify_image(sample, field)
+        if size is None or not isinstance(dataset, ImageDataset):  # in-memory rows: __getitem__ checks them;
+            continue  # letterboxed images all come out at the letterbox size
+        out = spatial_size(size, dataset.transform)
+        if first is None:
+            first = (sample.key, out)
+        elif out != first[1]:
+            raise DataError(_size_mismatch(field, *first, sample.key, out))
+
+
+def spatial_size(size: tuple[int, int], t: TransformConfig) -> tuple[int, int]:
+    """(width, height) of an image of `size` after apply_spatial, from its header alone."""
+    if t.crop:
+        return t.crop, t.crop
+    if t.random_resized_crop:
+        return t.random_resized_crop, t.random_resized_crop
+    if not t.resize:
+        return size
+    w, h = size  # torchvision's resize: the shorter side to `resize`, the longer one scaled and truncated
+    if w <= h:
+        return t.resize, int(t.resize * h / w)
+    return int(t.resize * w / h), t.resize
+
+
+def _size_mismatch(field: str, key_a: str, size_a: tuple[int, int], key_b: str, size_b: tuple[int, int]) -> str:
+    return (
+        f"{field}: {key_a} is {size_a[0]}x{size_a[1]} and {key_b} is {size_b[0]}x{size_b[1]} after the transform, so "
+        "they cannot be batched together: add a fixed size to data.transform (for a classifier resize and crop, e.g. "
+        "resize: 256 and crop: 224; for a detector letterbox: [640, 640])"
+    )
 
 
 def save_image(img: Image.Image, path: Path) -> None:

@@ -23,7 +23,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .sources import IMAGE_SUFFIXES, open_image_file
+from .sources import IMAGE_SUFFIXES, open_header, open_image_file
 
 try:  # the resize YOLO models are trained with; see _resize_bilinear
     import cv2
@@ -135,6 +135,7 @@ class DetectionDataset(Dataset):
         size: tuple[int, int],
         stride: int,
         source: str,
+        labels_dir: Path | None = None,
     ):
         self.records = records
         self.coco_gt = coco_gt
@@ -142,11 +143,41 @@ class DetectionDataset(Dataset):
         self.size = size
         self.stride = stride
         self.source = source  # the label file or folder, for messages
+        self.labels_dir = labels_dir  # YOLO txt labels; None for COCO JSON
         self.image_ids = [r.image_id for r in records]
 
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
+
+    def with_num_classes(self, num_classes: int, field: str) -> "DetectionDataset":
+        """This data scored for a model of `num_classes` classes.
+
+        The model decides the class count, not the labels: a YOLO txt split that lacks the
+        last class is scored for all of them (pycocotools skips classes without ground
+        truth), and only a label id the model cannot predict is refused. A COCO JSON's
+        categories are the classes (class index i = i-th sorted category id), so their
+        count must be the model's: with fewer categories every label past a gap would shift.
+        """
+        if self.labels_dir is None:
+            if self.num_classes != num_classes:
+                raise DataError(
+                    f"{field}: {self.source} lists {self.num_classes} categories but the model has {num_classes} "
+                    "classes; class index i is the i-th category (sorted ids), so the file must list every category "
+                    "the model was trained on (COCO's instances JSON lists all 80, whichever images it holds)"
+                )
+            return self
+        for rec in self.records:
+            if len(rec.labels) and int(rec.labels.max()) >= num_classes:
+                try:
+                    _read_yolo_labels(self.labels_dir / f"{rec.path.stem}.txt", num_classes)  # raises, naming the line
+                except DataError as e:
+                    raise DataError(f"{field}: {e}") from None
+        gt = dict(self.coco_gt.dataset, categories=_yolo_categories(num_classes))
+        return DetectionDataset(
+            self.records, _coco_from_dict(gt), list(range(num_classes)), self.size, self.stride, self.source,
+            self.labels_dir,
+        )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -218,11 +249,7 @@ def coco_dataset(
         raise DataError(f"{annotations_json}: every entry of 'categories' needs an integer 'id'") from None
     index_of = {cat: i for i, cat in enumerate(categories)}
 
-    images: dict[int, dict] = {}
-    for img in data["images"]:
-        if not isinstance(img, dict) or not {"id", "file_name"} <= img.keys():
-            raise DataError(f"{annotations_json}: an entry of 'images' has no 'id' or 'file_name' ({str(img)[:80]})")
-        images[int(img["id"])] = img
+    images = _coco_images(data["images"], annotations_json)
     missing = [img["file_name"] for img in images.values() if not (images_dir / img["file_name"]).is_file()]
     if missing:
         raise DataError(
@@ -235,14 +262,20 @@ def coco_dataset(
     chosen = _subset(chosen, count, seed, str(annotations_json))
     chosen_set = set(chosen)
 
+    sizes = {}  # (width, height) of each chosen image: the JSON's, else the file's header
+    for image_id in chosen:
+        img = images[image_id]
+        if img.get("width") is None or img.get("height") is None:
+            sizes[image_id] = _image_size(images_dir / img["file_name"])
+        else:
+            sizes[image_id] = (img["width"], img["height"])
+
     annotations = []
     per_image: dict[int, list[dict]] = {i: [] for i in chosen}
-    for ann in data["annotations"]:
-        if not isinstance(ann, dict) or ann.get("image_id") not in chosen_set:
+    for ann in _coco_annotations(data["annotations"], images, annotations_json):
+        if ann["image_id"] not in chosen_set:
             continue
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-            raise DataError(f"{annotations_json}: annotation {ann.get('id')} has bbox {bbox!r}; COCO wants [x, y, width, height]")
+        _check_box(ann, sizes[ann["image_id"]], annotations_json)
         if ann.get("category_id") not in index_of:
             raise DataError(
                 f"{annotations_json}: annotation {ann.get('id')} has category_id {ann.get('category_id')!r}, "
@@ -250,12 +283,13 @@ def coco_dataset(
             )
         ann = dict(ann)  # our copy: the caller's dict stays as it was
         ann.setdefault("iscrowd", 0)
-        ann.setdefault("area", float(bbox[2]) * float(bbox[3]))  # pycocotools needs it for its area ranges
+        ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))  # pycocotools' area ranges need it
         annotations.append(ann)
         per_image[ann["image_id"]].append(ann)
-    # pycocotools records a match as the GT's id, and id 0 reads as "unmatched": renumber if any id is unusable.
+    # pycocotools records a match as the GT's id, and id 0 reads as "unmatched": renumber if any id is unusable
+    # (absent or 0; duplicates were refused above).
     ids = [a.get("id") for a in annotations]
-    if any(not isinstance(i, int) or i <= 0 for i in ids) or len(set(ids)) != len(ids):
+    if any(not _is_int(i) or i <= 0 for i in ids):
         for n, ann in enumerate(annotations, start=1):
             ann["id"] = n
 
@@ -266,9 +300,7 @@ def coco_dataset(
         xywh = np.array([a["bbox"] for a in kept], dtype=np.float64).reshape(-1, 4)
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1).astype(np.float32)
         labels = np.array([index_of[a["category_id"]] for a in kept], dtype=np.int64)
-        width, height = img.get("width"), img.get("height")
-        if width is None or height is None:
-            width, height = _image_size(images_dir / img["file_name"])
+        width, height = sizes[image_id]
         records.append(_Record(images_dir / img["file_name"], image_id, int(width), int(height), boxes, labels))
 
     gt = {
@@ -279,6 +311,86 @@ def coco_dataset(
     if "info" in data:
         gt["info"] = data["info"]
     return DetectionDataset(records, _coco_from_dict(gt), categories, size, stride, str(annotations_json))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def _coco_images(entries: list, path: Path) -> dict[int, dict]:
+    """image id -> entry; ids are integers, each listed once (a repeated id would silently drop an image)."""
+    images: dict[int, dict] = {}
+    for img in entries:
+        if not isinstance(img, dict) or not {"id", "file_name"} <= img.keys():
+            raise DataError(f"{path}: an entry of 'images' has no 'id' or 'file_name' ({str(img)[:80]})")
+        image_id, name = img["id"], img["file_name"]
+        if not _is_int(image_id):
+            raise DataError(f"{path}: image {image_id!r} ({str(name)[:80]}): 'id' must be an integer, as COCO's are")
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{path}: image {image_id}: 'file_name' {name!r} is not a file name")
+        if image_id in images:
+            raise DataError(
+                f"{path}: image id {image_id} is listed twice ({images[image_id]['file_name']!r} and {name!r}); "
+                "every image needs its own id, or one of them would silently not be scored"
+            )
+        for key in ("width", "height"):
+            if img.get(key) is not None and not (_is_int(img[key]) and img[key] > 0):
+                raise DataError(f"{path}: image {image_id} ({name}): '{key}' {img[key]!r} is not a whole number above 0")
+        images[image_id] = img
+    return images
+
+
+def _coco_annotations(entries: list, images: dict[int, dict], path: Path) -> list[dict]:
+    """The annotations, each an object for a listed image, with no annotation id repeated.
+
+    An annotation for an image that 'images' does not list is refused, not skipped: the file
+    is inconsistent (often a truncated or merged 'images' list), and its boxes would go unscored.
+    """
+    seen: set[int] = set()
+    for ann in entries:
+        if not isinstance(ann, dict):
+            raise DataError(f"{path}: an entry of 'annotations' is not an object ({str(ann)[:80]})")
+        ann_id, image_id = ann.get("id"), ann.get("image_id")
+        if not _is_int(image_id):
+            raise DataError(f"{path}: annotation {ann_id!r}: 'image_id' {image_id!r} must be an integer image id")
+        if image_id not in images:
+            raise DataError(
+                f"{path}: annotation {ann_id!r}: 'image_id' {image_id} is not in 'images'; list the image or remove "
+                "its annotations"
+            )
+        if _is_int(ann_id) and ann_id > 0:
+            if ann_id in seen:
+                raise DataError(f"{path}: annotation id {ann_id} is used twice; every annotation needs its own 'id'")
+            seen.add(ann_id)
+    return entries
+
+
+# How far (pixels) a box may reach past the image's edge: COCO's own boxes stay within rounding of it.
+BOX_TOLERANCE = 1.0
+
+
+def _check_box(ann: dict, size: tuple[int, int], path: Path) -> None:
+    """bbox [x, y, width, height]: finite numbers, a positive size, inside the image within BOX_TOLERANCE."""
+    bbox, where = ann.get("bbox"), f"{path}: annotation {ann.get('id')!r} (image {ann['image_id']})"
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        raise DataError(f"{where}: 'bbox' {bbox!r} is not [x, y, width, height]")
+    if not all(_is_number(v) for v in bbox):
+        raise DataError(f"{where}: 'bbox' {bbox!r} holds a value that is not a finite number")
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        raise DataError(f"{where}: 'bbox' {bbox!r} has width {w} and height {h}; both must be above 0")
+    width, height = size
+    if x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > width + BOX_TOLERANCE or y + h > height + BOX_TOLERANCE:
+        raise DataError(
+            f"{where}: 'bbox' {bbox!r} reaches outside the {width}x{height} image; COCO boxes are "
+            "[x, y, width, height] in the image's pixels"
+        )
+    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+        raise DataError(f"{where}: 'area' {ann['area']!r} is not a non-negative number")
 
 
 def yolo_txt_dataset(
@@ -294,7 +406,8 @@ def yolo_txt_dataset(
 
     An image without a label file is a background image (no objects), as in
     Ultralytics. num_classes: the model's class count (class ids must be below
-    it); None takes the largest id + 1. Category id = class id in the COCO
+    it); None takes the largest id + 1 until `with_num_classes` gives the
+    model's. Category id = class id in the COCO
     ground truth built here, so scoring is the same as for COCO JSON.
     """
     images_dir, labels_dir = Path(images_dir), Path(labels_dir)
@@ -338,11 +451,16 @@ def yolo_txt_dataset(
     gt = {
         "images": [images[i] for i in keep],
         "annotations": [a for a in annotations if a["image_id"] in kept_ids],
-        "categories": [{"id": c, "name": str(c)} for c in range(num_classes)],
+        "categories": _yolo_categories(num_classes),
     }
     return DetectionDataset(
-        [records[i] for i in keep], _coco_from_dict(gt), list(range(num_classes)), size, stride, str(labels_dir)
+        [records[i] for i in keep], _coco_from_dict(gt), list(range(num_classes)), size, stride, str(labels_dir),
+        labels_dir,
     )
+
+
+def _yolo_categories(num_classes: int) -> list[dict]:
+    return [{"id": c, "name": str(c)} for c in range(num_classes)]
 
 
 def _read_yolo_labels(path: Path, num_classes: int | None) -> np.ndarray:
@@ -417,7 +535,7 @@ def _image_files(root: Path) -> list[Path]:
 def _image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the header alone."""
     try:
-        with Image.open(path) as img:
+        with open_header(path) as img:
             return img.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"image {path} cannot be read ({e}): remove or replace the file") from None

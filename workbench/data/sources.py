@@ -7,9 +7,13 @@ loaders do the rest. Labels are ints; -1 means unlabeled.
 from __future__ import annotations
 
 import importlib.util
+import re
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
@@ -27,24 +31,61 @@ class Sample:
     label: int = UNLABELED
 
 
+@contextmanager
+def no_decompression_bombs(where: str) -> Iterator[None]:
+    """PIL's decompression-bomb guard as a DataError naming `where`, at its warning level already.
+
+    PIL only warns between MAX_IMAGE_PIXELS and twice that, and then decodes: a 1 KB PNG
+    claiming 10000x10000 pixels would allocate 300 MB per copy. The check runs when the
+    header is read (Image.open), so nothing is decoded before it refuses.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            yield
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            pixels = f"{int(found.group(1)):,} pixels" if found else "more pixels than the limit"
+            raise DataError(
+                f"image {where} has {pixels}, more than the {Image.MAX_IMAGE_PIXELS:,} that PIL decodes "
+                "(PIL.Image.MAX_IMAGE_PIXELS, its guard against decompression bombs): downscale the image or remove it"
+            ) from None
+
+
+@contextmanager
+def open_header(path: Path | str) -> Iterator[Image.Image]:
+    """Image.open (the header only) with decompression bombs refused; read errors stay the caller's to word."""
+    with no_decompression_bombs(str(path)):
+        img = Image.open(path)
+    with img:
+        yield img
+
+
 def open_image_file(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with open_header(path) as img:
             img.load()
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"image {path} cannot be read ({e}): remove or replace the file") from None
 
 
-def verify_image(sample: Sample, field: str) -> None:
-    """Cheap check that a file is an image (header and structure, no full decode)."""
-    if sample.key.endswith("]"):  # rows of an in-memory dataset: already decoded by datasets
-        return
+def verify_image(sample: Sample, field: str) -> tuple[int, int] | None:
+    """Cheap check that a file is an image (header and structure, no full decode): its (width, height).
+
+    None for rows of an in-memory dataset: datasets decodes those itself.
+    """
+    if sample.key.endswith("]"):
+        return None
     try:
-        with Image.open(sample.key) as img:
+        with open_header(sample.key) as img:
+            size = img.size
             img.verify()
+            return size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{field}: image {sample.key} cannot be read ({e}): remove or replace the file") from None
+    except DataError as e:
+        raise DataError(f"{field}: {e}") from None
 
 
 def list_samples(split: DataSplit, field: str) -> list[Sample]:
@@ -89,12 +130,26 @@ def _imagefolder(split: DataSplit, field: str) -> list[Sample]:
     return samples
 
 
+@cache
+def imagenet_wnids() -> dict[str, int]:
+    """WordNet id -> ImageNet-1k class index: the position in the sorted list of all 1000 ids."""
+    text = (Path(__file__).parent / "imagenet_wnids.txt").read_text()
+    return {wnid: i for i, wnid in enumerate(text.split())}
+
+
 def _files(split: DataSplit, field: str) -> list[Sample]:
     paths = _image_files(Path(split.path), split.pattern, field)
     if split.labels == "wnid_prefix":
-        # ImageNet convention: the sorted WordNet ids give the class index 0..999.
-        wnids = sorted({p.name.split("_")[0] for p in paths})
-        index = {w: i for i, w in enumerate(wnids)}
+        # By the full 1000-class list, not the ids this folder happens to hold: a folder with a
+        # few classes numbered 0..k-1 among themselves would be almost all mislabelled.
+        index = imagenet_wnids()
+        unknown = [p for p in paths if p.name.split("_")[0] not in index]
+        if unknown:
+            raise DataError(
+                f"{field}.labels: wnid_prefix reads the ImageNet-1k WordNet id before the first '_' of each file "
+                f"name, but {len(unknown)} file(s) do not start with one (e.g. {unknown[0]}); name files like "
+                "n01440764_0001.JPEG, or use source: imagefolder for other classes"
+            )
         return [_file_sample(p, index[p.name.split("_")[0]]) for p in paths]
     if split.labels == "folder":
         raise DataError(f"{field}.labels: 'folder' labels need source: imagefolder")
@@ -114,6 +169,7 @@ def _hf(split: DataSplit, field: str) -> list[Sample]:
         import datasets
     except ImportError:
         raise DataError(f"{field}: source 'hf' needs the datasets package: pip install datasets") from None
+    _check_offline(split, field)
     try:
         if split.path and not split.name:
             ds: Any = datasets.load_from_disk(split.path)
@@ -140,9 +196,34 @@ def _hf(split: DataSplit, field: str) -> list[Sample]:
     labels = ds[split.label_column] if labeled else [UNLABELED] * len(ds)
 
     def opener(i: int) -> Image.Image:
-        img = ds[i][split.image_column]
+        with no_decompression_bombs(f"{_where(split)}[{i}]"):  # datasets decodes the row with PIL
+            img = ds[i][split.image_column]
         if not isinstance(img, Image.Image):
             raise DataError(f"{field}: row {i} of column {split.image_column!r} is not an image")
         return img.convert("RGB")
 
     return [Sample(f"{_where(split)}[{i}]", lambda i=i: opener(i), int(labels[i])) for i in range(len(ds))]
+
+
+def _check_offline(split: DataSplit, field: str) -> None:
+    """Refuse a split that would reach the Hugging Face Hub, unless it says allow_download: true.
+
+    Local: load_from_disk (path alone), a builder that ships inside `datasets` (imagefolder, csv,
+    parquet, ...) reading a local path, or a name that is a local folder. Anything else is a Hub id.
+    """
+    if split.allow_download:
+        return
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    remote_path = split.path is not None and "://" in split.path
+    if split.name is None and not remote_path:
+        return
+    if split.name in _PACKAGED_DATASETS_MODULES and not remote_path:
+        return
+    if split.name is not None and Path(split.name).exists() and not remote_path:
+        return
+    raise DataError(
+        f"{field}: source hf with name {split.name!r} (path {split.path!r}) would download from the Hugging Face Hub, "
+        f"and nothing is downloaded unless the recipe says so: set {field}.allow_download: true, or save the "
+        "dataset once with datasets' save_to_disk and give its folder as path (without name)"
+    )

@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from ..errors import RecipeError
+from ..errors import DataError, RecipeError
 from ..progress import track
 from ..recipe import BatchSize, check_batch_sizes
 from ..runtime import OrtRunner, TorchRunner, measure_latency
@@ -140,6 +140,8 @@ def evaluate(run, opts: EvaluateOptions) -> None:
             entry[0].update(outputs[graph], labels, outputs[against])
             entry[1] = max(entry[1], float(np.abs(outputs[graph] - outputs[against]).max()))
 
+    if labeled and run.recipe.task == "classification" and "pytorch_fp32" in scorers:
+        _check_above_chance(run, scorers["pytorch_fp32"], dataset, seen)
     results: dict[str, dict] = {}
     for b, runner in runners.items():
         entry = {"metrics": scorers[b].result()}
@@ -156,3 +158,33 @@ def evaluate(run, opts: EvaluateOptions) -> None:
         if seen:
             values[key] = {**scorer.result(), "max_abs_diff": max_abs_diff}
     run.record("evaluate", values)
+
+
+CHANCE_MIN_SAMPLES = 100
+
+
+def _check_above_chance(run, fp32_scorer, dataset, n: int) -> None:
+    """Refuse labels that the FP32 model's predictions are unrelated to: a labelling problem, not a result.
+
+    Chance is what the model's own predictions would score on shuffled labels (ClassificationScorer.chance_top1).
+    Wrong labels (a class order that is not the model's, a label mode that does not fit the files) score at it
+    or below; a trained model, even a weak one, is well above it. Refused: FP32 top-1 not more than two
+    standard errors above chance, on at least 100 images (fewer cannot tell a weak model from chance).
+    """
+    top1, chance = fp32_scorer.result().get("top1"), fp32_scorer.chance_top1()
+    if n < CHANCE_MIN_SAMPLES or top1 is None or chance is None:
+        return
+    p = chance / 100.0
+    if top1 > chance + 2 * 100.0 * (p * (1 - p) / n) ** 0.5:
+        return
+    split = run.recipe.data.evaluation
+    where = f"calib_set {split.calib_set!r}" if split.calib_set else f"{split.source} {split.path or split.name!r}"
+    mode = split.labels or ("folder" if split.source == "imagefolder" else f"label_column {split.label_column!r}")
+    step = max(1, n // 3)
+    examples = "; ".join(f"{s.key} -> class {s.label}" for s in dataset.samples[:n:step][:3])
+    raise DataError(
+        f"data.evaluation: the FP32 model scores {top1:.2f}% top-1 on {n} images, no better than the {chance:.2f}% its "
+        f"predictions would score on shuffled labels, so the labels do not match the model's classes. Check the labels "
+        f"of the source {where} (labels: {mode}), e.g. {examples}. If the model is untrained or has no classes for these images, "
+        "set data.evaluation.labels: none to score agreement with FP32 only"
+    )

@@ -97,9 +97,7 @@ def fingerprint(run, opts, label: str) -> dict:
 def train_on_finetune_split(run, opts: FinetuneOptions, checkpoint_dir, label: str, after_step=None) -> list[dict]:
     """Train the run's model on data.finetune with the options' losses; the history per epoch."""
     dataset = run.dataset("finetune")
-    num_classes = run.num_classes("finetune")
-    if run.recipe.task == "detection" and num_classes is None:
-        raise RecipeError("data.finetune: distilling a detector needs its class count: add data.evaluation (a coco or yolo_txt source)")
+    num_classes = run.num_classes()
     loader = make_loader(dataset, run.recipe.data, shuffle=True)
     loss_fn = training_losses(run, opts, num_classes, bool(getattr(dataset, "labeled", False)))
     evaluate = epoch_evaluator(run, opts.eval_samples)

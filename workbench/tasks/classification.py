@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import torch
 
@@ -35,6 +37,8 @@ class ClassificationScorer:
         self.agree = 0
         self.kl_sum = 0.0
         self.n_ref = 0
+        self.label_counts: Counter = Counter()  # how often each class was the label / the prediction: chance_top1
+        self.predicted_counts: Counter = Counter()
 
     def update(self, logits, labels=None, reference=None) -> None:
         logits = _as_numpy(logits)
@@ -47,7 +51,10 @@ class ClassificationScorer:
             labels = _as_numpy(labels).astype(np.int64)
             k = min(5, logits.shape[1])
             topk = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-            self.top1 += int((logits.argmax(1) == labels).sum())
+            predicted = logits.argmax(1)
+            self.top1 += int((predicted == labels).sum())
+            self.label_counts.update(labels.tolist())
+            self.predicted_counts.update(predicted.tolist())
             self.top5 += int((topk == labels[:, None]).any(1).sum())
         if reference is not None:
             ref = _as_numpy(reference)
@@ -65,6 +72,14 @@ class ClassificationScorer:
             out["agreement_top1"] = 100.0 * self.agree / self.n_ref
             out["mean_kl"] = self.kl_sum / self.n_ref
         return out
+
+    def chance_top1(self) -> float | None:
+        """Percent top-1 that these predictions would score on shuffled labels (predictions independent of the
+        labels): the sum over classes of predicted share x label share. None without labels."""
+        n = sum(self.label_counts.values())
+        if not n:
+            return None
+        return 100.0 * sum(c * self.predicted_counts[k] for k, c in self.label_counts.items()) / n**2
 
     @staticmethod
     def headline(metrics: dict[str, float]) -> tuple[str, float | None]:

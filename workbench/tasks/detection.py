@@ -60,6 +60,54 @@ class UnknownHeadError(ModelLoadError, ValueError):
     """The model's output is not a detection head the adapter can decode (a user-facing error, exit 2)."""
 
 
+def model_num_classes(model: torch.nn.Module, input_size) -> int:
+    """A detector's class count from the model itself: its head's `nc`, else its `names`, else its output's layout.
+
+    Never from the labels: an evaluation split without the last class is still a split of
+    the model's classes. A model with neither head nor names (an `import:` detector) is read
+    by its raw output, boxes outnumbering channels as in every real head: (B, N, 5 + C) with
+    N > 5 + C is YOLOv5, (B, 4 + C, N) YOLOv8/11.
+    """
+    device = next(iter(model.parameters()), torch.zeros(())).device
+    with torch.no_grad():
+        output = model(torch.zeros(1, *input_size, device=device))
+    shape = tuple(_first(output).shape)
+    if len(shape) != 3:
+        raise UnknownHeadError(
+            f"model.spec: this model is not a detector the adapter knows: its output has shape {shape}, not YOLOv5's "
+            "(batch, boxes, 5 + classes) or YOLOv8/11's (batch, 4 + classes, boxes), raw (before NMS)"
+        )
+    heads = {int(h.nc) for h in detection_heads(model) if isinstance(getattr(h, "nc", None), int)}
+    names = getattr(model, "names", None)
+    named = len(names) if isinstance(names, (list, tuple, dict)) and names else None
+    if len(heads) > 1:
+        raise UnknownHeadError(f"model.spec: the model's detection heads disagree on the class count ({sorted(heads)})")
+    head = next(iter(heads), None)
+    if head is not None and named is not None and named != head:
+        raise UnknownHeadError(
+            f"model.spec: the model's names list {named} classes but its detection head has nc={head}; "
+            "the checkpoint is inconsistent"
+        )
+    if head is not None:
+        count, said = head, "its detection head's nc"
+    elif named is not None:
+        count, said = named, "its names"
+    elif shape[1] > shape[2]:
+        count, said = shape[2] - 5, "its output, read as YOLOv5"
+    else:
+        count, said = shape[1] - 4, "its output, read as YOLOv8"
+    if count < 1:
+        raise UnknownHeadError(f"model.spec: this model is not a detector the adapter knows: its output {shape} "
+                               f"leaves {count} classes by {said}")
+    try:
+        detect_head_format(output, count)
+    except UnknownHeadError as e:
+        raise UnknownHeadError(
+            f"model.spec: the model has {count} classes by {said}, and its output does not decode for them: {e}"
+        ) from None
+    return count
+
+
 def detect_head_format(output: torch.Tensor | np.ndarray, num_classes: int) -> str:
     """Which head layout `output` has: "anchor_objectness" (YOLOv5) or "anchor_free" (YOLOv8/11)."""
     shape = tuple(_first(output).shape)
