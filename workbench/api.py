@@ -12,11 +12,22 @@ from .recipe import Recipe, load_recipe, parse_recipe
 from .run import Run, run_recipe
 
 
-def run(recipe: str | os.PathLike | Recipe, overrides: list[str] | tuple[str, ...] = (), console=None) -> Run:
-    """Run a recipe (a path or a validated Recipe) and return the finished Run."""
-    if not isinstance(recipe, Recipe):
+def run(recipe: str | os.PathLike | Recipe | None, overrides: list[str] | tuple[str, ...] = (), console=None,
+        resume: str | os.PathLike | None = None) -> Run:
+    """Run a recipe (a path or a validated Recipe) and return the finished Run.
+
+    `resume`: a failed or interrupted run directory to continue in place (see resume.py); with `recipe`
+    None, the run's own recipe.yaml (with `overrides`) is used.
+    """
+    if recipe is None:
+        if resume is None:
+            raise RecipeError("give a recipe to run, or a run directory to resume")
+        from .resume import open_previous
+
+        recipe = open_previous(resume).recipe(overrides)
+    elif not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    return run_recipe(recipe, console=console)
+    return run_recipe(recipe, console=console, resume=resume)
 
 
 def sensitivity_recipe(recipe: Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

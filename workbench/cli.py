@@ -1,6 +1,8 @@
 """The `workbench` command: parses, calls the Python API, prints. Nothing else lives here.
 
     workbench run RECIPE [key.path=value ...]
+    workbench run --resume RUN_DIR [RECIPE] [key.path=value ...]
+    workbench runs [RUNS_DIR]
     workbench sensitivity RECIPE [key.path=value ...]
     workbench validate RECIPE [key.path=value ...]
     workbench check-onnx MODEL.onnx
@@ -27,8 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a recipe: workbench run recipes/quickstart.yaml [key.path=value ...]")
-    run.add_argument("recipe")
+    run.add_argument("recipe", nargs="?", help="the recipe (with --resume: default the run's recipe.yaml)")
     run.add_argument("overrides", nargs="*", help="recipe fields to override, e.g. stages.calibrate.method=mse")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue this failed or interrupted run from its first "
+                     "unfinished stage, reusing the stages it finished with the same recipe and inputs")
+
+    runs = sub.add_parser("runs", help="list the runs in a runs directory (marks runs whose process died as interrupted)")
+    runs.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR")
     run.add_argument("--gpus", type=int, default=1, metavar="N",
                      help="N processes under torchrun, one per GPU (gloo CPU processes where there is no GPU)")
 
@@ -109,15 +116,19 @@ def _dispatch(args, parser) -> int:
 
     if getattr(args, "gpus", 1) < 1:
         raise WorkbenchError(f"--gpus {args.gpus}: give 1 or more")
+    if args.command == "run":
+        _run_arguments(args)
     if getattr(args, "gpus", 1) > 1 and not distributed.launched():
         return distributed.relaunch_under_torchrun(args.gpus, [args.command, args.recipe, *args.overrides])
     console = Console(stderr=False, quiet=not distributed.is_main() and distributed.launched())
     if args.command == "run":
         from . import api
 
-        run = api.run(args.recipe, args.overrides, console=console)
+        run = api.run(args.recipe, args.overrides, console=console, resume=args.resume)
         console.print(f"report: {run.dir / 'report.md'}")
         return 0
+    if args.command == "runs":
+        return _runs(args.runs_dir)
     if args.command == "sensitivity":
         from . import api
 
@@ -183,6 +194,34 @@ def _dispatch(args, parser) -> int:
     parser.print_help()
     return 2
 
+def _run_arguments(args) -> None:
+    """`run`'s recipe is optional with --resume: a first argument that is an override, not a file, is an override."""
+    if args.resume is None:
+        if args.recipe is None:
+            raise WorkbenchError("workbench run: give a recipe file (or --resume RUN_DIR)")
+        return
+    if args.gpus > 1:
+        raise WorkbenchError("--resume continues a run in one process: leave out --gpus")
+    if args.recipe is not None and "=" in args.recipe and not os.path.isfile(args.recipe):
+        args.overrides, args.recipe = [args.recipe, *args.overrides], None
+
+
+def _runs(runs_dir: str) -> int:
+    from pathlib import Path
+
+    from .rundir import list_runs, mark_stale_runs
+
+    for path in mark_stale_runs(Path(runs_dir)):
+        print(f"marked {path.name} as interrupted: its process is gone (continue it with workbench run --resume {path})")
+    rows = list_runs(Path(runs_dir))
+    if not rows:
+        print(f"no runs in {runs_dir}")
+        return 0
+    columns = ("run", "status", "stages", "started")
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    for row in [dict(zip(columns, columns)), *rows]:
+        print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
+    return 0
 
 
 def _bench(args, console) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -30,6 +31,8 @@ from .errors import WorkbenchError
 from .io import write_json, write_text
 from .models import resolve_model
 from .recipe import Recipe, dump_recipe, with_absolute_paths
+from .resume import check_reusable, describe_inputs, open_previous, restore_stages, stage_fingerprints
+from .rundir import check_runs_dir, mark_stale_runs, process_identity
 from .stages import STAGES
 from .tasks.detection import model_num_classes
 
@@ -120,14 +123,23 @@ def _check_detector(recipe: Recipe, model: nn.Module, datasets: dict) -> None:
             )
 
 
-def run_recipe(recipe: Recipe, console=None) -> Run:
-    """Carry `recipe` through its stages; return the finished Run (its dir holds every artifact)."""
+def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | None = None) -> Run:
+    """Carry `recipe` through its stages; return the finished Run (its dir holds every artifact).
+
+    `resume`: a failed or interrupted run directory to continue in place, reusing the stages it finished
+    with this same recipe and inputs (see resume.py).
+    """
     from .report import print_summary, write_report
 
     recipe = with_absolute_paths(recipe)
     distributed.init()
     if not distributed.is_main():  # rank 0 writes the run directory; the others compute beside it
         recipe = recipe.model_copy(update={"runs_dir": tempfile.mkdtemp(prefix=f"workbench-rank{distributed.rank()}-")})
+    previous = open_previous(resume) if resume is not None else None
+    if previous is None:
+        # Before the model and the data are loaded (minutes, for some): a run that cannot be written fails now.
+        check_runs_dir(Path(recipe.runs_dir), recipe.name)
+        mark_stale_runs(Path(recipe.runs_dir))
     model, datasets = preflight(recipe)
     device = pick_device(recipe.device)
     if device.type == "cuda":
@@ -137,10 +149,16 @@ def run_recipe(recipe: Recipe, console=None) -> Run:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     model = model.to(device).eval()
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    final_dir = _unique_dir(Path(recipe.runs_dir) / f"{recipe.name}-{stamp}")
-    work_dir = final_dir.with_name(final_dir.name + ".incomplete")
-    work_dir.mkdir(parents=True)
+    inputs = describe_inputs(recipe)
+    fingerprints = stage_fingerprints(recipe)
+    if previous is not None:
+        reusable = check_reusable(previous, recipe, inputs)
+        final_dir, work_dir = previous.final_dir, previous.claim()
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        final_dir = _unique_dir(Path(recipe.runs_dir) / f"{recipe.name}-{stamp}")
+        work_dir = final_dir.with_name(final_dir.name + ".incomplete")
+        work_dir.mkdir(parents=True)
     run = Run(recipe=recipe, dir=work_dir, model=copy.deepcopy(model), reference=model, device=device, _datasets=datasets)
     run.metrics = {
         "recipe": recipe.name,
@@ -148,26 +166,53 @@ def run_recipe(recipe: Recipe, console=None) -> Run:
         "started": datetime.now().isoformat(timespec="seconds"),
         "device": str(device),
         "torch": torch.__version__,
+        **process_identity(),  # tells a later run whether this one still runs (rundir.mark_stale_runs)
+        "stage_names": [name for name, _ in recipe.stage_list()],
         "stages": {},
+        "inputs": inputs,
+        "fingerprints": [],  # one per finished stage, in order: what --resume checks before reusing it
     }
-    write_text(run.path("recipe.yaml"), dump_recipe(recipe))
-    run.save_metrics()
-    try:
+    name = None
+    try:  # from here on, whatever happens (Ctrl-C too) leaves the directory renamed .failed with the reason
+        write_text(run.path("recipe.yaml"), dump_recipe(recipe))
+        run.save_metrics()
+        reused = restore_stages(run, previous, reusable) if previous is not None else []
+        if previous is not None:
+            run.metrics["resumed"] = {"from": previous.dir.name, "started_first": previous.metrics.get("started"),
+                                      "reused": reused, "rerun": run.metrics["stage_names"][len(reused):]}
+            run.save_metrics()
+            if console is not None:
+                console.print(f"resuming {previous.dir.name}: reusing {', '.join(reused) or 'no stage'}; running "
+                              f"{', '.join(run.metrics['resumed']['rerun']) or 'no stage'}")
         for index, (name, options) in enumerate(recipe.stage_list()):
+            if index < len(reused):
+                continue
             if console is not None:
                 console.print(f"[bold]stage {index + 1}/{len(recipe.stages)}: {name}[/bold]")
             start = time.perf_counter()
             STAGES[name].fn(run, options)
             run.metrics.setdefault("timings_s", {})[name] = round(time.perf_counter() - start, 3)
+            run.metrics["fingerprints"].append({"stage": name, "fingerprint": fingerprints[index]})
             run.save_metrics()
+        name = None
         run.metrics["status"] = "complete"
         run.metrics["finished"] = datetime.now().isoformat(timespec="seconds")
         run.save_metrics()
         write_report(run.dir)
     except BaseException as e:
-        run.metrics["status"] = "failed"
-        run.metrics["error"] = str(e) if isinstance(e, WorkbenchError) else "".join(traceback.format_exception_only(e)).strip()
-        run.save_metrics()
+        interrupted = isinstance(e, KeyboardInterrupt)
+        run.metrics["status"] = "interrupted" if interrupted else "failed"
+        if interrupted:
+            run.metrics["error"] = "interrupted (Ctrl-C)" + (f" during stage {name}" if name else "")
+        else:
+            run.metrics["error"] = str(e) if isinstance(e, WorkbenchError) else "".join(traceback.format_exception_only(e)).strip()
+        if name is not None:
+            run.metrics["failed_stage"] = name
+        try:
+            run.save_metrics()
+        except OSError as write_error:  # a full disk: the directory still says failed by its name
+            print(f"warning: could not record the failure in {run.path('metrics.json')} ({write_error}); "
+                  "the run directory is renamed .failed all the same", file=sys.stderr)
         failed = final_dir.with_name(final_dir.name + ".failed")
         os.replace(work_dir, failed)
         run.dir = failed

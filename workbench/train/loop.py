@@ -209,11 +209,26 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, epoch: 
         torch.save(state, tmp)
 
 
+TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "history")  # as _save_checkpoint writes
+
+
 def _load_checkpoint(path: Path, model, optimizer, scheduler, label: str, fingerprint: dict) -> tuple[int, int, list[dict]]:
     if not path.is_file():
         raise WorkbenchError(f"{label}.resume: checkpoint {path} does not exist: give a checkpoints/*.pt file of an earlier run")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any file at all may be named here: torch says why it is not one in many ways
+        raise WorkbenchError(
+            f"{label}.resume: {path} is not a checkpoint torch can read ({(str(e).splitlines() or [type(e).__name__])[0]}): "
+            f"give a checkpoints/{label}_epoch<N>.pt file that a {label} stage wrote"
+        ) from None
+    if missing := [k for k in TRAINING_CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]:
+        what = f"a {type(state).__name__}" if not isinstance(state, dict) else f"a dict without {', '.join(missing)}"
+        raise WorkbenchError(
+            f"{label}.resume: {path} is not a training checkpoint ({what}; a model's state dict or weights file is "
+            f"not one): give a checkpoints/{label}_epoch<N>.pt file that a {label} stage wrote"
+        )
+    try:
         saved = state.get("fingerprint", {})
         if changed := sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k)):
             raise WorkbenchError(

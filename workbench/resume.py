@@ -1,0 +1,260 @@
+"""`workbench run --resume RUN_DIR`: continue a failed or interrupted run from its first unfinished stage.
+
+Every finished stage records a fingerprint in metrics.json: a hash of the recipe up to and including
+that stage (the whole recipe but its name, runs_dir and later stages). The run also records its inputs
+once: the model and weight files, the module of an `import:` spec and the data paths, each by size
+and modification time (a directory by its file count, total size and newest file; contents are not
+read, so a file rewritten with the same size and time is not noticed).
+
+On resume the recipe (the run's recipe.yaml, or the one given, with overrides) must give the same
+fingerprints and inputs for every stage the run finished: if not, the resume is refused naming the
+first stage that changed, since its artifacts no longer follow from the recipe. The finished stages
+are then reused, each restored from its files in the run directory (the state it handed on to later
+stages, and its metrics), in order, up to the first stage that cannot be restored soundly (qat and
+mixed_precision keep their state only in memory; a finetune without prune only in its checkpoints):
+that stage and every later one run again. A complete run is refused: there is nothing to resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import WorkbenchError
+from .recipe import Recipe, parse_recipe
+from .rundir import is_alive, read_metrics
+
+
+@dataclass
+class Previous:
+    """The run to resume: its directory as found, the name it ends with, its metrics and its recipe."""
+
+    dir: Path
+    final_dir: Path
+    metrics: dict
+    recipe_text: str
+
+    def recipe(self, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+        return parse_recipe(self.recipe_text, str(self.dir / "recipe.yaml"), overrides)
+
+    def claim(self) -> Path:
+        """Rename the run to `.incomplete` (it is running again); return the new path."""
+        work_dir = self.final_dir.with_name(self.final_dir.name + ".incomplete")
+        if work_dir != self.dir:
+            try:
+                os.replace(self.dir, work_dir)
+            except OSError as e:
+                raise WorkbenchError(f"--resume: cannot rename {self.dir} to {work_dir.name} ({e.strerror}): "
+                                     "the run directory must be writable") from None
+        return work_dir
+
+
+def open_previous(run_dir: str | os.PathLike) -> Previous:
+    """The run at `run_dir`, if it can be resumed; else a WorkbenchError saying why."""
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir) if run_dir.is_dir() else None
+    if metrics is None or not (run_dir / "recipe.yaml").is_file():
+        raise WorkbenchError(f"--resume: {run_dir} is not a run directory (no readable metrics.json and recipe.yaml): "
+                             "give a runs/<name>-<timestamp>.failed directory")
+    name = run_dir.name
+    if not name.endswith((".failed", ".incomplete")):
+        raise WorkbenchError(f"--resume: {run_dir} is a {metrics.get('status', 'finished')} run, nothing to resume; "
+                             f"to run it again, start a new run: workbench run {run_dir / 'recipe.yaml'}")
+    if name.endswith(".incomplete") and metrics.get("status") == "running" and is_alive(metrics) is not False:
+        raise WorkbenchError(f"--resume: {run_dir} is still running (pid {metrics.get('pid', '?')} on "
+                             f"{metrics.get('host', '?')}): wait for it to end, or stop it, then resume")
+    if "fingerprints" not in metrics:
+        raise WorkbenchError(f"--resume: {run_dir} records no stage fingerprints (an older workbench wrote it), so "
+                             "its stages cannot be checked for reuse: start a new run with its recipe.yaml")
+    final_dir = run_dir.with_name(name.rsplit(".", 1)[0])
+    if final_dir.exists():
+        raise WorkbenchError(f"--resume: {final_dir} exists, and the resumed run would end under that name: move one "
+                             "of the two away")
+    return Previous(run_dir, final_dir, metrics, (run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+
+
+def stage_fingerprints(recipe: Recipe) -> list[str]:
+    """One hash per stage: the recipe but its name and runs_dir, with the stages up to and including this one."""
+    data = recipe.model_dump(mode="json")
+    base = {k: v for k, v in data.items() if k not in ("name", "runs_dir", "stages")}
+    digest = hashlib.sha256(json.dumps(base, sort_keys=True).encode())
+    out = []
+    for stage in data["stages"]:
+        digest.update(json.dumps(stage, sort_keys=True).encode())
+        out.append(digest.copy().hexdigest()[:16])
+    return out
+
+
+def describe_inputs(recipe: Recipe) -> dict[str, dict]:
+    """The files a run reads, by recipe field: size and modification time (after the model was loaded)."""
+    model = recipe.model
+    paths = {"model.weights": model.weights, "model.pruned": model.pruned}
+    source, _, rest = model.spec.partition(":")
+    if source in ("file", "yolov5", "ultralytics"):
+        paths["model.spec"] = rest
+    elif source == "import":
+        module = sys.modules.get(rest.split(":")[0])  # imported by the preflight: its source file
+        paths["model.spec"] = getattr(module, "__file__", None)
+    for split in ("calibration", "evaluation", "finetune"):
+        config = getattr(recipe.data, split, None)
+        for key in ("path", "annotations", "label_dir"):
+            paths[f"data.{split}.{key}"] = getattr(config, key, None) if config is not None else None
+    return {field: _stat(Path(path)) for field, path in paths.items() if path and os.path.exists(path)}
+
+
+def _stat(path: Path) -> dict:
+    if path.is_file():
+        st = path.stat()
+        return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    files, size, newest = 0, 0, 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            files, size, newest = files + 1, size + st.st_size, max(newest, st.st_mtime_ns)
+    return {"path": str(path), "files": files, "bytes": size, "mtime_ns": newest}
+
+
+def check_reusable(previous: Previous, recipe: Recipe, inputs: dict[str, dict]) -> int:
+    """How many leading stages the run finished with this very recipe and inputs; refuse if any of them changed."""
+    done = previous.metrics["fingerprints"]
+    if not done:
+        return 0
+    first = done[0]["stage"]
+    if changed := sorted(k for k in set(inputs) | set(previous.metrics.get("inputs", {}))
+                         if inputs.get(k) != previous.metrics.get("inputs", {}).get(k)):
+        field = changed[0]
+        path = (inputs.get(field) or previous.metrics["inputs"][field])["path"]
+        raise WorkbenchError(
+            f"--resume: {field} ({path}) changed since {previous.dir.name} ran, so stage 1 ({first}) and every later "
+            "one would no longer follow from its inputs; start a new run instead of resuming"
+        )
+    now = stage_fingerprints(recipe)
+    names = [name for name, _ in recipe.stage_list()]
+    for i, entry in enumerate(done):
+        if i >= len(now) or names[i] != entry["stage"] or now[i] != entry["fingerprint"]:
+            what = _changes(previous.recipe(), recipe, i) or [f"the recipe has no stage {i + 1} ({entry['stage']}) now"]
+            raise WorkbenchError(
+                f"--resume: stage {i + 1} ({entry['stage']}) finished under another recipe ({'; '.join(what[:3])}), so "
+                "its artifacts do not follow from this one. Resume with the run's own recipe (drop the change), or "
+                "start a new run"
+            )
+    return len(done)
+
+
+def _changes(old: Recipe, new: Recipe, index: int) -> list[str]:
+    """'key: old -> new' for every field that differs in the part of the recipe that stage `index` depends on."""
+    def part(recipe: Recipe) -> dict:
+        data = recipe.model_dump(mode="json")
+        data.pop("name"), data.pop("runs_dir")
+        data["stages"] = data["stages"][: index + 1]
+        return _flat(data)
+
+    a, b = part(old), part(new)
+    return [f"{k}: {a.get(k, '(none)')} -> {b.get(k, '(none)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def restore_stages(run, previous: Previous, count: int) -> list[str]:
+    """Restore the first `count` finished stages from the run directory, in order, up to the first that cannot be;
+    copy their metrics, timings and fingerprints into the run's; return the names of the stages restored."""
+    restored = []
+    for (name, options), entry in zip(run.recipe.stage_list()[:count], previous.metrics["fingerprints"]):
+        values = previous.metrics.get("stages", {}).get(name)
+        restore = RESTORERS.get(name)
+        if values is None or restore is None or not restore(run, options, values):
+            break
+        run.metrics["stages"][name] = values
+        if name in previous.metrics.get("timings_s", {}):
+            run.metrics.setdefault("timings_s", {})[name] = previous.metrics["timings_s"][name]
+        run.metrics["fingerprints"].append(entry)
+        restored.append(name)
+    return restored
+
+
+def _pruned(run, options, values) -> bool:
+    """prune: the pruned model from pruned_model.pt (as a later finetune re-saved it, when it finished too)."""
+    from .models import resolve_model
+
+    path = run.path("pruned_model.pt")
+    if not path.is_file():
+        return False
+    model = resolve_model(run.recipe.model.model_copy(update={"pruned": str(path)}))
+    run.model = model.to(run.device).eval()
+    run.state["pruned_fp32"] = run.model
+    run.state["pruned_model"] = path
+    return True
+
+
+def _finetuned(run, options, values) -> bool:
+    # After prune, pruned_model.pt holds the fine-tuned weights, already restored with the prune stage;
+    # a finetune without prune keeps its weights only in the epoch checkpoints: it runs again.
+    return "pruned_model" in run.state
+
+
+def _calibrated(run, options, values) -> bool:
+    from .quant.ptq import restore_
+
+    path = run.path("calibration.json")
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    if saved.get("config") != options.model_dump(mode="json"):
+        return False
+    if run.state.get("pruned_fp32") is run.model:  # as the calibrate stage: keep the pruned FP32 model apart
+        run.state["pruned_fp32"] = copy.deepcopy(run.model)
+    run.state["quant"] = restore_(run.model, options, saved["activation_amax"], run.example_input())
+    return True
+
+
+def _exported(run, options, values) -> bool:
+    """The ONNX files export wrote, where each is still there with the size it had."""
+    names = ("model.onnx", "model_fp32.onnx", "model_pruned_fp32.onnx", "model_ptq.onnx", "model_int8_ort.onnx")
+    present = {n: run.path(n) for n in names if isinstance(values.get(n), dict) and "bytes" in values[n]}
+    if "model.onnx" not in present or any(not p.is_file() or p.stat().st_size != values[n]["bytes"]
+                                          for n, p in present.items()):
+        return False
+    run.state["onnx"] = {"model": present["model.onnx"], "fp32": present.get("model_fp32.onnx"),
+                         "pruned_fp32": present.get("model_pruned_fp32.onnx"), "ptq": present.get("model_ptq.onnx"),
+                         "ort_int8": present.get("model_int8_ort.onnx")}
+    return True
+
+
+def _sensitivity(run, options, values) -> bool:
+    path = run.path("sensitivity.json")
+    if not path.is_file():
+        return False
+    run.state["sensitivity"] = json.loads(path.read_text())["layers"]
+    return True
+
+
+def _built(run, options, values) -> bool:
+    if not values.get("built"):
+        return True  # nothing was built: nothing to hand on
+    engine = run.path(f"model_{options.precision}.engine")
+    if not engine.is_file():
+        return False
+    run.state["engine"] = engine
+    return True
+
+
+def _metrics_only(run, options, values) -> bool:
+    return True  # evaluate and bench hand nothing on: their metrics are all there is
+
+
+RESTORERS = {"prune": _pruned, "finetune": _finetuned, "calibrate": _calibrated, "export": _exported,
+             "sensitivity": _sensitivity, "build": _built, "evaluate": _metrics_only, "bench": _metrics_only}
