@@ -19,6 +19,7 @@ graph with the faithful one (the same ranges; see ort_int8.py for where the two 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -161,6 +162,7 @@ def evaluate(run, opts: EvaluateOptions) -> None:
 
 
 CHANCE_MIN_SAMPLES = 100
+CHANCE_ALPHA = 0.001
 
 
 def _check_above_chance(run, fp32_scorer, dataset, n: int) -> None:
@@ -168,14 +170,14 @@ def _check_above_chance(run, fp32_scorer, dataset, n: int) -> None:
 
     Chance is what the model's own predictions would score on shuffled labels (ClassificationScorer.chance_top1).
     Wrong labels (a class order that is not the model's, a label mode that does not fit the files) score at it
-    or below; a trained model, even a weak one, is well above it. Refused: FP32 top-1 not more than two
-    standard errors above chance, on at least 100 images (fewer cannot tell a weak model from chance).
+    or below; a trained model, even a weak one, is well above it. Refused: at least 100 images (fewer cannot
+    tell a weak model from chance) and FP32's correct answers no more than chance gives with probability
+    0.1% (the binomial tail: exact where chance is a fraction of a percent and a single lucky hit is no evidence).
     """
     top1, chance = fp32_scorer.result().get("top1"), fp32_scorer.chance_top1()
     if n < CHANCE_MIN_SAMPLES or top1 is None or chance is None:
         return
-    p = chance / 100.0
-    if top1 > chance + 2 * 100.0 * (p * (1 - p) / n) ** 0.5:
+    if _binomial_tail(round(top1 * n / 100.0), n, chance / 100.0) < CHANCE_ALPHA:
         return
     split = run.recipe.data.evaluation
     where = f"calib_set {split.calib_set!r}" if split.calib_set else f"{split.source} {split.path or split.name!r}"
@@ -185,6 +187,17 @@ def _check_above_chance(run, fp32_scorer, dataset, n: int) -> None:
     raise DataError(
         f"data.evaluation: the FP32 model scores {top1:.2f}% top-1 on {n} images, no better than the {chance:.2f}% its "
         f"predictions would score on shuffled labels, so the labels do not match the model's classes. Check the labels "
-        f"of the source {where} (labels: {mode}), e.g. {examples}. If the model is untrained or has no classes for these images, "
-        "set data.evaluation.labels: none to score agreement with FP32 only"
+        f"of the source {where} (labels: {mode}), e.g. {examples}. If the model is untrained or has no classes for "
+        "these images, set data.evaluation.labels: none to score agreement with FP32 only"
     )
+
+
+def _binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed in log space (n may be tens of thousands)."""
+    if k <= 0 or p >= 1.0:
+        return 1.0
+    if p <= 0.0:
+        return 0.0
+    log_p, log_q, log_n = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    return min(1.0, sum(math.exp(log_n - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q)
+                        for i in range(k, n + 1)))
