@@ -200,7 +200,8 @@ class DataSplit(StrictModel):
         "**/*", description="Glob(s) relative to path or the package folder selecting image files, e.g. ['data/*.png', 'data/*.jpg']."
     )
     labels: Literal["none", "folder", "wnid_prefix"] | None = Field(
-        None, description="Where labels come from; default: folder for imagefolder, none otherwise."
+        None, description="Where labels come from; default: folder for imagefolder, none otherwise. wnid_prefix: "
+        "the ImageNet-1k class index (sorted WordNet ids) of the id before the first '_' of each file name."
     )
     count: int | None = Field(None, gt=0, le=MAX_COUNT, description="Number of samples; with random crops it may exceed the images.")
     seed: int = Field(0, ge=0, lt=MAX_SEED, description="Seed of the sampling and of random crops (0 <= seed < 2**63).")
