@@ -152,8 +152,10 @@ def _dispatch(args, parser) -> int:
         return 1 if violations else 0
     if args.command == "validate":
         from .recipe import load_recipe
+        from .validate import check_recipe_inputs
 
         recipe = load_recipe(args.recipe, args.overrides)
+        check_recipe_inputs(recipe, f"recipe {args.recipe}")
         stages = " -> ".join(name for name, _ in recipe.stage_list())
         print(f"{args.recipe}: valid ({recipe.name}: {stages})")
         return 0

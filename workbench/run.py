@@ -34,6 +34,7 @@ from .recipe import Recipe, dump_recipe, with_absolute_paths
 from .resume import check_reusable, describe_inputs, open_previous, restore_stages, stage_fingerprints
 from .rundir import check_runs_dir, mark_stale_runs, process_identity
 from .stages import STAGES
+from .validate import check_recipe_inputs
 from .tasks.detection import model_num_classes
 
 
@@ -93,6 +94,7 @@ def pick_device(choice: str) -> torch.device:
 
 def preflight(recipe: Recipe) -> tuple[nn.Module, dict[str, ImageDataset]]:
     """Everything that can fail on the user's input, before a single file is written."""
+    check_recipe_inputs(recipe)  # names and paths first: seconds, where loading the model and data takes minutes
     model = resolve_model(recipe.model)
     datasets = {}
     for name, _ in recipe.stage_list():
