@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 
 from helpers import make_tiny_yolov5_checkpoint
 from test_detection_data import write_detection_set
@@ -41,9 +42,14 @@ def test_detection_run_scores_every_backend_with_map(tmp_path):
     native = metrics["stages"]["export"]["model_int8_ort.onnx"]
     assert native["fused"].get("QLinearConv", 0) == 0 and native["weights_folded"] == 12
     assert metrics["stages"]["evaluate"]["ort_native_vs_faithful"]["box_agreement"] >= 95.0
-    for b in backends.values():
-        assert 0.0 <= b["metrics"]["map50_95"] <= 1.0 and b["metrics"]["samples"] == 4
-    assert backends["pytorch_fp32"]["metrics"]["box_agreement"] == 100.0
+    # The random detector finds a few objects (mAP50-95 about 0.01, mAP50 about 0.06); every backend scores within a
+    # fifth of that of FP32, and ONNX Runtime's FP32 graph finds FP32's boxes.
+    fp32 = backends["pytorch_fp32"]["metrics"]
+    assert fp32["map50"] > fp32["map50_95"] > 0.005
+    for name, b in backends.items():
+        assert b["metrics"]["samples"] == 4
+        assert b["metrics"]["map50_95"] == pytest.approx(fp32["map50_95"], rel=0.2), name
+    assert backends["ort_fp32"]["metrics"]["box_agreement"] >= 99.0
     # the box decode stays float: the exported graph quantizes the convolutions and nothing after them
     census = metrics["stages"]["export"]["model.onnx"]["census"]
     assert census["quantized"] == {"Conv": 12} and census["float"] == {}

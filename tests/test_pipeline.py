@@ -2,9 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from conftest import tiny_recipe
+from helpers import trained_cnn
 from workbench.cli import main
 
 
@@ -14,9 +18,25 @@ def _run(tmp_path, text, *overrides):
     return main(["run", str(recipe), *overrides])
 
 
+def _fp32_top1(folder) -> float:
+    """trained_cnn's top-1 on an image folder, computed without workbench: class index = sorted folder name."""
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    images, labels = [], []
+    for label, cls in enumerate(sorted(p for p in folder.iterdir() if p.is_dir())):
+        for path in sorted(cls.glob("*.png")):
+            images.append((np.asarray(Image.open(path).convert("RGB")) / 255.0 - mean) / std)
+            labels.append(label)
+    x = torch.tensor(np.stack(images), dtype=torch.float32).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        predicted = trained_cnn()(x).argmax(1)
+    return 100.0 * float((predicted == torch.tensor(labels)).float().mean())
+
+
 def test_run_writes_a_complete_run_directory(images, tmp_path, capsys):
     runs = tmp_path / "runs"
-    assert _run(tmp_path, tiny_recipe(images, runs), "stages.calibrate.method=percentile") == 0
+    # a trained model: its top-1 (100% here, 33% with the labels or normalisation wrong) says the data flowed right
+    text = tiny_recipe(images, runs).replace("helpers:tiny_cnn", "helpers:trained_cnn")
+    assert _run(tmp_path, text, "stages.calibrate.method=percentile") == 0
     (run_dir,) = runs.iterdir()
     assert run_dir.name.startswith("tiny-") and not run_dir.name.endswith((".incomplete", ".failed"))
     files = {p.name for p in run_dir.iterdir()}
@@ -28,9 +48,11 @@ def test_run_writes_a_complete_run_directory(images, tmp_path, capsys):
     assert metrics["stages"]["calibrate"]["census"] == {"Conv2d": {"int8": 3, "float": 0}, "Linear": {"int8": 1, "float": 0}}
     backends = metrics["stages"]["evaluate"]["backends"]
     assert set(backends) == {"pytorch_fp32", "pytorch_int8", "ort_fp32", "ort_int8_faithful", "ort_int8_default", "ort_int8_native"}
-    assert backends["pytorch_fp32"]["metrics"]["agreement_top1"] == 100.0
+    # FP32 top-1 as computed here from the image files; ONNX Runtime's FP32 and faithful INT8 scores equal PyTorch's
+    assert backends["pytorch_fp32"]["metrics"]["top1"] == pytest.approx(_fp32_top1(images))
     assert backends["ort_fp32"]["metrics"]["agreement_top1"] == 100.0
-    assert 0 <= backends["ort_int8_faithful"]["metrics"]["top1"] <= 100
+    assert backends["ort_fp32"]["metrics"]["top1"] == backends["pytorch_fp32"]["metrics"]["top1"]
+    assert backends["ort_int8_faithful"]["metrics"]["top1"] == backends["pytorch_int8"]["metrics"]["top1"]
     assert backends["ort_int8_faithful"]["latency"]["b1"]["median_ms"] > 0
     assert metrics["stages"]["evaluate"]["ort_faithful_vs_fakequant"]["agreement_top1"] == 100.0
     native = metrics["stages"]["export"]["model_int8_ort.onnx"]
