@@ -153,6 +153,16 @@ def test_yolov5_loader_refuses_a_torch_saved_reduce_payload(images, tmp_path, ca
     assert not marker.exists()
 
 
+def test_yolov5_loader_refuses_a_payload_in_the_legacy_file_format(images, tmp_path, capsys):
+    """A plain pickle file (no zip): torch.load's legacy path unpickles it with the loader's unpickler too."""
+    marker = tmp_path / "ran"
+    data, _ = _payloads(marker)["torch.os.system"]
+    (tmp_path / "evil.pt").write_bytes(_checkpoint(data))
+    assert _run(tmp_path, _recipe(images, tmp_path, f"yolov5:{tmp_path / 'evil.pt'}")) == 2
+    _refused(capsys, tmp_path, "refers to torch.os.system,")
+    assert not marker.exists()
+
+
 class _Permissive(pickle.Unpickler):
     """The old loader's behaviour: YOLOv5's classes mapped, every other global admitted."""
 
@@ -283,6 +293,8 @@ def test_import_finds_a_module_beside_the_recipe(tmp_path, monkeypatch):
 def test_import_finds_a_module_in_the_working_directory(tmp_path, monkeypatch):
     (tmp_path / "h1_in_cwd.py").write_text(_MODULE)
     monkeypatch.chdir(tmp_path)
+    # `python -m pytest` puts '' (the current directory) on sys.path; the workbench command does not.
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
     monkeypatch.delitem(sys.modules, "h1_in_cwd", raising=False)
     assert resolve_model(ModelConfig(spec="import:h1_in_cwd:net", trust_code=True))[0].out_channels == 4
     monkeypatch.delitem(sys.modules, "h1_in_cwd")
@@ -335,11 +347,11 @@ def test_efficientnet_lite_larger_sizes_load_with_weights(tmp_path):
         resolve_model(ModelConfig(spec="efficientnet_lite:efficientnet-lite9"))
 
 
-@pytest.mark.parametrize("where", ["file", "yolov5", "weights", "pruned"])
+@pytest.mark.parametrize("where", ["file", "yolov5", "ultralytics", "weights", "pruned"])
 def test_torchscript_archives_are_named_as_such(images, tmp_path, capsys, where):
     ts = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(tiny_cnn()), ts)
-    if where in ("file", "yolov5"):
+    if where in ("file", "yolov5", "ultralytics"):
         text = _recipe(images, tmp_path, f"{where}:{ts}", extra="  trust_pickle: true\n")
     else:
         text = _recipe(images, tmp_path, extra=f'  {where}: "{ts}"\n')
