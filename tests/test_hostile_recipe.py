@@ -137,7 +137,13 @@ stages:
 def test_duplicate_key_names_both_lines(images, tmp_path, capsys):
     text = recipe_text(images, tmp_path / "runs").replace("  batch_size: 4\n", "  batch_size: 4\n  batch_size: 64\n")
     line = text.splitlines().index("  batch_size: 64") + 1
-    refused(capsys, validate(tmp_path, text), f"r.yaml:{line}: key 'batch_size' appears twice", f"lines {line - 1} and {line}")
+    refused(capsys, validate(tmp_path, text), f"r.yaml:{line}: key 'batch_size' appears twice",
+            f"lines {line - 1} and {line}")
+
+
+def test_a_second_yaml_document_is_refused(images, tmp_path, capsys):
+    text = recipe_text(images, tmp_path / "runs") + "---\nname: other\n"
+    refused(capsys, validate(tmp_path, text), "not valid YAML", "expected a single document")
 
 
 def test_key_that_is_a_list_is_refused(images, tmp_path, capsys):
@@ -149,7 +155,7 @@ def test_non_utf8_recipe_names_file_and_byte(images, tmp_path, capsys):
     good = recipe_text(images, tmp_path / "runs").encode()
     offset = good.index(b"name: tiny") + len(b"name: ti")
     text = good[:offset] + b"\xff\xfe" + good[offset:]
-    refused(capsys, validate(tmp_path, text), "r.yaml: byte", f"byte {offset} (line 1) is not UTF-8", "save the file as UTF-8")
+    refused(capsys, validate(tmp_path, text), f"r.yaml: byte {offset} (line 1) is not UTF-8", "save the file as UTF-8")
 
 
 @pytest.mark.parametrize("where", ["file", "override"])
@@ -314,10 +320,12 @@ def test_plain_calib_set_names_still_work(images, tmp_path, capsys):
     ("model.spec=ultralytics:/nowhere/yolov8n.pt", ["model.spec: /nowhere/yolov8n.pt does not exist"]),
     ("data.evaluation.path=/nowhere/images", ["data.evaluation.path: /nowhere/images does not exist"]),
     ("data.evaluation={source: coco, path: /nowhere/img, annotations: /nowhere/a.json}",
-     ["data.evaluation.path: /nowhere/img does not exist", "data.evaluation.annotations: /nowhere/a.json does not exist"]),
+     ["data.evaluation.path: /nowhere/img does not exist",
+      "data.evaluation.annotations: /nowhere/a.json does not exist"]),
     ("data.evaluation={source: package, package: no_such_package_xyz}",
      ["data.evaluation.package: package 'no_such_package_xyz' is not installed"]),
-    ("data.calibration={calib_set: no_such_set}", ["data.calibration.calib_set: no calibration set named 'no_such_set'"]),
+    ("data.calibration={calib_set: no_such_set}",
+     ["data.calibration.calib_set: no calibration set named 'no_such_set'"]),
     ("data.evaluation=null", ["data.evaluation is not set: stage evaluate reads it"]),
 ])
 def test_validate_catches_what_run_refuses(images, tmp_path, capsys, override, parts):
@@ -336,7 +344,8 @@ def test_yolo_label_dir_and_file_instead_of_folder(images, tmp_path, capsys):
     (tmp_path / "file.txt").write_text("x")
     rc = validate(tmp_path, recipe_text(images, tmp_path / "runs"),
                   f"data.evaluation={{source: yolo_txt, path: '{tmp_path / 'file.txt'}', label_dir: /nowhere/labels}}")
-    refused(capsys, rc, "data.evaluation.path:", "is not a folder", "data.evaluation.label_dir: /nowhere/labels does not exist")
+    refused(capsys, rc, "data.evaluation.path:", "is not a folder",
+            "data.evaluation.label_dir: /nowhere/labels does not exist")
 
 
 def test_only_the_splits_the_stages_read_are_checked(images, tmp_path, capsys):

@@ -150,10 +150,13 @@ class TransformConfig(StrictModel):
     letterbox: tuple[ImageSide, ImageSide] | None = Field(
         None, description="Detection: letterbox every image into (height, width), keeping its aspect ratio (pad 114)."
     )
-    stride: int = Field(32, gt=0, le=1024, description="Detection: the model's largest stride (letterbox sizes must be multiples).")
+    stride: int = Field(
+        32, gt=0, le=1024, description="Detection: the model's largest stride (letterbox sizes must be multiples).")
     hflip: bool = Field(False, description="Training augmentation (data.finetune only): random horizontal flip.")
     pad_crop: int | None = Field(
-        None, ge=1, le=MAX_IMAGE_SIDE, description="Training augmentation (data.finetune only): pad by this many pixels, crop back at random (CIFAR-style)."
+        None, ge=1, le=MAX_IMAGE_SIDE,
+        description="Training augmentation (data.finetune only): pad by this many pixels, crop back at random "
+        "(CIFAR-style)."
     )
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean (RGB, 0..1).")
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std (RGB, 0..1).")
@@ -203,7 +206,8 @@ class DataSplit(StrictModel):
         None, description="Where labels come from; default: folder for imagefolder, none otherwise. wnid_prefix: "
         "the ImageNet-1k class index (sorted WordNet ids) of the id before the first '_' of each file name."
     )
-    count: int | None = Field(None, gt=0, le=MAX_COUNT, description="Number of samples; with random crops it may exceed the images.")
+    count: int | None = Field(
+        None, gt=0, le=MAX_COUNT, description="Number of samples; with random crops it may exceed the images.")
     seed: int = Field(0, ge=0, lt=MAX_SEED, description="Seed of the sampling and of random crops (0 <= seed < 2**63).")
     transform: TransformConfig | None = Field(None, description="Overrides data.transform for this split.")
 

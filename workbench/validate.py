@@ -46,8 +46,8 @@ def _model_problems(recipe: Recipe) -> list[str]:
     if not sep or source not in MODEL_SOURCES:
         close = difflib.get_close_matches(source, MODEL_SOURCES, n=1)
         hint = f" Did you mean '{close[0]}:{name}'?" if close and sep else ""
-        return [f"model.spec {model.spec!r} does not name a known source.{hint} Write 'source:name' with source one of: "
-                + ", ".join(f"{s.name} (e.g. {s.example})" for s in MODEL_SOURCES.values())]
+        return [f"model.spec {model.spec!r} does not name a known source.{hint} Write 'source:name' with source one "
+                "of: " + ", ".join(f"{s.name} (e.g. {s.example})" for s in MODEL_SOURCES.values())]
     if source in NAMED_SOURCES:
         names = MODEL_SOURCES[source].names()
         if name not in names:
@@ -64,8 +64,8 @@ def _model_problems(recipe: Recipe) -> list[str]:
     if source in FILE_SOURCES and (source != "ultralytics" or Path(name).suffix == ".pt"):
         problems += _missing(name, "model.spec", "the checkpoint")
         if source in ("file", "ultralytics") and not model.trust_pickle:
-            problems.append(f"model.trust_pickle: model.spec '{source}:{name}' unpickles a whole model, which runs code "
-                            "from the file: set model.trust_pickle: true if you trust it")
+            problems.append(f"model.trust_pickle: model.spec '{source}:{name}' unpickles a whole model, which runs "
+                            "code from the file: set model.trust_pickle: true if you trust it")
     # torchvision's weights may name its weights enum ('DEFAULT', 'IMAGENET1K_V1') instead of a file.
     if model.weights and (source != "torchvision" or Path(model.weights).suffix in WEIGHT_SUFFIXES):
         problems += _missing(model.weights, "model.weights", "a state dict (.pt/.pth)")
@@ -89,7 +89,8 @@ def _data_problems(recipe: Recipe) -> list[str]:
     for split, stage in needed.items():
         config = getattr(recipe.data, split)
         if config is None:
-            problems.append(f"data.{split} is not set: stage {stage} reads it (add data.{split}: {{source: ..., path: ...}})")
+            problems.append(f"data.{split} is not set: stage {stage} reads it "
+                            f"(add data.{split}: {{source: ..., path: ...}})")
         else:
             problems += _split_problems(config, f"data.{split}")
     return problems
@@ -127,7 +128,8 @@ def _stage_problems(recipe: Recipe) -> list[str]:
                 problems += _missing(train.resume, f"{where}.resume", "a checkpoint (checkpoints/*.pt of a run)")
         if stage == "prune" and options.method == "structured" and options.importance == "taylor" \
                 and recipe.task != "classification":
-            problems.append(f"{where}.importance: taylor needs a labeled classification fine-tune split (task is {recipe.task})")
+            problems.append(f"{where}.importance: taylor needs a labeled classification fine-tune split "
+                            f"(task is {recipe.task})")
         if stage == "build" and options.required:
             from .runtime.tensorrt import TensorRTUnavailable, require_tensorrt
 

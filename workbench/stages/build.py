@@ -27,8 +27,10 @@ class BuildOptions(StageOptions):
     min_batch: int = Field(1, ge=1, le=MAX_BATCH, description="Smallest batch of the optimization profile.")
     opt_batch: int = Field(8, ge=1, le=MAX_BATCH, description="Batch TensorRT tunes for.")
     max_batch: int = Field(32, ge=1, le=MAX_BATCH, description="Largest batch.")
-    min_size: tuple[ImageSide, ImageSide] | None = Field(None, description="Smallest (H, W), for graphs exported with dynamic_size.")
-    opt_size: tuple[ImageSide, ImageSide] | None = Field(None, description="(H, W) TensorRT tunes for (default: the recipe's input size).")
+    min_size: tuple[ImageSide, ImageSide] | None = Field(
+        None, description="Smallest (H, W), for graphs exported with dynamic_size.")
+    opt_size: tuple[ImageSide, ImageSide] | None = Field(
+        None, description="(H, W) TensorRT tunes for (default: the recipe's input size).")
     max_size: tuple[ImageSide, ImageSide] | None = Field(None, description="Largest (H, W).")
     strongly_typed: bool = Field(True, description="Precisions from the graph (TensorRT 10's recommended mode for Q/DQ).")
     fp16: bool = Field(True, description="Weakly typed builds: allow FP16 for the layers the graph keeps float.")

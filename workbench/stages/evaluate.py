@@ -48,7 +48,8 @@ class EvaluateOptions(StageOptions):
     backends: list[Backend] | None = Field(None, description="Backends to score; default: every one available.")
     max_samples: int | None = Field(None, gt=0, description="Score only the first N evaluation samples.")
     latency: bool = Field(True, description="Measure latency of each backend (warm-up, repeats, median, p90).")
-    latency_batch_sizes: list[BatchSize] = Field(default_factory=lambda: [1, 8], min_length=1, description="Batch sizes timed.")
+    latency_batch_sizes: list[BatchSize] = Field(
+        default_factory=lambda: [1, 8], min_length=1, description="Batch sizes timed.")
     latency_repeats: int = Field(20, ge=1, description="Timed repeats per batch size.")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: all cores).")
 

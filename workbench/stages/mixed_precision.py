@@ -31,7 +31,9 @@ from .sensitivity import selected_units
 
 
 class MixedPrecisionOptions(StageOptions):
-    max_drop: float | None = Field(None, ge=0, le=100, description="Largest allowed drop of the task metric below FP32, in points (top-1 %, mAP50-95 x 100).")
+    max_drop: float | None = Field(
+        None, ge=0, le=100,
+        description="Largest allowed drop of the task metric below FP32, in points (top-1 %, mAP50-95 x 100).")
     min_agreement: float | None = Field(None, gt=0, le=100, description="Smallest allowed agreement with the FP32 model, in percent.")
     candidates: list[str] = Field(default_factory=list, description="Glob patterns of the layers allowed to stay float (default: any).")
     search_samples: int | None = Field(None, gt=0, description="Search on N evaluation samples drawn with a seed (default: all); the final plan is always verified on all.")

@@ -32,7 +32,9 @@ class PruneOptions(StageOptions):
     ratio: float | None = Field(None, gt=0, lt=1, description="structured: the share of channels removed (or give macs_target).")
     macs_target: float | None = Field(None, gt=0, lt=1, description="structured: prune until MACs are at most this share of the original.")
     importance: Literal["magnitude", "bn_scale", "taylor"] = Field("magnitude", description="structured: how channels are ranked.")
-    round_to: int = Field(8, ge=1, le=256, description="structured: channel counts kept a multiple of this (TensorRT INT8 kernels like 8/16/32).")
+    round_to: int = Field(
+        8, ge=1, le=256,
+        description="structured: channel counts kept a multiple of this (TensorRT INT8 kernels like 8/16/32).")
     latency: bool = Field(True, description="Report ONNX Runtime CPU latency (batch 1) and ONNX size of the FP32 model before and after.")
     scope: Literal["global", "layer"] = Field("global", description="Rank weights (magnitude) or channels (structured) across all layers, or within each layer.")
     steps: int = Field(1, ge=1, le=100, description="magnitude: reach the sparsity in this many equal steps.")
