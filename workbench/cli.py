@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     sens.add_argument("overrides", nargs="*", help="recipe fields to override, e.g. stages.sensitivity.proxy_samples=32")
     sens.add_argument("--gpus", type=int, default=1, metavar="N", help="split the sweep over N processes (torchrun)")
 
-    check = sub.add_parser("check-onnx", help="check a Q/DQ ONNX against TensorRT's explicit-quantization rules")
+    check = sub.add_parser("check-onnx", help="check a Q/DQ ONNX against TensorRT's explicit-quantization rules "
+                           "(exit 1 for a violation or a graph with no INT8 layer, 2 for a file that is not a model)")
     check.add_argument("onnx", help="the .onnx file, e.g. runs/<run>/model.onnx")
     check.add_argument("--json", action="store_true", help="print the violations as JSON")
 
@@ -120,7 +121,10 @@ def _dispatch(args, parser) -> int:
         _run_arguments(args)
     if getattr(args, "gpus", 1) > 1 and not distributed.launched():
         return distributed.relaunch_under_torchrun(args.gpus, [args.command, args.recipe, *args.overrides])
-    console = Console(stderr=False, quiet=not distributed.is_main() and distributed.launched())
+    # Styled output on a terminal only: a file or a pipe gets plain text even where FORCE_COLOR is set (CI systems
+    # set it globally), so logs and captured output hold no escape codes. NO_COLOR turns colour off on a terminal.
+    console = Console(stderr=False, quiet=not distributed.is_main() and distributed.launched(),
+                      force_terminal=None if sys.stdout.isatty() else False)
     if args.command == "run":
         from . import api
 
@@ -140,16 +144,7 @@ def _dispatch(args, parser) -> int:
     if args.command == "bench":
         return _bench(args, console)
     if args.command == "check-onnx":
-        from .qdq_check import check_qdq
-
-        violations = check_qdq(args.onnx)
-        if args.json:
-            print(json.dumps([v.as_dict() for v in violations], indent=2))
-        else:
-            for v in violations:
-                print(v)
-            print(f"{args.onnx}: {len(violations)} violation(s) of TensorRT's Q/DQ rules")
-        return 1 if violations else 0
+        return _check_onnx(args)
     if args.command == "validate":
         from .recipe import load_recipe
         from .validate import check_recipe_inputs
@@ -196,6 +191,7 @@ def _dispatch(args, parser) -> int:
     parser.print_help()
     return 2
 
+
 def _run_arguments(args) -> None:
     """`run`'s recipe is optional with --resume: a first argument that is an override, not a file, is an override."""
     if args.resume is None:
@@ -224,6 +220,26 @@ def _runs(runs_dir: str) -> int:
     for row in [dict(zip(columns, columns)), *rows]:
         print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
     return 0
+
+
+def _check_onnx(args) -> int:
+    """Exit 0 for a quantized graph TensorRT builds as intended; 1 for rule violations or a graph with no
+    INT8 compute at all (it would build in float: a finding like a violation); 2 for a file that is no model."""
+    from .onnx_tools import load_onnx
+    from .qdq_check import check_qdq, check_quantized
+
+    model = load_onnx(args.onnx)
+    violations = check_qdq(model)
+    not_quantized = check_quantized(model)
+    findings = violations + ([not_quantized] if not_quantized else [])
+    if args.json:
+        print(json.dumps([v.as_dict() for v in findings], indent=2))
+    else:
+        for v in findings:
+            print(v)
+        verdict = "not quantized, " if not_quantized else ""
+        print(f"{args.onnx}: {verdict}{len(violations)} violation(s) of TensorRT's Q/DQ rules")
+    return 1 if findings else 0
 
 
 def _bench(args, console) -> int:

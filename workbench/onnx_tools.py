@@ -71,18 +71,37 @@ def export_onnx(
             for key, value in (metadata or {}).items():
                 proto.metadata_props.add(key=key, value=value)
             onnx.save(proto, str(tmp))
-        check_model_file(tmp, "export: the exported graph")
+        check_model_file(tmp, f"export: {path.name}")
     return path
 
 
 def check_model_file(path: str | Path, what: str) -> None:
-    """onnx.checker with full shape inference; an ExportError that starts with `what` if the graph fails it."""
+    """onnx.checker with full shape inference, and every constant finite; an ExportError that starts with `what`
+    if the graph fails either (onnx.checker accepts NaN weights, and so would ONNX Runtime and TensorRT)."""
     import onnx
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"{what} fails onnx.checker: {e}") from None
+    if bad := first_nonfinite_constant(onnx.load(str(path))):
+        name, reader, nan, inf = bad
+        raise ExportError(
+            f"{what} has {nan} NaN and {inf} Inf values in its constant {name!r} (read by node {reader}): the model's "
+            "weights or quantization ranges are not finite, so its outputs would be too. Nothing was written; check "
+            "the model's weights (a diverged training stage, BatchNorm statistics with a zero variance)"
+        )
+
+
+def first_nonfinite_constant(model) -> tuple[str, str, int, int] | None:
+    """(name, the node reading it, NaN count, Inf count) of the float initializer or Constant holding NaN or Inf
+    that the graph reads first (the layer nearest the input); None when all are finite."""
+    index = GraphIndex(model)
+    for name, reader in [(name, n.name or n.op_type) for n in index.nodes for name in n.input if name in index.constants]:
+        value = index.constants[name]
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return name, reader, int(np.isnan(value).sum()), int(np.isinf(value).sum())
+    return None
 
 
 def clean_graph(model):
@@ -171,9 +190,16 @@ def load_onnx(path: str | Path):
     if not path.is_file():
         raise WorkbenchError(f"{path}: no such file; give the path of an exported .onnx model")
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path))
     except Exception as e:  # onnx raises DecodeError and friends for a file that is not a model
-        raise WorkbenchError(f"{path} is not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'cannot parse'})") from None
+        why = str(e).splitlines()[0] if str(e) else "cannot parse"
+        raise WorkbenchError(f"{path} is not an ONNX model ({type(e).__name__}: {why}); is it truncated or another "
+                             "format? Export it again") from None
+    # Protobuf parses an empty file (and some other bytes) as an empty ModelProto: no graph to check or run.
+    if not model.graph.node or not model.graph.input:
+        what = "is empty (0 bytes)" if path.stat().st_size == 0 else "holds no graph (no nodes or no input)"
+        raise WorkbenchError(f"{path} {what}, so it is not an ONNX model; export it again (workbench run writes model.onnx)")
+    return model
 
 
 def onnx_input_dims(path: str | Path) -> list[int | None]:

@@ -22,6 +22,9 @@ float or adds a reformat. Each rule below names what TensorRT needs:
 - `concat_shared_scale`: the quantized inputs of a Concat share one scale, so the Concat
   needs no requantization.
 
+These rules hold vacuously for a graph without Q/DQ, which TensorRT builds in float:
+`check_quantized` says when no Conv/Gemm/MatMul computes in INT8 at all (`not_quantized`).
+
 Violations name the node and, from the exporter's scope, the PyTorch module it came from.
 """
 
@@ -65,6 +68,24 @@ def module_from_scope(node_name: str, module_names: set[str] | None = None) -> s
             parts.append(seg)
     parts = [p for p in parts if not p.endswith("_quantizer")]
     return ".".join(parts) or None
+
+
+def check_quantized(model) -> Violation | None:
+    """A `not_quantized` Violation when no Conv/ConvTranspose/Gemm/MatMul reads INT8 data and an INT8 weight
+    through DequantizeLinear (TensorRT would run the whole graph in float); None when one does."""
+    g = GraphIndex(model)
+    if any(n.op_type in MATMUL_OPS and len(n.input) >= 2 and g.from_dq(n.input[0]) and _weight_qdq(g, n.input[1])
+           for n in g.nodes):
+        return None
+    qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.nodes)
+    compute = sum(n.op_type in MATMUL_OPS for n in g.nodes)
+    if qdq:
+        message = (f"this graph is not quantized: it has {qdq} Q/DQ nodes, but none of its {compute} Conv/Gemm/MatMul "
+                   "nodes reads INT8 data and weights through them, so TensorRT runs every one in float")
+    else:
+        message = ("no Q/DQ: this graph is not quantized, so TensorRT runs it in float; check the model.onnx of a run "
+                   "with a calibrate stage, not its model_fp32.onnx")
+    return Violation("not_quantized", model.graph.name or "graph", None, message)
 
 
 def check_qdq(model_or_path, module_names: set[str] | None = None) -> list[Violation]:

@@ -255,6 +255,7 @@ def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torc
     model.eval()
     if config.fold_batchnorm:
         result.folded = fold_batchnorm_(model, example_input)
+    _check_finite_weights(model, dict(result.folded))
     result.quantized, result.excluded = select_layers(model, config)
     if not result.quantized:
         raise CalibrationError(
@@ -275,6 +276,29 @@ def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torc
     activation_quantizers = {f"{n}.input_quantizer": modules[n].input_quantizer for n in result.quantized}
     activation_quantizers.update({n: modules[n] for n in result.residual_quantizers})
     return result, activation_quantizers
+
+
+def _check_finite_weights(model: nn.Module, folded: dict[str, str]) -> None:
+    """A CalibrationError naming the first parameter holding NaN/Inf: no INT8 range can be given to it (modelopt's
+    weight calibration would end in an assertion). `folded` maps a conv to the BatchNorm folded into it, since
+    folding creates Inf from a BatchNorm whose running_var + eps is 0 or whose weight is huge."""
+    for name, param in model.named_parameters():
+        if torch.isfinite(param).all():
+            continue
+        layer = name.rpartition(".")[0]
+        bad = f"{int(torch.isnan(param).sum())} NaN and {int(torch.isinf(param).sum())} Inf values"
+        if layer in folded:
+            bn = folded[layer]
+            raise CalibrationError(
+                f"calibrate: {name} holds {bad} after folding BatchNorm '{bn}' into '{layer}': {bn}.running_var + eps "
+                f"is zero or negative, or {bn}.weight is too large for float32 (the model computes Inf/NaN there, "
+                "folded or not). Fix those statistics in the checkpoint, e.g. re-estimate them on data in train mode"
+            )
+        raise CalibrationError(
+            f"calibrate: {name} (layer '{layer}') holds {bad}, so it cannot be given an INT8 range: the model's "
+            "weights are broken (a diverged training stage or a bad checkpoint); check them, or lower the learning "
+            "rate of the stage that trained them"
+        )
 
 
 def _set_ranges(model: nn.Module, result: QuantResult, activation_quantizers: dict, amax: dict[str, float]) -> None:

@@ -154,12 +154,7 @@ def fit(
                 outputs = ddp_model(images)
             loss, parts = loss_fn(outputs, batch)
             if not torch.isfinite(loss):
-                kept = (f"the last good checkpoint is checkpoints/{last_good.name} (resume from it with {label}.resume)"
-                        if last_good else "no epoch had finished, so there is no checkpoint")
-                raise WorkbenchError(
-                    f"{label}: the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); training stopped and "
-                    f"{kept}. Lower the learning rate (lr: {opts.lr}) or set grad_clip"
-                )
+                raise _diverged(label, f"the loss became {loss.item()}", step + 1, epoch, last_good, opts)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if opts.grad_clip:
@@ -175,14 +170,40 @@ def fit(
         model.eval()
         entry = {"epoch": epoch + 1, "steps": step, "lr": optimizer.param_groups[0]["lr"],
                  **{k: v / max(seen, 1) for k, v in sums.items()}, "seconds": round(time.perf_counter() - start, 2)}
+        # The epoch's last steps may have broken the weights after the loss was checked: no checkpoint of those.
+        if broken := _first_nonfinite(model):
+            raise _diverged(label, f"the weights became NaN/Inf ({broken})", step, epoch, last_good, opts)
         if evaluate is not None:
-            entry["eval"] = evaluate(model)
+            try:
+                entry["eval"] = evaluate(model)
+            except FloatingPointError as e:  # the scorers' NaN/Inf output check: finite weights that overflow
+                raise _diverged(label, f"the end-of-epoch evaluation failed: {e}", step, epoch, last_good,
+                                opts) from None
         history.append(entry)
         if checkpoint_dir is not None:
             last_good = checkpoint_dir / f"{label}_epoch{epoch + 1}.pt"
             _save_checkpoint(last_good, model, optimizer, scheduler, step, epoch + 1, history, fingerprint)
     model.eval()
     return history
+
+
+def _first_nonfinite(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding NaN/Inf, or None."""
+    for name, t in model.state_dict().items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            return name
+    return None
+
+
+def _diverged(label: str, what: str, step: int, epoch: int, last_good: Path | None,
+              opts: TrainOptions) -> WorkbenchError:
+    """The one message for training gone NaN/Inf, wherever it was seen: what, when, what is kept, what to do."""
+    kept = (f"the last good checkpoint is checkpoints/{last_good.name} (resume from it with {label}.resume)"
+            if last_good else "no epoch had finished, so there is no checkpoint")
+    return WorkbenchError(
+        f"{label}: {what} at step {step} (epoch {epoch + 1}); training stopped and {kept}. Lower the learning rate "
+        f"(lr: {opts.lr}) or set grad_clip"
+    )
 
 
 def _sharded(loader, label: str):
