@@ -227,6 +227,12 @@ def test_pruned_model_of_another_architecture_is_refused(tmp_path):
     _, path = _pruned_tiny(tmp_path)
     with pytest.raises(PruningError, match="not a pruned model of this architecture"):
         load_pruned(nn.Sequential(nn.Conv2d(3, 8, 3)), path)
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:300])
+    with pytest.raises(PruningError, match="model.pruned: cannot read"):
+        load_pruned(trained_cnn(), tmp_path / "cut.pt")
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(PruningError, match="not a pruned_model.pt written by a prune stage"):
+        load_pruned(trained_cnn(), tmp_path / "plain.pt")
 
 
 def test_pruned_reduce_payload_is_refused_without_running(images, tmp_path, capsys):
@@ -402,7 +408,8 @@ def test_a_pickle_in_the_hub_cache_is_not_unpickled(tmp_path, monkeypatch):
 # --- 6. NaN/Inf weights are named right after loading ---------------------------
 
 
-@pytest.mark.parametrize("tensor,value,kind", [("conv2.weight", float("nan"), "NaN"), ("bn1.running_var", float("inf"), "Inf")])
+@pytest.mark.parametrize("tensor,value,kind",
+                         [("conv2.weight", float("nan"), "NaN"), ("bn1.running_var", float("inf"), "Inf")])
 def test_non_finite_weights_name_the_layer(images, tmp_path, capsys, tensor, value, kind):
     state = tiny_cnn().state_dict()
     state[tensor].view(-1)[3] = value

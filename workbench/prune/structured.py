@@ -205,7 +205,7 @@ def load_pruned(model: nn.Module, path: str | Path, trust_pickle: bool = False) 
     except pickle.UnpicklingError:
         return _load_pickled_pruned(model, path, trust_pickle)
     except Exception as e:  # truncated or foreign files raise a zoo of errors
-        raise PruningError(f"model.pruned: cannot read {path} ({str(e).splitlines()[0]})") from None
+        raise PruningError(f"model.pruned: cannot read {path} ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     if not isinstance(saved, dict) or saved.get("format") != PRUNED_FORMAT:
         raise PruningError(f"model.pruned: {path} is not a pruned_model.pt written by a prune stage")
     if saved.get("version") != PRUNED_VERSION:
@@ -216,7 +216,7 @@ def load_pruned(model: nn.Module, path: str | Path, trust_pickle: bool = False) 
     try:
         _apply_pruned(model, saved["attributes"], saved["state_dict"])
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
-        raise PruningError(f"model.pruned: {path} is not a pruned model of this architecture ({str(e).splitlines()[0]})") from None
+        raise _not_this_architecture(path, e) from None
     return model.eval()
 
 
@@ -253,10 +253,16 @@ def _apply_pruned(model: nn.Module, attributes: dict, state: dict) -> None:
             continue
         if module._parameters.get(attr) is not None and module._parameters[attr].shape != value.shape:
             old = module._parameters[attr]
-            module._parameters[attr] = nn.Parameter(torch.empty_like(value, dtype=old.dtype), requires_grad=old.requires_grad)
+            module._parameters[attr] = nn.Parameter(torch.empty_like(value, dtype=old.dtype),
+                                                    requires_grad=old.requires_grad)
         elif module._buffers.get(attr) is not None and module._buffers[attr].shape != value.shape:
             module._buffers[attr] = torch.empty_like(value, dtype=module._buffers[attr].dtype)
     model.load_state_dict(state, strict=True)
+
+
+def _not_this_architecture(path: str | Path, error: Exception) -> PruningError:
+    reason = (str(error).splitlines() or [type(error).__name__])[0]
+    return PruningError(f"model.pruned: {path} is not a pruned model of this architecture ({reason})")
 
 
 def _load_pickled_pruned(model: nn.Module, path: str | Path, trust_pickle: bool) -> nn.Module:
@@ -275,5 +281,5 @@ def _load_pickled_pruned(model: nn.Module, path: str | Path, trust_pickle: bool)
         tp.load_state_dict(model, state_dict=state)
         _freeze(model, frozen)
     except (RuntimeError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as e:
-        raise PruningError(f"model.pruned: {path} is not a pruned model of this architecture ({str(e).splitlines()[0]})") from None
+        raise _not_this_architecture(path, e) from None
     return model.eval()
