@@ -60,7 +60,8 @@ def test_decompression_bomb_png_is_refused_before_decoding(tmp_path, images, cap
     assert runs_left(tmp_path / "runs") == []
 
 
-def detection_recipe(tmp_path: Path, ckpt: Path, evaluation: str, calibration: str | None = None) -> Path:
+def detection_recipe(tmp_path: Path, ckpt: Path, evaluation: str, calibration: str | None = None,
+                     stages: str = "  - evaluate: {latency: false}\n") -> Path:
     text = f"""name: tinyyolo
 task: detection
 model: {{spec: "yolov5:{ckpt}", input_size: [3, 64, 64]}}
@@ -71,8 +72,7 @@ data:
   batch_size: 2
 runs_dir: "{tmp_path / 'runs'}"
 stages:
-  - evaluate: {{latency: false}}
-"""
+{stages}"""
     path = tmp_path / "r.yaml"
     path.write_text(text)
     return path
@@ -186,6 +186,23 @@ def test_yolo_split_without_the_last_classes_is_scored(tmp_path):
     fp32 = json.loads((run_dir / "metrics.json").read_text())["stages"]["evaluate"]["backends"]["pytorch_fp32"]
     assert fp32["metrics"]["samples"] == 4 and "map50_95" in fp32["metrics"]
     assert fp32["metrics"]["box_agreement"] == 100.0
+
+
+def test_a_split_built_during_the_run_gets_the_models_classes(tmp_path):
+    # finetune alone: its per-epoch evaluation builds data.evaluation when the stage asks (Run.dataset), not in
+    # the preflight, and must read it for the model's 3 classes too
+    ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
+    images, _, labels = write_detection_set(tmp_path / "set")
+    for f in labels.glob("*.txt"):
+        f.write_text("".join(line for line in f.read_text().splitlines(keepends=True) if line.startswith("0 ")))
+    split = f'{{source: yolo_txt, path: "{images}", label_dir: "{labels}"}}'
+    recipe = detection_recipe(tmp_path, ckpt, split, stages="  - finetune: {epochs: 1, lr: 0.001, eval_samples: 4}\n")
+    finetune = f'  finetune: {{source: files, path: "{images}"}}\n'
+    recipe.write_text(recipe.read_text().replace("  batch_size: 2", finetune + "  batch_size: 2"))
+    assert main(["run", str(recipe)]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    (epoch,) = json.loads((run_dir / "metrics.json").read_text())["stages"]["finetune"]["history"]
+    assert epoch["distill"] > 0 and epoch["eval"]["metric"] == "mAP50-95 points"
 
 
 def test_yolo_label_id_beyond_the_models_classes(tmp_path, capsys):
