@@ -410,7 +410,8 @@ def test_hugging_face_rows_of_different_sizes_are_named(tmp_path, images, capsys
         f'calibration: {{source: hf, path: "{tmp_path / "hf"}"}}'))
     code, err = run_cli(recipe, capsys)
     assert code == 2
-    assert f"'{tmp_path / 'hf'}'[0] is 32x32 and '{tmp_path / 'hf'}'[2] is 40x24 after the transform" in err
+    rows = f"'{tmp_path / 'hf'}'"
+    assert f"data.calibration: {rows}[0] is 32x32 and {rows}[2] is 40x24 after the transform" in err
     (failed,) = runs_left(tmp_path / "runs")  # rows are decoded when read: found in calibrate
     assert failed.endswith(".failed") and not (tmp_path / "runs" / failed / "calibration.json").exists()
 

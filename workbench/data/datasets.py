@@ -25,10 +25,11 @@ from .sources import Sample, list_samples, verify_image
 class ImageDataset(Dataset):
     """Samples with a spatial transform (PIL in, PIL out) and a normalisation (tensor out)."""
 
-    def __init__(self, samples: list[Sample], transform: TransformConfig, seed: int = 0):
+    def __init__(self, samples: list[Sample], transform: TransformConfig, seed: int = 0, field: str = "data"):
         self.samples = samples
         self.transform = transform
         self.seed = seed
+        self.field = field  # the recipe's data.<split>, for messages
         self._first_size: tuple[str, tuple[int, int]] | None = None  # the first image's key and size, per process
 
     def __len__(self) -> int:
@@ -46,7 +47,7 @@ class ImageDataset(Dataset):
         if self._first_size is None:
             self._first_size = (key, img.size)
         elif img.size != self._first_size[1]:
-            raise DataError(_size_mismatch("data", *self._first_size, key, img.size))
+            raise DataError(_size_mismatch(self.field, *self._first_size, key, img.size))
         tensor = TF.to_tensor(img)
         t = self.transform
         if t.pad_crop:  # augmentation draws from the global RNG: a new crop every epoch
@@ -116,7 +117,7 @@ def build_dataset(data: DataConfig, split_name: str) -> ImageDataset:
         from .detection import LetterboxedImages
 
         return LetterboxedImages(samples, tuple(transform.letterbox), transform.stride)
-    return ImageDataset(samples, transform, seed=split.seed)
+    return ImageDataset(samples, transform, seed=split.seed, field=field)
 
 
 def _detection_dataset(split: DataSplit, transform: TransformConfig, field: str):
