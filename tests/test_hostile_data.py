@@ -205,6 +205,20 @@ def test_a_split_built_during_the_run_gets_the_models_classes(tmp_path):
     assert epoch["distill"] > 0 and epoch["eval"]["metric"] == "mAP50-95 points"
 
 
+def test_explorer_reads_a_detection_split_for_the_models_classes(tmp_path):
+    from workbench.explore import RunExplorer
+
+    ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
+    images, _, labels = write_detection_set(tmp_path / "set")
+    for f in labels.glob("*.txt"):
+        f.write_text("".join(line for line in f.read_text().splitlines(keepends=True) if line.startswith("0 ")))
+    split = f'{{source: yolo_txt, path: "{images}", label_dir: "{labels}"}}'
+    assert main(["run", str(detection_recipe(tmp_path, ckpt, split, stages="  - calibrate: {method: max}\n"))]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    scored = RunExplorer(run_dir).evaluate(samples=None)
+    assert scored["samples"] == 4 and scored["metric"] == "mAP50-95 points"
+
+
 def test_yolo_label_id_beyond_the_models_classes(tmp_path, capsys):
     ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
     images, _, labels = write_detection_set(tmp_path / "set")
