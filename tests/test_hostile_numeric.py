@@ -196,6 +196,17 @@ def test_weights_gone_nan_after_calibrate_fail_the_export_and_leave_no_nan_onnx(
     assert all(np.isfinite(numpy_helper.to_array(i)).all() for i in fp32.graph.initializer)
 
 
+def test_finite_weights_that_overflow_name_the_layer_at_evaluate(tmp_path, capsys):
+    """FP32 evaluation of the same model (no calibrate): before, a FloatingPointError traceback (exit 1)."""
+    recipe = _recipe(tmp_path, "inf_fold_cnn", "  - evaluate: {latency: false}\n")
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert ("evaluate: pytorch_fp32: the model produced NaN/Inf logits; the first layer whose output holds NaN/Inf is "
+            "'bn2'") in err and "Traceback" not in err
+    run_dir, metrics = _failed_run(tmp_path)
+    assert "'bn2'" in metrics["error"] and "evaluate" not in metrics["stages"] and not (run_dir / "report.md").exists()
+
+
 def test_export_names_the_first_layer_holding_nan(tmp_path):
     model = trained_cnn()
     with torch.no_grad():

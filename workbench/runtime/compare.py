@@ -22,6 +22,28 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 COMPUTE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
 
+@torch.no_grad()
+def first_nonfinite_layer(model: nn.Module, batch: torch.Tensor) -> str | None:
+    """The first leaf module, in execution order, whose output on `batch` holds NaN/Inf (where a model with finite
+    weights starts to overflow), or None when none does."""
+    found: list[str] = []
+
+    def hook(name: str):
+        def fn(module, inputs, output):
+            if not found and isinstance(output, torch.Tensor) and not torch.isfinite(output).all():
+                found.append(name)
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n and not any(m.children())]
+    try:
+        model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
 def layer_divergence(model: nn.Module, onnx_path: str | Path, batch: torch.Tensor, mode: str = "faithful") -> list[dict]:
     """Per compute layer, in graph order: the relative and max absolute difference of its output.
 

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from ..errors import DataError, RecipeError
+from ..errors import DataError, RecipeError, WorkbenchError
 from ..progress import track
 from ..recipe import BatchSize, check_batch_sizes
 from ..runtime import OrtRunner, TorchRunner, measure_latency
@@ -99,6 +99,20 @@ def build_runners(run, backends: list[str], threads: int | None) -> dict:
     return {b: makers[b]() for b in backends}
 
 
+def _nonfinite_output(run, backend: str, error: FloatingPointError, images) -> WorkbenchError:
+    """An error naming the backend whose output is NaN/Inf and, for a PyTorch backend, the first layer that made it."""
+    from ..runtime.compare import first_nonfinite_layer
+
+    models = {"pytorch_fp32": run.reference, "pytorch_fp32_pruned": run.state.get("pruned_fp32"),
+              "pytorch_int8": run.model, "pytorch_int8_ptq": run.state.get("ptq_model")}
+    layer = first_nonfinite_layer(models[backend], images.to(run.device)) if models.get(backend) is not None else None
+    where = f"; the first layer whose output holds NaN/Inf is '{layer}'" if layer else ""
+    return WorkbenchError(
+        f"evaluate: {backend}: {error}{where}. Its weights are finite, so it overflows float32 there: check that "
+        "layer's weights and statistics (e.g. a BatchNorm running_var of 0 with a large weight) and data.transform"
+    )
+
+
 @register_stage("evaluate", EvaluateOptions, needs_data=("evaluation",))
 def evaluate(run, opts: EvaluateOptions) -> None:
     """Accuracy (or agreement with FP32), size and latency of every backend."""
@@ -136,7 +150,10 @@ def evaluate(run, opts: EvaluateOptions) -> None:
         reference = reference_runner(images)
         outputs = {b: (reference if b == "pytorch_fp32" else runner(images)) for b, runner in runners.items()}
         for b, out in outputs.items():
-            scorers[b].update(out, labels, reference)
+            try:
+                scorers[b].update(out, labels, reference)
+            except FloatingPointError as e:  # the scorers' NaN/Inf check
+                raise _nonfinite_output(run, b, e, images) from None
         for key, entry in pairs.items():
             graph, against = SAME_FUNCTION[key]
             entry[0].update(outputs[graph], labels, outputs[against])
