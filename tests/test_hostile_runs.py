@@ -338,6 +338,33 @@ def test_resume_reuses_a_restored_calibration_that_scores_as_the_original(tmp_pa
     assert resumed["stages"]["evaluate"]["backends"]["pytorch_int8"]["metrics"]["top1"] > 80
 
 
+def test_resume_restores_a_pruned_and_fine_tuned_model_under_its_calibration(tmp_path, capsys):
+    images = make_image_folder(tmp_path / "blobs", per_class=10, seed=4)
+    runs = tmp_path / "runs"
+    stages = ("  - prune: {method: structured, ratio: 0.5, latency: false}\n"
+              "  - finetune: {epochs: 1, lr: 0.01, eval_samples: 10}\n  - calibrate: {method: max}\n  - export: {}\n"
+              "  - evaluate: {backends: [pytorch_int8_ptq], latency: false}\n")  # no QAT, no PTQ model: fails
+    recipe = _recipe(tmp_path, images, runs, stages)
+    recipe.write_text(recipe.read_text().replace(
+        "  batch_size: 4", f'  finetune: {{source: imagefolder, path: "{images}"}}\n  batch_size: 4'))
+    assert main(["run", str(recipe)]) == 2
+    (failed,) = runs.iterdir()
+    pruned = (failed / "pruned_model.pt").read_bytes()
+    assert main(["run", "--resume", str(failed), "stages.evaluate.backends=null"]) == 0
+    final = failed.with_name(failed.name.removesuffix(".failed"))
+    resumed = _metrics(final)
+    assert resumed["resumed"]["reused"] == ["prune", "finetune", "calibrate", "export"]
+    assert (final / "pruned_model.pt").read_bytes() == pruned
+    straight = tmp_path / "straight"
+    assert main(["run", str(recipe), f"runs_dir={straight}", "stages.evaluate.backends=null"]) == 0
+    (straight_dir,) = straight.iterdir()
+    want = _metrics(straight_dir)["stages"]["evaluate"]["backends"]
+    got = resumed["stages"]["evaluate"]["backends"]
+    assert set(got) == set(want) and "pytorch_fp32_pruned" in got  # the pruned FP32 model is back in the run
+    for backend in ("pytorch_fp32_pruned", "pytorch_int8", "ort_int8_faithful"):
+        assert got[backend]["metrics"] == want[backend]["metrics"], backend
+
+
 def test_resume_runs_again_from_a_stage_whose_files_are_gone(tmp_path, images, capsys):
     recipe, failed = _failed_run(tmp_path, images, capsys)
     (failed / "model.onnx").unlink()

@@ -4,7 +4,8 @@ Every finished stage records a fingerprint in metrics.json: a hash of the recipe
 that stage (the whole recipe but its name, runs_dir and later stages). The run also records its inputs
 once: the model and weight files, the module of an `import:` spec and the data paths, each by size
 and modification time (a directory by its file count, total size and newest file; contents are not
-read, so a file rewritten with the same size and time is not noticed).
+read, so a file rewritten with the same size and time is not noticed; nor is an upgrade of workbench
+or of the libraries it calls).
 
 On resume the recipe (the run's recipe.yaml, or the one given, with overrides) must give the same
 fingerprints and inputs for every stage the run finished: if not, the resume is refused naming the
@@ -140,7 +141,7 @@ def check_reusable(previous: Previous, recipe: Recipe, inputs: dict[str, dict]) 
     names = [name for name, _ in recipe.stage_list()]
     for i, entry in enumerate(done):
         if i >= len(now) or names[i] != entry["stage"] or now[i] != entry["fingerprint"]:
-            what = _changes(previous.recipe(), recipe, i) or [f"the recipe has no stage {i + 1} ({entry['stage']}) now"]
+            what = _changes(previous, recipe, i) or [f"the recipe has no stage {i + 1} ({entry['stage']}) now"]
             raise WorkbenchError(
                 f"--resume: stage {i + 1} ({entry['stage']}) finished under another recipe ({'; '.join(what[:3])}), so "
                 "its artifacts do not follow from this one. Resume with the run's own recipe (drop the change), or "
@@ -149,8 +150,13 @@ def check_reusable(previous: Previous, recipe: Recipe, inputs: dict[str, dict]) 
     return len(done)
 
 
-def _changes(old: Recipe, new: Recipe, index: int) -> list[str]:
+def _changes(previous: Previous, new: Recipe, index: int) -> list[str]:
     """'key: old -> new' for every field that differs in the part of the recipe that stage `index` depends on."""
+    try:
+        old = previous.recipe()
+    except WorkbenchError:  # a recipe.yaml this workbench no longer reads: the fingerprint alone tells
+        return []
+
     def part(recipe: Recipe) -> dict:
         data = recipe.model_dump(mode="json")
         data.pop("name"), data.pop("runs_dir")
