@@ -260,6 +260,6 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, label: str, finger
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-    except (RuntimeError, KeyError, ValueError) as e:
+        return int(state["step"]), int(state["epoch"]), list(state["history"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise WorkbenchError(f"{label}.resume: {path} does not fit this model and optimizer ({str(e).splitlines()[0]})") from None
-    return int(state["step"]), int(state["epoch"]), list(state["history"])
