@@ -84,7 +84,8 @@ def test_runs_dir_under_proc_is_refused(tmp_path, images, capsys):
     recipe, marker = _no_load_recipe(tmp_path, images, Path("/proc/workbench-runs"))
     assert main(["run", str(recipe)]) == 2
     err = capsys.readouterr().err
-    assert "runs_dir: cannot create a run directory in /proc/workbench-runs" in err and "set runs_dir to a writable" in err
+    assert "runs_dir: cannot create a run directory in /proc/workbench-runs" in err
+    assert "set runs_dir to a writable" in err
     assert not marker.exists() and not os.path.exists("/proc/workbench-runs")
 
 
@@ -323,7 +324,8 @@ def test_resume_reuses_a_restored_calibration_that_scores_as_the_original(tmp_pa
     assert main(["run", "--resume", str(failed), str(recipe), fixed]) == 0
     final = failed.with_name(failed.name.removesuffix(".failed"))
     resumed = _metrics(final)
-    assert resumed["resumed"] == {"from": failed.name, "started_first": json.loads(before["metrics.json"][0])["started"],
+    first_started = json.loads(before["metrics.json"][0])["started"]
+    assert resumed["resumed"] == {"from": failed.name, "started_first": first_started,
                                   "reused": ["calibrate", "export"], "rerun": ["evaluate"]}
     for name in ("calibration.json", "model.onnx", "model_fp32.onnx", "model_int8_ort.onnx"):
         assert _snapshot(final)[name] == before[name], name
@@ -499,8 +501,8 @@ def test_finetune_resume_from_a_file_that_is_no_checkpoint(tmp_path, images, cap
     runs = tmp_path / "runs"
     stages = f'  - finetune: {{epochs: 1, eval_samples: 4, resume: "{path}"}}\n'
     recipe = _recipe(tmp_path, images, runs, stages)
-    recipe.write_text(recipe.read_text().replace("  batch_size: 4", f'  finetune: {{source: imagefolder, path: "{images}"}}\n'
-                                                 "  batch_size: 4"))
+    split = f'  finetune: {{source: imagefolder, path: "{images}"}}\n'
+    recipe.write_text(recipe.read_text().replace("  batch_size: 4", split + "  batch_size: 4"))
     assert main(["run", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert f"error: finetune.resume: {path} {message}" in err and "give a checkpoints/finetune_epoch<N>.pt" in err

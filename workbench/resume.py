@@ -164,7 +164,8 @@ def _changes(previous: Previous, new: Recipe, index: int) -> list[str]:
         return _flat(data)
 
     a, b = part(old), part(new)
-    return [f"{k}: {a.get(k, '(none)')} -> {b.get(k, '(none)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"{k}: {a.get(k, '(none)')} -> {b.get(k, '(none)')}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
 
 
 def _flat(value, prefix: str = "") -> dict:

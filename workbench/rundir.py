@@ -177,6 +177,7 @@ def list_runs(runs_dir: Path) -> list[dict]:
             status = f"running? (pid {metrics.get('pid', '?')} on {metrics.get('host', '?')})"
         done = list(metrics.get("timings_s", {}))
         total = len(metrics.get("stage_names", [])) or len(done)
-        rows.append({"run": run_dir.name, "status": status, "stages": f"{len(done)}/{total} " + (", ".join(done) or "-"),
+        stages = f"{len(done)}/{total} " + (", ".join(done) or "-")
+        rows.append({"run": run_dir.name, "status": status, "stages": stages,
                      "started": metrics.get("started", "?")})
     return sorted(rows, key=lambda r: (r["started"], r["run"]))
