@@ -252,6 +252,8 @@ def test_a_sigkilled_run_is_marked_interrupted_by_workbench_runs(tmp_path, capsy
     proc.kill()
     proc.wait(timeout=60)
     assert _metrics(work_dir)["status"] == "running"  # nothing could record the kill
+    unmarked = tmp_path / "elsewhere" / work_dir.name  # a copy that `workbench runs` below does not see
+    shutil.copytree(work_dir, unmarked)
     assert main(["runs", str(runs)]) == 0
     out = capsys.readouterr().out
     failed = work_dir.with_name(work_dir.name.replace(".incomplete", ".failed"))
@@ -260,6 +262,11 @@ def test_a_sigkilled_run_is_marked_interrupted_by_workbench_runs(tmp_path, capsy
     assert not work_dir.exists()
     metrics = _metrics(failed)
     assert metrics["status"] == "interrupted" and f"pid {proc.pid}" in metrics["error"]
+    # A killed run not yet marked resumes as it is: its process is gone.
+    assert main(["run", "--resume", str(unmarked), "stages.evaluate.latency_repeats=2"]) == 0
+    final = unmarked.with_name(unmarked.name.removesuffix(".incomplete"))
+    assert [p.name for p in final.parent.iterdir()] == [final.name]
+    assert _metrics(final)["status"] == "complete" and _metrics(final)["resumed"]["reused"] == ["calibrate", "export"]
 
 
 def _fake_run(runs: Path, name: str, pid: int, host: str | None = None) -> Path:
