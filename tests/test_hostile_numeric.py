@@ -115,7 +115,8 @@ def _recipe(tmp_path: Path, factory: str, stages: str, finetune: bool = False) -
     images = make_image_folder(tmp_path / "images", per_class=8, seed=4)
     text = tiny_recipe(images, tmp_path / "runs", stages).replace("helpers:tiny_cnn", f"test_hostile_numeric:{factory}")
     if finetune:
-        text = text.replace("  batch_size: 4", f'  finetune: {{source: imagefolder, path: "{images}"}}\n  batch_size: 8')
+        split = f'  finetune: {{source: imagefolder, path: "{images}"}}\n'
+        text = text.replace("  batch_size: 4", split + "  batch_size: 8")
     path = tmp_path / "r.yaml"
     path.write_text(text)
     return path
@@ -212,7 +213,7 @@ def test_export_names_the_first_layer_holding_nan(tmp_path):
     with torch.no_grad():
         model.conv2.weight[1, 0, 0, 0] = NAN
         model.fc.bias[0] = float("inf")  # first in the file's initializer order, last in the graph's
-    with pytest.raises(ExportError, match=r"export: m\.onnx has 1 NaN and 0 Inf values .* \(read by node /conv2/Conv\)"):
+    with pytest.raises(ExportError, match=r"export: m\.onnx has 1 NaN and 0 Inf values .* \(read by node /conv2/Conv"):
         export_onnx(model, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
 
@@ -247,7 +248,8 @@ def test_finetune_divergence_seen_by_the_epoch_evaluation_names_step_epoch_and_c
     assert f"at step {BREAK_AT} (epoch 2)" in metrics["error"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["finetune_epoch1.pt"]
     saved = torch.load(run_dir / "checkpoints" / "finetune_epoch1.pt", weights_only=True)
-    assert saved["epoch"] == 1 and all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+    assert saved["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
 
 
 def test_qat_weights_gone_nan_in_the_last_step_of_an_epoch_get_no_checkpoint(tmp_path, capsys):
@@ -361,7 +363,8 @@ def test_bench_of_a_directory_names_the_bad_file_in_it(onnx_files, tmp_path, cap
     run_dir.mkdir()
     (run_dir / "model_fp32.onnx").write_bytes(onnx_files["model_fp32"].read_bytes())
     (run_dir / "model.onnx").write_bytes(b"")
-    assert main(["bench", str(run_dir), "--batch-sizes", "1", "--repeats", "1", "--json", str(tmp_path / "b.json")]) == 2
+    assert main(["bench", str(run_dir), "--batch-sizes", "1", "--repeats", "1", "--json", str(tmp_path / "b.json")]) \
+        == 2
     assert f"{run_dir / 'model.onnx'} is empty (0 bytes)" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
     (tmp_path / "nothing").mkdir()

@@ -97,7 +97,8 @@ def first_nonfinite_constant(model) -> tuple[str, str, int, int] | None:
     """(name, the node reading it, NaN count, Inf count) of the float initializer or Constant holding NaN or Inf
     that the graph reads first (the layer nearest the input); None when all are finite."""
     index = GraphIndex(model)
-    for name, reader in [(name, n.name or n.op_type) for n in index.nodes for name in n.input if name in index.constants]:
+    reads = [(name, n.name or n.op_type) for n in index.nodes for name in n.input if name in index.constants]
+    for name, reader in reads:
         value = index.constants[name]
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             return name, reader, int(np.isnan(value).sum()), int(np.isinf(value).sum())
@@ -198,7 +199,8 @@ def load_onnx(path: str | Path):
     # Protobuf parses an empty file (and some other bytes) as an empty ModelProto: no graph to check or run.
     if not model.graph.node or not model.graph.input:
         what = "is empty (0 bytes)" if path.stat().st_size == 0 else "holds no graph (no nodes or no input)"
-        raise WorkbenchError(f"{path} {what}, so it is not an ONNX model; export it again (workbench run writes model.onnx)")
+        raise WorkbenchError(f"{path} {what}, so it is not an ONNX model; export it again (workbench run writes "
+                             "model.onnx)")
     return model
 
 

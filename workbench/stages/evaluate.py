@@ -105,7 +105,8 @@ def _nonfinite_output(run, backend: str, error: FloatingPointError, images) -> W
 
     models = {"pytorch_fp32": run.reference, "pytorch_fp32_pruned": run.state.get("pruned_fp32"),
               "pytorch_int8": run.model, "pytorch_int8_ptq": run.state.get("ptq_model")}
-    layer = first_nonfinite_layer(models[backend], images.to(run.device)) if models.get(backend) is not None else None
+    model = models.get(backend)  # None for the ONNX Runtime and TensorRT backends
+    layer = first_nonfinite_layer(model, images.to(run.device)) if model is not None else None
     where = f"; the first layer whose output holds NaN/Inf is '{layer}'" if layer else ""
     return WorkbenchError(
         f"evaluate: {backend}: {error}{where}. Its weights are finite, so it overflows float32 there: check that "
