@@ -218,6 +218,29 @@ def test_export_names_the_first_layer_holding_nan(tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
 
 
+class _NegInfPadPool(torch.nn.Module):
+    """A 'same' max pool padded with -inf, as timm and TF ports write it: a legitimate Inf constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.nn.functional.pad(self.conv(x), (0, 1, 0, 1), value=float("-inf"))
+        return torch.nn.functional.max_pool2d(x, 2)
+
+
+def test_export_keeps_a_legitimate_inf_bound_and_refuses_an_inf_weight(tmp_path):
+    model = _NegInfPadPool().eval()
+    path = export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "pad.onnx")
+    assert any(n.op_type == "Pad" for n in onnx.load(str(path)).graph.node)  # the -inf fill is in the graph
+    with torch.no_grad():
+        model.conv.weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ExportError, match=r"has 0 NaN and 1 Inf values .*read by node /conv/Conv"):
+        export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "inf.onnx")
+    assert not (tmp_path / "inf.onnx").exists()
+
+
 def test_onnx_runtime_flavour_with_a_nan_scale_is_not_written(onnx_files, tmp_path):
     """model_int8_ort.onnx goes through the same check: a NaN activation scale in the Q/DQ graph is refused."""
     from workbench.ort_int8 import to_ort_int8

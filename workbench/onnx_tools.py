@@ -93,15 +93,23 @@ def check_model_file(path: str | Path, what: str) -> None:
         )
 
 
+# Ops whose constant inputs are weights, biases or quantization scales: an Inf there is a broken model. Elsewhere
+# +-inf is a legitimate bound or fill (a Pad with -inf before a max pool, a Clip bound, an attention mask).
+_WEIGHT_READERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "QuantizeLinear", "DequantizeLinear"}
+
+
 def first_nonfinite_constant(model) -> tuple[str, str, int, int] | None:
-    """(name, the node reading it, NaN count, Inf count) of the float initializer or Constant holding NaN or Inf
-    that the graph reads first (the layer nearest the input); None when all are finite."""
+    """(name, the node reading it, NaN count, Inf count) of the float constant that the graph reads first (the
+    layer nearest the input) holding NaN, or Inf where it is read as a weight or scale; None when there is none."""
     index = GraphIndex(model)
-    reads = [(name, n.name or n.op_type) for n in index.nodes for name in n.input if name in index.constants]
+    reads = [(name, n) for n in index.nodes for name in n.input if name in index.constants]
     for name, reader in reads:
         value = index.constants[name]
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            return name, reader, int(np.isnan(value).sum()), int(np.isinf(value).sum())
+        if value.dtype.kind != "f":
+            continue
+        nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
+        if nan or (inf and reader.op_type in _WEIGHT_READERS):
+            return name, reader.name or reader.op_type, nan, inf
     return None
 
 
