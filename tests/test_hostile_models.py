@@ -417,3 +417,23 @@ def test_non_finite_weights_name_the_layer(images, tmp_path, capsys, tensor, val
     assert _run(tmp_path, _recipe(images, tmp_path, extra=f'  weights: "{tmp_path / "w.pth"}"\n')) == 2
     layer, attr = tensor.rsplit(".", 1)
     _refused(capsys, tmp_path, f"layer '{layer}' holds {kind} in its {attr} (1 of", "model.weights")
+
+
+def test_importing_ultralytics_leaves_pil_and_torch_save_alone(tmp_path):
+    """Ultralytics patches PIL.Image.open (an unidentifiable file then tries to pip-install pi-heif) and torch.save
+    on import; after our import both are the originals, so a corrupt image is still a DataError naming the file."""
+    pytest.importorskip("ultralytics")
+    import PIL.Image
+
+    from workbench.data.sources import open_image_file
+    from workbench.errors import DataError
+    from workbench.models.registry import import_ultralytics
+
+    import_ultralytics()
+    from ultralytics import YOLO  # noqa: F401  (lazily imported parts must not patch either)
+
+    assert PIL.Image.open.__module__ == "PIL.Image" and torch.save.__module__ == "torch.serialization"
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match="corrupt.jpg"):
+        open_image_file(bad)

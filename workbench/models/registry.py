@@ -346,12 +346,21 @@ def import_ultralytics():
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "workbench-ultralytics"))
     os.environ.setdefault("YOLO_VERBOSE", "False")
+    # Its requirement checks pip-install missing packages unless told not to (a hostile image would trigger one).
+    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
+    import PIL.Image
+
     try:
         import ultralytics
+        from ultralytics.utils import patches  # where the patches are made (otherwise imported lazily)
     except ImportError:
         raise ModelLoadError(
             "model.spec 'ultralytics:...' needs the optional extra: pip install 'workbench[ultralytics]' (AGPL-3.0)"
         ) from None
+    # Importing Ultralytics patches PIL.Image.open (an unidentifiable image then tries to install pi-heif and fails
+    # with ModuleNotFoundError) and torch.save for the whole process: put the originals, which it keeps, back, so
+    # reading data and writing artifacts behave the same whether or not an Ultralytics model was loaded.
+    PIL.Image.open, torch.save = patches._image_open, patches._torch_save
     return ultralytics
 
 
