@@ -131,10 +131,6 @@ def _string_annotation_image_id(c):
     c["annotations"][0]["image_id"] = "eleven"
 
 
-def _unknown_image(c):
-    c["annotations"][0]["image_id"] = 999
-
-
 def _dup_annotation_id(c):
     c["annotations"][1]["id"] = c["annotations"][0]["id"]
 
@@ -153,7 +149,6 @@ COCO_CASES = {
     "bbox of 3": (_set_bbox(0, [40, 30, 80]), "'bbox' [40, 30, 80] is not [x, y, width, height]"),
     "string image id": (_string_image_id, "image '11' (a.png): 'id' must be an integer"),
     "string annotation image_id": (_string_annotation_image_id, "annotation 1: 'image_id' 'eleven' must be an integer"),
-    "annotation for an unlisted image": (_unknown_image, "annotation 1: 'image_id' 999 is not in 'images'"),
     "duplicate annotation id": (_dup_annotation_id, "annotation id 1 is used twice"),
 }
 
@@ -469,3 +464,182 @@ def test_hf_local_sources_need_no_flag(tmp_path, images, monkeypatch):
     for split in ({"source": "hf", "name": "imagefolder", "path": str(images)}, {"source": "hf", "name": str(images)}):
         built = build_dataset(DataConfig(evaluation=split), "evaluation")
         assert len(built) == 18 and sorted({s.label for s in built.samples}) == [0, 1, 2]
+
+
+# --- image formats: only the decoders of IMAGE_SUFFIXES, never PostScript/EPS/PDF ---------------------------------
+
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nnewpath 0 0 moveto 32 32 lineto stroke\nshowpage\n"
+
+
+def _fake_ghostscript(tmp_path: Path) -> tuple[dict, Path]:
+    """An environment whose PATH finds a `gs` that only writes a marker file: PIL's EPS plugin would run it."""
+    bin_dir, marker = tmp_path / "bin", tmp_path / "ghostscript_ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch '{marker}'\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(Path(__file__).parent))
+    return env, marker
+
+
+def test_postscript_named_png_is_refused_and_ghostscript_never_runs(tmp_path, images):
+    fake = images / "class1" / "fake.png"
+    fake.write_bytes(POSTSCRIPT)
+    env, marker = _fake_ghostscript(tmp_path)
+    # The control: PIL left to itself hands this ".png" to its EPS plugin, which runs (our fake) Ghostscript.
+    control = subprocess.run([sys.executable, "-c", f"from PIL import Image; Image.open({str(fake)!r}).load()"],
+                             env=env, capture_output=True, text=True)
+    assert control.returncode != 0 and marker.exists()
+    marker.unlink()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs"))
+    done = subprocess.run([sys.executable, "-m", "workbench", "run", str(recipe)], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 2
+    assert f"image {fake} holds PostScript/EPS, not one of the formats read (JPEG, PNG" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not marker.exists()
+    assert runs_left(tmp_path / "runs") == []
+
+
+def test_only_the_listed_formats_are_decoded(tmp_path):
+    from workbench.data.sources import IMAGE_FORMATS, open_image_file
+
+    pdf, ico, jpeg_as_png = tmp_path / "a.pdf.png", tmp_path / "b.png", tmp_path / "c.png"
+    pdf.write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n")
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(ico, format="ICO")  # PIL reads ICO, but it is not listed
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(jpeg_as_png, format="JPEG")
+    with pytest.raises(DataError, match=f"image {pdf} holds PDF, not one of"):
+        open_image_file(pdf)
+    with pytest.raises(DataError, match=f"image {ico} holds ICO, not one of"):
+        open_image_file(ico)
+    assert open_image_file(jpeg_as_png).size == (16, 16)  # a listed format under another suffix is still read
+    assert not {"EPS", "PDF", "PS"} & set(IMAGE_FORMATS)
+
+
+def test_postscript_in_a_detection_set_is_refused(tmp_path, capsys):
+    ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
+    images, ann, _ = write_detection_set(tmp_path / "set")
+    (images / "b.png").write_bytes(POSTSCRIPT)
+    split = f'{{source: coco, path: "{images}", annotations: "{ann}"}}'
+    code, err = run_cli(detection_recipe(tmp_path, ckpt, split), capsys)
+    assert code == 2
+    assert f"image {images / 'b.png'} holds PostScript/EPS, not one of the formats read" in err
+    assert runs_left(tmp_path / "runs") == []
+
+
+def test_postscript_in_a_hugging_face_row_is_refused(tmp_path, images, capsys):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"bytes": (images / "class0" / "000.png").read_bytes(), "path": None}, {"bytes": POSTSCRIPT, "path": None}]
+    ds = datasets.Dataset.from_dict({"image": rows, "label": [0, 1]}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Value("int64")}))
+    ds.save_to_disk(str(tmp_path / "hf"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs").replace(
+        f'calibration: {{source: imagefolder, path: "{images}", count: 12, seed: 0}}',
+        f'calibration: {{source: hf, path: "{tmp_path / "hf"}"}}'))
+    code, err = run_cli(recipe, capsys)
+    assert code == 2
+    assert f"image '{tmp_path / 'hf'}'[1] holds PostScript/EPS, not one of the formats read" in err
+    (failed,) = runs_left(tmp_path / "runs")  # rows are decoded when read: refused in calibrate
+    assert failed.endswith(".failed") and not (tmp_path / "runs" / failed / "calibration.json").exists()
+
+
+# --- the chance check: weak but genuine models pass, labels past the model's classes are named -----------------
+
+def _crafted_scorer(classes: int, per_class: int, correct_per_class: int):
+    """A scorer fed logits of a model right on `correct_per_class` images of each class and otherwise predicting the
+    next class: its predictions are as balanced as its labels, so chance is 100 / classes."""
+    from workbench.tasks.classification import ClassificationScorer
+
+    scorer = ClassificationScorer(labeled=True)
+    labels = np.repeat(np.arange(classes), per_class)
+    wrong = np.tile(np.arange(per_class) >= correct_per_class, classes)
+    predicted = np.where(wrong, (labels + 1) % classes, labels)
+    scorer.update(np.eye(classes, dtype=np.float32)[predicted] * 5.0, labels)
+    return scorer
+
+
+def _stub_run(root: Path):
+    from types import SimpleNamespace
+
+    from workbench.recipe import DataSplit
+
+    split = DataSplit(source="imagefolder", path=str(root))
+    return SimpleNamespace(recipe=SimpleNamespace(data=SimpleNamespace(evaluation=split)))
+
+
+@pytest.mark.parametrize("classes, per_class, correct, top1", [
+    (2, 100, 60, 60.0),  # binary, 60% on 200 images
+    (10, 10, 2, 20.0),  # 10 classes, 20% on 100 images
+    (2, 500, 265, 53.0),  # binary, 53% on 1000 images
+])
+def test_weak_but_genuine_models_pass_the_chance_check(tmp_path, classes, per_class, correct, top1):
+    from workbench.stages.evaluate import CHANCE_ALPHA, _binomial_tail, _check_above_chance
+
+    scorer = _crafted_scorer(classes, per_class, correct)
+    assert scorer.result()["top1"] == top1 and scorer.chance_top1() == pytest.approx(100.0 / classes)
+    # none of them is proven above chance at 0.1%: the old rule refused every one
+    assert _binomial_tail(scorer.top1, scorer.n, 1.0 / classes) >= CHANCE_ALPHA
+    _check_above_chance(_stub_run(tmp_path), scorer, None)
+
+
+def test_a_model_at_chance_on_many_images_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from workbench.data.sources import Sample
+    from workbench.stages.evaluate import _check_above_chance
+
+    scorer = _crafted_scorer(10, 100, 10)  # 10% on 1000 images of 10 classes: chance exactly
+    samples = [Sample(f"img{i}.png", lambda: None, i % 10) for i in range(1000)]
+    with pytest.raises(DataError, match="scores 10.00% top-1 on 1000 images, no better than the 10.00%"):
+        _check_above_chance(_stub_run(tmp_path), scorer, SimpleNamespace(samples=samples))
+
+
+def test_labels_beyond_the_models_classes_are_named(tmp_path, capsys):
+    # four class folders for a model of three outputs: class3's images are labelled 3
+    root = make_image_folder(tmp_path / "blobs", classes=4, per_class=6, seed=5)
+    code, err = run_cli(_trained_recipe(tmp_path, root), capsys)
+    assert code == 2
+    assert "data.evaluation: a label is 3, but the model has 3 outputs (classes 0..2)" in err
+    assert f"e.g. {root / 'class3' / '000.png'} -> class 3" in err and "shuffled labels" not in err
+    (failed,) = runs_left(tmp_path / "runs")
+    metrics = json.loads((tmp_path / "runs" / failed / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "evaluate" not in metrics["stages"]
+
+
+# --- images of different sizes one at a time; COCO subsets ------------------------------------------------------
+
+def test_different_sizes_with_batch_size_one_run(tmp_path, images):
+    _mixed_sizes(images)
+    recipe = tmp_path / "r.yaml"
+    stages = "  - evaluate: {latency: false}\n"
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs", stages=stages).replace("batch_size: 4", "batch_size: 1"))
+    assert main(["run", str(recipe)]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    evaluated = json.loads((run_dir / "metrics.json").read_text())["stages"]["evaluate"]
+    assert evaluated["samples"] == 19 and evaluated["backends"]["pytorch_fp32"]["metrics"]["samples"] == 19
+
+
+def test_coco_annotations_of_unlisted_images_are_ignored(tmp_path):
+    ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
+    images, ann, _ = write_detection_set(tmp_path / "set")
+    full = json.loads(ann.read_text())
+    trimmed = dict(full, images=[i for i in full["images"] if i["id"] != 13])  # c.png unlisted, its 3 boxes kept
+    subset = dict(trimmed, annotations=[a for a in full["annotations"] if a["image_id"] != 13])
+    scores = {}
+    for name, coco in (("trimmed", trimmed), ("subset", subset)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(coco))
+        split = f'{{source: coco, path: "{images}", annotations: "{path}"}}'
+        (tmp_path / "r.yaml").unlink(missing_ok=True)
+        shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+        assert main(["run", str(detection_recipe(tmp_path, ckpt, split))]) == 0
+        (run_dir,) = (tmp_path / "runs").iterdir()
+        scores[name] = json.loads((run_dir / "metrics.json").read_text())["stages"]["evaluate"]
+    assert scores["trimmed"]["samples"] == 3
+    assert scores["trimmed"]["backends"]["pytorch_fp32"]["metrics"] == scores["subset"]["backends"]["pytorch_fp32"][
+        "metrics"]
+    from workbench.data.detection import coco_dataset
+
+    ds = coco_dataset(images, tmp_path / "trimmed.json", (64, 64), 8)
+    assert sorted(a["image_id"] for a in ds.coco_gt.dataset["annotations"]) == [11, 11, 12, 12]

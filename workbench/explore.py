@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .data import build_dataset, subset_loader
+from .data import build_model_dataset, subset_loader
 from .errors import CalibrationError, WorkbenchError
 from .models import resolve_model
 from .quant.ptq import quant_units, restore_, set_float_units
@@ -76,10 +76,8 @@ class RunExplorer:
     def evaluate(self, samples: int | None = 64) -> dict:
         """The current plan scored on `samples` evaluation samples drawn with a seed (None: all), with FP32 alongside."""
         if self._dataset is None:
-            self._dataset = build_dataset(self.recipe.data, "evaluation")
-            if self.recipe.task == "detection" and hasattr(self._dataset, "with_num_classes"):  # the model's classes
-                classes = model_num_classes(self.reference, self.recipe.model.input_size)
-                self._dataset = self._dataset.with_num_classes(classes, "data.evaluation")
+            self._dataset = build_model_dataset(
+                self.recipe, "evaluation", lambda: model_num_classes(self.reference, self.recipe.model.input_size))
         if samples not in self._probes:
             loader = subset_loader(self._dataset, self.recipe.data, samples)
             self._probes[samples] = make_probe(self.reference, loader, None, self.device)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .data import ImageDataset, build_dataset, check_readable, make_loader
+from .data import ImageDataset, build_dataset, build_model_dataset, check_readable, make_loader
 from .errors import WorkbenchError
 from .io import write_json, write_text
 from .models import resolve_model
@@ -51,10 +51,7 @@ class Run:
 
     def dataset(self, split: str) -> ImageDataset:
         if split not in self._datasets:
-            dataset = build_dataset(self.recipe.data, split)
-            if self.recipe.task == "detection" and hasattr(dataset, "with_num_classes"):  # labels read as the model's
-                dataset = dataset.with_num_classes(self.num_classes(), f"data.{split}")
-            self._datasets[split] = dataset
+            self._datasets[split] = build_model_dataset(self.recipe, split, self.num_classes)
         return self._datasets[split]
 
     def num_classes(self) -> int | None:

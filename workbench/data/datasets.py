@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torchvision.transforms.functional as TF
@@ -25,11 +26,14 @@ from .sources import Sample, list_samples, verify_image
 class ImageDataset(Dataset):
     """Samples with a spatial transform (PIL in, PIL out) and a normalisation (tensor out)."""
 
-    def __init__(self, samples: list[Sample], transform: TransformConfig, seed: int = 0, field: str = "data"):
+    def __init__(self, samples: list[Sample], transform: TransformConfig, seed: int = 0, field: str = "data",
+                 batch_size: int = 1):
         self.samples = samples
         self.transform = transform
         self.seed = seed
         self.field = field  # the recipe's data.<split>, for messages
+        # Images of different sizes can only be batched one at a time (a fully convolutional model at native sizes).
+        self.same_size = batch_size > 1
         self._first_size: tuple[str, tuple[int, int]] | None = None  # the first image's key and size, per process
 
     def __len__(self) -> int:
@@ -44,9 +48,9 @@ class ImageDataset(Dataset):
         # Images that leave the transform at different sizes cannot be batched (torch's collate would
         # fail with a bare "stack expects each tensor to be equal size"): name the two here.
         key = self.samples[index].key
-        if self._first_size is None:
+        if self.same_size and self._first_size is None:
             self._first_size = (key, img.size)
-        elif img.size != self._first_size[1]:
+        elif self.same_size and img.size != self._first_size[1]:
             raise DataError(_size_mismatch(self.field, *self._first_size, key, img.size))
         tensor = TF.to_tensor(img)
         t = self.transform
@@ -117,7 +121,16 @@ def build_dataset(data: DataConfig, split_name: str) -> ImageDataset:
         from .detection import LetterboxedImages
 
         return LetterboxedImages(samples, tuple(transform.letterbox), transform.stride)
-    return ImageDataset(samples, transform, seed=split.seed, field=field)
+    return ImageDataset(samples, transform, seed=split.seed, field=field, batch_size=data.batch_size)
+
+
+def build_model_dataset(recipe, split_name: str, num_classes: Callable[[], int]):
+    """data.<split_name> as the stages read it: a detection split scored for the model's class count
+    (num_classes(), asked only for a detection split), never the one its labels suggest."""
+    dataset = build_dataset(recipe.data, split_name)
+    if recipe.task == "detection" and hasattr(dataset, "with_num_classes"):
+        dataset = dataset.with_num_classes(num_classes(), f"data.{split_name}")
+    return dataset
 
 
 def _detection_dataset(split: DataSplit, transform: TransformConfig, field: str):
@@ -185,8 +198,8 @@ def check_readable(dataset: ImageDataset, field: str, limit: int | None = None) 
             continue
         seen.add(sample.key)
         size = verify_image(sample, field)
-        if size is None or not isinstance(dataset, ImageDataset):  # in-memory rows: __getitem__ checks them;
-            continue  # letterboxed images all come out at the letterbox size
+        if size is None or not isinstance(dataset, ImageDataset) or not dataset.same_size:
+            continue  # in-memory rows: __getitem__ checks them; letterboxed images come out at the letterbox size
         out = spatial_size(size, dataset.transform)
         if first is None:
             first = (sample.key, out)

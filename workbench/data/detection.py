@@ -345,12 +345,13 @@ def _coco_images(entries: list, path: Path) -> dict[int, dict]:
 
 
 def _coco_annotations(entries: list, images: dict[int, dict], path: Path) -> list[dict]:
-    """The annotations, each an object for a listed image, with no annotation id repeated.
+    """The annotations of the listed images, each an object, with no annotation id repeated.
 
-    An annotation for an image that 'images' does not list is refused, not skipped: the file
-    is inconsistent (often a truncated or merged 'images' list), and its boxes would go unscored.
+    Annotations of images that 'images' does not list are skipped: trimming 'images' is the usual
+    way to cut a validation subset, and boxes of images that are not scored cannot change the score.
     """
     seen: set[int] = set()
+    listed = []
     for ann in entries:
         if not isinstance(ann, dict):
             raise DataError(f"{path}: an entry of 'annotations' is not an object ({str(ann)[:80]})")
@@ -358,15 +359,13 @@ def _coco_annotations(entries: list, images: dict[int, dict], path: Path) -> lis
         if not _is_int(image_id):
             raise DataError(f"{path}: annotation {ann_id!r}: 'image_id' {image_id!r} must be an integer image id")
         if image_id not in images:
-            raise DataError(
-                f"{path}: annotation {ann_id!r}: 'image_id' {image_id} is not in 'images'; list the image or remove "
-                "its annotations"
-            )
+            continue
         if _is_int(ann_id) and ann_id > 0:
             if ann_id in seen:
                 raise DataError(f"{path}: annotation id {ann_id} is used twice; every annotation needs its own 'id'")
             seen.add(ann_id)
-    return entries
+        listed.append(ann)
+    return listed
 
 
 # How far (pixels) a box may reach past the image's edge: COCO's own boxes stay within rounding of it.

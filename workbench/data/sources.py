@@ -7,6 +7,7 @@ loaders do the rest. Labels are ints; -1 means unlabeled.
 from __future__ import annotations
 
 import importlib.util
+import io
 import re
 import warnings
 from contextlib import contextmanager
@@ -21,6 +22,11 @@ from ..errors import DataError
 from ..recipe import DataSplit
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
+# The only PIL decoders ever used, those of IMAGE_SUFFIXES. PIL picks a decoder from the content, not the
+# name: unrestricted, a ".png" holding PostScript would go to the EPS plugin, which runs Ghostscript on it.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
+# Formats named by their first bytes when they are refused (PIL never sees them).
+_NEVER_DECODED = {b"%!PS": "PostScript/EPS", b"\xc5\xd0\xd3\xc6": "EPS (binary)", b"%PDF": "PDF"}
 UNLABELED = -1
 
 
@@ -53,12 +59,44 @@ def no_decompression_bombs(where: str) -> Iterator[None]:
 
 
 @contextmanager
-def open_header(path: Path | str) -> Iterator[Image.Image]:
-    """Image.open (the header only) with decompression bombs refused; read errors stay the caller's to word."""
-    with no_decompression_bombs(str(path)):
-        img = Image.open(path)
+def open_header(source: Path | str | io.BytesIO, where: str | None = None) -> Iterator[Image.Image]:
+    """Image.open (the header only) by the decoders of IMAGE_FORMATS alone, decompression bombs refused.
+
+    Content in any other format is a DataError naming it; read errors of a file in one of these
+    formats (truncated, corrupt) stay the caller's to word.
+    """
+    where = where or str(source)
+    with no_decompression_bombs(where):
+        try:
+            img = Image.open(source, formats=IMAGE_FORMATS)
+        except UnidentifiedImageError:
+            found = _content_format(source)
+            if found in IMAGE_FORMATS:
+                raise
+            raise DataError(
+                f"image {where} holds {found or 'no image format PIL knows'}, not one of the formats read "
+                f"({', '.join(IMAGE_FORMATS)}); others are never decoded (PostScript, EPS and PDF would run "
+                "Ghostscript): convert it to PNG or JPEG, or remove it"
+            ) from None
     with img:
         yield img
+
+
+def _content_format(source: Path | str | io.BytesIO) -> str | None:
+    """The format the first bytes announce, by PIL's prefix checks (which only compare bytes), or None."""
+    if isinstance(source, io.BytesIO):
+        head = source.getvalue()[:16]
+    else:
+        with open(source, "rb") as f:
+            head = f.read(16)
+    for magic, name in _NEVER_DECODED.items():
+        if head.startswith(magic):
+            return name
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        if accept is not None and accept(head):
+            return name
+    return None
 
 
 def open_image_file(path: Path) -> Image.Image:
@@ -194,13 +232,22 @@ def _hf(split: DataSplit, field: str) -> list[Sample]:
             "set label_column: null for unlabeled data"
         )
     labels = ds[split.label_column] if labeled else [UNLABELED] * len(ds)
+    if not isinstance(ds.features[split.image_column], datasets.Image):
+        raise DataError(f"{field}.image_column: {split.image_column!r} is not an image column")
+    # The rows' bytes, decoded here: datasets would hand them to an unrestricted Image.open.
+    ds = ds.cast_column(split.image_column, datasets.Image(decode=False))
 
     def opener(i: int) -> Image.Image:
-        with no_decompression_bombs(f"{_where(split)}[{i}]"):  # datasets decodes the row with PIL
-            img = ds[i][split.image_column]
-        if not isinstance(img, Image.Image):
-            raise DataError(f"{field}: row {i} of column {split.image_column!r} is not an image")
-        return img.convert("RGB")
+        row, where = ds[i][split.image_column], f"{_where(split)}[{i}]"
+        source = io.BytesIO(row["bytes"]) if row.get("bytes") is not None else row.get("path")
+        if source is None:
+            raise DataError(f"{field}: row {i} of column {split.image_column!r} holds no image")
+        try:
+            with open_header(source, where) as img:
+                img.load()
+                return img.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{field}: image {where} cannot be read ({e}): remove or replace the row") from None
 
     return [Sample(f"{_where(split)}[{i}]", lambda i=i: opener(i), int(labels[i])) for i in range(len(ds))]
 

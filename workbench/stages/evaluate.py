@@ -125,6 +125,20 @@ def evaluate(run, opts: EvaluateOptions) -> None:
             f"(available: {available}); put calibrate/export before evaluate"
         )
     runners = build_runners(run, backends, opts.threads)
+    dataset = run.dataset("evaluation")
+    labeled = is_labeled(dataset)
+    scorers = {b: new_scorer(run.recipe, dataset) for b in backends}
+    # Every backend is compared with the FP32 model, scored or not.
+    reference_runner = runners.get("pytorch_fp32") or TorchRunner(run.reference, "reference", run.device)
+    loader = run.loader("evaluation")
+    references = None  # FP32's outputs per batch, where it was scored first
+    if labeled and run.recipe.task == "classification" and "pytorch_fp32" in scorers:
+        # Labels that do not fit the model are refused before any other backend is timed or scored.
+        references = []
+        for images, labels in _batches(track(loader, "evaluate fp32", total=len(loader)), opts.max_samples):
+            references.append(reference_runner(images))
+            _update(run, scorers["pytorch_fp32"], "pytorch_fp32", references[-1], labels, references[-1], images)
+        _check_above_chance(run, scorers["pytorch_fp32"], dataset)
     # Time before scoring: ONNX Runtime's worker threads keep spinning for a while after a run,
     # which would steal the cores from whichever backend is timed next.
     latencies = {}
@@ -132,36 +146,21 @@ def evaluate(run, opts: EvaluateOptions) -> None:
         for b, runner in runners.items():
             if b not in ("pytorch_int8", "pytorch_int8_ptq"):  # fake-quant speed means nothing for deployment
                 latencies[b] = measure_latency(runner, tuple(run.recipe.model.input_size), opts.latency_batch_sizes, repeats=opts.latency_repeats)
-    dataset = run.dataset("evaluation")
-    labeled = is_labeled(dataset)
-    scorers = {b: new_scorer(run.recipe, dataset) for b in backends}
     pairs = {key: [new_scorer(run.recipe, dataset, compare_only=True), 0.0]  # scorer, max |diff|
              for key, pair in SAME_FUNCTION.items() if set(pair) <= set(runners)}
     seen = 0
-    # Every backend is compared with the FP32 model, scored or not.
-    reference_runner = runners.get("pytorch_fp32") or TorchRunner(run.reference, "reference", run.device)
-    loader = run.loader("evaluation")
-    for images, labels in track(loader, "evaluate", total=len(loader)):
-        if opts.max_samples is not None and seen >= opts.max_samples:
-            break
-        if opts.max_samples is not None:
-            keep = opts.max_samples - seen
-            images, labels = images[:keep], labels[:keep]
+    for i, (images, labels) in enumerate(_batches(track(loader, "evaluate", total=len(loader)), opts.max_samples)):
         seen += images.shape[0]
-        reference = reference_runner(images)
+        reference = references[i] if references is not None else reference_runner(images)
         outputs = {b: (reference if b == "pytorch_fp32" else runner(images)) for b, runner in runners.items()}
         for b, out in outputs.items():
-            try:
-                scorers[b].update(out, labels, reference)
-            except FloatingPointError as e:  # the scorers' NaN/Inf check
-                raise _nonfinite_output(run, b, e, images) from None
+            if not (b == "pytorch_fp32" and references is not None):  # FP32 already scored
+                _update(run, scorers[b], b, out, labels, reference, images)
         for key, entry in pairs.items():
             graph, against = SAME_FUNCTION[key]
             entry[0].update(outputs[graph], labels, outputs[against])
             entry[1] = max(entry[1], float(np.abs(outputs[graph] - outputs[against]).max()))
 
-    if labeled and run.recipe.task == "classification" and "pytorch_fp32" in scorers:
-        _check_above_chance(run, scorers["pytorch_fp32"], dataset, seen)
     results: dict[str, dict] = {}
     for b, runner in runners.items():
         entry = {"metrics": scorers[b].result()}
@@ -180,27 +179,69 @@ def evaluate(run, opts: EvaluateOptions) -> None:
     run.record("evaluate", values)
 
 
+def _batches(loader, max_samples: int | None):
+    """The loader's (images, labels), cut after max_samples samples (all when None)."""
+    seen = 0
+    for images, labels in loader:
+        if max_samples is not None and seen >= max_samples:
+            return
+        if max_samples is not None:
+            images, labels = images[: max_samples - seen], labels[: max_samples - seen]
+        seen += images.shape[0]
+        yield images, labels
+
+
+def _update(run, scorer, backend: str, out, labels, reference, images) -> None:
+    """scorer.update, its refusals worded for the recipe: NaN/Inf output, labels the model has no class for."""
+    try:
+        scorer.update(out, labels, reference)
+    except FloatingPointError as e:  # the scorers' NaN/Inf check
+        raise _nonfinite_output(run, backend, e, images) from None
+    except DataError as e:  # a label past the model's outputs
+        classes = int(np.asarray(out).shape[1])
+        beyond = next(s for s in run.dataset("evaluation").samples if s.label >= classes)
+        where, mode = _label_source(run)
+        raise DataError(
+            f"data.evaluation: {e}, so these labels are not the model's classes: e.g. {beyond.key} -> class "
+            f"{beyond.label}. Check the labels of the source {where} (labels: {mode}), or give a model with these "
+            "classes; to score agreement with FP32 only, set data.evaluation.labels: none"
+        ) from None
+
+
+def _label_source(run) -> tuple[str, str]:
+    """The evaluation split's source and label mode, as messages name them."""
+    split = run.recipe.data.evaluation
+    where = f"calib_set {split.calib_set!r}" if split.calib_set else f"{split.source} {split.path or split.name!r}"
+    mode = split.labels or ("folder" if split.source == "imagefolder" else f"label_column {split.label_column!r}")
+    return where, mode
+
+
 CHANCE_MIN_SAMPLES = 100
 CHANCE_ALPHA = 0.001
+CHANCE_Z = 3.09  # the one-sided normal quantile of 1 - CHANCE_ALPHA
+CHANCE_MARGIN = 5.0  # points above chance that count as a real, if weak, model
 
 
-def _check_above_chance(run, fp32_scorer, dataset, n: int) -> None:
+def _check_above_chance(run, fp32_scorer, dataset) -> None:
     """Refuse labels that the FP32 model's predictions are unrelated to: a labelling problem, not a result.
 
     Chance is what the model's own predictions would score on shuffled labels (ClassificationScorer.chance_top1).
     Wrong labels (a class order that is not the model's, a label mode that does not fit the files) score at it
-    or below; a trained model, even a weak one, is well above it. Refused: at least 100 images (fewer cannot
-    tell a weak model from chance) and FP32's correct answers no more than chance gives with probability
-    0.1% (the binomial tail: exact where chance is a fraction of a percent and a single lucky hit is no evidence).
+    or below; a trained model, even a weak one, above it. Refused only when the evidence says "at chance", on
+    at least 100 images: FP32's hits are no more than chance gives with probability 0.1% (binomial tail, exact
+    where chance is a fraction of a percent), AND the upper 99.9% bound of its top-1 (Wilson) is below both
+    chance + 5 points and 50%. So a weak model that is probably above chance passes (a binary one at 53% on 1000
+    images), and so does a set where chance itself is high (one class dominates both labels and predictions).
     """
-    top1, chance = fp32_scorer.result().get("top1"), fp32_scorer.chance_top1()
-    if n < CHANCE_MIN_SAMPLES or top1 is None or chance is None:
+    n, hits, chance = fp32_scorer.n, fp32_scorer.top1, fp32_scorer.chance_top1()
+    if n < CHANCE_MIN_SAMPLES or chance is None:
         return
-    if _binomial_tail(round(top1 * n / 100.0), n, chance / 100.0) < CHANCE_ALPHA:
-        return
-    split = run.recipe.data.evaluation
-    where = f"calib_set {split.calib_set!r}" if split.calib_set else f"{split.source} {split.path or split.name!r}"
-    mode = split.labels or ("folder" if split.source == "imagefolder" else f"label_column {split.label_column!r}")
+    if _binomial_tail(hits, n, chance / 100.0) < CHANCE_ALPHA:
+        return  # clearly above chance
+    if _wilson_upper(hits, n, CHANCE_Z) >= min(chance + CHANCE_MARGIN, 50.0):
+        return  # too few images to tell a weak model from chance
+    top1 = 100.0 * hits / n
+    where, mode = _label_source(run)
     step = max(1, n // 3)
     examples = "; ".join(f"{s.key} -> class {s.label}" for s in dataset.samples[:n:step][:3])
     raise DataError(
@@ -209,6 +250,13 @@ def _check_above_chance(run, fp32_scorer, dataset, n: int) -> None:
         f"of the source {where} (labels: {mode}), e.g. {examples}. If the model is untrained or has no classes for "
         "these images, set data.evaluation.labels: none to score agreement with FP32 only"
     )
+
+
+def _wilson_upper(hits: int, n: int, z: float) -> float:
+    """The Wilson score interval's upper end for a proportion hits/n, in percent."""
+    p = hits / n
+    centre, spread = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100.0 * (centre + spread) / (1 + z * z / n)
 
 
 def _binomial_tail(k: int, n: int, p: float) -> float:

@@ -161,8 +161,8 @@ def _ranking(run, opts: MixedPrecisionOptions, candidates: list[str]) -> list[st
     if table is None:
         dataset = run.dataset("evaluation")
         probe = make_probe(run.reference, subset_loader(dataset, run.recipe.data, opts.proxy_samples), None, run.device)
-        num_classes = len(getattr(dataset, "category_ids", [])) or None
-        found = sweep(run.model, run.state["quant"], candidates, probe, run.recipe.task, num_classes, ("one_at_a_time",),
+        found = sweep(run.model, run.state["quant"], candidates, probe, run.recipe.task, run.num_classes(),
+                      ("one_at_a_time",),
                       progress=lambda it, desc, total: track(it, desc, total=total))
         table = found.rows
     ranked = [r["layer"] for r in table if r["layer"] in set(candidates)]

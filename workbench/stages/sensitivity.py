@@ -76,7 +76,7 @@ def sensitivity(run, opts: SensitivityOptions) -> None:
         raise CalibrationError("stages.sensitivity needs a calibrated model: put a calibrate stage before it")
     units = selected_units(list(quant_units(run.model, result)), opts.layers, "stages.sensitivity.layers")
     dataset = run.dataset("evaluation")
-    num_classes = len(getattr(dataset, "category_ids", [])) or None
+    num_classes = run.num_classes()  # a detector's own, not its labels'
     # A detector's output holds thousands of boxes per image: 8 images give the proxies plenty of values.
     proxy_samples = opts.proxy_samples or (8 if run.recipe.task == "detection" else 16)
     proxy_probe = make_probe(run.reference, subset_loader(dataset, run.recipe.data, proxy_samples), None, run.device)

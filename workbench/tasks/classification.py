@@ -7,6 +7,8 @@ from collections import Counter
 import numpy as np
 import torch
 
+from ..errors import DataError
+
 
 def _as_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
@@ -49,6 +51,9 @@ class ClassificationScorer:
         self.n += logits.shape[0]
         if self.labeled and labels is not None:
             labels = _as_numpy(labels).astype(np.int64)
+            if len(labels) and labels.max() >= logits.shape[1]:  # else scored as wrong: a misleading "at chance"
+                raise DataError(f"a label is {labels.max()}, but the model has {logits.shape[1]} outputs "
+                                f"(classes 0..{logits.shape[1] - 1})")
             k = min(5, logits.shape[1])
             topk = np.argpartition(-logits, k - 1, axis=1)[:, :k]
             predicted = logits.argmax(1)
