@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import re
+import struct
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,10 +72,10 @@ def open_header(source: Path | str | io.BytesIO, where: str | None = None) -> It
             img = Image.open(source, formats=IMAGE_FORMATS)
         except UnidentifiedImageError:
             found = _content_format(source)
-            if found in IMAGE_FORMATS:
+            if found is None or found in IMAGE_FORMATS:  # not an image at all, or a broken one: "cannot be read"
                 raise
             raise DataError(
-                f"image {where} holds {found or 'no image format PIL knows'}, not one of the formats read "
+                f"image {where} holds {found}, not one of the formats read "
                 f"({', '.join(IMAGE_FORMATS)}); others are never decoded (PostScript, EPS and PDF would run "
                 "Ghostscript): convert it to PNG or JPEG, or remove it"
             ) from None
@@ -94,8 +95,11 @@ def _content_format(source: Path | str | io.BytesIO) -> str | None:
             return name
     Image.init()
     for name, (_, accept) in Image.OPEN.items():
-        if accept is not None and accept(head):
-            return name
+        try:
+            if accept is not None and accept(head):
+                return name
+        except (IndexError, TypeError, SyntaxError, struct.error):  # what Image.open itself tolerates of them
+            continue
     return None
 
 
