@@ -269,13 +269,14 @@ def test_a_sigkilled_run_is_marked_interrupted_by_workbench_runs(tmp_path, capsy
     assert _metrics(final)["status"] == "complete" and _metrics(final)["resumed"]["reused"] == ["calibrate", "export"]
 
 
-def _fake_run(runs: Path, name: str, pid: int, host: str | None = None) -> Path:
+def _fake_run(runs: Path, name: str, pid: int, host: str | None = None, **identity) -> Path:
     run_dir = runs / f"{name}.incomplete"
     run_dir.mkdir(parents=True)
     (run_dir / "recipe.yaml").write_text("name: x\n")
     (run_dir / "metrics.json").write_text(json.dumps({
         "status": "running", "started": "2026-01-01T00:00:00", "pid": pid, "host": host or socket.gethostname(),
-        "stage_names": ["calibrate", "export"], "timings_s": {"calibrate": 1.0}, "fingerprints": [], "stages": {}}))
+        "stage_names": ["calibrate", "export"], "timings_s": {"calibrate": 1.0}, "fingerprints": [], "stages": {},
+        **identity}))
     return run_dir
 
 
@@ -517,3 +518,116 @@ def test_finetune_resume_from_a_file_that_is_no_checkpoint(tmp_path, images, cap
     (failed,) = runs.iterdir()
     assert failed.name.endswith(".failed") and not (failed / "checkpoints").exists()
     assert _metrics(failed)["failed_stage"] == "finetune"
+
+
+def test_a_training_checkpoint_without_its_rng_state_is_refused(tmp_path, images, capsys):
+    """A real finetune checkpoint less the RNG state it is resumed with (before: 'does not fit ... ('rng')')."""
+    runs = tmp_path / "runs"
+    split = f'  finetune: {{source: imagefolder, path: "{images}"}}\n  batch_size: 4'
+    recipe = _recipe(tmp_path, images, runs, "  - finetune: {epochs: 1, eval_samples: 4}\n")
+    recipe.write_text(recipe.read_text().replace("  batch_size: 4", split))
+    assert main(["run", str(recipe)]) == 0
+    (done,) = runs.iterdir()
+    state = torch.load(done / "checkpoints" / "finetune_epoch1.pt", weights_only=True)
+    del state["rng"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    recipe.write_text(recipe.read_text().replace("eval_samples: 4}", f'eval_samples: 4, resume: "{old}"}}'))
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"finetune.resume: {old} is not a training checkpoint (a dict without rng;" in err
+    assert "Traceback" not in err
+    failed = next(p for p in runs.iterdir() if p.name.endswith(".failed"))
+    assert _metrics(failed)["failed_stage"] == "finetune" and not (failed / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The resume fingerprint of the inputs: bounded cost, calibration sets, and runs of another pid namespace
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_the_input_fingerprint_stats_a_bounded_number_of_files_and_follows_the_samples(tmp_path, monkeypatch):
+    from workbench.data import build_dataset
+    from workbench.recipe import parse_recipe
+    from workbench.resume import SAMPLED_FILES, describe_inputs
+
+    images = make_image_folder(tmp_path / "many", classes=2, per_class=400, size=4)
+    recipe = parse_recipe(tiny_recipe(images, tmp_path / "runs").replace(", count: 12", ""), "r.yaml")
+    datasets = {"calibration": build_dataset(recipe.data, "calibration")}
+    stat, calls = os.stat, []
+
+    def counted(path, *args, **kwargs):
+        if str(path).startswith(str(images)):
+            calls.append(path)
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counted)
+    before = describe_inputs(recipe, datasets)["data.calibration.path"]
+    assert before["samples"] == 800 and before["path"] == str(images)
+    assert 0 < len(calls) <= SAMPLED_FILES  # not one per image, as walking the folder did
+    # An image renamed (whether or not it is among the files stat'ed) is another sample list.
+    stat_ed = {str(p) for p in calls}
+    name = next(s.key for s in datasets["calibration"].samples if s.key not in stat_ed)
+    os.rename(name, name.replace(".png", "b.png"))
+    monkeypatch.undo()
+    after = describe_inputs(recipe, {"calibration": build_dataset(recipe.data, "calibration")})
+    assert after["data.calibration.path"]["sha256"] != before["sha256"]
+    assert after["data.calibration.path"]["samples"] == 800
+
+
+def test_resume_after_the_calibration_set_changed_is_refused_naming_it(tmp_path, images, capsys, monkeypatch):
+    sets = tmp_path / "sets"
+    sets.mkdir()
+    definition = sets / "mine.yaml"
+    definition.write_text(f'source: imagefolder\npath: "{images}"\ncount: 12\nseed: 0\n')
+    monkeypatch.setenv("WORKBENCH_CALIBRATION_DATA", str(sets))
+    runs = tmp_path / "runs"
+    recipe = _recipe(tmp_path, images, runs, FAILING_EVALUATE)
+    text = recipe.read_text()
+    recipe.write_text(text.replace(f'{{source: imagefolder, path: "{images}", count: 12, seed: 0}}', "{calib_set: mine}"))
+    assert "calib_set: mine" in recipe.read_text()
+    assert main(["run", str(recipe)]) == 2
+    (failed,) = runs.iterdir()
+    assert [f["stage"] for f in _metrics(failed)["fingerprints"]] == ["calibrate", "export"]
+    before = _snapshot(failed)
+    capsys.readouterr()
+    definition.write_text(definition.read_text().replace("seed: 0", "seed: 1"))  # other calibration images
+    assert main(["run", "--resume", str(failed), "stages.evaluate.backends=null"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: data.calibration.calib_set ({definition}) changed since {failed.name} ran" in err
+    assert _snapshot(failed) == before and [p.name for p in runs.iterdir()] == [failed.name]
+
+
+def test_workbench_runs_leaves_a_run_of_another_boot_or_pid_namespace_alone(tmp_path, capsys):
+    from workbench.rundir import process_identity
+
+    here = process_identity()
+    assert here["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert here["pid_namespace"] == os.stat("/proc/self/ns/pid").st_ino
+    runs = tmp_path / "runs"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    space = {"boot_id": here["boot_id"], "pid_namespace": here["pid_namespace"]}
+    dead = _fake_run(runs, "dead-20260101-000000", gone.pid, **space)
+    other_boot = _fake_run(runs, "boot-20260101-000000", gone.pid, **{**space, "boot_id": "another-boot"})
+    other_ns = _fake_run(runs, "ns-20260101-000000", gone.pid,
+                         **{**space, "pid_namespace": here["pid_namespace"] + 1})  # another container's pids
+    assert main(["runs", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert "marked dead-20260101-000000.failed as interrupted" in out
+    assert not dead.exists() and _metrics(runs / "dead-20260101-000000.failed")["status"] == "interrupted"
+    for run_dir in (other_boot, other_ns):
+        assert run_dir.is_dir() and _metrics(run_dir)["status"] == "running", run_dir.name
+        assert f"marked {run_dir.name.replace('.incomplete', '.failed')}" not in out
+    assert out.count(f"running? (pid {gone.pid}") == 2
+
+
+def test_runs_dir_that_is_a_dangling_symlink_is_refused_naming_it(tmp_path, images, capsys):
+    runs = tmp_path / "runs"
+    runs.symlink_to(tmp_path / "nowhere")
+    recipe, marker = _no_load_recipe(tmp_path, images, runs)
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert (f"runs_dir: cannot create a run directory in {runs} ({runs} is a symbolic link to {tmp_path / 'nowhere'}, "
+            "which does not exist") in err
+    assert not marker.exists() and not (tmp_path / "nowhere").exists() and runs.is_symlink()

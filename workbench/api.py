@@ -19,12 +19,14 @@ def run(recipe: str | os.PathLike | Recipe | None, overrides: list[str] | tuple[
     `resume`: a failed or interrupted run directory to continue in place (see resume.py); with `recipe`
     None, the run's own recipe.yaml (with `overrides`) is used.
     """
-    if recipe is None:
-        if resume is None:
-            raise RecipeError("give a recipe to run, or a run directory to resume")
+    if recipe is None and resume is None:
+        raise RecipeError("give a recipe to run, or a run directory to resume")
+    if resume is not None:  # opened once: its recipe may be the one to run
         from .resume import open_previous
 
-        recipe = open_previous(resume).recipe(overrides)
+        resume = open_previous(resume)
+    if recipe is None:
+        recipe = resume.recipe(overrides)
     elif not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     return run_recipe(recipe, console=console, resume=resume)

@@ -34,10 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue this failed or interrupted run from its first "
                      "unfinished stage, reusing the stages it finished with the same recipe and inputs")
 
-    runs = sub.add_parser("runs", help="list the runs in a runs directory (marks runs whose process died as interrupted)")
-    runs.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR")
     run.add_argument("--gpus", type=int, default=1, metavar="N",
                      help="N processes under torchrun, one per GPU (gloo CPU processes where there is no GPU)")
+
+    runs = sub.add_parser("runs", help="list the runs in a runs directory (marks runs whose process died as "
+                          "interrupted)")
+    runs.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR")
 
     sens = sub.add_parser("sensitivity", help="calibrate as the recipe says, then rank every layer's INT8 sensitivity")
     sens.add_argument("recipe")

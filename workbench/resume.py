@@ -2,10 +2,14 @@
 
 Every finished stage records a fingerprint in metrics.json: a hash of the recipe up to and including
 that stage (the whole recipe but its name, runs_dir and later stages). The run also records its inputs
-once: the model and weight files, the module of an `import:` spec and the data paths, each by size
-and modification time (a directory by its file count, total size and newest file; contents are not
-read, so a file rewritten with the same size and time is not noticed; nor is an upgrade of workbench
-or of the libraries it calls).
+once: the model and weight files, the module of an `import:` spec, a COCO annotations file and a
+named calibration set's YAML, each by size and modification time (the calibration set's YAML also by
+its contents), and every data split a stage reads by the samples the run built from it: their count, a
+hash of their names and labels (boxes, for detection) in order, and the size and time of at most
+SAMPLED_FILES of their files, evenly spread, so that a split of a million images costs no million stat
+calls. So an image added, removed, renamed or relabelled is noticed, an image rewritten in place only
+where it is one of those files; file contents are not read, and neither is an upgrade of workbench or
+of the libraries it calls.
 
 On resume the recipe (the run's recipe.yaml, or the one given, with overrides) must give the same
 fingerprints and inputs for every stage the run finished: if not, the resume is refused naming the
@@ -91,8 +95,11 @@ def stage_fingerprints(recipe: Recipe) -> list[str]:
     return out
 
 
-def describe_inputs(recipe: Recipe) -> dict[str, dict]:
-    """The files a run reads, by recipe field: size and modification time (after the model was loaded)."""
+def describe_inputs(recipe: Recipe, datasets: dict) -> dict[str, dict]:
+    """What a run reads, by recipe field (after the model was loaded): the model's files by size and time, the
+    data splits in `datasets` (the ones the stages read, as preflight built them) by their samples."""
+    from .data.calibsets import find_calib_set, load_calib_set
+
     model = recipe.model
     paths = {"model.weights": model.weights, "model.pruned": model.pruned}
     source, _, rest = model.spec.partition(":")
@@ -101,26 +108,51 @@ def describe_inputs(recipe: Recipe) -> dict[str, dict]:
     elif source == "import":
         module = sys.modules.get(rest.split(":")[0])  # imported by the preflight: its source file
         paths["model.spec"] = getattr(module, "__file__", None)
-    for split in ("calibration", "evaluation", "finetune"):
-        config = getattr(recipe.data, split, None)
-        for key in ("path", "annotations", "label_dir"):
-            paths[f"data.{split}.{key}"] = getattr(config, key, None) if config is not None else None
-    return {field: _stat(Path(path)) for field, path in paths.items() if path and os.path.exists(path)}
+    sets, folders = {}, {}
+    for split in datasets:
+        config = getattr(recipe.data, split)
+        if config.calib_set:  # the set's YAML decides which images, and its split where they are
+            sets[f"data.{split}.calib_set"] = find_calib_set(config.calib_set, f"data.{split}.calib_set")
+            config = load_calib_set(config.calib_set, f"data.{split}.calib_set")[0]
+        paths[f"data.{split}.annotations"] = config.annotations
+        folders[f"data.{split}.path"] = config.path or config.name or config.package  # for messages
+    inputs = {field: _stat(Path(path)) for field, path in paths.items() if path and os.path.isfile(path)}
+    inputs.update({field: _stat(path, contents=True) for field, path in sets.items()})
+    for split, dataset in datasets.items():
+        inputs[f"data.{split}.path"] = _samples(dataset, folders[f"data.{split}.path"])
+    return inputs
 
 
-def _stat(path: Path) -> dict:
-    if path.is_file():
-        st = path.stat()
-        return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    files, size, newest = 0, 0, 0
-    for root, _, names in os.walk(path):
-        for name in names:
-            try:
-                st = os.stat(os.path.join(root, name))
-            except OSError:
-                continue
-            files, size, newest = files + 1, size + st.st_size, max(newest, st.st_mtime_ns)
-    return {"path": str(path), "files": files, "bytes": size, "mtime_ns": newest}
+def _stat(path: Path, contents: bool = False) -> dict:
+    """A file by size and time; `contents`: also by a hash of them (a short file, whose edit may keep both)."""
+    st = path.stat()
+    entry = {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if contents:
+        entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return entry
+
+
+SAMPLED_FILES = 256  # files of a data split whose size and time are recorded: a bounded cost for any split
+
+
+def _samples(dataset, where: str | None) -> dict:
+    """A data split by the samples the run reads (see the module's docstring)."""
+    if hasattr(dataset, "records"):  # detection: each image with the boxes and classes its labels gave
+        entries = [(str(r.path), r.boxes.tolist(), r.labels.tolist()) for r in dataset.records]
+    else:
+        entries = [(s.key, s.label) for s in dataset.samples]
+    digest = hashlib.sha256()
+    for entry in entries:
+        digest.update(repr(entry).encode())
+    size, newest = 0, 0
+    for key, *_ in entries[:: max(1, len(entries) // SAMPLED_FILES)][:SAMPLED_FILES]:
+        try:
+            st = os.stat(key)
+        except OSError:  # a hub dataset's row, not a file
+            continue
+        size, newest = size + st.st_size, max(newest, st.st_mtime_ns)
+    return {"path": str(where), "samples": len(entries), "sha256": digest.hexdigest(),
+            "bytes": size, "mtime_ns": newest}
 
 
 def check_reusable(previous: Previous, recipe: Recipe, inputs: dict[str, dict]) -> int:

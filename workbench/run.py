@@ -31,7 +31,7 @@ from .errors import WorkbenchError
 from .io import write_json, write_text
 from .models import resolve_model
 from .recipe import Recipe, dump_recipe, with_absolute_paths
-from .resume import check_reusable, describe_inputs, open_previous, restore_stages, stage_fingerprints
+from .resume import Previous, check_reusable, describe_inputs, open_previous, restore_stages, stage_fingerprints
 from .rundir import check_runs_dir, mark_stale_runs, process_identity
 from .stages import STAGES
 from .validate import check_recipe_inputs
@@ -47,6 +47,7 @@ class Run:
     device: torch.device
     metrics: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)  # in-memory hand-over between stages
+    stage: str | None = None  # the stage running now: a failure's record names it
     _datasets: dict[str, ImageDataset] = field(default_factory=dict)
 
     def dataset(self, split: str) -> ImageDataset:
@@ -122,19 +123,19 @@ def _check_detector(recipe: Recipe, model: nn.Module, datasets: dict) -> None:
             )
 
 
-def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | None = None) -> Run:
+def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | Previous | None = None) -> Run:
     """Carry `recipe` through its stages; return the finished Run (its dir holds every artifact).
 
-    `resume`: a failed or interrupted run directory to continue in place, reusing the stages it finished
-    with this same recipe and inputs (see resume.py).
+    `resume`: a failed or interrupted run directory (or that run, opened) to continue in place, reusing the
+    stages it finished with this same recipe and inputs (see resume.py).
     """
-    from .report import print_summary, write_report
+    from .report import print_summary
 
     recipe = with_absolute_paths(recipe)
     distributed.init()
     if not distributed.is_main():  # rank 0 writes the run directory; the others compute beside it
         recipe = recipe.model_copy(update={"runs_dir": tempfile.mkdtemp(prefix=f"workbench-rank{distributed.rank()}-")})
-    previous = open_previous(resume) if resume is not None else None
+    previous = resume if isinstance(resume, Previous) or resume is None else open_previous(resume)
     if previous is None:
         # Before the model and the data are loaded (minutes, for some): a run that cannot be written fails now.
         check_runs_dir(Path(recipe.runs_dir), recipe.name)
@@ -148,16 +149,10 @@ def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | None = 
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     model = model.to(device).eval()
-    inputs = describe_inputs(recipe)
-    fingerprints = stage_fingerprints(recipe)
-    if previous is not None:
-        reusable = check_reusable(previous, recipe, inputs)
-        final_dir, work_dir = previous.final_dir, previous.claim()
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        final_dir = _unique_dir(Path(recipe.runs_dir) / f"{recipe.name}-{stamp}")
-        work_dir = final_dir.with_name(final_dir.name + ".incomplete")
-        work_dir.mkdir(parents=True)
+    # Only rank 0's run directory is kept (and --resume runs in one process): the others need no fingerprint.
+    inputs = describe_inputs(recipe, datasets) if distributed.is_main() else {}
+    reusable = check_reusable(previous, recipe, inputs) if previous is not None else 0
+    final_dir, work_dir = _start_run_dir(recipe, previous)
     run = Run(recipe=recipe, dir=work_dir, model=copy.deepcopy(model), reference=model, device=device, _datasets=datasets)
     run.metrics = {
         "recipe": recipe.name,
@@ -171,56 +166,83 @@ def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | None = 
         "inputs": inputs,
         "fingerprints": [],  # one per finished stage, in order: what --resume checks before reusing it
     }
-    name = None
     try:  # from here on, whatever happens (Ctrl-C too) leaves the directory renamed .failed with the reason
-        write_text(run.path("recipe.yaml"), dump_recipe(recipe))
-        run.save_metrics()
-        reused = restore_stages(run, previous, reusable) if previous is not None else []
-        if previous is not None:
-            run.metrics["resumed"] = {"from": previous.dir.name, "started_first": previous.metrics.get("started"),
-                                      "reused": reused, "rerun": run.metrics["stage_names"][len(reused):]}
-            run.save_metrics()
-            if console is not None:
-                console.print(f"resuming {previous.dir.name}: reusing {', '.join(reused) or 'no stage'}; running "
-                              f"{', '.join(run.metrics['resumed']['rerun']) or 'no stage'}")
-        for index, (name, options) in enumerate(recipe.stage_list()):
-            if index < len(reused):
-                continue
-            if console is not None:
-                console.print(f"[bold]stage {index + 1}/{len(recipe.stages)}: {name}[/bold]")
-            start = time.perf_counter()
-            STAGES[name].fn(run, options)
-            run.metrics.setdefault("timings_s", {})[name] = round(time.perf_counter() - start, 3)
-            run.metrics["fingerprints"].append({"stage": name, "fingerprint": fingerprints[index]})
-            run.save_metrics()
-        name = None
-        run.metrics["status"] = "complete"
-        run.metrics["finished"] = datetime.now().isoformat(timespec="seconds")
-        run.save_metrics()
-        write_report(run.dir)
+        _run_stages(run, previous, reusable, console)
     except BaseException as e:
-        interrupted = isinstance(e, KeyboardInterrupt)
-        run.metrics["status"] = "interrupted" if interrupted else "failed"
-        if interrupted:
-            run.metrics["error"] = "interrupted (Ctrl-C)" + (f" during stage {name}" if name else "")
-        else:
-            run.metrics["error"] = str(e) if isinstance(e, WorkbenchError) else "".join(traceback.format_exception_only(e)).strip()
-        if name is not None:
-            run.metrics["failed_stage"] = name
-        try:
-            run.save_metrics()
-        except OSError as write_error:  # a full disk: the directory still says failed by its name
-            print(f"warning: could not record the failure in {run.path('metrics.json')} ({write_error}); "
-                  "the run directory is renamed .failed all the same", file=sys.stderr)
-        failed = final_dir.with_name(final_dir.name + ".failed")
-        os.replace(work_dir, failed)
-        run.dir = failed
+        _record_failure(run, e, final_dir)
         raise
     os.replace(work_dir, final_dir)
     run.dir = final_dir
     if console is not None:
         print_summary(run.dir, console)
     return run
+
+
+def _start_run_dir(recipe: Recipe, previous: Previous | None) -> tuple[Path, Path]:
+    """The run's final directory and the `.incomplete` one it works in: the resumed run's, claimed, or a new one."""
+    if previous is not None:
+        return previous.final_dir, previous.claim()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    final_dir = _unique_dir(Path(recipe.runs_dir) / f"{recipe.name}-{stamp}")
+    work_dir = final_dir.with_name(final_dir.name + ".incomplete")
+    work_dir.mkdir(parents=True)
+    return final_dir, work_dir
+
+
+def _run_stages(run: Run, previous: Previous | None, reusable: int, console) -> None:
+    """Record the recipe, restore what a resumed run may reuse, run the other stages in order, write the report."""
+    from .report import write_report
+
+    recipe = run.recipe
+    write_text(run.path("recipe.yaml"), dump_recipe(recipe))
+    run.save_metrics()
+    reused = restore_stages(run, previous, reusable) if previous is not None else []
+    if previous is not None:
+        run.metrics["resumed"] = {"from": previous.dir.name, "started_first": previous.metrics.get("started"),
+                                  "reused": reused, "rerun": run.metrics["stage_names"][len(reused):]}
+        run.save_metrics()
+        if console is not None:
+            console.print(f"resuming {previous.dir.name}: reusing {', '.join(reused) or 'no stage'}; running "
+                          f"{', '.join(run.metrics['resumed']['rerun']) or 'no stage'}")
+    fingerprints = stage_fingerprints(recipe)
+    for index, (name, options) in enumerate(recipe.stage_list()):
+        if index < len(reused):
+            continue
+        if console is not None:
+            console.print(f"[bold]stage {index + 1}/{len(recipe.stages)}: {name}[/bold]")
+        run.stage = name
+        start = time.perf_counter()
+        STAGES[name].fn(run, options)
+        run.metrics.setdefault("timings_s", {})[name] = round(time.perf_counter() - start, 3)
+        run.metrics["fingerprints"].append({"stage": name, "fingerprint": fingerprints[index]})
+        run.save_metrics()
+        run.stage = None
+    run.metrics["status"] = "complete"
+    run.metrics["finished"] = datetime.now().isoformat(timespec="seconds")
+    run.save_metrics()
+    write_report(run.dir)
+
+
+def _record_failure(run: Run, error: BaseException, final_dir: Path) -> None:
+    """Record why the run ended (a failure, or Ctrl-C) in metrics.json, even on a full disk; rename it `.failed`."""
+    interrupted = isinstance(error, KeyboardInterrupt)
+    run.metrics["status"] = "interrupted" if interrupted else "failed"
+    if interrupted:
+        run.metrics["error"] = "interrupted (Ctrl-C)" + (f" during stage {run.stage}" if run.stage else "")
+    elif isinstance(error, WorkbenchError):
+        run.metrics["error"] = str(error)
+    else:
+        run.metrics["error"] = "".join(traceback.format_exception_only(error)).strip()
+    if run.stage is not None:
+        run.metrics["failed_stage"] = run.stage
+    try:
+        run.save_metrics()
+    except OSError as write_error:  # a full disk: the directory still says failed by its name
+        print(f"warning: could not record the failure in {run.path('metrics.json')} ({write_error}); "
+              "the run directory is renamed .failed all the same", file=sys.stderr)
+    failed = final_dir.with_name(final_dir.name + ".failed")
+    os.replace(run.dir, failed)
+    run.dir = failed
 
 
 def _unique_dir(path: Path) -> Path:

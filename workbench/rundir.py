@@ -4,7 +4,9 @@ A run records its process (pid, host, the process's start time) in metrics.json 
 `.incomplete` directory whose metrics still say "running" although that process is gone (SIGKILL, the
 out-of-memory killer, a power cut) is stale: the next run in the same runs_dir and `workbench runs`
 mark it "interrupted" and rename it `.failed`, as a run stopped with Ctrl-C is, so that
-`workbench run --resume` can continue it. A run on another host cannot be checked and is left alone.
+`workbench run --resume` can continue it. A run on another host cannot be checked and is left alone, and so
+is one recorded under another boot or in another pid namespace (two containers may share a hostname and a
+runs_dir but not their process ids: a pid missing here may be a live run there).
 """
 
 from __future__ import annotations
@@ -74,12 +76,20 @@ def _refusal(runs_dir: Path, name: str, probe: Path, e: OSError) -> WorkbenchErr
     what = {errno.EACCES: "no permission to write there", errno.EPERM: "no permission to write there",
             errno.EROFS: "the file system is read-only", errno.ENOSPC: "the disk is full",
             errno.ENOTDIR: "a part of the path is a file",
-            errno.ENOENT: "that file system holds no directories of ours, as /proc or /sys"}
-    reason = what.get(e.errno, e.strerror or str(e))
+            errno.ENOENT: "a directory on the way vanished, or the file system takes no new ones, as /proc or /sys"}
+    reason = _dangling_link(runs_dir) or what.get(e.errno, e.strerror or str(e))
     return WorkbenchError(
         f"runs_dir: cannot create a run directory in {runs_dir} ({reason}: {e.strerror}); set runs_dir to a "
         "writable directory (runs_dir: PATH in the recipe, or runs_dir=PATH on the command line)"
     )
+
+
+def _dangling_link(path: Path) -> str | None:
+    """'X is a symbolic link to Y, which does not exist' for the first such part of `path`; None if none is."""
+    for part in [*reversed(path.parents), path]:
+        if part.is_symlink() and not part.exists():
+            return f"{part} is a symbolic link to {os.readlink(part)}, which does not exist"
+    return None
 
 
 def _name_max(path: Path) -> int:
@@ -94,22 +104,39 @@ def _name_max(path: Path) -> int:
 
 def process_identity() -> dict:
     """What metrics.json records of the running process, to tell later whether it is still alive."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "pid_started": _start_time(os.getpid())}
+    fields = _proc_stat(os.getpid())
+    return {"pid": os.getpid(), "host": socket.gethostname(), "pid_started": int(fields[19]) if fields else None,
+            **_pid_space()}
 
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot): a pid reused by another process has another one."""
+def _pid_space() -> dict:
+    """The boot and the pid namespace the process's id belongs to (each omitted where /proc does not tell)."""
+    space = {}
+    with contextlib.suppress(OSError):
+        space["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    with contextlib.suppress(OSError):
+        space["pid_namespace"] = os.stat("/proc/self/ns/pid").st_ino
+    return space
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (the state) on: [0] the state, [19] the start time (clock ticks since boot,
+    another for a reused pid); None without /proc or without that process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the command name before ')' may hold spaces
+    return stat.rsplit(")", 1)[1].split()  # the command name before ')' may hold spaces
 
 
 def is_alive(metrics: dict) -> bool | None:
-    """Whether the process that wrote `metrics` still runs; None when that cannot be told (another host, no pid)."""
+    """Whether the process that wrote `metrics` still runs; None when that cannot be told (another host, boot
+    or pid namespace, no pid)."""
     pid = metrics.get("pid")
     if not isinstance(pid, int) or metrics.get("host") != socket.gethostname():
+        return None
+    here = _pid_space()
+    if any(key in metrics and key in here and metrics[key] != here[key] for key in ("boot_id", "pid_namespace")):
         return None
     try:
         os.kill(pid, 0)
@@ -117,9 +144,8 @@ def is_alive(metrics: dict) -> bool | None:
         return False
     except PermissionError:
         pass  # it exists, under another user
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = _proc_stat(pid)
+    if fields is None:
         return True  # no /proc: the pid exists, which is all that can be told
     if fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent
         return False

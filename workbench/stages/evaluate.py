@@ -105,12 +105,19 @@ def _nonfinite_output(run, backend: str, error: FloatingPointError, images) -> W
 
     models = {"pytorch_fp32": run.reference, "pytorch_fp32_pruned": run.state.get("pruned_fp32"),
               "pytorch_int8": run.model, "pytorch_int8_ptq": run.state.get("ptq_model")}
-    model = models.get(backend)  # None for the ONNX Runtime and TensorRT backends
-    layer = first_nonfinite_layer(model, images.to(run.device)) if model is not None else None
-    where = f"; the first layer whose output holds NaN/Inf is '{layer}'" if layer else ""
+    model = models.get(backend)
+    if model is None:  # ONNX Runtime or TensorRT: no layer can be watched from here
+        return WorkbenchError(
+            f"evaluate: {backend}: {error}. Its graph computes NaN/Inf on this data: evaluate the pytorch_* backends "
+            "on the same data to find the layer where it overflows, and check data.transform"
+        )
+    layer = first_nonfinite_layer(model, images.to(run.device))
+    where = (f"the first layer whose output holds NaN/Inf is '{layer}'" if layer else
+             "no layer's own output holds NaN/Inf, so it arises in the model's forward between layers")
     return WorkbenchError(
-        f"evaluate: {backend}: {error}{where}. Its weights are finite, so it overflows float32 there: check that "
-        "layer's weights and statistics (e.g. a BatchNorm running_var of 0 with a large weight) and data.transform"
+        f"evaluate: {backend}: {error}; {where}. Its weights are finite (checked as it was loaded), so it overflows "
+        "float32: check the weights and statistics there (e.g. a BatchNorm running_var of 0 with a large weight) "
+        "and data.transform"
     )
 
 

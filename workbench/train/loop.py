@@ -230,7 +230,8 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, epoch: 
         torch.save(state, tmp)
 
 
-TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "history")  # as _save_checkpoint writes
+# As _save_checkpoint writes them; the fingerprint is compared apart (a missing one reads as other settings).
+TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "history", "rng")
 
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler, label: str, fingerprint: dict) -> tuple[int, int, list[dict]]:
