@@ -225,7 +225,7 @@ def test_ctrl_c_during_a_stage_leaves_the_run_failed_as_interrupted_and_resume_c
     onnx_mtime = (failed / "model.onnx").stat().st_mtime_ns
 
     # The run's own recipe with evaluate made short: calibrate and export are reused, evaluate runs.
-    assert main(["run", "--resume", str(failed), "stages.evaluate.latency_repeats=2"]) == 0
+    assert main(["run", "--resume", str(failed), "model.trust_code=true", "stages.evaluate.latency_repeats=2"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert f"resuming {failed.name}: reusing calibrate, export; running evaluate" in out
     final = failed.with_name(failed.name.removesuffix(".failed"))
@@ -263,7 +263,7 @@ def test_a_sigkilled_run_is_marked_interrupted_by_workbench_runs(tmp_path, capsy
     metrics = _metrics(failed)
     assert metrics["status"] == "interrupted" and f"pid {proc.pid}" in metrics["error"]
     # A killed run not yet marked resumes as it is: its process is gone.
-    assert main(["run", "--resume", str(unmarked), "stages.evaluate.latency_repeats=2"]) == 0
+    assert main(["run", "--resume", str(unmarked), "model.trust_code=true", "stages.evaluate.latency_repeats=2"]) == 0
     final = unmarked.with_name(unmarked.name.removesuffix(".incomplete"))
     assert [p.name for p in final.parent.iterdir()] == [final.name]
     assert _metrics(final)["status"] == "complete" and _metrics(final)["resumed"]["reused"] == ["calibrate", "export"]
@@ -360,7 +360,7 @@ def test_resume_restores_a_pruned_and_fine_tuned_model_under_its_calibration(tmp
     assert main(["run", str(recipe)]) == 2
     (failed,) = runs.iterdir()
     pruned = (failed / "pruned_model.pt").read_bytes()
-    assert main(["run", "--resume", str(failed), "stages.evaluate.backends=null"]) == 0
+    assert main(["run", "--resume", str(failed), "model.trust_code=true", "stages.evaluate.backends=null"]) == 0
     final = failed.with_name(failed.name.removesuffix(".failed"))
     resumed = _metrics(final)
     assert resumed["resumed"]["reused"] == ["prune", "finetune", "calibrate", "export"]
@@ -378,7 +378,7 @@ def test_resume_restores_a_pruned_and_fine_tuned_model_under_its_calibration(tmp
 def test_resume_runs_again_from_a_stage_whose_files_are_gone(tmp_path, images, capsys):
     recipe, failed = _failed_run(tmp_path, images, capsys)
     (failed / "model.onnx").unlink()
-    assert main(["run", "--resume", str(failed), "stages.evaluate.backends=null"]) == 0
+    assert main(["run", "--resume", str(failed), "model.trust_code=true", "stages.evaluate.backends=null"]) == 0
     final = failed.with_name(failed.name.removesuffix(".failed"))
     resumed = _metrics(final)
     assert resumed["resumed"]["reused"] == ["calibrate"] and resumed["resumed"]["rerun"] == ["export", "evaluate"]
@@ -388,7 +388,7 @@ def test_resume_runs_again_from_a_stage_whose_files_are_gone(tmp_path, images, c
 def test_resume_with_a_changed_stage_is_refused_naming_it(tmp_path, images, capsys):
     _, failed = _failed_run(tmp_path, images, capsys)
     before = _snapshot(failed)
-    assert main(["run", "--resume", str(failed), "stages.calibrate.method=entropy"]) == 2
+    assert main(["run", "--resume", str(failed), "model.trust_code=true", "stages.calibrate.method=entropy"]) == 2
     err = capsys.readouterr().err
     assert "--resume: stage 1 (calibrate) finished under another recipe" in err
     assert "stages.0.calibrate.method: max -> entropy" in err
@@ -400,7 +400,7 @@ def test_resume_with_a_changed_input_file_is_refused_naming_it(tmp_path, images,
     before = _snapshot(failed)
     image = next((images / "class0").iterdir())
     image.write_bytes(image.read_bytes() + b"\0")
-    assert main(["run", "--resume", str(failed), "stages.evaluate.backends=null"]) == 2
+    assert main(["run", "--resume", str(failed), "model.trust_code=true", "stages.evaluate.backends=null"]) == 2
     err = capsys.readouterr().err
     assert f"--resume: data.calibration.path ({images}) changed since {failed.name} ran" in err
     assert _snapshot(failed) == before
@@ -592,7 +592,7 @@ def test_resume_after_the_calibration_set_changed_is_refused_naming_it(tmp_path,
     before = _snapshot(failed)
     capsys.readouterr()
     definition.write_text(definition.read_text().replace("seed: 0", "seed: 1"))  # other calibration images
-    assert main(["run", "--resume", str(failed), "stages.evaluate.backends=null"]) == 2
+    assert main(["run", "--resume", str(failed), "model.trust_code=true", "stages.evaluate.backends=null"]) == 2
     err = capsys.readouterr().err
     assert f"--resume: data.calibration.calib_set ({definition}) changed since {failed.name} ran" in err
     assert _snapshot(failed) == before and [p.name for p in runs.iterdir()] == [failed.name]
@@ -631,3 +631,17 @@ def test_runs_dir_that_is_a_dangling_symlink_is_refused_naming_it(tmp_path, imag
     assert (f"runs_dir: cannot create a run directory in {runs} ({runs} is a symbolic link to {tmp_path / 'nowhere'}, "
             "which does not exist") in err
     assert not marker.exists() and not (tmp_path / "nowhere").exists() and runs.is_symlink()
+
+
+def test_resume_does_not_take_trust_from_the_run_directory(tmp_path, images, capsys):
+    """A tampered recipe.yaml in a run directory cannot turn on trust_code: it must be given on the command line."""
+    run_dir = tmp_path / "evil.failed"
+    run_dir.mkdir()
+    marker = tmp_path / "PWNED"
+    (run_dir / "metrics.json").write_text('{"status": "failed", "stages": {}, "fingerprints": []}')
+    (run_dir / "recipe.yaml").write_text(
+        "name: evil\nmodel: {spec: 'import:os:system', trust_code: true, kwargs: {command: 'touch " + str(marker)
+        + "'}}\ndata: {evaluation: {source: imagefolder, path: '" + str(images) + "'}}\nstages:\n  - evaluate: {}\n")
+    assert main(["run", "--resume", str(run_dir)]) == 2
+    assert "model.trust_code=true" in capsys.readouterr().err
+    assert not marker.exists()

@@ -44,8 +44,17 @@ class Previous:
     metrics: dict
     recipe_text: str
 
-    def recipe(self, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-        return parse_recipe(self.recipe_text, str(self.dir / "recipe.yaml"), overrides)
+    def recipe(self, overrides: list[str] | tuple[str, ...] = (), check_trust: bool = True) -> Recipe:
+        """The run's own recipe.yaml. A run directory is untrusted input like any file: the trust keys written
+        in it count only when the command line gives them again (else a tampered recipe.yaml could run code)."""
+        recipe = parse_recipe(self.recipe_text, str(self.dir / "recipe.yaml"), overrides)
+        for key in ("trust_code", "trust_pickle") if check_trust else ():
+            if getattr(recipe.model, key) and not any(o.split("=", 1)[0] == f"model.{key}" for o in overrides):
+                raise WorkbenchError(
+                    f"--resume: {self.dir / 'recipe.yaml'} sets model.{key}: true; a run directory is not trusted to "
+                    f"say so. If you trust this run, resume with the override model.{key}=true"
+                )
+        return recipe
 
     def claim(self) -> Path:
         """Rename the run to `.incomplete` (it is running again); return the new path."""
@@ -185,7 +194,7 @@ def check_reusable(previous: Previous, recipe: Recipe, inputs: dict[str, dict]) 
 def _changes(previous: Previous, new: Recipe, index: int) -> list[str]:
     """'key: old -> new' for every field that differs in the part of the recipe that stage `index` depends on."""
     try:
-        old = previous.recipe()
+        old = previous.recipe(check_trust=False)  # only compared, never run
     except WorkbenchError:  # a recipe.yaml this workbench no longer reads: the fingerprint alone tells
         return []
 
