@@ -132,7 +132,7 @@ def write_recipe(path: Path, text: str) -> Path:
     return path
 
 
-def make_tiny_yolov5_checkpoint(path: Path, nc: int = 3, act=nn.SiLU) -> Path:
+def make_tiny_yolov5_checkpoint(path: Path, nc: int = 3) -> Path:
     """A randomly initialised YOLOv5-v6-style detector pickled as YOLOv5 pickles it (models.common.*, models.yolo.*).
 
     The classes are ours, renamed into fake `models.common` / `models.yolo` modules while
@@ -155,7 +155,7 @@ def make_tiny_yolov5_checkpoint(path: Path, nc: int = 3, act=nn.SiLU) -> Path:
         m = renamed["Conv"]()
         m.conv = nn.Conv2d(c1, c2, k, s, k // 2, bias=False)
         m.bn = nn.BatchNorm2d(c2)
-        m.act = act()  # YOLOv5's Conv.default_act
+        m.act = nn.SiLU()
         return m
 
     def c3(c1, c2):

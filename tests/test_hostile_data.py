@@ -620,19 +620,6 @@ def test_different_sizes_with_batch_size_one_run(tmp_path, images):
     assert evaluated["samples"] == 19 and evaluated["backends"]["pytorch_fp32"]["metrics"]["samples"] == 19
 
 
-def test_different_sizes_with_batch_size_one_are_refused_for_exported_graphs(tmp_path, images, capsys):
-    odd = _mixed_sizes(images)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(tiny_recipe(images, tmp_path / "runs").replace("batch_size: 4", "batch_size: 1"))
-    code, err = run_cli(recipe, capsys)
-    assert code == 2  # not ONNX Runtime's INVALID_ARGUMENT traceback
-    assert f"data.evaluation: {odd} is 48x32 after the transform, but " in err and "ort_int8_faithful" in err
-    assert "exported for model.input_size [3, 32, 32] only" in err and "Traceback" not in err
-    (failed,) = runs_left(tmp_path / "runs")  # calibrate and export ran: the run is left failed, unscored
-    metrics = json.loads((tmp_path / "runs" / failed / "metrics.json").read_text())
-    assert failed.endswith(".failed") and "evaluate" not in metrics["stages"] and "export" in metrics["stages"]
-
-
 def test_coco_annotations_of_unlisted_images_are_ignored(tmp_path):
     ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
     images, ann, _ = write_detection_set(tmp_path / "set")

@@ -8,21 +8,12 @@ but an exact list of torch.nn layers and tensor rebuilders. Unpickling restores
 attributes (weights, `f`/`i` wiring, anchors, strides); the forward passes are
 written here from the published architecture.
 
-Unpickling a module never calls its class (it is made with `__new__` and its
-state set), so the classes are handed out uncallable: a file that calls
-Conv2d(1, 1, 12000) to build a 550 MB weight is refused. Layer settings are file
-data too (padding, upsampling, channels): one forward pass on the meta device,
-which computes shapes but allocates nothing, checks that the layers fit
-together and that no layer's output is larger than any YOLOv5 layer's, before
-any real forward pass runs.
-
 The output is YOLOv5's inference tensor (B, N, 5 + classes): cx, cy, w, h in
 input pixels, objectness and class probabilities, already sigmoid-decoded.
 """
 
 from __future__ import annotations
 
-import functools
 import pickle
 import types
 from pathlib import Path
@@ -32,7 +23,6 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from .guards import refuse_torchscript
-from .tensor_limits import check_archive, check_tensors
 
 
 class Conv(nn.Module):
@@ -127,17 +117,6 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_tensor_v2"),
     ("torch._utils", "_rebuild_parameter"),
     ("torch.nn.modules.activation", "SiLU"),
-    # The plain activations of YOLOv5 variants made for accelerators without SiLU (Conv.default_act).
-    ("torch.nn.modules.activation", "ReLU"),
-    ("torch.nn.modules.activation", "ReLU6"),
-    ("torch.nn.modules.activation", "LeakyReLU"),
-    ("torch.nn.modules.activation", "Hardswish"),
-    ("torch.nn.modules.activation", "Hardsigmoid"),
-    ("torch.nn.modules.activation", "Sigmoid"),
-    ("torch.nn.modules.activation", "Tanh"),
-    ("torch.nn.modules.activation", "GELU"),
-    ("torch.nn.modules.activation", "Mish"),
-    ("torch.nn.modules.dropout", "Dropout"),
     ("torch.nn.modules.batchnorm", "BatchNorm2d"),
     ("torch.nn.modules.container", "ModuleList"),
     ("torch.nn.modules.container", "Sequential"),
@@ -148,39 +127,12 @@ _ALLOWED = {
 }
 
 
-class _Uncallable(type):
-    """The metaclass of the classes the unpickler hands out: pickle's NEWOBJ still makes instances, REDUCE cannot."""
-
-    def __call__(cls, *args, **kwargs):
-        raise pickle.UnpicklingError(
-            f"it calls {cls.__module__}.{cls.__name__}{_shown(args)} to build a layer, which a checkpoint never does "
-            "(a saved layer is restored from its state, not constructed), so it was refused"
-        )
-
-
-@functools.cache  # one stand-in per class, so every layer of a type shares it
-def _unpickle_only(real: type) -> type:
-    """A stand-in for `real` that NEWOBJ turns into real instances (their type stays `real`) and that refuses calls."""
-
-    def __new__(cls, *args, **kwargs):
-        return real.__new__(real)
-
-    return _Uncallable(real.__name__, (real,), {"__new__": __new__, "__module__": real.__module__})
-
-
-def _shown(args: tuple) -> str:
-    text = repr(args) if len(args) != 1 else f"({args[0]!r})"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _YOLOV5_CLASSES:
-            return _unpickle_only(_YOLOV5_CLASSES[(module, name)])
+            return _YOLOV5_CLASSES[(module, name)]
         if (module, name) in _ALLOWED:
-            found = super().find_class(module, name)
-            # Classes are made uncallable; the tensor rebuilders and containers build only what the file holds.
-            return _unpickle_only(found) if isinstance(found, type) and issubclass(found, nn.Module) else found
+            return super().find_class(module, name)
         raise pickle.UnpicklingError(
             f"it refers to {module}.{name}, which a YOLOv5 v6 checkpoint does not need, so it was refused "
             "(the loader unpickles only YOLOv5's classes Conv, C3, Bottleneck, SPPF, Concat, Detect, Model, "
@@ -198,7 +150,6 @@ def load_yolov5_checkpoint(path: str | Path) -> nn.Module:
     if not path.is_file():
         raise ModelLoadError(f"model.spec: YOLOv5 checkpoint {path} does not exist")
     refuse_torchscript(path, "model.spec")
-    check_archive(path, "model.spec")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module)
     except pickle.UnpicklingError as e:
@@ -212,77 +163,8 @@ def load_yolov5_checkpoint(path: str | Path) -> nn.Module:
         raise ModelLoadError(
             f"model.spec: {path} holds no YOLOv5 detector (expected a 'model' entry whose last layer is Detect)"
         )
-    check_tensors(ckpt, path, "model.spec")  # before .float() expands them
-    _check_state(model, path)
     model = model.float().eval()
     for m in model.modules():
         if isinstance(m, nn.Upsample):
             m.recompute_scale_factor = None  # attribute missing from checkpoints made by older torch
-    _check_forward(model, path)
     return model
-
-
-def _check_state(model: Model, path: Path) -> None:
-    """Refuse hooks and callables in place of methods (a `forward` of the file's choosing). YOLOv5's own
-    attributes shadow methods too (`type`, a string), harmlessly: nothing calls a string."""
-    for name, module in model.named_modules():
-        for key, value in vars(module).items():
-            hook = "hook" in key and bool(value)
-            if hook or (callable(value) and callable(getattr(type(module), key, None))):
-                what = "registers hooks" if hook else f"replaces its method {key}()"
-                raise ModelLoadError(
-                    f"model.spec: {path}: layer '{name or 'model'}' ({type(module).__name__}) {what} ({key}), "
-                    "which a YOLOv5 checkpoint never does; it was refused"
-                )
-
-
-# What the meta forward pass may find. At 640x640 yolov5x's largest layer output holds about 11M values and all
-# its layers' outputs together about 1.2G (yolov5n: 2M and 61M); these bounds leave room for larger variants.
-_CHECK_SIDE = 640
-_MAX_LAYER_OUTPUT = 1 << 27
-_MAX_TOTAL_OUTPUT = 1 << 33
-
-
-def _check_forward(model: Model, path: Path) -> None:
-    """Run the model once on the meta device: its layers must fit together and their outputs stay YOLOv5-sized."""
-    from torch.func import functional_call
-
-    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
-    meta = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    channels = first.weight.shape[1] * first.groups if first is not None else 3
-    outputs: list[tuple[str, nn.Module, int]] = []
-    names = {id(m): n for n, m in model.named_modules()}
-
-    def record(module, inputs, output):
-        numel = sum(o.numel() for o in (output if isinstance(output, (list, tuple)) else [output])
-                    if isinstance(o, torch.Tensor))
-        outputs.append((names.get(id(module), "?"), module, numel))
-        if numel > _MAX_LAYER_OUTPUT or sum(n for *_, n in outputs) > _MAX_TOTAL_OUTPUT:
-            raise _TooLarge()
-
-    handles = [m.register_forward_hook(record) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            functional_call(model, meta, (torch.empty(1, channels, _CHECK_SIDE, _CHECK_SIDE, device="meta"),))
-    except _TooLarge:
-        name, module, numel = outputs[-1]
-        raise ModelLoadError(
-            f"model.spec: {path}: for one {_CHECK_SIDE}x{_CHECK_SIDE} image, layer '{name}' "
-            f"({type(module).__name__}) would output {numel:,} values, and its layers so far "
-            f"{sum(n for *_, n in outputs):,}: more than any YOLOv5 model (its channels, padding or upsampling are "
-            "out of range). It was refused before running."
-        ) from None
-    except Exception as e:  # whatever the settings break: shapes, indices, types
-        reason = (str(e).splitlines() or [""])[0][:300]
-        raise ModelLoadError(
-            f"model.spec: {path} holds a YOLOv5 model whose layers do not fit together ({type(e).__name__}: "
-            f"{reason}): the checkpoint is damaged or not a YOLOv5 v6 detector"
-        ) from None
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-class _TooLarge(Exception):
-    """Raised by the meta pass's hook to stop at the first layer over the bounds."""

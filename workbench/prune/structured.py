@@ -25,7 +25,6 @@ from torch import nn
 
 from ..errors import WorkbenchError
 from ..io import atomic_path
-from ..models.tensor_limits import check_archive, check_tensors
 
 
 class PruningError(WorkbenchError):
@@ -201,7 +200,6 @@ def load_pruned(model: nn.Module, path: str | Path, trust_pickle: bool = False) 
     with `trust_pickle`, since unpickling them runs code from the file.
     """
     make_coupling_explicit_(model)
-    check_archive(path, "model.pruned")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -215,13 +213,10 @@ def load_pruned(model: nn.Module, path: str | Path, trust_pickle: bool = False) 
             f"model.pruned: {path} has format version {saved.get('version')!r}; this workbench reads version "
             f"{PRUNED_VERSION}: re-run the prune stage with this version"
         )
-    check_tensors(saved, path, "model.pruned")
     try:
         _apply_pruned(model, saved["attributes"], saved["state_dict"])
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
         raise _not_this_architecture(path, e) from None
-    except PruningError as e:
-        raise PruningError(f"model.pruned: {path}: {e}") from None
     return model.eval()
 
 
@@ -248,7 +243,6 @@ def _apply_pruned(model: nn.Module, attributes: dict, state: dict) -> None:
     for name, values in attributes.items():
         for key, value in values.items():
             if getattr(modules[name], key, None) != value:
-                _check_pruned_attribute(modules[name], name, key, value)
                 setattr(modules[name], key, value)
     # Replace every tensor whose shape pruning changed by one of the saved shape; load_state_dict then
     # copies the values and refuses missing or unexpected keys.
@@ -257,41 +251,13 @@ def _apply_pruned(model: nn.Module, attributes: dict, state: dict) -> None:
         module = modules.get(module_name)
         if module is None:
             continue
-        old = module._parameters.get(attr) if module._parameters.get(attr) is not None else module._buffers.get(attr)
-        if old is None or old.shape == value.shape:
-            continue
-        # Pruning removes channels: a tensor larger than the original in any dimension is not a pruned one
-        # (a 1x1 convolution grown to a million channels would allocate that at the first forward pass).
-        if value.dim() != old.dim() or any(new > was for new, was in zip(value.shape, old.shape)):
-            raise PruningError(
-                f"tensor {key} has shape {tuple(value.shape)}, but the architecture's is "
-                f"{tuple(old.shape)}: pruning only removes channels, so the file is not a pruned model of it"
-            )
-        if attr in module._parameters:
+        if module._parameters.get(attr) is not None and module._parameters[attr].shape != value.shape:
+            old = module._parameters[attr]
             module._parameters[attr] = nn.Parameter(torch.empty_like(value, dtype=old.dtype),
                                                     requires_grad=old.requires_grad)
-        else:
-            module._buffers[attr] = torch.empty_like(value, dtype=old.dtype)
+        elif module._buffers.get(attr) is not None and module._buffers[attr].shape != value.shape:
+            module._buffers[attr] = torch.empty_like(value, dtype=module._buffers[attr].dtype)
     model.load_state_dict(state, strict=True)
-
-
-def _check_pruned_attribute(module: nn.Module, name: str, key: str, value) -> None:
-    """Pruning lowers counts (channels, features, groups, heads) and nothing else: refuse anything else the file
-    would set, such as `forward`, `_parameters`, a padding or an upsampling factor."""
-    current = vars(module).get(key)
-    lowered_count = type(value) is int and type(current) is int and 0 < value <= current
-    lowered_shape = (type(value) is tuple and type(current) is tuple and len(value) == len(current)
-                     and all(type(v) is int and type(c) is int and 0 < v <= c for v, c in zip(value, current)))
-    mode = type(value) is bool and key == "training"  # saved in eval mode; load_pruned ends in eval anyway
-    if key.startswith("_") or key not in vars(module) or not (lowered_count or lowered_shape or mode):
-        where = f"layer '{name}' ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
-        raise PruningError(
-            f"the file sets {key} of {where} to {value!r:.80}, "
-            + ("which is not one of its settings" if key.startswith("_") or key not in vars(module)
-               else f"where the architecture has {current!r:.80}")
-            + ": pruning only lowers channel counts, so the file is not a pruned model of this architecture "
-            "(or was altered); it was refused"
-        )
 
 
 def _not_this_architecture(path: str | Path, error: Exception) -> PruningError:
@@ -310,10 +276,8 @@ def _load_pickled_pruned(model: nn.Module, path: str | Path, trust_pickle: bool)
             "file. Set model.trust_pickle: true if you trust it; a prune stage now writes a format that loads safely."
         )
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-    check_archive(path, "model.pruned")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-        check_tensors(state, path, "model.pruned")
         tp.load_state_dict(model, state_dict=state)
         _freeze(model, frozen)
     except (RuntimeError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as e:

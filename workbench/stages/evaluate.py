@@ -141,10 +141,8 @@ def evaluate(run, opts: EvaluateOptions) -> None:
     references = None  # FP32's outputs per batch, where it was scored first
     if labeled and run.recipe.task == "classification" and "pytorch_fp32" in scorers:
         # Labels that do not fit the model are refused before any other backend is timed or scored.
-        references, seen = [], 0
+        references = []
         for images, labels in _batches(track(loader, "evaluate fp32", total=len(loader)), opts.max_samples):
-            _check_graph_size(run, runners, images, seen, dataset)
-            seen += images.shape[0]
             references.append(reference_runner(images))
             _update(run, scorers["pytorch_fp32"], "pytorch_fp32", references[-1], labels, references[-1], images)
         _check_above_chance(run, scorers["pytorch_fp32"], dataset)
@@ -159,7 +157,6 @@ def evaluate(run, opts: EvaluateOptions) -> None:
              for key, pair in SAME_FUNCTION.items() if set(pair) <= set(runners)}
     seen = 0
     for i, (images, labels) in enumerate(_batches(track(loader, "evaluate", total=len(loader)), opts.max_samples)):
-        _check_graph_size(run, runners, images, seen, dataset)
         seen += images.shape[0]
         reference = references[i] if references is not None else reference_runner(images)
         outputs = {b: (reference if b == "pytorch_fp32" else runner(images)) for b, runner in runners.items()}
@@ -187,22 +184,6 @@ def evaluate(run, opts: EvaluateOptions) -> None:
         if seen:
             values[key] = {**scorer.result(), "max_abs_diff": max_abs_diff}
     run.record("evaluate", values)
-
-
-def _check_graph_size(run, runners: dict, images, first: int, dataset) -> None:
-    """Images that reach the model at another size than input_size (batch_size 1 lets sizes differ) are refused
-    for the ONNX Runtime and TensorRT backends, whose graphs were exported for input_size alone."""
-    fixed = [b for b, r in runners.items() if isinstance(r, (OrtRunner, TensorRTRunner))]
-    size = tuple(run.recipe.model.input_size)
-    if not fixed or tuple(images.shape[1:]) == size:
-        return
-    samples = getattr(dataset, "samples", None)
-    which = f"{samples[first].key} is" if samples is not None and images.shape[0] == 1 else "images are"
-    raise DataError(
-        f"data.evaluation: {which} {images.shape[3]}x{images.shape[2]} after the transform, but {', '.join(fixed)} "
-        f"run graphs exported for model.input_size {list(size)} only: add a fixed size to data.transform (e.g. "
-        "resize and crop), or score the PyTorch backends alone (stages.evaluate.backends)"
-    )
 
 
 def _batches(loader, max_samples: int | None):
