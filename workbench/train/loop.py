@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import WorkbenchError
 from ..io import atomic_path
+from ..models.guards import first_nonfinite
 from ..progress import track
 
 
@@ -188,11 +189,10 @@ def fit(
 
 
 def _first_nonfinite(model: nn.Module) -> str | None:
-    """The name of the first parameter or buffer holding NaN/Inf, or None."""
-    for name, t in model.state_dict().items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-            return name
-    return None
+    """The name of the first tensor breaking the finite rule the model was loaded under (NaN anywhere, Inf in
+    parameters, BatchNorm statistics and quantization ranges), or None: an -inf mask buffer is not divergence."""
+    found = first_nonfinite(model)
+    return found.name if found else None
 
 
 def _diverged(label: str, what: str, step: int, epoch: int, last_good: Path | None,
