@@ -109,6 +109,64 @@ def nan_bias_at_step_cnn(num_classes: int = 3) -> NanBiasAtStep:
     return model.eval()
 
 
+class MaskedPool(torch.nn.Module):
+    """Softmax pooling over positions with a registered -inf mask buffer (the border positions never count), as
+    attention masks are kept: a legitimate Inf that the finite rule must leave alone."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        mask = torch.zeros(size, size)
+        mask[0], mask[-1], mask[:, 0], mask[:, -1] = (float("-inf"),) * 4
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        logits = x.mean(1) + self.mask
+        weights = torch.softmax(logits.flatten(1), 1).view_as(logits)
+        return (x * weights[:, None]).sum((2, 3))
+
+
+MASKED_BORDER = 4 * 16 - 4  # the -inf values in a 16 x 16 mask
+
+
+class MaskedPoolCNN(TinyCNN):
+    def __init__(self, num_classes: int = 3):
+        super().__init__(num_classes)
+        self.pool = MaskedPool(16)  # conv2's stride 2 makes 32 x 32 inputs 16 x 16
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)) + x)
+        return self.fc(self.pool(x))
+
+
+def masked_cnn(num_classes: int = 3) -> MaskedPoolCNN:
+    model = MaskedPoolCNN(num_classes)
+    model.load_state_dict(trained_cnn(num_classes).state_dict(), strict=False)
+    return model.eval()
+
+
+class PadThenOverflow(torch.nn.Module):
+    """A -inf padding layer (a deliberate Inf in its output) before a ceil-mode max pool that drops it again, then
+    a conv whose finite but huge weights overflow float32: the overflow is the conv's, not the padding's."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.pad = torch.nn.ConstantPad2d((0, 1, 0, 1), float("-inf"))
+        self.pool = torch.nn.MaxPool2d(2, ceil_mode=True)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, num_classes)
+        with torch.no_grad():
+            self.conv.weight.fill_(3e38)
+
+    def forward(self, x):
+        return self.fc(self.conv(self.pool(self.pad(x))).mean((2, 3)))
+
+
+def pad_then_overflow_cnn(num_classes: int = 3) -> PadThenOverflow:
+    return PadThenOverflow(num_classes).eval()
+
+
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 def _recipe(tmp_path: Path, factory: str, stages: str, finetune: bool = False) -> Path:
@@ -312,6 +370,96 @@ def test_divergence_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path):
         fit(model, batches, TrainOptions(epochs=2), loss, torch.device("cpu"), "classification", tmp_path / "ck",
             evaluate)
     assert not (tmp_path / "ck").exists()
+
+
+# --- 2b. the finite rule: NaN anywhere, Inf only in parameters, BatchNorm statistics and quantization ranges --
+
+def test_an_inf_mask_buffer_loads_finetunes_calibrates_and_exports(tmp_path, capsys):
+    """Before: refused at load ("holds Inf in its mask"), and every fine-tune epoch counted as diverged."""
+    recipe = _recipe(tmp_path, "masked_cnn", "  - finetune: {epochs: 2, lr: 0.001}\n  - calibrate: {method: max}\n"
+                     "  - export: {}\n  - evaluate: {latency: false}\n", finetune=True)
+    assert main(["run", str(recipe)]) == 0, capsys.readouterr().err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "complete", metrics.get("error")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["finetune_epoch1.pt", "finetune_epoch2.pt"]
+    saved = torch.load(run_dir / "checkpoints" / "finetune_epoch2.pt", weights_only=True)["model"]
+    assert int(torch.isneginf(saved["pool.mask"]).sum()) == MASKED_BORDER  # kept as it was, not "repaired"
+    graph = onnx.load(run_dir / "model.onnx").graph
+    constants = [numpy_helper.to_array(t) for t in graph.initializer]
+    constants += [numpy_helper.to_array(a.t) for n in graph.node for a in n.attribute if a.type == a.TENSOR]
+    assert any(np.isneginf(c).sum() == MASKED_BORDER for c in constants if c.dtype.kind == "f")
+    scores = {b: v["metrics"] for b, v in metrics["stages"]["evaluate"]["backends"].items()}
+    assert scores["ort_fp32"]["mean_kl"] < 1e-6  # ONNX Runtime computes the masked softmax as PyTorch does
+    assert {s["top1"] for s in scores.values()} == {scores["pytorch_fp32"]["top1"]}
+
+
+def test_nan_in_a_buffer_is_still_refused_at_load(tmp_path, capsys):
+    state = masked_cnn().state_dict()
+    state["pool.mask"][5, 5] = NAN
+    torch.save(state, tmp_path / "w.pth")
+    recipe = _recipe(tmp_path, "masked_cnn", "  - calibrate: {method: max}\n")
+    weights = f'  weights: "{tmp_path / "w.pth"}"\n'
+    recipe.write_text(recipe.read_text().replace("  trust_code: true\n", "  trust_code: true\n" + weights))
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "layer 'pool' holds NaN in its mask (1 of 256 values)" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_calibrate_applies_the_same_rule():
+    """The Python API: the -inf mask calibrates; NaN in it, or Inf in a BatchNorm statistic, is refused."""
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    config = Int8Config(method="max", fold_batchnorm=False)
+    quantize_(masked_cnn(), config, lambda m: m(x), x[:1])
+    model = masked_cnn()
+    model.pool.mask[5, 5] = NAN
+    with pytest.raises(CalibrationError, match=rf"pool\.mask \(layer 'pool'\) holds 1 NaN and {MASKED_BORDER} Inf"):
+        quantize_(model, config, lambda m: m(x), x[:1])
+    model = masked_cnn()
+    model.bn3.running_var[2] = float("inf")
+    with pytest.raises(CalibrationError, match=r"bn3\.running_var \(layer 'bn3'\) holds 0 NaN and 1 Inf"):
+        quantize_(model, config, lambda m: m(x), x[:1])
+
+
+def test_the_rule_covers_quantization_ranges_and_training():
+    from workbench.errors import WorkbenchError
+    from workbench.models.guards import first_nonfinite
+    from workbench.train import TrainOptions, fit
+
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = masked_cnn()
+    quantize_(model, Int8Config(method="max"), lambda m: m(x), x[:1])
+    assert first_nonfinite(model) is None
+    model.conv2.input_quantizer.amax = torch.tensor(float("inf"))  # a range of Inf is no range
+    assert first_nonfinite(model).name == "conv2.input_quantizer._amax"
+
+    model = masked_cnn()
+    batches = [(x, torch.zeros(8, dtype=torch.long))] * 2
+    loss = lambda out, batch: (torch.nn.functional.cross_entropy(out, batch[1]), {})  # noqa: E731
+    assert len(fit(model, batches, TrainOptions(epochs=1), loss, torch.device("cpu"), "classification")) == 1
+
+    steps = []
+
+    def nan_after_the_last_step():  # only the end-of-epoch check can see it
+        steps.append(len(steps) + 1)
+        if len(steps) == len(batches):
+            model.pool.mask[3, 3] = NAN
+
+    with pytest.raises(WorkbenchError, match=r"the weights became NaN/Inf \(pool\.mask\) at step 2 \(epoch 1\)"):
+        fit(model, batches, TrainOptions(epochs=1), loss, torch.device("cpu"), "classification",
+            after_step=nan_after_the_last_step)
+
+
+def test_an_inf_padding_layer_is_not_named_as_where_the_model_overflows(tmp_path, capsys):
+    """Before: 'pad' was named, the first layer with an Inf in its output, though it is meant to hold one."""
+    recipe = _recipe(tmp_path, "pad_then_overflow_cnn", "  - evaluate: {latency: false}\n")
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "evaluate: pytorch_fp32: the model produced NaN/Inf logits; the first layer whose output holds NaN/Inf is " \
+           "'conv'" in err and "Traceback" not in err
+    _, metrics = _failed_run(tmp_path)
+    assert "'conv'" in metrics["error"]
 
 
 # --- 3. check-onnx: no model, or no quantized model -----------------------------------------------------------
