@@ -395,6 +395,29 @@ def test_torchvision_weights_name_loads_from_the_cache(tmp_path, monkeypatch):
         resolve_model(ModelConfig(spec="torchvision:resnet18", weights="IMAGENET9K"))
 
 
+def test_cached_torchvision_weights_are_read_once_and_still_set_what_they_need(tmp_path, monkeypatch):
+    """googlenet's builder sets transform_input and drops the aux heads when given weights: building with
+    weights=None and loading the state dict would lose both; loading it twice (ours, then torchvision's
+    weights_only=False) is what the cache check used to do."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    member = torchvision.models.GoogLeNet_Weights.DEFAULT
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / Path(member.url).name
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(4)
+    state = torchvision.models.googlenet(aux_logits=True, init_weights=False).state_dict()
+    torch.save(state, cached)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: (reads.append((Path(f), k.get("weights_only"))),
+                                                             real_load(f, *a, **k))[1])
+    model = resolve_model(ModelConfig(spec="torchvision:googlenet", weights="DEFAULT"))
+    assert reads == [(cached, True)]
+    assert model.transform_input and model.aux1 is None
+    assert torch.equal(model.fc.weight, state["fc.weight"])
+
+
 def test_a_pickle_in_the_hub_cache_is_not_unpickled(tmp_path, monkeypatch):
     cached = _resnet18_cache(tmp_path, monkeypatch)
     cached.parent.mkdir(parents=True)
