@@ -53,7 +53,7 @@ def test_ultralytics_yaml_builds_offline(tmp_path, monkeypatch):
     pytest.importorskip("ultralytics", reason="ultralytics extra not installed")
     model = resolve_model(ModelConfig(spec="ultralytics:yolov8n.yaml"))
     assert model(torch.rand(1, 3, 320, 320)).shape == (1, 84, 2100)
-    with pytest.raises(ModelLoadError, match="not on this machine"):
+    with pytest.raises(ModelLoadError, match="does not exist: Ultralytics weights are not downloaded here"):
         resolve_model(ModelConfig(spec=f"ultralytics:{tmp_path / 'yolov8n.pt'}"))
 
 
