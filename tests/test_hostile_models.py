@@ -460,3 +460,19 @@ def test_importing_ultralytics_leaves_pil_and_torch_save_alone(tmp_path):
     bad.write_bytes(b"not an image at all")
     with pytest.raises(DataError, match="corrupt.jpg"):
         open_image_file(bad)
+
+
+def test_builders_called_directly_keep_their_trust_keys(tmp_path):
+    """The trust check sits at the load itself, not only in resolve_model: calling a source's builder runs nothing."""
+    from workbench.models.registry import MODEL_SOURCES
+    from workbench.recipe import ModelConfig
+
+    marker = tmp_path / "ran"
+    with pytest.raises(ModelLoadError, match="model.trust_code"):
+        MODEL_SOURCES["import"].build("os:system", ModelConfig(spec="import:os:system",
+                                                               kwargs={"command": f"touch {marker}"}))
+    payload = tmp_path / "payload.pt"
+    torch.save({"x": 1}, payload)
+    with pytest.raises(ModelLoadError, match="model.trust_pickle"):
+        MODEL_SOURCES["file"].build(str(payload), ModelConfig(spec=f"file:{payload}"))
+    assert not marker.exists()

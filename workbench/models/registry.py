@@ -358,6 +358,8 @@ def _import_problems(name: str, config: ModelConfig) -> list[str]:
 
 @register_source("import", lambda: [], "import:torchvision.models:resnet18", _import_problems)
 def _build_import(name: str, config: ModelConfig) -> nn.Module:
+    if problems := _import_problems(name, config):  # here too: a builder called directly must not skip the trust key
+        raise ModelLoadError("\n".join(problems))
     module_name, _, attr = name.rpartition(":")
     folders = [f for f in (config.import_path, os.getcwd()) if f]
     with _on_sys_path(folders):
@@ -400,6 +402,8 @@ def _file_problems(name: str, config: ModelConfig) -> list[str]:
 
 @register_source("file", lambda: [], "file:model.pt", _file_problems)
 def _build_file(name: str, config: ModelConfig) -> nn.Module:
+    if problems := _file_problems(name, config):  # here too: a builder called directly must not skip the trust key
+        raise ModelLoadError("\n".join(problems))
     path = Path(name)
     refuse_torchscript(path, "model.spec")
     try:
