@@ -170,11 +170,16 @@ def test_broken_coco_annotations_are_refused(tmp_path, capsys, case):
 
 # --- a detector's class count is the model's ----------------------------------------------------------------------
 
+def _class_zero_only_set(root: Path) -> tuple[Path, Path]:
+    """A YOLO txt set whose labels keep only class 0: the labels alone would say "1 class"."""
+    images, _, labels = write_detection_set(root)
+    for f in labels.glob("*.txt"):
+        f.write_text("".join(line for line in f.read_text().splitlines(keepends=True) if line.startswith("0 ")))
+    return images, labels
+
 def test_yolo_split_without_the_last_classes_is_scored(tmp_path):
     ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
-    images, _, labels = write_detection_set(tmp_path / "set")
-    for f in labels.glob("*.txt"):  # only class 0 is left: the labels alone would say "1 class"
-        f.write_text("".join(line for line in f.read_text().splitlines(keepends=True) if line.startswith("0 ")))
+    images, labels = _class_zero_only_set(tmp_path / "set")
     split = f'{{source: yolo_txt, path: "{images}", label_dir: "{labels}"}}'
     assert main(["run", str(detection_recipe(tmp_path, ckpt, split))]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -187,9 +192,7 @@ def test_a_split_built_during_the_run_gets_the_models_classes(tmp_path):
     # finetune alone: its per-epoch evaluation builds data.evaluation when the stage asks (Run.dataset), not in
     # the preflight, and must read it for the model's 3 classes too
     ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
-    images, _, labels = write_detection_set(tmp_path / "set")
-    for f in labels.glob("*.txt"):
-        f.write_text("".join(line for line in f.read_text().splitlines(keepends=True) if line.startswith("0 ")))
+    images, labels = _class_zero_only_set(tmp_path / "set")
     split = f'{{source: yolo_txt, path: "{images}", label_dir: "{labels}"}}'
     recipe = detection_recipe(tmp_path, ckpt, split, stages="  - finetune: {epochs: 1, lr: 0.001, eval_samples: 4}\n")
     finetune = f'  finetune: {{source: files, path: "{images}"}}\n'
@@ -204,9 +207,7 @@ def test_explorer_reads_a_detection_split_for_the_models_classes(tmp_path):
     from workbench.explore import RunExplorer
 
     ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
-    images, _, labels = write_detection_set(tmp_path / "set")
-    for f in labels.glob("*.txt"):
-        f.write_text("".join(line for line in f.read_text().splitlines(keepends=True) if line.startswith("0 ")))
+    images, labels = _class_zero_only_set(tmp_path / "set")
     split = f'{{source: yolo_txt, path: "{images}", label_dir: "{labels}"}}'
     assert main(["run", str(detection_recipe(tmp_path, ckpt, split, stages="  - calibrate: {method: max}\n"))]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -228,9 +229,7 @@ def test_yolo_label_id_beyond_the_models_classes(tmp_path, capsys):
 def test_yolo_set_read_for_the_models_classes(tmp_path):
     from workbench.data.detection import yolo_txt_dataset
 
-    images, _, labels = write_detection_set(tmp_path / "set")
-    for f in labels.glob("*.txt"):
-        f.write_text("".join(line for line in f.read_text().splitlines(keepends=True) if line.startswith("0 ")))
+    images, labels = _class_zero_only_set(tmp_path / "set")
     ds = yolo_txt_dataset(images, labels)
     assert ds.category_ids == [0]  # what the labels alone say
     ds = ds.with_num_classes(3, "data.evaluation")
