@@ -1,0 +1,77 @@
+"""What stages hand on to later stages: one typed record, and the names stages declare their needs by.
+
+A stage reads the artifacts earlier stages made and adds its own (stages/registry.py says which, per stage);
+`validate.check_stage_order` walks a recipe with those declarations before anything runs, and resume.py
+fills the same record back from a run directory. Everything a stage hands on lives here, nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .quant.ptq import QuantResult
+
+# The names a stage declares it needs or makes (StageSpec.needs / makes). Backends name them too: keep them stable.
+Artifact = Literal[
+    "quantized",  # the run's model has quantizers (calibrate): Artifacts.quant
+    "pruned",  # the pruned FP32 model (prune): Artifacts.pruned_fp32
+    "pruned_file",  # pruned_model.pt, which a later finetune re-saves with its weights (prune)
+    "ptq",  # the PTQ model as calibrate left it, kept before QAT trains the quantized one (qat)
+    "onnx",  # the run's model as ONNX: Q/DQ when quantized (export)
+    "onnx_fp32",  # the FP32 reference as ONNX (export with fp32)
+    "onnx_pruned_fp32",  # the pruned FP32 model as ONNX (export after prune and calibrate)
+    "onnx_ptq",  # the PTQ model as ONNX (export after qat)
+    "ort_int8",  # the ONNX Runtime flavour of the Q/DQ graph (export)
+    "engine",  # a TensorRT engine (build, when TensorRT is there)
+    "sensitivity",  # the per-layer sensitivity table (sensitivity)
+]
+ARTIFACTS: tuple[str, ...] = get_args(Artifact)
+
+
+@dataclass
+class OnnxFiles:
+    """The ONNX files export wrote; None where it wrote no such file."""
+
+    model: Path  # the run's model: Q/DQ when it was quantized, FP32 otherwise
+    fp32: Path | None = None
+    pruned_fp32: Path | None = None
+    ptq: Path | None = None
+    ort_int8: Path | None = None
+
+
+@dataclass
+class Artifacts:
+    """The in-memory hand-over between stages; None until the stage that makes it ran."""
+
+    quant: QuantResult | None = None  # set by calibrate: run.model is quantized from then on
+    pruned_fp32: nn.Module | None = None  # run.model itself until calibrate quantizes it, then a copy
+    pruned_file: Path | None = None
+    ptq_model: nn.Module | None = None
+    onnx: OnnxFiles | None = None
+    engine: Path | None = None
+    sensitivity: list[dict[str, Any]] | None = None
+
+    def has(self, name: Artifact) -> bool:
+        """Whether the artifact `name` was made (a stage's declared need is met)."""
+        onnx = self.onnx
+        present = {
+            "quantized": self.quant is not None,
+            "pruned": self.pruned_fp32 is not None,
+            "pruned_file": self.pruned_file is not None,
+            "ptq": self.ptq_model is not None,
+            "onnx": onnx is not None,
+            "onnx_fp32": onnx is not None and onnx.fp32 is not None,
+            "onnx_pruned_fp32": onnx is not None and onnx.pruned_fp32 is not None,
+            "onnx_ptq": onnx is not None and onnx.ptq is not None,
+            "ort_int8": onnx is not None and onnx.ort_int8 is not None,
+            "engine": self.engine is not None,
+            "sensitivity": self.sensitivity is not None,
+        }
+        if name not in present:
+            raise KeyError(f"unknown artifact {name!r}; artifacts: {', '.join(ARTIFACTS)}")
+        return present[name]
