@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workbench import api  # noqa: E402
-from workbench.ort_int8 import to_ort_int8, u8s8_can_saturate  # noqa: E402
+from workbench.qdq.ort_flavour import to_ort_int8, u8s8_can_saturate  # noqa: E402
 from workbench.recipe import parse_recipe  # noqa: E402
 from workbench.runtime import OrtRunner  # noqa: E402
 from workbench.runtime.latency import measure_latency  # noqa: E402

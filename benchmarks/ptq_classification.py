@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workbench.data import build_dataset  # noqa: E402
 from workbench.models import resolve_model  # noqa: E402
-from workbench.onnx_tools import export_onnx  # noqa: E402
+from workbench.qdq.export import export_onnx  # noqa: E402
 from workbench.quant.ptq import Int8Config, quantize_  # noqa: E402
 from workbench.recipe import DataConfig, DataSplit, ModelConfig, TransformConfig  # noqa: E402
 from workbench.runtime import OrtRunner, TorchRunner, measure_latency  # noqa: E402

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_recipe
 from workbench.cli import main
 from workbench.errors import WorkbenchError
-from workbench.onnx_tools import export_onnx
+from workbench.qdq.export import export_onnx
 from workbench.runtime.tensorrt import check_engine_matches, layer_precision_summary
 
 try:

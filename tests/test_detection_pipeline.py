@@ -102,7 +102,7 @@ def test_exported_detector_runs_at_other_sizes(tmp_path):
     import torch
 
     from workbench.models import resolve_model
-    from workbench.onnx_tools import export_onnx
+    from workbench.qdq.export import export_onnx
     from workbench.quant.ptq import Int8Config, quantize_
     from workbench.recipe import ModelConfig
     from workbench.runtime import OrtRunner, TorchRunner

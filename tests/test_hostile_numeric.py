@@ -22,7 +22,7 @@ from conftest import tiny_recipe
 from helpers import TinyCNN, make_image_folder, trained_cnn
 from workbench.cli import main
 from workbench.errors import CalibrationError, ExportError
-from workbench.onnx_tools import export_onnx
+from workbench.qdq.export import export_onnx
 from workbench.quant.ptq import Int8Config, quantize_
 
 TESTS = Path(__file__).parent
@@ -301,7 +301,7 @@ def test_export_keeps_a_legitimate_inf_bound_and_refuses_an_inf_weight(tmp_path)
 
 def test_onnx_runtime_flavour_with_a_nan_scale_is_not_written(onnx_files, tmp_path):
     """model_int8_ort.onnx goes through the same check: a NaN activation scale in the Q/DQ graph is refused."""
-    from workbench.ort_int8 import to_ort_int8
+    from workbench.qdq.ort_flavour import to_ort_int8
 
     model = onnx.load(onnx_files["model"])
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and "conv2/input_quantizer" in n.name)

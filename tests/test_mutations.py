@@ -19,7 +19,7 @@ from helpers import biased_conv_bn_net, colour_blob_batch, make_image_folder, ti
 from test_detection_task import C, _dataset_and_batch, _fake_v5, _truth
 from workbench.cli import main
 from workbench.io import atomic_path
-from workbench.onnx_tools import export_onnx
+from workbench.qdq.export import export_onnx
 from workbench.quant.calibrators import AbsHistogram, amax_percentile
 from workbench.quant.fold import fold_batchnorm_
 from workbench.quant.ptq import Int8Config, quantize_

@@ -8,7 +8,8 @@ import torch
 
 from helpers import nan_cnn, tiny_cnn
 from workbench.errors import CalibrationError
-from workbench.onnx_tools import export_onnx, qdq_census
+from workbench.qdq.export import export_onnx
+from workbench.qdq.graph import qdq_census
 from workbench.quant.fold import fold_batchnorm_
 from workbench.quant.ptq import Int8Config, quantize_
 from workbench.runtime import OrtRunner, TorchRunner

@@ -7,7 +7,7 @@ import torch
 
 from helpers import make_tiny_yolov5_checkpoint
 from workbench.models import resolve_model
-from workbench.onnx_tools import export_onnx
+from workbench.qdq.export import export_onnx
 from workbench.quant.ptq import Int8Config, quantize_
 from workbench.recipe import ModelConfig
 from workbench.runtime import OrtRunner, TorchRunner

@@ -227,8 +227,8 @@ def _runs(runs_dir: str) -> int:
 def _check_onnx(args) -> int:
     """Exit 0 for a quantized graph TensorRT builds as intended; 1 for rule violations or a graph with no
     INT8 compute at all (it would build in float: a finding like a violation); 2 for a file that is no model."""
-    from .onnx_tools import load_onnx
-    from .qdq_check import check_qdq, check_quantized
+    from .qdq.export import load_onnx
+    from .qdq.trt_rules import check_qdq, check_quantized
 
     model = load_onnx(args.onnx)
     violations = check_qdq(model)
@@ -278,7 +278,7 @@ def _bench(args, console) -> int:
 def _build_engine(args) -> int:
     from pathlib import Path
 
-    from .onnx_tools import onnx_input_dims
+    from .qdq.export import onnx_input_dims
     from .runtime.tensorrt import BuildRequest, Profile, build_engine
     from .stages.build import default_timing_cache
 

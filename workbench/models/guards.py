@@ -61,7 +61,7 @@ def inf_is_broken(module: nn.Module, attr: str, is_parameter: bool) -> bool:
     """The finite rule's one exception: Inf is legitimate in a buffer (an attention or padding mask of -inf added
     before a softmax or a max pool), except in the buffers read as weights: BatchNorm statistics and quantization
     ranges (modelopt's `_amax`). NaN is broken anywhere. Export applies the same rule to the graph's constants
-    (onnx_tools.first_nonfinite_constant)."""
+    (qdq.export.first_nonfinite_constant)."""
     if is_parameter:
         return True
     return attr == "_amax" or (isinstance(module, nn.modules.batchnorm._BatchNorm)
@@ -96,3 +96,41 @@ def check_finite(model: nn.Module, source: str) -> None:
             f"({bad.broken} of {bad.numel} values), so every output would be garbage. The weights are "
             "broken (a diverged training run or a damaged file): load a checkpoint saved before they went bad."
         )
+
+
+# The PyTorch layers that compute from a weight (the modules the ONNX compute ops come from).
+COMPUTE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+# Layers whose output is computed from weights (or statistics): an Inf there is an overflow. Elsewhere an Inf in an
+# output may be deliberate (a -inf padding or mask layer before a max pool or softmax), the finite rule for
+# weights (`inf_is_broken`) and for the graph's constants (qdq.export.first_nonfinite_constant).
+WEIGHTED_MODULES = COMPUTE_MODULES + (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+@torch.no_grad()
+def first_nonfinite_layer(model: nn.Module, batch: torch.Tensor) -> str | None:
+    """The first leaf module, in execution order, whose output on `batch` holds NaN, or Inf where it is a weighted
+    layer's (where a model with finite weights starts to overflow); else the first whose output holds Inf at all;
+    None when none does. The finite rule applied to what a model computes, where the checks above apply it to
+    what it holds."""
+    found: list[str] = []  # the first layer that breaks the rule
+    any_inf: list[str] = []  # the first layer whose output holds Inf, deliberate or not
+
+    def hook(name: str):
+        def fn(module, inputs, output):
+            if found or not isinstance(output, torch.Tensor) or torch.isfinite(output).all():
+                return
+            if torch.isnan(output).any() or isinstance(module, WEIGHTED_MODULES):
+                found.append(name)
+            elif not any_inf:
+                any_inf.append(name)
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n and not any(m.children())]
+    try:
+        model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return (found or any_inf or [None])[0]

@@ -114,7 +114,7 @@ def model_input_shape(path: Path) -> tuple[tuple[int, ...] | None, int | None]:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise WorkbenchError(f"{path}: its sidecar {side.name} is missing or unreadable ({type(e).__name__}); "
                                  "build engines with `workbench build`, which writes it") from None
-    from ..onnx_tools import onnx_input_dims
+    from ..qdq.export import onnx_input_dims
 
     fixed = onnx_input_dims(path)
     shape = tuple(fixed[1:]) if len(fixed) > 1 and all(fixed[1:]) else None

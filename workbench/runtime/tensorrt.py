@@ -87,8 +87,8 @@ def check_request(req: BuildRequest) -> dict:
 
     Returns the graph's input name and its Q/DQ census.
     """
-    from ..onnx_tools import qdq_census
-    from ..onnx_tools import load_onnx
+    from ..qdq.export import load_onnx
+    from ..qdq.graph import qdq_census
 
     model = load_onnx(req.onnx)  # a clear error for a missing file or one that is not a model
     req.profile.check()

@@ -14,7 +14,7 @@ Backends (those that exist at this point of the run):
   tensorrt           the engine of the build stage (where TensorRT and a GPU are present)
 Each is also compared with the FP32 model (agreement, KL); the faithful ONNX
 is compared with the fake-quant model it was exported from, and the ORT-native
-graph with the faithful one (the same ranges; see ort_int8.py for where the two differ).
+graph with the faithful one (the same ranges; see qdq/ort_flavour.py for where the two differ).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def build_runners(run, backends: list[str], threads: int | None) -> dict:
 
 def _nonfinite_output(run, backend: str, error: FloatingPointError, images) -> WorkbenchError:
     """An error naming the backend whose output is NaN/Inf and, for a PyTorch backend, the first layer that made it."""
-    from ..runtime.compare import first_nonfinite_layer
+    from ..models.guards import first_nonfinite_layer
 
     models = {"pytorch_fp32": run.reference, "pytorch_fp32_pruned": run.state.get("pruned_fp32"),
               "pytorch_int8": run.model, "pytorch_int8_ptq": run.state.get("ptq_model")}

@@ -7,9 +7,10 @@ import json
 from pydantic import Field
 
 from ..errors import ExportError
-from ..onnx_tools import export_onnx, qdq_census
-from ..ort_int8 import WeightType, to_ort_int8
-from ..qdq_check import check_qdq
+from ..qdq.export import export_onnx
+from ..qdq.graph import qdq_census
+from ..qdq.ort_flavour import WeightType, to_ort_int8
+from ..qdq.trt_rules import check_qdq
 from .registry import StageOptions, register_stage
 
 

@@ -144,7 +144,7 @@ def _onnx_before_after(run) -> dict:
     import tempfile
     from pathlib import Path
 
-    from ..onnx_tools import export_onnx
+    from ..qdq.export import export_onnx
     from ..runtime import OrtRunner, measure_latency
 
     out = {}

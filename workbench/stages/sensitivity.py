@@ -21,7 +21,8 @@ from pydantic import Field
 from ..errors import CalibrationError, RecipeError
 from ..data import subset_loader
 from ..io import atomic_path, write_json, write_text
-from ..onnx_tools import export_onnx, nodes_by_module
+from ..qdq.export import export_onnx
+from ..qdq.graph import nodes_by_module
 from ..progress import track
 from ..quant.ptq import quant_units
 from ..quant.sensitivity import MODES, layer_costs, make_probe, proxy_sensitivity, sweep, task_sensitivity

@@ -3,7 +3,7 @@
 When the exported graph and the fake-quant model disagree at the output, this says
 where the disagreement starts: every Conv/Gemm output is exposed as an extra graph
 output and compared with the PyTorch module of the same name (the TorchScript
-exporter names nodes after module scopes: see `onnx_tools.scope_to_module`).
+exporter names nodes after module scopes: see `graph.scope_to_module`).
 """
 
 from __future__ import annotations
@@ -15,45 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..onnx_tools import scope_to_module
-from .runners import ort_session_options
-
-COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-COMPUTE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
-
-
-# Layers whose output is computed from weights (or statistics): an Inf there is an overflow. Elsewhere an Inf in an
-# output may be deliberate (a -inf padding or mask layer before a max pool or softmax), the finite rule for
-# weights (models.guards.inf_is_broken) and for the graph's constants (onnx_tools.first_nonfinite_constant).
-WEIGHTED_MODULES = COMPUTE_MODULES + (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
-
-
-@torch.no_grad()
-def first_nonfinite_layer(model: nn.Module, batch: torch.Tensor) -> str | None:
-    """The first leaf module, in execution order, whose output on `batch` holds NaN, or Inf where it is a weighted
-    layer's (where a model with finite weights starts to overflow); else the first whose output holds Inf at all;
-    None when none does."""
-    found: list[str] = []  # the first layer that breaks the rule
-    any_inf: list[str] = []  # the first layer whose output holds Inf, deliberate or not
-
-    def hook(name: str):
-        def fn(module, inputs, output):
-            if found or not isinstance(output, torch.Tensor) or torch.isfinite(output).all():
-                return
-            if torch.isnan(output).any() or isinstance(module, WEIGHTED_MODULES):
-                found.append(name)
-            elif not any_inf:
-                any_inf.append(name)
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n and not any(m.children())]
-    try:
-        model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return (found or any_inf or [None])[0]
+from ..models.guards import COMPUTE_MODULES
+from ..runtime.runners import ort_session_options
+from .graph import COMPUTE_OPS, scope_to_module
 
 
 def layer_divergence(model: nn.Module, onnx_path: str | Path, batch: torch.Tensor, mode: str = "faithful") -> list[dict]:

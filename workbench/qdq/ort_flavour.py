@@ -42,10 +42,11 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import ExportError
-from .io import atomic_path
-from .onnx_tools import GraphIndex, check_model_file, clean_graph
-from .runtime.runners import ort_session_options
+from ..errors import ExportError
+from ..io import atomic_path
+from ..runtime.runners import ort_session_options
+from .export import check_model_file, clean_graph
+from .graph import GraphIndex
 
 WeightType = Literal["auto", "exact", "s8", "reduce_range"]
 

@@ -1,8 +1,7 @@
-"""ONNX export of fake-quant (Q/DQ) and float models, and a census of what the graph quantizes."""
+"""ONNX export of fake-quant (Q/DQ) and float models, the checks every written graph passes, and reading one back."""
 
 from __future__ import annotations
 
-import collections
 import warnings
 from pathlib import Path
 
@@ -10,8 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ExportError, WorkbenchError
-from .io import atomic_path
+from ..errors import ExportError, WorkbenchError
+from ..io import atomic_path
+from .graph import COMPUTE_OPS, GraphIndex
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "output"
@@ -95,7 +95,7 @@ def check_model_file(path: str | Path, what: str) -> None:
 
 # Ops whose constant inputs are weights, biases or quantization scales: an Inf there is a broken model. Elsewhere
 # +-inf is a legitimate bound or fill (a Pad with -inf before a max pool, a Clip bound, an attention mask).
-_WEIGHT_READERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "QuantizeLinear", "DequantizeLinear"}
+_WEIGHT_READERS = {*COMPUTE_OPS, "BatchNormalization", "QuantizeLinear", "DequantizeLinear"}
 
 
 def first_nonfinite_constant(model) -> tuple[str, str, int, int] | None:
@@ -119,76 +119,6 @@ def clean_graph(model):
     import onnxslim
 
     return onnxslim.slim(model)
-
-
-def qdq_census(path: str | Path) -> dict:
-    """Counts of Q/DQ nodes and of Conv/Gemm/MatMul whose weight and input come through DequantizeLinear."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    producer = {out: node for node in graph.node for out in node.output}
-    ops = collections.Counter(node.op_type for node in graph.node)
-
-    def from_dq(name: str) -> bool:
-        node = producer.get(name)
-        # Identity/Cast sit between DQ and Conv in some exports; a zero Pad (TF-style "same"
-        # padding) commutes with symmetric dequantization, so the Conv still computes on INT8.
-        while node is not None and node.op_type in ("Identity", "Cast", "Reshape", "Transpose", "Pad"):
-            node = producer.get(node.input[0])
-        return node is not None and node.op_type == "DequantizeLinear"
-
-    quantized, float_nodes = collections.Counter(), collections.defaultdict(list)
-    for node in graph.node:
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            if len(node.input) >= 2 and from_dq(node.input[0]) and from_dq(node.input[1]):
-                quantized[node.op_type] += 1
-            else:
-                float_nodes[node.op_type].append(node.name)
-    return {
-        "opset": next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")), None),
-        "nodes": sum(ops.values()),
-        "QuantizeLinear": ops.get("QuantizeLinear", 0),
-        "DequantizeLinear": ops.get("DequantizeLinear", 0),
-        "quantized": dict(quantized),
-        "float": {k: v for k, v in float_nodes.items()},
-        "op_counts": dict(ops),
-    }
-
-
-def scope_to_module(node_name: str, module_names: set[str]) -> str | None:
-    """The PyTorch module an exported node belongs to, from the TorchScript exporter's scope name.
-
-    `/model.2/m/m.0/cv1/conv/Conv` is `model.2.m.0.cv1.conv`: each scope segment is a
-    child's name relative to its parent, except that children of a container (the
-    ModuleList `m`) are named relative to the container's parent (`m.0`), so each
-    segment is tried under the current module and then under its ancestors.
-    Returns the deepest module found, or None when the first segment matches nothing.
-    """
-    segments = [s for s in node_name.split("/") if s][:-1]
-    path: list[str] = []  # module names from the root down
-    for seg in segments:
-        for prefix in reversed([""] + path):
-            candidate = f"{prefix}.{seg}" if prefix else seg
-            if candidate in module_names:
-                path.append(candidate)
-                break
-        else:
-            break
-    return path[-1] if path else None
-
-
-def nodes_by_module(path: str | Path, model: nn.Module, ops: tuple[str, ...] | None = None) -> dict[str, list[str]]:
-    """Module name -> names of the exported nodes in its scope (optionally only these op types), in graph order."""
-    import onnx
-
-    names = {n for n, _ in model.named_modules() if n}
-    out: dict[str, list[str]] = {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
-        if ops is None or node.op_type in ops:
-            module = scope_to_module(node.name, names)
-            if module is not None:
-                out.setdefault(module, []).append(node.name)
-    return out
 
 
 def load_onnx(path: str | Path):
@@ -216,45 +146,3 @@ def onnx_input_dims(path: str | Path) -> list[int | None]:
     """The first graph input's dimensions, None where dynamic (e.g. [None, 3, 224, 224])."""
     dims = load_onnx(path).graph.input[0].type.tensor_type.shape.dim
     return [d.dim_value if d.HasField("dim_value") else None for d in dims]
-
-
-class GraphIndex:
-    """One ONNX graph indexed for rewriting and checking: constants by name (initializers and Constant
-    nodes), the node producing each tensor, the nodes reading it, and the graph's outputs."""
-
-    def __init__(self, model):
-        from onnx import numpy_helper
-
-        self.nodes = list(model.graph.node)
-        self.producer = {out: n for n in self.nodes for out in n.output}
-        self.consumers: dict[str, list] = collections.defaultdict(list)
-        for n in self.nodes:
-            for name in n.input:
-                self.consumers[name].append(n)
-        self.constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-        for n in self.nodes:
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.constants[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-        self.outputs = {o.name for o in model.graph.output}
-
-    def constant(self, name: str) -> np.ndarray | None:
-        return self.constants.get(name)
-
-    def source(self, name: str):
-        """The producing node, looking through Cast/Identity (modelopt exports Casts around Q/DQ) and zero Pads
-        (padding with zeros commutes with symmetric quantization: TensorRT moves the DQ past it)."""
-        node = self.producer.get(name)
-        while node is not None and (node.op_type in ("Cast", "Identity") or self._zero_pad(node)):
-            node = self.producer.get(node.input[0])
-        return node
-
-    def _zero_pad(self, node) -> bool:
-        if node.op_type != "Pad":
-            return False
-        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
-        value = self.constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        return mode == "constant" and (value is None or not np.any(value))
-
-    def from_dq(self, name: str) -> bool:
-        node = self.source(name)
-        return node is not None and node.op_type == "DequantizeLinear"

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnx_tools import GraphIndex, load_onnx, scope_to_module
+from .export import load_onnx
+from .graph import COMPUTE_OPS, GraphIndex, opset, scope_to_module
 
 WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1}
-MATMUL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)
@@ -56,29 +56,15 @@ class Violation:
         return asdict(self)
 
 
-def module_from_scope(node_name: str, module_names: set[str] | None = None) -> str | None:
-    """`/model.2/m/m.0/cv1/conv/Conv` -> `model.2.m.0.cv1.conv` (exact with the model's module names)."""
-    if module_names is not None:
-        return scope_to_module(node_name, module_names)
-    parts: list[str] = []
-    for seg in [s for s in node_name.split("/") if s][:-1]:
-        if parts and seg.startswith(parts[-1] + "."):  # a container's child: `m` then `m.0`
-            parts[-1] = seg
-        else:
-            parts.append(seg)
-    parts = [p for p in parts if not p.endswith("_quantizer")]
-    return ".".join(parts) or None
-
-
 def check_quantized(model) -> Violation | None:
     """A `not_quantized` Violation when no Conv/ConvTranspose/Gemm/MatMul reads INT8 data and an INT8 weight
     through DequantizeLinear (TensorRT would run the whole graph in float); None when one does."""
     g = GraphIndex(model)
-    if any(n.op_type in MATMUL_OPS and len(n.input) >= 2 and g.from_dq(n.input[0]) and _weight_qdq(g, n.input[1])
+    if any(n.op_type in COMPUTE_OPS and len(n.input) >= 2 and g.from_dq(n.input[0]) and _weight_qdq(g, n.input[1])
            for n in g.nodes):
         return None
     qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.nodes)
-    compute = sum(n.op_type in MATMUL_OPS for n in g.nodes)
+    compute = sum(n.op_type in COMPUTE_OPS for n in g.nodes)
     if qdq:
         message = (f"this graph is not quantized: it has {qdq} Q/DQ nodes, but none of its {compute} Conv/Gemm/MatMul "
                    "nodes reads INT8 data and weights through them, so TensorRT runs every one in float")
@@ -95,12 +81,12 @@ def check_qdq(model_or_path, module_names: set[str] | None = None) -> list[Viola
     out: list[Violation] = []
 
     def flag(rule: str, node, message: str) -> None:
-        out.append(Violation(rule, node.name or node.op_type, module_from_scope(node.name, module_names), message))
+        out.append(Violation(rule, node.name or node.op_type, scope_to_module(node.name, module_names), message))
 
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    version = opset(model) or 0
     qdq = [n for n in g.nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    if qdq and opset < 13:
-        out.append(Violation("opset", "graph", None, f"opset {opset}: per-channel Q/DQ needs opset 13 or newer; export with opset 17"))
+    if qdq and version < 13:
+        out.append(Violation("opset", "graph", None, f"opset {version}: per-channel Q/DQ needs opset 13 or newer; export with opset 17"))
 
     for n in qdq:
         _check_scale_and_zero_point(g, n, flag)
@@ -119,7 +105,7 @@ def check_qdq(model_or_path, module_names: set[str] | None = None) -> list[Viola
                 flag("qdq_pair", n, f"DequantizeLinear reads {src.op_type if src else 'a graph input'}, not a QuantizeLinear or an INT8 constant")
 
     for n in g.nodes:
-        if n.op_type in MATMUL_OPS:
+        if n.op_type in COMPUTE_OPS:
             _check_matmul(g, n, flag)
         elif n.op_type == "Add":
             _check_residual_add(g, n, flag)
@@ -167,16 +153,25 @@ def _check_matmul(g: GraphIndex, n, flag) -> None:
         return  # per-tensor weights are allowed
     q = g.producer.get(weight_dq.input[0])
     weight = g.constant(q.input[0] if q is not None and q.op_type == "QuantizeLinear" else weight_dq.input[0])
-    axis = next((a.i for a in weight_dq.attribute if a.name == "axis"), 1)
+    given = next((a.i for a in weight_dq.attribute if a.name == "axis"), 1)
+    shape = list(weight.shape) if weight is not None else []
+    axis = given % max(len(shape), 1)
+    # A Transpose between the weight's DQ and the layer moves its channel axis: follow it, from the DQ on.
+    for node in reversed(g.looked_through(n.input[1])):
+        if node.op_type == "Reshape":
+            return  # the channels of a reshaped weight cannot be told apart from here
+        if node.op_type == "Transpose" and shape:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(len(shape)))[::-1])
+            axis, shape = perm.index(axis), [shape[p] for p in perm]
     if n.op_type in WEIGHT_AXIS:
         want = WEIGHT_AXIS[n.op_type]
     elif n.op_type == "Gemm":
         want = 0 if next((a.i for a in n.attribute if a.name == "transB"), 0) else 1
     else:
         want = 1  # MatMul: (K, N)
-    channels = weight.shape[want] if weight is not None and weight.ndim > want else None
-    if axis % max(weight.ndim if weight is not None else 1, 1) != want or (channels is not None and scale.size != channels):
-        flag("weight_per_channel_axis", n, f"per-channel weight scales on axis {axis} with {scale.size} entries; "
+    channels = shape[want] if len(shape) > want else None
+    if axis != want or (channels is not None and scale.size != channels):
+        flag("weight_per_channel_axis", n, f"per-channel weight scales on axis {given} with {scale.size} entries; "
              f"{n.op_type} needs axis {want} with one per output channel ({channels})")
 
 
