@@ -22,6 +22,9 @@ float or adds a reformat. Each rule below names what TensorRT needs:
 - `concat_shared_scale`: the quantized inputs of a Concat share one scale, so the Concat
   needs no requantization.
 
+"From a DequantizeLinear" looks through the ops TensorRT moves a DQ past (graph.LAYOUT_OPS and zero Pads), the
+one rule the census uses too.
+
 These rules hold vacuously for a graph without Q/DQ, which TensorRT builds in float:
 `check_quantized` says when no Conv/Gemm/MatMul computes in INT8 at all (`not_quantized`).
 
@@ -171,8 +174,9 @@ def _check_matmul(g: GraphIndex, n, flag) -> None:
         want = 1  # MatMul: (K, N)
     channels = shape[want] if len(shape) > want else None
     if axis != want or (channels is not None and scale.size != channels):
-        flag("weight_per_channel_axis", n, f"per-channel weight scales on axis {given} with {scale.size} entries; "
-             f"{n.op_type} needs axis {want} with one per output channel ({channels})")
+        moved = f" (axis {axis} where the layer reads it)" if axis != given % max(len(shape), 1) else ""
+        flag("weight_per_channel_axis", n, f"per-channel weight scales on axis {given}{moved} with {scale.size} "
+             f"entries; {n.op_type} needs axis {want} with one per output channel ({channels})")
 
 
 def _is_activation_dq(g: GraphIndex, dq) -> bool:
