@@ -99,7 +99,8 @@ def check_finite(model: nn.Module, source: str) -> None:
 
 
 # The PyTorch layers that compute from a weight (the modules the ONNX compute ops come from).
-COMPUTE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+COMPUTE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                   nn.Linear)
 
 # Layers whose output is computed from weights (or statistics): an Inf there is an overflow. Elsewhere an Inf in an
 # output may be deliberate (a -inf padding or mask layer before a max pool or softmax), the finite rule for

@@ -20,7 +20,8 @@ from ..runtime.runners import ort_session_options
 from .graph import COMPUTE_OPS, scope_to_module
 
 
-def layer_divergence(model: nn.Module, onnx_path: str | Path, batch: torch.Tensor, mode: str = "faithful") -> list[dict]:
+def layer_divergence(model: nn.Module, onnx_path: str | Path, batch: torch.Tensor,
+                     mode: str = "faithful") -> list[dict]:
     """Per compute layer, in graph order: the relative and max absolute difference of its output.
 
     Rows: {"layer", "onnx_node", "rel_error", "max_abs", "ref_max_abs"}; rel_error is
@@ -43,7 +44,8 @@ def layer_divergence(model: nn.Module, onnx_path: str | Path, batch: torch.Tenso
 
     captured: dict[str, torch.Tensor] = {}
     hooks = [
-        modules[name].register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o.detach().float().cpu().clone()))
+        modules[name].register_forward_hook(
+            lambda m, i, o, name=name: captured.__setitem__(name, o.detach().float().cpu().clone()))
         for name, _, _ in taps
     ]
     try:

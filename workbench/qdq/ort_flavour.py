@@ -98,7 +98,8 @@ def _attr(node, name: str, default=None):
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def _quantize_constant(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int, bits: int = 8) -> np.ndarray:
+def _quantize_constant(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int,
+                       bits: int = 8) -> np.ndarray:
     """QuantizeLinear as ONNX defines it (round half to even, saturate) for a constant input."""
     if scale.ndim == 1 and scale.size > 1:
         shape = [1] * x.ndim
@@ -190,7 +191,8 @@ def _fold_weights(g: _Graph, pairs: list, weights: str, top: dict[str, int], res
         # for EfficientNet-Lite0 with signed and with unsigned depthwise weights).
         depthwise = weight.ndim == 4 and weight.shape[1] == 1 and all(_attr(layer, "group", 1) > 1 for layer in layers)
         wide_input = any(top.get(layer.input[0], 255) > 127 for layer in layers) and not depthwise
-        values, zp, new_scale = _quantize_constant(weight.astype(np.float32), scale, zero_point, axis), zero_point, q.input[1]
+        values = _quantize_constant(weight.astype(np.float32), scale, zero_point, axis)
+        zp, new_scale = zero_point, q.input[1]
         if wide_input and weights == "exact":
             values = (values.astype(np.int16) + 128).astype(np.uint8)
             zp = np.full(zero_point.shape, 128, np.uint8)

@@ -89,14 +89,16 @@ def check_qdq(model_or_path, module_names: set[str] | None = None) -> list[Viola
     version = opset(model) or 0
     qdq = [n for n in g.nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     if qdq and version < 13:
-        out.append(Violation("opset", "graph", None, f"opset {version}: per-channel Q/DQ needs opset 13 or newer; export with opset 17"))
+        out.append(Violation("opset", "graph", None,
+                             f"opset {version}: per-channel Q/DQ needs opset 13 or newer; export with opset 17"))
 
     for n in qdq:
         _check_scale_and_zero_point(g, n, flag)
         scale = g.constant(n.input[1])
         data = n.input[0] if n.op_type == "QuantizeLinear" else None
         if data is not None and data not in g.constants and scale is not None and scale.size > 1:
-            flag("activation_per_tensor", n, f"activation quantized with {scale.size} scales; TensorRT takes one scale per activation tensor")
+            flag("activation_per_tensor", n, f"activation quantized with {scale.size} scales; TensorRT takes one scale "
+                 "per activation tensor")
         if n.op_type == "QuantizeLinear":
             bad = [c.op_type for c in g.consumers.get(n.output[0], []) if c.op_type != "DequantizeLinear"]
             if bad or not g.consumers.get(n.output[0]):
@@ -105,7 +107,8 @@ def check_qdq(model_or_path, module_names: set[str] | None = None) -> list[Viola
             src = g.producer.get(n.input[0])
             is_const = n.input[0] in g.constants
             if not is_const and (src is None or src.op_type != "QuantizeLinear"):
-                flag("qdq_pair", n, f"DequantizeLinear reads {src.op_type if src else 'a graph input'}, not a QuantizeLinear or an INT8 constant")
+                what = src.op_type if src else "a graph input"
+                flag("qdq_pair", n, f"DequantizeLinear reads {what}, not a QuantizeLinear or an INT8 constant")
 
     for n in g.nodes:
         if n.op_type in COMPUTE_OPS:
@@ -123,11 +126,13 @@ def _check_scale_and_zero_point(g: GraphIndex, n, flag) -> None:
         flag("positive_scale", n, f"scale has values <= 0 or not finite (min {np.min(scale):.3g})")
     if len(n.input) < 3 or not n.input[2]:
         if n.op_type == "QuantizeLinear":
-            flag("int8_zero_point", n, "no zero point: ONNX then quantizes to UINT8, which TensorRT does not take; give an INT8 zero point of 0")
+            flag("int8_zero_point", n, "no zero point: ONNX then quantizes to UINT8, which TensorRT does not take; "
+                 "give an INT8 zero point of 0")
         return
     zp = g.constant(n.input[2])
     if zp is not None and (zp.dtype != np.int8 or np.any(zp != 0)):
-        flag("int8_zero_point", n, f"zero point is {zp.dtype} with values {np.unique(zp)[:4].tolist()}; TensorRT needs INT8 zeros")
+        flag("int8_zero_point", n, f"zero point is {zp.dtype} with values {np.unique(zp)[:4].tolist()}; "
+             "TensorRT needs INT8 zeros")
 
 
 def _weight_qdq(g: GraphIndex, name: str):
@@ -146,7 +151,8 @@ def _check_matmul(g: GraphIndex, n, flag) -> None:
     weight_dq = _weight_qdq(g, n.input[1])
     data_dq = g.from_dq(n.input[0])
     if weight_dq is not None and not data_dq:
-        flag("quantized_inputs", n, "the weight is quantized but the data input is not: TensorRT runs this layer in float")
+        flag("quantized_inputs", n,
+             "the weight is quantized but the data input is not: TensorRT runs this layer in float")
     if data_dq and weight_dq is None and n.input[1] in g.constants:
         flag("quantized_inputs", n, "the data input is quantized but the weight is not: add Q/DQ on the weight")
     if weight_dq is None:
@@ -190,7 +196,8 @@ def _check_residual_add(g: GraphIndex, n, flag) -> None:
     if len(inputs) != 2:
         return
     sources = [g.source(i) for i in inputs]
-    int8_conv = [s is not None and s.op_type in ("Conv", "ConvTranspose") and _weight_qdq(g, s.input[1]) is not None for s in sources]
+    int8_conv = [s is not None and s.op_type in ("Conv", "ConvTranspose") and _weight_qdq(g, s.input[1]) is not None
+                 for s in sources]
     quantized = [g.from_dq(i) for i in inputs]
     if not any(int8_conv) and not any(quantized):
         return  # a float region
@@ -198,7 +205,8 @@ def _check_residual_add(g: GraphIndex, n, flag) -> None:
         if not q and not conv:
             other = "an INT8 convolution" if any(int8_conv) else "a quantized tensor"
             src = sources[i].op_type if sources[i] is not None else "a graph input"
-            flag("residual_add", n, f"input {i} ({src}) is float while the other is {other}: quantize it so TensorRT fuses the Add in INT8")
+            flag("residual_add", n, f"input {i} ({src}) is float while the other is {other}: quantize it so TensorRT "
+                 "fuses the Add in INT8")
 
 
 def _check_concat(g: GraphIndex, n, flag) -> None:
@@ -210,4 +218,5 @@ def _check_concat(g: GraphIndex, n, flag) -> None:
             if value is not None:
                 scales.append(float(np.asarray(value).reshape(-1)[0]))
     if len(scales) > 1 and not np.allclose(scales, scales[0], rtol=1e-6, atol=0):
-        flag("concat_shared_scale", n, f"quantized inputs have scales {sorted(set(round(s, 8) for s in scales))[:4]}: give them one scale")
+        scales_seen = sorted(set(round(s, 8) for s in scales))[:4]
+        flag("concat_shared_scale", n, f"quantized inputs have scales {scales_seen}: give them one scale")
