@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workbench import api  # noqa: E402
 from workbench.qdq.ort_flavour import to_ort_int8, u8s8_can_saturate  # noqa: E402
 from workbench.recipe import parse_recipe  # noqa: E402
-from workbench.runtime import OrtRunner  # noqa: E402
+from workbench.runtime.runners import OrtRunner  # noqa: E402
 from workbench.runtime.latency import measure_latency  # noqa: E402
-from workbench.tasks import agreement_points, metric_points, new_scorer  # noqa: E402
 
 ASSETS = Path(os.environ.get("WORKBENCH_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 A = str(ASSETS)
@@ -74,7 +73,7 @@ EXPORT = "  - export: {{ort_weights: {weights}}}\n"
 
 def score(run, runner, reference_outputs=None) -> tuple[dict, list]:
     dataset = run.dataset("evaluation")
-    scorer = new_scorer(run.recipe, dataset)
+    scorer = run.task.scorer(run.recipe, dataset)
     outputs = []
     for i, (images, labels) in enumerate(run.loader("evaluation")):
         out = runner(images)
@@ -129,16 +128,16 @@ def main() -> None:
         for label, runner in graphs.items():
             if label not in rows:
                 metrics, _ = score(run, runner, faithful_out)  # agreement measured against the faithful graph
-                rows[label] = (metrics, agreement_points(metrics))
+                rows[label] = (metrics, run.task.agreement_points(metrics))
         latency = interleaved_latency(graphs, shape)
-        unit, _ = metric_points(fp32_metrics)
+        unit, _ = run.task.headline_points(fp32_metrics)
         fp32_b8 = latency["FP32 (ORT)"]["b8"]["median_ms"]
-        faithful_points = metric_points(faithful_metrics)[1]
+        faithful_points = run.task.headline_points(faithful_metrics)[1]
         print(f"## {name}: {fp32_metrics.get('samples', '')} evaluation samples, run {run.dir}\n")
         print(f"| Graph | {unit} | vs faithful | agreement with faithful % | b1 ms | b8 ms | speed-up vs FP32 at b8 |")
         print("|---|---|---|---|---|---|---|")
         for label, (metrics, agreement) in rows.items():
-            points = metric_points(metrics)[1]
+            points = run.task.headline_points(metrics)[1]
             b1, b8 = latency[label]["b1"]["median_ms"], latency[label]["b8"]["median_ms"]
             print(f"| {label} | {points:.2f} | {points - faithful_points:+.2f} | "
                   f"{'-' if agreement is None else f'{agreement:.2f}'} | {b1:.2f} | {b8:.2f} | {fp32_b8 / b8:.2f}x |")

@@ -47,7 +47,8 @@ def overrides(args, ratio: float | None) -> list[str]:
 
 
 def time_onnx(run_dir: Path, batch_sizes: list[int], input_size: tuple[int, ...]) -> dict[str, dict]:
-    from workbench.runtime import OrtRunner, measure_latency
+    from workbench.runtime.latency import measure_latency
+    from workbench.runtime.runners import OrtRunner
 
     out = {}
     for label, name in ONNX.items():

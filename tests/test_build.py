@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_recipe
+
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.qdq.export import export_onnx
@@ -108,7 +108,7 @@ def test_bench_times_every_artifact_and_writes_json_plot_and_report(images, tmp_
     assert main(["run", str(tmp_path / "r.yaml")]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     bench = json.loads((run_dir / "bench.json").read_text())
-    expected = {"pytorch_fp32_cpu", "ort_fp32", "ort_int8_default", "ort_int8_native"} | ({"pytorch_fp32_cuda", "pytorch_fp16_cuda", "pytorch_fp32_cuda_compute", "pytorch_fp16_cuda_compute"}
+    expected = {"pytorch_fp32", "ort_fp32", "ort_int8_default", "ort_int8_native"} | ({"pytorch_fp32_cuda", "pytorch_fp16_cuda", "pytorch_fp32_cuda_compute", "pytorch_fp16_cuda_compute"}
                                                                                            if torch.cuda.is_available() else set())
     assert set(bench["backends"]) == expected
     for name, entry in bench["backends"].items():

@@ -9,7 +9,7 @@ from PIL import Image
 
 from workbench.data import build_calib_set, build_dataset, check_readable, verify_calib_set
 from workbench.errors import DataError
-from workbench.recipe import DataConfig, DataSplit, TransformConfig
+from workbench.schema import DataConfig, DataSplit, TransformConfig
 
 
 def _data(**splits) -> DataConfig:

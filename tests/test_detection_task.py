@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 from pycocotools.cocoeval import COCOeval
+from test_detection_data import write_detection_set
 from torch.utils.data import DataLoader
 
-from test_detection_data import write_detection_set
 from workbench.data.detection import coco_dataset, detection_collate
 from workbench.errors import DataError
-from workbench.tasks.detection import DetectionScorer, decode, detect_head_format
+from workbench.tasks.detection import DetectionScorer, DetectionTask, decode, detect_head_format
 
 C = 3
 
@@ -126,7 +126,7 @@ def test_perfect_detections_score_one(tmp_path):
     metrics = scorer.result()
     assert metrics["samples"] == 4
     assert metrics["map50_95"] == pytest.approx(1.0) and metrics["map50"] == pytest.approx(1.0)
-    assert DetectionScorer.headline(metrics) == ("mAP50-95", metrics["map50_95"])
+    assert DetectionTask().headline_points(metrics) == ("mAP50-95 points", 100 * metrics["map50_95"])
 
 
 def test_shifted_detections_score_what_cocoeval_says(tmp_path):

@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import tiny_recipe
 from helpers import colour_blob_batch, make_image_folder, trained_cnn
-from workbench.cli import main
-from workbench.train import TrainOptions, fit
 
+from workbench.cli import main
+from workbench.train.loop import fit
+from workbench.train.options import TrainOptions
 
 # Two CPU processes with gloo; on a machine with a GPU each process would take a GPU with NCCL instead.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="gloo CPU processes; GPU runs: benchmarks/multi_gpu.py")
@@ -39,7 +39,7 @@ def _train(out_path: str) -> None:
         loss = torch.nn.functional.cross_entropy(outputs, batch[1])
         return loss, {}
 
-    fit(model, _loader(), opts, loss_fn, torch.device("cpu"), "classification")
+    fit(model, _loader(), opts, loss_fn)
     torch.save(model.state_dict(), out_path)
 
 

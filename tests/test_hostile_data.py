@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import tiny_recipe
 from helpers import make_image_folder, make_tiny_yolov5_checkpoint
+from PIL import Image
 from test_detection_data import write_detection_set
+
 from workbench.cli import main
 from workbench.data import build_dataset
 from workbench.data.sources import imagenet_wnids
 from workbench.errors import DataError
-from workbench.recipe import DataConfig
+from workbench.schema import DataConfig
 
 
 def bomb_png(path: Path, width: int, height: int) -> Path:
@@ -243,7 +243,7 @@ def test_class_count_comes_from_the_model(tmp_path):
     import torch
 
     from workbench.models import resolve_model
-    from workbench.recipe import ModelConfig
+    from workbench.schema import ModelConfig
     from workbench.tasks.detection import UnknownHeadError, detection_heads, model_num_classes
 
     model = resolve_model(ModelConfig(spec=f"yolov5:{make_tiny_yolov5_checkpoint(tmp_path / 't.pt', nc=3)}",
@@ -558,40 +558,31 @@ def _crafted_scorer(classes: int, per_class: int, correct_per_class: int):
     return scorer
 
 
-def _stub_run(root: Path):
-    from types import SimpleNamespace
-
-    from workbench.recipe import DataSplit
-
-    split = DataSplit(source="imagefolder", path=str(root))
-    return SimpleNamespace(recipe=SimpleNamespace(data=SimpleNamespace(evaluation=split)))
-
-
 @pytest.mark.parametrize("classes, per_class, correct, top1", [
     (2, 100, 60, 60.0),  # binary, 60% on 200 images
     (10, 10, 2, 20.0),  # 10 classes, 20% on 100 images
     (2, 500, 265, 53.0),  # binary, 53% on 1000 images
 ])
 def test_weak_but_genuine_models_pass_the_chance_check(tmp_path, classes, per_class, correct, top1):
-    from workbench.stages.evaluate import CHANCE_ALPHA, _binomial_tail, _check_above_chance
+    from workbench.tasks.classification import CHANCE_ALPHA, _binomial_tail, check_above_chance
 
     scorer = _crafted_scorer(classes, per_class, correct)
     assert scorer.result()["top1"] == top1 and scorer.chance_top1() == pytest.approx(100.0 / classes)
     # none of them is proven above chance at 0.1%: the old rule refused every one
     assert _binomial_tail(scorer.top1, scorer.n, 1.0 / classes) >= CHANCE_ALPHA
-    _check_above_chance(_stub_run(tmp_path), scorer, None)
+    check_above_chance(scorer, None, f"imagefolder {str(tmp_path)!r} (labels: folder)")
 
 
 def test_a_model_at_chance_on_many_images_is_refused(tmp_path):
     from types import SimpleNamespace
 
     from workbench.data.sources import Sample
-    from workbench.stages.evaluate import _check_above_chance
+    from workbench.tasks.classification import check_above_chance
 
     scorer = _crafted_scorer(10, 100, 10)  # 10% on 1000 images of 10 classes: chance exactly
     samples = [Sample(f"img{i}.png", lambda: None, i % 10) for i in range(1000)]
     with pytest.raises(DataError, match="scores 10.00% top-1 on 1000 images, no better than the 10.00%"):
-        _check_above_chance(_stub_run(tmp_path), scorer, SimpleNamespace(samples=samples))
+        check_above_chance(scorer, SimpleNamespace(samples=samples), f"imagefolder {str(tmp_path)!r} (labels: folder)")
 
 
 def test_labels_beyond_the_models_classes_are_named(tmp_path, capsys):

@@ -14,15 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import tiny_recipe
 from helpers import make_tiny_yolov5_checkpoint, tiny_cnn, trained_cnn
+from torch import nn
+
 from workbench.cli import main
 from workbench.errors import ModelLoadError
 from workbench.models import resolve_model
-from workbench.prune.structured import PRUNED_FORMAT, PruningError, load_pruned, prune_channels_, save_pruned
-from workbench.recipe import ModelConfig, load_recipe
+from workbench.prune.structured import (PRUNED_FORMAT, ChannelPruning, PruningError, load_pruned, prune_channels_,
+                                        save_pruned)
+from workbench.recipe import load_recipe
+from workbench.schema import ModelConfig
 
 # --- crafting pickles ---------------------------------------------------------
 
@@ -206,7 +208,7 @@ def test_real_yolov5n_loads_as_an_unrestricted_unpickler_would(assets):
 
 def _pruned_tiny(tmp_path: Path) -> tuple[nn.Module, Path]:
     model = trained_cnn()
-    prune_channels_(model, torch.randn(1, 3, 32, 32), [model.fc], 0.5)
+    prune_channels_(model, torch.randn(1, 3, 32, 32), [model.fc], ChannelPruning(ratio=0.5))
     assert model.conv1.out_channels == 8 and model.conv2.out_channels == 8  # 16 -> 8: really pruned
     return model, save_pruned(model, tmp_path / "pruned_model.pt")
 
@@ -465,7 +467,7 @@ def test_importing_ultralytics_leaves_pil_and_torch_save_alone(tmp_path):
 def test_builders_called_directly_keep_their_trust_keys(tmp_path):
     """The trust check sits at the load itself, not only in resolve_model: calling a source's builder runs nothing."""
     from workbench.models.registry import MODEL_SOURCES
-    from workbench.recipe import ModelConfig
+    from workbench.schema import ModelConfig
 
     marker = tmp_path / "ran"
     with pytest.raises(ModelLoadError, match="model.trust_code"):

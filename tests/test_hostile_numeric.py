@@ -16,10 +16,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import helper, numpy_helper
-
 from conftest import tiny_recipe
 from helpers import TinyCNN, make_image_folder, trained_cnn
+from onnx import helper, numpy_helper
+
 from workbench.cli import main
 from workbench.errors import CalibrationError, ExportError
 from workbench.qdq.export import export_onnx
@@ -353,7 +353,8 @@ def test_qat_weights_gone_nan_in_the_last_step_of_an_epoch_get_no_checkpoint(tmp
 
 def test_divergence_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path):
     from workbench.errors import WorkbenchError
-    from workbench.train import TrainOptions, fit
+    from workbench.train.loop import FitSetup, fit
+    from workbench.train.options import TrainOptions
 
     model = overflow_at_step_cnn()
     x = torch.randn(8 * STEPS_PER_EPOCH, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -367,8 +368,7 @@ def test_divergence_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path):
 
     with pytest.raises(WorkbenchError, match=r"at step 6 \(epoch 1\); training stopped and no epoch had finished, so "
                        r"there is no checkpoint"):
-        fit(model, batches, TrainOptions(epochs=2), loss, torch.device("cpu"), "classification", tmp_path / "ck",
-            evaluate)
+        fit(model, batches, TrainOptions(epochs=2), loss, FitSetup(checkpoint_dir=tmp_path / "ck", evaluate=evaluate))
     assert not (tmp_path / "ck").exists()
 
 
@@ -425,7 +425,8 @@ def test_calibrate_applies_the_same_rule():
 def test_the_rule_covers_quantization_ranges_and_training():
     from workbench.errors import WorkbenchError
     from workbench.models.guards import first_nonfinite
-    from workbench.train import TrainOptions, fit
+    from workbench.train.loop import FitSetup, fit
+    from workbench.train.options import TrainOptions
 
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     model = masked_cnn()
@@ -437,7 +438,7 @@ def test_the_rule_covers_quantization_ranges_and_training():
     model = masked_cnn()
     batches = [(x, torch.zeros(8, dtype=torch.long))] * 2
     loss = lambda out, batch: (torch.nn.functional.cross_entropy(out, batch[1]), {})  # noqa: E731
-    assert len(fit(model, batches, TrainOptions(epochs=1), loss, torch.device("cpu"), "classification")) == 1
+    assert len(fit(model, batches, TrainOptions(epochs=1), loss)) == 1
 
     steps = []
 
@@ -447,8 +448,7 @@ def test_the_rule_covers_quantization_ranges_and_training():
             model.pool.mask[3, 3] = NAN
 
     with pytest.raises(WorkbenchError, match=r"the weights became NaN/Inf \(pool\.mask\) at step 2 \(epoch 1\)"):
-        fit(model, batches, TrainOptions(epochs=1), loss, torch.device("cpu"), "classification",
-            after_step=nan_after_the_last_step)
+        fit(model, batches, TrainOptions(epochs=1), loss, FitSetup(after_step=nan_after_the_last_step))
 
 
 def test_an_inf_padding_layer_is_not_named_as_where_the_model_overflows(tmp_path, capsys):

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from workbench.cli import main
-from workbench.recipe import MAX_YAML_NODES, load_recipe, parse_recipe
+from workbench.recipe import load_recipe, parse_recipe
+from workbench.yaml_io import MAX_YAML_NODES
 from workbench.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]

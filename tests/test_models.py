@@ -5,7 +5,7 @@ import torch
 
 from workbench.errors import ModelLoadError
 from workbench.models import list_models, resolve_model
-from workbench.recipe import ModelConfig
+from workbench.schema import ModelConfig
 
 
 def test_import_spec_with_kwargs():

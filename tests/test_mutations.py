@@ -4,26 +4,25 @@ Each test names the mutation it catches: a one-line change to real behaviour tha
 left every test green. They run real computation on tiny models, images and graphs.
 """
 
-import copy
 import json
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from pydantic import ValidationError
-from torch import nn
-
 from conftest import tiny_recipe
 from helpers import biased_conv_bn_net, colour_blob_batch, make_image_folder, tiny_cnn, trained_cnn
+from pydantic import ValidationError
 from test_detection_task import C, _dataset_and_batch, _fake_v5, _truth
+from torch import nn
+
 from workbench.cli import main
 from workbench.io import atomic_path
 from workbench.qdq.export import export_onnx
 from workbench.quant.calibrators import AbsHistogram, amax_percentile
 from workbench.quant.fold import fold_batchnorm_
 from workbench.quant.ptq import Int8Config, quantize_
-from workbench.runtime import OrtRunner
+from workbench.runtime.runners import OrtRunner
 from workbench.stages import STAGES
 from workbench.tasks.classification import ClassificationScorer
 from workbench.tasks.detection import DetectionScorer

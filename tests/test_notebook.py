@@ -9,9 +9,9 @@ import nbclient
 import nbformat
 import pytest
 import torch
-
 from conftest import tiny_recipe
 from helpers import make_image_folder
+
 from workbench.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

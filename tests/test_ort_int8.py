@@ -4,15 +4,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import colour_blob_batch
 from torch import nn
 
-from helpers import colour_blob_batch
 from workbench.errors import ExportError
 from workbench.qdq.export import export_onnx
 from workbench.qdq.ort_flavour import optimized_op_counts, to_ort_int8, u8s8_can_saturate
 from workbench.qdq.trt_rules import check_qdq
 from workbench.quant.ptq import Int8Config, quantize_
-from workbench.runtime import OrtRunner
+from workbench.runtime.runners import OrtRunner
 
 
 class ReluNet(nn.Module):

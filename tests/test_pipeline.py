@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import tiny_recipe
 from helpers import trained_cnn
+from PIL import Image
+
 from workbench.cli import main
 
 
@@ -114,10 +114,41 @@ def test_evaluate_without_quantization_scores_fp32_only(images, tmp_path):
 
 
 def test_backend_not_available_yet(images, tmp_path, capsys):
+    """A backend whose artifacts no earlier stage makes is refused before anything runs, naming what to add."""
     runs = tmp_path / "runs"
     text = tiny_recipe(images, runs, stages="  - evaluate: {backends: [ort_int8_faithful]}\n")
     assert _run(tmp_path, text) == 2
-    assert "not available at this point" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stages[0].evaluate needs a calibrated model, which no stage before it makes: put calibrate before" in err
+    assert "put export before evaluate" in err
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+@pytest.mark.parametrize("stages, expected", [
+    ("  - sensitivity: {}\n  - calibrate: {}\n",
+     "stages[0].sensitivity needs a calibrated model, which no stage before it makes: put calibrate before sensitivity"),
+    ("  - calibrate: {}\n  - prune: {method: magnitude}\n",
+     "stages[1].prune cannot follow stages[0].calibrate, which made a calibrated model: put prune before calibrate"),
+    ("  - calibrate: {}\n  - calibrate: {}\n", "stages[1].calibrate cannot follow stages[0].calibrate"),
+    ("  - calibrate: {}\n  - finetune: {}\n", "training a quantized model is the qat stage"),
+    ("  - calibrate: {}\n  - build: {}\n", "stages[1].build needs an exported ONNX graph"),
+    ("  - calibrate: {}\n  - export: {fp32: false}\n  - build: {precision: fp16}\n",
+     "stages[2].build needs the FP32 graph"),
+])
+def test_validate_refuses_an_impossible_stage_order(images, tmp_path, capsys, stages, expected):
+    """`workbench validate` walks the stages' declared hand-overs and names the stage that cannot run."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs", stages=stages))
+    assert main(["validate", str(recipe)]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_validate_accepts_export_without_fp32_when_unquantized(images, tmp_path, capsys):
+    """An unquantized model.onnx is itself the FP32 graph, so an FP16 build may follow it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs", stages="  - export: {fp32: false}\n"
+                                  "  - build: {precision: fp16}\n  - evaluate: {backends: [ort_fp32]}\n"))
+    assert main(["validate", str(recipe)]) == 0
 
 
 @pytest.mark.slow

@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_recipe
 from helpers import make_image_folder, pad_shortcut_net, trained_cnn
-from workbench.models.cifar_resnet import cifar_resnet, option_a_as_convolutions_
+
 from workbench.cli import main
+from workbench.models.cifar_resnet import cifar_resnet, option_a_as_convolutions_
 from workbench.prune import magnitude_prune_, make_permanent, prunable_layers, sparsity_2to4_, weight_sparsity
-from workbench.prune.structured import PruningError, load_pruned, prune_channels_, save_pruned
+from workbench.prune.structured import ChannelPruning, PruningError, load_pruned, prune_channels_, save_pruned
 from workbench.prune.unstructured import two_four_mask
 
 
@@ -131,7 +131,7 @@ def test_failed_pruning_leaves_the_model_as_it_was():
     x = torch.randn(2, 3, 32, 32)
     before = model(x)
     with pytest.raises(PruningError, match="ConstantPadNdBackward0"):
-        prune_channels_(model, x[:1], [model.fc], 0.5, global_pruning=False)
+        prune_channels_(model, x[:1], [model.fc], ChannelPruning(ratio=0.5))
     assert torch.equal(model(x), before)
 
 
@@ -139,7 +139,7 @@ def test_a_ratio_that_would_empty_a_layer_is_refused():
     model = trained_cnn()
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(PruningError, match="would lose every channel"):
-        prune_channels_(model, x, [model.fc], 0.99, global_pruning=True, round_to=1)
+        prune_channels_(model, x, [model.fc], ChannelPruning(ratio=0.99, global_pruning=True, round_to=1))
 
 
 def test_a_ratio_that_would_empty_a_layer_fails_the_run(tmp_path, capsys):
@@ -158,7 +158,7 @@ def test_option_a_resnet_shortcuts_become_exact_convolutions_and_prune_per_layer
     converted = copy.deepcopy(model)
     assert option_a_as_convolutions_(converted) == 2
     assert torch.equal(converted(x), before)  # 0/1 weights: the same function, bit for bit
-    counts = prune_channels_(model, x[:1], [model.linear], 0.5, global_pruning=False)
+    counts = prune_channels_(model, x[:1], [model.linear], ChannelPruning(ratio=0.5))
     widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     assert widths["layer1.0.conv2"] == 8 and widths["layer2.0.shortcut"] == 16 and widths["layer3.2.conv1"] == 32
     assert counts["macs_after"] < 0.3 * counts["macs_before"]

@@ -4,16 +4,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import make_tiny_yolov5_checkpoint
 from onnx import helper, numpy_helper
 
-from helpers import make_tiny_yolov5_checkpoint
 from workbench.cli import main
+from workbench.models import resolve_model
 from workbench.models.cifar_resnet import cifar_resnet
 from workbench.qdq.export import export_onnx
 from workbench.qdq.trt_rules import check_qdq
 from workbench.quant.ptq import Int8Config, quantize_
-from workbench.recipe import ModelConfig
-from workbench.models import resolve_model
+from workbench.schema import ModelConfig
 
 
 def _quantized_onnx(model, x, path):

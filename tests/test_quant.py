@@ -5,14 +5,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from helpers import nan_cnn, tiny_cnn
+
 from workbench.errors import CalibrationError
 from workbench.qdq.export import export_onnx
 from workbench.qdq.graph import qdq_census
 from workbench.quant.fold import fold_batchnorm_
 from workbench.quant.ptq import Int8Config, quantize_
-from workbench.runtime import OrtRunner, TorchRunner
+from workbench.runtime.runners import OrtRunner, TorchRunner
 
 torch.manual_seed(0)
 CALIB = [torch.randn(8, 3, 32, 32) for _ in range(4)]

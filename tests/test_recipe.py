@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import tiny_recipe
+
 from workbench.cli import main
 from workbench.errors import RecipeError
 from workbench.recipe import load_recipe, parse_recipe

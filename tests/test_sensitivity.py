@@ -6,9 +6,9 @@ import json
 import onnx
 import pytest
 import torch
-
 from conftest import tiny_recipe
 from helpers import make_image_folder
+
 from workbench.cli import main
 
 
@@ -113,7 +113,8 @@ def test_layer_pattern_matching_nothing(images, tmp_path, capsys):
 
 def test_sensitivity_needs_calibration(images, tmp_path, capsys):
     assert _run(tmp_path, _recipe(images, tmp_path / "runs", "  - sensitivity: {}\n")) == 2
-    assert "put a calibrate stage before it" in capsys.readouterr().err
+    assert "stages[0].sensitivity needs a calibrated model, which no stage before it makes: put calibrate before " \
+           "sensitivity" in capsys.readouterr().err
 
 
 def test_two_budgets_are_rejected(images, tmp_path, capsys):

@@ -4,13 +4,15 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_recipe
-from helpers import colour_blob_batch, make_image_folder, trained_cnn, tiny_cnn
+from helpers import colour_blob_batch, make_image_folder, tiny_cnn, trained_cnn
+
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.quant.ptq import Int8Config, quantize_, refresh_weight_ranges_
-from workbench.train import TrainOptions, distillation_loss, fit
+from workbench.tasks.classification import LogitDistiller
+from workbench.train.loop import FitSetup, fit
+from workbench.train.options import TrainOptions
 
 
 def _batches(n=4, seed=1):
@@ -25,7 +27,7 @@ def _kd_loss(teacher):
     def loss_fn(outputs, batch):
         with torch.no_grad():
             t = teacher(batch[0])
-        loss = distillation_loss("classification", outputs, t, temperature=2.0)
+        loss = LogitDistiller(temperature=2.0).loss(outputs, t)
         return loss, {"distill": loss.item()}
 
     return loss_fn
@@ -40,7 +42,7 @@ def test_distillation_teaches_a_fresh_student_without_labels():
     teacher, student = trained_cnn(), tiny_cnn()
     x, _ = colour_blob_batch(seed=7)
     before = _agreement(student, teacher, x)
-    history = fit(student, _batches(), TrainOptions(epochs=6, lr=0.05), _kd_loss(teacher), torch.device("cpu"), "classification")
+    history = fit(student, _batches(), TrainOptions(epochs=6, lr=0.05), _kd_loss(teacher))
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
     assert history[-1]["distill"] < 0.5 * history[0]["distill"]
     assert _agreement(student, teacher, x) >= max(0.9, before + 0.2)
@@ -52,10 +54,10 @@ def test_resume_continues_exactly(tmp_path):
     teacher = trained_cnn()
     opts = TrainOptions(epochs=3, lr=0.05)
     straight = tiny_cnn()
-    fit(straight, _batches(), opts, _kd_loss(teacher), torch.device("cpu"), "classification", tmp_path / "a")
+    fit(straight, _batches(), opts, _kd_loss(teacher), FitSetup(checkpoint_dir=tmp_path / "a"))
     resumed = tiny_cnn()
     history = fit(resumed, _batches(), opts.model_copy(update={"resume": str(tmp_path / "a" / "finetune_epoch1.pt")}),
-                  _kd_loss(teacher), torch.device("cpu"), "classification", tmp_path / "b")
+                  _kd_loss(teacher), FitSetup(checkpoint_dir=tmp_path / "b"))
     assert [h["epoch"] for h in history] == [1, 2, 3] and sorted(p.name for p in (tmp_path / "b").iterdir()) == [
         "finetune_epoch2.pt", "finetune_epoch3.pt"]
     for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
@@ -65,10 +67,10 @@ def test_resume_continues_exactly(tmp_path):
 def test_resume_from_a_missing_or_foreign_checkpoint(tmp_path):
     opts = TrainOptions(resume=str(tmp_path / "nope.pt"))
     with pytest.raises(WorkbenchError, match="does not exist"):
-        fit(tiny_cnn(), _batches(), opts, _kd_loss(trained_cnn()), torch.device("cpu"), "classification")
+        fit(tiny_cnn(), _batches(), opts, _kd_loss(trained_cnn()))
     torch.save({"model": {"x": torch.zeros(1)}, "optimizer": {}, "scheduler": {}, "step": 1, "epoch": 1, "history": []}, tmp_path / "bad.pt")
     with pytest.raises(WorkbenchError, match="does not fit this model|is not a training checkpoint"):
-        fit(tiny_cnn(), _batches(), TrainOptions(resume=str(tmp_path / "bad.pt")), _kd_loss(trained_cnn()), torch.device("cpu"), "classification")
+        fit(tiny_cnn(), _batches(), TrainOptions(resume=str(tmp_path / "bad.pt")), _kd_loss(trained_cnn()))
 
 
 def test_diverging_loss_stops_with_advice():
@@ -76,7 +78,7 @@ def test_diverging_loss_stops_with_advice():
         return outputs.sum() * float("nan"), {}
 
     with pytest.raises(WorkbenchError, match="Lower the learning rate"):
-        fit(tiny_cnn(), _batches(), TrainOptions(), bad_loss, torch.device("cpu"), "classification")
+        fit(tiny_cnn(), _batches(), TrainOptions(), bad_loss)
 
 
 def _finetune_recipe(tmp_path, images, stages: str, finetune_split: str, batch_size: int = 4):
@@ -152,7 +154,8 @@ def test_qat_weight_ranges_follow_the_weights():
 
 def test_qat_without_calibration(tmp_path, capsys):
     assert main(["run", str(_qat_recipe(tmp_path, "  - qat: {epochs: 1}\n"))]) == 2
-    assert "QAT starts from a calibrated model" in capsys.readouterr().err
+    assert "stages[0].qat needs a calibrated model, which no stage before it makes: put calibrate before qat" \
+        in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", ["lr: 5.0", "epochs: 0", "epochs: 5000"])

@@ -3,11 +3,11 @@
 
 import pytest
 import torch
-
 from helpers import make_tiny_yolov5_checkpoint
+
 from workbench.errors import ModelLoadError
 from workbench.models import resolve_model
-from workbench.recipe import ModelConfig
+from workbench.schema import ModelConfig
 
 
 def test_tiny_yolov5_checkpoint_loads_and_decodes(tmp_path):

@@ -1,10 +1,29 @@
-"""workbench: recipe-driven INT8 quantization and pruning for PyTorch vision models."""
+"""workbench: recipe-driven INT8 quantization and pruning for PyTorch vision models.
 
-from .api import load_run, run
-from .errors import WorkbenchError
-from .quant.ptq import Int8Config, quantize_
-from .recipe import Recipe, load_recipe, parse_recipe
+The API mirrors the CLI: run, sensitivity, validate, check_onnx, build, bench, open_run (and load_run);
+`quantize_(model, Int8Config(...), forward_loop, example)` is the quantization verb on its own.
+Attributes are imported on first use, so `import workbench` (and the CLI) does not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["Int8Config", "Recipe", "WorkbenchError", "load_recipe", "load_run", "parse_recipe", "quantize_", "run"]
+_EXPORTS = {
+    "run": "api", "sensitivity": "api", "validate": "api", "check_onnx": "api", "build": "api", "bench": "api",
+    "open_run": "api", "load_run": "api",
+    "Int8Config": "quant.config", "quantize_": "quant.ptq",
+    "Recipe": "schema", "load_recipe": "recipe", "parse_recipe": "recipe",
+    "WorkbenchError": "errors",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

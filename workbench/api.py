@@ -1,15 +1,26 @@
-"""The Python API that the CLI and the notebook both call."""
+"""The Python API that the CLI and the notebook both call: one function per `workbench` command.
+
+    run(recipe, overrides)            workbench run            sensitivity(recipe)     workbench sensitivity
+    validate(recipe, overrides)       workbench validate       check_onnx(path)        workbench check-onnx
+    build(onnx, ...)                  workbench build          bench(paths, ...)       workbench bench
+    open_run(run_dir)                 the notebook's explorer  load_run(run_dir)       a run's metrics
+
+Everything heavy (torch, modelopt, ONNX) is imported by the function that needs it, so `import workbench`
+and the CLI's quick commands stay light.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import RecipeError
-import yaml
 
-from .recipe import Recipe, load_recipe, parse_recipe
-from .run import Run, run_recipe
+if TYPE_CHECKING:
+    from .recipe import Recipe
+    from .run import Run
 
 
 def run(recipe: str | os.PathLike | Recipe | None, overrides: list[str] | tuple[str, ...] = (), console=None,
@@ -19,6 +30,9 @@ def run(recipe: str | os.PathLike | Recipe | None, overrides: list[str] | tuple[
     `resume`: a failed or interrupted run directory to continue in place (see resume.py); with `recipe`
     None, the run's own recipe.yaml (with `overrides`) is used.
     """
+    from .recipe import Recipe, load_recipe
+    from .run import run_recipe
+
     if recipe is None and resume is None:
         raise RecipeError("give a recipe to run, or a run directory to resume")
     if resume is not None:  # opened once: its recipe may be the one to run
@@ -32,13 +46,29 @@ def run(recipe: str | os.PathLike | Recipe | None, overrides: list[str] | tuple[
     return run_recipe(recipe, console=console, resume=resume)
 
 
+def validate(recipe: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """`workbench validate`: the recipe, read and checked (schema, stage order, model, files, data splits, required
+    extras) without loading a model or an image; RecipeError naming every problem otherwise."""
+    from .recipe import load_recipe
+    from .validate import check_recipe_inputs
+
+    loaded = load_recipe(recipe, overrides)
+    check_recipe_inputs(loaded, f"recipe {recipe}")
+    return loaded
+
+
 def sensitivity_recipe(recipe: Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """The recipe's stages up to its calibrate stage, then `sensitivity` (with the recipe's own options if it
     has them); `overrides` (`stages.sensitivity.x=...`) apply to the derived recipe."""
+    import yaml
+
+    from .recipe import parse_recipe
+
     data = recipe.model_dump(mode="json")
     names = [next(iter(s)) for s in data["stages"]]
     if "calibrate" not in names:
-        raise RecipeError(f"{recipe.name}: the recipe has no calibrate stage, and sensitivity needs a calibrated model; add one")
+        raise RecipeError(f"{recipe.name}: the recipe has no calibrate stage, and sensitivity needs a calibrated model; "
+                          "add one")
     own = next((s["sensitivity"] for s in data["stages"] if "sensitivity" in s), {})
     data["stages"] = data["stages"][: names.index("calibrate") + 1] + [{"sensitivity": own}]
     data["name"] = f"{recipe.name}-sensitivity"
@@ -47,11 +77,89 @@ def sensitivity_recipe(recipe: Recipe, overrides: list[str] | tuple[str, ...] = 
 
 def sensitivity(recipe: str | os.PathLike | Recipe, overrides: list[str] | tuple[str, ...] = (), console=None) -> Run:
     """`workbench sensitivity RECIPE`: calibrate as the recipe says, then the per-layer sensitivity sweep."""
+    from .recipe import Recipe, load_recipe
+    from .run import run_recipe
+
     # Options of the sweep may be given even when the recipe has no sensitivity stage of its own.
     own = [o for o in overrides if o.startswith("stages.sensitivity.")]
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, [o for o in overrides if o not in own])
     return run_recipe(sensitivity_recipe(recipe, own), console=console)
+
+
+@dataclass
+class OnnxCheck:
+    """What `check_onnx` found: TensorRT Q/DQ rule violations, and whether the graph computes anything in INT8."""
+
+    violations: list  # qdq.trt_rules.Violation
+    not_quantized: object | None  # a Violation saying no Conv/Gemm/MatMul reads INT8, or None
+
+    @property
+    def findings(self) -> list:
+        return self.violations + ([self.not_quantized] if self.not_quantized else [])
+
+
+def check_onnx(path: str | os.PathLike) -> OnnxCheck:
+    """`workbench check-onnx`: a Q/DQ graph against TensorRT's explicit-quantization rules, node by node."""
+    from .qdq.export import load_onnx
+    from .qdq.trt_rules import check_qdq, check_quantized
+
+    model = load_onnx(path)  # a clear error (exit 2) for a missing file or one that is not a model
+    return OnnxCheck(check_qdq(model), check_quantized(model))
+
+
+def build(onnx: str | os.PathLike, batch: tuple[int, int, int] = (1, 8, 32), size: tuple[int, int] | None = None,
+          out: str | os.PathLike | None = None, precision: str = "int8", strongly_typed: bool = True,
+          workspace_mib: int = 4096, timing_cache: str | os.PathLike | None = None, sparse: bool = False) -> dict:
+    """`workbench build`: a TensorRT engine from an ONNX file (min/opt/max `batch`, `size` (H, W) for a graph
+    with a dynamic image size), written beside it unless `out`; returns its sidecar."""
+    from .errors import WorkbenchError
+    from .qdq.export import onnx_input_dims
+    from .runtime.tensorrt import BuildRequest, build_engine, default_timing_cache, profile_for
+
+    onnx_path = Path(onnx)
+    fixed = onnx_input_dims(onnx_path)
+    if size:
+        hw = tuple(size)
+    elif len(fixed) == 4 and fixed[2] and fixed[3]:
+        hw = (fixed[2], fixed[3])
+    else:
+        raise WorkbenchError(f"{onnx_path} has a dynamic image size: give --size H W")
+    channels = fixed[1] if len(fixed) > 1 and fixed[1] else 3
+    cache = Path(timing_cache) if timing_cache else default_timing_cache()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    return build_engine(BuildRequest(
+        onnx=onnx_path, engine=Path(out) if out else onnx_path.with_suffix(".engine"),
+        profile=profile_for(channels, tuple(batch), [hw] * 3), precision=precision, strongly_typed=strongly_typed,
+        fp16=True, workspace_mib=workspace_mib, timing_cache=cache, sparse_weights=sparse,
+    ))
+
+
+def bench(paths: list[str | os.PathLike], batch_sizes: list[int] = (1, 8), warmup: int = 5, repeats: int = 50,
+          threads: int | None = None, input_size: tuple[int, int, int] | None = None) -> dict:
+    """`workbench bench`: latency and throughput of model files (each opened by the backend that serves its suffix:
+    .onnx in ONNX Runtime, .engine in TensorRT), or of every such file in a directory; the same measurement as the
+    bench stage."""
+    from .runtime import backends
+    from .runtime.latency import bench_artifacts, check_bench_options, model_files, model_input_shape
+
+    check_bench_options(batch_sizes, warmup, repeats, threads)
+    files = model_files([Path(p) for p in paths], backends.file_suffixes())
+    names = [f.name for f in files]
+    results = {}
+    for path in files:
+        shape, fixed_batch = model_input_shape(path)
+        if input_size:
+            shape = tuple(input_size)
+        if shape is None:
+            raise RecipeError(f"{path}: the input size is dynamic; give it with --input-size C H W")
+        if fixed_batch and any(b != fixed_batch for b in batch_sizes):
+            raise RecipeError(f"{path}: the graph's batch size is fixed at {fixed_batch}; time it with --batch-sizes "
+                              f"{fixed_batch} (or export with a dynamic batch)")
+        name = path.name if names.count(path.name) == 1 else f"{path.parent.name}/{path.name}"  # two run dirs
+        results.update(bench_artifacts({name: backends.file_artifact(path, threads)}, shape, list(batch_sizes), warmup,
+                                       repeats, threads))
+    return {"batch_sizes": list(batch_sizes), "repeats": repeats, "threads": threads, "backends": results}
 
 
 def load_run(run_dir: str | os.PathLike) -> dict:
@@ -66,28 +174,3 @@ def open_run(run_dir: str | os.PathLike, device: str = "cpu"):
     from .explore import RunExplorer
 
     return RunExplorer(Path(run_dir), device)
-
-
-def bench(paths: list[str | os.PathLike], batch_sizes: list[int] = (1, 8), warmup: int = 5, repeats: int = 50,
-          threads: int | None = None, input_size: tuple[int, int, int] | None = None) -> dict:
-    """`workbench bench`: latency and throughput of model files (.onnx in ONNX Runtime, .engine in TensorRT),
-    or of every such file in a directory; the same measurement as the bench stage."""
-    from .runtime.latency import bench_artifacts, check_bench_options, file_artifact, model_files, model_input_shape
-
-    check_bench_options(batch_sizes, warmup, repeats, threads)
-    files = model_files([Path(p) for p in paths])
-    names = [f.name for f in files]
-    results = {}
-    for path in files:
-        shape, fixed_batch = model_input_shape(path)
-        if input_size:
-            shape = tuple(input_size)
-        if shape is None:
-            raise RecipeError(f"{path}: the input size is dynamic; give it with --input-size C H W")
-        if fixed_batch and any(b != fixed_batch for b in batch_sizes):
-            raise RecipeError(f"{path}: the graph's batch size is fixed at {fixed_batch}; time it with --batch-sizes {fixed_batch} "
-                              "(or export with a dynamic batch)")
-        name = path.name if names.count(path.name) == 1 else f"{path.parent.name}/{path.name}"  # two run dirs
-        results.update(bench_artifacts({name: file_artifact(path, threads)}, shape, list(batch_sizes), warmup, repeats,
-                                       threads))
-    return {"batch_sizes": list(batch_sizes), "repeats": repeats, "threads": threads, "backends": results}

@@ -1,8 +1,10 @@
 """What stages hand on to later stages: one typed record, and the names stages declare their needs by.
 
-A stage reads the artifacts earlier stages made and adds its own (stages/registry.py says which, per stage);
-`validate.check_stage_order` walks a recipe with those declarations before anything runs, and resume.py
-fills the same record back from a run directory. Everything a stage hands on lives here, nowhere else.
+A stage reads the artifacts earlier stages made and adds its own; its registration (stages/registry.py)
+says which it needs, which it makes and which it cannot follow. `stages.registry.order_problems` walks a
+recipe with those declarations before anything runs (`workbench validate`, and `run` before it loads the
+model), and resume.py fills the same record back from a run directory. Everything a stage hands on lives
+here, nowhere else.
 """
 
 from __future__ import annotations
@@ -16,21 +18,29 @@ if TYPE_CHECKING:
 
     from .quant.ptq import QuantResult
 
-# The names a stage declares it needs or makes (StageSpec.needs / makes). Backends name them too: keep them stable.
+# The names a stage declares it needs or makes. Backends (runtime/backends.py) name them too: keep them stable.
 Artifact = Literal[
-    "quantized",  # the run's model has quantizers (calibrate): Artifacts.quant
-    "pruned",  # the pruned FP32 model (prune): Artifacts.pruned_fp32
-    "pruned_file",  # pruned_model.pt, which a later finetune re-saves with its weights (prune)
-    "ptq",  # the PTQ model as calibrate left it, kept before QAT trains the quantized one (qat)
-    "onnx",  # the run's model as ONNX: Q/DQ when quantized (export)
-    "onnx_fp32",  # the FP32 reference as ONNX (export with fp32)
-    "onnx_pruned_fp32",  # the pruned FP32 model as ONNX (export after prune and calibrate)
-    "onnx_ptq",  # the PTQ model as ONNX (export after qat)
-    "ort_int8",  # the ONNX Runtime flavour of the Q/DQ graph (export)
-    "engine",  # a TensorRT engine (build, when TensorRT is there)
-    "sensitivity",  # the per-layer sensitivity table (sensitivity)
+    "quantized", "pruned", "pruned_file", "ptq", "onnx", "onnx_fp32", "onnx_pruned_fp32", "onnx_ptq", "ort_int8",
+    "engine", "sensitivity",
 ]
 ARTIFACTS: tuple[str, ...] = get_args(Artifact)
+
+# What each is and which stage makes it, as an error message names them.
+DESCRIPTIONS: dict[str, tuple[str, str]] = {
+    "quantized": ("a calibrated model", "calibrate"),
+    "pruned": ("a pruned model", "prune"),
+    "pruned_file": ("pruned_model.pt", "prune"),
+    "ptq": ("the PTQ model kept before QAT trains it", "qat"),
+    "onnx": ("an exported ONNX graph", "export"),
+    "onnx_fp32": ("the FP32 graph (model_fp32.onnx, or model.onnx of an unquantized model)", "export"),
+    "onnx_pruned_fp32": ("the pruned FP32 graph model_pruned_fp32.onnx (after prune and calibrate, fp32: true)",
+                         "export"),
+    "onnx_ptq": ("the PTQ graph model_ptq.onnx (after qat)", "export"),
+    "ort_int8": ("the ONNX Runtime flavour model_int8_ort.onnx (of a calibrated model, ort_int8: true)", "export"),
+    "engine": ("a TensorRT engine", "build"),
+    "sensitivity": ("the sensitivity table", "sensitivity"),
+}
+assert set(DESCRIPTIONS) == set(ARTIFACTS)
 
 
 @dataclass
@@ -38,7 +48,7 @@ class OnnxFiles:
     """The ONNX files export wrote; None where it wrote no such file."""
 
     model: Path  # the run's model: Q/DQ when it was quantized, FP32 otherwise
-    fp32: Path | None = None
+    fp32: Path | None = None  # the FP32 graph: model_fp32.onnx, or model.onnx itself when the model is not quantized
     pruned_fp32: Path | None = None
     ptq: Path | None = None
     ort_int8: Path | None = None
@@ -75,3 +85,6 @@ class Artifacts:
         if name not in present:
             raise KeyError(f"unknown artifact {name!r}; artifacts: {', '.join(ARTIFACTS)}")
         return present[name]
+
+    def made(self) -> set[str]:
+        return {name for name in ARTIFACTS if self.has(name)}

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import WorkbenchError
 
@@ -148,11 +149,9 @@ def _dispatch(args, parser) -> int:
     if args.command == "check-onnx":
         return _check_onnx(args)
     if args.command == "validate":
-        from .recipe import load_recipe
-        from .validate import check_recipe_inputs
+        from . import api
 
-        recipe = load_recipe(args.recipe, args.overrides)
-        check_recipe_inputs(recipe, f"recipe {args.recipe}")
+        recipe = api.validate(args.recipe, args.overrides)
         stages = " -> ".join(name for name, _ in recipe.stage_list())
         print(f"{args.recipe}: valid ({recipe.name}: {stages})")
         return 0
@@ -207,8 +206,6 @@ def _run_arguments(args) -> None:
 
 
 def _runs(runs_dir: str) -> int:
-    from pathlib import Path
-
     from .rundir import list_runs, mark_stale_runs
 
     for path in mark_stale_runs(Path(runs_dir)):
@@ -227,21 +224,17 @@ def _runs(runs_dir: str) -> int:
 def _check_onnx(args) -> int:
     """Exit 0 for a quantized graph TensorRT builds as intended; 1 for rule violations or a graph with no
     INT8 compute at all (it would build in float: a finding like a violation); 2 for a file that is no model."""
-    from .qdq.export import load_onnx
-    from .qdq.trt_rules import check_qdq, check_quantized
+    from . import api
 
-    model = load_onnx(args.onnx)
-    violations = check_qdq(model)
-    not_quantized = check_quantized(model)
-    findings = violations + ([not_quantized] if not_quantized else [])
+    found = api.check_onnx(args.onnx)
     if args.json:
-        print(json.dumps([v.as_dict() for v in findings], indent=2))
+        print(json.dumps([v.as_dict() for v in found.findings], indent=2))
     else:
-        for v in findings:
+        for v in found.findings:
             print(v)
-        verdict = "not quantized, " if not_quantized else ""
-        print(f"{args.onnx}: {verdict}{len(violations)} violation(s) of TensorRT's Q/DQ rules")
-    return 1 if findings else 0
+        verdict = "not quantized, " if found.not_quantized else ""
+        print(f"{args.onnx}: {verdict}{len(found.violations)} violation(s) of TensorRT's Q/DQ rules")
+    return 1 if found.findings else 0
 
 
 def _bench(args, console) -> int:
@@ -269,35 +262,20 @@ def _bench(args, console) -> int:
 
         write_json(args.json, result)
     if args.plot:
-        from .stages.bench import plot_throughput
+        from .plots import plot_throughput
 
         plot_throughput(args.plot, result["backends"], args.batch_sizes)
     return 0
 
 
 def _build_engine(args) -> int:
-    from pathlib import Path
+    from . import api
 
-    from .qdq.export import onnx_input_dims
-    from .runtime.tensorrt import BuildRequest, Profile, build_engine
-    from .stages.build import default_timing_cache
-
-    onnx_path = Path(args.onnx)
-    fixed = onnx_input_dims(onnx_path)
-    if args.size:
-        hw = tuple(args.size)
-    elif len(fixed) == 4 and fixed[2] and fixed[3]:
-        hw = (fixed[2], fixed[3])
-    else:
-        raise WorkbenchError(f"{onnx_path} has a dynamic image size: give --size H W")
-    channels = fixed[1] if len(fixed) > 1 and fixed[1] else 3
-    profile = Profile(*[(b, channels, *hw) for b in args.batch])
-    cache = Path(args.timing_cache) if args.timing_cache else default_timing_cache()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) if args.out else onnx_path.with_suffix(".engine")
-    sidecar = build_engine(BuildRequest(onnx_path, out, profile, args.precision, not args.weak_typing, True,
-                                        args.workspace_mib, cache, args.sparse))
-    print(f"engine: {out} (TensorRT {sidecar['tensorrt']}, {sidecar['gpu']}); layers by precision: {sidecar['layer_precisions']}")
+    out = args.out or str(Path(args.onnx).with_suffix(".engine"))
+    sidecar = api.build(args.onnx, tuple(args.batch), tuple(args.size) if args.size else None, out, args.precision,
+                        not args.weak_typing, args.workspace_mib, args.timing_cache, args.sparse)
+    print(f"engine: {out} (TensorRT {sidecar['tensorrt']}, {sidecar['gpu']}); layers by precision: "
+          f"{sidecar['layer_precisions']}")
     return 0
 
 

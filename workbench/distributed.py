@@ -68,11 +68,6 @@ def gather_dict(part: dict) -> dict:
     return merged
 
 
-def barrier() -> None:
-    if active():
-        dist.barrier()
-
-
 def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
     """Run `python -m workbench <argv>` in `nproc` processes with torchrun; its exit code."""
     if nproc > 1 and torch.cuda.is_available() and torch.cuda.device_count() < nproc:

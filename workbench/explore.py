@@ -19,15 +19,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from .data import build_model_dataset, subset_loader
+from .data import build_dataset, subset_loader
 from .errors import CalibrationError, WorkbenchError
 from .models import resolve_model
 from .quant.ptq import quant_units, restore_, set_float_units
-from .quant.sensitivity import layer_costs, make_probe
+from .quant.sensitivity import layer_costs, make_probe, score_probe
 from .recipe import parse_recipe
 from .stages.calibrate import CalibrateOptions
-from .tasks import agreement_points, metric_points, new_scorer
-from .tasks.detection import model_num_classes
+from .tasks import get_task
 
 
 class RunExplorer:
@@ -42,6 +41,7 @@ class RunExplorer:
                 "(workbench sensitivity RECIPE does) and open that run"
             )
         self.recipe = parse_recipe((self.dir / "recipe.yaml").read_text(), str(self.dir / "recipe.yaml"))
+        self.task = get_task(self.recipe.task)
         saved = json.loads(calibration.read_text())
         self.config = CalibrateOptions(**saved["config"])
         self.device = torch.device(device)
@@ -76,21 +76,16 @@ class RunExplorer:
     def evaluate(self, samples: int | None = 64) -> dict:
         """The current plan scored on `samples` evaluation samples drawn with a seed (None: all), with FP32 alongside."""
         if self._dataset is None:
-            self._dataset = build_model_dataset(
-                self.recipe, "evaluation", lambda: model_num_classes(self.reference, self.recipe.model.input_size))
+            num_classes = lambda: self.task.num_classes(self.reference, self.recipe.model.input_size)  # noqa: E731
+            self._dataset = self.task.for_model(build_dataset(self.recipe.data, "evaluation"), num_classes,
+                                                "data.evaluation")
         if samples not in self._probes:
             loader = subset_loader(self._dataset, self.recipe.data, samples)
             self._probes[samples] = make_probe(self.reference, loader, None, self.device)
         probe = self._probes[samples]
-        scorer = new_scorer(self.recipe, self._dataset)
-        with torch.no_grad():
-            for x, targets, ref in zip(probe.inputs, probe.targets, probe.references):
-                out = self.model(x)
-                out = out[0] if isinstance(out, (list, tuple)) else out
-                scorer.update(out.float(), targets, ref.float())
-        metrics = scorer.result()
-        name, value = metric_points(metrics)
-        return {"samples": probe.samples, "metric": name, "value": value, "agreement": agreement_points(metrics),
+        metrics = score_probe(self.model, probe, self.task.scorer(self.recipe, self._dataset))
+        name, value = self.task.headline_points(metrics)
+        return {"samples": probe.samples, "metric": name, "value": value, "agreement": self.task.agreement_points(metrics),
                 "float_layers": len(self.float_layers), "int8_mac_share": self.int8_mac_share()}
 
     def int8_mac_share(self) -> float:

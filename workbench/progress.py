@@ -13,7 +13,14 @@ def track(items: Iterable[T], description: str, total: int | None = None,
           status: Callable[[], str] | None = None) -> Iterator[T]:
     """Yield `items` under a progress bar; `status()` (e.g. the running loss) is shown after each item."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     disable = not sys.stderr.isatty() or bool(os.environ.get("WORKBENCH_NO_PROGRESS")) or int(os.environ.get("RANK", "0")) > 0
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),

@@ -9,21 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .io import atomic_path, write_text
-
-BACKEND_TITLES = {
-    "pytorch_fp32": "FP32 (PyTorch)",
-    "pytorch_fp32_pruned": "FP32 pruned (PyTorch)",
-    "pytorch_int8": "INT8 fake-quant (PyTorch)",
-    "ort_fp32": "FP32 (ONNX Runtime)",
-    "ort_fp32_pruned": "FP32 pruned (ONNX Runtime)",
-    "pytorch_int8_ptq": "INT8 PTQ before QAT, fake-quant (PyTorch)",
-    "ort_int8_ptq": "INT8 PTQ before QAT (ONNX Runtime, faithful)",
-    "tensorrt": "TensorRT engine",
-    "ort_int8_faithful": "INT8 Q/DQ (ONNX Runtime, faithful: TensorRT arithmetic)",
-    "ort_int8_default": "INT8 Q/DQ (ONNX Runtime, default optimisations on the TensorRT-style graph)",
-    "ort_int8_native": "INT8 ONNX Runtime flavour (model_int8_ort.onnx, ORT integer kernels)",
-}
+from .io import write_text
+from .plots import plot_accuracy_latency
+from .runtime import backends
+from .tasks import Metric, Task, get_task
 
 
 def load_metrics(run_dir: str | Path) -> dict:
@@ -38,18 +27,8 @@ def _fmt(value, digits: int = 2) -> str:
     return str(value)
 
 
-# Metric columns in the order a table shows them; a column appears when any backend has it.
-METRIC_COLUMNS = [
-    ("top1", "Top-1 %", 2),
-    ("top5", "Top-5 %", 2),
-    ("map50_95", "mAP50-95", 4),
-    ("map50", "mAP50", 4),
-    ("agreement_top1", "Agreement with FP32 %", 2),
-    ("mean_kl", "Mean KL", 5),
-    ("box_agreement", "Box agreement with FP32 %", 2),
-]
-# The one number per backend that summaries and plots show, best first.
-HEADLINE = [("top1", "top-1 %"), ("map50_95", "mAP50-95"), ("agreement_top1", "top-1 agreement with FP32 %"), ("box_agreement", "box agreement with FP32 %")]
+def _task(metrics: dict) -> Task:
+    return get_task(metrics.get("task", "classification"))
 
 
 def backend_rows(metrics: dict) -> list[dict]:
@@ -61,7 +40,7 @@ def backend_rows(metrics: dict) -> list[dict]:
         rows.append(
             {
                 "backend": name,
-                "title": BACKEND_TITLES.get(name, name),
+                "title": backends.title(name),
                 "metrics": entry.get("metrics", {}),
                 "size_mb": entry["size_bytes"] / 1e6 if "size_bytes" in entry else None,
                 "latency": {k: v["median_ms"] for k, v in lat.items()},
@@ -71,137 +50,170 @@ def backend_rows(metrics: dict) -> list[dict]:
     return rows
 
 
-def headline_key(rows: list[dict]) -> tuple[str, str] | None:
-    for key, label in HEADLINE:
-        if any(key in r["metrics"] for r in rows):
-            return key, label
+def headline(task: Task, rows: list[dict]) -> Metric | None:
+    """The metric summaries and plots show: the task's first headline metric that any backend has."""
+    for key in task.headline_keys:
+        if any(r["metrics"].get(key) is not None for r in rows):
+            return next(m for m in task.metrics if m.key == key)
     return None
 
 
 def write_report(run_dir: str | Path) -> Path:
+    """report.md (and its plot) from the run directory, one section per stage that ran."""
     run_dir = Path(run_dir)
     metrics = load_metrics(run_dir)
-    stages = metrics.get("stages", {})
-    lines = [f"# Run report: {metrics.get('recipe')}", ""]
-    lines.append(f"Status: **{metrics.get('status')}**, device `{metrics.get('device')}`, torch {metrics.get('torch')}, started {metrics.get('started')}.")
-    lines.append("")
+    lines = [f"# Run report: {metrics.get('recipe')}", "",
+             f"Status: **{metrics.get('status')}**, device `{metrics.get('device')}`, torch {metrics.get('torch')}, "
+             f"started {metrics.get('started')}.", ""]
+    for section in (_backends_section, _calibration_section, _prune_section, _qat_section, _sensitivity_section,
+                    _export_section, _bench_section, _build_section, _timings_section):
+        lines += section(run_dir, metrics)
+    path = run_dir / "report.md"
+    write_text(path, "\n".join(lines))
+    return path
+
+
+def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
     rows = backend_rows(metrics)
-    if rows:
-        batch_keys = sorted({k for r in rows for k in r["latency"]}, key=lambda k: int(k[1:]))
-        columns = [c for c in METRIC_COLUMNS if any(c[0] in r["metrics"] for r in rows)]
-        head = ["Backend"] + [title for _, title, _ in columns] + ["Size MB"]
-        head += [f"Latency {k} median (p90) ms" for k in batch_keys]
-        lines += [f"## Accuracy, size, latency ({stages['evaluate']['samples']} evaluation samples)", ""]
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "---|" * len(head))
-        for r in rows:
-            cells = [r["title"]] + [_fmt(r["metrics"].get(key), digits) for key, _, digits in columns] + [_fmt(r["size_mb"])]
-            cells += [f"{_fmt(r['latency'].get(k))} ({_fmt(r['latency_p90'].get(k))})" if k in r["latency"] else "n/a" for k in batch_keys]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-        for key, sentence in (("ort_faithful_vs_fakequant", "The faithful ONNX Runtime execution agrees with the fake-quant model"),
-                              ("ort_native_vs_faithful", "The ONNX Runtime flavour (integer kernels) agrees with the faithful "
-                               "TensorRT-style graph")):
-            cmp = stages["evaluate"].get(key)
-            if cmp:
-                what = (
-                    f"{cmp['agreement_top1']:.2f}% of top-1 predictions"
-                    if "agreement_top1" in cmp
-                    else f"{cmp.get('box_agreement', 0):.2f}% of its boxes (score >= 0.25, IoU >= 0.5, same class)"
-                )
-                lines += [f"{sentence} on {what} (max |output difference| {cmp['max_abs_diff']:.4f}).", ""]
-        lines.append(
-            "Latency is measured on this machine's CPU with ONNX Runtime (and PyTorch eager for FP32). "
-            "The TensorRT-style Q/DQ graph keeps FP32 weights behind DequantizeLinear and Relu between Conv and "
-            "QuantizeLinear, which ONNX Runtime cannot fuse into its integer kernels: it is the artifact for TensorRT."
-            + (" The CPU deployment artifact is the ONNX Runtime flavour (`ort_int8_native`)."
-               if "ort_int8_native" in stages["evaluate"]["backends"] else "")
-        )
-        lines.append("")
-        plot = _plot(run_dir, rows)
-        if plot:
-            lines += [f"![accuracy and latency]({plot.name})", ""]
-    cal = stages.get("calibrate")
-    if cal:
-        lines += ["## Calibration", ""]
-        method = cal["method"] + (f" ({cal['percentile']})" if cal.get("percentile") else "")
-        lines.append(f"Method **{method}** on {cal['samples']} samples in {cal['seconds']:.1f} s; {cal['folded_batchnorm']} BatchNorm layers folded into convolutions.")
-        lines.append("")
-        lines += ["| Layer type | INT8 | float |", "|---|---|---|"]
-        for type_name, counts in cal["census"].items():
-            lines.append(f"| {type_name} | {counts['int8']} | {counts['float']} |")
-        q = cal.get("enabled_quantizers", {})
-        lines += ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
-                  f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""]
-    lines += _prune_section(stages)
-    lines += _qat_section(stages)
-    lines += _sensitivity_section(run_dir, stages)
-    exp = stages.get("export")
-    if exp:
-        lines += ["## Exported ONNX", ""]
-        for name, entry in exp.items():
-            if "error" in entry:  # the ONNX Runtime flavour could not be written
-                lines.append(f"- `{name}`: not written: {entry['error']}")
-                continue
-            if "census" not in entry:  # the ONNX Runtime flavour
-                fused = ", ".join(f"{n} {op}" for op, n in entry["fused"].items())
-                lines.append(f"- `{name}`: {entry['bytes'] / 1e6:.2f} MB, the ONNX Runtime flavour: {entry['weights_folded']} "
-                             f"weights stored as 8-bit ({entry['weights']}: {entry['weights_unsigned']} unsigned, "
-                             f"{entry['weights_7bit']} 7-bit), {entry['absorbed']} Relu/Clip absorbed into quantization; "
-                             f"ONNX Runtime runs: {fused}.")
-                in_float = entry["fused"].get("Conv", 0) + entry["fused"].get("FusedConv", 0)
-                if in_float:
-                    lines.append(f"  {in_float} convolution(s) still run in float in ONNX Runtime: their outputs do not go "
-                                 "straight to a quantizer (an activation such as SiLU, a pooling head, the graph output), "
-                                 "so ONNX Runtime cannot make them QLinearConv." + (" No convolution runs on integer kernels: for a CPU deployment "
-                                                   "`model_fp32.onnx` is faster." if not entry["fused"].get("QLinearConv") else ""))
-                continue
+    if not rows:
+        return []
+    evaluation = metrics["stages"]["evaluate"]
+    task = _task(metrics)
+    batch_keys = sorted({k for r in rows for k in r["latency"]}, key=lambda k: int(k[1:]))
+    columns = [m for m in task.metrics if any(m.key in r["metrics"] for r in rows)]
+    head = ["Backend"] + [m.title for m in columns] + ["Size MB"] + [f"Latency {k} median (p90) ms" for k in batch_keys]
+    lines = [f"## Accuracy, size, latency ({evaluation['samples']} evaluation samples)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["title"]] + [_fmt(r["metrics"].get(m.key), m.digits) for m in columns] + [_fmt(r["size_mb"])]
+        cells += [f"{_fmt(r['latency'].get(k))} ({_fmt(r['latency_p90'].get(k))})" if k in r["latency"] else "n/a"
+                  for k in batch_keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for key, sentence in backends.comparison_sentences().items():
+        cmp = evaluation.get(key)
+        if cmp:
+            what = (
+                f"{cmp['agreement_top1']:.2f}% of top-1 predictions"
+                if "agreement_top1" in cmp
+                else f"{cmp.get('box_agreement', 0):.2f}% of its boxes (score >= 0.25, IoU >= 0.5, same class)"
+            )
+            lines += [f"{sentence} on {what} (max |output difference| {cmp['max_abs_diff']:.4f}).", ""]
+    lines += [
+        "Latency is measured on this machine's CPU with ONNX Runtime (and PyTorch eager for FP32). "
+        "The TensorRT-style Q/DQ graph keeps FP32 weights behind DequantizeLinear and Relu between Conv and "
+        "QuantizeLinear, which ONNX Runtime cannot fuse into its integer kernels: it is the artifact for TensorRT."
+        + (" The CPU deployment artifact is the ONNX Runtime flavour (`ort_int8_native`)."
+           if "ort_int8_native" in evaluation["backends"] else ""),
+        "",
+    ]
+    metric = headline(task, rows)
+    if metric is not None:
+        plot_accuracy_latency(run_dir / "accuracy_latency.png", [r["backend"] for r in rows],
+                              [r["metrics"].get(metric.key) or 0 for r in rows], metric.short,
+                              [r["latency"].get("b1", 0) or 0 for r in rows])
+        lines += ["![accuracy and latency](accuracy_latency.png)", ""]
+    return lines
+
+
+def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
+    cal = metrics.get("stages", {}).get("calibrate")
+    if not cal:
+        return []
+    method = cal["method"] + (f" ({cal['percentile']})" if cal.get("percentile") else "")
+    lines = ["## Calibration", "",
+             f"Method **{method}** on {cal['samples']} samples in {cal['seconds']:.1f} s; {cal['folded_batchnorm']} "
+             "BatchNorm layers folded into convolutions.", "",
+             "| Layer type | INT8 | float |", "|---|---|---|"]
+    for type_name, counts in cal["census"].items():
+        lines.append(f"| {type_name} | {counts['int8']} | {counts['float']} |")
+    q = cal.get("enabled_quantizers", {})
+    return lines + ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
+                    f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""]
+
+
+def _export_section(run_dir: Path, metrics: dict) -> list[str]:
+    exp = metrics.get("stages", {}).get("export")
+    if not exp:
+        return []
+    lines = ["## Exported ONNX", ""]
+    for name, entry in exp.items():
+        if "error" in entry:  # the ONNX Runtime flavour could not be written
+            lines.append(f"- `{name}`: not written: {entry['error']}")
+        elif "census" not in entry:
+            lines += _ort_flavour_lines(name, entry)
+        else:
             c = entry["census"]
             quantized = ", ".join(f"{v} {k}" for k, v in c["quantized"].items()) or "none"
             floating = ", ".join(f"{len(v)} {k}" for k, v in c["float"].items()) or "none"
             lines.append(
                 f"- `{name}`: {entry['bytes'] / 1e6:.2f} MB, opset {c['opset']}, {c['QuantizeLinear']} QuantizeLinear / "
-                f"{c['DequantizeLinear']} DequantizeLinear; INT8 compute nodes: {quantized}; float compute nodes: {floating}."
+                f"{c['DequantizeLinear']} DequantizeLinear; INT8 compute nodes: {quantized}; float compute nodes: "
+                f"{floating}."
             )
             rules = entry.get("tensorrt_rules")
             if rules is not None:
                 lines.append(f"  TensorRT Q/DQ rules (`workbench check-onnx`): {len(rules)} violation(s)"
                              + ("." if not rules else ":"))
                 lines += [f"  - [{v['rule']}] `{v['node']}` (module `{v['module']}`): {v['message']}" for v in rules[:20]]
-        lines.append("")
-    bench = stages.get("bench")
-    if bench:
-        keys = [f"b{b}" for b in bench["batch_sizes"]]
-        lines += ["## Latency and size on this machine", "",
-                  f"{bench['repeats']} timed runs per batch size, {bench['threads']} CPU threads; median ms (p90), images/s.", "",
-                  "| Artifact | Size MB | " + " | ".join(f"{k} ms | {k} img/s" for k in keys) + " |",
-                  "|---|---|" + "---|---|" * len(keys)]
-        for name, entry in bench["backends"].items():
-            cells = [f"{_fmt(entry['latency'][k]['median_ms'])} ({_fmt(entry['latency'][k]['p90_ms'])}) | "
-                     f"{entry['latency'][k]['images_per_s']:.0f}" for k in keys]
-            lines.append(f"| {name} | {entry['bytes'] / 1e6:.2f} | " + " | ".join(cells) + " |")
-        lines += ["", "![throughput](bench.png)", ""]
-    b = stages.get("build")
-    if b:
-        lines += ["## TensorRT engine", ""]
-        if b.get("built"):
-            lines.append(f"`{b['engine']}`: TensorRT {b['tensorrt']} on {b['gpu']} (compute capability {b['compute_capability']}), "
-                         f"{'strongly' if b['strongly_typed'] else 'weakly'} typed, profile {b['profile']}; layers by output "
-                         f"precision: {b['layer_precisions']}. Sidecar: `{b['engine']}.json`.")
-        else:
-            lines.append(f"Not built: {b['reason']}")
-        lines.append("")
+    return lines + [""]
+
+
+def _ort_flavour_lines(name: str, entry: dict) -> list[str]:
+    fused = ", ".join(f"{n} {op}" for op, n in entry["fused"].items())
+    lines = [f"- `{name}`: {entry['bytes'] / 1e6:.2f} MB, the ONNX Runtime flavour: {entry['weights_folded']} "
+             f"weights stored as 8-bit ({entry['weights']}: {entry['weights_unsigned']} unsigned, "
+             f"{entry['weights_7bit']} 7-bit), {entry['absorbed']} Relu/Clip absorbed into quantization; "
+             f"ONNX Runtime runs: {fused}."]
+    in_float = entry["fused"].get("Conv", 0) + entry["fused"].get("FusedConv", 0)
+    if in_float:
+        lines.append(f"  {in_float} convolution(s) still run in float in ONNX Runtime: their outputs do not go "
+                     "straight to a quantizer (an activation such as SiLU, a pooling head, the graph output), "
+                     "so ONNX Runtime cannot make them QLinearConv."
+                     + (" No convolution runs on integer kernels: for a CPU deployment `model_fp32.onnx` is faster."
+                        if not entry["fused"].get("QLinearConv") else ""))
+    return lines
+
+
+def _bench_section(run_dir: Path, metrics: dict) -> list[str]:
+    bench = metrics.get("stages", {}).get("bench")
+    if not bench:
+        return []
+    keys = [f"b{b}" for b in bench["batch_sizes"]]
+    lines = ["## Latency and size on this machine", "",
+             f"{bench['repeats']} timed runs per batch size, {bench['threads']} CPU threads; median ms (p90), images/s.",
+             "", "| Artifact | Size MB | " + " | ".join(f"{k} ms | {k} img/s" for k in keys) + " |",
+             "|---|---|" + "---|---|" * len(keys)]
+    for name, entry in bench["backends"].items():
+        cells = [f"{_fmt(entry['latency'][k]['median_ms'])} ({_fmt(entry['latency'][k]['p90_ms'])}) | "
+                 f"{entry['latency'][k]['images_per_s']:.0f}" for k in keys]
+        lines.append(f"| {backends.title(name)} | {entry['bytes'] / 1e6:.2f} | " + " | ".join(cells) + " |")
+    return lines + ["", "![throughput](bench.png)", ""]
+
+
+def _build_section(run_dir: Path, metrics: dict) -> list[str]:
+    b = metrics.get("stages", {}).get("build")
+    if not b:
+        return []
+    if b.get("built"):
+        text = (f"`{b['engine']}`: TensorRT {b['tensorrt']} on {b['gpu']} (compute capability "
+                f"{b['compute_capability']}), {'strongly' if b['strongly_typed'] else 'weakly'} typed, profile "
+                f"{b['profile']}; layers by output precision: {b['layer_precisions']}. Sidecar: `{b['engine']}.json`.")
+    else:
+        text = f"Not built: {b['reason']}"
+    return ["## TensorRT engine", "", text, ""]
+
+
+def _timings_section(run_dir: Path, metrics: dict) -> list[str]:
     timings = metrics.get("timings_s", {})
-    if timings:
-        lines += ["## Stage times", "", "| Stage | Seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
-        lines.append("")
-    path = run_dir / "report.md"
-    write_text(path, "\n".join(lines))
-    return path
+    if not timings:
+        return []
+    return ["## Stage times", "", "| Stage | Seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in timings.items()] \
+        + [""]
 
 
-def _prune_section(stages: dict) -> list[str]:
+def _prune_section(run_dir: Path, metrics: dict) -> list[str]:
+    stages = metrics.get("stages", {})
     p = stages.get("prune")
     if not p:
         return []
@@ -225,8 +237,8 @@ def _prune_section(stages: dict) -> list[str]:
     return lines
 
 
-def _qat_section(stages: dict) -> list[str]:
-    q = stages.get("qat")
+def _qat_section(run_dir: Path, metrics: dict) -> list[str]:
+    q = metrics.get("stages", {}).get("qat")
     if not q:
         return []
     lines = ["## Quantization-aware training", ""]
@@ -241,7 +253,8 @@ def _qat_section(stages: dict) -> list[str]:
     return lines
 
 
-def _sensitivity_section(run_dir: Path, stages: dict) -> list[str]:
+def _sensitivity_section(run_dir: Path, metrics: dict) -> list[str]:
+    stages = metrics.get("stages", {})
     lines = []
     sens = stages.get("sensitivity")
     table_path = run_dir / "sensitivity.json"
@@ -279,48 +292,20 @@ def _sensitivity_section(run_dir: Path, stages: dict) -> list[str]:
     return lines
 
 
-def _plot(run_dir: Path, rows: list[dict]) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    found = headline_key(rows)
-    if found is None:
-        return None
-    key, label = found
-    names = [r["backend"] for r in rows]
-    values = [r["metrics"].get(key) or 0 for r in rows]
-    lat = [r["latency"].get("b1", 0) or 0 for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    axes[0].barh(names, values, color="#4C72B0")
-    axes[0].set_xlabel(label)
-    axes[1].barh(names, lat, color="#DD8452")
-    axes[1].set_xlabel("latency, batch 1, median ms (CPU)")
-    for ax in axes:
-        ax.invert_yaxis()
-    fig.tight_layout()
-    path = run_dir / "accuracy_latency.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
-
-
 def print_summary(run_dir: str | Path, console) -> None:
     from rich.table import Table
 
     metrics = load_metrics(run_dir)
     rows = backend_rows(metrics)
-    found = headline_key(rows)
+    metric = headline(_task(metrics), rows)
     table = Table(title=f"{metrics.get('recipe')}: {metrics.get('status')}")
     table.add_column("backend")
-    table.add_column(found[1] if found else "metric", justify="right")
+    table.add_column(metric.short if metric else "metric", justify="right")
     for column in ("size MB", "b1 ms", "b8 ms"):
         table.add_column(column, justify="right")
     for r in rows:
-        value = r["metrics"].get(found[0]) if found else None
-        table.add_row(r["backend"], _fmt(value, 4 if found and found[0].startswith("map") else 2), _fmt(r["size_mb"]),
+        value = r["metrics"].get(metric.key) if metric else None
+        table.add_row(r["backend"], _fmt(value, metric.digits if metric else 2), _fmt(r["size_mb"]),
                       _fmt(r["latency"].get("b1")), _fmt(r["latency"].get("b8")))
     if rows:
         console.print(table)

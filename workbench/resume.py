@@ -243,15 +243,15 @@ def _pruned(run, options, values) -> bool:
         return False
     model = resolve_model(run.recipe.model.model_copy(update={"pruned": str(path)}))
     run.model = model.to(run.device).eval()
-    run.state["pruned_fp32"] = run.model
-    run.state["pruned_model"] = path
+    run.artifacts.pruned_fp32 = run.model
+    run.artifacts.pruned_file = path
     return True
 
 
 def _finetuned(run, options, values) -> bool:
     # After prune, pruned_model.pt holds the fine-tuned weights, already restored with the prune stage;
     # a finetune without prune keeps its weights only in the epoch checkpoints: it runs again.
-    return "pruned_model" in run.state
+    return run.artifacts.pruned_file is not None
 
 
 def _calibrated(run, options, values) -> bool:
@@ -263,22 +263,21 @@ def _calibrated(run, options, values) -> bool:
     saved = json.loads(path.read_text())
     if saved.get("config") != options.model_dump(mode="json"):
         return False
-    if run.state.get("pruned_fp32") is run.model:  # as the calibrate stage: keep the pruned FP32 model apart
-        run.state["pruned_fp32"] = copy.deepcopy(run.model)
-    run.state["quant"] = restore_(run.model, options, saved["activation_amax"], run.example_input())
+    if run.artifacts.pruned_fp32 is run.model:  # as the calibrate stage: keep the pruned FP32 model apart
+        run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
+    run.artifacts.quant = restore_(run.model, options, saved["activation_amax"], run.example_input())
     return True
 
 
 def _exported(run, options, values) -> bool:
     """The ONNX files export wrote, where each is still there with the size it had."""
-    names = ("model.onnx", "model_fp32.onnx", "model_pruned_fp32.onnx", "model_ptq.onnx", "model_int8_ort.onnx")
-    present = {n: run.path(n) for n in names if isinstance(values.get(n), dict) and "bytes" in values[n]}
-    if "model.onnx" not in present or any(not p.is_file() or p.stat().st_size != values[n]["bytes"]
-                                          for n, p in present.items()):
+    from .stages.export import MODEL, onnx_files
+
+    present = {n: run.path(n) for n, v in values.items() if isinstance(v, dict) and "bytes" in v}
+    if MODEL not in present or any(not p.is_file() or p.stat().st_size != values[n]["bytes"]
+                                   for n, p in present.items()):
         return False
-    run.state["onnx"] = {"model": present["model.onnx"], "fp32": present.get("model_fp32.onnx"),
-                         "pruned_fp32": present.get("model_pruned_fp32.onnx"), "ptq": present.get("model_ptq.onnx"),
-                         "ort_int8": present.get("model_int8_ort.onnx")}
+    run.artifacts.onnx = onnx_files(run, set(present))
     return True
 
 
@@ -286,7 +285,7 @@ def _sensitivity(run, options, values) -> bool:
     path = run.path("sensitivity.json")
     if not path.is_file():
         return False
-    run.state["sensitivity"] = json.loads(path.read_text())["layers"]
+    run.artifacts.sensitivity = json.loads(path.read_text())["layers"]
     return True
 
 
@@ -296,7 +295,7 @@ def _built(run, options, values) -> bool:
     engine = run.path(f"model_{options.precision}.engine")
     if not engine.is_file():
         return False
-    run.state["engine"] = engine
+    run.artifacts.engine = engine
     return True
 
 

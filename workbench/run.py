@@ -1,4 +1,5 @@
-"""A Run: the state stages hand on, and the function that carries a recipe through its stages.
+"""A Run: what stages share (the models, the task, the data, the artifacts they hand on), and the function that
+carries a recipe through its stages.
 
     recipe -> preflight (model, data: fail before writing anything) -> run dir
            -> stages in order -> report -> run dir renamed complete
@@ -26,7 +27,8 @@ import torch
 from torch import nn
 
 from . import distributed
-from .data import ImageDataset, build_dataset, build_model_dataset, check_readable, make_loader
+from .artifacts import Artifacts
+from .data import ImageDataset, build_dataset, check_readable, make_loader
 from .errors import WorkbenchError
 from .io import write_json, write_text
 from .models import resolve_model
@@ -34,8 +36,10 @@ from .recipe import Recipe, dump_recipe, with_absolute_paths
 from .resume import Previous, check_reusable, describe_inputs, open_previous, restore_stages, stage_fingerprints
 from .rundir import check_runs_dir, mark_stale_runs, process_identity
 from .stages import STAGES
+from .tasks import Task, get_task
 from .validate import check_recipe_inputs
-from .tasks.detection import model_num_classes
+
+_UNREAD = object()  # num_classes not asked of the task yet
 
 
 @dataclass
@@ -46,22 +50,28 @@ class Run:
     reference: nn.Module  # the FP32 model as loaded: never modified
     device: torch.device
     metrics: dict[str, Any] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)  # in-memory hand-over between stages
+    artifacts: Artifacts = field(default_factory=Artifacts)  # what stages hand on (artifacts.py)
     stage: str | None = None  # the stage running now: a failure's record names it
     _datasets: dict[str, ImageDataset] = field(default_factory=dict)
+    _num_classes: Any = _UNREAD
+
+    @property
+    def task(self) -> Task:
+        """What the model's output means: every stage asks it (tasks/base.py)."""
+        return get_task(self.recipe.task)
 
     def dataset(self, split: str) -> ImageDataset:
         if split not in self._datasets:
-            self._datasets[split] = build_model_dataset(self.recipe, split, self.num_classes)
+            self._datasets[split] = self.task.for_model(build_dataset(self.recipe.data, split), self.num_classes,
+                                                        f"data.{split}")
         return self._datasets[split]
 
     def num_classes(self) -> int | None:
-        """A detector's class count, the model's own (head, names or output, never the labels); None otherwise."""
-        if self.recipe.task != "detection":
-            return None
-        if "num_classes" not in self.state:
-            self.state["num_classes"] = model_num_classes(self.reference, self.recipe.model.input_size)
-        return self.state["num_classes"]
+        """The model's own class count where the task needs it (a detector's head, names or output, never the
+        labels); None otherwise."""
+        if self._num_classes is _UNREAD:
+            self._num_classes = self.task.num_classes(self.reference, self.recipe.model.input_size)
+        return self._num_classes
 
     def loader(self, split: str):
         return make_loader(self.dataset(split), self.recipe.data)
@@ -95,32 +105,13 @@ def preflight(recipe: Recipe) -> tuple[nn.Module, dict[str, ImageDataset]]:
     check_recipe_inputs(recipe)  # names and paths first: seconds, where loading the model and data takes minutes
     model = resolve_model(recipe.model)
     datasets = {}
-    for name, _ in recipe.stage_list():
-        for split in STAGES[name].needs_data:
+    for name, options in recipe.stage_list():
+        for split in STAGES[name].needs_data(options):
             if split not in datasets:
                 datasets[split] = build_dataset(recipe.data, split)
                 check_readable(datasets[split], f"data.{split}")
-    if recipe.task == "detection":
-        _check_detector(recipe, model, datasets)
-    return model, datasets
-
-
-def _check_detector(recipe: Recipe, model: nn.Module, datasets: dict) -> None:
-    """The model is a detector the adapter decodes, and every labeled split is read for the model's classes
-    (the datasets are replaced by ones with the model's class count)."""
-    from .data.detection import DetectionDataset, LetterboxedImages
-
-    num_classes = model_num_classes(model, recipe.model.input_size)
-    for split, dataset in datasets.items():
-        if isinstance(dataset, DetectionDataset):
-            datasets[split] = dataset.with_num_classes(num_classes, f"data.{split}")
-        elif split == "evaluation" or not isinstance(dataset, LetterboxedImages):
-            # unlabeled letterboxed images are enough to calibrate and to distil, not to score
-            raise WorkbenchError(
-                "data.evaluation: task detection scores with a detection source (coco or yolo_txt)"
-                if split == "evaluation" else
-                f"data.{split}: task detection needs a detection source (coco or yolo_txt) or images with transform.letterbox"
-            )
+    # The task checks the model is one it reads, and reads each split for it (a detector's class count).
+    return model, get_task(recipe.task).prepare_datasets(model, recipe.model.input_size, datasets)
 
 
 def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | Previous | None = None) -> Run:
@@ -159,6 +150,7 @@ def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | Previou
         "status": "running",
         "started": datetime.now().isoformat(timespec="seconds"),
         "device": str(device),
+        "task": recipe.task,
         "torch": torch.__version__,
         **process_identity(),  # tells a later run whether this one still runs (rundir.mark_stale_runs)
         "stage_names": [name for name, _ in recipe.stage_list()],

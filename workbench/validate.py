@@ -1,7 +1,8 @@
 """What a recipe needs to exist before it can run, checked in seconds without loading a model or reading an image.
 
-The schema (recipe.py) says whether a recipe is well formed; these checks say whether this
-machine can run it: the model source and name are known, every file and folder it names is
+The schema (schema.py, recipe.py) says whether a recipe is well formed; these checks say whether it
+can run, here: its stages come in an order where each finds what it needs (the artifacts earlier
+stages declare they make), the model source and name are known, every file and folder it names is
 there, every stage has the data split it reads, and optional parts it requires are installed.
 `workbench validate` and `run` (first thing in preflight) both call `check_recipe_inputs`, so
 validate passes only what run then accepts as far as files and names go. The model's rules are
@@ -16,7 +17,8 @@ import importlib.util
 
 from .errors import RecipeError, WorkbenchError
 from .models.registry import missing_path, spec_problems
-from .recipe import DataSplit, Recipe
+from .schema import DataSplit, Recipe
+from .stages import STAGES, order_problems
 
 
 def check_recipe_inputs(recipe: Recipe, source: str = "the recipe") -> None:
@@ -28,22 +30,18 @@ def check_recipe_inputs(recipe: Recipe, source: str = "the recipe") -> None:
 
 
 def recipe_input_problems(recipe: Recipe) -> list[str]:
-    """Every problem with the recipe's model, files, data splits and required extras, each naming its field."""
-    return spec_problems(recipe.model) + _data_problems(recipe) + _stage_problems(recipe)
+    """Every problem with the recipe's stage order, model, files, data splits and required extras, each naming its
+    stage or field."""
+    return (order_problems(recipe.stage_list()) + spec_problems(recipe.model) + _data_problems(recipe)
+            + _stage_problems(recipe))
 
 
 def _data_problems(recipe: Recipe) -> list[str]:
-    from .stages import STAGES
-
     problems = []
     needed: dict[str, str] = {}  # split -> the first stage that reads it
     for stage, options in recipe.stage_list():
-        for split in STAGES[stage].needs_data:
+        for split in STAGES[stage].needs_data(options):
             needed.setdefault(split, stage)
-        uses_finetune = getattr(options, "finetune_between", None) is not None or (
-            stage == "prune" and options.method == "structured" and options.importance == "taylor")
-        if uses_finetune:
-            needed.setdefault("finetune", stage)
     for split, stage in needed.items():
         config = getattr(recipe.data, split)
         if config is None:
@@ -88,10 +86,12 @@ def _stage_problems(recipe: Recipe) -> list[str]:
         for train in (options, getattr(options, "finetune_between", None)):
             if getattr(train, "resume", None):
                 problems += missing_path(train.resume, f"{where}.resume", "a checkpoint (checkpoints/*.pt of a run)")
-        if stage == "prune" and options.method == "structured" and options.importance == "taylor" \
-                and recipe.task != "classification":
-            problems.append(f"{where}.importance: taylor needs a labeled classification fine-tune split "
-                            f"(task is {recipe.task})")
+        if stage == "prune" and options.method == "structured" and options.importance == "taylor":
+            from .tasks import get_task  # the task's adapter loads torch: only asked when it matters
+
+            if not get_task(recipe.task).has_label_loss:
+                problems.append(f"{where}.importance: taylor needs a labeled classification fine-tune split "
+                                f"(task is {recipe.task})")
         if stage == "build" and options.required:
             from .runtime.tensorrt import TensorRTUnavailable, require_tensorrt
 

@@ -1,7 +1,8 @@
 """Data: sources (image folders, files, Hugging Face datasets, package images), transforms, loaders."""
 
-from .calibsets import build_calib_set, list_calib_sets, load_calib_set, verify_calib_set
-from .datasets import ImageDataset, build_dataset, build_model_dataset, check_readable, make_loader, subset_loader
+from .calibsets import list_calib_sets, load_calib_set
+from .datasets import ImageDataset, build_dataset, check_readable, make_loader, subset_loader
+from .materialise import build_calib_set, verify_calib_set
 from .sources import UNLABELED, Sample, list_samples
 
 __all__ = [
@@ -10,7 +11,6 @@ __all__ = [
     "UNLABELED",
     "build_calib_set",
     "build_dataset",
-    "build_model_dataset",
     "check_readable",
     "list_calib_sets",
     "list_samples",

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
-from typing import Callable
 
 import torch
 import torchvision.transforms.functional as TF
@@ -18,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
-from ..recipe import DataConfig, DataSplit, TransformConfig
+from ..schema import DataConfig, DataSplit, TransformConfig
 from .calibsets import load_calib_set
 from .sources import Sample, list_samples, verify_image
 
@@ -124,15 +122,6 @@ def build_dataset(data: DataConfig, split_name: str) -> ImageDataset:
     return ImageDataset(samples, transform, seed=split.seed, field=field, batch_size=data.batch_size)
 
 
-def build_model_dataset(recipe, split_name: str, num_classes: Callable[[], int]):
-    """data.<split_name> as the stages read it: a detection split scored for the model's class count
-    (num_classes(), asked only for a detection split), never the one its labels suggest."""
-    dataset = build_dataset(recipe.data, split_name)
-    if recipe.task == "detection" and hasattr(dataset, "with_num_classes"):
-        dataset = dataset.with_num_classes(num_classes(), f"data.{split_name}")
-    return dataset
-
-
 def _detection_dataset(split: DataSplit, transform: TransformConfig, field: str):
     from .detection import coco_dataset, yolo_txt_dataset
 
@@ -227,7 +216,3 @@ def _size_mismatch(field: str, key_a: str, size_a: tuple[int, int], key_b: str, 
         "they cannot be batched together: add a fixed size to data.transform (for a classifier resize and crop, e.g. "
         "resize: 256 and crop: 224; for a detector letterbox: [640, 640])"
     )
-
-
-def save_image(img: Image.Image, path: Path) -> None:
-    img.save(path, format="PNG")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
-from ..recipe import DataSplit
+from ..schema import DataSplit
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
 # The only PIL decoders ever used, those of IMAGE_SUFFIXES. PIL picks a decoder from the content, not the

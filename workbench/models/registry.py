@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..recipe import ModelConfig
+from ..schema import ModelConfig
+from ..tasks.base import first_output
 from .guards import check_finite, refuse_torchscript
 
 
@@ -439,8 +440,7 @@ class UltralyticsDetector(nn.Module):
         self.model = model
 
     def forward(self, x):
-        out = self.model(x)
-        return out[0] if isinstance(out, (list, tuple)) else out
+        return first_output(self.model(x))
 
 
 _ULTRALYTICS_EXTRA = ("model.spec 'ultralytics:...' needs the optional extra: pip install 'workbench[ultralytics]' "

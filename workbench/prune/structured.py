@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,24 +49,33 @@ def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int
     return int(macs), int(params)
 
 
+@dataclass(frozen=True)
+class ChannelPruning:
+    """How many channels go, and which: `ratio` of them, or as many as bring MACs to `macs_target` x the original."""
+
+    ratio: float | None = None
+    macs_target: float | None = None
+    importance: str = "magnitude"  # magnitude | bn_scale | taylor
+    global_pruning: bool = False  # rank channels across all layers (else the same share of every layer)
+    round_to: int = 8  # channel counts kept a multiple of this
+
+
 def prune_channels_(
     model: nn.Module,
     example: torch.Tensor,
     ignored: list[nn.Module],
-    ratio: float | None,
-    macs_target: float | None = None,
-    importance: str = "magnitude",
-    global_pruning: bool = False,
-    round_to: int = 8,
+    how: ChannelPruning,
     gradient_batches=None,
 ) -> dict:
-    """Prune `ratio` of the channels (or until MACs <= macs_target x the original); returns before/after counts.
+    """Prune channels as `how` says, keeping the outputs of `ignored` layers; returns before/after counts.
 
     `gradient_batches`: a callable that runs backward passes on the model, for Taylor importance.
     The model is restored and PruningError raised if the pruned model no longer runs.
     """
     import torch_pruning as tp
 
+    ratio, macs_target, importance = how.ratio, how.macs_target, how.importance
+    global_pruning, round_to = how.global_pruning, how.round_to
     make_coupling_explicit_(model)
     original = copy.deepcopy(model)
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]

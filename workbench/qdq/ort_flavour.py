@@ -38,17 +38,15 @@ import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from ..errors import ExportError
 from ..io import atomic_path
 from ..runtime.runners import ort_session_options
+from . import WeightType
 from .export import check_model_file, clean_graph
 from .graph import GraphIndex
-
-WeightType = Literal["auto", "exact", "s8", "reduce_range"]
 
 
 @dataclass

@@ -18,6 +18,8 @@ import copy
 import torch
 from torch import nn
 
+from ..tasks.base import first_output
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -126,10 +128,7 @@ def _fold_checked(model: nn.Module, example: torch.Tensor, pairs: list[tuple[str
 
 
 def _first_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (list, tuple)):
-        return _first_tensor(out[0])
-    if isinstance(out, dict):
-        return _first_tensor(next(iter(out.values())))
-    raise TypeError(f"cannot compare model outputs of type {type(out).__name__}")
+    out = first_output(out)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"cannot compare model outputs of type {type(out).__name__}")
+    return out

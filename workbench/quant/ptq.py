@@ -21,15 +21,15 @@ import fnmatch
 import io
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..errors import CalibrationError
 from ..models.guards import first_nonfinite
 from .calibrators import AbsHistogram, NonFiniteError, compute_amax
+from .config import QUANTIZABLE_TYPE_NAMES, Int8Config
 from .fold import fold_batchnorm_
 from .rules import insert_residual_quantizers, residual_blocks
 
@@ -42,49 +42,11 @@ QUANTIZABLE_TYPES: dict[str, type[nn.Module]] = {
     "ConvTranspose3d": nn.ConvTranspose3d,
     "Linear": nn.Linear,
 }
+assert tuple(QUANTIZABLE_TYPES) == QUANTIZABLE_TYPE_NAMES
 # Transposed convolutions store weights as (in, out, ...): their output channels are axis 1.
 _WEIGHT_AXIS = {"ConvTranspose1d": 1, "ConvTranspose2d": 1, "ConvTranspose3d": 1}
 # Smallest range we hand to a quantizer: an all-zero input still needs a positive scale in ONNX.
 MIN_AMAX = 1e-6
-
-
-class Int8Config(BaseModel):
-    """The INT8 preset for CNNs and its calibration method."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    # mse is the default: the best or near-best top-1 and FP32 agreement on both ResNet-20 and
-    # EfficientNet-Lite0 (docs/BENCHMARKS.md); entropy lost 0.7 points on EfficientNet-Lite0.
-    method: Literal["max", "entropy", "percentile", "mse"] = Field(
-        "mse", description="How activation ranges are chosen from the calibration data."
-    )
-    percentile: float = Field(99.99, description="For method percentile: the share of |x| kept unclipped, in percent.")
-    num_bins: int = Field(2048, ge=256, le=65536, description="Histogram bins for entropy/percentile/mse.")
-    weights: Literal["per_channel", "per_tensor"] = Field("per_channel", description="Weight scale granularity.")
-    layer_types: list[str] = Field(
-        default_factory=lambda: ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d", "Linear"],
-        description="Module types quantized (their subclasses too). Choices: " + ", ".join(QUANTIZABLE_TYPES),
-    )
-    exclude: list[str] = Field(default_factory=list, description="Module-name glob patterns kept in float, e.g. 'fc', 'layer1.*'.")
-    fold_batchnorm: bool = Field(True, description="Fold BatchNorm into the preceding convolution first.")
-    residual_add: bool = Field(
-        True, description="Quantize both inputs of residual Adds (YOLO Bottlenecks, ResNet blocks), so TensorRT fuses them into the convolution."
-    )
-
-    @field_validator("percentile")
-    @classmethod
-    def _percentile_range(cls, v: float) -> float:
-        if not 0 < v <= 100:
-            raise ValueError("percentile is in percent: 0 < percentile <= 100, e.g. 99.99")
-        return v
-
-    @field_validator("layer_types")
-    @classmethod
-    def _known_types(cls, v: list[str]) -> list[str]:
-        unknown = [t for t in v if t not in QUANTIZABLE_TYPES]
-        if unknown:
-            raise ValueError(f"unknown layer types {unknown}; choose from {', '.join(QUANTIZABLE_TYPES)}")
-        return v
 
 
 @dataclass

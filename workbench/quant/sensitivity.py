@@ -11,6 +11,7 @@ metric (top-1, mAP50-95) on an evaluation subset. A "unit" is a quantized layer
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..errors import RecipeError
+from ..tasks import Scorer, Task, first_output
 from ..tasks.proxies import ProxyMeter
 from .ptq import QuantResult, quant_units, set_float_units
 
@@ -52,15 +55,21 @@ def make_probe(reference: nn.Module, batches, samples: int | None, device) -> Pr
             images = images.to(device)
             inputs.append(images)
             targets.append(labels)
-            refs.append(_first(reference(images)).detach())
+            refs.append(first_output(reference(images)).detach())
             seen += images.shape[0]
     return Probe(inputs, targets, refs)
 
 
-def _first(out):
-    while isinstance(out, (list, tuple)):
-        out = out[0]
-    return out
+def selected_units(units: list[str], patterns: list[str], field: str) -> list[str]:
+    """The units matching any of the glob `patterns` (all units when there are none); `field` names the option."""
+    if not patterns:
+        return units
+    if missing := [p for p in patterns if not any(fnmatch.fnmatchcase(u, p) for u in units)]:
+        raise RecipeError(
+            f"{field}: pattern(s) {missing} match no quantized layer; quantized layers look like "
+            f"{', '.join(repr(u) for u in units[:3])} (sensitivity.csv of a run lists them all)"
+        )
+    return [u for u in units if any(fnmatch.fnmatchcase(u, p) for p in patterns)]
 
 
 def layer_costs(model: nn.Module, units: list[str], example: torch.Tensor) -> dict[str, dict]:
@@ -71,7 +80,7 @@ def layer_costs(model: nn.Module, units: list[str], example: torch.Tensor) -> di
 
     def hook(name):
         def fn(module, inputs, output):
-            out = _first(output)
+            out = first_output(output)
             per_sample = out[0].numel() if out.dim() > 0 else 1
             weight = getattr(module, "weight", None)
             if isinstance(module, nn.Linear):
@@ -110,37 +119,51 @@ class SweepResult:
     seconds: dict[str, float] = field(default_factory=dict)  # "proxy", "task"
 
 
-def measure_proxies(model: nn.Module, probe: Probe, task: str, num_classes: int | None) -> dict[str, float]:
+@dataclass(frozen=True)
+class TaskMetric:
+    """How a probe set is scored by the task metric: a fresh scorer, and its result read as (name, points)."""
+
+    new_scorer: Callable[[], Scorer]
+    points: Callable[[dict], tuple[str, float | None]]
+
+
+@dataclass(frozen=True)
+class SweepSetup:
+    """What a sweep measures besides the proxies, and how it reports progress."""
+
+    task: Task
+    num_classes: int | None = None  # a detector's, to read its outputs
+    modes: tuple[str, ...] = MODES
+    task_probe: Probe | None = None  # with `metric`: also score every configuration by the task metric
+    metric: TaskMetric | None = None
+    progress: Callable = lambda it, desc, total: it
+
+
+def measure_proxies(model: nn.Module, probe: Probe, task: Task, num_classes: int | None) -> dict[str, float]:
     meter = ProxyMeter(task, num_classes)
     with torch.no_grad():
         for x, ref in zip(probe.inputs, probe.references):
-            meter.update(ref, _first(model(x)))
+            meter.update(ref, first_output(model(x)))
     return meter.result()
 
 
-def measure_task(model: nn.Module, probe: Probe, new_scorer: Callable, points: Callable) -> tuple[str, float]:
-    """(name, value) of the task metric in points (percent for top-1 and agreement, mAP x 100) on the probe set."""
-    scorer = new_scorer()
+def score_probe(model: nn.Module, probe: Probe, scorer: Scorer) -> dict[str, float]:
+    """The scorer's result for the model's outputs on the probe set (against its targets and FP32 outputs)."""
     with torch.no_grad():
         for x, targets, ref in zip(probe.inputs, probe.targets, probe.references):
-            scorer.update(_first(model(x)).float(), targets, ref.float())
-    return points(scorer.result())
+            scorer.update(first_output(model(x)).float(), targets, ref.float())
+    return scorer.result()
 
 
-def sweep(
-    model: nn.Module,
-    result: QuantResult,
-    units: list[str],
-    proxy_probe: Probe,
-    task: str,
-    num_classes: int | None,
-    modes: tuple[str, ...] = MODES,
-    task_probe: Probe | None = None,
-    new_scorer: Callable | None = None,
-    points: Callable | None = None,
-    progress: Callable = lambda it, desc, total: it,
-) -> SweepResult:
+def measure_task(model: nn.Module, probe: Probe, metric: TaskMetric) -> tuple[str, float]:
+    """(name, value) of the task metric in points (percent for top-1 and agreement, mAP x 100) on the probe set."""
+    return metric.points(score_probe(model, probe, metric.new_scorer()))
+
+
+def sweep(model: nn.Module, result: QuantResult, units: list[str], proxy_probe: Probe,
+          setup: SweepSetup) -> SweepResult:
     """Score every unit in every mode; the model is left as it came (the units float before stay float)."""
+    modes, task_probe, progress = setup.modes, setup.task_probe, setup.progress
     all_units = list(quant_units(model, result))
     before = list(result.kept_float)
     configs = {"fp32": all_units, "int8": []}
@@ -160,13 +183,13 @@ def sweep(
         start = time.perf_counter()
         for key in progress(mine, "sensitivity (proxies)", len(mine)):
             set_float_units(model, result, configs[key])
-            scores[key].update(measure_proxies(model, proxy_probe, task, num_classes))
+            scores[key].update(measure_proxies(model, proxy_probe, setup.task, setup.num_classes))
         seconds["proxy"] = time.perf_counter() - start
         if task_probe is not None:
             start = time.perf_counter()
             for key in progress(mine, "sensitivity (task metric)", len(mine)):
                 set_float_units(model, result, configs[key])
-                metric_name, scores[key]["metric"] = measure_task(model, task_probe, new_scorer, points)
+                metric_name, scores[key]["metric"] = measure_task(model, task_probe, setup.metric)
             seconds["task"] = time.perf_counter() - start
     finally:
         set_float_units(model, result, before)

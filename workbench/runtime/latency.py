@@ -73,32 +73,22 @@ def bench_artifacts(artifacts: dict[str, tuple[Callable[[], object], int]], inpu
     return results
 
 
-def model_files(paths: list[Path]) -> list[Path]:
-    """The model files named: .onnx and .engine files, a directory standing for those in it (a run directory)."""
+def model_files(paths: list[Path], suffixes: list[str]) -> list[Path]:
+    """The model files named (files with one of `suffixes`), a directory standing for those in it (a run directory)."""
     from ..errors import WorkbenchError
 
+    kinds = " or ".join(suffixes)
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix in (".onnx", ".engine"))
-        elif path.is_file() and path.suffix in (".onnx", ".engine"):
+            files += sorted(p for p in path.iterdir() if p.suffix in suffixes)
+        elif path.is_file() and path.suffix in suffixes:
             files.append(path)
         else:
-            raise WorkbenchError(f"{path}: not an .onnx or .engine file, nor a directory holding some")
+            raise WorkbenchError(f"{path}: not an {kinds} file, nor a directory holding some")
     if not files:
-        raise WorkbenchError(f"{', '.join(map(str, paths))}: no .onnx or .engine files to time")
+        raise WorkbenchError(f"{', '.join(map(str, paths))}: no {kinds} files to time")
     return files
-
-
-def file_artifact(path: Path, threads: int | None = None) -> tuple[Callable[[], object], int]:
-    """(runner factory, bytes) of a model file: .onnx in ONNX Runtime (default optimisations), .engine in TensorRT."""
-    if path.suffix == ".engine":
-        from .tensorrt import TensorRTRunner
-
-        return (lambda: TensorRTRunner(path, path.name)), path.stat().st_size
-    from .runners import OrtRunner
-
-    return (lambda: OrtRunner(path, path.name, "default", threads)), path.stat().st_size
 
 
 def model_input_shape(path: Path) -> tuple[tuple[int, ...] | None, int | None]:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..tasks.base import first_output
+
 
 class Runner(Protocol):
     name: str
@@ -35,10 +37,7 @@ class TorchRunner:
     @torch.no_grad()
     def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         x = torch.as_tensor(batch).to(self.device, self.dtype)
-        out = self.model(x)
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        return out.float().cpu().numpy()
+        return first_output(self.model(x)).float().cpu().numpy()
 
 
 class DeviceResidentRunner:
@@ -76,12 +75,6 @@ def ort_session_options(mode: Literal["faithful", "default"] = "faithful", threa
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return options
-
-
-def ort_available_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return ort.get_available_providers()
 
 
 class OrtRunner:

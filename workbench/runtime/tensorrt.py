@@ -19,6 +19,7 @@ INT8 build) run before TensorRT is imported.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,8 +69,20 @@ class Profile:
                 )
 
 
-@dataclass
+def default_timing_cache() -> Path:
+    """The timing cache every build reads and updates, unless a recipe or `--timing-cache` names another."""
+    return Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "workbench")) / "tensorrt_timing.cache"
+
+
+def profile_for(channels: int, batches: tuple[int, int, int], sizes: list[tuple[int, int]]) -> Profile:
+    """The profile of (min, opt, max) batches and (H, W) sizes."""
+    return Profile(*[(b, channels, *hw) for b, hw in zip(batches, sizes)])
+
+
+@dataclass(kw_only=True)
 class BuildRequest:
+    """What to build: every field named where a request is made (build stage, `workbench build`)."""
+
     onnx: Path
     engine: Path
     profile: Profile

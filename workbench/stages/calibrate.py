@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-import time
-
-import torch
 from pydantic import Field
 
 from ..errors import CalibrationError
 from ..io import write_json
 from ..progress import track
-from ..quant.ptq import Int8Config, quantize_, quantizer_summary, unmatched_patterns
-from ..recipe import StrictModel
+from ..quant.config import Int8Config
+from ..schema import StrictModel
 from .registry import register_stage
 
 
@@ -20,11 +16,17 @@ class CalibrateOptions(Int8Config, StrictModel):
     max_batches: int | None = Field(None, gt=0, description="Stop after this many calibration batches (default: all).")
 
 
-@register_stage("calibrate", CalibrateOptions, needs_data=("calibration",))
+@register_stage("calibrate", CalibrateOptions, makes=("quantized",), refuses=("quantized",),
+                refusal_hint=" (a recipe calibrates once)", needs_data=("calibration",))
 def calibrate(run, opts: CalibrateOptions) -> None:
     """INT8 PTQ: per-channel weights, per-tensor activations, ranges by max/entropy/percentile/mse."""
-    if "quant" in run.state:
-        raise CalibrationError("calibrate: the model is already quantized; a recipe calibrates once")
+    import copy
+    import time
+
+    import torch
+
+    from ..quant.ptq import quantize_, quantizer_summary, unmatched_patterns
+
     if missing := unmatched_patterns(run.model, opts.exclude):
         raise CalibrationError(
             f"stages.calibrate.exclude: pattern(s) {missing} match no module of the model; "
@@ -40,13 +42,12 @@ def calibrate(run, opts: CalibrateOptions) -> None:
                     break
                 model(images.to(run.device))
 
-    if run.state.get("pruned_fp32") is run.model:  # keep the pruned FP32 model: quantize_ works in place
-        run.state["pruned_fp32"] = copy.deepcopy(run.model)
+    if run.artifacts.pruned_fp32 is run.model:  # keep the pruned FP32 model: quantize_ works in place
+        run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     start = time.perf_counter()
     result = quantize_(run.model, opts, forward_loop, run.example_input())
     seconds = time.perf_counter() - start
-    run.state["quant"] = result
-    census = result.census()
+    run.artifacts.quant = result
     write_json(
         run.path("calibration.json"),
         {
@@ -69,7 +70,7 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "folded_batchnorm": len(result.folded),
             "layers_int8": len(result.quantized),
             "layers_float": len(result.excluded),
-            "census": census,
+            "census": result.census(),
             "enabled_quantizers": quantizer_summary(run.model),
         },
     )

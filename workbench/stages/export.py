@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 from pydantic import Field
 
-from ..errors import ExportError
-from ..qdq.export import export_onnx
-from ..qdq.graph import qdq_census
-from ..qdq.ort_flavour import WeightType, to_ort_int8
-from ..qdq.trt_rules import check_qdq
+from ..artifacts import OnnxFiles
+from ..qdq import WeightType
 from .registry import StageOptions, register_stage
 
 
@@ -20,19 +15,54 @@ class ExportOptions(StageOptions):
     dynamic_size: bool = Field(False, description="Height and width dynamic too.")
     fp32: bool = Field(True, description="Also export the FP32 model as model_fp32.onnx (the baseline in the report), "
                        "and a pruned model before quantization as model_pruned_fp32.onnx.")
-    clean: bool = Field(True, description="Clean every exported graph with onnxslim (constant folding, dead and duplicate "
-                        "nodes); Q/DQ nodes stay as they are.")
-    ort_int8: bool = Field(True, description="For a calibrated model, also write model_int8_ort.onnx: the same ranges laid "
-                           "out for ONNX Runtime's integer kernels (INT8 weight initializers, u8 activations).")
-    ort_weights: WeightType = Field("auto", description="Weight type of model_int8_ort.onnx: exact (no saturation within "
-                                    "the calibrated ranges), s8 (fastest; exact on VNNI CPUs), reduce_range (7-bit where "
-                                    "needed), auto (s8 if the CPU running the export has VNNI or is Arm, exact otherwise: "
-                                    "set it for the deployment CPU when that differs).")
+    clean: bool = Field(True, description="Clean every exported graph with onnxslim (constant folding, dead and "
+                        "duplicate nodes); Q/DQ nodes stay as they are.")
+    ort_int8: bool = Field(True, description="For a calibrated model, also write model_int8_ort.onnx: the same ranges "
+                           "laid out for ONNX Runtime's integer kernels (INT8 weight initializers, u8 activations).")
+    ort_weights: WeightType = Field("auto", description="Weight type of model_int8_ort.onnx: exact (no saturation "
+                                    "within the calibrated ranges), s8 (fastest; exact on VNNI CPUs), reduce_range "
+                                    "(7-bit where needed), auto (s8 if the CPU running the export has VNNI or is Arm, "
+                                    "exact otherwise: set it for the deployment CPU when that differs).")
 
 
-@register_stage("export", ExportOptions)
+def _makes(opts: ExportOptions, made: set[str]) -> set[str]:
+    quantized = "quantized" in made
+    out = {"onnx"}
+    if opts.fp32 or not quantized:  # an unquantized model.onnx is itself the FP32 graph
+        out.add("onnx_fp32")
+    if opts.fp32 and quantized and "pruned" in made:
+        out.add("onnx_pruned_fp32")
+    if "ptq" in made:
+        out.add("onnx_ptq")
+    if quantized and opts.ort_int8:  # unless the converter cannot re-lay the graph: reported, not fatal
+        out.add("ort_int8")
+    return out
+
+
+# File names, as export writes them and resume finds them again.
+MODEL, FP32, PRUNED_FP32, PTQ, ORT_INT8 = (
+    "model.onnx", "model_fp32.onnx", "model_pruned_fp32.onnx", "model_ptq.onnx", "model_int8_ort.onnx")
+
+
+def onnx_files(run, written: set[str]) -> OnnxFiles:
+    """The hand-over record of the ONNX files in the run directory named in `written`."""
+    quantized = run.artifacts.quant is not None
+    path = {name: run.path(name) if name in written else None for name in (MODEL, FP32, PRUNED_FP32, PTQ, ORT_INT8)}
+    return OnnxFiles(model=path[MODEL], fp32=path[FP32] or (path[MODEL] if not quantized else None),
+                     pruned_fp32=path[PRUNED_FP32], ptq=path[PTQ], ort_int8=path[ORT_INT8])
+
+
+@register_stage("export", ExportOptions, makes=_makes)
 def export(run, opts: ExportOptions) -> None:
     """ONNX export (Q/DQ for a calibrated model), checked with onnx.checker; the ONNX Runtime flavour beside it."""
+    import json
+
+    from ..errors import ExportError
+    from ..qdq.export import export_onnx
+    from ..qdq.graph import qdq_census
+    from ..qdq.ort_flavour import to_ort_int8
+    from ..qdq.trt_rules import check_qdq
+
     example = run.example_input(batch=1)
     values = {}
 
@@ -42,41 +72,32 @@ def export(run, opts: ExportOptions) -> None:
         values[name] = {"bytes": path.stat().st_size, "census": qdq_census(path)}
         return path
 
-    quantized = "quant" in run.state
+    result = run.artifacts.quant
     if opts.fp32:
-        write(run.reference, "model_fp32.onnx")
-        if "pruned_fp32" in run.state and quantized:
-            write(run.state["pruned_fp32"], "model_pruned_fp32.onnx")
-    if "ptq_model" in run.state:  # after QAT: the PTQ graph too, to compare
-        write(run.state["ptq_model"], "model_ptq.onnx")
+        write(run.reference, FP32)
+        if run.artifacts.pruned_fp32 is not None and result is not None:
+            write(run.artifacts.pruned_fp32, PRUNED_FP32)
+    if run.artifacts.ptq_model is not None:  # after QAT: the PTQ graph too, to compare
+        write(run.artifacts.ptq_model, PTQ)
     metadata = None
-    if quantized:
-        result = run.state["quant"]
+    if result is not None:
         # The precision plan travels with the graph: which layers were kept float, by PyTorch name.
         metadata = {
             "workbench.float_layers": json.dumps(sorted(set(result.excluded) | set(result.kept_float))),
             "workbench.int8_layers": str(len(result.quantized) - len(set(result.kept_float) & set(result.quantized))),
         }
-    path = write(run.model, "model.onnx", metadata)
-    values["model.onnx"]["quantized"] = quantized
-    ort_path = None
-    if quantized:  # TensorRT's Q/DQ rules, node by node (workbench check-onnx)
+    path = write(run.model, MODEL, metadata)
+    values[MODEL]["quantized"] = result is not None
+    if result is not None:  # TensorRT's Q/DQ rules, node by node (workbench check-onnx)
         names = {n for n, _ in run.model.named_modules()}
-        values["model.onnx"]["tensorrt_rules"] = [v.as_dict() for v in check_qdq(path, names)]
+        values[MODEL]["tensorrt_rules"] = [v.as_dict() for v in check_qdq(path, names)]
         if opts.ort_int8:
             # The TensorRT artifact is written; a graph the converter cannot re-lay is reported, not fatal.
             try:
-                conversion = to_ort_int8(path, run.path("model_int8_ort.onnx"), opts.ort_weights)
+                conversion = to_ort_int8(path, run.path(ORT_INT8), opts.ort_weights)
             except ExportError as e:
-                values["model_int8_ort.onnx"] = {"error": str(e)}
+                values[ORT_INT8] = {"error": str(e)}
             else:
-                ort_path = conversion.path
-                values["model_int8_ort.onnx"] = {"bytes": ort_path.stat().st_size, **conversion.as_dict()}
-    run.state["onnx"] = {
-        "model": path,
-        "fp32": run.path("model_fp32.onnx") if opts.fp32 else None,
-        "pruned_fp32": run.path("model_pruned_fp32.onnx") if "model_pruned_fp32.onnx" in values else None,
-        "ptq": run.path("model_ptq.onnx") if "model_ptq.onnx" in values else None,
-        "ort_int8": ort_path,
-    }
+                values[ORT_INT8] = {"bytes": conversion.path.stat().st_size, **conversion.as_dict()}
+    run.artifacts.onnx = onnx_files(run, {name for name, v in values.items() if "bytes" in v})
     run.record("export", values)

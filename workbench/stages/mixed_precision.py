@@ -18,26 +18,25 @@ import math
 import yaml
 from pydantic import Field, model_validator
 
-from ..data import subset_loader
 from ..errors import CalibrationError, RecipeError
 from ..io import write_json, write_text
 from ..progress import track
-from ..quant.ptq import quant_units, set_float_units
-from ..quant.sensitivity import layer_costs, make_probe, measure_task, sweep
-from ..recipe import dump_recipe
-from ..tasks import agreement_points, metric_points, new_scorer
+from ..schema import dump_recipe
 from .registry import StageOptions, register_stage
-from .sensitivity import selected_units
 
 
 class MixedPrecisionOptions(StageOptions):
     max_drop: float | None = Field(
         None, ge=0, le=100,
         description="Largest allowed drop of the task metric below FP32, in points (top-1 %, mAP50-95 x 100).")
-    min_agreement: float | None = Field(None, gt=0, le=100, description="Smallest allowed agreement with the FP32 model, in percent.")
-    candidates: list[str] = Field(default_factory=list, description="Glob patterns of the layers allowed to stay float (default: any).")
-    search_samples: int | None = Field(None, gt=0, description="Search on N evaluation samples drawn with a seed (default: all); the final plan is always verified on all.")
-    proxy_samples: int = Field(16, gt=0, description="Without a sensitivity stage before: samples of the proxy sweep that ranks the layers.")
+    min_agreement: float | None = Field(None, gt=0, le=100,
+                                        description="Smallest allowed agreement with the FP32 model, in percent.")
+    candidates: list[str] = Field(default_factory=list,
+                                  description="Glob patterns of the layers allowed to stay float (default: any).")
+    search_samples: int | None = Field(None, gt=0, description="Search on N evaluation samples drawn with a seed "
+                                       "(default: all); the final plan is always verified on all.")
+    proxy_samples: int = Field(16, gt=0, description="Without a sensitivity stage before: samples of the proxy sweep "
+                               "that ranks the layers.")
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -50,18 +49,27 @@ class Budget:
     """Measures a plan on a probe set and says whether it meets the budget."""
 
     def __init__(self, run, opts: MixedPrecisionOptions, probe):
+        from ..quant.ptq import quant_units
+        from ..quant.sensitivity import TaskMetric
+
         self.run, self.opts, self.probe = run, opts, probe
-        self.dataset = run.dataset("evaluation")
-        self.units = list(quant_units(run.model, run.state["quant"]))
+        task, dataset = run.task, run.dataset("evaluation")
+        points = task.headline_points if opts.max_drop is not None else (
+            lambda m: ("agreement %", task.agreement_points(m)))
+        self.metric = TaskMetric(lambda: task.scorer(run.recipe, dataset), points)
+        self.units = list(quant_units(run.model, run.artifacts.quant))
         self.fp32 = self.measure(self.units)
         self.log: list[dict] = []
 
     def measure(self, float_units: list[str]) -> float:
-        set_float_units(self.run.model, self.run.state["quant"], float_units)
-        points = metric_points if self.opts.max_drop is not None else (lambda m: ("agreement %", agreement_points(m)))
-        name, value = measure_task(self.run.model, self.probe, lambda: new_scorer(self.run.recipe, self.dataset), points)
+        from ..quant.ptq import set_float_units
+        from ..quant.sensitivity import measure_task
+
+        set_float_units(self.run.model, self.run.artifacts.quant, float_units)
+        name, value = measure_task(self.run.model, self.probe, self.metric)
         if value is None:
-            raise RecipeError(f"stages.mixed_precision.max_drop needs a labeled evaluation split (it measures {name}); use min_agreement")
+            raise RecipeError(f"stages.mixed_precision.max_drop needs a labeled evaluation split (it measures {name}); "
+                              "use min_agreement")
         self.name = name
         return value
 
@@ -79,10 +87,10 @@ class Budget:
 
 def resolution_check(run, opts: MixedPrecisionOptions, samples: int) -> None:
     """A top-1 or agreement on N samples moves in steps of 100/N points: it must resolve the budget."""
-    if run.recipe.task == "detection":
+    step = run.task.metric_step(samples)
+    if step is None:  # no fixed step (mAP)
         return
     slack = opts.max_drop if opts.max_drop is not None else 100.0 - opts.min_agreement
-    step = 100.0 / samples
     if slack and step > slack:
         need = math.ceil(100.0 / slack)
         field = "search_samples" if opts.search_samples else "data.evaluation"
@@ -92,12 +100,14 @@ def resolution_check(run, opts: MixedPrecisionOptions, samples: int) -> None:
         )
 
 
-@register_stage("mixed_precision", MixedPrecisionOptions, needs_data=("evaluation",))
+@register_stage("mixed_precision", MixedPrecisionOptions, needs=("quantized",), needs_data=("evaluation",))
 def mixed_precision(run, opts: MixedPrecisionOptions) -> None:
     """Keep the fewest layers (by MACs) in float so the accuracy budget holds; verified on the full evaluation."""
-    result = run.state.get("quant")
-    if result is None:
-        raise CalibrationError("stages.mixed_precision needs a calibrated model: put a calibrate stage before it")
+    from ..data import subset_loader
+    from ..quant.ptq import quant_units, set_float_units
+    from ..quant.sensitivity import layer_costs, make_probe, selected_units
+
+    result = run.artifacts.quant
     units = list(quant_units(run.model, result))
     candidates = selected_units(units, opts.candidates, "stages.mixed_precision.candidates")
     ranking = _ranking(run, opts, candidates)
@@ -105,7 +115,8 @@ def mixed_precision(run, opts: MixedPrecisionOptions) -> None:
 
     dataset = run.dataset("evaluation")
     full = make_probe(run.reference, run.loader("evaluation"), None, run.device)
-    search = make_probe(run.reference, subset_loader(dataset, run.recipe.data, opts.search_samples), None, run.device) if opts.search_samples else full
+    search = make_probe(run.reference, subset_loader(dataset, run.recipe.data, opts.search_samples), None,
+                        run.device) if opts.search_samples else full
     resolution_check(run, opts, search.samples)
     budget = Budget(run, opts, search)
     ok, int8_value = budget.check([], "every layer INT8")
@@ -157,13 +168,16 @@ def mixed_precision(run, opts: MixedPrecisionOptions) -> None:
 
 def _ranking(run, opts: MixedPrecisionOptions, candidates: list[str]) -> list[str]:
     """Candidates, most sensitive first: from the sensitivity stage's table, or a quick proxy sweep."""
-    table = run.state.get("sensitivity")
+    from ..data import subset_loader
+    from ..quant.sensitivity import SweepSetup, make_probe, sweep
+
+    table = run.artifacts.sensitivity
     if table is None:
         dataset = run.dataset("evaluation")
         probe = make_probe(run.reference, subset_loader(dataset, run.recipe.data, opts.proxy_samples), None, run.device)
-        found = sweep(run.model, run.state["quant"], candidates, probe, run.recipe.task, run.num_classes(),
-                      ("one_at_a_time",),
-                      progress=lambda it, desc, total: track(it, desc, total=total))
+        found = sweep(run.model, run.artifacts.quant, candidates, probe, SweepSetup(
+            run.task, run.num_classes(), ("one_at_a_time",),
+            progress=lambda it, desc, total: track(it, desc, total=total)))
         table = found.rows
     ranked = [r["layer"] for r in table if r["layer"] in set(candidates)]
     return ranked + [u for u in candidates if u not in set(ranked)]  # layers the sweep skipped go last

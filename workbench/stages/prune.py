@@ -11,16 +11,10 @@ from __future__ import annotations
 import fnmatch
 from typing import Literal
 
-import torch
-
 from pydantic import Field, model_validator
 
-from ..data import make_loader
-from ..errors import CalibrationError, RecipeError
-from ..tasks.detection import detection_heads
-from ..prune import magnitude_prune_, make_permanent, prunable_layers, sparsity_2to4_, weight_sparsity
-from ..prune.unstructured import PRUNABLE as PRUNABLE_OUTPUTS
-from .finetune import FinetuneOptions, train_on_finetune_split
+from ..errors import RecipeError
+from ..train.options import FinetuneOptions
 from .registry import StageOptions, register_stage
 
 
@@ -29,17 +23,24 @@ class PruneOptions(StageOptions):
         ..., description="structured: remove channels; magnitude: zero the smallest weights; sparsity_2to4: 2 of every 4."
     )
     sparsity: float = Field(0.5, gt=0, lt=1, description="magnitude: the share of weights zeroed at the end.")
-    ratio: float | None = Field(None, gt=0, lt=1, description="structured: the share of channels removed (or give macs_target).")
-    macs_target: float | None = Field(None, gt=0, lt=1, description="structured: prune until MACs are at most this share of the original.")
-    importance: Literal["magnitude", "bn_scale", "taylor"] = Field("magnitude", description="structured: how channels are ranked.")
+    ratio: float | None = Field(None, gt=0, lt=1,
+                                description="structured: the share of channels removed (or give macs_target).")
+    macs_target: float | None = Field(None, gt=0, lt=1,
+                                      description="structured: prune until MACs are at most this share of the original.")
+    importance: Literal["magnitude", "bn_scale", "taylor"] = Field("magnitude",
+                                                                   description="structured: how channels are ranked.")
     round_to: int = Field(
         8, ge=1, le=256,
         description="structured: channel counts kept a multiple of this (TensorRT INT8 kernels like 8/16/32).")
-    latency: bool = Field(True, description="Report ONNX Runtime CPU latency (batch 1) and ONNX size of the FP32 model before and after.")
-    scope: Literal["global", "layer"] = Field("global", description="Rank weights (magnitude) or channels (structured) across all layers, or within each layer.")
+    latency: bool = Field(True, description="Report ONNX Runtime CPU latency (batch 1) and ONNX size of the FP32 "
+                          "model before and after.")
+    scope: Literal["global", "layer"] = Field("global", description="Rank weights (magnitude) or channels "
+                                              "(structured) across all layers, or within each layer.")
     steps: int = Field(1, ge=1, le=100, description="magnitude: reach the sparsity in this many equal steps.")
-    finetune_between: FinetuneOptions | None = Field(None, description="Fine-tune after each step but the last (distillation from FP32).")
-    ignore: list[str] = Field(default_factory=list, description="Layer-name glob patterns left dense, e.g. the classifier 'fc'.")
+    finetune_between: FinetuneOptions | None = Field(None, description="Fine-tune after each step but the last "
+                                                     "(distillation from FP32).")
+    ignore: list[str] = Field(default_factory=list, description="Layer-name glob patterns left dense, e.g. the "
+                              "classifier 'fc'.")
 
     @model_validator(mode="after")
     def _structured_has_one_target(self) -> "PruneOptions":
@@ -52,11 +53,25 @@ class PruneOptions(StageOptions):
         return self
 
 
-@register_stage("prune", PruneOptions)
+def _needs_data(opts: PruneOptions) -> tuple[str, ...]:
+    """Fine-tuning between steps, and Taylor importance (gradients), read the fine-tune split."""
+    taylor = opts.method == "structured" and opts.importance == "taylor"
+    return ("finetune",) if opts.finetune_between is not None or taylor else ()
+
+
+@register_stage("prune", PruneOptions, makes=("pruned", "pruned_file"), refuses=("quantized",), needs_data=_needs_data)
 def prune_stage(run, opts: PruneOptions) -> None:
-    """Unstructured pruning: magnitude (global or per layer, in steps) or 2:4 sparsity; masks made permanent."""
-    if "quant" in run.state:
-        raise CalibrationError("stages.prune: the model is already quantized; prune before calibrate")
+    """Pruning: structured channels over a dependency graph, magnitude (global or per layer, in steps) or 2:4."""
+    from ..prune import (
+        hand_on_pruned,
+        magnitude_prune_,
+        make_permanent,
+        prunable_layers,
+        sparsity_2to4_,
+        weight_sparsity,
+    )
+    from ..train.finetuning import train_on_finetune_split
+
     names = [n for n, _ in run.model.named_modules() if n]
     if missing := [p for p in opts.ignore if not any(fnmatch.fnmatchcase(n, p) for n in names)]:
         raise RecipeError(f"stages.prune.ignore: pattern(s) {missing} match no layer; layer names look like {names[1]!r}")
@@ -82,7 +97,7 @@ def prune_stage(run, opts: PruneOptions) -> None:
                 history += train_on_finetune_split(run, opts.finetune_between, None, f"prune step {step}")
     make_permanent(layers)
     sparsity = weight_sparsity(layers)
-    keep_pruned_fp32(run)
+    hand_on_pruned(run)
     run.record("prune", {
         "method": opts.method,
         "layers": len(layers) - len(skipped),
@@ -98,14 +113,14 @@ def prune_stage(run, opts: PruneOptions) -> None:
 
 
 def _structured(run, opts: PruneOptions, layers: dict) -> None:
-    from ..prune.structured import prune_channels_
+    from ..prune import hand_on_pruned
+    from ..prune.structured import ChannelPruning, prune_channels_
+    from ..prune.unstructured import PRUNABLE as PRUNABLE_OUTPUTS
 
-    # The output layers keep their channels: the classifier's classes, a detector's head (boxes and classes).
+    # The layers the recipe leaves alone, and those whose outputs are the task's (a classifier's classes, a
+    # detector's head: boxes and classes), keep their channels.
     keep = [m for name, m in run.model.named_modules() if name and name not in layers and isinstance(m, PRUNABLE_OUTPUTS)]
-    keep += detection_heads(run.model)
-    linears = [m for m in run.model.modules() if isinstance(m, torch.nn.Linear)]
-    if run.recipe.task == "classification" and linears:
-        keep.append(linears[-1])
+    keep += run.task.output_layers(run.model)
     example = run.example_input()
     gradients = None
     if opts.importance == "taylor":
@@ -114,29 +129,16 @@ def _structured(run, opts: PruneOptions, layers: dict) -> None:
     # GPU an out-of-range index is a device-side assert that poisons the CUDA context for the process.
     run.model.cpu()
     try:
-        counts = prune_channels_(run.model, example.cpu(), keep, opts.ratio, opts.macs_target, opts.importance,
-                                 opts.scope == "global", opts.round_to, gradients)
+        how = ChannelPruning(opts.ratio, opts.macs_target, opts.importance, opts.scope == "global", opts.round_to)
+        counts = prune_channels_(run.model, example.cpu(), keep, how, gradients)
     finally:
         run.model.to(run.device)
-    path = keep_pruned_fp32(run)
+    path = hand_on_pruned(run)
     channels = {n: int(m.weight.shape[0]) for n, m in run.model.named_modules() if isinstance(m, PRUNABLE_OUTPUTS)}
     run.record("prune", {"method": "structured", "importance": opts.importance, "ratio": opts.ratio,
                          "macs_target": opts.macs_target, "round_to": opts.round_to, **counts,
                          "macs_ratio": counts["macs_after"] / counts["macs_before"], "out_channels": channels,
                          "saved": path.name, **(_onnx_before_after(run) if opts.latency else {})})
-
-
-def keep_pruned_fp32(run):
-    """Save the pruned model (re-saved after fine-tuning) and mark it as the run's pruned FP32 model.
-
-    Evaluate and export then show it beside the original FP32 model and the INT8 one.
-    """
-    from ..prune.structured import save_pruned
-
-    run.state["pruned_fp32"] = run.model
-    path = save_pruned(run.model, run.path("pruned_model.pt"))
-    run.state["pruned_model"] = path
-    return path
 
 
 def _onnx_before_after(run) -> dict:
@@ -145,7 +147,8 @@ def _onnx_before_after(run) -> dict:
     from pathlib import Path
 
     from ..qdq.export import export_onnx
-    from ..runtime import OrtRunner, measure_latency
+    from ..runtime.latency import measure_latency
+    from ..runtime.runners import OrtRunner
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,8 +162,13 @@ def _onnx_before_after(run) -> dict:
 
 
 def _gradient_batches(run):
-    """Backward passes of cross-entropy on a few labeled fine-tune batches (Taylor importance needs gradients)."""
-    if run.recipe.task != "classification" or not run.recipe.data.finetune:
+    """Backward passes of the task's label loss on a few labeled fine-tune batches (Taylor importance needs
+    gradients)."""
+    import torch
+
+    from ..data import make_loader
+
+    if not run.task.has_label_loss or not run.recipe.data.finetune:
         raise RecipeError("stages.prune.importance taylor needs a labeled classification fine-tune split (data.finetune)")
     dataset = run.dataset("finetune")
     if not getattr(dataset, "labeled", False):
@@ -172,6 +180,6 @@ def _gradient_batches(run):
             if i >= 4:
                 break
             device = next(model.parameters()).device
-            torch.nn.functional.cross_entropy(model(images.to(device)), torch.as_tensor(labels).to(device)).backward()
+            run.task.label_loss(model(images.to(device)), torch.as_tensor(labels)).backward()
 
     return run_batches

@@ -7,23 +7,19 @@ shared training loop. Activation ranges stay as calibrated; weight ranges follow
 weights after every step unless `freeze_ranges`. Distillation from the FP32 model needs
 only images, so QAT works without labels.
 
-Keeps the PTQ model (`run.state["ptq_model"]`) so export and evaluate show FP32, PTQ and
+Hands on the PTQ model (`run.artifacts.ptq_model`) so export and evaluate show FP32, PTQ and
 QAT side by side; writes `qat.json`, `training_curve_qat.png`, `qat_model.pt` (the
 fake-quant state dict) and a checkpoint per epoch (`checkpoints/qat_epoch<N>.pt`).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
-import torch
 from pydantic import Field
 
-from ..errors import CalibrationError
 from ..io import atomic_path
-from ..quant.ptq import refresh_weight_ranges_
-from .finetune import FinetuneOptions, train_stage
+from ..train.options import FinetuneOptions
 from .registry import register_stage
 
 
@@ -32,16 +28,22 @@ class QatOptions(FinetuneOptions):
     lr: float = Field(1e-4, gt=0, le=0.1, description="Peak learning rate: small, the weights are already trained.")
     optimizer: Literal["sgd", "adamw"] = Field("adamw", description="SGD with Nesterov momentum, or AdamW.")
     freeze_bn_stats: bool = Field(True, description="Keep BatchNorm statistics fixed (those not folded at calibration).")
-    freeze_ranges: bool = Field(False, description="Keep the calibrated weight ranges too (default: they follow the weights).")
+    freeze_ranges: bool = Field(False, description="Keep the calibrated weight ranges too (default: they follow the "
+                                "weights).")
 
 
-@register_stage("qat", QatOptions, needs_data=("finetune",))
+@register_stage("qat", QatOptions, needs=("quantized",), makes=("ptq",), needs_data=("finetune",))
 def qat(run, opts: QatOptions) -> None:
     """Quantization-aware training of the calibrated model (distillation from FP32, STE through the fake quantizers)."""
-    if "quant" not in run.state:
-        raise CalibrationError("stages.qat: QAT starts from a calibrated model; put calibrate (and optionally mixed_precision) before qat")
-    result = run.state["quant"]
-    run.state["ptq_model"] = copy.deepcopy(run.model)
+    import copy
+
+    import torch
+
+    from ..quant.ptq import refresh_weight_ranges_
+    from ..train.finetuning import train_stage
+
+    result = run.artifacts.quant
+    run.artifacts.ptq_model = copy.deepcopy(run.model)
     after_step = None if opts.freeze_ranges else (lambda: refresh_weight_ranges_(run.model, result))
     summary = train_stage(run, opts, "qat", "training_curve_qat.png", after_step)
     with atomic_path(run.path("qat_model.pt")) as tmp:

@@ -1,20 +1,28 @@
-"""The stage registry: one flat dict from stage name to its function and options model.
+"""The stage registry: one flat dict from stage name to its function, options and declared hand-over.
 
-A stage is `fn(run: Run, opts: Options) -> None`: it does one thing to the run,
-writes its artifacts into the run directory and records its metrics.
+A stage is `fn(run: Run, opts: Options) -> None`: it does one thing to the run, writes its files into the
+run directory, records its metrics and adds what it makes to `run.artifacts`. Each registration declares
+which artifacts (artifacts.py) the stage needs, which it makes (given its options and what earlier
+stages made) and which it cannot follow, so `order_problems` can refuse an impossible recipe before
+anything runs. Stage modules import torch and the machinery they drive inside their stage functions:
+registering a stage (reading or validating a recipe) stays light.
 """
 
 from __future__ import annotations
 
-import difflib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable
 
-from ..recipe import StrictModel
+from ..artifacts import DESCRIPTIONS, Artifact
+from ..schema import StrictModel
 
 
 class StageOptions(StrictModel):
     """Base of every stage's options: unknown keys, NaN/Inf and booleans for numbers are errors, never ignored."""
+
+
+Needs = Callable[[StageOptions], Iterable[str]]
+Makes = Callable[[StageOptions, set[str]], Iterable[Artifact]]
 
 
 @dataclass(frozen=True)
@@ -23,29 +31,63 @@ class StageSpec:
     fn: Callable
     options: type[StageOptions]
     summary: str
-    needs_data: tuple[str, ...] = ()  # data splits the stage reads, checked before the run starts
+    needs: Needs  # artifacts that earlier stages must have made
+    makes: Makes  # artifacts this stage adds, given its options and the artifacts made before it
+    refuses: tuple[Artifact, ...] = ()  # artifacts that must not exist yet (prune cannot follow calibrate)
+    refusal_hint: str = ""  # said after a refusal: what the user may have meant
+    needs_data: Needs = lambda opts: ()  # data splits the stage reads (given its options), checked before it runs
 
 
 STAGES: dict[str, StageSpec] = {}
 
 
-def register_stage(name: str, options: type[StageOptions], needs_data: tuple[str, ...] = ()):
-    """Decorator: register `fn` as the stage `name` with its options model."""
+def register_stage(name: str, options: type[StageOptions], *, needs: Iterable[Artifact] | Needs = (),
+                   makes: Iterable[Artifact] | Makes = (), refuses: Iterable[Artifact] = (), refusal_hint: str = "",
+                   needs_data: Iterable[str] | Needs = ()):
+    """Decorator: register `fn` as the stage `name`. `needs`, `needs_data` and `makes` are fixed tuples or
+    functions of the options (and, for makes, of the artifacts already made)."""
 
     def decorator(fn: Callable) -> Callable:
         if name in STAGES:
             raise ValueError(f"stage {name!r} is registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        STAGES[name] = StageSpec(name=name, fn=fn, options=options, summary=summary, needs_data=needs_data)
+        STAGES[name] = StageSpec(
+            name=name, fn=fn, options=options, summary=summary,
+            needs=needs if callable(needs) else _fixed_needs(tuple(needs)),
+            makes=makes if callable(makes) else _fixed_makes(tuple(makes)),
+            refuses=tuple(refuses), refusal_hint=refusal_hint,
+            needs_data=needs_data if callable(needs_data) else _fixed_needs(tuple(needs_data)),
+        )
         return fn
 
     return decorator
 
 
-def get_stage(name: str) -> StageSpec:
-    try:
-        return STAGES[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, STAGES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown stage {name!r}.{hint} Stages: {', '.join(sorted(STAGES))}") from None
+def _fixed_needs(names: tuple[Artifact, ...]) -> Needs:
+    return lambda opts: names
+
+
+def _fixed_makes(names: tuple[Artifact, ...]) -> Makes:
+    return lambda opts, made: names
+
+
+def order_problems(stages: list[tuple[str, StageOptions]]) -> list[str]:
+    """Walk the stages in order with their declarations: one problem per stage whose input no earlier stage
+    makes, or that cannot follow an artifact an earlier stage made, naming the stage and what to do."""
+    problems: list[str] = []
+    made: dict[str, int] = {}  # artifact -> index of the first stage that made it
+    for index, (name, opts) in enumerate(stages):
+        spec = STAGES[name]
+        where = f"stages[{index}].{name}"
+        for need in dict.fromkeys(spec.needs(opts)):
+            if need not in made:
+                what, maker = DESCRIPTIONS[need]
+                problems.append(f"{where} needs {what}, which no stage before it makes: put {maker} before {name}")
+        for refused in spec.refuses:
+            if refused in made:
+                first = stages[made[refused]][0]
+                problems.append(f"{where} cannot follow stages[{made[refused]}].{first}, which made "
+                                f"{DESCRIPTIONS[refused][0]}: put {name} before {first}{spec.refusal_hint}")
+        for artifact in spec.makes(opts, set(made)):
+            made.setdefault(artifact, index)
+    return problems

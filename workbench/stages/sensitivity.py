@@ -9,55 +9,43 @@ model exactly as calibrated.
 from __future__ import annotations
 
 import csv
-import fnmatch
 import io
-import math
-import tempfile
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from ..errors import CalibrationError, RecipeError
-from ..data import subset_loader
-from ..io import atomic_path, write_json, write_text
-from ..qdq.export import export_onnx
-from ..qdq.graph import nodes_by_module
+from ..io import write_json, write_text
 from ..progress import track
-from ..quant.ptq import quant_units
-from ..quant.sensitivity import MODES, layer_costs, make_probe, proxy_sensitivity, sweep, task_sensitivity
-from ..tasks import metric_points, new_scorer
 from .registry import StageOptions, register_stage
 
 Mode = Literal["one_at_a_time", "leave_one_out"]
 
 
 class SensitivityOptions(StageOptions):
-    modes: list[Mode] = Field(default_factory=lambda: list(MODES), min_length=1, description="Sweeps to run.")
+    modes: list[Mode] = Field(default_factory=lambda: ["one_at_a_time", "leave_one_out"], min_length=1,
+                              description="Sweeps to run.")
     proxy_samples: int | None = Field(
-        None, gt=0, description="Evaluation samples (drawn with a seed) the proxies (SQNR, cosine, KL) are measured on (default: 16 for classifiers, 8 for detectors)."
+        None, gt=0, description="Evaluation samples (drawn with a seed) the proxies (SQNR, cosine, KL) are measured "
+        "on (default: the task's, 16 for classifiers, 8 for detectors)."
     )
     task_metric: bool = Field(True, description="Also score every configuration by the task metric (slower).")
     task_samples: int | None = Field(
-        None, gt=0, description="Evaluation samples for the task-metric sweep, drawn with a seed (default: 2000 for classifiers, all for detectors)."
+        None, gt=0, description="Evaluation samples for the task-metric sweep, drawn with a seed (default: the "
+        "task's, 2000 for classifiers, all for detectors)."
     )
-    layers: list[str] = Field(default_factory=list, description="Glob patterns: sweep only these units (default: every quantized one).")
+    layers: list[str] = Field(default_factory=list,
+                              description="Glob patterns: sweep only these units (default: every quantized one).")
     top: int = Field(20, gt=0, description="Layers shown in sensitivity.png.")
-
-
-def selected_units(units: list[str], patterns: list[str], field: str) -> list[str]:
-    if not patterns:
-        return units
-    if missing := [p for p in patterns if not any(fnmatch.fnmatchcase(u, p) for u in units)]:
-        raise RecipeError(
-            f"{field}: pattern(s) {missing} match no quantized layer; quantized layers look like "
-            f"{', '.join(repr(u) for u in units[:3])} (sensitivity.csv of a run lists them all)"
-        )
-    return [u for u in units if any(fnmatch.fnmatchcase(u, p) for p in patterns)]
 
 
 def qdq_nodes(run, units: list[str]) -> dict[str, list[str]]:
     """Unit -> names of its QuantizeLinear/DequantizeLinear nodes, from an export of the model as it is now."""
+    import tempfile
+    from pathlib import Path
+
+    from ..qdq.export import export_onnx
+    from ..qdq.graph import nodes_by_module
+
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(run.model, run.example_input(), Path(tmp) / "probe.onnx")
         by_module = nodes_by_module(path, run.model, ("QuantizeLinear", "DequantizeLinear"))
@@ -69,36 +57,29 @@ def qdq_nodes(run, units: list[str]) -> dict[str, list[str]]:
     return out
 
 
-@register_stage("sensitivity", SensitivityOptions, needs_data=("evaluation",))
+@register_stage("sensitivity", SensitivityOptions, needs=("quantized",), makes=("sensitivity",),
+                needs_data=("evaluation",))
 def sensitivity(run, opts: SensitivityOptions) -> None:
     """Per-layer INT8 sensitivity (one-at-a-time and leave-one-out), by proxies and by the task metric."""
-    result = run.state.get("quant")
-    if result is None:
-        raise CalibrationError("stages.sensitivity needs a calibrated model: put a calibrate stage before it")
+    from ..data import subset_loader
+    from ..plots import plot_sensitivity
+    from ..quant.ptq import quant_units
+    from ..quant.sensitivity import SweepSetup, TaskMetric, layer_costs, make_probe, selected_units, sweep
+
+    result = run.artifacts.quant
+    task = run.task
     units = selected_units(list(quant_units(run.model, result)), opts.layers, "stages.sensitivity.layers")
     dataset = run.dataset("evaluation")
-    num_classes = run.num_classes()  # a detector's own, not its labels'
-    # A detector's output holds thousands of boxes per image: 8 images give the proxies plenty of values.
-    proxy_samples = opts.proxy_samples or (8 if run.recipe.task == "detection" else 16)
+    proxy_samples = opts.proxy_samples or task.proxy_samples
     proxy_probe = make_probe(run.reference, subset_loader(dataset, run.recipe.data, proxy_samples), None, run.device)
-    task_probe = None
+    task_probe = metric = None
     if opts.task_metric:
-        default = None if run.recipe.task == "detection" else 2000
-        samples = opts.task_samples or default
+        samples = opts.task_samples or task.task_samples
         task_probe = make_probe(run.reference, subset_loader(dataset, run.recipe.data, samples), None, run.device)
-    found = sweep(
-        run.model,
-        result,
-        units,
-        proxy_probe,
-        run.recipe.task,
-        num_classes,
-        tuple(opts.modes),
-        task_probe,
-        lambda: new_scorer(run.recipe, dataset),
-        metric_points,
-        progress=lambda it, desc, total: track(it, desc, total=total),
-    )
+        metric = TaskMetric(lambda: task.scorer(run.recipe, dataset), task.headline_points)
+    found = sweep(run.model, result, units, proxy_probe, SweepSetup(
+        task, run.num_classes(), tuple(opts.modes), task_probe, metric,
+        progress=lambda it, desc, total: track(it, desc, total=total)))
     costs = layer_costs(run.model, units, run.example_input())
     nodes = qdq_nodes(run, units)
     metric_name = found.metric_name
@@ -108,7 +89,7 @@ def sensitivity(run, opts: SensitivityOptions) -> None:
         for r in found.rows
     ]
     total_macs = sum(c["macs"] for c in costs.values())
-    run.state["sensitivity"] = table
+    run.artifacts.sensitivity = table
     write_json(run.path("sensitivity.json"), {
         "metric": metric_name,
         "modes": opts.modes,
@@ -119,7 +100,7 @@ def sensitivity(run, opts: SensitivityOptions) -> None:
         "layers": table,
     })
     write_text(run.path("sensitivity.csv"), _csv(table))
-    _plot(run.path("sensitivity.png"), table, opts.top, metric_name)
+    plot_sensitivity(run.path("sensitivity.png"), table[:opts.top], metric_name)
     run.record("sensitivity", {
         "units": len(units),
         "modes": opts.modes,
@@ -142,32 +123,3 @@ def _csv(table: list[dict]) -> str:
     for row in table:
         writer.writerow({k: (" ".join(v) if isinstance(v, list) else v) for k, v in row.items()})
     return buf.getvalue()
-
-
-def _plot(path: Path, table: list[dict], top: int, metric_name: str | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = table[:top]
-    names = [r["layer"] for r in rows]
-    panels = []
-    if metric_name and task_sensitivity(rows[0]) is not None:
-        panels.append(([task_sensitivity(r) for r in rows], f"sensitivity, {metric_name}\n(loss alone + gain when kept float)", "#C44E52"))
-    panels.append(([max(-proxy_sensitivity(r), 0) if "only_sqnr_db" in r else proxy_sensitivity(r) for r in rows],
-                   "SQNR with only this layer INT8, dB (lower hurts more)" if "only_sqnr_db" in rows[0]
-                   else "output SQNR when this layer stays float, dB", "#4C72B0"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.32 * len(rows) + 1.5), squeeze=False)
-    for ax, (values, label, color) in zip(axes[0], panels):
-        ax.barh(names, [v if math.isfinite(v) else 0 for v in values], color=color)
-        ax.set_xlabel(label)
-        ax.invert_yaxis()
-        ax.tick_params(axis="y", labelsize=8)
-    for ax in axes[0][1:]:
-        ax.set_yticklabels([])
-    fig.suptitle(f"The {len(rows)} most sensitive layers")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)

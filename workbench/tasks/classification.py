@@ -1,13 +1,18 @@
-"""Classification scoring: top-1/top-5 against labels, and agreement with the FP32 model."""
+"""Classification: top-1/top-5 against labels, agreement with the FP32 model, the softmax KL, distillation of
+logits, and the check that refuses labels the model's predictions are unrelated to."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..errors import DataError
+from .base import Metric, Task, first_output
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -28,8 +33,6 @@ class ClassificationScorer:
     model's) are given: agreement_top1 (percent of samples whose argmax matches
     the reference) and mean_kl (KL(reference || this), nats per sample).
     """
-
-    primary_metric = "top1"
 
     def __init__(self, labeled: bool):
         self.labeled = labeled
@@ -86,9 +89,114 @@ class ClassificationScorer:
             return None
         return 100.0 * sum(c * self.predicted_counts[k] for k, c in self.label_counts.items()) / n**2
 
-    @staticmethod
-    def headline(metrics: dict[str, float]) -> tuple[str, float | None]:
-        """The one number a summary shows for this backend."""
-        if "top1" in metrics:
-            return "top-1 %", metrics["top1"]
-        return "top-1 agreement %", metrics.get("agreement_top1")
+
+class ClassificationTask(Task):
+    name = "classification"
+    metrics = (
+        Metric("top1", "Top-1 %", 2, points=1, short="top-1 %"),
+        Metric("top5", "Top-5 %", 2),
+        Metric("agreement_top1", "Agreement with FP32 %", 2, points=1, short="top-1 agreement %"),
+        Metric("mean_kl", "Mean KL", 5),
+    )
+    headline_keys = ("top1", "agreement_top1")
+    agreement_key = "agreement_top1"
+    proxy_samples = 16
+    task_samples = 2000
+    train_mode = "train"
+    has_label_loss = True
+    scores_reference_first = True
+
+    def output_layers(self, model: nn.Module) -> list[nn.Module]:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        return linears[-1:]  # the classifier: its outputs are the classes
+
+    def scorer(self, recipe, dataset, compare_only: bool = False) -> ClassificationScorer:
+        return ClassificationScorer(labeled=bool(getattr(dataset, "labeled", True)) and not compare_only)
+
+    def check_labels(self, fp32_scorer: ClassificationScorer, dataset, source: str) -> None:
+        check_above_chance(fp32_scorer, dataset, source)
+
+    def metric_step(self, samples: int) -> float:
+        return 100.0 / samples  # one image more or less right
+
+    def output_kl(self, reference: torch.Tensor, output: torch.Tensor, num_classes: int | None) -> torch.Tensor:
+        log_p, log_q = reference.log_softmax(1), output.log_softmax(1)
+        return (log_p.exp() * (log_p - log_q)).sum(1)
+
+    def label_loss(self, outputs, targets) -> torch.Tensor:
+        logits = first_output(outputs)
+        return F.cross_entropy(logits.float(), torch.as_tensor(targets).to(logits.device))
+
+    def distiller(self, student, teacher, temperature: float, num_classes, image_size) -> "LogitDistiller":
+        return LogitDistiller(temperature)
+
+
+class LogitDistiller:
+    """KL between temperature-softened teacher and student logits (Hinton et al.), scaled by T^2 so its gradient
+    does not shrink with T."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def loss(self, student_out, teacher_out) -> torch.Tensor:
+        t = self.temperature
+        student, teacher = first_output(student_out).float(), first_output(teacher_out).detach().float()
+        return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                        reduction="batchmean") * t * t
+
+    def remove(self) -> None:
+        pass
+
+
+CHANCE_MIN_SAMPLES = 100
+CHANCE_ALPHA = 0.001
+CHANCE_Z = 3.09  # the one-sided normal quantile of 1 - CHANCE_ALPHA
+CHANCE_MARGIN = 5.0  # points above chance that count as a real, if weak, model
+
+
+def check_above_chance(fp32_scorer: ClassificationScorer, dataset, source: str) -> None:
+    """Refuse labels that the FP32 model's predictions are unrelated to: a labelling problem, not a result.
+
+    Chance is what the model's own predictions would score on shuffled labels (ClassificationScorer.chance_top1).
+    Wrong labels (a class order that is not the model's, a label mode that does not fit the files) score at it
+    or below; a trained model, even a weak one, above it. Refused only when the evidence says "at chance", on
+    at least 100 images: FP32's hits are no more than chance gives with probability 0.1% (binomial tail, exact
+    where chance is a fraction of a percent), AND the upper 99.9% bound of its top-1 (Wilson) is below both
+    chance + 5 points and 50%. So a weak model that is probably above chance passes (a binary one at 53% on 1000
+    images), and so does a set where chance itself is high (one class dominates both labels and predictions).
+    `source` names the split's source and label mode for the message.
+    """
+    n, hits, chance = fp32_scorer.n, fp32_scorer.top1, fp32_scorer.chance_top1()
+    if n < CHANCE_MIN_SAMPLES or chance is None:
+        return
+    if _binomial_tail(hits, n, chance / 100.0) < CHANCE_ALPHA:
+        return  # clearly above chance
+    if _wilson_upper(hits, n, CHANCE_Z) >= min(chance + CHANCE_MARGIN, 50.0):
+        return  # too few images to tell a weak model from chance
+    top1 = 100.0 * hits / n
+    step = max(1, n // 3)
+    examples = "; ".join(f"{s.key} -> class {s.label}" for s in dataset.samples[:n:step][:3])
+    raise DataError(
+        f"data.evaluation: the FP32 model scores {top1:.2f}% top-1 on {n} images, no better than the {chance:.2f}% its "
+        f"predictions would score on shuffled labels, so the labels do not match the model's classes. Check the labels "
+        f"of the source {source}, e.g. {examples}. If the model is untrained or has no classes for "
+        "these images, set data.evaluation.labels: none to score agreement with FP32 only"
+    )
+
+
+def _wilson_upper(hits: int, n: int, z: float) -> float:
+    """The Wilson score interval's upper end for a proportion hits/n, in percent."""
+    p = hits / n
+    centre, spread = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100.0 * (centre + spread) / (1 + z * z / n)
+
+
+def _binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed in log space (n may be tens of thousands)."""
+    if k <= 0 or p >= 1.0:
+        return 1.0
+    if p <= 0.0:
+        return 0.0
+    log_p, log_q, log_n = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    return min(1.0, sum(math.exp(log_n - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q)
+                        for i in range(k, n + 1)))

@@ -18,11 +18,14 @@ import io
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torch import nn
 
-from ..errors import DataError, ModelLoadError
+from ..errors import DataError, ModelLoadError, WorkbenchError
+from .base import Metric, Task, first_output
 
 ANCHOR_OBJECTNESS = "anchor_objectness"
 ANCHOR_FREE = "anchor_free"
@@ -31,19 +34,10 @@ AGREEMENT_SCORE = 0.25  # detections a user would see (Ultralytics' predict defa
 AGREEMENT_IOU = 0.5
 
 
-def _first(output):
-    # YOLOv5 and Ultralytics models in eval mode return (predictions, raw feature maps).
-    while isinstance(output, (list, tuple)):
-        if not output:
-            raise ValueError("the detector returned an empty list/tuple")
-        output = output[0]
-    return output
-
-
 def _as_tensor(output) -> torch.Tensor:
     # A tensor stays on its device: on a GPU the NMS of a sensitivity sweep's hundreds of
     # evaluations runs there too; only the kept boxes come back to the CPU.
-    output = _first(output)
+    output = first_output(output)
     t = output.detach() if isinstance(output, torch.Tensor) else torch.from_numpy(np.asarray(output))
     return t if t.dtype == torch.float64 else t.float()  # float16/int -> float32; float64 kept
 
@@ -71,7 +65,7 @@ def model_num_classes(model: torch.nn.Module, input_size) -> int:
     device = next(iter(model.parameters()), torch.zeros(())).device
     with torch.no_grad():
         output = model(torch.zeros(1, *input_size, device=device))
-    shape = tuple(_first(output).shape)
+    shape = tuple(first_output(output).shape)
     if len(shape) != 3:
         raise UnknownHeadError(
             f"model.spec: this model is not a detector the adapter knows: its output has shape {shape}, not YOLOv5's "
@@ -110,7 +104,7 @@ def model_num_classes(model: torch.nn.Module, input_size) -> int:
 
 def detect_head_format(output: torch.Tensor | np.ndarray, num_classes: int) -> str:
     """Which head layout `output` has: "anchor_objectness" (YOLOv5) or "anchor_free" (YOLOv8/11)."""
-    shape = tuple(_first(output).shape)
+    shape = tuple(first_output(output).shape)
     c = num_classes
     if len(shape) == 3:
         v5 = shape[2] == 5 + c
@@ -198,8 +192,6 @@ class DetectionScorer:
     also finds (same class, IoU >= 0.5, matched one-to-one greedily by score),
     and box_agreement_f1, its harmonic mean with the reverse direction.
     """
-
-    primary_metric = "map50_95"
 
     def __init__(
         self,
@@ -290,13 +282,6 @@ class DetectionScorer:
             ev.summarize()
         return float(ev.stats[0]), float(ev.stats[1])
 
-    @staticmethod
-    def headline(metrics: dict[str, float]) -> tuple[str, float | None]:
-        """The one number a summary shows for this backend."""
-        if "map50_95" in metrics:
-            return "mAP50-95", metrics["map50_95"]
-        return "box agreement %", metrics.get("box_agreement")
-
 
 def _share(matched: int, total: int, other_total: int) -> float:
     # Percent of `total` matched. Neither side finding anything confident is full agreement.
@@ -324,3 +309,149 @@ def _greedy_matches(a: np.ndarray, b: np.ndarray) -> int:
             free[j] = False
             matched += 1
     return matched
+
+
+class DetectionTask(Task):
+    name = "detection"
+    metrics = (
+        Metric("map50_95", "mAP50-95", 4, points=100, short="mAP50-95"),
+        Metric("map50", "mAP50", 4),
+        Metric("box_agreement", "Box agreement with FP32 %", 2, points=1, short="box agreement %"),
+    )
+    headline_keys = ("map50_95", "box_agreement")
+    agreement_key = "box_agreement"
+    proxy_samples = 8  # a detector's output holds thousands of boxes per image: 8 images give plenty of values
+    task_samples = None
+    train_mode = "eval"  # BatchNorm statistics of a detector's small distillation batches would drift
+
+    def num_classes(self, model, input_size) -> int:
+        return model_num_classes(model, input_size)
+
+    def prepare_datasets(self, model, input_size, datasets: dict) -> dict:
+        """The model is a detector the adapter decodes, and every labeled split is read for the model's classes."""
+        from ..data.detection import DetectionDataset, LetterboxedImages
+
+        num_classes = model_num_classes(model, input_size)
+        out = {}
+        for split, dataset in datasets.items():
+            if isinstance(dataset, DetectionDataset):
+                out[split] = dataset.with_num_classes(num_classes, f"data.{split}")
+            elif split == "evaluation":
+                raise WorkbenchError("data.evaluation: task detection scores with a detection source (coco or yolo_txt)")
+            elif not isinstance(dataset, LetterboxedImages):
+                # unlabeled letterboxed images are enough to calibrate and to distil, not to score
+                raise WorkbenchError(f"data.{split}: task detection needs a detection source (coco or yolo_txt) or "
+                                     "images with transform.letterbox")
+            else:
+                out[split] = dataset
+        return out
+
+    def for_model(self, dataset, num_classes, field: str):
+        if hasattr(dataset, "with_num_classes"):
+            return dataset.with_num_classes(num_classes(), field)
+        return dataset
+
+    def output_layers(self, model) -> list[torch.nn.Module]:
+        return detection_heads(model)  # boxes and classes
+
+    def scorer(self, recipe, dataset, compare_only: bool = False) -> DetectionScorer:
+        d = recipe.detection
+        return DetectionScorer(dataset.coco_gt, dataset.category_ids, len(dataset.category_ids), d.conf, d.iou,
+                               d.max_det)
+
+    def output_kl(self, reference: torch.Tensor, output: torch.Tensor, num_classes: int | None) -> torch.Tensor:
+        """Per image, the mean over boxes of the Bernoulli KL of each box's confidence (the score NMS ranks by,
+        already a probability in YOLO heads)."""
+        eps = 1e-7
+        p = box_confidence(reference, num_classes).clamp(eps, 1 - eps)
+        q = box_confidence(output, num_classes).clamp(eps, 1 - eps)
+        return (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).mean(1)
+
+    def distiller(self, student, teacher, temperature: float, num_classes, image_size: float):
+        """The raw outputs of the head's convolutions where both models have a known head, else the decoded output."""
+        heads = HeadDistiller(student, teacher)
+        if heads.student and heads.teacher:
+            return heads
+        heads.remove()
+        return DecodedDistiller(num_classes, image_size)
+
+
+def box_confidence(x: torch.Tensor, num_classes: int | None) -> torch.Tensor:
+    """Per box, the score NMS ranks by: objectness x best class (YOLOv5) or best class (YOLOv8/11)."""
+    if detect_head_format(x, num_classes) == ANCHOR_FREE:
+        return x[:, 4:, :].amax(1)
+    return x[:, :, 4] * x[:, :, 5:].amax(2)
+
+
+# Distillation from the FP32 teacher, with images only. Where the head is known, the raw outputs of the head's
+# convolutions (before the decode) are matched by mean squared error scaled by the teacher's variance per
+# convolution: every anchor and channel gets a dense signal, and the decoded boxes of background anchors, which
+# mean nothing, get no weight. Models without a known head fall back to the decoded output: boxes by smooth-L1
+# in units of the input size, scores by binary cross-entropy against the teacher's scores.
+
+class HeadTaps:
+    """Keeps the output of every convolution inside a detector's head on each forward (empty: no known head).
+
+    Structured pruning leaves the head's output channels alone, so a pruned student's taps
+    line up with the unpruned teacher's, name for name.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.outputs: dict[str, torch.Tensor] = {}
+        heads = {id(h) for h in detection_heads(model)}
+        convs = [(f"{name}.{n}", m) for name, head in model.named_modules() if id(head) in heads
+                 for n, m in head.named_modules() if isinstance(m, nn.Conv2d)]
+        self.handles = [m.register_forward_hook(self._keep(name)) for name, m in convs]
+
+    def _keep(self, name: str):
+        def hook(module, inputs, output):
+            self.outputs[name] = output
+
+        return hook
+
+    def __bool__(self) -> bool:
+        return bool(self.handles)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def head_distillation(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    losses = [F.mse_loss(student[k].float(), teacher[k].float()) / (teacher[k].float().var() + 1e-6) for k in teacher]
+    return torch.stack(losses).mean()
+
+
+def decoded_distillation(student: torch.Tensor, teacher: torch.Tensor, num_classes: int,
+                         image_size: float) -> torch.Tensor:
+    if detect_head_format(teacher, num_classes) == ANCHOR_FREE:
+        student, teacher = student.transpose(1, 2), teacher.transpose(1, 2)  # -> (B, N, 4 + C)
+    box = F.smooth_l1_loss(student[..., :4] / image_size, teacher[..., :4] / image_size, beta=0.01)
+    s, t = student[..., 4:].float().clamp(1e-6, 1 - 1e-6), teacher[..., 4:].float().clamp(0, 1)
+    return box + F.binary_cross_entropy(s, t)
+
+
+class HeadDistiller:
+    """The head's convolutions of student and teacher, tapped on every forward of both."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        self.student, self.teacher = HeadTaps(student), HeadTaps(teacher)
+
+    def loss(self, student_out, teacher_out) -> torch.Tensor:
+        return head_distillation(self.student.outputs, self.teacher.outputs)
+
+    def remove(self) -> None:
+        self.student.remove()
+        self.teacher.remove()
+
+
+class DecodedDistiller:
+    def __init__(self, num_classes: int, image_size: float):
+        self.num_classes, self.image_size = num_classes, image_size
+
+    def loss(self, student_out, teacher_out) -> torch.Tensor:
+        student, teacher = first_output(student_out).float(), first_output(teacher_out).detach().float()
+        return decoded_distillation(student, teacher, self.num_classes, self.image_size)
+
+    def remove(self) -> None:
+        pass

@@ -1,9 +1,9 @@
 """Cheap proxies for "how far is this output from the FP32 model's": SQNR, cosine, KL.
 
 They need no labels and no decoding, so a sensitivity sweep can score every
-layer in seconds. KL compares what the outputs mean: for a classifier the
-softmax over classes; for a detector each box's confidence (the score NMS ranks
-by, already a probability in YOLO heads), as a Bernoulli distribution.
+layer in seconds. KL compares what the outputs mean, so the task computes it
+(Task.output_kl): for a classifier the softmax over classes, for a detector
+each box's confidence as a Bernoulli distribution.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import math
 import numpy as np
 import torch
 
-from .detection import ANCHOR_FREE, _first, detect_head_format
+from .base import Task, first_output
 
 EPS = 1e-7
 
 
 def _tensor(x) -> torch.Tensor:
     # Kept on the model's device: a sweep measures hundreds of configurations.
-    x = _first(x) if isinstance(x, (list, tuple)) else x
+    x = first_output(x)
     t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
     return t.float()
 
@@ -28,7 +28,7 @@ def _tensor(x) -> torch.Tensor:
 class ProxyMeter:
     """Accumulates (reference, output) pairs batch by batch; `result()` gives sqnr_db, cosine, kl."""
 
-    def __init__(self, task: str, num_classes: int | None = None):
+    def __init__(self, task: Task, num_classes: int | None = None):
         self.task = task
         self.num_classes = num_classes
         self.signal = self.noise = 0.0
@@ -46,23 +46,8 @@ class ProxyMeter:
         self.noise += float(((out - ref) ** 2).sum())
         flat_r, flat_o = ref.flatten(1), out.flatten(1)
         self.cosine_sum += float(torch.nn.functional.cosine_similarity(flat_r, flat_o, dim=1, eps=EPS).sum())
-        self.kl_sum += float(self._kl(ref, out).clamp_min(0).sum())  # >= 0 but for float32 rounding
+        self.kl_sum += float(self.task.output_kl(ref, out, self.num_classes).clamp_min(0).sum())  # >= 0 but rounding
         self.n += ref.shape[0]
-
-    def _kl(self, ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """KL(reference || output) per sample."""
-        if self.task == "classification":
-            log_p, log_q = ref.log_softmax(1), out.log_softmax(1)
-            return (log_p.exp() * (log_p - log_q)).sum(1)
-        p, q = self._confidence(ref).clamp(EPS, 1 - EPS), self._confidence(out).clamp(EPS, 1 - EPS)
-        kl = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
-        return kl.mean(1)
-
-    def _confidence(self, x: torch.Tensor) -> torch.Tensor:
-        """Per box, the score NMS ranks by: objectness x best class (YOLOv5) or best class (YOLOv8/11)."""
-        if detect_head_format(x, self.num_classes) == ANCHOR_FREE:
-            return x[:, 4:, :].amax(1)
-        return x[:, :, 4] * x[:, :, 5:].amax(2)
 
     def result(self) -> dict[str, float]:
         if not self.n:

@@ -1,6 +1,5 @@
-"""Training shared by fine-tuning after pruning and quantization-aware training: one loop, written once."""
+"""Training shared by fine-tuning after pruning and quantization-aware training: one loop, written once.
 
-from .loop import TrainOptions, fit
-from .losses import HeadTaps, distillation_loss, head_distillation
-
-__all__ = ["HeadTaps", "TrainOptions", "distillation_loss", "fit", "head_distillation"]
+loop.py is the loop (`fit`), options.py its options (plain data), finetuning.py the body of the training
+stages (losses from the run's task, per-epoch evaluation, checkpoints). Import the module you need.
+"""

@@ -10,43 +10,18 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ..errors import WorkbenchError
 from ..io import atomic_path
 from ..models.guards import first_nonfinite
 from ..progress import track
-
-
-class TrainOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    epochs: int = Field(1, ge=1, description="Passes over the fine-tune split.")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs when reached first).")
-    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD with Nesterov momentum, or AdamW.")
-    lr: float = Field(0.01, gt=0, description="Peak learning rate.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(5e-4, ge=0, description="Weight decay (not applied to biases and norm layers).")
-    schedule: Literal["cosine", "onecycle", "constant"] = Field("cosine", description="Learning-rate schedule over all steps.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (cosine and constant schedules).")
-    amp: bool = Field(True, description="Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.")
-    grad_clip: float | None = Field(10.0, gt=0, description="Clip the gradient norm to this value (None: no clipping).")
-    train_mode: Literal["auto", "train", "eval"] = Field(
-        "auto", description="Module mode while training: 'eval' freezes BatchNorm statistics (auto: train for classifiers, eval for detectors)."
-    )
-    freeze_bn_stats: bool = Field(False, description="Keep BatchNorm running statistics fixed while the weights train.")
-    resume: str | None = Field(None, description="A checkpoint (checkpoints/*.pt of an earlier run) to resume from.")
-
-    @model_validator(mode="after")
-    def _onecycle_has_no_warmup(self):
-        if self.schedule == "onecycle" and self.warmup_steps:
-            raise ValueError("warmup_steps is for cosine/constant; the one-cycle schedule has its own warm-up")
-        return self
+from .options import TrainOptions
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -80,28 +55,36 @@ def _schedule(opts: TrainOptions, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
+@dataclass
+class FitSetup:
+    """Where and how `fit` trains, beyond the recipe's TrainOptions."""
+
+    device: torch.device = torch.device("cpu")
+    auto_mode: Literal["train", "eval"] = "train"  # what train_mode auto means for this model (the task's choice)
+    label: str = "finetune"  # names progress, checkpoints (<label>_epoch<N>.pt) and messages
+    checkpoint_dir: Path | None = None  # a checkpoint after every epoch, when set
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # scored after every epoch
+    after_step: Callable[[], None] | None = None  # after every optimizer step (QAT re-measures weight ranges)
+    fingerprint: dict | None = None  # what the run was (recipe and options): resuming another is refused
+
+
 def fit(
     model: nn.Module,
     batches,
     opts: TrainOptions,
     loss_fn: Callable[[object, tuple], tuple[torch.Tensor, dict[str, float]]],
-    device: torch.device,
-    task: str,
-    checkpoint_dir: Path | None = None,
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
-    label: str = "finetune",
-    after_step: Callable[[], None] | None = None,
-    fingerprint: dict | None = None,
+    setup: FitSetup | None = None,
 ) -> list[dict]:
     """Train `model` in place; return the history (one entry per epoch: losses, lr, eval metrics, seconds).
 
     `batches` is re-iterable (a DataLoader); `loss_fn(outputs, batch)` returns the loss and
-    its named parts. A checkpoint `<label>_epoch<N>.pt` is written after every epoch, with
-    `fingerprint` (what the run was: recipe and options); resuming with another fingerprint
-    is refused. `after_step` runs after every optimizer step (QAT re-measures weight ranges).
+    its named parts. See FitSetup for the device, checkpoints, per-epoch evaluation and hooks.
     """
     from .. import distributed
 
+    setup = setup or FitSetup()
+    device, label, after_step = setup.device, setup.label, setup.after_step
+    checkpoint_dir, evaluate, fingerprint = setup.checkpoint_dir, setup.evaluate, setup.fingerprint
     ddp_model = model
     if distributed.active():
         # One process per GPU: each takes every world_size-th sample, with batch_size / world_size per step,
@@ -124,7 +107,7 @@ def fit(
         optimizer = torch.optim.AdamW(params, lr=opts.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(opts, total))
     amp = opts.amp and device.type == "cuda"
-    mode = opts.train_mode if opts.train_mode != "auto" else ("train" if task == "classification" else "eval")
+    mode = opts.train_mode if opts.train_mode != "auto" else setup.auto_mode
     history: list[dict] = []
     step, start_epoch = 0, 0
     fingerprint = fingerprint or {}

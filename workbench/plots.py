@@ -1,0 +1,106 @@
+"""Every figure the workbench writes: one PNG per function, saved atomically through `save_figure`.
+
+matplotlib is imported by each function (the Agg backend: no display is needed), so importing this
+module costs nothing until a figure is drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .io import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Write `fig` as a PNG, atomically, and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    _pyplot().close(fig)
+    return Path(path)
+
+
+def plot_throughput(path, results: dict, batch_sizes: list[int]) -> Path:
+    """Images/s per artifact and batch size (bench.png, `workbench bench --plot`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    names = list(results)
+    width = 0.8 / max(1, len(batch_sizes))
+    for i, b in enumerate(batch_sizes):
+        ax.bar([k + i * width for k in range(len(names))],
+               [results[n]["latency"][f"b{b}"]["images_per_s"] for n in names], width, label=f"batch {b}")
+    ax.set_xticks([k + width * (len(batch_sizes) - 1) / 2 for k in range(len(names))], names, rotation=20,
+                  ha="right", fontsize=8)
+    ax.set_ylabel("images / s")
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_history(path, history: list[dict], title: str) -> Path | None:
+    """Loss (and the evaluation metric, when measured) per epoch of a training stage."""
+    if not history:
+        return None
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    has_eval = all("eval" in h for h in history)
+    fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(10 if has_eval else 5, 3.4), squeeze=False)
+    axes[0][0].plot(epochs, [h["loss"] for h in history], marker="o")
+    axes[0][0].set_xlabel("epoch")
+    axes[0][0].set_ylabel("training loss")
+    if has_eval:
+        axes[0][1].plot(epochs, [h["eval"]["value"] for h in history], marker="o", color="#C44E52")
+        axes[0][1].set_xlabel("epoch")
+        axes[0][1].set_ylabel(history[0]["eval"]["metric"])
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_sensitivity(path, rows: list[dict], metric_name: str | None) -> Path:
+    """The most sensitive layers: task-metric sensitivity where measured, and the SQNR proxy."""
+    from .quant.sensitivity import proxy_sensitivity, task_sensitivity
+
+    plt = _pyplot()
+    names = [r["layer"] for r in rows]
+    panels = []
+    if metric_name and task_sensitivity(rows[0]) is not None:
+        panels.append(([task_sensitivity(r) for r in rows],
+                       f"sensitivity, {metric_name}\n(loss alone + gain when kept float)", "#C44E52"))
+    panels.append(([max(-proxy_sensitivity(r), 0) if "only_sqnr_db" in r else proxy_sensitivity(r) for r in rows],
+                   "SQNR with only this layer INT8, dB (lower hurts more)" if "only_sqnr_db" in rows[0]
+                   else "output SQNR when this layer stays float, dB", "#4C72B0"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.32 * len(rows) + 1.5), squeeze=False)
+    for ax, (values, label, color) in zip(axes[0], panels):
+        ax.barh(names, [v if math.isfinite(v) else 0 for v in values], color=color)
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=8)
+    for ax in axes[0][1:]:
+        ax.set_yticklabels([])
+    fig.suptitle(f"The {len(rows)} most sensitive layers")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_accuracy_latency(path, names: list[str], values: list[float], label: str, latency_ms: list[float]) -> Path:
+    """Each backend's headline metric beside its batch-1 latency (accuracy_latency.png)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    axes[0].barh(names, values, color="#4C72B0")
+    axes[0].set_xlabel(label)
+    axes[1].barh(names, latency_ms, color="#DD8452")
+    axes[1].set_xlabel("latency, batch 1, median ms (CPU)")
+    for ax in axes:
+        ax.invert_yaxis()
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)

@@ -1,0 +1,285 @@
+"""The recipe's schema: every section of a recipe as a pydantic model, and nothing else.
+
+A recipe names the model, the data, the task and an ordered list of stages:
+
+    name: resnet20_int8
+    model: {spec: "cifar_resnet:resnet20", weights: "${WORKBENCH_ASSETS}/models/cifar10_resnet20.th"}
+    data:
+      calibration: {source: imagefolder, path: ..., count: 512}
+      evaluation: {source: imagefolder, path: ...}
+    stages:
+      - calibrate: {method: entropy}
+      - export: {}
+      - evaluate: {}
+
+The stage list is typed by the stage registry, which sits above this module: recipe.py (the loader)
+builds the full model from both. Everything low (data, models, stages' options) imports from here.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base of every recipe section and stage's options: unknown keys, NaN/Inf and booleans given for numbers are
+    errors (pydantic would take `count: true` as 1 and `std: .inf` as a number)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info) -> Any:
+        given = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, bool) for v in given) and _wants_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("true/false is not a number: give a number")
+        return value
+
+
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field (or its items) takes an int or float and not a bool."""
+    if annotation in (int, float):
+        return True
+    args = typing.get_args(annotation)
+    if any(a is bool or a is Any for a in args):
+        return False
+    return any(_wants_number(a) for a in args if a is not type(None))
+
+
+# Bounds shared by several fields: beyond them a value is a typo or an attempt to exhaust the machine.
+MAX_IMAGE_SIDE = 8192  # pixels of one side of a model input, a resize or a crop
+MAX_BATCH = 16384  # images in one batch
+MAX_SEED = 2**63  # torch.manual_seed and numpy take seeds below this
+MAX_COUNT = 10_000_000  # samples in one split: the sampled index is built in memory
+MAX_WORKERS = 64
+CALIB_SET_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+ImageSide = Annotated[int, Field(gt=0, le=MAX_IMAGE_SIDE)]
+
+
+def check_batch_sizes(sizes: list[int]) -> list[int]:
+    """A list of batch sizes to time: each listed once (a repeated size would overwrite its own timing)."""
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"each batch size once, e.g. [1, 8]; {sorted(sizes)} repeats one")
+    return sizes
+
+
+def check_calib_set_name(name: str) -> str:
+    """A set name is a file name in calibration_data/: a path would read a YAML from anywhere."""
+    if not re.fullmatch(CALIB_SET_NAME, name):
+        raise ValueError(f"{name!r} is not a set name: use letters, digits, '_', '-' and '.', no '/' and no leading "
+                         "'.' (`workbench calib-data list` shows the sets)")
+    return name
+
+
+def _check_input_size(size: tuple[int, int, int]) -> tuple[int, int, int]:
+    c, h, w = size
+    if not 1 <= c <= 64 or not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
+        raise ValueError(f"input_size is [channels, height, width] with 1 <= channels <= 64 and sides from 1 to "
+                         f"{MAX_IMAGE_SIDE}, e.g. [3, 224, 224]")
+    return size
+
+
+InputSize = Annotated[tuple[int, int, int], AfterValidator(_check_input_size)]
+
+
+class ModelConfig(StrictModel):
+    spec: str = Field(
+        description="Model source and name: 'torchvision:resnet18', 'cifar_resnet:resnet20', "
+        "'efficientnet_lite:efficientnet-lite0', 'import:package.module:factory', 'file:model.pt' "
+        "(a whole pickled model). `workbench models list` shows them."
+    )
+    weights: str | None = Field(
+        None,
+        description="State dict to load into the architecture (torch.load weights_only=True; 'state_dict' or "
+        "'model' wrappers and 'module.' prefixes are unwrapped). For torchvision: a weights enum name such as "
+        "'DEFAULT' (read from torch's hub cache; downloaded only with allow_download) or a file path.",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model factory.")
+    trust_pickle: bool = Field(
+        False,
+        description="Allow unpickling a whole model object (runs code from the file: only for files you trust): "
+        "needed by 'file:' specs, Ultralytics .pt files and model.pruned files in the old pickled format.",
+    )
+    trust_code: bool = Field(
+        False,
+        description="Allow an 'import:' spec to import a module and call the factory it names (runs that code, as "
+        "Hugging Face's trust_remote_code). The module is looked up in import_path, then the working directory, "
+        "then the installed packages.",
+    )
+    import_path: str | None = Field(
+        None,
+        description="Folder searched first for an 'import:' module; load_recipe sets it to the recipe's folder.",
+    )
+    allow_download: bool = Field(
+        False,
+        description="Let torchvision download a weights enum's file (e.g. weights: DEFAULT) into torch's hub cache; "
+        "without it only an already cached file is used.",
+    )
+    input_size: InputSize = Field(
+        (3, 224, 224), description="C, H, W of one input: used for export, latency and tracing."
+    )
+    pruned: str | None = Field(
+        None, description="A pruned_model.pt written by a run's structured prune stage: reshapes the architecture to it and loads its weights."
+    )
+
+
+class TransformConfig(StrictModel):
+    resize: ImageSide | None = Field(None, description="Resize the shorter side to this many pixels.")
+    crop: ImageSide | None = Field(None, description="Center crop to this square size.")
+    random_resized_crop: ImageSide | None = Field(
+        None, description="Random resized crop to this size (seeded per sample; for calibration sets)."
+    )
+    scale: tuple[float, float] = Field((0.25, 1.0), description="Area range of random_resized_crop.")
+    letterbox: tuple[ImageSide, ImageSide] | None = Field(
+        None, description="Detection: letterbox every image into (height, width), keeping its aspect ratio (pad 114)."
+    )
+    stride: int = Field(
+        32, gt=0, le=1024, description="Detection: the model's largest stride (letterbox sizes must be multiples).")
+    hflip: bool = Field(False, description="Training augmentation (data.finetune only): random horizontal flip.")
+    pad_crop: int | None = Field(
+        None, ge=1, le=MAX_IMAGE_SIDE,
+        description="Training augmentation (data.finetune only): pad by this many pixels, crop back at random "
+        "(CIFAR-style)."
+    )
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean (RGB, 0..1).")
+    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std (RGB, 0..1).")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError("scale must be two numbers with 0 < low <= high <= 1, e.g. [0.25, 1.0]")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0:  # images are divided by it: 0 gives Inf, a negative std flips the image
+            raise ValueError("std is a positive number per channel, e.g. [0.229, 0.224, 0.225]")
+        return v
+
+
+class DataSplit(StrictModel):
+    source: Literal["imagefolder", "files", "hf", "package", "coco", "yolo_txt"] | None = Field(
+        None,
+        description="imagefolder: class sub-folders under path; files: every image under path (labels from "
+        "the file name's WordNet-id prefix with labels: wnid_prefix); hf: a Hugging Face dataset "
+        "(load_from_disk path, or name); package: images shipped inside an installed package; "
+        "coco: images under path with a COCO JSON (annotations); yolo_txt: images under path with YOLO "
+        "txt labels (label_dir).",
+    )
+    annotations: str | None = Field(None, description="coco: the COCO instances JSON for the images under path.")
+    label_dir: str | None = Field(None, description="yolo_txt: folder of <image stem>.txt files (cls cx cy w h, normalised).")
+    calib_set: str | None = Field(
+        None, description="Name of a calibration-set definition in calibration_data/ (instead of source)."
+    )
+    path: str | None = Field(None, description="Folder (imagefolder, files, hf load_from_disk) or data_dir (hf imagefolder).")
+    name: str | None = Field(None, description="hf: dataset name for datasets.load_dataset, e.g. 'imagefolder' or a hub id.")
+    split: str = Field("train", description="hf: split to read.")
+    image_column: str = Field("image", description="hf: column holding the images.")
+    label_column: str | None = Field("label", description="hf: column holding the labels (null: unlabeled).")
+    allow_download: bool = Field(
+        False, description="hf: let datasets download from the Hugging Face Hub (a hub name); off, only local data is read."
+    )
+    package: str | None = Field(None, description="package: the installed package that ships the images, e.g. skimage.")
+    pattern: str | list[str] = Field(
+        "**/*", description="Glob(s) relative to path or the package folder selecting image files, e.g. ['data/*.png', 'data/*.jpg']."
+    )
+    labels: Literal["none", "folder", "wnid_prefix"] | None = Field(
+        None, description="Where labels come from; default: folder for imagefolder, none otherwise. wnid_prefix: "
+        "the ImageNet-1k class index (sorted WordNet ids) of the id before the first '_' of each file name."
+    )
+    count: int | None = Field(
+        None, gt=0, le=MAX_COUNT, description="Number of samples; with random crops it may exceed the images.")
+    seed: int = Field(0, ge=0, lt=MAX_SEED, description="Seed of the sampling and of random crops (0 <= seed < 2**63).")
+    transform: TransformConfig | None = Field(None, description="Overrides data.transform for this split.")
+
+    @field_validator("calib_set")
+    @classmethod
+    def _plain_set_name(cls, v: str | None) -> str | None:
+        return v if v is None else check_calib_set_name(v)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSplit":
+        if (self.source is None) == (self.calib_set is None):
+            raise ValueError("give exactly one of 'source' or 'calib_set'")
+        if self.source in ("imagefolder", "files") and not self.path:
+            raise ValueError(f"source {self.source!r} needs 'path'")
+        if self.source == "hf" and not (self.path or self.name):
+            raise ValueError("source 'hf' needs 'path' (a saved dataset) or 'name'")
+        if self.source == "coco" and not (self.path and self.annotations):
+            raise ValueError("source 'coco' needs 'path' (the images) and 'annotations' (the COCO JSON)")
+        if self.source == "yolo_txt" and not (self.path and self.label_dir):
+            raise ValueError("source 'yolo_txt' needs 'path' (the images) and 'label_dir' (the txt labels)")
+        if self.source == "package" and not self.package:
+            raise ValueError("source 'package' needs 'package', e.g. package: skimage")
+        return self
+
+
+class DataConfig(StrictModel):
+    transform: TransformConfig = Field(default_factory=TransformConfig, description="Default preprocessing.")
+    calibration: DataSplit | None = Field(None, description="Images that calibrate INT8 ranges.")
+    evaluation: DataSplit | None = Field(None, description="Images that score every backend.")
+    finetune: DataSplit | None = Field(None, description="Images for fine-tuning and QAT.")
+    batch_size: BatchSize = Field(32, description="Batch size of every loader.")
+    workers: int = Field(0, ge=0, description=f"DataLoader worker processes (at most {MAX_WORKERS}).")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_bounded(cls, v: int) -> int:
+        if v > MAX_WORKERS:
+            raise ValueError(f"at most {MAX_WORKERS} DataLoader workers: each is a process holding its own copy of the "
+                             "dataset, and more than the CPU cores only costs memory")
+        return v
+
+    @model_validator(mode="after")
+    def _augment_only_for_training(self) -> "DataConfig":
+        # Augmented calibration or evaluation images would make ranges and scores random.
+        for name in ("transform", "calibration", "evaluation"):
+            t = self.transform if name == "transform" else getattr(getattr(self, name), "transform", None)
+            if t is not None and (t.hflip or t.pad_crop):
+                field = "data.transform" if name == "transform" else f"data.{name}.transform"
+                raise ValueError(f"{field}: hflip and pad_crop are training augmentation; set them on data.finetune.transform")
+        return self
+
+
+class DetectionConfig(StrictModel):
+    conf: float = Field(0.001, ge=0, le=1, description="Score threshold before NMS (0.001 for mAP, as pycocotools-style evaluation expects).")
+    iou: float = Field(0.6, gt=0, le=1, description="NMS IoU threshold.")
+    max_det: int = Field(300, gt=0, description="Detections kept per image.")
+
+
+class Recipe(StrictModel):
+    name: str = Field(description="Run name: the run directory is <runs_dir>/<name>-<timestamp>.")
+    task: str = Field("classification", description="What the model's output means (a registered task: "
+                      "classification, detection).")
+    detection: DetectionConfig = Field(default_factory=DetectionConfig, description="Decoding and NMS for task: detection.")
+    model: ModelConfig
+    data: DataConfig
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
+    runs_dir: str = Field("runs", description="Where run directories are created.")
+    stages: list[Any] = Field(description="Ordered stages, each a one-key mapping: - calibrate: {method: entropy}")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("name must be letters, digits, '_', '-' or '.', e.g. resnet20_int8")
+        return v
+
+    def stage_list(self) -> list[tuple[str, BaseModel]]:
+        """The stages as (name, options) pairs, in order."""
+        return [(next(iter(type(s).model_fields)), getattr(s, next(iter(type(s).model_fields)))) for s in self.stages]
+
+
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML: every default written out, so a run says exactly what it did."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
