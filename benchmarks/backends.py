@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ort_int8 import ASSETS, RECIPES  # noqa: E402
+
 from workbench import api  # noqa: E402
 from workbench.recipe import parse_recipe  # noqa: E402
 

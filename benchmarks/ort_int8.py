@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workbench import api  # noqa: E402
 from workbench.qdq.ort_flavour import to_ort_int8, u8s8_can_saturate  # noqa: E402
 from workbench.recipe import parse_recipe  # noqa: E402
-from workbench.runtime.runners import OrtRunner  # noqa: E402
 from workbench.runtime.latency import measure_latency  # noqa: E402
+from workbench.runtime.runners import OrtRunner  # noqa: E402
 
 ASSETS = Path(os.environ.get("WORKBENCH_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 A = str(ASSETS)

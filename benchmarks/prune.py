@@ -134,8 +134,9 @@ def main() -> None:
     for ratio in configs:
         dirs.append(api.run(ROOT / RECIPES[args.model], overrides(args, ratio)).dir)
     if args.control:
-        from workbench.recipe import load_recipe, parse_recipe
         import yaml
+
+        from workbench.recipe import load_recipe, parse_recipe
 
         recipe = load_recipe(ROOT / RECIPES[args.model], overrides(args, configs[0]))
         data = recipe.model_dump(mode="json")

@@ -27,9 +27,9 @@ from workbench.data import build_dataset  # noqa: E402
 from workbench.models import resolve_model  # noqa: E402
 from workbench.qdq.export import export_onnx  # noqa: E402
 from workbench.quant.ptq import Int8Config, quantize_  # noqa: E402
-from workbench.schema import DataConfig, DataSplit, ModelConfig, TransformConfig  # noqa: E402
 from workbench.runtime.latency import measure_latency  # noqa: E402
 from workbench.runtime.runners import OrtRunner, TorchRunner  # noqa: E402
+from workbench.schema import DataConfig, DataSplit, ModelConfig, TransformConfig  # noqa: E402
 from workbench.tasks.classification import ClassificationScorer  # noqa: E402
 
 ASSETS = Path(os.environ.get("WORKBENCH_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))

@@ -104,8 +104,8 @@ def test_exported_detector_runs_at_other_sizes(tmp_path):
     from workbench.models import resolve_model
     from workbench.qdq.export import export_onnx
     from workbench.quant.ptq import Int8Config, quantize_
-    from workbench.schema import ModelConfig
     from workbench.runtime.runners import OrtRunner, TorchRunner
+    from workbench.schema import ModelConfig
 
     model = resolve_model(ModelConfig(spec=f"yolov5:{make_tiny_yolov5_checkpoint(tmp_path / 't.pt')}"))
     quantize_(model, Int8Config(method="max"), lambda m: m(torch.rand(4, 3, 64, 64)), torch.rand(1, 3, 64, 64))

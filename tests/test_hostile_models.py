@@ -21,8 +21,14 @@ from torch import nn
 from workbench.cli import main
 from workbench.errors import ModelLoadError
 from workbench.models import resolve_model
-from workbench.prune.structured import (PRUNED_FORMAT, ChannelPruning, PruningError, load_pruned, prune_channels_,
-                                        save_pruned)
+from workbench.prune.structured import (
+    PRUNED_FORMAT,
+    ChannelPruning,
+    PruningError,
+    load_pruned,
+    prune_channels_,
+    save_pruned,
+)
 from workbench.recipe import load_recipe
 from workbench.schema import ModelConfig
 

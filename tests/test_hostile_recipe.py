@@ -17,8 +17,8 @@ import pytest
 
 from workbench.cli import main
 from workbench.recipe import load_recipe, parse_recipe
-from workbench.yaml_io import MAX_YAML_NODES
 from workbench.stages import STAGES
+from workbench.yaml_io import MAX_YAML_NODES
 
 ROOT = Path(__file__).resolve().parents[1]
 

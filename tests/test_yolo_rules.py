@@ -9,8 +9,8 @@ from helpers import make_tiny_yolov5_checkpoint
 from workbench.models import resolve_model
 from workbench.qdq.export import export_onnx
 from workbench.quant.ptq import Int8Config, quantize_
-from workbench.schema import ModelConfig
 from workbench.runtime.runners import OrtRunner, TorchRunner
+from workbench.schema import ModelConfig
 
 CALIB = [torch.rand(4, 3, 64, 64) for _ in range(2)]
 

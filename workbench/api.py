@@ -67,7 +67,8 @@ def sensitivity_recipe(recipe: Recipe, overrides: list[str] | tuple[str, ...] = 
     data = recipe.model_dump(mode="json")
     names = [next(iter(s)) for s in data["stages"]]
     if "calibrate" not in names:
-        raise RecipeError(f"{recipe.name}: the recipe has no calibrate stage, and sensitivity needs a calibrated model; "
+        raise RecipeError(f"{recipe.name}: the recipe has no calibrate stage, and sensitivity needs a calibrated "
+                          "model; "
                           "add one")
     own = next((s["sensitivity"] for s in data["stages"] if "sensitivity" in s), {})
     data["stages"] = data["stages"][: names.index("calibrate") + 1] + [{"sensitivity": own}]

@@ -26,7 +26,8 @@ from .errors import WorkbenchError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="workbench", description="Recipe-driven INT8 quantization for PyTorch vision models.")
+    p = argparse.ArgumentParser(prog="workbench", description="Recipe-driven INT8 quantization for PyTorch vision "
+                                                              "models.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a recipe: workbench run recipes/quickstart.yaml [key.path=value ...]")
@@ -56,20 +57,23 @@ def _parser() -> argparse.ArgumentParser:
     eng.add_argument("onnx")
     eng.add_argument("--precision", choices=["int8", "fp16", "fp32"], default="int8")
     eng.add_argument("--batch", type=int, nargs=3, default=[1, 8, 32], metavar=("MIN", "OPT", "MAX"))
-    eng.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: the graph's fixed size)")
+    eng.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: the graph's fixed "
+                                                                           "size)")
     eng.add_argument("--out", help="engine path (default: next to the ONNX, .engine)")
     eng.add_argument("--weak-typing", action="store_true", help="weakly typed network with INT8 and FP16 flags")
     eng.add_argument("--sparse", action="store_true", help="allow 2:4 sparse kernels")
     eng.add_argument("--workspace-mib", type=int, default=4096)
     eng.add_argument("--timing-cache", help="timing cache file (default: ~/.cache/workbench/tensorrt_timing.cache)")
 
-    ben = sub.add_parser("bench", help="latency and throughput of .onnx/.engine files (or all of those in a run directory)")
+    ben = sub.add_parser("bench", help="latency and throughput of .onnx/.engine files (or all of those in a run "
+                                       "directory)")
     ben.add_argument("paths", nargs="+", metavar="PATH")
     ben.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="B")
     ben.add_argument("--warmup", type=int, default=5)
     ben.add_argument("--repeats", type=int, default=50)
     ben.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    ben.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="for graphs with a dynamic image size")
+    ben.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="for graphs with a dynamic "
+                                                                                      "image size")
     ben.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ben.add_argument("--plot", metavar="FILE.png", help="also plot images/s per artifact and batch size")
 

@@ -117,6 +117,7 @@ class RunExplorer:
             _, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1))
         ax.barh([r["layer"] for r in rows], values, color="#C44E52" if task else "#4C72B0")
         ax.invert_yaxis()
-        ax.set_xlabel("sensitivity, task-metric points" if task else "SQNR with only this layer INT8, dB (lower hurts more)"
+        ax.set_xlabel("sensitivity, task-metric points" if task else "SQNR with only this layer INT8, dB (lower hurts "
+                                                                     "more)"
                       if only else "output SQNR with this layer float and the rest INT8, dB")
         return ax

@@ -120,7 +120,8 @@ def _apply_override(data: dict, item: str) -> None:
     """Apply one `a.b.c=value` override; `stages.calibrate.x` addresses the first calibrate stage."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
-        raise RecipeError(f"override {item!r} is missing an '=' sign: write key.path=value, e.g. stages.calibrate.method=entropy")
+        raise RecipeError(f"override {item!r} is missing an '=' sign: write key.path=value, e.g. "
+                          "stages.calibrate.method=entropy")
     value = load_yaml(raw, f"override {item!r}: value")[0] if raw != "" else None
     parts = key.split(".")
     target: Any = data
@@ -148,7 +149,8 @@ def _list_index(items: list, part: str, parts: list[str]) -> int:
     if part.lstrip("-").isdigit():
         idx = int(part)
         if not -len(items) <= idx < len(items):
-            raise RecipeError(f"override {'.'.join(parts)}: index {idx} is out of range (the list has {len(items)} items)")
+            raise RecipeError(f"override {'.'.join(parts)}: index {idx} is out of range (the list has {len(items)} "
+                              "items)")
         return idx
     for idx, entry in enumerate(items):
         if isinstance(entry, dict) and part in entry:

@@ -147,7 +147,8 @@ def _export_section(run_dir: Path, metrics: dict) -> list[str]:
             quantized = ", ".join(f"{v} {k}" for k, v in c["quantized"].items()) or "none"
             floating = ", ".join(f"{len(v)} {k}" for k, v in c["float"].items()) or "none"
             lines.append(
-                f"- `{name}`: {entry['bytes'] / 1e6:.2f} MB, opset {c['opset']}, {c['QuantizeLinear']} QuantizeLinear / "
+                f"- `{name}`: {entry['bytes'] / 1e6:.2f} MB, opset {c['opset']}, {c['QuantizeLinear']} QuantizeLinear "
+                "/ "
                 f"{c['DequantizeLinear']} DequantizeLinear; INT8 compute nodes: {quantized}; float compute nodes: "
                 f"{floating}."
             )
@@ -225,14 +226,17 @@ def _prune_section(run_dir: Path, metrics: dict) -> list[str]:
             lat = p.get(f"ort_latency_b1_ms_{key}")
             lines.append(f"| {key} | {p[f'params_{key}']:,} | {p[f'macs_{key}'] / 1e6:.1f} | "
                          f"{_fmt(size / 1e6 if size else None)} | {_fmt(lat)} |")
-        lines += ["", f"Structured ({p['importance']} importance, channels rounded to {p['round_to']}): MACs x{p['macs_ratio']:.2f}"
+        lines += ["", f"Structured ({p['importance']} importance, channels rounded to {p['round_to']}): MACs "
+                      f"x{p['macs_ratio']:.2f}"
                   + (f", ONNX Runtime {p['ort_speedup_b1']:.2f}x faster at batch 1." if "ort_speedup_b1" in p else "."), ""]
     else:
-        lines += [f"{p['method']}: {100 * p['sparsity']:.1f}% of {p['weights']:,} weights are zero ({p['layers']} layers). {p['note']}.", ""]
+        lines += [f"{p['method']}: {100 * p['sparsity']:.1f}% of {p['weights']:,} weights are zero ({p['layers']} "
+                  f"layers). {p['note']}.", ""]
     ft = stages.get("finetune")
     if ft and ft.get("eval"):
         start = f"{_fmt(ft['eval_before']['value'])} after pruning, " if ft.get("eval_before") else ""
-        lines += [f"{ft['eval']['metric']} on the evaluation subset: {start}{_fmt(ft['eval']['value'])} after fine-tuning "
+        lines += [f"{ft['eval']['metric']} on the evaluation subset: {start}{_fmt(ft['eval']['value'])} after "
+                  "fine-tuning "
                   f"({ft['epochs']} epochs); curve in `training_curve.png`.", ""]
     return lines
 
@@ -247,7 +251,8 @@ def _qat_section(run_dir: Path, metrics: dict) -> list[str]:
                      f"{q['epochs']} QAT epochs {_fmt(q['eval']['value'])}.")
     per_epoch = q.get("seconds_per_epoch") or []
     if per_epoch:
-        lines.append(f"{sum(per_epoch) / len(per_epoch):.1f} s per epoch. FP32, PTQ and QAT side by side, in PyTorch and "
+        lines.append(f"{sum(per_epoch) / len(per_epoch):.1f} s per epoch. FP32, PTQ and QAT side by side, in PyTorch "
+                     "and "
                      "ONNX Runtime: the accuracy table above. Loss and metric per epoch: `training_curve_qat.png`.")
     lines += ["", "![QAT training curve](training_curve_qat.png)", ""]
     return lines
@@ -264,7 +269,8 @@ def _sensitivity_section(run_dir: Path, metrics: dict) -> list[str]:
         task = f", task metric ({sens['metric']}) on {sens['task_samples']} in {sens['task_seconds']:.1f} s" if sens.get("metric") else ""
         lines.append(
             f"{sens['units']} layers, modes {', '.join(sens['modes'])}: proxies on {sens['proxy_samples']} samples in "
-            f"{sens['proxy_seconds']:.1f} s{task}. `only`: this layer alone in INT8 (change against FP32); `loo`: every "
+            f"{sens['proxy_seconds']:.1f} s{task}. `only`: this layer alone in INT8 (change against FP32); `loo`: "
+            "every "
             "layer but this one in INT8 (gain over all-INT8). Full table: `sensitivity.csv`."
         )
         lines.append("")
@@ -284,7 +290,8 @@ def _sensitivity_section(run_dir: Path, metrics: dict) -> list[str]:
         lines += ["## Mixed precision", ""]
         lines.append(
             f"Budget {budget} ({mp['metric']}): FP32 {_fmt(mp['fp32'])}, every layer INT8 {_fmt(mp['int8_all'])}, "
-            f"plan {_fmt(mp['final'])} on {mp['evaluation_samples']} samples. Kept in float ({len(mp['float_layers'])}): "
+            f"plan {_fmt(mp['final'])} on {mp['evaluation_samples']} samples. Kept in float "
+            f"({len(mp['float_layers'])}): "
             f"{floats}; {mp['int8_layers']} layers and {100 * mp['int8_mac_share']:.1f}% of the MACs in INT8. "
             "`recipe_mixed_precision.yaml` re-runs this plan as plain PTQ."
         )

@@ -125,7 +125,8 @@ class ModelConfig(StrictModel):
         (3, 224, 224), description="C, H, W of one input: used for export, latency and tracing."
     )
     pruned: str | None = Field(
-        None, description="A pruned_model.pt written by a run's structured prune stage: reshapes the architecture to it and loads its weights."
+        None, description="A pruned_model.pt written by a run's structured prune stage: reshapes the architecture to "
+                          "it and loads its weights."
     )
 
 
@@ -175,21 +176,26 @@ class DataSplit(StrictModel):
         "txt labels (label_dir).",
     )
     annotations: str | None = Field(None, description="coco: the COCO instances JSON for the images under path.")
-    label_dir: str | None = Field(None, description="yolo_txt: folder of <image stem>.txt files (cls cx cy w h, normalised).")
+    label_dir: str | None = Field(None, description="yolo_txt: folder of <image stem>.txt files (cls cx cy w h, "
+                                                    "normalised).")
     calib_set: str | None = Field(
         None, description="Name of a calibration-set definition in calibration_data/ (instead of source)."
     )
-    path: str | None = Field(None, description="Folder (imagefolder, files, hf load_from_disk) or data_dir (hf imagefolder).")
-    name: str | None = Field(None, description="hf: dataset name for datasets.load_dataset, e.g. 'imagefolder' or a hub id.")
+    path: str | None = Field(None, description="Folder (imagefolder, files, hf load_from_disk) or data_dir (hf "
+                                               "imagefolder).")
+    name: str | None = Field(None, description="hf: dataset name for datasets.load_dataset, e.g. 'imagefolder' or a "
+                                               "hub id.")
     split: str = Field("train", description="hf: split to read.")
     image_column: str = Field("image", description="hf: column holding the images.")
     label_column: str | None = Field("label", description="hf: column holding the labels (null: unlabeled).")
     allow_download: bool = Field(
-        False, description="hf: let datasets download from the Hugging Face Hub (a hub name); off, only local data is read."
+        False, description="hf: let datasets download from the Hugging Face Hub (a hub name); off, only local data is "
+                           "read."
     )
     package: str | None = Field(None, description="package: the installed package that ships the images, e.g. skimage.")
     pattern: str | list[str] = Field(
-        "**/*", description="Glob(s) relative to path or the package folder selecting image files, e.g. ['data/*.png', 'data/*.jpg']."
+        "**/*", description="Glob(s) relative to path or the package folder selecting image files, e.g. "
+                            "['data/*.png', 'data/*.jpg']."
     )
     labels: Literal["none", "folder", "wnid_prefix"] | None = Field(
         None, description="Where labels come from; default: folder for imagefolder, none otherwise. wnid_prefix: "
@@ -245,12 +251,14 @@ class DataConfig(StrictModel):
             t = self.transform if name == "transform" else getattr(getattr(self, name), "transform", None)
             if t is not None and (t.hflip or t.pad_crop):
                 field = "data.transform" if name == "transform" else f"data.{name}.transform"
-                raise ValueError(f"{field}: hflip and pad_crop are training augmentation; set them on data.finetune.transform")
+                raise ValueError(f"{field}: hflip and pad_crop are training augmentation; set them on "
+                                 "data.finetune.transform")
         return self
 
 
 class DetectionConfig(StrictModel):
-    conf: float = Field(0.001, ge=0, le=1, description="Score threshold before NMS (0.001 for mAP, as pycocotools-style evaluation expects).")
+    conf: float = Field(0.001, ge=0, le=1, description="Score threshold before NMS (0.001 for mAP, as "
+                                                       "pycocotools-style evaluation expects).")
     iou: float = Field(0.6, gt=0, le=1, description="NMS IoU threshold.")
     max_det: int = Field(300, gt=0, description="Detections kept per image.")
 
@@ -259,7 +267,8 @@ class Recipe(StrictModel):
     name: str = Field(description="Run name: the run directory is <runs_dir>/<name>-<timestamp>.")
     task: str = Field("classification", description="What the model's output means (a registered task: "
                       "classification, detection).")
-    detection: DetectionConfig = Field(default_factory=DetectionConfig, description="Decoding and NMS for task: detection.")
+    detection: DetectionConfig = Field(default_factory=DetectionConfig, description="Decoding and NMS for task: "
+                                                                                    "detection.")
     model: ModelConfig
     data: DataConfig
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")

@@ -65,7 +65,8 @@ class _LimitedLoader(yaml.SafeLoader):
         alias = self.check_event(yaml.AliasEvent)
         self.depth += 1
         if self.depth > MAX_YAML_DEPTH:
-            raise RecipeError(f"{where}: the YAML is nested more than {MAX_YAML_DEPTH} levels deep; a recipe needs fewer than 10")
+            raise RecipeError(f"{where}: the YAML is nested more than {MAX_YAML_DEPTH} levels deep; a recipe needs "
+                              "fewer than 10")
         try:
             node = super().compose_node(parent, index)
         finally:

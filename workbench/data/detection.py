@@ -502,7 +502,8 @@ def _read_yolo_labels(path: Path, num_classes: int | None) -> np.ndarray:
 
 def _load_coco_json(path: Path) -> dict:
     if not path.is_file():
-        raise DataError(f"annotation file {path} does not exist; give the COCO instances JSON (e.g. instances_val2017.json)")
+        raise DataError(f"annotation file {path} does not exist; give the COCO instances JSON (e.g. "
+                        "instances_val2017.json)")
     try:
         with path.open() as f:
             data = json.load(f)

@@ -135,7 +135,8 @@ def list_samples(split: DataSplit, field: str) -> list[Sample]:
     builders = {"imagefolder": _imagefolder, "files": _files, "hf": _hf, "package": _package}
     samples = builders[split.source](split, field)
     if not samples:
-        raise DataError(f"{field}: the {split.source} source {_where(split)} holds no images; check the path and pattern")
+        raise DataError(f"{field}: the {split.source} source {_where(split)} holds no images; check the path and "
+                        "pattern")
     return samples
 
 

@@ -376,7 +376,8 @@ def _build_import(name: str, config: ModelConfig) -> nn.Module:
             raise ModelLoadError(f"model.spec: module {module_name!r} has no callable {attr!r}")
         model = factory(**config.kwargs)
     if not isinstance(model, nn.Module):
-        raise ModelLoadError(f"model.spec: {module_name}:{attr}() returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelLoadError(f"model.spec: {module_name}:{attr}() returned {type(model).__name__}, not a "
+                             "torch.nn.Module")
     return model
 
 

@@ -107,7 +107,8 @@ def prune_channels_(
         _restore(model, original)
         suspects = ", ".join(untracked_channel_ops(pruner.DG)) or "none recognised"
         raise PruningError(
-            f"structured pruning broke the model: {type(e).__name__}: {str(e).splitlines()[0]}. An operation in its forward "
+            f"structured pruning broke the model: {type(e).__name__}: {str(e).splitlines()[0]}. An operation in its "
+            "forward "
             "couples channels in a way Torch-Pruning's dependency graph does not see; it took these for channel-wise "
             f"operations: {suspects}. Ignore the layers around it (stages.prune.ignore) or rewrite it as a layer "
             "(an option-A F.pad shortcut becomes a 1x1 convolution, as workbench does for its CIFAR ResNets)"
@@ -121,7 +122,8 @@ def prune_channels_(
     if macs == base_macs and params == base_params:
         # Torch-Pruning skips a step that would leave a layer with no channels, silently.
         raise PruningError(
-            f"structured pruning removed nothing: at ratio {ratio} (scope {'global' if global_pruning else 'layer'}) some layer "
+            f"structured pruning removed nothing: at ratio {ratio} (scope {'global' if global_pruning else 'layer'}) "
+            "some layer "
             "would lose every channel, and Torch-Pruning then prunes none; lower the ratio, or use scope: layer"
         )
     return {"macs_before": base_macs, "macs_after": macs, "params_before": base_params, "params_after": params}

@@ -31,10 +31,12 @@ class Int8Config(BaseModel):
         default_factory=lambda: ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d", "Linear"],
         description="Module types quantized (their subclasses too). Choices: " + ", ".join(QUANTIZABLE_TYPE_NAMES),
     )
-    exclude: list[str] = Field(default_factory=list, description="Module-name glob patterns kept in float, e.g. 'fc', 'layer1.*'.")
+    exclude: list[str] = Field(default_factory=list, description="Module-name glob patterns kept in float, e.g. 'fc', "
+                                                                 "'layer1.*'.")
     fold_batchnorm: bool = Field(True, description="Fold BatchNorm into the preceding convolution first.")
     residual_add: bool = Field(
-        True, description="Quantize both inputs of residual Adds (YOLO Bottlenecks, ResNet blocks), so TensorRT fuses them into the convolution."
+        True, description="Quantize both inputs of residual Adds (YOLO Bottlenecks, ResNet blocks), so TensorRT fuses "
+                          "them into the convolution."
     )
 
     @field_validator("percentile")

@@ -203,7 +203,8 @@ def restore_(model: nn.Module, config: Int8Config, activation_amax: dict[str, fl
     result, activation_quantizers = _insert_quantizers(model, config, example_input)
     if missing := sorted(set(activation_quantizers) - set(activation_amax)):
         raise CalibrationError(
-            f"the saved ranges have no entry for {len(missing)} quantizer(s), e.g. {missing[0]!r}: they were calibrated "
+            f"the saved ranges have no entry for {len(missing)} quantizer(s), e.g. {missing[0]!r}: they were "
+            "calibrated "
             "for another model or another config; calibrate again"
         )
     _set_ranges(model, result, activation_quantizers, {n: activation_amax[n] for n in activation_quantizers})
@@ -320,7 +321,8 @@ def set_float_units(model: nn.Module, result: QuantResult, float_units: list[str
     """Run exactly `float_units` in float (their quantizers off) and every other unit in INT8."""
     units = quant_units(model, result)
     if unknown := sorted(set(float_units) - set(units)):
-        raise CalibrationError(f"{unknown} are not quantized layers of this model; quantized units look like {next(iter(units))!r}")
+        raise CalibrationError(f"{unknown} are not quantized layers of this model; quantized units look like "
+                               f"{next(iter(units))!r}")
     for name, quantizers in units.items():
         for q in quantizers:
             q.disable() if name in float_units else q.enable()

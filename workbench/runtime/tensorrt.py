@@ -47,7 +47,8 @@ def require_tensorrt():
     import torch
 
     if not torch.cuda.is_available():
-        raise TensorRTUnavailable("TensorRT engines need an NVIDIA GPU and none is visible (torch.cuda.is_available() is False)")
+        raise TensorRTUnavailable("TensorRT engines need an NVIDIA GPU and none is visible (torch.cuda.is_available() "
+                                  "is False)")
     return trt
 
 
@@ -65,7 +66,8 @@ class Profile:
         for lo, mid, hi in zip(self.min, self.opt, self.max):
             if not 0 < lo <= mid <= hi:
                 raise WorkbenchError(
-                    f"profile: need 0 < min <= opt <= max in every dimension, got min {self.min}, opt {self.opt}, max {self.max}"
+                    f"profile: need 0 < min <= opt <= max in every dimension, got min {self.min}, opt {self.opt}, max "
+                    f"{self.max}"
                 )
 
 
@@ -108,18 +110,21 @@ def check_request(req: BuildRequest) -> dict:
     graph_input = model.graph.input[0]
     dims = graph_input.type.tensor_type.shape.dim
     if len(dims) != len(req.profile.min):
-        raise WorkbenchError(f"profile: {req.onnx} takes a rank-{len(dims)} input, the profile gives rank {len(req.profile.min)}")
+        raise WorkbenchError(f"profile: {req.onnx} takes a rank-{len(dims)} input, the profile gives rank "
+                             f"{len(req.profile.min)}")
     for i, d in enumerate(dims):
         fixed = d.dim_value if d.HasField("dim_value") else None
         if fixed and not req.profile.min[i] == req.profile.max[i] == fixed:
             raise WorkbenchError(
-                f"profile: dimension {i} of {graph_input.name!r} is fixed at {fixed} in {req.onnx}, but the profile asks "
+                f"profile: dimension {i} of {graph_input.name!r} is fixed at {fixed} in {req.onnx}, but the profile "
+                "asks "
                 f"{req.profile.min[i]}..{req.profile.max[i]}; export with dynamic_batch / dynamic_size or match it"
             )
     census = qdq_census(req.onnx)
     if req.precision == "int8" and census["QuantizeLinear"] == 0:
         raise WorkbenchError(
-            f"{req.onnx} has no QuantizeLinear/DequantizeLinear nodes, so an INT8 build would have nothing to run in INT8: "
+            f"{req.onnx} has no QuantizeLinear/DequantizeLinear nodes, so an INT8 build would have nothing to run in "
+            "INT8: "
             "build the model.onnx of a run with a calibrate stage, or ask precision: fp16"
         )
     return {"input": graph_input.name, "census": census}
@@ -218,12 +223,14 @@ def check_engine_matches(sidecar: dict, tensorrt_version: str, compute_capabilit
     """An engine runs only on the TensorRT version and GPU architecture it was built for: say so before TensorRT fails."""
     if sidecar.get("tensorrt") != tensorrt_version:
         raise WorkbenchError(
-            f"engine {sidecar.get('engine')} was built with TensorRT {sidecar.get('tensorrt')}, this machine has {tensorrt_version}: "
+            f"engine {sidecar.get('engine')} was built with TensorRT {sidecar.get('tensorrt')}, this machine has "
+            f"{tensorrt_version}: "
             "rebuild it here (workbench build MODEL.onnx)"
         )
     if sidecar.get("compute_capability") != compute_capability:
         raise WorkbenchError(
-            f"engine {sidecar.get('engine')} was built for {sidecar.get('gpu')} (compute capability {sidecar.get('compute_capability')}), "
+            f"engine {sidecar.get('engine')} was built for {sidecar.get('gpu')} (compute capability "
+            f"{sidecar.get('compute_capability')}), "
             f"this GPU is {gpu} ({compute_capability}): rebuild it here (workbench build MODEL.onnx)"
         )
 
@@ -239,7 +246,8 @@ class TensorRTRunner:
         self.path = Path(engine_path)
         side = sidecar_path(self.path)
         if not side.is_file():
-            raise WorkbenchError(f"{self.path}: no sidecar {side.name}; build engines with workbench build so their target is recorded")
+            raise WorkbenchError(f"{self.path}: no sidecar {side.name}; build engines with workbench build so their "
+                                 "target is recorded")
         self.sidecar = json.loads(side.read_text())
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         check_engine_matches(self.sidecar, trt.__version__, f"{props.major}.{props.minor}", props.name)

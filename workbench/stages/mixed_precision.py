@@ -126,7 +126,8 @@ def mixed_precision(run, opts: MixedPrecisionOptions) -> None:
         if not ok_all:
             set_float_units(run.model, result, [])
             raise CalibrationError(
-                f"stages.mixed_precision: the budget cannot be met even with all {len(ranking)} candidate layers in float: "
+                f"stages.mixed_precision: the budget cannot be met even with all {len(ranking)} candidate layers in "
+                "float: "
                 f"FP32 scores {budget.fp32:.3f} {budget.name}, the best plan {best:.3f}. Loosen the budget, widen "
                 "`candidates`, or improve the calibration (method, data)"
             )
@@ -142,7 +143,8 @@ def mixed_precision(run, opts: MixedPrecisionOptions) -> None:
         plan.append(rest[0])  # the search subset was optimistic: add the next most sensitive layer
     if not ok:
         set_float_units(run.model, result, [])
-        raise CalibrationError(f"stages.mixed_precision: no plan meets the budget on the full evaluation split (best {final:.3f} {verified.name})")
+        raise CalibrationError("stages.mixed_precision: no plan meets the budget on the full evaluation split (best "
+                               f"{final:.3f} {verified.name})")
 
     int8_full = int8_value if verified is budget else verified.measure([])
     set_float_units(run.model, result, plan)

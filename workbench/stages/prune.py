@@ -20,7 +20,8 @@ from .registry import StageOptions, register_stage
 
 class PruneOptions(StageOptions):
     method: Literal["structured", "magnitude", "sparsity_2to4"] = Field(
-        ..., description="structured: remove channels; magnitude: zero the smallest weights; sparsity_2to4: 2 of every 4."
+        ..., description="structured: remove channels; magnitude: zero the smallest weights; sparsity_2to4: 2 of "
+                         "every 4."
     )
     sparsity: float = Field(0.5, gt=0, lt=1, description="magnitude: the share of weights zeroed at the end.")
     ratio: float | None = Field(None, gt=0, lt=1,
@@ -74,7 +75,8 @@ def prune_stage(run, opts: PruneOptions) -> None:
 
     names = [n for n, _ in run.model.named_modules() if n]
     if missing := [p for p in opts.ignore if not any(fnmatch.fnmatchcase(n, p) for n in names)]:
-        raise RecipeError(f"stages.prune.ignore: pattern(s) {missing} match no layer; layer names look like {names[1]!r}")
+        raise RecipeError(f"stages.prune.ignore: pattern(s) {missing} match no layer; layer names look like "
+                          f"{names[1]!r}")
     layers = prunable_layers(run.model, opts.ignore)
     if not layers:
         raise RecipeError("stages.prune: no Conv/Linear layer left to prune after `ignore`")
@@ -169,7 +171,8 @@ def _gradient_batches(run):
     from ..data import make_loader
 
     if not run.task.has_label_loss or not run.recipe.data.finetune:
-        raise RecipeError("stages.prune.importance taylor needs a labeled classification fine-tune split (data.finetune)")
+        raise RecipeError("stages.prune.importance taylor needs a labeled classification fine-tune split "
+                          "(data.finetune)")
     dataset = run.dataset("finetune")
     if not getattr(dataset, "labeled", False):
         raise RecipeError("stages.prune.importance taylor needs labels in data.finetune; use magnitude or bn_scale")

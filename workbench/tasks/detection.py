@@ -116,7 +116,8 @@ def detect_head_format(output: torch.Tensor | np.ndarray, num_classes: int) -> s
         if v5 and v8:
             # (B, 4+C, 5+C): both readings fit; real heads have far more boxes than channels.
             raise UnknownHeadError(
-                f"detector output {shape} is ambiguous for {c} classes: it reads as YOLOv5 (B, N, 5+C) with N={shape[1]} "
+                f"detector output {shape} is ambiguous for {c} classes: it reads as YOLOv5 (B, N, 5+C) with "
+                f"N={shape[1]} "
                 f"and as YOLOv8 (B, 4+C, N) with N={shape[2]}; use an input size that gives more boxes"
             )
     hint = ""

@@ -219,7 +219,8 @@ TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", 
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler, label: str, fingerprint: dict) -> tuple[int, int, list[dict]]:
     if not path.is_file():
-        raise WorkbenchError(f"{label}.resume: checkpoint {path} does not exist: give a checkpoints/*.pt file of an earlier run")
+        raise WorkbenchError(f"{label}.resume: checkpoint {path} does not exist: give a checkpoints/*.pt file of an "
+                             "earlier run")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any file at all may be named here: torch says why it is not one in many ways
