@@ -48,10 +48,15 @@ def main() -> None:
     loop(base)
     _sync(args.device)
     forward = time.perf_counter() - start
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads of {os.cpu_count()}"
+    where = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads of {os.cpu_count()}"
+    )
     print(f"# resnet18, {args.images} images at 224 px, torch {torch.__version__}, on {where}\n")
     print(f"One FP32 forward pass over the calibration set: {forward:.1f} s\n")
-    quantize_(copy.deepcopy(base), Int8Config(method="max"), lambda m: m(batches[0][:2]), batches[0][:1])  # warm-up: lazy imports
+    # warm-up: lazy imports
+    quantize_(copy.deepcopy(base), Int8Config(method="max"), lambda m: m(batches[0][:2]), batches[0][:1])
     print("| Calibrator | workbench quantize_ s |")
     print("|---|---|")
     for method, extra in [("max", {}), ("entropy", {}), ("percentile", {"percentile": 99.99}), ("mse", {})]:
@@ -70,8 +75,16 @@ def main() -> None:
                 # The same layers as ours: Conv2d and Linear only (BatchNorm is not folded here).
                 {"quantizer_name": "*weight_quantizer", "parent_class": "nn.Conv2d", "cfg": {"num_bits": 8, "axis": 0}},
                 {"quantizer_name": "*weight_quantizer", "parent_class": "nn.Linear", "cfg": {"num_bits": 8, "axis": 0}},
-                {"quantizer_name": "*input_quantizer", "parent_class": "nn.Conv2d", "cfg": {"num_bits": 8, "axis": None, "calibrator": "histogram"}},
-                {"quantizer_name": "*input_quantizer", "parent_class": "nn.Linear", "cfg": {"num_bits": 8, "axis": None, "calibrator": "histogram"}},
+                {
+                    "quantizer_name": "*input_quantizer",
+                    "parent_class": "nn.Conv2d",
+                    "cfg": {"num_bits": 8, "axis": None, "calibrator": "histogram"},
+                },
+                {
+                    "quantizer_name": "*input_quantizer",
+                    "parent_class": "nn.Linear",
+                    "cfg": {"num_bits": 8, "axis": None, "calibrator": "histogram"},
+                },
             ],
             "algorithm": None,  # calibrate by hand below: modelopt's max pass cannot finish histogram calibrators
         }

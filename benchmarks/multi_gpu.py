@@ -44,7 +44,8 @@ def main() -> None:
     base = Path(args.runs or tempfile.mkdtemp())
     dirs = {n: run(n, base / f"gpus{n}", args) for n in (1, args.gpus)}
     print(f"\n# yolov5n on 1 and {args.gpus} GPUs (global batch {args.batch_size})\n")
-    print("| GPUs | QAT s/epoch (mean; first) | mAP50-95 QAT fake-quant | ORT faithful | sweep proxies s | sweep task metric s |")
+    print("| GPUs | QAT s/epoch (mean; first) | mAP50-95 QAT fake-quant | ORT faithful "
+          "| sweep proxies s | sweep task metric s |")
     print("|---|---|---|---|---|---|")
     tables = {}
     for n, d in dirs.items():
@@ -53,15 +54,16 @@ def main() -> None:
         ev = m["evaluate"]["backends"]
         sens = m["sensitivity"]
         print(f"| {n} | {sum(per_epoch[1:]) / max(1, len(per_epoch) - 1):.2f}; {per_epoch[0]:.2f} | "
-              f"{100 * ev['pytorch_int8']['metrics']['map50_95']:.2f} | {100 * ev['ort_int8_faithful']['metrics']['map50_95']:.2f} | "
+              f"{100 * ev['pytorch_int8']['metrics']['map50_95']:.2f} | "
+              f"{100 * ev['ort_int8_faithful']['metrics']['map50_95']:.2f} | "
               f"{sens['proxy_seconds']:.1f} | {sens.get('task_seconds', 0):.1f} |")
         tables[n] = {r["layer"]: r for r in json.loads((d / "sensitivity.json").read_text())["layers"]}
     one, many = tables[1], tables[args.gpus]
     keys = ("only_sqnr_db", "loo_sqnr_db", "only_metric", "loo_metric")
     worst = max(abs(one[u][k] - many[u][k]) for u in one for k in keys if k in one[u])
     same_order = list(one) == list(many)
-    print(f"\n- sensitivity table: {len(one)} layers; same ranking: {same_order}; largest difference of any SQNR/metric "
-          f"entry: {worst:.3g}")
+    print(f"\n- sensitivity table: {len(one)} layers; same ranking: {same_order}; largest difference of any SQNR/"
+          f"metric entry: {worst:.3g}")
 
 
 if __name__ == "__main__":

@@ -61,8 +61,10 @@ model: {{spec: "yolov5:{A}/models/yolov5n.pt", input_size: [3, 640, 640]}}
 detection: {{conf: 0.001, iou: 0.6, max_det: 300}}
 data:
   transform: {{letterbox: [640, 640], stride: 32}}
-  calibration: {{source: coco, path: "{A}/data/coco_tiny/train2017", annotations: "{A}/data/coco_tiny/annotations/instances_train2017.json"}}
-  evaluation: {{source: coco, path: "{A}/data/coco_tiny/val2017", annotations: "{A}/data/coco_tiny/annotations/instances_val2017.json"}}
+  calibration: {{source: coco, path: "{A}/data/coco_tiny/train2017", """
+    f"""annotations: "{A}/data/coco_tiny/annotations/instances_train2017.json"}}
+  evaluation: {{source: coco, path: "{A}/data/coco_tiny/val2017", """
+    f"""annotations: "{A}/data/coco_tiny/annotations/instances_val2017.json"}}
   batch_size: 8
 stages:
   - calibrate: {{method: max}}
@@ -98,7 +100,8 @@ def interleaved_latency(runners: dict, shape, batch_sizes=(1, 8), rounds: int = 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("models", nargs="+", choices=list(RECIPES))
-    p.add_argument("--weights", nargs="+", default=["auto", "s8", "reduce_range"], choices=["auto", "exact", "s8", "reduce_range"])
+    p.add_argument("--weights", nargs="+", default=["auto", "s8", "reduce_range"],
+                   choices=["auto", "exact", "s8", "reduce_range"])
     p.add_argument("--runs-dir", default="/tmp/workbench_bench_ort")
     args = p.parse_args()
     if not (ASSETS / "models").is_dir():

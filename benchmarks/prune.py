@@ -42,7 +42,8 @@ def overrides(args, ratio: float | None) -> list[str]:
     if args.method == "structured":
         out += [f"stages.prune.ratio={ratio}"]
     else:
-        out += [f"stages.prune.method={args.method}", f"stages.prune.sparsity={args.sparsity}", "stages.prune.ratio=null"]
+        out += [f"stages.prune.method={args.method}", f"stages.prune.sparsity={args.sparsity}",
+                "stages.prune.ratio=null"]
     return out + list(args.set)
 
 
@@ -54,7 +55,8 @@ def time_onnx(run_dir: Path, batch_sizes: list[int], input_size: tuple[int, ...]
     for label, name in ONNX.items():
         if (run_dir / name).is_file():
             runner = OrtRunner(run_dir / name, label, "default")
-            out[label] = {k: v["median_ms"] for k, v in measure_latency(runner, input_size, batch_sizes, repeats=50).items()}
+            out[label] = {k: v["median_ms"]
+                          for k, v in measure_latency(runner, input_size, batch_sizes, repeats=50).items()}
     return out
 
 
@@ -92,8 +94,9 @@ def row(run_dir: Path, batch_sizes: list[int]) -> str:
         cells.append(f"{base:.2f} / {pruned:.2f} / {int8:.2f} ({base / pruned:.2f}x, {base / int8:.2f}x)"
                      if base and pruned and int8 else "n/a")
     after = metric("pytorch_fp32_pruned") if "pytorch_fp32_pruned" in ev else "n/a"
-    return (f"| {what} | {macs} | {params} | {metric('pytorch_fp32')} | {before} | {after} | {metric('ort_fp32_pruned')} | "
-            f"{metric('ort_int8_faithful')} | {ft.get('epochs', 0)} | " + " | ".join(cells) + " |")
+    return (f"| {what} | {macs} | {params} | {metric('pytorch_fp32')} | {before} | {after} | "
+            f"{metric('ort_fp32_pruned')} | {metric('ort_int8_faithful')} | {ft.get('epochs', 0)} | "
+            + " | ".join(cells) + " |")
 
 
 def header(batch_sizes: list[int], metric: str) -> str:
@@ -118,7 +121,9 @@ def main() -> None:
     args = p.parse_args()
     batch_sizes = args.batch_sizes or ([1, 8] if args.model == "yolov5n" else [1, 8, 32])
     if args.time:
-        first = json.loads((Path(args.time[0]) / "metrics.json").read_text())["stages"]["evaluate"]["backends"]["pytorch_fp32"]
+        first = json.loads(
+            (Path(args.time[0]) / "metrics.json").read_text()
+        )["stages"]["evaluate"]["backends"]["pytorch_fp32"]
         print(header(batch_sizes, "mAP50-95" if "map50_95" in first["metrics"] else "top-1"))
         for d in args.time:
             print(row(Path(d), batch_sizes))

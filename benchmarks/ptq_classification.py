@@ -36,7 +36,9 @@ ASSETS = Path(os.environ.get("WORKBENCH_ASSETS", Path(__file__).resolve().parent
 
 SETUPS = {
     "resnet20": dict(
-        model=ModelConfig(spec="cifar_resnet:resnet20", weights=str(ASSETS / "models/cifar10_resnet20.th"), input_size=(3, 32, 32)),
+        model=ModelConfig(
+            spec="cifar_resnet:resnet20", weights=str(ASSETS / "models/cifar10_resnet20.th"), input_size=(3, 32, 32)
+        ),
         data=DataConfig(
             transform=TransformConfig(),
             calibration=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10/train"), count=512, seed=0),
@@ -54,7 +56,8 @@ SETUPS = {
         ),
     ),
 }
-METHODS = [("max", None), ("entropy", None), ("percentile", 99.9), ("percentile", 99.99), ("percentile", 99.999), ("mse", None)]
+METHODS = [("max", None), ("entropy", None), ("percentile", 99.9), ("percentile", 99.99), ("percentile", 99.999),
+           ("mse", None)]
 
 
 def load_batches(data: DataConfig, split: str, limit: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -86,13 +89,15 @@ def main() -> None:
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument(
         "--calib-holdout", type=int, default=0,
-        help="calibrate on N evaluation images held out by a seeded split, and score on the rest (never on the same images)",
+        help=("calibrate on N evaluation images held out by a seeded split, and score on the rest "
+              "(never on the same images)"),
     )
     args = p.parse_args()
     if not (ASSETS / "models").is_dir():
         sys.exit(f"shared assets not found at {ASSETS}: set WORKBENCH_ASSETS=../shared/assets")
     setup = SETUPS[args.model]
-    methods = METHODS if not args.methods else [(m.split(":")[0], float(m.split(":")[1]) if ":" in m else None) for m in args.methods]
+    methods = METHODS if not args.methods else [(m.split(":")[0], float(m.split(":")[1]) if ":" in m else None)
+                                                for m in args.methods]
     torch.manual_seed(0)
     fp32 = resolve_model(setup["model"])
     c, h, w = setup["model"].input_size
@@ -109,7 +114,8 @@ def main() -> None:
         calib = load_batches(setup["data"], "calibration")
         evals = load_batches(setup["data"], "evaluation", args.eval_limit)
     n_eval = sum(len(x) for x, _ in evals)
-    print(f"# {args.model}: {sum(len(x) for x, _ in calib)} calibration images, {n_eval} evaluation images, torch {torch.__version__}\n")
+    print(f"# {args.model}: {sum(len(x) for x, _ in calib)} calibration images, {n_eval} evaluation images, "
+          f"torch {torch.__version__}\n")
 
     ref = score(TorchRunner(fp32, "fp32"), evals)
     tmp = Path(tempfile.mkdtemp())
@@ -134,12 +140,15 @@ def main() -> None:
         default = score(OrtRunner(path, "d", "default"), evals, ref["outputs"])
         name = method + (f" {pct}" if pct else "")
         rows.append((name, f"{seconds:.1f}", f"{fq['top1']:.2f}", f"{faithful['top1']:.2f}", f"{default['top1']:.2f}",
-                     f"{fq['agreement_top1']:.2f}", f"{faithful['agreement_top1']:.2f}", f"{default['agreement_top1']:.2f}"))
+                     f"{fq['agreement_top1']:.2f}", f"{faithful['agreement_top1']:.2f}",
+                     f"{default['agreement_top1']:.2f}"))
         print(f"  done {name}: fake-quant {fq['top1']:.2f}", file=sys.stderr)
         if method == methods[0][0]:
-            lat_rows.append(("INT8 Q/DQ (TensorRT style), ORT default", measure_latency(OrtRunner(path, "d", "default"), (c, h, w), (1, 8), repeats=30)))
+            lat_rows.append(("INT8 Q/DQ (TensorRT style), ORT default",
+                             measure_latency(OrtRunner(path, "d", "default"), (c, h, w), (1, 8), repeats=30)))
 
-    print("| Calibrator | Calib s | Top-1 fake-quant | Top-1 ORT faithful | Top-1 ORT default | Agree fake-quant | Agree ORT faithful | Agree ORT default |")
+    print("| Calibrator | Calib s | Top-1 fake-quant | Top-1 ORT faithful | Top-1 ORT default | Agree fake-quant "
+          "| Agree ORT faithful | Agree ORT default |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
@@ -147,7 +156,8 @@ def main() -> None:
     print("| Graph | batch 1 | batch 8 | images/s at batch 8 |")
     print("|---|---|---|---|")
     for name, lat in lat_rows:
-        print(f"| {name} | {lat['b1']['median_ms']:.2f} ({lat['b1']['p90_ms']:.2f}) | {lat['b8']['median_ms']:.2f} ({lat['b8']['p90_ms']:.2f}) | {lat['b8']['images_per_s']:.0f} |")
+        print(f"| {name} | {lat['b1']['median_ms']:.2f} ({lat['b1']['p90_ms']:.2f}) | "
+              f"{lat['b8']['median_ms']:.2f} ({lat['b8']['p90_ms']:.2f}) | {lat['b8']['images_per_s']:.0f} |")
 
 
 if __name__ == "__main__":

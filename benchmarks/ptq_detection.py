@@ -100,7 +100,8 @@ def main() -> None:
         return {**scorer.result(), "outputs": outs}
 
     ref = score(TorchRunner(fp32, "fp32"))
-    print(f"# {args.model} on coco_tiny: {len(train)} calibration images, {len(val)} evaluation images, torch {torch.__version__}\n")
+    print(f"# {args.model} on coco_tiny: {len(train)} calibration images, {len(val)} evaluation images, "
+          f"torch {torch.__version__}\n")
     rows = [("FP32", "-", f"{ref['map50_95']:.3f} / {ref['map50']:.3f}", "-", "-", "-", "-", "-", "-")]
     tmp = Path(tempfile.mkdtemp())
     census = None
@@ -130,18 +131,21 @@ def main() -> None:
             print(f"  {spec}: ORT faithful vs fake-quant relative error, first conv {divergence[0]['rel_error']:.1e}, "
                   f"deepest {max(r['rel_error'] for r in divergence):.1e}", file=sys.stderr)
         rows.append((spec.replace(":", " "), f"{seconds:.1f}", f"{fq['map50_95']:.3f} / {fq['map50']:.3f}", control,
-                     f"{faithful['map50_95']:.3f} / {faithful['map50']:.3f}", f"{default['map50_95']:.3f} / {default['map50']:.3f}",
+                     f"{faithful['map50_95']:.3f} / {faithful['map50']:.3f}",
+                     f"{default['map50_95']:.3f} / {default['map50']:.3f}",
                      f"{fq['box_agreement']:.1f}", f"{faithful['box_agreement']:.1f}", f"{max_diff:.1e}"))
         print(f"  done {spec}: fake-quant {fq['map50_95']:.3f}", file=sys.stderr, flush=True)
         census = census or (result.census(), qdq_census(path))
-    print("| Calibrator | Calib s | mAP50-95 / mAP50 fake-quant | fake-quant in float64 | ORT faithful | ORT default | Box agreement with FP32 % (fake-quant) "
+    print("| Calibrator | Calib s | mAP50-95 / mAP50 fake-quant | fake-quant in float64 | ORT faithful | ORT default "
+          "| Box agreement with FP32 % (fake-quant) "
           "| Box agreement ORT faithful vs fake-quant % | max abs output diff ORT vs fake-quant |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
     if census:
         layers, graph = census
-        print(f"\nQ/DQ census of the exported graph: layers {layers}; ONNX compute nodes on INT8 inputs {graph['quantized']}, "
+        print(f"\nQ/DQ census of the exported graph: layers {layers}; "
+              f"ONNX compute nodes on INT8 inputs {graph['quantized']}, "
               f"in float {graph['float'] or 'none'}; {graph['QuantizeLinear']} QuantizeLinear, "
               f"{graph['DequantizeLinear']} DequantizeLinear; ops {graph['op_counts']}")
 

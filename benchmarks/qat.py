@@ -37,7 +37,8 @@ def main() -> None:
     if not (ASSETS / "models").is_dir():
         sys.exit(f"shared assets not found at {ASSETS}: set WORKBENCH_ASSETS=../shared/assets")
     os.environ.setdefault("WORKBENCH_ASSETS", str(ASSETS))
-    overrides = [f"device={args.device}", f"runs_dir={args.runs or tempfile.mkdtemp()}", "stages.evaluate.latency=false"]
+    overrides = [f"device={args.device}", f"runs_dir={args.runs or tempfile.mkdtemp()}",
+                 "stages.evaluate.latency=false"]
     overrides += [f"stages.qat.epochs={args.epochs}"] if args.epochs else []
     run = api.run(ROOT / RECIPES[args.model], overrides + list(args.set))
     stages = run.metrics["stages"]
@@ -48,16 +49,18 @@ def main() -> None:
     per_epoch = qat["seconds_per_epoch"]
     print(f"\n# {args.model}: PTQ vs QAT on {run.metrics['device']} ({run.dir})\n")
     print(f"| {key} | FP32 | PTQ | QAT | QAT - FP32 |\n|---|---|---|---|---|")
-    print(f"| fake-quant (PyTorch) | {value['pytorch_fp32']:.2f} | {value['pytorch_int8_ptq']:.2f} | {value['pytorch_int8']:.2f} | "
-          f"{value['pytorch_int8'] - value['pytorch_fp32']:+.2f} |")
-    print(f"| ONNX Runtime (faithful) | {value['ort_fp32']:.2f} | {value['ort_int8_ptq']:.2f} | {value['ort_int8_faithful']:.2f} | "
-          f"{value['ort_int8_faithful'] - value['pytorch_fp32']:+.2f} |")
+    print(f"| fake-quant (PyTorch) | {value['pytorch_fp32']:.2f} | {value['pytorch_int8_ptq']:.2f} | "
+          f"{value['pytorch_int8']:.2f} | {value['pytorch_int8'] - value['pytorch_fp32']:+.2f} |")
+    print(f"| ONNX Runtime (faithful) | {value['ort_fp32']:.2f} | {value['ort_int8_ptq']:.2f} | "
+          f"{value['ort_int8_faithful']:.2f} | {value['ort_int8_faithful'] - value['pytorch_fp32']:+.2f} |")
     census = stages["calibrate"]["census"]
     print(f"\n- INT8 layers: {census}")
-    print(f"- QAT: {qat['epochs']} epochs, {sum(per_epoch) / len(per_epoch):.1f} s per epoch (first {per_epoch[0]:.1f} s)")
+    print(f"- QAT: {qat['epochs']} epochs, {sum(per_epoch) / len(per_epoch):.1f} s per epoch "
+          f"(first {per_epoch[0]:.1f} s)")
     curve = ", ".join(f"{h['eval']['value']:.2f}" for h in qat["history"] if "eval" in h)
     if qat.get("eval_before"):
-        print(f"- {qat['eval_before']['metric']} on the evaluation subset: PTQ {qat['eval_before']['value']:.2f}, per epoch: {curve}")
+        print(f"- {qat['eval_before']['metric']} on the evaluation subset: PTQ {qat['eval_before']['value']:.2f}, "
+              f"per epoch: {curve}")
 
 
 if __name__ == "__main__":

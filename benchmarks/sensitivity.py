@@ -95,7 +95,8 @@ def main() -> None:
     p.add_argument("--min-agreement", type=float)
     p.add_argument("--proxy-samples", type=int, help="default: the stage's (16 classifiers, 8 detectors)")
     p.add_argument("--task-samples", type=int)
-    p.add_argument("--no-task-metric", action="store_true", help="proxy sweep only (the ranking then comes from the proxies)")
+    p.add_argument("--no-task-metric", action="store_true",
+                   help="proxy sweep only (the ranking then comes from the proxies)")
     p.add_argument("--method", default="mse", choices=["max", "entropy", "percentile", "mse"])
     p.add_argument("--weights", default="per_channel", choices=["per_channel", "per_tensor"])
     p.add_argument("--set", nargs="*", default=[], help="recipe overrides, e.g. data.evaluation.path=DIR")
@@ -109,27 +110,33 @@ def main() -> None:
     sens, mp, ev = stages["sensitivity"], stages["mixed_precision"], stages["evaluate"]["backends"]
     table = json.loads((run.dir / "sensitivity.json").read_text())["layers"]
     print(f"# {args.model}: sensitivity and mixed precision on {run.metrics['device']} ({run.dir})\n")
-    print(f"- layers swept: {sens['units']}; proxy sweep ({sens['proxy_samples']} samples, 2 modes): {sens['proxy_seconds']:.1f} s; "
+    print(f"- layers swept: {sens['units']}; proxy sweep ({sens['proxy_samples']} samples, 2 modes): "
+          f"{sens['proxy_seconds']:.1f} s; "
           f"task-metric sweep ({sens['task_samples']} samples, 2 modes): {sens['task_seconds']:.1f} s; "
           f"mixed-precision search and verification: {run.metrics['timings_s']['mixed_precision']:.1f} s")
     budget = ", ".join(f"{k} {v}" for k, v in mp["budget"].items())
-    print(f"- budget {budget} ({mp['metric']}): FP32 {mp['fp32']:.2f}, all INT8 {mp['int8_all']:.2f}, plan {mp['final']:.2f} "
-          f"on {mp['evaluation_samples']} samples")
-    print(f"- kept float: {len(mp['float_layers'])} {mp['float_layers']}; INT8 share of MACs {100 * mp['int8_mac_share']:.1f}%")
+    print(f"- budget {budget} ({mp['metric']}): FP32 {mp['fp32']:.2f}, all INT8 {mp['int8_all']:.2f}, "
+          f"plan {mp['final']:.2f} on {mp['evaluation_samples']} samples")
+    print(f"- kept float: {len(mp['float_layers'])} {mp['float_layers']}; "
+          f"INT8 share of MACs {100 * mp['int8_mac_share']:.1f}%")
     key = "map50_95" if "map50_95" in ev["pytorch_int8"]["metrics"] else "top1"
     scale = 100 if key == "map50_95" else 1
     print(f"- full evaluation ({key}): FP32 {scale * ev['pytorch_fp32']['metrics'][key]:.2f}, fake-quant "
-          f"{scale * ev['pytorch_int8']['metrics'][key]:.2f}, ONNX Runtime faithful {scale * ev['ort_int8_faithful']['metrics'][key]:.2f}")
+          f"{scale * ev['pytorch_int8']['metrics'][key]:.2f}, ONNX Runtime faithful "
+          f"{scale * ev['ort_int8_faithful']['metrics'][key]:.2f}")
     task = [task_sensitivity(r) for r in table]
     if all(t is not None for t in task):
         print("\n| Proxy | Spearman rank correlation with the task-metric sensitivity |\n|---|---|")
-        for name, values in (("SQNR, only this layer INT8 (lower = more sensitive)", [-r["only_sqnr_db"] for r in table]),
-                             ("KL, only this layer INT8", [r["only_kl"] for r in table]),
-                             ("cosine, only this layer INT8", [-r["only_cosine"] for r in table]),
-                             ("SQNR gain, this layer float (leave-one-out)", [r["loo_sqnr_db"] for r in table])):
+        for name, values in (
+            ("SQNR, only this layer INT8 (lower = more sensitive)", [-r["only_sqnr_db"] for r in table]),
+            ("KL, only this layer INT8", [r["only_kl"] for r in table]),
+            ("cosine, only this layer INT8", [-r["only_cosine"] for r in table]),
+            ("SQNR gain, this layer float (leave-one-out)", [r["loo_sqnr_db"] for r in table]),
+        ):
             rho = spearman(values, task)
             print(f"| {name} | {rho:.2f} |" if not math.isnan(rho) else f"| {name} | n/a (constant) |")
-    print("\n| Rank | Layer | Type | MMACs | only delta | loo delta | only SQNR dB | proxy rank |\n|---|---|---|---|---|---|---|---|")
+    print("\n| Rank | Layer | Type | MMACs | only delta | loo delta | only SQNR dB | proxy rank |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in table[:10]:
         print(f"| {r['rank']} | {r['layer']} | {r['type']} | {r['macs'] / 1e6:.1f} | {r.get('only_delta', 0):.2f} | "
               f"{r.get('loo_delta', 0):.2f} | {r['only_sqnr_db']:.1f} | {r['proxy_rank']} |")

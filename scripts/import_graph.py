@@ -87,7 +87,8 @@ if __name__ == "__main__":
     edges = graph()
     # A package's __init__ importing its own submodules is how registration works, not a cycle of dependencies.
     for name in edges:
-        edges[name] = {d for d in edges[name] if not (d.startswith(name + ".") and (ROOT.parent / (name.replace(".", "/"))).is_dir())}
+        edges[name] = {d for d in edges[name]
+                       if not (d.startswith(name + ".") and (ROOT.parent / (name.replace(".", "/"))).is_dir())}
     found = cycles(edges)
     for comp in found:
         print("cycle:", " <-> ".join(comp))

@@ -25,7 +25,8 @@ def assets() -> Path:
 
 
 def tiny_recipe(images: Path, runs: Path, stages: str = None, extra_model: str = "") -> str:
-    stages = stages or "  - calibrate: {method: max}\n  - export: {}\n  - evaluate: {latency_repeats: 2, latency_batch_sizes: [1]}\n"
+    stages = stages or ("  - calibrate: {method: max}\n  - export: {}\n"
+                        "  - evaluate: {latency_repeats: 2, latency_batch_sizes: [1]}\n")
     return f"""name: tiny
 model:
   spec: "import:helpers:tiny_cnn"

@@ -53,7 +53,9 @@ def tiny_cnn(num_classes: int = 3, subclass_conv: bool = False) -> TinyCNN:
     return TinyCNN(num_classes, subclass_conv).eval()
 
 
-def colour_blob_batch(n_per_class: int = 16, classes: int = 3, size: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def colour_blob_batch(
+    n_per_class: int = 16, classes: int = 3, size: int = 32, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images like make_image_folder's, as a normalised batch (ImageNet mean/std) with labels."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
@@ -64,7 +66,8 @@ def colour_blob_batch(n_per_class: int = 16, classes: int = 3, size: int = 32, s
             images.append(np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8) / 255.0)
             labels.append(c)
     x = torch.tensor(np.stack(images), dtype=torch.float32).permute(0, 3, 1, 2)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = (torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+                 torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
     return (x - mean) / std, torch.tensor(labels)
 
 
@@ -143,10 +146,12 @@ def make_tiny_yolov5_checkpoint(path: Path, nc: int = 3) -> Path:
 
     from workbench.models import yolov5_legacy as y
 
-    fake = {"models": types.ModuleType("models"), "models.common": types.ModuleType("models.common"), "models.yolo": types.ModuleType("models.yolo")}
+    fake = {"models": types.ModuleType("models"), "models.common": types.ModuleType("models.common"),
+            "models.yolo": types.ModuleType("models.yolo")}
     renamed = {}
-    for cls, mod in [(y.Conv, "models.common"), (y.Bottleneck, "models.common"), (y.C3, "models.common"), (y.SPPF, "models.common"),
-                     (y.Concat, "models.common"), (y.Detect, "models.yolo"), (y.Model, "models.yolo")]:
+    for cls, mod in [(y.Conv, "models.common"), (y.Bottleneck, "models.common"), (y.C3, "models.common"),
+                     (y.SPPF, "models.common"), (y.Concat, "models.common"), (y.Detect, "models.yolo"),
+                     (y.Model, "models.yolo")]:
         new = type(cls.__name__, (cls,), {"__module__": mod})
         setattr(fake[mod], cls.__name__, new)
         renamed[cls.__name__] = new
@@ -175,14 +180,17 @@ def make_tiny_yolov5_checkpoint(path: Path, nc: int = 3) -> Path:
     layers = [conv(3, 8, 3, 2), conv(8, 16, 3, 2), c3(16, 16), conv(16, 32, 3, 2), sppf(32, 32)]
     detect = renamed["Detect"]()
     detect.nc, detect.no, detect.nl, detect.na = nc, nc + 5, 2, 3
-    detect.register_buffer("anchors", torch.tensor([[[2.5, 3.25], [4.0, 7.5], [8.25, 5.75]], [[1.9, 3.8], [3.9, 2.8], [3.7, 7.4]]]))
+    detect.register_buffer("anchors", torch.tensor([[[2.5, 3.25], [4.0, 7.5], [8.25, 5.75]],
+                                                    [[1.9, 3.8], [3.9, 2.8], [3.7, 7.4]]]))
     detect.stride = torch.tensor([4.0, 8.0])
     detect.m = nn.ModuleList([nn.Conv2d(16, 3 * (nc + 5), 1), nn.Conv2d(32, 3 * (nc + 5), 1)])
     layers.append(detect)
     for i, layer in enumerate(layers):
         layer.f, layer.i, layer.type, layer.np = (-1 if i < 5 else [2, 4]), i, type(layer).__name__, 0
     model = renamed["Model"]()
-    model.model, model.save, model.names, model.stride = nn.Sequential(*layers), [2, 4], [f"c{k}" for k in range(nc)], detect.stride
+    model.model, model.save, model.names, model.stride = (
+        nn.Sequential(*layers), [2, 4], [f"c{k}" for k in range(nc)], detect.stride
+    )
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 1.5)

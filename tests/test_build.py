@@ -21,7 +21,8 @@ needs_tensorrt = pytest.mark.skipif(not HAVE_TRT, reason="needs tensorrt and an 
 
 
 def _run(images, tmp_path, build_opts="{}"):
-    stages = f"  - calibrate: {{method: max}}\n  - export: {{}}\n  - build: {build_opts}\n  - evaluate: {{latency: false}}\n"
+    stages = (f"  - calibrate: {{method: max}}\n  - export: {{}}\n  - build: {build_opts}\n"
+              f"  - evaluate: {{latency: false}}\n")
     (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs", stages))
     return main(["run", str(tmp_path / "r.yaml")])
 
@@ -77,7 +78,8 @@ def test_engine_for_another_tensorrt_or_gpu_is_refused_by_name():
     check_engine_matches(sidecar, "10.3.0", "8.0", "NVIDIA A100-SXM4-80GB")
     with pytest.raises(WorkbenchError, match="built with TensorRT 10.3.0, this machine has 10.8.0"):
         check_engine_matches(sidecar, "10.8.0", "8.0", "NVIDIA A100")
-    with pytest.raises(WorkbenchError, match=r"built for NVIDIA A100 \(compute capability 8.0\), this GPU is NVIDIA H100 \(9.0\)"):
+    with pytest.raises(WorkbenchError,
+                       match=r"built for NVIDIA A100 \(compute capability 8.0\), this GPU is NVIDIA H100 \(9.0\)"):
         check_engine_matches(sidecar, "10.3.0", "9.0", "NVIDIA H100")
 
 
@@ -108,8 +110,10 @@ def test_bench_times_every_artifact_and_writes_json_plot_and_report(images, tmp_
     assert main(["run", str(tmp_path / "r.yaml")]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     bench = json.loads((run_dir / "bench.json").read_text())
-    expected = {"pytorch_fp32", "ort_fp32", "ort_int8_default", "ort_int8_native"} | ({"pytorch_fp32_cuda", "pytorch_fp16_cuda", "pytorch_fp32_cuda_compute", "pytorch_fp16_cuda_compute"}
-                                                                                           if torch.cuda.is_available() else set())
+    expected = {"pytorch_fp32", "ort_fp32", "ort_int8_default", "ort_int8_native"} | (
+        {"pytorch_fp32_cuda", "pytorch_fp16_cuda", "pytorch_fp32_cuda_compute", "pytorch_fp16_cuda_compute"}
+        if torch.cuda.is_available() else set()
+    )
     assert set(bench["backends"]) == expected
     for name, entry in bench["backends"].items():
         for b in ("b1", "b4"):
@@ -117,8 +121,10 @@ def test_bench_times_every_artifact_and_writes_json_plot_and_report(images, tmp_
             assert 0 < t["median_ms"] <= t["p90_ms"] and t["images_per_s"] > 0, name
     sizes = {n: e["bytes"] for n, e in bench["backends"].items()}
     assert sizes["ort_int8_native"] == (run_dir / "model_int8_ort.onnx").stat().st_size
-    assert sizes["ort_int8_default"] == (run_dir / "model.onnx").stat().st_size and sizes["ort_fp32"] == (run_dir / "model_fp32.onnx").stat().st_size
-    assert (run_dir / "bench.png").is_file() and "## Latency and size on this machine" in (run_dir / "report.md").read_text()
+    assert (sizes["ort_int8_default"] == (run_dir / "model.onnx").stat().st_size
+            and sizes["ort_fp32"] == (run_dir / "model_fp32.onnx").stat().st_size)
+    assert ((run_dir / "bench.png").is_file()
+            and "## Latency and size on this machine" in (run_dir / "report.md").read_text())
 
 
 def test_bench_with_no_batch_sizes_is_refused(images, tmp_path, capsys):
@@ -128,7 +134,9 @@ def test_bench_with_no_batch_sizes_is_refused(images, tmp_path, capsys):
 
 
 def test_bench_command_times_the_files_of_a_run_directory(images, tmp_path, capsys):
-    (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs", "  - calibrate: {method: max}\n  - export: {}\n"))
+    (tmp_path / "r.yaml").write_text(
+        tiny_recipe(images, tmp_path / "runs", "  - calibrate: {method: max}\n  - export: {}\n")
+    )
     assert main(["run", str(tmp_path / "r.yaml")]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     out = tmp_path / "bench" / "b.json"
@@ -167,7 +175,8 @@ def test_bench_command_names_and_shapes(tmp_path, capsys):
     fixed = export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "fixed.onnx", dynamic_batch=False)
     assert main(["bench", str(fixed)]) == 2  # default batch sizes 1 and 8
     assert "batch size is fixed at 1" in capsys.readouterr().err
-    assert main(["bench", str(tmp_path / "runA"), "--input-size", "3", "8", "9"]) == 2  # a wrong size: ORT's error, named
+    # a wrong size: ORT's error, named
+    assert main(["bench", str(tmp_path / "runA"), "--input-size", "3", "8", "9"]) == 2
     err = capsys.readouterr().err
     assert "model.onnx: cannot run a batch of shape (B, 3, 8, 9)" in err and "Traceback" not in err
     (tmp_path / "lone.engine").write_bytes(b"\0" * 16)

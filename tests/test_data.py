@@ -24,7 +24,8 @@ def test_imagefolder_labels_and_seeded_sampling(images):
     assert [s.key for s in ds.samples] == [s.key for s in again.samples]
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and y in (0, 1, 2)
-    other = build_dataset(_data(evaluation={"source": "imagefolder", "path": str(images), "count": 7, "seed": 4}), "evaluation")
+    other = build_dataset(_data(evaluation={"source": "imagefolder", "path": str(images), "count": 7, "seed": 4}),
+                          "evaluation")
     assert [s.key for s in other.samples] != [s.key for s in ds.samples]
 
 
@@ -95,14 +96,16 @@ def test_files_with_wordnet_prefix_labels(tmp_path):
     # Class indices of the full ImageNet-1k list (tench 0, goldfish 1, toilet tissue 999), not of the ids present.
     for name in ["n01443537_b.png", "n01440764_a.png", "n15075141_c.png", "n01440764_d.png"]:
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
-    ds = build_dataset(_data(evaluation={"source": "files", "path": str(tmp_path), "labels": "wnid_prefix"}), "evaluation")
+    ds = build_dataset(_data(evaluation={"source": "files", "path": str(tmp_path), "labels": "wnid_prefix"}),
+                       "evaluation")
     assert {s.key.rsplit("/", 1)[1]: s.label for s in ds.samples} == {
         "n01440764_a.png": 0, "n01440764_d.png": 0, "n01443537_b.png": 1, "n15075141_c.png": 999}
 
 
 def test_package_images(tmp_path):
     pytest.importorskip("skimage", reason="scikit-image not installed")
-    ds = build_dataset(_data(calibration={"source": "package", "package": "skimage", "pattern": ["data/*.png", "data/*.jpg"]}), "calibration")
+    ds = build_dataset(_data(calibration={"source": "package", "package": "skimage",
+                                          "pattern": ["data/*.png", "data/*.jpg"]}), "calibration")
     assert len(ds) > 10 and not ds.labeled
     with pytest.raises(DataError, match="not installed"):
         build_dataset(_data(calibration={"source": "package", "package": "no_such_pkg_abc"}), "calibration")
@@ -111,13 +114,17 @@ def test_package_images(tmp_path):
 def test_hf_load_from_disk(tmp_path, images):
     datasets = pytest.importorskip("datasets")
     imgs = [Image.open(p).convert("RGB") for p in sorted(images.glob("*/*.png"))[:5]]
-    ds = datasets.Dataset.from_dict({"image": imgs, "label": [0, 1, 2, 1, 0]}, features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
+    ds = datasets.Dataset.from_dict(
+        {"image": imgs, "label": [0, 1, 2, 1, 0]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
     ds.save_to_disk(str(tmp_path / "hf"))
     built = build_dataset(_data(evaluation={"source": "hf", "path": str(tmp_path / "hf")}), "evaluation")
     assert len(built) == 5 and [s.label for s in built.samples] == [0, 1, 2, 1, 0]
     assert built[2][0].shape == (3, 32, 32)
     with pytest.raises(DataError, match="label_column: 'cls' is not a column"):
-        build_dataset(_data(evaluation={"source": "hf", "path": str(tmp_path / "hf"), "label_column": "cls"}), "evaluation")
+        build_dataset(_data(evaluation={"source": "hf", "path": str(tmp_path / "hf"), "label_column": "cls"}),
+                      "evaluation")
 
 
 def test_calib_set_build_is_reproducible(tmp_path, images, monkeypatch):
@@ -135,7 +142,8 @@ def test_calib_set_build_is_reproducible(tmp_path, images, monkeypatch):
     (tmp_path / "a" / "0003.png").write_bytes((tmp_path / "a" / "0004.png").read_bytes())
     assert verify_calib_set(tmp_path / "a") == ["0003.png"]
     # The materialised folder reproduces the on-the-fly tensors exactly.
-    data = DataConfig(calibration=DataSplit(calib_set="mini"), evaluation=DataSplit(source="files", path=str(tmp_path / "b"), pattern="*.png"))
+    data = DataConfig(calibration=DataSplit(calib_set="mini"),
+                      evaluation=DataSplit(source="files", path=str(tmp_path / "b"), pattern="*.png"))
     live, saved = build_dataset(data, "calibration"), build_dataset(data, "evaluation")
     assert all(torch.equal(live[i][0], saved[i][0]) for i in range(10))
     with pytest.raises(DataError, match="not empty"):
@@ -158,6 +166,10 @@ def test_calib_set_count_and_seed_overrides(tmp_path, images, monkeypatch):
     defs.mkdir()
     (defs / "mini.yaml").write_text(f"source: imagefolder\npath: {images}\ncount: 10\nseed: 5\n")
     monkeypatch.setenv("WORKBENCH_CALIBRATION_DATA", str(defs))
-    keys = lambda **kw: [s.key for s in build_dataset(DataConfig(calibration=DataSplit(calib_set="mini", **kw)), "calibration").samples]
+
+    def keys(**kw):
+        return [s.key for s in build_dataset(DataConfig(calibration=DataSplit(calib_set="mini", **kw)),
+                                             "calibration").samples]
+
     assert len(keys()) == 10 and len(keys(count=4)) == 4
     assert keys() == keys(seed=5) != keys(seed=0)

@@ -55,7 +55,8 @@ def write_detection_set(root: Path, specs=SPECS) -> tuple[Path, Path, Path]:
 
 
 def many_specs(n: int) -> list:
-    return [(f"img{i:02d}.png", (64 + 8 * (i % 3), 48), 100 + i, [(CATEGORIES[i % 3], 4, 4, 20, 16, 0)]) for i in range(n)]
+    return [(f"img{i:02d}.png", (64 + 8 * (i % 3), 48), 100 + i, [(CATEGORIES[i % 3], 4, 4, 20, 16, 0)])
+            for i in range(n)]
 
 
 # --- letterbox ---------------------------------------------------------------------------------------------------
@@ -135,7 +136,8 @@ def test_mixed_sizes_batch_together(tmp_path):
     x, targets = next(iter(DataLoader(ds, batch_size=4, collate_fn=detection_collate)))
     assert x.shape == (4, 3, 256, 320)
     assert [t["image_id"] for t in targets] == [11, 12, 13, 14]
-    assert {(t["letterbox"].orig_w, t["letterbox"].orig_h) for t in targets} == {(200, 150), (96, 160), (160, 96), (128, 128)}
+    assert {(t["letterbox"].orig_w, t["letterbox"].orig_h) for t in targets} == {
+        (200, 150), (96, 160), (160, 96), (128, 128)}
 
 
 def test_coco_and_yolo_txt_give_the_same_boxes(tmp_path):
@@ -274,4 +276,5 @@ def test_coco_tiny_val2017():
     assert len(ds.coco_gt.getAnnIds()) == 815
     assert sum(len(r.boxes) for r in ds.records) == 804
     x, t = ds[0]
-    assert x.shape == (3, 640, 640) and max(t["letterbox"].orig_h, t["letterbox"].orig_w) * t["letterbox"].ratio == pytest.approx(640)
+    assert (x.shape == (3, 640, 640)
+            and max(t["letterbox"].orig_h, t["letterbox"].orig_w) * t["letterbox"].ratio == pytest.approx(640))

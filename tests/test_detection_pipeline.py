@@ -1,4 +1,5 @@
-"""Detection end to end: a tiny YOLOv5-format detector through calibrate -> export -> evaluate on generated COCO data."""
+"""Detection end to end: a tiny YOLOv5-format detector through calibrate -> export -> evaluate on generated COCO
+data."""
 
 import json
 import math
@@ -30,13 +31,16 @@ stages:
 def test_detection_run_scores_every_backend_with_map(tmp_path):
     ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
     images, ann, _ = write_detection_set(tmp_path / "set")
-    stages = "  - calibrate: {method: max}\n  - export: {dynamic_size: true}\n  - evaluate: {latency_repeats: 2, latency_batch_sizes: [1]}\n"
+    stages = ("  - calibrate: {method: max}\n  - export: {dynamic_size: true}\n"
+              "  - evaluate: {latency_repeats: 2, latency_batch_sizes: [1]}\n")
     assert main(["run", str(_recipe(tmp_path, ckpt, images, ann, stages))]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["stages"]["calibrate"]["census"] == {"Conv2d": {"int8": 12, "float": 0}, "Add (residual)": {"int8": 1, "float": 0}}
+    assert metrics["stages"]["calibrate"]["census"] == {"Conv2d": {"int8": 12, "float": 0},
+                                                        "Add (residual)": {"int8": 1, "float": 0}}
     backends = metrics["stages"]["evaluate"]["backends"]
-    assert set(backends) == {"pytorch_fp32", "pytorch_int8", "ort_fp32", "ort_int8_faithful", "ort_int8_default", "ort_int8_native"}
+    assert set(backends) == {"pytorch_fp32", "pytorch_int8", "ort_fp32", "ort_int8_faithful", "ort_int8_default",
+                             "ort_int8_native"}
     # SiLU (Sigmoid, Mul) follows every conv, not a quantizer, so ONNX Runtime keeps the convs in float even in its
     # own flavour; that graph still computes the TensorRT-style graph's function.
     native = metrics["stages"]["export"]["model_int8_ort.onnx"]
@@ -81,7 +85,9 @@ def test_annotations_that_do_not_match_the_images(tmp_path, capsys):
 def test_a_classifier_is_not_a_detector(tmp_path, capsys, images):
     _, ann, _ = write_detection_set(tmp_path / "set")
     path = _recipe(tmp_path, "x", tmp_path / "set" / "images", ann, "  - evaluate: {latency: false}\n")
-    path.write_text(path.read_text().replace('spec: "yolov5:x", input_size: [3, 64, 64]', 'spec: "import:helpers:tiny_cnn", input_size: [3, 64, 64], trust_code: true'))
+    path.write_text(path.read_text().replace(
+        'spec: "yolov5:x", input_size: [3, 64, 64]',
+        'spec: "import:helpers:tiny_cnn", input_size: [3, 64, 64], trust_code: true'))
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "not a detector the adapter knows: its output has shape (1, 3)" in err and "Traceback" not in err
@@ -113,7 +119,8 @@ def test_exported_detector_runs_at_other_sizes(tmp_path):
     for shape in [(2, 3, 64, 64), (1, 3, 48, 64)]:  # square and non-square (like 480x640 at full size)
         x = torch.rand(*shape)
         faithful, fake = OrtRunner(path, "f", "faithful")(x), TorchRunner(model, "t")(x)
-        assert faithful.shape == fake.shape == (shape[0], 3 * ((shape[2] // 4) * (shape[3] // 4) + (shape[2] // 8) * (shape[3] // 8)), 8)
+        assert faithful.shape == fake.shape == (
+            shape[0], 3 * ((shape[2] // 4) * (shape[3] // 4) + (shape[2] // 8) * (shape[3] // 8)), 8)
         np.testing.assert_allclose(faithful, fake, atol=1e-2 * np.abs(fake).max())
 
 
@@ -121,7 +128,8 @@ def test_yolo_txt_labels_run_end_to_end(tmp_path):
     ckpt = make_tiny_yolov5_checkpoint(tmp_path / "tiny.pt", nc=3)
     images, ann, labels = write_detection_set(tmp_path / "set")
     path = _recipe(tmp_path, ckpt, images, ann, "  - calibrate: {method: percentile}\n  - evaluate: {latency: false}\n")
-    text = path.read_text().replace(f'source: coco, path: "{images}", annotations: "{ann}"', f'source: yolo_txt, path: "{images}", label_dir: "{labels}"')
+    text = path.read_text().replace(f'source: coco, path: "{images}", annotations: "{ann}"',
+                                    f'source: yolo_txt, path: "{images}", label_dir: "{labels}"')
     path.write_text(text)
     assert main(["run", str(path)]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -149,7 +157,8 @@ def test_detector_sensitivity_and_mixed_precision(tmp_path):
     assert all(math.isfinite(r["only_sqnr_db"]) and 0 <= r["only_kl"] for r in rows)
     metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]
     mp = metrics["mixed_precision"]
-    assert mp["metric"] == "agreement %" and mp["final"] == 100.0 and mp["int8_all"] < 100.0  # random weights: INT8 moves boxes
+    # random weights: INT8 moves boxes
+    assert mp["metric"] == "agreement %" and mp["final"] == 100.0 and mp["int8_all"] < 100.0
     # Some units must go float; how many depends on the device's arithmetic (on an H100 all 13 do).
     assert 1 <= len(mp["float_layers"]) <= 13
     census = metrics["export"]["model.onnx"]["census"]
@@ -165,7 +174,8 @@ def test_detector_prune_finetune_calibrate_qat_export(tmp_path):
               "  - calibrate: {method: max}\n  - qat: {epochs: 1, lr: 0.00001, eval_samples: 4}\n"
               "  - export: {}\n  - evaluate: {latency: false}\n")
     path = _recipe(tmp_path, ckpt, images, ann, stages)
-    path.write_text(path.read_text().replace("  batch_size: 2", f'  finetune: {{source: files, path: "{images}"}}\n  batch_size: 2'))
+    path.write_text(path.read_text().replace("  batch_size: 2",
+                                             f'  finetune: {{source: files, path: "{images}"}}\n  batch_size: 2'))
     assert main(["run", str(path)]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     stages = json.loads((run_dir / "metrics.json").read_text())["stages"]
@@ -174,9 +184,11 @@ def test_detector_prune_finetune_calibrate_qat_export(tmp_path):
     assert prune["out_channels"]["model.1.conv"] == 8 and prune["out_channels"]["model.5.m.0"] == 24  # head kept
     assert stages["finetune"]["history"][0]["distill"] > 0
     backends = stages["evaluate"]["backends"]
-    assert {"pytorch_fp32_pruned", "ort_fp32_pruned", "pytorch_int8_ptq", "ort_int8_ptq", "ort_int8_faithful"} <= set(backends)
+    assert {"pytorch_fp32_pruned", "ort_fp32_pruned", "pytorch_int8_ptq", "ort_int8_ptq",
+            "ort_int8_faithful"} <= set(backends)
     assert stages["qat"]["history"][0]["distill"] > 0  # QAT on the pruned detector, by head distillation
-    assert stages["export"]["model.onnx"]["tensorrt_rules"] == []  # the pruned, QAT-trained graph keeps TensorRT's rules
+    # the pruned, QAT-trained graph keeps TensorRT's rules
+    assert stages["export"]["model.onnx"]["tensorrt_rules"] == []
     # the exported pruned FP32 graph finds the pruned PyTorch model's boxes (both scored against the unpruned FP32)
     pruned = backends["pytorch_fp32_pruned"]["metrics"]["box_agreement"]
     assert backends["ort_fp32_pruned"]["metrics"]["box_agreement"] == pytest.approx(pruned, abs=2.0) and pruned < 100

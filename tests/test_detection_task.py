@@ -102,7 +102,8 @@ def _fake_v5(targets, boxes_per_image, num_classes, n=32, scores=None):
         xyxy = t["letterbox"].to_input(np.asarray(boxes, dtype=np.float64))
         for k, (box, label) in enumerate(zip(xyxy, labels)):
             score = 0.9 if scores is None else scores[b][k]
-            out[b, k, :4] = torch.tensor([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box[2] - box[0], box[3] - box[1]])
+            out[b, k, :4] = torch.tensor([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2,
+                                          box[2] - box[0], box[3] - box[1]])
             out[b, k, 4] = 1.0
             out[b, k, 5 + int(label)] = score
     return out
@@ -141,7 +142,8 @@ def test_shifted_detections_score_what_cocoeval_says(tmp_path):
         shifted.append((moved, labels))
         scores.append(s)
         for box, label, score in zip(moved, labels, s):
-            expected_dets.append({"image_id": t["image_id"], "category_id": ds.category_ids[label], "score": float(score),
+            expected_dets.append({"image_id": t["image_id"], "category_id": ds.category_ids[label],
+                                  "score": float(score),
                                   "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
     scorer = DetectionScorer(ds.coco_gt, ds.category_ids, C)
     scorer.update(_fake_v5(targets, shifted, C, scores=scores), targets)
@@ -181,7 +183,7 @@ def test_box_agreement(tmp_path):
     assert same.result()["box_agreement"] == 100.0 and same.result()["box_agreement_f1"] == 100.0
 
     # the perturbed copy misses one box (a, class 2), and moves another (c's first) far away
-    perturbed = [(b.copy(), l.copy()) for b, l in truth]
+    perturbed = [(boxes.copy(), labels.copy()) for boxes, labels in truth]
     perturbed[0] = (perturbed[0][0][:1], perturbed[0][1][:1])
     perturbed[2][0][0] += [60, 40, 60, 40]
     n_ref = sum(len(b) for b, _ in truth)  # 5 confident reference boxes

@@ -17,7 +17,8 @@ from workbench.train.loop import fit
 from workbench.train.options import TrainOptions
 
 # Two CPU processes with gloo; on a machine with a GPU each process would take a GPU with NCCL instead.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="gloo CPU processes; GPU runs: benchmarks/multi_gpu.py")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="gloo CPU processes; GPU runs: benchmarks/multi_gpu.py")
 
 
 def _free_port() -> int:
@@ -75,7 +76,8 @@ def test_run_with_two_processes_writes_one_run_with_the_single_process_sensitivi
 
     def recipe(runs):
         text = tiny_recipe(images, runs, stages).replace("helpers:tiny_cnn", "helpers:trained_cnn")
-        text = text.replace("  batch_size: 4", f'  finetune: {{source: imagefolder, path: "{images}"}}\n  batch_size: 8')
+        text = text.replace("  batch_size: 4",
+                            f'  finetune: {{source: imagefolder, path: "{images}"}}\n  batch_size: 8')
         path = runs.parent / f"{runs.name}.yaml"
         path.write_text(text)
         return path
@@ -92,12 +94,14 @@ def test_run_with_two_processes_writes_one_run_with_the_single_process_sensitivi
         os.environ["PYTHONPATH"] = env
     (multi,) = (tmp_path / "multi").iterdir()  # one run directory, written by rank 0
     (single,) = (tmp_path / "single").iterdir()
-    rows = {d: {r["layer"]: r for r in json.loads((d / "sensitivity.json").read_text())["layers"]} for d in (multi, single)}
+    rows = {d: {r["layer"]: r for r in json.loads((d / "sensitivity.json").read_text())["layers"]}
+            for d in (multi, single)}
     assert set(rows[multi]) == set(rows[single]) and {"conv1", "conv2", "conv3", "fc"} <= set(rows[single])
     for layer, b in rows[single].items():
         a = rows[multi][layer]
         for key in ("only_sqnr_db", "loo_sqnr_db", "only_kl", "loo_kl"):
             assert a[key] == pytest.approx(b[key], rel=1e-3), (layer, key)
-        assert a["only_metric"] == pytest.approx(b["only_metric"], abs=1e-6) and a["loo_metric"] == pytest.approx(b["loo_metric"], abs=1e-6)
+        assert (a["only_metric"] == pytest.approx(b["only_metric"], abs=1e-6)
+                and a["loo_metric"] == pytest.approx(b["loo_metric"], abs=1e-6))
     assert (multi / "checkpoints" / "qat_epoch1.pt").is_file()
     assert json.loads((multi / "metrics.json").read_text())["stages"]["qat"]["steps"] == 3  # 24 images, global batch 8

@@ -593,7 +593,8 @@ def test_resume_after_the_calibration_set_changed_is_refused_naming_it(tmp_path,
     runs = tmp_path / "runs"
     recipe = _recipe(tmp_path, images, runs, FAILING_EVALUATE)
     text = recipe.read_text()
-    recipe.write_text(text.replace(f'{{source: imagefolder, path: "{images}", count: 12, seed: 0}}', "{calib_set: mine}"))
+    recipe.write_text(text.replace(f'{{source: imagefolder, path: "{images}", count: 12, seed: 0}}',
+                                   "{calib_set: mine}"))
     assert "calib_set: mine" in recipe.read_text()
     assert main(["run", str(recipe)]) == 2
     (failed,) = runs.iterdir()

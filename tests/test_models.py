@@ -31,7 +31,8 @@ def test_unknown_source_and_names():
 
 
 def test_cifar_resnets_have_published_sizes():
-    sizes = {n: sum(p.numel() for p in resolve_model(ModelConfig(spec=f"cifar_resnet:{n}")).parameters()) for n in ("resnet20", "resnet32", "resnet44")}
+    sizes = {n: sum(p.numel() for p in resolve_model(ModelConfig(spec=f"cifar_resnet:{n}")).parameters())
+             for n in ("resnet20", "resnet32", "resnet44")}
     assert round(sizes["resnet20"] / 1e6, 2) == 0.27
     assert round(sizes["resnet32"] / 1e6, 2) == 0.46
     assert round(sizes["resnet44"] / 1e6, 2) == 0.66

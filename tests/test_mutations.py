@@ -56,7 +56,8 @@ def _only_run_dir(runs):
 
 
 def test_percentile_option_reaches_the_calibrator():
-    """quantize_ with percentile 90 sets each range to the 90th-percentile edge of that layer's own |input| histogram."""
+    """quantize_ with percentile 90 sets each range to the 90th-percentile edge of that layer's own |input|
+    histogram."""
     model, fp32 = tiny_cnn(), tiny_cnn()
     config = Int8Config(method="percentile", percentile=90.0, fold_batchnorm=False, residual_add=False)
     result = quantize_(model, config, _loop(CALIB), CALIB[0][:1])
@@ -106,10 +107,12 @@ def test_fold_keeps_a_biased_convolutions_bias():
 
 def test_calibration_records_the_folds_of_biased_convolutions(images, tmp_path):
     runs = tmp_path / "runs"
-    text = tiny_recipe(images, runs, "  - calibrate: {method: max}\n").replace("helpers:tiny_cnn", "helpers:biased_conv_bn_net")
+    text = tiny_recipe(images, runs, "  - calibrate: {method: max}\n").replace(
+        "helpers:tiny_cnn", "helpers:biased_conv_bn_net")
     assert _run(tmp_path, text) == 0
     run_dir = _only_run_dir(runs)
-    assert json.loads((run_dir / "calibration.json").read_text())["folded_batchnorm"] == [["conv1", "bn1"], ["conv2", "bn2"]]
+    assert json.loads((run_dir / "calibration.json").read_text())["folded_batchnorm"] == [
+        ["conv1", "bn1"], ["conv2", "bn2"]]
     assert json.loads((run_dir / "metrics.json").read_text())["stages"]["calibrate"]["folded_batchnorm"] == 2
 
 
@@ -210,7 +213,7 @@ def test_box_agreement_needs_the_same_class(tmp_path):
     reference = _fake_v5(targets, truth, C)
     n_ref = sum(len(b) for b, _ in truth)
     # the same boxes, but the first image's first box is called another class
-    relabelled = [(b.copy(), l.copy()) for b, l in truth]
+    relabelled = [(boxes.copy(), labels.copy()) for boxes, labels in truth]
     relabelled[0][1][0] = (relabelled[0][1][0] + 1) % C
     scorer = DetectionScorer(ds.coco_gt, ds.category_ids, C)
     scorer.update(_fake_v5(targets, relabelled, C), targets, reference=reference)

@@ -30,7 +30,8 @@ def kernel_env(tmp_path, monkeypatch):
     }))
     monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter"))  # searched before any user-installed kernelspec
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))  # no user profile or startup files
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH",
+                       os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("WORKBENCH_NO_PROGRESS", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a 32x32 CNN: threads cost more than they save
     for name in ("WORKBENCH_RUN_DIR", "WORKBENCH_SAMPLES", "WORKBENCH_TOP_K", "WORKBENCH_MAX_DROP"):
@@ -88,7 +89,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, kernel_env):
     kernel_env.setenv("WORKBENCH_SAMPLES", "32")
     kernel_env.setenv("WORKBENCH_TOP_K", "3")
     nb = _notebook()
-    _client(nb, NOTEBOOK.parent).execute()  # in notebooks/, as Jupyter runs it; a failing cell raises with its traceback
+    # in notebooks/, as Jupyter runs it; a failing cell raises with its traceback
+    _client(nb, NOTEBOOK.parent).execute()
 
     text = [_text(c) for c in nb.cells if c.cell_type == "code"]
     joined = "\n".join(text)
@@ -110,7 +112,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, kernel_env):
     # The plan: the smallest k within 1 point of FP32 keeps exactly conv2 float, exported as calibrate excludes.
     snippet = text[-1]
     assert _top1(_line(snippet, "plan: 1 unit(s) float")) == fp32
-    assert "stages:\n- calibrate:\n    method: max\n" in snippet and "    exclude:\n    - conv2\n    fold_batchnorm" in snippet
+    assert ("stages:\n- calibrate:\n    method: max\n" in snippet
+            and "    exclude:\n    - conv2\n    fold_batchnorm" in snippet)
 
 
 def test_notebook_finds_the_newest_run_with_a_sensitivity_table(tmp_path, kernel_env):
@@ -126,7 +129,8 @@ def test_notebook_finds_the_newest_run_with_a_sensitivity_table(tmp_path, kernel
             client.execute_cell(first, nb.cells.index(first))
         assert "workbench sensitivity recipes/" in str(err.value) and "WORKBENCH_RUN_DIR" in str(err.value)
 
-        for age, name, table in [(30, "older", True), (20, "newest", True), (10, "no-table", False), (0, "crashed.failed", True)]:
+        for age, name, table in [(30, "older", True), (20, "newest", True), (10, "no-table", False),
+                                 (0, "crashed.failed", True)]:
             (repo / "runs" / name).mkdir(parents=True)
             if table:
                 (repo / "runs" / name / "sensitivity.json").write_text("{}")

@@ -1,4 +1,5 @@
-"""The ONNX Runtime flavour of a Q/DQ export: integer kernels really used, the same function as the TensorRT-style graph."""
+"""The ONNX Runtime flavour of a Q/DQ export: integer kernels really used, the same function as the TensorRT-style
+graph."""
 
 import numpy as np
 import onnx
@@ -86,13 +87,15 @@ def test_weight_types(exported, tmp_path):
     s8 = to_ort_int8(trt, tmp_path / "s8.onnx", "s8")
     reduced = to_ort_int8(trt, tmp_path / "rr.onnx", "reduce_range")
     # The first conv reads the signed image and the conv after the ReLU6 reads 0..255; the classifier reads the mean
-    # of a Relu output (signed layout): those get unsigned (exact) or 7-bit (reduce_range) weights. The rest read 0..127.
+    # of a Relu output (signed layout): those get unsigned (exact) or 7-bit (reduce_range) weights.
+    # The rest read 0..127.
     assert exact.weights_unsigned == 3 and exact.weights_7bit == 0
     assert s8.weights_unsigned == 0 and s8.weights_7bit == 0
     assert reduced.weights_7bit == 3 and reduced.weights_unsigned == 0
     from onnx import numpy_helper
 
-    seven = [numpy_helper.to_array(t) for t in onnx.load(str(reduced.path)).graph.initializer if t.name.endswith("_int8")]
+    seven = [numpy_helper.to_array(t) for t in onnx.load(str(reduced.path)).graph.initializer
+             if t.name.endswith("_int8")]
     assert any(v.min() >= -64 and v.max() <= 63 for v in seven) and any(v.max() > 63 or v.min() < -64 for v in seven)
     auto = to_ort_int8(trt, tmp_path / "auto.onnx", "auto")
     assert auto.weights == ("exact" if u8s8_can_saturate() else "s8")
@@ -125,8 +128,8 @@ def test_cleaning_keeps_the_function_and_the_tensorrt_rules(exported, tmp_path):
 def test_depthwise_convs_keep_signed_weights_in_exact_mode(tmp_path):
     """ORT's depthwise kernel does not saturate, so exact mode keeps its weights signed (the fast kernel)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6(),
-                          nn.Conv2d(16, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                          nn.ReLU6(), nn.Conv2d(16, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     x, _ = colour_blob_batch(4)
     quantize_(model, Int8Config(method="max"), lambda m: m(x), x[:1])
     trt = export_onnx(model, x[:1], tmp_path / "model.onnx")
@@ -157,9 +160,11 @@ def _qdq_graph(tmp_path, activation: str, per_channel_activation: bool = False, 
     rng = np.random.default_rng(0)
     c = 4
     act_scale = np.full(c, 0.05, np.float32) if per_channel_activation else np.asarray(0.05, np.float32)
-    inits = [numpy_helper.from_array(act_scale, "sx"), numpy_helper.from_array(np.zeros(act_scale.shape, np.int8), "zx"),
+    inits = [numpy_helper.from_array(act_scale, "sx"),
+             numpy_helper.from_array(np.zeros(act_scale.shape, np.int8), "zx"),
              numpy_helper.from_array(rng.standard_normal((c, c, 1, 1)).astype(np.float32), "w"),
-             numpy_helper.from_array(np.full(c, 0.02, np.float32), "sw"), numpy_helper.from_array(np.zeros(c, np.int8), "zw"),
+             numpy_helper.from_array(np.full(c, 0.02, np.float32), "sw"),
+             numpy_helper.from_array(np.zeros(c, np.int8), "zw"),
              numpy_helper.from_array(np.asarray(0.0, np.float32), "lo")]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 4, 4])]
     if activation == "relu":
@@ -169,11 +174,13 @@ def _qdq_graph(tmp_path, activation: str, per_channel_activation: bool = False, 
         nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["a"])]
     axis = {"axis": 1} if per_channel_activation else {}
     nodes += [helper.make_node("QuantizeLinear", ["a", "sx", "zx"], ["aq"], **axis),
-              helper.make_node("DequantizeLinear", ["aq", "sx", "zx"] if dq_zero_point else ["aq", "sx"], ["ad"], **axis),
+              helper.make_node("DequantizeLinear", ["aq", "sx", "zx"] if dq_zero_point else ["aq", "sx"], ["ad"],
+                               **axis),
               helper.make_node("QuantizeLinear", ["w", "sw", "zw"], ["wq"], axis=0),
               helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
               helper.make_node("Conv", ["ad", "wd"], ["y"])]
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 4, 4])], inits)
+    graph = helper.make_graph(nodes, "g", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 4, 4])], inits)
     path = tmp_path / f"{activation}.onnx"
     # IR 9: what ONNX Runtime 1.20+ reads (a newer onnx writes a newer IR by default).
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))

@@ -40,14 +40,17 @@ def test_run_writes_a_complete_run_directory(images, tmp_path, capsys):
     (run_dir,) = runs.iterdir()
     assert run_dir.name.startswith("tiny-") and not run_dir.name.endswith((".incomplete", ".failed"))
     files = {p.name for p in run_dir.iterdir()}
-    assert {"recipe.yaml", "metrics.json", "calibration.json", "model.onnx", "model_fp32.onnx", "report.md", "accuracy_latency.png"} <= files
+    assert {"recipe.yaml", "metrics.json", "calibration.json", "model.onnx", "model_fp32.onnx", "report.md",
+            "accuracy_latency.png"} <= files
     assert not [f for f in files if f.endswith(".tmp")]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "complete"
     assert metrics["stages"]["calibrate"]["method"] == "percentile"
-    assert metrics["stages"]["calibrate"]["census"] == {"Conv2d": {"int8": 3, "float": 0}, "Linear": {"int8": 1, "float": 0}}
+    assert metrics["stages"]["calibrate"]["census"] == {"Conv2d": {"int8": 3, "float": 0},
+                                                        "Linear": {"int8": 1, "float": 0}}
     backends = metrics["stages"]["evaluate"]["backends"]
-    assert set(backends) == {"pytorch_fp32", "pytorch_int8", "ort_fp32", "ort_int8_faithful", "ort_int8_default", "ort_int8_native"}
+    assert set(backends) == {"pytorch_fp32", "pytorch_int8", "ort_fp32", "ort_int8_faithful", "ort_int8_default",
+                             "ort_int8_native"}
     # FP32 top-1 as computed here from the image files; ONNX Runtime's FP32 and faithful INT8 scores equal PyTorch's
     assert backends["pytorch_fp32"]["metrics"]["top1"] == pytest.approx(_fp32_top1(images))
     assert backends["ort_fp32"]["metrics"]["agreement_top1"] == 100.0
@@ -66,7 +69,8 @@ def test_run_writes_a_complete_run_directory(images, tmp_path, capsys):
 
 def test_bad_input_before_the_run_writes_nothing(images, tmp_path, capsys):
     runs = tmp_path / "runs"
-    text = tiny_recipe(images, runs).replace(f'path: "{images}"}}\n  batch', f'path: "{tmp_path / "nowhere"}"}}\n  batch')
+    text = tiny_recipe(images, runs).replace(f'path: "{images}"}}\n  batch',
+                                             f'path: "{tmp_path / "nowhere"}"}}\n  batch')
     assert _run(tmp_path, text) == 2
     err = capsys.readouterr().err
     assert "data.evaluation.path" in err and "does not exist" in err and "Traceback" not in err
@@ -126,7 +130,8 @@ def test_backend_not_available_yet(images, tmp_path, capsys):
 
 @pytest.mark.parametrize("stages, expected", [
     ("  - sensitivity: {}\n  - calibrate: {}\n",
-     "stages[0].sensitivity needs a calibrated model, which no stage before it makes: put calibrate before sensitivity"),
+     "stages[0].sensitivity needs a calibrated model, which no stage before it makes: "
+     "put calibrate before sensitivity"),
     ("  - calibrate: {}\n  - prune: {method: magnitude}\n",
      "stages[1].prune cannot follow stages[0].calibrate, which made a calibrated model: put prune before calibrate"),
     ("  - calibrate: {}\n  - calibrate: {}\n", "stages[1].calibrate cannot follow stages[0].calibrate"),

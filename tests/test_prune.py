@@ -22,7 +22,8 @@ def test_two_four_mask_keeps_the_two_largest_of_every_four_input_channels():
     assert (groups.sum(1) == 2).all()
     kept = (w.abs() * mask).movedim(1, -1).reshape(-1, 4)
     dropped = (w.abs() * (1 - mask)).movedim(1, -1).reshape(-1, 4)
-    assert (dropped.max(1).values <= kept.topk(2, 1).values[:, 1]).all()  # every dropped weight is smaller than both kept
+    # every dropped weight is smaller than both kept
+    assert (dropped.max(1).values <= kept.topk(2, 1).values[:, 1]).all()
 
 
 def test_global_magnitude_reaches_the_sparsity_and_masks_become_permanent():
@@ -110,8 +111,11 @@ def test_structured_prune_finetune_calibrate_export_and_reload(tmp_path):
     (tmp_path / "again.yaml").write_text(text)
     assert main(["run", str(tmp_path / "again.yaml")]) == 0
     (again_dir,) = again.iterdir()
-    reloaded = json.loads((again_dir / "metrics.json").read_text())["stages"]["evaluate"]["backends"]["pytorch_fp32"]["metrics"]
-    # The run's own FP32 reference is the unpruned model; the reloaded one is the pruned model with its fine-tuned weights.
+    reloaded = json.loads(
+        (again_dir / "metrics.json").read_text()
+    )["stages"]["evaluate"]["backends"]["pytorch_fp32"]["metrics"]
+    # The run's own FP32 reference is the unpruned model; the reloaded one is the pruned model with its
+    # fine-tuned weights.
     assert reloaded["top1"] == pruned
 
 

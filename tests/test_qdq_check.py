@@ -24,7 +24,8 @@ def _quantized_onnx(model, x, path):
 @pytest.fixture(scope="module")
 def resnet_onnx(tmp_path_factory):
     torch.manual_seed(0)
-    return _quantized_onnx(cifar_resnet("resnet20").eval(), torch.randn(4, 3, 32, 32), tmp_path_factory.mktemp("r") / "r.onnx")
+    return _quantized_onnx(cifar_resnet("resnet20").eval(), torch.randn(4, 3, 32, 32),
+                           tmp_path_factory.mktemp("r") / "r.onnx")
 
 
 def test_exported_resnet_and_yolo_graphs_have_no_violations(resnet_onnx, tmp_path):
@@ -115,8 +116,10 @@ def test_orphan_quantize_and_low_opset(resnet_onnx):
 def test_concat_inputs_with_two_scales():
     def qdq(name, scale):
         return [
-            helper.make_node("QuantizeLinear", [name, f"{name}_s", "zp"], [f"{name}_q"], name=f"/{name}/QuantizeLinear"),
-            helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", "zp"], [f"{name}_dq"], name=f"/{name}/DequantizeLinear"),
+            helper.make_node("QuantizeLinear", [name, f"{name}_s", "zp"], [f"{name}_q"],
+                             name=f"/{name}/QuantizeLinear"),
+            helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", "zp"], [f"{name}_dq"],
+                             name=f"/{name}/DequantizeLinear"),
         ], numpy_helper.from_array(np.float32(scale), f"{name}_s")
 
     nodes_a, sa = qdq("a", 0.1)
@@ -142,7 +145,8 @@ def test_cli_check_onnx(resnet_onnx, tmp_path, capsys):
     onnx.save(m, tmp_path / "bad.onnx")
     assert main(["check-onnx", str(tmp_path / "bad.onnx")]) == 1
     out = capsys.readouterr().out
-    assert "[int8_zero_point]" in out and "(module layer1.0.conv1)" in out and "2 violation(s)" in out  # Q and DQ share the zero point
+    # Q and DQ share the zero point
+    assert "[int8_zero_point]" in out and "(module layer1.0.conv1)" in out and "2 violation(s)" in out
     (tmp_path / "junk.onnx").write_bytes(b"not a model at all")
     assert main(["check-onnx", str(tmp_path / "junk.onnx")]) == 2
     assert "is not an ONNX model" in capsys.readouterr().err

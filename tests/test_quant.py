@@ -78,7 +78,8 @@ def test_conv_subclass_is_quantized_not_silently_skipped():
     result = quantize_(model, Int8Config(method="max", layer_types=["Conv2d"]), _loop, torch.randn(1, 3, 32, 32))
     assert result.census()["Conv2d"] == {"int8": 3, "float": 0}
     assert model.conv1.weight_quantizer.is_enabled
-    assert float(model.conv1.input_quantizer.amax) == pytest.approx(max(float(x.abs().max()) for x in CALIB))  # max range
+    # max range
+    assert float(model.conv1.input_quantizer.amax) == pytest.approx(max(float(x.abs().max()) for x in CALIB))
     # only the padded convs are quantized: had modelopt skipped them, the output would be FP32's to float rounding
     out, ref = model(TEST), fp32(TEST)
     assert (out - ref).abs().max() > 1e-3 * ref.abs().max()

@@ -24,7 +24,7 @@ def test_misspelt_key_names_path_line_and_suggestion(images, tmp_path):
     with pytest.raises(RecipeError) as e:
         parse_recipe(text, source="r.yaml")
     msg = str(e.value)
-    line = next(i for i, l in enumerate(text.splitlines(), 1) if "batch_sise" in l)
+    line = next(i for i, text_line in enumerate(text.splitlines(), 1) if "batch_sise" in text_line)
     assert f"r.yaml:{line}" in msg
     assert "data.batch_sise" in msg and "Did you mean 'batch_size'" in msg
 
@@ -61,7 +61,8 @@ def test_percentile_out_of_range(images, tmp_path):
 
 def test_overrides_are_validated_like_the_file(images, tmp_path):
     text = tiny_recipe(images, tmp_path / "runs")
-    recipe = parse_recipe(text, overrides=["stages.calibrate.method=percentile", "stages.calibrate.percentile=99.9", "data.batch_size=2"])
+    recipe = parse_recipe(text, overrides=["stages.calibrate.method=percentile", "stages.calibrate.percentile=99.9",
+                                           "data.batch_size=2"])
     opts = recipe.stage_list()[0][1]
     assert (opts.method, opts.percentile, recipe.data.batch_size) == ("percentile", 99.9, 2)
     recipe = parse_recipe(text, overrides=["stages.0.calibrate.method=mse"])
@@ -76,7 +77,8 @@ def test_overrides_are_validated_like_the_file(images, tmp_path):
 
 def test_unset_environment_variable_is_named(tmp_path, monkeypatch):
     monkeypatch.delenv("WORKBENCH_ASSETS", raising=False)
-    text = "name: x\nmodel: {spec: 'cifar_resnet:resnet20', weights: '${WORKBENCH_ASSETS}/models/a.th'}\ndata: {}\nstages: [{export: {}}]\n"
+    text = ("name: x\nmodel: {spec: 'cifar_resnet:resnet20', weights: '${WORKBENCH_ASSETS}/models/a.th'}\n"
+            "data: {}\nstages: [{export: {}}]\n")
     with pytest.raises(RecipeError) as e:
         parse_recipe(text, source="r.yaml")
     assert "r.yaml:2" in str(e.value) and "WORKBENCH_ASSETS" in str(e.value) and "model.weights" in str(e.value)

@@ -155,7 +155,9 @@ def test_open_run_rebuilds_the_calibrated_model(blobs, tmp_path):
     stages = SWEEP + "  - evaluate: {latency: false}\n"
     assert _run(tmp_path, _recipe(blobs, runs, stages)) == 0
     run_dir = _only_dir(runs)
-    run_top1 = json.loads((run_dir / "metrics.json").read_text())["stages"]["evaluate"]["backends"]["pytorch_int8"]["metrics"]["top1"]
+    run_top1 = json.loads(
+        (run_dir / "metrics.json").read_text()
+    )["stages"]["evaluate"]["backends"]["pytorch_int8"]["metrics"]["top1"]
     explorer = api.open_run(run_dir)
     assert explorer.evaluate(samples=None)["value"] == pytest.approx(run_top1)
     explorer.set_float(["conv2"])

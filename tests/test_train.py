@@ -68,7 +68,8 @@ def test_resume_from_a_missing_or_foreign_checkpoint(tmp_path):
     opts = TrainOptions(resume=str(tmp_path / "nope.pt"))
     with pytest.raises(WorkbenchError, match="does not exist"):
         fit(tiny_cnn(), _batches(), opts, _kd_loss(trained_cnn()))
-    torch.save({"model": {"x": torch.zeros(1)}, "optimizer": {}, "scheduler": {}, "step": 1, "epoch": 1, "history": []}, tmp_path / "bad.pt")
+    torch.save({"model": {"x": torch.zeros(1)}, "optimizer": {}, "scheduler": {}, "step": 1, "epoch": 1, "history": []},
+               tmp_path / "bad.pt")
     with pytest.raises(WorkbenchError, match="does not fit this model|is not a training checkpoint"):
         fit(tiny_cnn(), _batches(), TrainOptions(resume=str(tmp_path / "bad.pt")), _kd_loss(trained_cnn()))
 
@@ -92,8 +93,10 @@ def _finetune_recipe(tmp_path, images, stages: str, finetune_split: str, batch_s
 def test_finetune_stage_with_labels_learns(tmp_path):
     images = make_image_folder(tmp_path / "blobs", per_class=20, seed=4)
     runs = tmp_path / "runs"
-    recipe = _finetune_recipe(tmp_path, images, "  - finetune: {epochs: 4, lr: 0.05, distill: false, eval_samples: 30}\n"
-                              "  - evaluate: {latency: false}\n", f'{{source: imagefolder, path: "{images}"}}', batch_size=8)
+    recipe = _finetune_recipe(tmp_path, images,
+                              "  - finetune: {epochs: 4, lr: 0.05, distill: false, eval_samples: 30}\n"
+                              "  - evaluate: {latency: false}\n",
+                              f'{{source: imagefolder, path: "{images}"}}', batch_size=8)
     assert main(["run", str(recipe)]) == 0
     (run_dir,) = runs.iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]
@@ -115,7 +118,8 @@ def test_finetune_with_nothing_to_learn_from(tmp_path, capsys):
 def _qat_recipe(tmp_path, stages, model="outlier_cnn"):
     images = make_image_folder(tmp_path / "blobs", per_class=20, seed=4)
     text = tiny_recipe(images, tmp_path / "runs", stages).replace("helpers:tiny_cnn", f"helpers:{model}")
-    text = text.replace("  batch_size: 4", f'  finetune: {{source: files, path: "{images}", pattern: "**/*.png"}}\n  batch_size: 8')
+    text = text.replace("  batch_size: 4",
+                        f'  finetune: {{source: files, path: "{images}", pattern: "**/*.png"}}\n  batch_size: 8')
     (tmp_path / "r.yaml").write_text(text)
     return tmp_path / "r.yaml"
 
@@ -130,7 +134,8 @@ def test_qat_brings_per_tensor_int8_closer_to_fp32_without_labels(tmp_path):
     ev = stages["evaluate"]["backends"]
     kl = {b: e["metrics"]["mean_kl"] for b, e in ev.items()}
     assert kl["pytorch_int8"] < kl["pytorch_int8_ptq"] / 3  # QAT output much closer to FP32 than PTQ's
-    assert kl["ort_int8_faithful"] == pytest.approx(kl["pytorch_int8"], rel=1e-3)  # the exported QAT graph is the same model
+    # the exported QAT graph is the same model
+    assert kl["ort_int8_faithful"] == pytest.approx(kl["pytorch_int8"], rel=1e-3)
     assert kl["ort_int8_ptq"] == pytest.approx(kl["pytorch_int8_ptq"], rel=1e-3)
     assert ev["pytorch_int8"]["metrics"]["top1"] == 100.0
     history = stages["qat"]["history"]

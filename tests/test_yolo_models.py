@@ -62,6 +62,7 @@ def test_ultralytics_dfl_stays_float():
     from workbench.quant.ptq import Int8Config, quantize_
 
     model = resolve_model(ModelConfig(spec="ultralytics:yolov8n.yaml"))
-    result = quantize_(model, Int8Config(method="max"), lambda m: m(torch.rand(2, 3, 128, 128)), torch.rand(1, 3, 128, 128))
+    result = quantize_(model, Int8Config(method="max"), lambda m: m(torch.rand(2, 3, 128, 128)),
+                       torch.rand(1, 3, 128, 128))
     assert result.excluded == {"model.model.22.dfl.conv": "Conv2d"}
     assert result.census()["Conv2d"] == {"int8": 63, "float": 1}

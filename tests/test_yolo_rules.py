@@ -40,7 +40,8 @@ def _through(producer, name):
 
 def test_residual_add_has_both_inputs_quantized(exported):
     model, result, path, graph, producer = exported
-    assert result.residual_quantizers == ["model.2.m.0.residual_add.input0_quantizer", "model.2.m.0.residual_add.input1_quantizer"]
+    assert result.residual_quantizers == ["model.2.m.0.residual_add.input0_quantizer",
+                                          "model.2.m.0.residual_add.input1_quantizer"]
     assert all(result.activation_amax[q] > 0 for q in result.residual_quantizers)
     adds = [n for n in graph.node if n.op_type == "Add" and "residual_add" in n.name]
     assert len(adds) == 1
@@ -92,5 +93,6 @@ def test_every_tensor_is_quantized_with_one_scale(exported):
             scale = inits.get(node.input[1], consts.get(node.input[1]))
             scales.setdefault(source(node.input[0]), []).append(float(np.asarray(scale).reshape(-1)[0]))
     read_twice = {t: s for t, s in scales.items() if len(s) > 1}
-    assert len(read_twice) >= 2, "the tiny detector has tensors read by two quantizers (C3 cv1/cv2, Bottleneck shortcut)"
+    assert len(read_twice) >= 2, ("the tiny detector has tensors read by two quantizers "
+                                  "(C3 cv1/cv2, Bottleneck shortcut)")
     assert all(len(set(s)) == 1 for s in read_twice.values()), read_twice

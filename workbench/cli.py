@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sens = sub.add_parser("sensitivity", help="calibrate as the recipe says, then rank every layer's INT8 sensitivity")
     sens.add_argument("recipe")
-    sens.add_argument("overrides", nargs="*", help="recipe fields to override, e.g. stages.sensitivity.proxy_samples=32")
+    sens.add_argument("overrides", nargs="*",
+                      help="recipe fields to override, e.g. stages.sensitivity.proxy_samples=32")
     sens.add_argument("--gpus", type=int, default=1, metavar="N", help="split the sweep over N processes (torchrun)")
 
     check = sub.add_parser("check-onnx", help="check a Q/DQ ONNX against TensorRT's explicit-quantization rules "
@@ -213,7 +214,8 @@ def _runs(runs_dir: str) -> int:
     from .rundir import list_runs, mark_stale_runs
 
     for path in mark_stale_runs(Path(runs_dir)):
-        print(f"marked {path.name} as interrupted: its process is gone (continue it with workbench run --resume {path})")
+        print(f"marked {path.name} as interrupted: its process is gone "
+              f"(continue it with workbench run --resume {path})")
     rows = list_runs(Path(runs_dir))
     if not rows:
         print(f"no runs in {runs_dir}")

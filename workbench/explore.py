@@ -48,7 +48,9 @@ class RunExplorer:
         self.reference = resolve_model(self.recipe.model).to(self.device).eval()
         pruned = self.dir / "pruned_model.pt"
         if pruned.is_file():  # the run pruned the model before calibrating it: rebuild that shape
-            self.model = resolve_model(self.recipe.model.model_copy(update={"pruned": str(pruned)})).to(self.device).eval()
+            self.model = resolve_model(
+                self.recipe.model.model_copy(update={"pruned": str(pruned)})
+            ).to(self.device).eval()
         else:
             self.model = copy.deepcopy(self.reference)
         self.result = restore_(self.model, self.config, saved["activation_amax"], self._example())
@@ -74,7 +76,8 @@ class RunExplorer:
         set_float_units(self.model, self.result, layers)
 
     def evaluate(self, samples: int | None = 64) -> dict:
-        """The current plan scored on `samples` evaluation samples drawn with a seed (None: all), with FP32 alongside."""
+        """The current plan scored on `samples` evaluation samples drawn with a seed (None: all),
+        with FP32 alongside."""
         if self._dataset is None:
             num_classes = lambda: self.task.num_classes(self.reference, self.recipe.model.input_size)  # noqa: E731
             self._dataset = self.task.for_model(build_dataset(self.recipe.data, "evaluation"), num_classes,
@@ -85,7 +88,8 @@ class RunExplorer:
         probe = self._probes[samples]
         metrics = score_probe(self.model, probe, self.task.scorer(self.recipe, self._dataset))
         name, value = self.task.headline_points(metrics)
-        return {"samples": probe.samples, "metric": name, "value": value, "agreement": self.task.agreement_points(metrics),
+        return {"samples": probe.samples, "metric": name, "value": value,
+                "agreement": self.task.agreement_points(metrics),
                 "float_layers": len(self.float_layers), "int8_mac_share": self.int8_mac_share()}
 
     def int8_mac_share(self) -> float:

@@ -22,9 +22,10 @@ def track(items: Iterable[T], description: str, total: int | None = None,
         TimeRemainingColumn,
     )
 
-    disable = not sys.stderr.isatty() or bool(os.environ.get("WORKBENCH_NO_PROGRESS")) or int(os.environ.get("RANK", "0")) > 0
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[status]}")]
+    disable = (not sys.stderr.isatty() or bool(os.environ.get("WORKBENCH_NO_PROGRESS"))
+               or int(os.environ.get("RANK", "0")) > 0)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
     # On stderr: stdout stays clean for tables and for callers that capture it.
     with Progress(*columns, console=Console(stderr=True), transient=True, disable=disable) as progress:
         task = progress.add_task(description, total=total if total is not None else _len(items), status="")

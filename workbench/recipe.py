@@ -156,7 +156,8 @@ def _list_index(items: list, part: str, parts: list[str]) -> int:
         if isinstance(entry, dict) and part in entry:
             return idx
     names = [next(iter(e)) for e in items if isinstance(e, dict) and len(e) == 1]
-    raise RecipeError(f"override {'.'.join(parts)}: the recipe has no stage {part!r} (it has: {', '.join(names) or 'none'})")
+    raise RecipeError(f"override {'.'.join(parts)}: the recipe has no stage {part!r} "
+                      f"(it has: {', '.join(names) or 'none'})")
 
 
 def _list_item(items: list, part: str, parts: list[str]) -> Any:

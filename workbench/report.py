@@ -156,7 +156,8 @@ def _export_section(run_dir: Path, metrics: dict) -> list[str]:
             if rules is not None:
                 lines.append(f"  TensorRT Q/DQ rules (`workbench check-onnx`): {len(rules)} violation(s)"
                              + ("." if not rules else ":"))
-                lines += [f"  - [{v['rule']}] `{v['node']}` (module `{v['module']}`): {v['message']}" for v in rules[:20]]
+                lines += [f"  - [{v['rule']}] `{v['node']}` (module `{v['module']}`): {v['message']}"
+                          for v in rules[:20]]
     return lines + [""]
 
 
@@ -182,7 +183,8 @@ def _bench_section(run_dir: Path, metrics: dict) -> list[str]:
         return []
     keys = [f"b{b}" for b in bench["batch_sizes"]]
     lines = ["## Latency and size on this machine", "",
-             f"{bench['repeats']} timed runs per batch size, {bench['threads']} CPU threads; median ms (p90), images/s.",
+             f"{bench['repeats']} timed runs per batch size, {bench['threads']} CPU threads; "
+             "median ms (p90), images/s.",
              "", "| Artifact | Size MB | " + " | ".join(f"{k} ms | {k} img/s" for k in keys) + " |",
              "|---|---|" + "---|---|" * len(keys)]
     for name, entry in bench["backends"].items():
@@ -209,8 +211,8 @@ def _timings_section(run_dir: Path, metrics: dict) -> list[str]:
     timings = metrics.get("timings_s", {})
     if not timings:
         return []
-    return ["## Stage times", "", "| Stage | Seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in timings.items()] \
-        + [""]
+    return (["## Stage times", "", "| Stage | Seconds |", "|---|---|"]
+            + [f"| {k} | {v:.1f} |" for k, v in timings.items()] + [""])
 
 
 def _prune_section(run_dir: Path, metrics: dict) -> list[str]:
@@ -228,7 +230,8 @@ def _prune_section(run_dir: Path, metrics: dict) -> list[str]:
                          f"{_fmt(size / 1e6 if size else None)} | {_fmt(lat)} |")
         lines += ["", f"Structured ({p['importance']} importance, channels rounded to {p['round_to']}): MACs "
                       f"x{p['macs_ratio']:.2f}"
-                  + (f", ONNX Runtime {p['ort_speedup_b1']:.2f}x faster at batch 1." if "ort_speedup_b1" in p else "."), ""]
+                  + (f", ONNX Runtime {p['ort_speedup_b1']:.2f}x faster at batch 1." if "ort_speedup_b1" in p
+                     else "."), ""]
     else:
         lines += [f"{p['method']}: {100 * p['sparsity']:.1f}% of {p['weights']:,} weights are zero ({p['layers']} "
                   f"layers). {p['note']}.", ""]
@@ -266,7 +269,8 @@ def _sensitivity_section(run_dir: Path, metrics: dict) -> list[str]:
     if sens and table_path.is_file():
         table = json.loads(table_path.read_text())["layers"]
         lines += ["## Layer sensitivity", ""]
-        task = f", task metric ({sens['metric']}) on {sens['task_samples']} in {sens['task_seconds']:.1f} s" if sens.get("metric") else ""
+        task = (f", task metric ({sens['metric']}) on {sens['task_samples']} in {sens['task_seconds']:.1f} s"
+                if sens.get("metric") else "")
         lines.append(
             f"{sens['units']} layers, modes {', '.join(sens['modes'])}: proxies on {sens['proxy_samples']} samples in "
             f"{sens['proxy_seconds']:.1f} s{task}. `only`: this layer alone in INT8 (change against FP32); `loo`: "
@@ -274,7 +278,8 @@ def _sensitivity_section(run_dir: Path, metrics: dict) -> list[str]:
             "layer but this one in INT8 (gain over all-INT8). Full table: `sensitivity.csv`."
         )
         lines.append("")
-        lines += ["| Rank | Layer | Type | MMACs | only Δ | loo Δ | only SQNR dB | Proxy rank |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["| Rank | Layer | Type | MMACs | only Δ | loo Δ | only SQNR dB | Proxy rank |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in table[:10]:
             lines.append(
                 f"| {r['rank']} | `{r['layer']}` | {r['type']} | {r['macs'] / 1e6:.1f} | {_fmt(r.get('only_delta'))} | "

@@ -144,7 +144,8 @@ def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | Previou
     inputs = describe_inputs(recipe, datasets) if distributed.is_main() else {}
     reusable = check_reusable(previous, recipe, inputs) if previous is not None else 0
     final_dir, work_dir = _start_run_dir(recipe, previous)
-    run = Run(recipe=recipe, dir=work_dir, model=copy.deepcopy(model), reference=model, device=device, _datasets=datasets)
+    run = Run(recipe=recipe, dir=work_dir, model=copy.deepcopy(model), reference=model, device=device,
+              _datasets=datasets)
     run.metrics = {
         "recipe": recipe.name,
         "status": "running",

@@ -107,7 +107,8 @@ def _line_map(node: yaml.Node, prefix: PathKey = ()) -> dict[PathKey, int]:
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             lines[prefix + (key.value,)] = key.start_mark.line + 1
-            lines.update({k: v for k, v in _line_map(value, prefix + (key.value,)).items() if k != prefix + (key.value,)})
+            lines.update({k: v for k, v in _line_map(value, prefix + (key.value,)).items()
+                          if k != prefix + (key.value,)})
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines.update(_line_map(item, prefix + (i,)))

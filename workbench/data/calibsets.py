@@ -52,7 +52,8 @@ def find_calib_set(name: str, field: str = "calib_set") -> Path:
     )
 
 
-def load_calib_set(name: str, field: str = "calib_set", count: int | None = None, seed: int | None = None) -> tuple[DataSplit, TransformConfig]:
+def load_calib_set(name: str, field: str = "calib_set", count: int | None = None,
+                   seed: int | None = None) -> tuple[DataSplit, TransformConfig]:
     """The split a named set defines (count/seed overridable by the recipe) and its spatial transform."""
     path = find_calib_set(name, field)
     raw = load_yaml(read_yaml_text(path, "calibration set"), str(path))[0] or {}

@@ -72,13 +72,15 @@ def apply_spatial(img: Image.Image, t: TransformConfig, seed: int) -> Image.Imag
         img = TF.resize(img, t.resize, interpolation=TF.InterpolationMode.BILINEAR)
     if t.random_resized_crop:
         top, left, h, w = _random_crop_box(img.height, img.width, t.scale, torch.Generator().manual_seed(seed))
-        img = TF.resized_crop(img, top, left, h, w, [t.random_resized_crop] * 2, interpolation=TF.InterpolationMode.BILINEAR)
+        img = TF.resized_crop(img, top, left, h, w, [t.random_resized_crop] * 2,
+                              interpolation=TF.InterpolationMode.BILINEAR)
     if t.crop:
         img = TF.center_crop(img, [t.crop, t.crop])
     return img
 
 
-def _random_crop_box(height: int, width: int, scale: tuple[float, float], gen: torch.Generator) -> tuple[int, int, int, int]:
+def _random_crop_box(height: int, width: int, scale: tuple[float, float],
+                     gen: torch.Generator) -> tuple[int, int, int, int]:
     # As torchvision's RandomResizedCrop, but drawing from our own generator so crops are reproducible.
     area = height * width
     log_ratio = (math.log(3 / 4), math.log(4 / 3))

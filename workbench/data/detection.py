@@ -339,7 +339,8 @@ def _coco_images(entries: list, path: Path) -> dict[int, dict]:
             )
         for key in ("width", "height"):
             if img.get(key) is not None and not (_is_int(img[key]) and img[key] > 0):
-                raise DataError(f"{path}: image {image_id} ({name}): '{key}' {img[key]!r} is not a whole number above 0")
+                raise DataError(f"{path}: image {image_id} ({name}): '{key}' {img[key]!r} "
+                                "is not a whole number above 0")
         images[image_id] = img
     return images
 
@@ -482,7 +483,8 @@ def _read_yolo_labels(path: Path, num_classes: int | None) -> np.ndarray:
         try:
             values = [float(v) for v in fields]
         except ValueError:
-            raise DataError(f"{where}: {line.strip()!r} is not numbers; YOLO detection labels are 'cls cx cy w h'") from None
+            raise DataError(f"{where}: {line.strip()!r} is not numbers; "
+                            "YOLO detection labels are 'cls cx cy w h'") from None
         cls = values[0]
         if not np.isfinite(cls) or cls != int(cls) or cls < 0:
             raise DataError(f"{where}: class {fields[0]!r} is not a class index (a whole number from 0)")

@@ -34,7 +34,8 @@ def build_calib_set(name: str, out_dir: str | Path) -> Path:
         for i in range(len(dataset)):
             file = f"{i:04d}.png"
             dataset.spatial(i).save(tmp_dir / file, format="PNG")
-            files.append({"file": file, "sha256": _sha256(tmp_dir / file), "source": samples[i].key, "label": samples[i].label})
+            files.append({"file": file, "sha256": _sha256(tmp_dir / file), "source": samples[i].key,
+                          "label": samples[i].label})
         manifest = {
             "name": name,
             "definition": split.model_dump(mode="json"),

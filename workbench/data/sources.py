@@ -229,7 +229,8 @@ def _hf(split: DataSplit, field: str) -> list[Sample]:
     except Exception as e:
         raise DataError(f"{field}: cannot load the Hugging Face dataset {_where(split)}: {e}") from None
     if split.image_column not in ds.column_names:
-        raise DataError(f"{field}.image_column: {split.image_column!r} is not a column (columns: {', '.join(ds.column_names)})")
+        raise DataError(f"{field}.image_column: {split.image_column!r} is not a column "
+                        f"(columns: {', '.join(ds.column_names)})")
     labeled = split.label_column is not None and split.labels != "none"
     if labeled and split.label_column not in ds.column_names:
         raise DataError(

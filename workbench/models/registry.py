@@ -173,7 +173,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     # Checkpoints from before PyTorch 0.4.1 have no BatchNorm num_batches_tracked: harmless in eval.
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
-    shape = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shape = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shape:
         parts = []
         if missing:

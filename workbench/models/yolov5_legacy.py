@@ -141,7 +141,8 @@ class _Unpickler(pickle.Unpickler):
 
 
 # torch.load takes a module-like object with an Unpickler and load().
-_pickle_module = types.SimpleNamespace(Unpickler=_Unpickler, load=lambda f, **kw: _Unpickler(f, **kw).load(), __name__="yolov5_restricted")
+_pickle_module = types.SimpleNamespace(Unpickler=_Unpickler, load=lambda f, **kw: _Unpickler(f, **kw).load(),
+                                       __name__="yolov5_restricted")
 
 
 def load_yolov5_checkpoint(path: str | Path) -> nn.Module:

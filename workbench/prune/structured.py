@@ -90,7 +90,8 @@ def prune_channels_(
             iterative_steps=1 if ratio else 30,
         )
     except Exception as e:
-        raise PruningError(f"structured pruning: Torch-Pruning cannot trace this model: {type(e).__name__}: {e}") from None
+        raise PruningError("structured pruning: Torch-Pruning cannot trace this model: "
+                           f"{type(e).__name__}: {e}") from None
     if importance == "taylor" and gradient_batches is None:
         raise PruningError("importance taylor needs gradients: a labeled fine-tune split (data.finetune)")
     try:
@@ -217,7 +218,8 @@ def load_pruned(model: nn.Module, path: str | Path, trust_pickle: bool = False) 
     except pickle.UnpicklingError:
         return _load_pickled_pruned(model, path, trust_pickle)
     except Exception as e:  # truncated or foreign files raise a zoo of errors
-        raise PruningError(f"model.pruned: cannot read {path} ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+        raise PruningError(f"model.pruned: cannot read {path} "
+                           f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     if not isinstance(saved, dict) or saved.get("format") != PRUNED_FORMAT:
         raise PruningError(f"model.pruned: {path} is not a pruned_model.pt written by a prune stage")
     if saved.get("version") != PRUNED_VERSION:

@@ -30,7 +30,8 @@ def prunable_layers(model: nn.Module, ignore: list[str] = ()) -> dict[str, nn.Mo
 def magnitude_prune_(model: nn.Module, layers: dict[str, nn.Module], sparsity: float, scope: str = "global") -> None:
     """Zero the `sparsity` share of smallest-|w| weights: across all `layers` together, or in each layer."""
     if scope == "global":
-        prune.global_unstructured([(m, "weight") for m in layers.values()], pruning_method=prune.L1Unstructured, amount=sparsity)
+        prune.global_unstructured([(m, "weight") for m in layers.values()], pruning_method=prune.L1Unstructured,
+                                  amount=sparsity)
     else:
         for m in layers.values():
             prune.l1_unstructured(m, "weight", amount=sparsity)

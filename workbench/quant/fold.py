@@ -103,7 +103,8 @@ def _exact_float32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _fold_checked(model: nn.Module, example: torch.Tensor, pairs: list[tuple[str, str]], atol: float) -> list[tuple[str, str]]:
+def _fold_checked(model: nn.Module, example: torch.Tensor, pairs: list[tuple[str, str]],
+                  atol: float) -> list[tuple[str, str]]:
     was_training = model.training
     model.eval()
     reference = model(example)

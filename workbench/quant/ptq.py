@@ -58,7 +58,8 @@ class QuantResult:
     excluded: dict[str, str] = field(default_factory=dict)  # module name -> type name (matched an exclude)
     activation_amax: dict[str, float] = field(default_factory=dict)  # input quantizer -> amax
     residual_quantizers: list[str] = field(default_factory=list)  # added by the residual_add rule
-    kept_float: list[str] = field(default_factory=list)  # units switched back to float after calibration (mixed precision)
+    # units switched back to float after calibration (mixed precision)
+    kept_float: list[str] = field(default_factory=list)
     batches: int = 0
     samples: int = 0
 
@@ -127,8 +128,10 @@ def modelopt_config(model: nn.Module, config: Int8Config, layers: dict[str, str]
     entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
     for name, type_name in layers.items():
         axis = _WEIGHT_AXIS.get(type_name, 0) if config.weights == "per_channel" else None
-        entries.append({"quantizer_name": f"{name}.weight_quantizer", "cfg": {"num_bits": 8, "axis": axis}, "enable": True})
-        entries.append({"quantizer_name": f"{name}.input_quantizer", "cfg": {"num_bits": 8, "axis": None}, "enable": True})
+        entries.append({"quantizer_name": f"{name}.weight_quantizer", "cfg": {"num_bits": 8, "axis": axis},
+                        "enable": True})
+        entries.append({"quantizer_name": f"{name}.input_quantizer", "cfg": {"num_bits": 8, "axis": None},
+                        "enable": True})
     return {"quant_cfg": entries, "algorithm": "max"}
 
 
@@ -187,14 +190,16 @@ def quantize_(
         raise CalibrationError("calibrate: the calibration data produced no batches: data.calibration is empty")
     result.batches, result.samples = counter["batches"], counter["samples"]
     amax = {
-        name: histograms[name].amax if config.method == "max" else compute_amax(histograms[name], config.method, percentile=config.percentile)
+        name: (histograms[name].amax if config.method == "max"
+               else compute_amax(histograms[name], config.method, percentile=config.percentile))
         for name in activation_quantizers
     }
     _set_ranges(model, result, activation_quantizers, amax)
     return result
 
 
-def restore_(model: nn.Module, config: Int8Config, activation_amax: dict[str, float], example_input: torch.Tensor) -> QuantResult:
+def restore_(model: nn.Module, config: Int8Config, activation_amax: dict[str, float],
+             example_input: torch.Tensor) -> QuantResult:
     """Rebuild a calibrated fake-quant model from saved ranges (a run's calibration.json), without data.
 
     Folding, layer choice and weight ranges are deterministic functions of the weights and

@@ -78,7 +78,8 @@ def register_backend(row: Backend) -> Backend:
 
 def available(run) -> list[str]:
     """The backends the run can score now, in table order."""
-    return [r.name for r in BACKENDS.values() if all(run.artifacts.has(n) for n in r.needs) and r.model(run) is not None]
+    return [r.name for r in BACKENDS.values()
+            if all(run.artifacts.has(n) for n in r.needs) and r.model(run) is not None]
 
 
 def open_runner(run, name: str, options: Options) -> Runner:

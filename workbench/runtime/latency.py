@@ -10,7 +10,8 @@ from typing import Callable
 import numpy as np
 
 
-def measure_latency(runner, input_shape: tuple[int, ...], batch_sizes=(1, 8), warmup: int = 3, repeats: int = 20, seed: int = 0) -> dict[str, dict[str, float]]:
+def measure_latency(runner, input_shape: tuple[int, ...], batch_sizes=(1, 8), warmup: int = 3, repeats: int = 20,
+                    seed: int = 0) -> dict[str, dict[str, float]]:
     """{"b1": {"median_ms", "p90_ms", "images_per_s"}, ...} for a runner on random input of (C, H, W)."""
     rng = np.random.default_rng(seed)
     out = {}
@@ -41,7 +42,8 @@ def check_bench_options(batch_sizes, warmup: int, repeats: int, threads: int | N
 
 
 def bench_artifacts(artifacts: dict[str, tuple[Callable[[], object], int]], input_shape: tuple[int, ...],
-                    batch_sizes=(1, 8), warmup: int = 5, repeats: int = 50, threads: int | None = None) -> dict[str, dict]:
+                    batch_sizes=(1, 8), warmup: int = 5, repeats: int = 50,
+                    threads: int | None = None) -> dict[str, dict]:
     """Time each artifact, one in memory at a time: name -> {"bytes", "latency": measure_latency(...)}.
 
     `artifacts` maps a name to (a function making its runner, its size in bytes). `threads` fixes
@@ -65,7 +67,8 @@ def bench_artifacts(artifacts: dict[str, tuple[Callable[[], object], int]], inpu
                 raise
             except Exception as e:  # ORT's and TensorRT's errors for a model that cannot run at this shape
                 raise WorkbenchError(f"{name}: cannot run a batch of shape (B, {', '.join(map(str, input_shape))}) "
-                                     f"for B in {list(batch_sizes)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                                     f"for B in {list(batch_sizes)}: "
+                                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
             results[name] = {"bytes": int(size), "latency": latency}
             del runner
     finally:

@@ -28,7 +28,8 @@ class Runner(Protocol):
 
 
 class TorchRunner:
-    def __init__(self, model: nn.Module, name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model: nn.Module, name: str, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
         self.model = model.eval()
         self.name = name
         self.device = torch.device(device)
@@ -87,7 +88,8 @@ class OrtRunner:
     ):
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(path), ort_session_options(mode, threads), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), ort_session_options(mode, threads),
+                                            providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.name = name
         self.mode = mode

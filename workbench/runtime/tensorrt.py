@@ -220,7 +220,8 @@ def layer_precision_summary(layers: list) -> dict[str, int]:
 
 
 def check_engine_matches(sidecar: dict, tensorrt_version: str, compute_capability: str, gpu: str) -> None:
-    """An engine runs only on the TensorRT version and GPU architecture it was built for: say so before TensorRT fails."""
+    """An engine runs only on the TensorRT version and GPU architecture it was built for: say so before TensorRT
+    fails."""
     if sidecar.get("tensorrt") != tensorrt_version:
         raise WorkbenchError(
             f"engine {sidecar.get('engine')} was built with TensorRT {sidecar.get('tensorrt')}, this machine has "

@@ -23,7 +23,8 @@ class BenchOptions(StageOptions):
     batch_sizes: list[BatchSize] = Field(default_factory=lambda: [1, 8], min_length=1, description="Batch sizes timed.")
     warmup: int = Field(5, ge=0, description="Untimed runs per batch size.")
     repeats: int = Field(50, ge=1, description="Timed runs per batch size.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch and ONNX Runtime (default: all cores).")
+    threads: int | None = Field(None, ge=1,
+                                description="CPU threads for PyTorch and ONNX Runtime (default: all cores).")
     cuda_fp16: bool = Field(True, description="Also time the FP32 model in half precision on CUDA, where present.")
 
     _batch_sizes_once = field_validator("batch_sizes")(check_batch_sizes)

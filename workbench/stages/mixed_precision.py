@@ -209,7 +209,8 @@ def _put_back(budget: Budget, plan: list[str], costs: dict) -> list[str]:
 
 
 def _plan_recipe(run, plan: list[str]) -> str:
-    """The run's recipe with the plan as calibrate excludes and without the search stages: plain PTQ that reproduces it."""
+    """The run's recipe with the plan as calibrate excludes and without the search stages: plain PTQ that
+    reproduces it."""
     data = yaml.safe_load(dump_recipe(run.recipe))
     stages = []
     for entry in data["stages"]:
@@ -220,5 +221,6 @@ def _plan_recipe(run, plan: list[str]) -> str:
             options["exclude"] = list(dict.fromkeys((options.get("exclude") or []) + plan))
         stages.append({name: options})
     data["stages"] = stages
-    header = f"# {run.recipe.name}: the mixed-precision plan of run {run.dir.name.removesuffix('.incomplete')} ({len(plan)} layers in float)\n"
+    header = (f"# {run.recipe.name}: the mixed-precision plan of run {run.dir.name.removesuffix('.incomplete')} "
+              f"({len(plan)} layers in float)\n")
     return header + yaml.safe_dump(data, sort_keys=False)

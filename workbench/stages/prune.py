@@ -27,7 +27,8 @@ class PruneOptions(StageOptions):
     ratio: float | None = Field(None, gt=0, lt=1,
                                 description="structured: the share of channels removed (or give macs_target).")
     macs_target: float | None = Field(None, gt=0, lt=1,
-                                      description="structured: prune until MACs are at most this share of the original.")
+                                      description="structured: prune until MACs are at most this share of the "
+                                      "original.")
     importance: Literal["magnitude", "bn_scale", "taylor"] = Field("magnitude",
                                                                    description="structured: how channels are ranked.")
     round_to: int = Field(
@@ -50,7 +51,8 @@ class PruneOptions(StageOptions):
             raise ValueError("method structured needs exactly one of ratio (share of channels removed) or macs_target "
                              f"(share of MACs kept), e.g. ratio: 0.3; got {' and '.join(given) or 'neither'}")
         if self.method != "structured" and given:
-            raise ValueError(f"{' and '.join(given)} are for method structured; method {self.method} prunes to sparsity")
+            raise ValueError(f"{' and '.join(given)} are for method structured; "
+                             f"method {self.method} prunes to sparsity")
         return self
 
 
@@ -121,7 +123,8 @@ def _structured(run, opts: PruneOptions, layers: dict) -> None:
 
     # The layers the recipe leaves alone, and those whose outputs are the task's (a classifier's classes, a
     # detector's head: boxes and classes), keep their channels.
-    keep = [m for name, m in run.model.named_modules() if name and name not in layers and isinstance(m, PRUNABLE_OUTPUTS)]
+    keep = [m for name, m in run.model.named_modules()
+            if name and name not in layers and isinstance(m, PRUNABLE_OUTPUTS)]
     keep += run.task.output_layers(run.model)
     example = run.example_input()
     gradients = None
@@ -156,7 +159,8 @@ def _onnx_before_after(run) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for key, model in (("before", run.reference), ("after", run.model)):
             path = export_onnx(model, run.example_input(), Path(tmp) / f"{key}.onnx")
-            latency = measure_latency(OrtRunner(path, key, "default"), tuple(run.recipe.model.input_size), [1], repeats=20)
+            latency = measure_latency(OrtRunner(path, key, "default"), tuple(run.recipe.model.input_size), [1],
+                                      repeats=20)
             out[f"onnx_bytes_{key}"] = path.stat().st_size
             out[f"ort_latency_b1_ms_{key}"] = latency["b1"]["median_ms"]
     out["ort_speedup_b1"] = out["ort_latency_b1_ms_before"] / out["ort_latency_b1_ms_after"]

@@ -27,7 +27,8 @@ class QatOptions(FinetuneOptions):
     epochs: int = Field(3, ge=1, le=1000, description="Passes over the fine-tune split (QAT needs few).")
     lr: float = Field(1e-4, gt=0, le=0.1, description="Peak learning rate: small, the weights are already trained.")
     optimizer: Literal["sgd", "adamw"] = Field("adamw", description="SGD with Nesterov momentum, or AdamW.")
-    freeze_bn_stats: bool = Field(True, description="Keep BatchNorm statistics fixed (those not folded at calibration).")
+    freeze_bn_stats: bool = Field(True, description="Keep BatchNorm statistics fixed (those not folded at "
+                                  "calibration).")
     freeze_ranges: bool = Field(False, description="Keep the calibrated weight ranges too (default: they follow the "
                                 "weights).")
 

@@ -338,7 +338,8 @@ class DetectionTask(Task):
             if isinstance(dataset, DetectionDataset):
                 out[split] = dataset.with_num_classes(num_classes, f"data.{split}")
             elif split == "evaluation":
-                raise WorkbenchError("data.evaluation: task detection scores with a detection source (coco or yolo_txt)")
+                raise WorkbenchError("data.evaluation: task detection scores with a detection source "
+                                     "(coco or yolo_txt)")
             elif not isinstance(dataset, LetterboxedImages):
                 # unlabeled letterboxed images are enough to calibrate and to distil, not to score
                 raise WorkbenchError(f"data.{split}: task detection needs a detection source (coco or yolo_txt) or "

@@ -22,7 +22,8 @@ def training_losses(run, opts: FinetuneOptions, labeled: bool):
     task = run.task
     use_labels = opts.task_loss and labeled and task.has_label_loss
     if not opts.distill and not use_labels:
-        what = "the fine-tune split has no labels" if task.has_label_loss else f"task {task.name} has no loss of its own"
+        what = ("the fine-tune split has no labels" if task.has_label_loss
+                else f"task {task.name} has no loss of its own")
         raise RecipeError(f"stages.finetune: nothing to learn from: distill is off and {what}; turn distill on")
     teacher = run.reference.eval()
     image_size = float(max(run.recipe.model.input_size[1:]))

@@ -91,13 +91,15 @@ def fit(
         # so the global batch is the recipe's; DDP averages the gradients (and keeps BatchNorm buffers
         # equal by broadcasting rank 0's). The checkpoints and the evaluation are rank 0's.
         batches = _sharded(batches, label)
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
         if not distributed.is_main():
             checkpoint_dir, evaluate = None, None
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
         raise WorkbenchError(f"{label}: the training data produced no batches")
-    total = opts.epochs * steps_per_epoch if opts.max_steps is None else min(opts.max_steps, opts.epochs * steps_per_epoch)
+    total = (opts.epochs * steps_per_epoch if opts.max_steps is None
+             else min(opts.max_steps, opts.epochs * steps_per_epoch))
     params = _param_groups(model, opts.weight_decay)
     if not any(g["params"] for g in params):
         raise WorkbenchError(f"{label}: the model has no trainable parameters")
@@ -112,7 +114,8 @@ def fit(
     step, start_epoch = 0, 0
     fingerprint = fingerprint or {}
     if opts.resume:
-        step, start_epoch, history = _load_checkpoint(Path(opts.resume), model, optimizer, scheduler, label, fingerprint)
+        step, start_epoch, history = _load_checkpoint(Path(opts.resume), model, optimizer, scheduler, label,
+                                                      fingerprint)
     last_good = Path(opts.resume) if opts.resume else None
 
     for epoch in range(start_epoch, opts.epochs):
@@ -129,8 +132,8 @@ def fit(
         sums: dict[str, float] = {}
         seen = 0
         running = lambda: f"loss {sums.get('loss', 0.0) / max(seen, 1):.4g}"  # noqa: E731  (the epoch's mean so far)
-        for batch in track(batches, f"{label} epoch {epoch + 1}/{opts.epochs}", total=min(steps_per_epoch, total - step),
-                           status=running):
+        for batch in track(batches, f"{label} epoch {epoch + 1}/{opts.epochs}",
+                           total=min(steps_per_epoch, total - step), status=running):
             if step >= total:
                 break
             images = batch[0].to(device, non_blocking=True)
@@ -205,7 +208,8 @@ def _sharded(loader, label: str):
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn)
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, epoch: int, history: list[dict], fingerprint: dict) -> None:
+def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, epoch: int, history: list[dict],
+                     fingerprint: dict) -> None:
     # The RNG state too: a resumed run then shuffles the next epoch exactly as an uninterrupted one.
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "step": step, "epoch": epoch, "history": history, "rng": torch.get_rng_state(), "fingerprint": fingerprint}
@@ -217,7 +221,8 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, epoch: 
 TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "history", "rng")
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, label: str, fingerprint: dict) -> tuple[int, int, list[dict]]:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, label: str,
+                     fingerprint: dict) -> tuple[int, int, list[dict]]:
     if not path.is_file():
         raise WorkbenchError(f"{label}.resume: checkpoint {path} does not exist: give a checkpoints/*.pt file of an "
                              "earlier run")
@@ -225,7 +230,8 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, label: str, finger
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any file at all may be named here: torch says why it is not one in many ways
         raise WorkbenchError(
-            f"{label}.resume: {path} is not a checkpoint torch can read ({(str(e).splitlines() or [type(e).__name__])[0]}): "
+            f"{label}.resume: {path} is not a checkpoint torch can read "
+            f"({(str(e).splitlines() or [type(e).__name__])[0]}): "
             f"give a checkpoints/{label}_epoch<N>.pt file that a {label} stage wrote"
         ) from None
     if missing := [k for k in TRAINING_CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]:
@@ -247,4 +253,5 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, label: str, finger
         torch.set_rng_state(state["rng"])
         return int(state["step"]), int(state["epoch"]), list(state["history"])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise WorkbenchError(f"{label}.resume: {path} does not fit this model and optimizer ({str(e).splitlines()[0]})") from None
+        raise WorkbenchError(f"{label}.resume: {path} does not fit this model and optimizer "
+                             f"({str(e).splitlines()[0]})") from None

@@ -1,0 +1,209 @@
+"""OpenVINO: the CPU INT8 engine. It compiles a Q/DQ ONNX graph into its own integer kernels.
+
+`compile_model_file` reads an ONNX file, saves it as OpenVINO IR (.xml/.bin, weights kept in FP32: the
+Q/DQ nodes say what is INT8), compiles it for this CPU, exports the compiled blob where OpenVINO supports
+it, and writes a JSON sidecar: the OpenVINO version, the CPU's model and the instruction sets its INT8
+kernels depend on (runtime/cpu.py), and each compute layer's runtime precision read from the compiled
+model's runtime graph ("60 of 60 convolutions run in u8"). `OpenVINORunner` runs an IR (or ONNX) file;
+`check_sidecar` refuses an artifact compiled by another OpenVINO version or on a CPU with instruction sets
+this one lacks, by name.
+
+Nothing here runs without the `openvino` package: `require_openvino` says what to install.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import WorkbenchError
+from ..io import write_bytes, write_json
+from .cpu import cpu_info
+
+INSTALL_HINT = "pip install openvino (Apache-2.0, CPU wheels for x86-64 and Arm); the run's ONNX files do not need it"
+# Runtime-graph layer types that do the multiply-accumulates: the ones whose precision says "INT8 or not".
+COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
+INT8_PRECISIONS = ("u8", "i8")
+
+
+class OpenVINOUnavailable(WorkbenchError):
+    """`openvino` does not import."""
+
+
+def require_openvino():
+    """The openvino module, or OpenVINOUnavailable saying what to install."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise OpenVINOUnavailable(f"OpenVINO is not installed ({e}): {INSTALL_HINT}") from None
+    return openvino
+
+
+def version() -> str:
+    return require_openvino().get_version()
+
+
+def sidecar_path(artifact: Path) -> Path:
+    return artifact.with_name(artifact.name + ".json")
+
+
+def _config(threads: int | None) -> dict:
+    # f32 inference precision: on CPUs with AMX or AVX-512 BF16 OpenVINO would otherwise run the float
+    # layers in bf16, which is not the arithmetic the faithful graph (and TensorRT's FP32 layers) does.
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
+def read_onnx(path: Path):
+    """The ONNX graph as an OpenVINO model; a graph OpenVINO cannot read is refused with its frontend's message
+    (which names the node)."""
+    ov = require_openvino()
+    from ..qdq.export import load_onnx
+
+    load_onnx(path)  # a missing, empty or truncated file gets the workbench's message first
+    try:
+        return ov.Core().read_model(str(path))
+    except RuntimeError as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise WorkbenchError(f"OpenVINO cannot read {path}: {first}") from None
+
+
+def layer_precisions(compiled) -> dict[str, dict[str, int]]:
+    """layer type -> {runtime precision: count} for the compute layers of a compiled model's runtime graph."""
+    counts: dict[str, Counter] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind = str(info["layerType"].value) if "layerType" in info else ""
+        if kind in COMPUTE_LAYERS:
+            precision = str(info["runtimePrecision"].value).lower() if "runtimePrecision" in info else "?"
+            counts.setdefault(kind, Counter())[precision] += 1
+    return {kind: dict(c) for kind, c in counts.items()}
+
+
+def int8_summary(precisions: dict[str, dict[str, int]]) -> str:
+    """'60 of 60 Convolution run in u8' for each compute layer type."""
+    parts = []
+    for kind, by_precision in precisions.items():
+        total = sum(by_precision.values())
+        int8 = {p: n for p, n in by_precision.items() if p in INT8_PRECISIONS}
+        how = " and ".join(f"{n} in {p}" for p, n in int8.items()) or "none in INT8"
+        parts.append(f"{sum(int8.values())} of {total} {kind} ({how})")
+    return "; ".join(parts) or "no compute layers"
+
+
+@dataclass(kw_only=True)
+class CompileRequest:
+    """What to compile and where to write it (IR .xml/.bin, the blob, the sidecar)."""
+
+    onnx: Path
+    xml: Path
+    threads: int | None = None
+    notes: dict | None = None  # recorded in the sidecar as given (which graph was chosen, and why)
+
+
+def save_ir(model, xml: Path) -> None:
+    """Write the model as IR (.xml and its .bin), FP32 weights, atomically: both files are written into a temporary
+    folder beside `xml` (save_model wants a .xml name and derives the .bin from it), then moved, .bin first."""
+    ov = require_openvino()
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{xml.stem}.", dir=xml.parent))
+    try:
+        ov.save_model(model, str(tmp / xml.name), compress_to_fp16=False)
+        os.replace(tmp / xml.with_suffix(".bin").name, xml.with_suffix(".bin"))
+        os.replace(tmp / xml.name, xml)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compile_model_file(req: CompileRequest) -> dict:
+    """Save the ONNX graph as IR, compile it for this CPU, export the blob; write and return the sidecar."""
+    ov = require_openvino()
+    model = read_onnx(req.onnx)
+    save_ir(model, req.xml)
+    compiled = ov.Core().compile_model(str(req.xml), "CPU", _config(req.threads))
+    blob = None
+    try:
+        data = compiled.export_model()
+    except RuntimeError:  # a plugin that cannot export: the IR is the artifact
+        data = None
+    if data:
+        blob = req.xml.with_suffix(".blob")
+        write_bytes(blob, data.getvalue() if hasattr(data, "getvalue") else bytes(data))  # BytesIO in 2024+
+    precisions = layer_precisions(compiled)
+    sidecar = {
+        "engine": "openvino",
+        "ir": req.xml.name,
+        "blob": blob.name if blob else None,
+        "onnx": str(req.onnx),
+        "openvino": ov.get_version(),
+        "cpu": cpu_info().as_dict(),
+        "layer_precisions": precisions,
+        "int8": int8_summary(precisions),
+        **(req.notes or {}),
+    }
+    write_json(sidecar_path(req.xml), sidecar)
+    return sidecar
+
+
+def check_sidecar(artifact: Path) -> dict | None:
+    """The artifact's sidecar, refused by name when it was compiled by another OpenVINO or on a CPU whose INT8
+    instruction sets this one lacks (its kernels were chosen for those). None when there is no sidecar (an IR
+    or ONNX file from elsewhere: compiled here, for this CPU)."""
+    path = sidecar_path(artifact)
+    if not path.is_file():
+        return None
+    try:
+        sidecar = json.loads(path.read_text())
+        built_version, built_flags = sidecar["openvino"], set(sidecar["cpu"]["flags"])
+        built_cpu = sidecar["cpu"]["model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WorkbenchError(f"{artifact}: its sidecar {path.name} is unreadable ({type(e).__name__}); compile it "
+                             "again with `workbench build MODEL.onnx --engine openvino`") from None
+    here = cpu_info()
+    if built_version != version():
+        raise WorkbenchError(f"{artifact} was compiled by OpenVINO {built_version}, this is OpenVINO {version()}: "
+                             "compile the ONNX again here (workbench build MODEL.onnx --engine openvino)")
+    if missing := sorted(built_flags - set(here.flags)):
+        raise WorkbenchError(f"{artifact} was compiled on {built_cpu} with {', '.join(missing)}, which this CPU "
+                             f"({here.model}) lacks: its INT8 kernels were chosen for those instructions; compile "
+                             "the ONNX again here (workbench build MODEL.onnx --engine openvino)")
+    return sidecar
+
+
+class OpenVINORunner:
+    """Runs an IR (.xml) or ONNX file on the CPU. Each input shape is compiled once, as a static shape: OpenVINO's
+    kernels for a fixed batch are faster than for a dynamic one, and a runner sees two or three shapes."""
+
+    def __init__(self, path: str | Path, name: str, threads: int | None = None):
+        self.path = Path(path)
+        self.name = name
+        if self.path.suffix == ".xml":
+            check_sidecar(self.path)
+        self._core = require_openvino().Core()
+        self._model = read_onnx(self.path) if self.path.suffix == ".onnx" else self._core.read_model(str(self.path))
+        self._config = _config(threads)
+        self._compiled: dict[tuple[int, ...], object] = {}
+
+    def _for_shape(self, shape: tuple[int, ...]):
+        if shape not in self._compiled:
+            model = self._model.clone()
+            model.reshape({model.inputs[0].get_any_name(): list(shape)})
+            self._compiled[shape] = self._core.compile_model(model, "CPU", self._config).create_infer_request()
+        return self._compiled[shape]
+
+    def __call__(self, batch) -> np.ndarray:
+        if hasattr(batch, "detach"):
+            batch = batch.detach().cpu().numpy()
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        request = self._for_shape(tuple(batch.shape))
+        request.infer({0: batch})
+        return np.array(request.get_output_tensor(0).data, copy=True)
