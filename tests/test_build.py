@@ -20,7 +20,7 @@ except ImportError:
 needs_tensorrt = pytest.mark.skipif(not HAVE_TRT, reason="needs tensorrt and an NVIDIA GPU")
 
 
-def _run(images, tmp_path, build_opts="{}"):
+def _run(images, tmp_path, build_opts="{engine: tensorrt}"):
     stages = (f"  - calibrate: {{method: max}}\n  - export: {{}}\n  - build: {build_opts}\n"
               f"  - evaluate: {{latency: false}}\n")
     (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs", stages))
@@ -39,12 +39,12 @@ def test_without_tensorrt_the_run_still_writes_its_onnx_and_report(images, tmp_p
 
 @pytest.mark.skipif(HAVE_TRT, reason="checks the behaviour without tensorrt")
 def test_required_build_without_tensorrt_fails_the_run(images, tmp_path, capsys):
-    assert _run(images, tmp_path, "{required: true}") == 2
+    assert _run(images, tmp_path, "{engine: tensorrt, required: true}") == 2
     assert "TensorRT is not installed" in capsys.readouterr().err
 
 
 def test_profile_out_of_order_is_refused_before_anything_runs(images, tmp_path, capsys):
-    assert _run(images, tmp_path, "{min_batch: 16, opt_batch: 8, max_batch: 4}") == 2
+    assert _run(images, tmp_path, "{engine: tensorrt, min_batch: 16, opt_batch: 8, max_batch: 4}") == 2
     assert "min_batch <= opt_batch <= max_batch" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
@@ -68,7 +68,7 @@ def test_cli_build_checks_the_request_first(images, tmp_path, capsys):
     assert main(["build", str(run_dir / "model.onnx"), "--size", "64", "64"]) == 2  # the graph's size is fixed at 32
     assert "fixed at 32" in capsys.readouterr().err
     if not HAVE_TRT:
-        assert main(["build", str(run_dir / "model.onnx")]) == 2
+        assert main(["build", str(run_dir / "model.onnx"), "--engine", "tensorrt"]) == 2
         assert "TensorRT is not installed" in capsys.readouterr().err
     assert not list(run_dir.glob("*.engine"))
 
@@ -96,7 +96,7 @@ def test_layer_precision_summary_reads_the_inspector_format():
 
 @needs_tensorrt
 def test_build_int8_engine_and_score_it(images, tmp_path):
-    assert _run(images, tmp_path, "{required: true, max_batch: 8}") == 0
+    assert _run(images, tmp_path, "{engine: tensorrt, required: true, max_batch: 8}") == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     build = json.loads((run_dir / "metrics.json").read_text())["stages"]["build"]
     assert build["built"] and build["layer_precisions"].get("Int8", 0) > 0
@@ -152,10 +152,10 @@ def test_bench_command_times_the_files_of_a_run_directory(images, tmp_path, caps
 
 def test_bench_command_bad_input(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "missing.onnx")]) == 2
-    assert "missing.onnx: not an .onnx or .engine file" in capsys.readouterr().err
+    assert "missing.onnx: not an .onnx, .engine or .xml file" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["bench", str(tmp_path / "empty")]) == 2
-    assert "no .onnx or .engine files" in capsys.readouterr().err
+    assert "no .onnx, .engine or .xml files" in capsys.readouterr().err
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     path = export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "dyn.onnx", dynamic_size=True)
     assert main(["bench", str(path), "--json", str(tmp_path / "x.json")]) == 2

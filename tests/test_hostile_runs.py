@@ -309,7 +309,7 @@ def test_runs_of_a_missing_directory(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------
 
 # Fails at run time, after validation: build makes no engine without TensorRT, and evaluate asks for it.
-FAILING_EVALUATE = ("  - calibrate: {method: max}\n  - export: {}\n  - build: {}\n"
+FAILING_EVALUATE = ("  - calibrate: {method: max}\n  - export: {}\n  - build: {engine: tensorrt}\n"
                     "  - evaluate: {backends: [tensorrt], latency: false}\n")
 needs_no_tensorrt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
                                        reason="the failing recipe relies on build making no engine without TensorRT")
@@ -360,7 +360,8 @@ def test_resume_restores_a_pruned_and_fine_tuned_model_under_its_calibration(tmp
     runs = tmp_path / "runs"
     stages = ("  - prune: {method: structured, ratio: 0.5, latency: false}\n"
               "  - finetune: {epochs: 1, lr: 0.01, eval_samples: 10}\n  - calibrate: {method: max}\n  - export: {}\n"
-              "  - build: {}\n  - evaluate: {backends: [tensorrt], latency: false}\n")  # no engine: fails
+              # no engine: fails
+              "  - build: {engine: tensorrt}\n  - evaluate: {backends: [tensorrt], latency: false}\n")
     recipe = _recipe(tmp_path, images, runs, stages)
     recipe.write_text(recipe.read_text().replace(
         "  batch_size: 4", f'  finetune: {{source: imagefolder, path: "{images}"}}\n  batch_size: 4'))

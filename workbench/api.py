@@ -109,16 +109,39 @@ def check_onnx(path: str | os.PathLike) -> OnnxCheck:
     return OnnxCheck(check_qdq(model), check_quantized(model))
 
 
-def build(onnx: str | os.PathLike, batch: tuple[int, int, int] = (1, 8, 32), size: tuple[int, int] | None = None,
-          out: str | os.PathLike | None = None, precision: str = "int8", strongly_typed: bool = True,
-          workspace_mib: int = 4096, timing_cache: str | os.PathLike | None = None, sparse: bool = False) -> dict:
-    """`workbench build`: a TensorRT engine from an ONNX file (min/opt/max `batch`, `size` (H, W) for a graph
-    with a dynamic image size), written beside it unless `out`; returns its sidecar."""
+def build(onnx: str | os.PathLike, engine: str = "auto", batch: tuple[int, int, int] = (1, 8, 32),
+          size: tuple[int, int] | None = None, out: str | os.PathLike | None = None, precision: str = "int8",
+          strongly_typed: bool = True, workspace_mib: int = 4096, timing_cache: str | os.PathLike | None = None,
+          sparse: bool = False) -> dict:
+    """`workbench build`: an engine from an ONNX file, written beside it unless `out`; returns its sidecar.
+
+    engine "tensorrt": a TensorRT engine (min/opt/max `batch`, `size` (H, W) for a graph with a dynamic image
+    size); "openvino": OpenVINO IR compiled for this CPU (.xml/.bin, .blob, .xml.json); "auto": TensorRT where
+    its package is installed, else OpenVINO.
+    """
+    import importlib.util
+
     from .errors import WorkbenchError
     from .qdq.export import onnx_input_dims
-    from .runtime.tensorrt import BuildRequest, build_engine, default_timing_cache, profile_for
 
     onnx_path = Path(onnx)
+    if engine == "auto":
+        engine = "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "openvino"
+    if engine == "openvino":
+        from .qdq.graph import qdq_census
+        from .runtime import openvino
+
+        if precision == "fp16":
+            raise WorkbenchError("--precision fp16 is for TensorRT; OpenVINO on the CPU compiles int8 or fp32")
+        onnx_input_dims(onnx_path)  # a missing or broken file is named before OpenVINO reads it
+        if precision == "int8" and qdq_census(onnx_path)["QuantizeLinear"] == 0:
+            raise WorkbenchError(f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes, so an INT8 build would "
+                                 "run in float: build the model.onnx of a run with a calibrate stage, or ask "
+                                 "--precision fp32")
+        xml = Path(out) if out else onnx_path.with_name(f"{onnx_path.stem}_openvino.xml")
+        return openvino.compile_model_file(openvino.CompileRequest(onnx=onnx_path, xml=xml))
+    from .runtime.tensorrt import BuildRequest, build_engine, default_timing_cache, profile_for
+
     fixed = onnx_input_dims(onnx_path)
     if size:
         hw = tuple(size)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 # The names a stage declares it needs or makes. Backends (runtime/backends.py) name them too: keep them stable.
 Artifact = Literal[
     "quantized", "pruned", "pruned_file", "ptq", "onnx", "onnx_fp32", "onnx_pruned_fp32", "onnx_ptq", "ort_int8",
-    "engine", "sensitivity",
+    "tensorrt_engine", "openvino_int8", "openvino_fp32", "sensitivity",
 ]
 ARTIFACTS: tuple[str, ...] = get_args(Artifact)
 
@@ -37,7 +37,9 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                          "export"),
     "onnx_ptq": ("the PTQ graph model_ptq.onnx (after qat)", "export"),
     "ort_int8": ("the ONNX Runtime flavour model_int8_ort.onnx (of a calibrated model, ort_int8: true)", "export"),
-    "engine": ("a TensorRT engine", "build"),
+    "tensorrt_engine": ("a TensorRT engine", "build (engine: tensorrt)"),
+    "openvino_int8": ("an OpenVINO INT8 model", "build (engine: openvino)"),
+    "openvino_fp32": ("an OpenVINO FP32 model", "build (engine: openvino, after export with fp32)"),
     "sensitivity": ("the sensitivity table", "sensitivity"),
 }
 assert set(DESCRIPTIONS) == set(ARTIFACTS)
@@ -63,7 +65,9 @@ class Artifacts:
     pruned_file: Path | None = None
     ptq_model: nn.Module | None = None
     onnx: OnnxFiles | None = None
-    engine: Path | None = None
+    tensorrt_engine: Path | None = None
+    openvino_int8: Path | None = None  # the compiled IR (.xml; .bin, .blob and .json beside it)
+    openvino_fp32: Path | None = None
     sensitivity: list[dict[str, Any]] | None = None
 
     def has(self, name: Artifact) -> bool:
@@ -79,7 +83,9 @@ class Artifacts:
             "onnx_pruned_fp32": onnx is not None and onnx.pruned_fp32 is not None,
             "onnx_ptq": onnx is not None and onnx.ptq is not None,
             "ort_int8": onnx is not None and onnx.ort_int8 is not None,
-            "engine": self.engine is not None,
+            "tensorrt_engine": self.tensorrt_engine is not None,
+            "openvino_int8": self.openvino_int8 is not None,
+            "openvino_fp32": self.openvino_fp32 is not None,
             "sensitivity": self.sensitivity is not None,
         }
         if name not in present:

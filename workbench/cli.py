@@ -54,20 +54,23 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("onnx", help="the .onnx file, e.g. runs/<run>/model.onnx")
     check.add_argument("--json", action="store_true", help="print the violations as JSON")
 
-    eng = sub.add_parser("build", help="build a TensorRT engine from an ONNX (Q/DQ for INT8)")
+    eng = sub.add_parser("build", help="build an engine from an ONNX (Q/DQ for INT8): TensorRT, or OpenVINO for the "
+                                       "CPU")
     eng.add_argument("onnx")
+    eng.add_argument("--engine", choices=["auto", "tensorrt", "openvino"], default="auto",
+                     help="auto: tensorrt where the tensorrt package is installed, openvino elsewhere")
     eng.add_argument("--precision", choices=["int8", "fp16", "fp32"], default="int8")
     eng.add_argument("--batch", type=int, nargs=3, default=[1, 8, 32], metavar=("MIN", "OPT", "MAX"))
     eng.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: the graph's fixed "
                                                                            "size)")
-    eng.add_argument("--out", help="engine path (default: next to the ONNX, .engine)")
+    eng.add_argument("--out", help="engine path (default: next to the ONNX: MODEL.engine, or MODEL_openvino.xml)")
     eng.add_argument("--weak-typing", action="store_true", help="weakly typed network with INT8 and FP16 flags")
     eng.add_argument("--sparse", action="store_true", help="allow 2:4 sparse kernels")
     eng.add_argument("--workspace-mib", type=int, default=4096)
     eng.add_argument("--timing-cache", help="timing cache file (default: ~/.cache/workbench/tensorrt_timing.cache)")
 
-    ben = sub.add_parser("bench", help="latency and throughput of .onnx/.engine files (or all of those in a run "
-                                       "directory)")
+    ben = sub.add_parser("bench", help="latency and throughput of .onnx/.engine/.xml (OpenVINO) files (or all of "
+                                       "those in a run directory)")
     ben.add_argument("paths", nargs="+", metavar="PATH")
     ben.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="B")
     ben.add_argument("--warmup", type=int, default=5)
@@ -277,11 +280,17 @@ def _bench(args, console) -> int:
 def _build_engine(args) -> int:
     from . import api
 
-    out = args.out or str(Path(args.onnx).with_suffix(".engine"))
-    sidecar = api.build(args.onnx, tuple(args.batch), tuple(args.size) if args.size else None, out, args.precision,
-                        not args.weak_typing, args.workspace_mib, args.timing_cache, args.sparse)
-    print(f"engine: {out} (TensorRT {sidecar['tensorrt']}, {sidecar['gpu']}); layers by precision: "
-          f"{sidecar['layer_precisions']}")
+    sidecar = api.build(args.onnx, engine=args.engine, batch=tuple(args.batch),
+                        size=tuple(args.size) if args.size else None, out=args.out, precision=args.precision,
+                        strongly_typed=not args.weak_typing, workspace_mib=args.workspace_mib,
+                        timing_cache=args.timing_cache, sparse=args.sparse)
+    if sidecar.get("engine") == "openvino":
+        where = Path(args.out) if args.out else Path(args.onnx).with_name(sidecar["ir"])
+        print(f"OpenVINO IR: {where} (OpenVINO {sidecar['openvino']}, {sidecar['cpu']['model']}); {sidecar['int8']}")
+    else:
+        where = Path(args.out) if args.out else Path(args.onnx).with_name(sidecar["engine"])
+        print(f"engine: {where} (TensorRT {sidecar['tensorrt']}, "
+              f"{sidecar['gpu']}); layers by precision: {sidecar['layer_precisions']}")
     return 0
 
 

@@ -198,13 +198,30 @@ def _build_section(run_dir: Path, metrics: dict) -> list[str]:
     b = metrics.get("stages", {}).get("build")
     if not b:
         return []
-    if b.get("built"):
-        text = (f"`{b['engine']}`: TensorRT {b['tensorrt']} on {b['gpu']} (compute capability "
+    engine = b.get("engine", "tensorrt")
+    title = "## TensorRT engine" if engine == "tensorrt" else "## OpenVINO (CPU)"
+    if not b.get("built"):
+        return [title, "", f"Not built: {b['reason']}", ""]
+    if engine == "tensorrt":
+        text = [f"`{b['engine_file']}`: TensorRT {b['tensorrt']} on {b['gpu']} (compute capability "
                 f"{b['compute_capability']}), {'strongly' if b['strongly_typed'] else 'weakly'} typed, profile "
-                f"{b['profile']}; layers by output precision: {b['layer_precisions']}. Sidecar: `{b['engine']}.json`.")
+                f"{b['profile']}; layers by output precision: {b['layer_precisions']}. Sidecar: "
+                f"`{b['engine_file']}.json`."]
     else:
-        text = f"Not built: {b['reason']}"
-    return ["## TensorRT engine", "", text, ""]
+        cpu = (b.get("int8") or b.get("fp32"))["cpu"]
+        text = [f"OpenVINO {b['openvino']} on {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags'])})."]
+        for key in ("int8", "fp32"):
+            if key in b:
+                side = b[key]
+                text.append(f"- `{side['ir']}` (from `{Path(side['onnx']).name}`): {side['int8']}."
+                            + (f" {side['graph_note']}" if side.get("graph_note") else ""))
+    guard = b.get("guard")
+    if guard:
+        agree = (f"{guard['agreement']:.2f}% agreement over {guard['compared']} compared"
+                 if guard["agreement"] is not None else "no agreement measurable")
+        text += ["", f"Guard: against the faithful graph on {guard['samples']} calibration images, {agree}, output "
+                 f"SQNR {guard['sqnr_db']:.1f} dB: {'passed' if guard['passed'] else 'refused'}."]
+    return [title, ""] + text + [""]
 
 
 def _timings_section(run_dir: Path, metrics: dict) -> list[str]:

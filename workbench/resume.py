@@ -290,12 +290,30 @@ def _sensitivity(run, options, values) -> bool:
 
 
 def _built(run, options, values) -> bool:
+    """The engine files the build stage wrote, where each is still there (an OpenVINO IR also with its sidecar,
+    which says it was compiled by this OpenVINO for this CPU)."""
     if not values.get("built"):
         return True  # nothing was built: nothing to hand on
-    engine = run.path(f"model_{options.precision}.engine")
-    if not engine.is_file():
-        return False
-    run.artifacts.engine = engine
+    if values.get("engine", "tensorrt") == "tensorrt":
+        engine = run.path(f"model_{options.precision}.engine")
+        if not engine.is_file():
+            return False
+        run.artifacts.tensorrt_engine = engine
+        return True
+    from .runtime.openvino import artifact_files, check_sidecar
+
+    found = {}
+    for key in ("int8", "fp32"):
+        if key in values:
+            xml = run.path(f"model_openvino_{key}.xml")
+            if not all(p.is_file() for p in artifact_files(xml) if p.suffix != ".blob"):
+                return False
+            try:
+                check_sidecar(xml)
+            except WorkbenchError:  # another OpenVINO or CPU since: compile again
+                return False
+            found[key] = xml
+    run.artifacts.openvino_int8, run.artifacts.openvino_fp32 = found.get("int8"), found.get("fp32")
     return True
 
 

@@ -80,3 +80,45 @@ def layer_divergence(model: nn.Module, onnx_path: str | Path, batch: torch.Tenso
             "ref_max_abs": float(ref.abs().max()),
         })
     return rows
+
+
+def graph_divergence(onnx_path: str | Path, batch: np.ndarray, run_tapped) -> list[dict]:
+    """Per compute node of an ONNX graph, in graph order: how far an engine's output is from the faithful ONNX
+    Runtime execution of the same graph.
+
+    `run_tapped(path, batch)` runs the engine on the graph at `path` (a copy with every Conv/Gemm/MatMul output
+    exposed as a graph output) and returns {tensor name: array}. Rows: {"onnx_node", "rel_error", "max_abs",
+    "ref_max_abs"}, rel_error = ||engine - faithful|| / ||faithful||. An engine that fuses the taps away (no
+    output under a tap's name) has no row for it.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(onnx_path))
+    taps = [(node.name, node.output[0]) for node in proto.graph.node if node.op_type in COMPUTE_OPS]
+    existing = {o.name for o in proto.graph.output}
+    proto.graph.output.extend([onnx.ValueInfoProto(name=t) for _, t in taps if t not in existing])
+    batch = np.ascontiguousarray(batch, dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "taps.onnx"
+        onnx.save(proto, str(path))
+        session = ort.InferenceSession(str(path), ort_session_options("faithful"), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        faithful = dict(zip(names, session.run(None, {session.get_inputs()[0].name: batch})))
+        engine = run_tapped(path, batch)
+    rows = []
+    for node, tensor in taps:
+        if tensor not in engine or tensor not in faithful:
+            continue
+        ref, got = np.asarray(faithful[tensor], dtype=np.float64), np.asarray(engine[tensor], dtype=np.float64)
+        if ref.shape != got.shape:
+            continue
+        diff = got - ref
+        rows.append({"onnx_node": node, "rel_error": float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-12)),
+                     "max_abs": float(np.abs(diff).max()), "ref_max_abs": float(np.abs(ref).max())})
+    return rows
+
+
+def first_diverging(rows: list[dict], rel_error: float = 0.1) -> dict | None:
+    """The first row (in graph order) whose relative error exceeds `rel_error`, or None."""
+    return next((r for r in rows if r["rel_error"] > rel_error), None)

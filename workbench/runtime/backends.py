@@ -93,9 +93,10 @@ def names() -> tuple[str, ...]:
 
 
 def artifact_bytes(model: nn.Module | Path) -> int:
-    """A file's bytes on disk, a module's parameter bytes."""
+    """A file's bytes on disk (an OpenVINO IR's .xml with its .bin), a module's parameter bytes."""
     if isinstance(model, Path):
-        return model.stat().st_size
+        weights = model.with_suffix(".bin") if model.suffix == ".xml" else None
+        return model.stat().st_size + (weights.stat().st_size if weights and weights.is_file() else 0)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
@@ -135,7 +136,7 @@ def bench_artifacts(run, options: Options, cuda: bool, fp16: bool) -> dict[str, 
 def file_artifact(path: Path, threads: int | None = None) -> tuple[Callable[[], Runner], int]:
     """(runner factory, bytes) of a model file, opened by the row that serves its suffix."""
     row = next(r for r in BACKENDS.values() if r.file_suffix == path.suffix)
-    return (lambda: row.opens(path, path.name, Options(threads=threads))), path.stat().st_size
+    return (lambda: row.opens(path, path.name, Options(threads=threads))), artifact_bytes(path)
 
 
 def file_suffixes() -> list[str]:
@@ -166,6 +167,12 @@ def _ort(mode: str) -> Callable[[Path, str, Options], Runner]:
         return OrtRunner(path, name, mode, options.threads)
 
     return opens
+
+
+def _openvino(path: Path, name: str, options: Options) -> Runner:
+    from .openvino import OpenVINORunner
+
+    return OpenVINORunner(path, name, options.threads)
 
 
 def _tensorrt(path: Path, name: str, options: Options) -> Runner:
@@ -244,7 +251,13 @@ for _row in (
                 "The ONNX Runtime flavour (integer kernels) agrees with the faithful TensorRT-style graph")),
     Backend("ort_int8_ptq", "INT8 PTQ before QAT (ONNX Runtime, faithful)", ("quantized", "onnx_ptq"),
             _onnx("ptq"), _ort("faithful")),
-    Backend("tensorrt", "TensorRT engine", ("engine",), lambda run: run.artifacts.engine, _tensorrt, benched=True,
-            file_suffix=".engine"),
+    Backend("tensorrt", "TensorRT engine", ("tensorrt_engine",), lambda run: run.artifacts.tensorrt_engine, _tensorrt,
+            benched=True, file_suffix=".engine"),
+    Backend("openvino_fp32", "FP32 (OpenVINO)", ("openvino_fp32",), lambda run: run.artifacts.openvino_fp32,
+            _openvino, benched=True),
+    Backend("openvino_int8", "INT8 OpenVINO (compiled from the Q/DQ graph, integer kernels)", ("openvino_int8",),
+            lambda run: run.artifacts.openvino_int8, _openvino, benched=True, file_suffix=".xml",
+            compares=Comparison("openvino_vs_faithful", "ort_int8_faithful",
+                                "The OpenVINO INT8 engine agrees with the faithful TensorRT-style graph")),
 ):
     register_backend(_row)

@@ -80,7 +80,7 @@ def model_files(paths: list[Path], suffixes: list[str]) -> list[Path]:
     """The model files named (files with one of `suffixes`), a directory standing for those in it (a run directory)."""
     from ..errors import WorkbenchError
 
-    kinds = " or ".join(suffixes)
+    kinds = " or ".join([", ".join(suffixes[:-1]), suffixes[-1]] if len(suffixes) > 1 else suffixes)
     files = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -96,7 +96,8 @@ def model_files(paths: list[Path], suffixes: list[str]) -> list[Path]:
 
 def model_input_shape(path: Path) -> tuple[tuple[int, ...] | None, int | None]:
     """((C, H, W) when the file fixes them, else None; the fixed batch size, else None) of a model file's input,
-    from the ONNX graph input or an engine's sidecar (the profile's opt shape; engines take any batch in it)."""
+    from the ONNX graph or OpenVINO IR input, or an engine's sidecar (the profile's opt shape; engines take any
+    batch in it)."""
     from ..errors import WorkbenchError
 
     path = Path(path)
@@ -107,8 +108,13 @@ def model_input_shape(path: Path) -> tuple[tuple[int, ...] | None, int | None]:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise WorkbenchError(f"{path}: its sidecar {side.name} is missing or unreadable ({type(e).__name__}); "
                                  "build engines with `workbench build`, which writes it") from None
-    from ..qdq.export import onnx_input_dims
+    if path.suffix == ".xml":
+        from .openvino import input_dims
 
-    fixed = onnx_input_dims(path)
+        fixed = input_dims(path)
+    else:
+        from ..qdq.export import onnx_input_dims
+
+        fixed = onnx_input_dims(path)
     shape = tuple(fixed[1:]) if len(fixed) > 1 and all(fixed[1:]) else None
     return shape, (fixed[0] if fixed else None)

@@ -54,6 +54,11 @@ def sidecar_path(artifact: Path) -> Path:
     return artifact.with_name(artifact.name + ".json")
 
 
+def artifact_files(xml: Path) -> list[Path]:
+    """Every file `compile_model_file` writes for one IR."""
+    return [xml, xml.with_suffix(".bin"), xml.with_suffix(".blob"), sidecar_path(xml)]
+
+
 def _config(threads: int | None) -> dict:
     # f32 inference precision: on CPUs with AMX or AVX-512 BF16 OpenVINO would otherwise run the float
     # layers in bf16, which is not the arithmetic the faithful graph (and TensorRT's FP32 layers) does.
@@ -75,6 +80,12 @@ def read_onnx(path: Path):
     except RuntimeError as e:
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise WorkbenchError(f"OpenVINO cannot read {path}: {first}") from None
+
+
+def input_dims(xml: Path) -> list[int | None]:
+    """The IR's first input's dimensions, None where dynamic."""
+    shape = require_openvino().Core().read_model(str(xml)).inputs[0].get_partial_shape()
+    return [d.get_length() if d.is_static else None for d in shape]
 
 
 def layer_precisions(compiled) -> dict[str, dict[str, int]]:
@@ -207,3 +218,13 @@ class OpenVINORunner:
         request = self._for_shape(tuple(batch.shape))
         request.infer({0: batch})
         return np.array(request.get_output_tensor(0).data, copy=True)
+
+
+def run_tapped(path: Path, batch: np.ndarray, threads: int | None = None) -> dict[str, np.ndarray]:
+    """Run an ONNX file once on `batch`; every output by each of its tensor names (for qdq.compare.graph_divergence)."""
+    core = require_openvino().Core()
+    model = core.read_model(str(path))
+    model.reshape({model.inputs[0].get_any_name(): list(batch.shape)})
+    compiled = core.compile_model(model, "CPU", _config(threads))
+    results = compiled({0: np.ascontiguousarray(batch, dtype=np.float32)})
+    return {name: np.asarray(value) for port, value in results.items() for name in port.get_names()}

@@ -1,45 +1,77 @@
-"""build: a TensorRT engine from the run's exported ONNX (see runtime/tensorrt.py).
+"""build: an engine compiled from the run's exported ONNX, checked against the graph it was built from.
 
-Without `tensorrt` (or a GPU) the stage records why no engine was built and the run goes
-on to its reports, unless `required: true`.
+Engines: TensorRT (runtime/tensorrt.py; NVIDIA GPUs) and OpenVINO (runtime/openvino.py; the CPU). `auto`
+takes TensorRT where the `tensorrt` package is installed, OpenVINO elsewhere. An INT8 engine is compiled
+from the Q/DQ graph; OpenVINO also compiles the FP32 graph, the baseline its speed-up is measured against.
+Every engine then runs beside the faithful execution of its graph on calibration images (runtime/guard.py)
+and is handed on only if it computes the same function; a refused engine's files are removed.
+
+Without the engine's package (or, for TensorRT, a GPU) the stage records why nothing was built and the run
+goes on to its reports; `required: true` fails the run instead, as it does for a refused engine.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..errors import WorkbenchError
 from ..schema import MAX_BATCH, ImageSide
 from .registry import StageOptions, register_stage
 
 
 class BuildOptions(StageOptions):
+    engine: Literal["auto", "tensorrt", "openvino"] = Field(
+        "auto", description="tensorrt (NVIDIA GPUs), openvino (CPUs); auto: tensorrt where the tensorrt package is "
+        "installed, openvino elsewhere.")
     precision: Literal["int8", "fp16", "fp32"] = Field(
-        "int8", description="int8: the Q/DQ graph (model.onnx); fp16/fp32: the FP32 graph.")
-    min_batch: int = Field(1, ge=1, le=MAX_BATCH, description="Smallest batch of the optimization profile.")
-    opt_batch: int = Field(8, ge=1, le=MAX_BATCH, description="Batch TensorRT tunes for.")
-    max_batch: int = Field(32, ge=1, le=MAX_BATCH, description="Largest batch.")
+        "int8", description="int8: the Q/DQ graph (model.onnx; OpenVINO also compiles the FP32 graph beside it); "
+        "fp16 (TensorRT only) / fp32: the FP32 graph.")
+    min_batch: int = Field(1, ge=1, le=MAX_BATCH, description="TensorRT: smallest batch of the optimization profile.")
+    opt_batch: int = Field(8, ge=1, le=MAX_BATCH, description="TensorRT: batch it tunes for.")
+    max_batch: int = Field(32, ge=1, le=MAX_BATCH, description="TensorRT: largest batch.")
     min_size: tuple[ImageSide, ImageSide] | None = Field(
-        None, description="Smallest (H, W), for graphs exported with dynamic_size.")
+        None, description="TensorRT: smallest (H, W), for graphs exported with dynamic_size.")
     opt_size: tuple[ImageSide, ImageSide] | None = Field(
-        None, description="(H, W) TensorRT tunes for (default: the recipe's input size).")
-    max_size: tuple[ImageSide, ImageSide] | None = Field(None, description="Largest (H, W).")
-    strongly_typed: bool = Field(True, description="Precisions from the graph (TensorRT 10's recommended mode for "
-                                 "Q/DQ).")
-    fp16: bool = Field(True, description="Weakly typed builds: allow FP16 for the layers the graph keeps float.")
-    workspace_mib: int = Field(4096, ge=16, description="Builder workspace limit.")
-    timing_cache: str | None = Field(None, description="Timing cache file, read and updated by every build "
+        None, description="TensorRT: (H, W) it tunes for (default: the recipe's input size).")
+    max_size: tuple[ImageSide, ImageSide] | None = Field(None, description="TensorRT: largest (H, W).")
+    strongly_typed: bool = Field(True, description="TensorRT: precisions from the graph (TensorRT 10's recommended "
+                                 "mode for Q/DQ).")
+    fp16: bool = Field(True, description="TensorRT, weakly typed builds: allow FP16 for the layers the graph keeps "
+                       "float.")
+    workspace_mib: int = Field(4096, ge=16, description="TensorRT: builder workspace limit.")
+    timing_cache: str | None = Field(None, description="TensorRT: timing cache file, read and updated by every build "
                                      "(default: ~/.cache/workbench).")
-    sparse_weights: bool = Field(False, description="Let TensorRT use 2:4 sparse kernels (after prune: sparsity_2to4).")
-    required: bool = Field(False, description="Fail the run when TensorRT is missing (default: record why and go on).")
+    sparse_weights: bool = Field(False, description="TensorRT: use 2:4 sparse kernels (after prune: sparsity_2to4).")
+    guard: bool = Field(True, description="Run the engine beside the faithful graph on calibration images and refuse "
+                        "it when their outputs disagree.")
+    guard_samples: int = Field(32, ge=1, le=4096, description="Calibration images the guard compares on.")
+    guard_min_agreement: float = Field(
+        95.0, ge=0, le=100, description="Refuse an engine that agrees with the faithful graph on fewer than this "
+        "percent of top-1 predictions (classifiers) or confident boxes (detectors).")
+    guard_min_sqnr_db: float = Field(
+        15.0, description="Where no agreement is measurable (no confident box): refuse an engine whose output SQNR "
+        "against the faithful graph is below this.")
+    required: bool = Field(False, description="Fail the run when the engine cannot be built or is refused (default: "
+                           "record why and go on).")
 
     @model_validator(mode="after")
-    def _ordered(self):
+    def _consistent(self):
         if not self.min_batch <= self.opt_batch <= self.max_batch:
             raise ValueError(f"need min_batch <= opt_batch <= max_batch, got {self.min_batch}, {self.opt_batch}, "
                              f"{self.max_batch}")
+        if self.engine == "openvino" and self.precision == "fp16":
+            raise ValueError("precision fp16 is for TensorRT; OpenVINO on the CPU compiles int8 or fp32")
         return self
+
+
+def resolve_engine(opts: BuildOptions) -> str:
+    """The engine `auto` stands for: TensorRT where its package is installed, OpenVINO elsewhere."""
+    if opts.engine != "auto":
+        return opts.engine
+    return "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "openvino"
 
 
 def _needs(opts: BuildOptions) -> tuple[str, ...]:
@@ -47,13 +79,40 @@ def _needs(opts: BuildOptions) -> tuple[str, ...]:
     return ("quantized", "onnx") if opts.precision == "int8" else ("onnx_fp32",)
 
 
-@register_stage("build", BuildOptions, needs=_needs, makes=("engine",))
+def _makes(opts: BuildOptions, made: set[str]) -> set[str]:
+    if resolve_engine(opts) == "tensorrt":
+        return {"tensorrt_engine"}
+    out = {"openvino_int8"} if opts.precision == "int8" else set()
+    return out | ({"openvino_fp32"} if "onnx_fp32" in made else set())
+
+
+@register_stage("build", BuildOptions, needs=_needs, makes=_makes)
 def build(run, opts: BuildOptions) -> None:
-    """TensorRT engine (explicit quantization from the Q/DQ ONNX), with a sidecar of what it was built for."""
+    """An engine (TensorRT, or OpenVINO for the CPU) from the exported ONNX, checked against its faithful graph."""
+    engine = resolve_engine(opts)
+    try:
+        values = _build_tensorrt(run, opts) if engine == "tensorrt" else _build_openvino(run, opts)
+    except EngineNotBuilt as e:
+        if opts.required:
+            raise WorkbenchError(f"stages.build: {e}") from None
+        values = {"engine": engine, "built": False, "reason": str(e), **e.details}
+    run.record("build", values)
+
+
+class EngineNotBuilt(WorkbenchError):
+    """The engine's package or device is missing, or the guard refused what was built (`details`: its numbers)."""
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
+
+
+def _build_tensorrt(run, opts: BuildOptions) -> dict:
     from pathlib import Path
 
     from ..runtime.tensorrt import (
         BuildRequest,
+        TensorRTRunner,
         TensorRTUnavailable,
         build_engine,
         check_request,
@@ -77,9 +136,69 @@ def build(run, opts: BuildOptions) -> None:
     try:
         sidecar = build_engine(req)
     except TensorRTUnavailable as e:
-        if opts.required:
-            raise
-        run.record("build", {"built": False, "reason": str(e)})
-        return
-    run.artifacts.engine = req.engine
-    run.record("build", {"built": True, **sidecar})
+        raise EngineNotBuilt(str(e)) from None
+    values = {**sidecar, "engine": "tensorrt", "engine_file": sidecar["engine"], "built": True}
+    if opts.guard and opts.precision == "int8":
+        files = [req.engine, req.engine.with_name(req.engine.name + ".json")]
+        values["guard"] = _guard(run, opts, TensorRTRunner(req.engine, "tensorrt"), files, tap=None)
+    run.artifacts.tensorrt_engine = req.engine
+    return values
+
+
+def _build_openvino(run, opts: BuildOptions) -> dict:
+    from ..runtime import openvino
+
+    try:
+        openvino.require_openvino()
+    except openvino.OpenVINOUnavailable as e:
+        raise EngineNotBuilt(str(e)) from None
+    onnx = run.artifacts.onnx
+    values: dict = {"engine": "openvino", "built": True, "openvino": openvino.version()}
+    if onnx.fp32 is not None:  # the baseline the INT8 engine's speed is measured against
+        xml = run.path("model_openvino_fp32.xml")
+        values["fp32"] = openvino.compile_model_file(openvino.CompileRequest(onnx=onnx.fp32, xml=xml))
+        run.artifacts.openvino_fp32 = xml
+    if opts.precision == "int8":
+        xml = run.path("model_openvino_int8.xml")
+        values["int8"] = openvino.compile_model_file(openvino.CompileRequest(onnx=onnx.model, xml=xml))
+        if opts.guard:
+            runner = openvino.OpenVINORunner(xml, "openvino_int8")
+            values["guard"] = _guard(run, opts, runner, openvino.artifact_files(xml), tap=openvino.run_tapped)
+        run.artifacts.openvino_int8 = xml
+    return values
+
+
+def _guard(run, opts: BuildOptions, runner, files: list, tap) -> dict:
+    """Compare the engine with the faithful graph; a refused engine's files are removed and EngineNotBuilt raised
+    with what was measured and the first diverging layer (where `tap` can run the engine on a tapped graph)."""
+    from ..data import make_loader
+    from ..qdq.compare import first_diverging, graph_divergence
+    from ..runtime.guard import compare_engine
+    from ..runtime.runners import OrtRunner
+
+    faithful = OrtRunner(run.artifacts.onnx.model, "faithful", "faithful")
+    loader = make_loader(run.dataset("calibration"), run.recipe.data)
+    batches, taken = [], 0
+    for images, _ in loader:
+        batches.append(images[: opts.guard_samples - taken].numpy())
+        taken += batches[-1].shape[0]
+        if taken >= opts.guard_samples:
+            break
+    result = compare_engine(runner, faithful, batches, run.task, run.num_classes(), opts.guard_min_agreement,
+                            opts.guard_min_sqnr_db)
+    values = result.as_dict()
+    if result.passed:
+        return values
+    where = ""
+    if tap is not None:
+        rows = graph_divergence(run.artifacts.onnx.model, batches[0][:1], tap)
+        first = first_diverging(rows)
+        values["first_diverging"] = first
+        if first is not None:
+            where = (f"; the first layer whose output diverges is node {first['onnx_node']} (relative error "
+                     f"{first['rel_error']:.3f})")
+    for path in files:
+        path.unlink(missing_ok=True)
+    raise EngineNotBuilt(f"the {result.engine} engine was refused: {result.describe()}{where}. Its files were "
+                         "removed; the faithful ONNX graph is the artifact to deploy (or set guard: false to keep it)",
+                         {"guard": values})

@@ -95,6 +95,11 @@ class Task:
     def check_labels(self, fp32_scorer: Scorer, dataset: Any, source: str) -> None:
         """Refuse labels the FP32 model's predictions are unrelated to (scores_reference_first tasks)."""
 
+    def agreement_counts(self, outputs, reference, num_classes: int | None) -> tuple[int, int]:
+        """(agreeing, compared) between a batch of outputs and the reference's (FP32 or a faithful graph): what
+        `agreement_key` measures, without labels or a dataset (an engine's guard compares on any images)."""
+        raise NotImplementedError
+
     def metric_step(self, samples: int) -> float | None:
         """The smallest change of the headline metric `samples` samples can show, in points; None: no fixed step."""
         return None

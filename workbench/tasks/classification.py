@@ -116,6 +116,10 @@ class ClassificationTask(Task):
     def check_labels(self, fp32_scorer: ClassificationScorer, dataset, source: str) -> None:
         check_above_chance(fp32_scorer, dataset, source)
 
+    def agreement_counts(self, outputs, reference, num_classes) -> tuple[int, int]:
+        out, ref = _as_numpy(first_output(outputs)), _as_numpy(first_output(reference))
+        return int((out.argmax(1) == ref.argmax(1)).sum()), int(out.shape[0])
+
     def metric_step(self, samples: int) -> float:
         return 100.0 / samples  # one image more or less right
 

@@ -361,6 +361,12 @@ class DetectionTask(Task):
         return DetectionScorer(dataset.coco_gt, dataset.category_ids, len(dataset.category_ids), d.conf, d.iou,
                                d.max_det)
 
+    def agreement_counts(self, outputs, reference, num_classes) -> tuple[int, int]:
+        """(reference boxes this output also finds, reference boxes) at the box agreement's score and IoU."""
+        own = decode(outputs, num_classes, conf=AGREEMENT_SCORE)
+        ref = decode(reference, num_classes, conf=AGREEMENT_SCORE)
+        return (sum(_greedy_matches(r, o) for r, o in zip(ref, own)), sum(len(r) for r in ref))
+
     def output_kl(self, reference: torch.Tensor, output: torch.Tensor, num_classes: int | None) -> torch.Tensor:
         """Per image, the mean over boxes of the Bernoulli KL of each box's confidence (the score NMS ranks by,
         already a probability in YOLO heads)."""

@@ -1,0 +1,118 @@
+"""OpenVINO, the CPU INT8 engine: build, guard, evaluate, bench, and the artifacts' bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import tiny_recipe
+
+from workbench.cli import main
+
+ov = pytest.importorskip("openvino", reason="OpenVINO is a dependency of the default install")
+
+BUILD = ("  - calibrate: {method: max}\n  - export: {}\n  - build: {engine: openvino}\n"
+         "  - evaluate: {latency_repeats: 2, latency_batch_sizes: [1, 2]}\n")
+
+
+def _run(images, tmp_path, stages=BUILD, model="helpers:trained_cnn") -> tuple[int, object]:
+    runs = tmp_path / "runs"
+    (tmp_path / "r.yaml").write_text(tiny_recipe(images, runs, stages).replace("helpers:tiny_cnn", model))
+    code = main(["run", str(tmp_path / "r.yaml")])
+    return code, next(runs.iterdir()) if runs.is_dir() else None
+
+
+def _metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_build_compiles_both_graphs_guards_and_evaluate_scores_them(images, tmp_path):
+    code, run_dir = _run(images, tmp_path)
+    assert code == 0
+    metrics = _metrics(run_dir)
+    build = metrics["stages"]["build"]
+    assert build["built"] and build["engine"] == "openvino" and build["openvino"] == ov.get_version()
+    int8 = build["int8"]
+    # every quantized layer of the tiny CNN (3 convolutions, 1 linear) runs on OpenVINO's integer kernels
+    assert sum(int8["layer_precisions"]["Convolution"].get(p, 0) for p in ("u8", "i8")) == 3
+    assert int8["int8"].startswith("3 of 3 Convolution")
+    assert "FullyConnected" not in build["fp32"]["layer_precisions"] or not any(
+        p in build["fp32"]["layer_precisions"]["FullyConnected"] for p in ("u8", "i8"))
+    assert int8["cpu"]["model"] and "avx2" in int8["cpu"]["flags"] or int8["cpu"]["machine"] != "x86_64"
+    for name in ("model_openvino_int8.xml", "model_openvino_int8.bin", "model_openvino_int8.xml.json",
+                 "model_openvino_fp32.xml"):
+        assert (run_dir / name).is_file(), name
+    guard = build["guard"]
+    assert guard["passed"] and guard["samples"] == 12 and guard["agreement"] >= 95.0
+    evaluation = metrics["stages"]["evaluate"]
+    backends = evaluation["backends"]
+    assert {"openvino_int8", "openvino_fp32"} <= set(backends)
+    faithful = backends["ort_int8_faithful"]["metrics"]["top1"]
+    assert abs(backends["openvino_int8"]["metrics"]["top1"] - faithful) <= 100.0 / backends["openvino_int8"][
+        "metrics"]["samples"]  # at most one image apart
+    assert evaluation["openvino_vs_faithful"]["agreement_top1"] >= 95.0
+    assert backends["openvino_int8"]["latency"]["b2"]["median_ms"] > 0
+    # size: the IR's .xml and .bin together
+    assert backends["openvino_fp32"]["size_bytes"] == sum(
+        (run_dir / f"model_openvino_fp32.{s}").stat().st_size for s in ("xml", "bin"))
+    report = (run_dir / "report.md").read_text()
+    assert "## OpenVINO (CPU)" in report and "3 of 3 Convolution" in report and "Guard:" in report
+
+
+def test_the_ir_reloads_and_a_sidecar_from_elsewhere_is_refused_by_name(images, tmp_path, capsys):
+    code, run_dir = _run(images, tmp_path)
+    assert code == 0
+    xml = run_dir / "model_openvino_int8.xml"
+    from workbench.runtime.openvino import OpenVINORunner
+    from workbench.runtime.runners import OrtRunner
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    faithful = OrtRunner(run_dir / "model.onnx", "f", "faithful")(x)
+    assert (OpenVINORunner(xml, "ov")(x).argmax(1) == faithful.argmax(1)).all()
+    sidecar_path = run_dir / "model_openvino_int8.xml.json"
+    sidecar = json.loads(sidecar_path.read_text())
+    sidecar_path.write_text(json.dumps({**sidecar, "openvino": "2023.0.0-old"}))
+    assert main(["bench", str(xml), "--repeats", "1", "--warmup", "0"]) == 2
+    assert f"compiled by OpenVINO 2023.0.0-old, this is OpenVINO {ov.get_version()}" in capsys.readouterr().err
+    foreign = {**sidecar, "cpu": {**sidecar["cpu"], "model": "Some Future CPU",
+                                  "flags": sidecar["cpu"]["flags"] + ["avx_vnni_int8", "amx_fp8"]}}
+    sidecar_path.write_text(json.dumps(foreign))
+    with pytest.raises(Exception, match="compiled on Some Future CPU with .*amx_fp8.*which this CPU"):
+        OpenVINORunner(xml, "ov")
+
+
+def test_cli_build_and_bench_an_openvino_ir(images, tmp_path, capsys):
+    stages = "  - calibrate: {method: max}\n  - export: {}\n"
+    code, run_dir = _run(images, tmp_path, stages)
+    assert code == 0
+    assert main(["build", str(run_dir / "model.onnx"), "--engine", "openvino"]) == 0
+    out = capsys.readouterr().out
+    assert "model_openvino.xml" in out and "Convolution" in out
+    assert (run_dir / "model_openvino.xml").is_file() and (run_dir / "model_openvino.xml.json").is_file()
+    assert main(["bench", str(run_dir / "model_openvino.xml"), "--batch-sizes", "1", "--repeats", "2"]) == 0
+    assert "model_openvino.xml" in capsys.readouterr().out
+    # an INT8 build of the FP32 graph would run in float: refused, as for TensorRT
+    assert main(["build", str(run_dir / "model_fp32.onnx"), "--engine", "openvino"]) == 2
+    assert "no QuantizeLinear/DequantizeLinear nodes" in capsys.readouterr().err
+    assert main(["build", str(run_dir / "model_fp32.onnx"), "--engine", "openvino", "--precision", "fp16"]) == 2
+    assert "fp16 is for TensorRT" in capsys.readouterr().err
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    assert main(["build", str(tmp_path / "junk.onnx"), "--engine", "openvino"]) == 2
+    assert "is not an ONNX model" in capsys.readouterr().err
+    assert not (tmp_path / "junk_openvino.xml").exists()
+
+
+def test_validate_knows_what_an_openvino_build_makes(images, tmp_path, capsys):
+    """The FP32 OpenVINO model needs the FP32 graph; evaluate can ask for openvino_int8 only after the build."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs", "  - calibrate: {}\n  - export: {fp32: false}\n"
+                                  "  - build: {engine: openvino}\n  - evaluate: {backends: [openvino_fp32]}\n"))
+    assert main(["validate", str(recipe)]) == 2
+    assert "stages[3].evaluate needs an OpenVINO FP32 model" in capsys.readouterr().err
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs", "  - calibrate: {}\n  - export: {}\n"
+                                  "  - evaluate: {backends: [openvino_int8]}\n"))
+    assert main(["validate", str(recipe)]) == 2
+    assert "put build (engine: openvino) before evaluate" in capsys.readouterr().err
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs", "  - calibrate: {}\n  - export: {}\n"
+                                  "  - build: {engine: openvino, precision: fp16}\n"))
+    assert main(["validate", str(recipe)]) == 2
+    assert "precision fp16 is for TensorRT" in capsys.readouterr().err
