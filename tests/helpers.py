@@ -298,3 +298,26 @@ class BiasedConvBN(nn.Module):
 
 def biased_conv_bn_net(num_classes: int = 3) -> BiasedConvBN:
     return BiasedConvBN(num_classes).eval()
+
+
+class ConcatNet(nn.Module):
+    """Two signed branches (Tanh) concatenated into a convolution: the pattern (Concat -> signed Q/DQ -> Conv) that
+    OpenVINO computes wrongly on CPUs without AMX, where it shifts signed activations to u8."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 1)
+        self.mix = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = torch.tanh(self.stem(x))
+        x = torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(x))], 1)
+        return self.fc(torch.tanh(self.mix(x)).mean((2, 3)))
+
+
+def concat_net(num_classes: int = 10) -> ConcatNet:
+    return ConcatNet(num_classes)

@@ -116,3 +116,55 @@ def test_validate_knows_what_an_openvino_build_makes(images, tmp_path, capsys):
                                   "  - build: {engine: openvino, precision: fp16}\n"))
     assert main(["validate", str(recipe)]) == 2
     assert "precision fp16 is for TensorRT" in capsys.readouterr().err
+
+
+# OpenVINO honours oneDNN's ISA cap: AVX512_CORE_BF16 is an AVX-512 VNNI CPU without AMX (a Zen 4 EPYC, Ice Lake).
+ZEN4 = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+
+
+def _run_capped(tmp_path, build: str, env: dict) -> tuple[int, str, dict]:
+    """`workbench run` of ConcatNet in a fresh process (the ISA cap is read when OpenVINO loads)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import make_image_folder
+
+    images = make_image_folder(tmp_path / "images", classes=10, per_class=4)
+    stages = (f"  - calibrate: {{method: max}}\n  - export: {{}}\n  - build: {build}\n"
+              "  - evaluate: {latency: false}\n")
+    text = tiny_recipe(images, tmp_path / "runs", stages).replace("helpers:tiny_cnn", "helpers:concat_net")
+    (tmp_path / "r.yaml").write_text(text.replace("count: 12", "count: 40"))
+    tests = Path(__file__).parent
+    proc = subprocess.run([sys.executable, "-m", "workbench", "run", str(tmp_path / "r.yaml")], cwd=tests,
+                          env={**os.environ, **env, "PYTHONPATH": str(tests)}, capture_output=True, text=True,
+                          timeout=600)
+    runs = list((tmp_path / "runs").iterdir()) if (tmp_path / "runs").is_dir() else []
+    return proc.returncode, proc.stderr, _metrics(runs[0]) if runs else {}
+
+
+def test_guard_refuses_the_signed_graph_openvino_breaks_after_a_concat_and_the_u8_graph_passes(tmp_path):
+    """On a CPU without AMX, OpenVINO shifts signed activations to u8 and loses the scale of a Q/DQ after a Concat
+    (yolov5n: mAP 0.31 -> 0.03). The guard catches it and names the convolution after the Concat; the u8 layout
+    the build compiles by default computes the faithful function there."""
+    code, err, metrics = _run_capped(tmp_path / "signed", "{engine: openvino, openvino_graph: tensorrt_style}", ZEN4)
+    assert code == 0, err
+    build = metrics["stages"]["build"]
+    assert build["built"] is False and "was refused" in build["reason"] and "/mix/Conv" in build["reason"]
+    assert build["guard"]["agreement"] < 95.0 and build["guard"]["first_diverging"]["onnx_node"] == "/mix/Conv"
+    run_dir = next((tmp_path / "signed" / "runs").iterdir())
+    assert not (run_dir / "model_openvino_int8.xml").exists() and not (run_dir / "model_openvino_int8.bin").exists()
+    assert "openvino_int8" not in metrics["stages"]["evaluate"]["backends"]
+
+    code, err, _ = _run_capped(tmp_path / "required",
+                               "{engine: openvino, openvino_graph: tensorrt_style, required: true}", ZEN4)
+    assert code == 2 and "the openvino_int8 engine was refused" in err and "agreement" in err
+
+    code, err, metrics = _run_capped(tmp_path / "u8", "{engine: openvino}", ZEN4)
+    assert code == 0, err
+    build = metrics["stages"]["build"]
+    assert build["built"] and build["guard"]["passed"] and build["guard"]["agreement"] == 100.0
+    assert build["int8"]["graph"].startswith("u8 activations")
+    evaluation = metrics["stages"]["evaluate"]
+    assert evaluation["openvino_vs_faithful"]["agreement_top1"] >= 95.0

@@ -93,10 +93,24 @@ def _stage_problems(recipe: Recipe) -> list[str]:
                 problems.append(f"{where}.importance: taylor needs a labeled classification fine-tune split "
                                 f"(task is {recipe.task})")
         if stage == "build" and options.required:
-            from .runtime.tensorrt import TensorRTUnavailable, require_tensorrt
-
-            try:
-                require_tensorrt()
-            except TensorRTUnavailable as e:
-                problems.append(f"{where}.required is true, but {e}")
+            problems += _engine_problems(options, where)
     return problems
+
+
+def _engine_problems(options, where: str) -> list[str]:
+    """A required engine whose package (or, for TensorRT, GPU) is missing."""
+    from .stages.build import resolve_engine
+
+    if resolve_engine(options) == "tensorrt":
+        from .runtime.tensorrt import TensorRTUnavailable, require_tensorrt
+
+        try:
+            require_tensorrt()
+        except TensorRTUnavailable as e:
+            return [f"{where}.required is true, but {e}"]
+        return []
+    if importlib.util.find_spec("openvino") is None:
+        from .runtime.openvino import INSTALL_HINT
+
+        return [f"{where}.required is true, but OpenVINO is not installed: {INSTALL_HINT}"]
+    return []

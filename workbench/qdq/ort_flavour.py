@@ -34,7 +34,6 @@ weights (7 bits), so it is not the TensorRT graph's function: measured, benchmar
 from __future__ import annotations
 
 import collections
-import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,14 +67,10 @@ class OrtConversion:
 
 
 def u8s8_can_saturate() -> bool:
-    """True on x86 CPUs without VNNI, where ORT's U8S8 kernels use VPMADDUBSW (16-bit saturating sums)."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return False  # Arm's dot-product kernels accumulate in 32 bits
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # cannot tell: assume the worst
-    return not any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8"))
+    """True on x86 CPUs without VNNI or AMX, where 8-bit kernels use VPMADDUBSW (16-bit saturating sums)."""
+    from ..runtime.cpu import cpu_info
+
+    return not cpu_info().int8_dot
 
 
 class _Graph(GraphIndex):

@@ -45,6 +45,14 @@ class BuildOptions(StageOptions):
     timing_cache: str | None = Field(None, description="TensorRT: timing cache file, read and updated by every build "
                                      "(default: ~/.cache/workbench).")
     sparse_weights: bool = Field(False, description="TensorRT: use 2:4 sparse kernels (after prune: sparsity_2to4).")
+    openvino_graph: Literal["u8", "tensorrt_style"] = Field(
+        "u8", description="OpenVINO: the INT8 layout compiled. u8: the same ranges with unsigned activations (zero "
+        "point 128 where signed) and 8-bit weight initializers, computed correctly on every CPU; tensorrt_style: "
+        "model.onnx as it is (signed activations), which OpenVINO computes wrongly after a Concat on CPUs without "
+        "AMX (the guard refuses it there).")
+    openvino_weights: Literal["auto", "s8", "reduce_range"] = Field(
+        "auto", description="OpenVINO, u8 graph: s8 (8-bit weights: CPUs with VNNI or AMX), reduce_range (7 bits "
+        "where a 16-bit sum could saturate: x86 CPUs without VNNI); auto: for the CPU the build runs on.")
     guard: bool = Field(True, description="Run the engine beside the faithful graph on calibration images and refuse "
                         "it when their outputs disagree.")
     guard_samples: int = Field(32, ge=1, le=4096, description="Calibration images the guard compares on.")
@@ -140,7 +148,7 @@ def _build_tensorrt(run, opts: BuildOptions) -> dict:
     values = {**sidecar, "engine": "tensorrt", "engine_file": sidecar["engine"], "built": True}
     if opts.guard and opts.precision == "int8":
         files = [req.engine, req.engine.with_name(req.engine.name + ".json")]
-        values["guard"] = _guard(run, opts, TensorRTRunner(req.engine, "tensorrt"), files, tap=None)
+        values["guard"] = _guard(run, opts, TensorRTRunner(req.engine, "tensorrt"), req.onnx, files, tap=None)
     run.artifacts.tensorrt_engine = req.engine
     return values
 
@@ -160,23 +168,58 @@ def _build_openvino(run, opts: BuildOptions) -> dict:
         run.artifacts.openvino_fp32 = xml
     if opts.precision == "int8":
         xml = run.path("model_openvino_int8.xml")
-        values["int8"] = openvino.compile_model_file(openvino.CompileRequest(onnx=onnx.model, xml=xml))
+        graph, notes = _openvino_int8_graph(run, opts)
+        values["int8"] = openvino.compile_model_file(openvino.CompileRequest(onnx=graph, xml=xml, notes=notes))
         if opts.guard:
             runner = openvino.OpenVINORunner(xml, "openvino_int8")
-            values["guard"] = _guard(run, opts, runner, openvino.artifact_files(xml), tap=openvino.run_tapped)
+            values["guard"] = _guard(run, opts, runner, graph, openvino.artifact_files(xml), tap=openvino.run_tapped)
         run.artifacts.openvino_int8 = xml
     return values
 
 
-def _guard(run, opts: BuildOptions, runner, files: list, tap) -> dict:
-    """Compare the engine with the faithful graph; a refused engine's files are removed and EngineNotBuilt raised
-    with what was measured and the first diverging layer (where `tap` can run the engine on a tapped graph)."""
+def _openvino_int8_graph(run, opts: BuildOptions):
+    """The INT8 graph OpenVINO compiles, and the sidecar's note of which it is and why.
+
+    OpenVINO takes signed 8-bit activations as they are only on CPUs with AMX; elsewhere its low-precision
+    transformations shift them to u8 (+128), and a signed Q/DQ after a Concat then loses its scale (yolov5n's
+    mAP 0.31 -> 0.03 on an AVX-512 VNNI EPYC; benchmarks and docs/BENCHMARKS.md). Handing it the same ranges
+    with u8 activations (zero point 128: exactly the values of signed 8-bit) avoids that rewrite on every CPU.
+    On x86 CPUs without VNNI its u8 x s8 kernels sum pairs in 16 bits (VPMADDUBSW), which saturate at full
+    8-bit weights: there the weights whose sums could are re-quantized to 7 bits (reduce_range).
+    """
+    from ..qdq.ort_flavour import to_ort_int8
+    from ..runtime.cpu import cpu_info
+
+    model = run.artifacts.onnx.model
+    if opts.openvino_graph == "tensorrt_style":
+        return model, {"graph": "tensorrt_style", "graph_note": "Compiled from model.onnx as exported (signed "
+                       "activations), as the recipe asked: OpenVINO computes a signed Q/DQ after a Concat wrongly "
+                       "on CPUs without AMX."}
+    cpu = cpu_info()
+    weights = opts.openvino_weights
+    if weights == "auto":
+        weights = "s8" if cpu.int8_dot else "reduce_range"
+    why_weights = ("8-bit weights: this CPU's INT8 dot products (VNNI/AMX) accumulate in 32 bits" if weights == "s8"
+                   else "7-bit weights where a 16-bit sum could saturate (no VNNI on this CPU)"
+                   if opts.openvino_weights == "auto" else f"{weights} weights, as the recipe asked")
+    path = run.path("model_openvino_int8.onnx")
+    to_ort_int8(model, path, weights)
+    return path, {"graph": f"u8 activations, {weights} weights", "weights": weights,
+                  "graph_note": ("Compiled from model_openvino_int8.onnx: model.onnx's ranges with unsigned "
+                                 f"activations (zero point 128 where signed), which OpenVINO computes faithfully "
+                                 f"on every CPU; {why_weights}.")}
+
+
+def _guard(run, opts: BuildOptions, runner, graph, files: list, tap) -> dict:
+    """Compare the engine with the faithful execution of the ONNX `graph` it was built from; a refused engine's
+    files are removed and EngineNotBuilt raised with what was measured and the first diverging layer (where
+    `tap` can run the engine on a tapped graph)."""
     from ..data import make_loader
     from ..qdq.compare import first_diverging, graph_divergence
     from ..runtime.guard import compare_engine
     from ..runtime.runners import OrtRunner
 
-    faithful = OrtRunner(run.artifacts.onnx.model, "faithful", "faithful")
+    faithful = OrtRunner(graph, "faithful", "faithful")
     loader = make_loader(run.dataset("calibration"), run.recipe.data)
     batches, taken = [], 0
     for images, _ in loader:
@@ -191,7 +234,7 @@ def _guard(run, opts: BuildOptions, runner, files: list, tap) -> dict:
         return values
     where = ""
     if tap is not None:
-        rows = graph_divergence(run.artifacts.onnx.model, batches[0][:1], tap)
+        rows = graph_divergence(graph, batches[0][:1], tap)
         first = first_diverging(rows)
         values["first_diverging"] = first
         if first is not None:

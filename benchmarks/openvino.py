@@ -1,0 +1,135 @@
+"""INT8 on the CPU with OpenVINO: the workbench's engine against NNCF's on the same model and images.
+
+    python benchmarks/openvino.py resnet20 efficientnet_lite0 yolov5n [--threads 2] [--skip-nncf]
+
+For each model the workbench runs its recipe (calibrate, export, build with engine openvino: the graph
+the build stage picks for this CPU, guarded against the faithful graph), then NNCF quantizes the same
+FP32 model (model_fp32.onnx read by OpenVINO) with `nncf.quantize` on the same calibration images
+(yolov5n with its box decode in the ignored scope, as NNCF's YOLO examples do, and the MIXED preset).
+Every graph is compiled by the same OpenVINO, scored on the evaluation split by the workbench's scorer,
+and timed in the same process, interleaved (batch 1 and 8, the best of 3 rounds' medians), with the same
+thread count. Prints markdown tables with the CPU's model and INT8 instruction sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ort_int8 import RECIPES, interleaved_latency, score  # noqa: E402
+
+from workbench import api  # noqa: E402
+from workbench.recipe import parse_recipe  # noqa: E402
+from workbench.runtime.cpu import cpu_info  # noqa: E402
+from workbench.runtime.openvino import OpenVINORunner, int8_summary, layer_precisions, save_ir  # noqa: E402
+from workbench.runtime.runners import OrtRunner  # noqa: E402
+
+METHOD = {"resnet20": "mse", "efficientnet_lite0": "mse", "yolov5n": "mse"}
+
+
+def nncf_quantize(run, out_xml: Path, threads: int | None) -> tuple[float, str]:
+    """NNCF's post-training quantization of the run's FP32 graph on its calibration images; (seconds, INT8 census)."""
+    import nncf
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(run.dir / "model_fp32.onnx"))
+    images = [batch.numpy() for batch, _ in run.loader("calibration")]
+    samples = sum(len(b) for b in images)
+    dataset = nncf.Dataset(images)
+    kwargs = {"subset_size": samples}
+    if run.recipe.task == "detection":
+        # The box decode after the last convolutions stays float (Sigmoid/Mul/Add/Pow tail), as NNCF's YOLO
+        # examples keep it; MIXED: symmetric weights, asymmetric activations (SiLU outputs are signed).
+        kwargs["preset"] = nncf.QuantizationPreset.MIXED
+        kwargs["ignored_scope"] = nncf.IgnoredScope(types=["Sigmoid", "Mul", "Add", "Sub", "Pow"], validate=False)
+    start = time.perf_counter()
+    quantized = nncf.quantize(model, dataset, **kwargs)
+    seconds = time.perf_counter() - start
+    save_ir(quantized, out_xml)
+    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    return seconds, int8_summary(layer_precisions(core.compile_model(str(out_xml), "CPU", config)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("models", nargs="+", choices=list(RECIPES))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for every runtime (default: all cores)")
+    p.add_argument("--runs-dir", default="/tmp/workbench_bench_openvino")
+    p.add_argument("--skip-nncf", action="store_true")
+    args = p.parse_args()
+    import onnxruntime
+    import openvino
+
+    cpu = cpu_info()
+    print(f"# OpenVINO {openvino.get_version()}, ONNX Runtime {onnxruntime.__version__}; CPU {cpu.describe()}; "
+          f"{args.threads or os.cpu_count()} threads\n")
+    for name in args.models:
+        recipe = RECIPES[name].replace("calibrate: {method: max}", f"calibrate: {{method: {METHOD[name]}}}")
+        recipe += (f"  - export: {{}}\n  - build: {{engine: openvino}}\nruns_dir: \"{args.runs_dir}\"\n")
+        start = time.perf_counter()
+        run = api.run(parse_recipe(recipe, f"{name} (benchmark)"))
+        wb_seconds = time.perf_counter() - start
+        build = run.metrics["stages"]["build"]
+        shape = tuple(run.recipe.model.input_size)
+        graphs = {
+            "FP32 (ONNX Runtime)": OrtRunner(run.dir / "model_fp32.onnx", "ort_fp32", "default", args.threads),
+            "FP32 (OpenVINO)": OpenVINORunner(run.dir / "model_openvino_fp32.xml", "ov_fp32", args.threads),
+            "INT8 faithful graph (ONNX Runtime, reference)": OrtRunner(run.dir / "model.onnx", "faithful", "faithful"),
+        }
+        notes = {}
+        if build.get("built"):
+            graphs["INT8 workbench (OpenVINO)"] = OpenVINORunner(run.dir / "model_openvino_int8.xml", "wb",
+                                                                 args.threads)
+            notes["INT8 workbench (OpenVINO)"] = (f"{build['int8']['int8']}; graph {build['int8'].get('graph', '?')}; "
+                                                  f"whole recipe {wb_seconds:.0f} s")
+        else:
+            notes["INT8 workbench (OpenVINO)"] = f"not built: {build['reason']}"
+        if not args.skip_nncf:
+            xml = run.dir / "nncf_int8.xml"
+            seconds, census = nncf_quantize(run, xml, args.threads)
+            graphs["INT8 NNCF (OpenVINO)"] = OpenVINORunner(xml, "nncf", args.threads)
+            notes["INT8 NNCF (OpenVINO)"] = f"{census}; nncf.quantize {seconds:.0f} s"
+        fp32_metrics, fp32_out = score(run, graphs["FP32 (ONNX Runtime)"])
+        faithful_metrics, faithful_out = score(run, graphs["INT8 faithful graph (ONNX Runtime, reference)"], fp32_out)
+        rows = {}
+        for label, runner in graphs.items():
+            metrics = fp32_metrics if label.startswith("FP32 (ONNX") else (
+                faithful_metrics if "faithful" in label else score(run, runner, fp32_out)[0])
+            rows[label] = metrics
+        timed = {k: v for k, v in graphs.items() if "faithful" not in k}
+        latency = interleaved_latency(timed, shape)
+        fastest_fp32 = min(latency[k]["b8"]["median_ms"] for k in timed if k.startswith("FP32"))
+        unit, _ = run.task.headline_points(fp32_metrics)
+        faithful_points = run.task.headline_points(faithful_metrics)[1]
+        print(f"## {name}: {fp32_metrics.get('samples', '')} evaluation samples (one is "
+              f"{run.task.metric_step(fp32_metrics['samples']) or 'n/a'} points), run {run.dir}\n")
+        print(f"| Graph | {unit} | vs faithful | agreement with FP32 % | b1 ms | b8 ms | b8 speed-up vs fastest FP32 |")
+        print("|---|---|---|---|---|---|---|")
+        for label, metrics in rows.items():
+            points = run.task.headline_points(metrics)[1]
+            agreement = run.task.agreement_points(metrics)
+            timing = latency.get(label)
+            b1, b8 = (f"{timing['b1']['median_ms']:.2f}", f"{timing['b8']['median_ms']:.2f}") if timing else ("-", "-")
+            speed = f"{fastest_fp32 / timing['b8']['median_ms']:.2f}x" if timing else "-"
+            print(f"| {label} | {points:.2f} | {points - faithful_points:+.2f} | "
+                  f"{'-' if agreement is None else f'{agreement:.2f}'} | {b1} | {b8} | {speed} |")
+        print()
+        for label, note in notes.items():
+            print(f"- {label}: {note}")
+        guard = build.get("guard")
+        if guard:
+            print(f"- guard: {guard['agreement']}% agreement, SQNR {guard['sqnr_db']:.1f} dB, "
+                  f"{'passed' if guard['passed'] else 'refused'}")
+        print()
+        del graphs
+
+
+if __name__ == "__main__":
+    main()
