@@ -152,7 +152,7 @@ def test_guard_refuses_the_signed_graph_openvino_breaks_after_a_concat_and_the_u
     assert code == 0, err
     build = metrics["stages"]["build"]
     assert build["built"] is False and "was refused" in build["reason"] and "/mix/Conv" in build["reason"]
-    assert build["guard"]["agreement"] < 95.0 and build["guard"]["first_diverging"]["onnx_node"] == "/mix/Conv"
+    assert build["guard"]["agreement"] < 90.0 and build["guard"]["first_diverging"]["onnx_node"] == "/mix/Conv"
     run_dir = next((tmp_path / "signed" / "runs").iterdir())
     assert not (run_dir / "model_openvino_int8.xml").exists() and not (run_dir / "model_openvino_int8.bin").exists()
     assert "openvino_int8" not in metrics["stages"]["evaluate"]["backends"]
