@@ -58,14 +58,15 @@ def _exported(images, tmp_path):
 
 def test_cli_build_checks_the_request_first(images, tmp_path, capsys):
     run_dir = _exported(images, tmp_path)
-    assert main(["build", str(run_dir / "model.onnx"), "--batch", "8", "4", "1"]) == 2
+    assert main(["build", str(run_dir / "model.onnx"), "--engine", "tensorrt", "--batch", "8", "4", "1"]) == 2
     assert "min <= opt <= max" in capsys.readouterr().err
-    assert main(["build", str(run_dir / "model_fp32.onnx"), "--precision", "int8"]) == 2
+    assert main(["build", str(run_dir / "model_fp32.onnx"), "--engine", "tensorrt", "--precision", "int8"]) == 2
     assert "no QuantizeLinear/DequantizeLinear nodes" in capsys.readouterr().err
     (tmp_path / "junk.onnx").write_text("hello")
-    assert main(["build", str(tmp_path / "junk.onnx")]) == 2
+    assert main(["build", str(tmp_path / "junk.onnx"), "--engine", "tensorrt"]) == 2
     assert "is not an ONNX model" in capsys.readouterr().err
-    assert main(["build", str(run_dir / "model.onnx"), "--size", "64", "64"]) == 2  # the graph's size is fixed at 32
+    # the graph's size is fixed at 32
+    assert main(["build", str(run_dir / "model.onnx"), "--engine", "tensorrt", "--size", "64", "64"]) == 2
     assert "fixed at 32" in capsys.readouterr().err
     if not HAVE_TRT:
         assert main(["build", str(run_dir / "model.onnx"), "--engine", "tensorrt"]) == 2

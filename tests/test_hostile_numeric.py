@@ -543,7 +543,7 @@ def test_bench_of_a_directory_names_the_bad_file_in_it(onnx_files, tmp_path, cap
     assert not (tmp_path / "b.json").exists()
     (tmp_path / "nothing").mkdir()
     assert main(["bench", str(tmp_path / "nothing")]) == 2
-    assert "nothing: no .onnx or .engine files to time" in capsys.readouterr().err
+    assert "nothing: no .onnx, .engine or .xml files to time" in capsys.readouterr().err
 
 
 # --- 5. no terminal escape codes where there is no terminal ----------------------------------------------------

@@ -441,7 +441,7 @@ def _tensorrt_usable() -> bool:
 
 @pytest.mark.skipif(_tensorrt_usable(), reason="checks the behaviour without TensorRT")
 def test_required_build_without_tensorrt_is_refused_by_validate(images, tmp_path, capsys):
-    stages = "  - calibrate: {method: max}\n  - export: {}\n  - build: {required: true}\n"
+    stages = "  - calibrate: {method: max}\n  - export: {}\n  - build: {engine: tensorrt, required: true}\n"
     rc = validate(tmp_path, recipe_text(images, tmp_path / "runs", stages), command="run")
     refused(capsys, rc, "stages[2].build.required is true, but")
     assert not (tmp_path / "runs").exists()  # refused before calibrate and export ran
