@@ -168,3 +168,48 @@ def test_guard_refuses_the_signed_graph_openvino_breaks_after_a_concat_and_the_u
     assert build["int8"]["graph"].startswith("u8 activations")
     evaluation = metrics["stages"]["evaluate"]
     assert evaluation["openvino_vs_faithful"]["agreement_top1"] >= 95.0
+
+
+def test_a_graph_openvino_cannot_read_is_refused_naming_the_node(tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    node = h.make_node("Frobnicate", ["x"], ["y"], name="my_custom_layer", domain="com.example")
+    graph = h.make_graph([node], "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                         [h.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.example", 1)]),
+              tmp_path / "custom.onnx")
+    assert main(["build", str(tmp_path / "custom.onnx"), "--engine", "openvino", "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "OpenVINO cannot read" in err and "my_custom_layer" in err and "com.example.Frobnicate" in err
+    assert not list(tmp_path.glob("custom_openvino*"))
+
+
+def test_without_openvino_the_build_records_why_and_required_fails(images, tmp_path):
+    """An `openvino` that fails to import (a broken or missing install), in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    broken = tmp_path / "site" / "openvino"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('libopenvino.so: cannot open shared object file')\n")
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(tests)])}
+    for required, code in (("false", 0), ("true", 2)):
+        runs = tmp_path / f"runs_{required}"
+        stages = (f"  - calibrate: {{method: max}}\n  - export: {{}}\n  - build: {{engine: openvino, required: "
+                  f"{required}}}\n  - evaluate: {{latency: false}}\n")
+        recipe = tmp_path / f"r_{required}.yaml"
+        recipe.write_text(tiny_recipe(images, runs, stages))
+        proc = subprocess.run([sys.executable, "-m", "workbench", "run", str(recipe)], cwd=tests, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == code, proc.stderr
+        if required == "true":
+            assert "OpenVINO is not installed" in proc.stderr and "pip install openvino" in proc.stderr
+        else:
+            build = _metrics(next(runs.iterdir()))["stages"]["build"]
+            assert build["built"] is False and "pip install openvino" in build["reason"]
+            assert "openvino_int8" not in _metrics(next(runs.iterdir()))["stages"]["evaluate"]["backends"]

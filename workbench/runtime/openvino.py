@@ -74,12 +74,17 @@ def read_onnx(path: Path):
     ov = require_openvino()
     from ..qdq.export import load_onnx
 
-    load_onnx(path)  # a missing, empty or truncated file gets the workbench's message first
+    proto = load_onnx(path)  # a missing, empty or truncated file gets the workbench's message first
     try:
         return ov.Core().read_model(str(path))
     except RuntimeError as e:
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise WorkbenchError(f"OpenVINO cannot read {path}: {first}") from None
+        # OpenVINO's message starts with where in its sources it failed; the lines after say what.
+        said = " ".join(line.strip() for line in str(e).splitlines()
+                        if line.strip() and not line.startswith(("Exception from", "Check ")))
+        nodes = [n.name or n.output[0] for n in proto.graph.node
+                 if f"{n.domain}.{n.op_type}" in said or f" {n.op_type}" in said]
+        where = f" (nodes: {', '.join(nodes[:5])})" if nodes else ""
+        raise WorkbenchError(f"OpenVINO cannot read {path}{where}: {said or type(e).__name__}") from None
 
 
 def input_dims(xml: Path) -> list[int | None]:
