@@ -70,6 +70,7 @@ def reused_run(runs_dir: Path, name: str, assets: Path | None, threads: int | No
     from workbench.recipe import parse_recipe
     from workbench.run import Run
     from workbench.runtime import openvino
+    from workbench.tasks import Classes
 
     run_dir = sorted(runs_dir.glob(f"bench_ort_{name}-*"))[-1]
     text = (run_dir / "recipe.yaml").read_text()
@@ -86,7 +87,7 @@ def reused_run(runs_dir: Path, name: str, assets: Path | None, threads: int | No
     dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
     classes = dims[-1] - 5 if recipe.task == "detection" else None  # a YOLOv5 head's (B, N, 5 + classes)
     run = Run(recipe=recipe, dir=run_dir, model=None, reference=None, device=torch.device("cpu"), metrics=metrics,
-              _num_classes=classes)
+              _classes=Classes(classes))
     build = {"built": True}
     for key, graph in (("fp32", "model_fp32.onnx"), ("int8", "model_openvino_int8.onnx")):
         xml = run_dir / f"model_openvino_{key}.xml"

@@ -135,11 +135,14 @@ def write_recipe(path: Path, text: str) -> Path:
     return path
 
 
-def make_tiny_yolov5_checkpoint(path: Path, nc: int = 3) -> Path:
+def make_tiny_yolov5_checkpoint(path: Path, nc: int = 3, names: bool = True,
+                                objectness_bias: float | None = None) -> Path:
     """A randomly initialised YOLOv5-v6-style detector pickled as YOLOv5 pickles it (models.common.*, models.yolo.*).
 
     The classes are ours, renamed into fake `models.common` / `models.yolo` modules while
     saving, so the file references exactly the globals a real YOLOv5 checkpoint does.
+    names: the model carries class names c0, c1, ...; objectness_bias: every box's objectness logit is shifted by it
+    (-30: the detector is never confident).
     """
     import sys
     import types
@@ -188,9 +191,13 @@ def make_tiny_yolov5_checkpoint(path: Path, nc: int = 3) -> Path:
     for i, layer in enumerate(layers):
         layer.f, layer.i, layer.type, layer.np = (-1 if i < 5 else [2, 4]), i, type(layer).__name__, 0
     model = renamed["Model"]()
-    model.model, model.save, model.names, model.stride = (
-        nn.Sequential(*layers), [2, 4], [f"c{k}" for k in range(nc)], detect.stride
-    )
+    model.model, model.save, model.stride = nn.Sequential(*layers), [2, 4], detect.stride
+    if names:
+        model.names = [f"c{k}" for k in range(nc)]
+    if objectness_bias is not None:
+        with torch.no_grad():
+            for head_conv in detect.m:
+                head_conv.bias.view(3, nc + 5)[:, 4] += objectness_bias
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 1.5)

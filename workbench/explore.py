@@ -79,8 +79,8 @@ class RunExplorer:
         """The current plan scored on `samples` evaluation samples drawn with a seed (None: all),
         with FP32 alongside."""
         if self._dataset is None:
-            num_classes = lambda: self.task.num_classes(self.reference, self.recipe.model.input_size)  # noqa: E731
-            self._dataset = self.task.for_model(build_dataset(self.recipe.data, "evaluation"), num_classes,
+            classes = lambda: self.task.classes(self.reference, self.recipe.model.input_size)  # noqa: E731
+            self._dataset = self.task.for_model(build_dataset(self.recipe.data, "evaluation"), classes,
                                                 "data.evaluation")
         if samples not in self._probes:
             loader = subset_loader(self._dataset, self.recipe.data, samples)

@@ -110,7 +110,7 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
         model["spec"] = f"{source}:{fix(rest)}"
     for split in ("calibration", "evaluation", "finetune"):
         if data["data"].get(split):
-            for key in ("path", "annotations", "label_dir"):
+            for key in ("path", "annotations", "label_dir", "yaml"):
                 data["data"][split][key] = fix(data["data"][split].get(key))
     return recipe_model().model_validate(data)
 

@@ -65,8 +65,8 @@ def write_report(run_dir: str | Path) -> Path:
     lines = [f"# Run report: {metrics.get('recipe')}", "",
              f"Status: **{metrics.get('status')}**, device `{metrics.get('device')}`, torch {metrics.get('torch')}, "
              f"started {metrics.get('started')}.", ""]
-    for section in (_backends_section, _calibration_section, _prune_section, _qat_section, _sensitivity_section,
-                    _export_section, _bench_section, _build_section, _timings_section):
+    for section in (_backends_section, _per_class_section, _calibration_section, _prune_section, _qat_section,
+                    _sensitivity_section, _export_section, _bench_section, _build_section, _timings_section):
         lines += section(run_dir, metrics)
     path = run_dir / "report.md"
     write_text(path, "\n".join(lines))
@@ -93,12 +93,15 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
     for key, sentence in backends.comparison_sentences().items():
         cmp = evaluation.get(key)
         if cmp:
-            what = (
-                f"{cmp['agreement_top1']:.2f}% of top-1 predictions"
-                if "agreement_top1" in cmp
-                else f"{cmp.get('box_agreement', 0):.2f}% of its boxes (score >= 0.25, IoU >= 0.5, same class)"
-            )
-            lines += [f"{sentence} on {what} (max |output difference| {cmp['max_abs_diff']:.4f}).", ""]
+            if "agreement_top1" in cmp:
+                what = f"on {cmp['agreement_top1']:.2f}% of top-1 predictions"
+            elif cmp.get("box_agreement") is not None:
+                what = (f"on {cmp['box_agreement']:.2f}% of the {cmp['box_agreement_compared']} boxes the reference "
+                        "finds (score >= 0.25; same class, IoU >= 0.5)")
+            else:
+                what = "(agreement not measurable: the reference finds no box with score >= 0.25 on these images)"
+            lines += [f"{sentence} {what} (max |output difference| {cmp['max_abs_diff']:.4f}).", ""]
+    lines += _not_measurable_lines(rows)
     lines += [
         "Latency is measured on this machine's CPU with ONNX Runtime (and PyTorch eager for FP32). "
         "The TensorRT-style Q/DQ graph keeps FP32 weights behind DequantizeLinear and Relu between Conv and "
@@ -114,6 +117,49 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
                               [r["latency"].get("b1", 0) or 0 for r in rows])
         lines += ["![accuracy and latency](accuracy_latency.png)", ""]
     return lines
+
+
+def _not_measurable_lines(rows: list[dict]) -> list[str]:
+    """A detector whose FP32 model finds no confident box: every agreement is unmeasurable, and so are its mAPs'
+    meaning (an untrained model); say so rather than show 100% agreement."""
+    fp32 = next((r for r in rows if r["backend"] == "pytorch_fp32"), None)
+    compared = [r["metrics"]["box_agreement_compared"] for r in rows
+                if r["backend"] != "pytorch_fp32" and "box_agreement_compared" in r["metrics"]]
+    if fp32 is None or not compared or any(compared):
+        return []
+    return ["**Box agreement is not measurable:** the FP32 model finds no box with score >= 0.25 on these images, "
+            "so there is nothing for INT8 to agree with. A model with random weights (an Ultralytics .yaml without "
+            "trained weights) does this: its mAP and agreement say nothing about quantization.", ""]
+
+
+def _per_class_section(run_dir: Path, metrics: dict) -> list[str]:
+    """Per class mAP50-95 of FP32 and each INT8 backend, the classes that lose most first (detectors)."""
+    backends_metrics = metrics.get("stages", {}).get("evaluate", {}).get("backends", {})
+    fp32 = backends_metrics.get("pytorch_fp32", {}).get("metrics", {}).get("per_class")
+    if not fp32:
+        return []
+    int8 = [b for b in ("pytorch_int8", "ort_int8_faithful", "ort_int8_native", "openvino_int8", "tensorrt")
+            if backends_metrics.get(b, {}).get("metrics", {}).get("per_class")]
+    if not int8:
+        return []
+    per = {b: backends_metrics[b]["metrics"]["per_class"] for b in int8}
+
+    def delta(name: str, b: str) -> float:
+        return 100 * (per[b].get(name, {}).get("map50_95", 0.0) - fp32[name]["map50_95"])
+
+    order = sorted(fp32, key=lambda name: min(delta(name, b) for b in int8))
+    shown = order[:PER_CLASS_ROWS]
+    head = ["Class", "Instances", "FP32 mAP50-95", "FP32 mAP50"] + [f"{backends.title(b)} Δ" for b in int8]
+    lines = [f"## Per class (mAP50-95 change in points, x 100; the {len(shown)} of {len(fp32)} classes that lose most "
+             "first; all in metrics.json)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in shown:
+        cells = [name, str(fp32[name]["instances"]), f"{fp32[name]['map50_95']:.4f}", f"{fp32[name]['map50']:.4f}"]
+        cells += [f"{delta(name, b):+.2f}" for b in int8]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", "A class with few instances moves by whole points when one box is found or missed.", ""]
+
+
+PER_CLASS_ROWS = 20
 
 
 def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
@@ -338,6 +384,9 @@ def print_summary(run_dir: str | Path, console) -> None:
                       _fmt(r["latency"].get("b1")), _fmt(r["latency"].get("b8")))
     if rows:
         console.print(table)
+    for line in _not_measurable_lines(rows):
+        if line:
+            console.print(line.replace("**", ""))
     cal = metrics.get("stages", {}).get("calibrate")
     if cal:
         census = ", ".join(f"{t}: {c['int8']} INT8 / {c['float']} float" for t, c in cal["census"].items())

@@ -36,10 +36,10 @@ from .recipe import Recipe, dump_recipe, with_absolute_paths
 from .resume import Previous, check_reusable, describe_inputs, open_previous, restore_stages, stage_fingerprints
 from .rundir import check_runs_dir, mark_stale_runs, process_identity
 from .stages import STAGES
-from .tasks import Task, get_task
+from .tasks import Classes, Task, get_task
 from .validate import check_recipe_inputs
 
-_UNREAD = object()  # num_classes not asked of the task yet
+_UNREAD = object()  # classes not asked of the task yet
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Run:
     artifacts: Artifacts = field(default_factory=Artifacts)  # what stages hand on (artifacts.py)
     stage: str | None = None  # the stage running now: a failure's record names it
     _datasets: dict[str, ImageDataset] = field(default_factory=dict)
-    _num_classes: Any = _UNREAD
+    _classes: Any = _UNREAD
 
     @property
     def task(self) -> Task:
@@ -62,16 +62,26 @@ class Run:
 
     def dataset(self, split: str) -> ImageDataset:
         if split not in self._datasets:
-            self._datasets[split] = self.task.for_model(build_dataset(self.recipe.data, split), self.num_classes,
+            self._datasets[split] = self.task.for_model(build_dataset(self.recipe.data, split), self.classes,
                                                         f"data.{split}")
         return self._datasets[split]
 
+    def classes(self) -> Classes:
+        """The model's own classes where the task needs them (a detector's head, names or output, never the
+        labels): their count and, where the model names them, their names."""
+        if self._classes is _UNREAD:
+            self._classes = self.task.classes(self.reference, self.recipe.model.input_size)
+        return self._classes
+
     def num_classes(self) -> int | None:
-        """The model's own class count where the task needs it (a detector's head, names or output, never the
-        labels); None otherwise."""
-        if self._num_classes is _UNREAD:
-            self._num_classes = self.task.num_classes(self.reference, self.recipe.model.input_size)
-        return self._num_classes
+        return self.classes().count
+
+    def class_names(self) -> list[str] | None:
+        """The model's class names, else those a split of the run names (a data.yaml's), else None."""
+        if self.classes().names:
+            return self.classes().names
+        named = (getattr(d, "names_from", None) and d.names for d in self._datasets.values())
+        return next((n for n in named if n), None)
 
     def loader(self, split: str):
         return make_loader(self.dataset(split), self.recipe.data)

@@ -166,15 +166,25 @@ class TransformConfig(StrictModel):
         return v
 
 
+# Keys only some sources read (DataSplit refuses them under another source).
+SOURCE_KEYS = {
+    "annotations": ("coco",), "label_dir": ("yolo_txt",), "yaml": ("yolo",), "split": ("hf", "yolo"),
+    "name": ("hf",), "image_column": ("hf",), "label_column": ("hf",), "allow_download": ("hf",),
+    "package": ("package",),
+}
+
+
 class DataSplit(StrictModel):
-    source: Literal["imagefolder", "files", "hf", "package", "coco", "yolo_txt"] | None = Field(
+    source: Literal["imagefolder", "files", "hf", "package", "coco", "yolo_txt", "yolo"] | None = Field(
         None,
         description="imagefolder: class sub-folders under path; files: every image under path (labels from "
         "the file name's WordNet-id prefix with labels: wnid_prefix); hf: a Hugging Face dataset "
         "(load_from_disk path, or name); package: images shipped inside an installed package; "
         "coco: images under path with a COCO JSON (annotations); yolo_txt: images under path with YOLO "
-        "txt labels (label_dir).",
+        "txt labels (label_dir); yolo: a split of an Ultralytics data.yaml (yaml, split).",
     )
+    yaml: str | None = Field(None, description="yolo: the dataset's Ultralytics data.yaml (path, train/val/test, "
+                             "names).")
     annotations: str | None = Field(None, description="coco: the COCO instances JSON for the images under path.")
     label_dir: str | None = Field(None, description="yolo_txt: folder of <image stem>.txt files (cls cx cy w h, "
                                                     "normalised).")
@@ -185,7 +195,7 @@ class DataSplit(StrictModel):
                                                "imagefolder).")
     name: str | None = Field(None, description="hf: dataset name for datasets.load_dataset, e.g. 'imagefolder' or a "
                                                "hub id.")
-    split: str = Field("train", description="hf: split to read.")
+    split: str = Field("train", description="hf: split to read; yolo: train, val or test.")
     image_column: str = Field("image", description="hf: column holding the images.")
     label_column: str | None = Field("label", description="hf: column holding the labels (null: unlabeled).")
     allow_download: bool = Field(
@@ -223,6 +233,18 @@ class DataSplit(StrictModel):
             raise ValueError("source 'coco' needs 'path' (the images) and 'annotations' (the COCO JSON)")
         if self.source == "yolo_txt" and not (self.path and self.label_dir):
             raise ValueError("source 'yolo_txt' needs 'path' (the images) and 'label_dir' (the txt labels)")
+        if self.source == "yolo" and not self.yaml:
+            raise ValueError("source 'yolo' needs 'yaml' (the dataset's data.yaml) and 'split' (train, val or test)")
+        if self.source == "yolo" and self.split not in ("train", "val", "test"):
+            raise ValueError(f"source 'yolo': split is train, val or test, not {self.split!r}")
+        # A key another source reads, left over from switching sources, would silently do nothing.
+        # (Set to something other than its default: a dumped recipe, read again, has every key.)
+        stale = [k for k, sources in SOURCE_KEYS.items()
+                 if self.source not in sources and getattr(self, k) != type(self).model_fields[k].default]
+        if stale and self.source is not None:
+            k = sorted(stale)[0]
+            raise ValueError(f"'{k}' is for source {' or '.join(SOURCE_KEYS[k])}, and this split's source is "
+                             f"{self.source}: remove it")
         if self.source == "package" and not self.package:
             raise ValueError("source 'package' needs 'package', e.g. package: skimage")
         return self
@@ -274,6 +296,28 @@ class Recipe(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
     runs_dir: str = Field("runs", description="Where run directories are created.")
     stages: list[Any] = Field(description="Ordered stages, each a one-key mapping: - calibrate: {method: entropy}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_yaml_shorthand(cls, data: Any) -> Any:
+        """`data: data.yaml`: an Ultralytics dataset, calibrated and fine-tuned on its train split, scored on its val
+        split, letterboxed to the model's input size (a detector's default: 640)."""
+        if not isinstance(data, dict) or not isinstance(data.get("data"), str):
+            return data
+        data = dict(data)
+        model = dict(data.get("model") or {})
+        model.setdefault("input_size", [3, 640, 640])
+        data["model"] = model
+        size = list(model["input_size"])[1:] if isinstance(model["input_size"], (list, tuple)) else [640, 640]
+        yaml_file = data["data"]
+        data["data"] = {
+            "transform": {"letterbox": size},
+            "calibration": {"source": "yolo", "yaml": yaml_file, "split": "train"},
+            "finetune": {"source": "yolo", "yaml": yaml_file, "split": "train"},
+            "evaluation": {"source": "yolo", "yaml": yaml_file, "split": "val"},
+        }
+        data.setdefault("task", "detection")
+        return data
 
     @field_validator("name")
     @classmethod

@@ -70,6 +70,8 @@ def _split_problems(split: DataSplit, field: str) -> list[str]:
         problems += missing_path(split.annotations, f"{field}.annotations", "the COCO JSON file")
     if split.label_dir:
         problems += missing_path(split.label_dir, f"{field}.label_dir", "the folder of YOLO txt labels", folder=True)
+    if split.yaml:
+        problems += missing_path(split.yaml, f"{field}.yaml", "the dataset's data.yaml")
     if split.source == "hf":
         from .data.sources import hf_problems
 

@@ -113,7 +113,7 @@ def build_dataset(data: DataConfig, split_name: str) -> ImageDataset:
         transform = transform.model_copy(update={"mean": data.transform.mean, "std": data.transform.std})
     else:
         transform = split.transform or data.transform
-    if split.source in ("coco", "yolo_txt"):
+    if split.source in ("coco", "yolo_txt", "yolo"):
         return _detection_dataset(split, transform, field)
     samples = list_samples(split, field)
     samples = sample_subset(samples, split, transform, field)
@@ -125,13 +125,16 @@ def build_dataset(data: DataConfig, split_name: str) -> ImageDataset:
 
 
 def _detection_dataset(split: DataSplit, transform: TransformConfig, field: str):
-    from .detection import coco_dataset, yolo_txt_dataset
+    from .detection import coco_dataset, yolo_data_yaml_dataset, yolo_txt_dataset
 
     if transform.letterbox is None:
         raise DataError(f"{field}: detection sources need data.transform.letterbox: [height, width], e.g. [640, 640]")
     size, stride = tuple(transform.letterbox), transform.stride
     if split.source == "coco":
         return coco_dataset(split.path, split.annotations, size, stride, count=split.count, seed=split.seed)
+    if split.source == "yolo":
+        return yolo_data_yaml_dataset(split.yaml, split.split, size, stride, count=split.count, seed=split.seed,
+                                      field=field)
     return yolo_txt_dataset(split.path, split.label_dir, size, stride, count=split.count, seed=split.seed)
 
 

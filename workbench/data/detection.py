@@ -118,6 +118,7 @@ class _Record:
     height: int
     boxes: np.ndarray  # (n, 4) float32 xyxy, original pixels, crowd boxes excluded
     labels: np.ndarray  # (n,) int64 contiguous class index
+    label_file: Path | None = None  # YOLO txt labels: the file they came from (messages name its lines)
 
 
 class DetectionDataset(Dataset):
@@ -135,7 +136,8 @@ class DetectionDataset(Dataset):
         size: tuple[int, int],
         stride: int,
         source: str,
-        labels_dir: Path | None = None,
+        yolo_labels: bool = False,
+        names_from: str | None = None,
     ):
         self.records = records
         self.coco_gt = coco_gt
@@ -143,23 +145,32 @@ class DetectionDataset(Dataset):
         self.size = size
         self.stride = stride
         self.source = source  # the label file or folder, for messages
-        self.labels_dir = labels_dir  # YOLO txt labels; None for COCO JSON
+        self.yolo_labels = yolo_labels  # YOLO txt labels (the model's count sets the classes); else COCO JSON
+        self.names_from = names_from  # where the class names came from (a data.yaml), None when unnamed
         self.image_ids = [r.image_id for r in records]
 
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
 
-    def with_num_classes(self, num_classes: int, field: str) -> "DetectionDataset":
+    @property
+    def names(self) -> list[str]:
+        """Class names by class index (the categories' names; YOLO txt labels without names: '0', '1', ...)."""
+        cats = self.coco_gt.cats
+        return [str(cats[c].get("name", c)) for c in self.category_ids]
+
+    def with_num_classes(self, num_classes: int, field: str, names: list[str] | None = None) -> "DetectionDataset":
         """This data scored for a model of `num_classes` classes.
 
         The model decides the class count, not the labels: a YOLO txt split that lacks the
         last class is scored for all of them (pycocotools skips classes without ground
         truth), and only a label id the model cannot predict is refused. A COCO JSON's
         categories are the classes (class index i = i-th sorted category id), so their
-        count must be the model's: with fewer categories every label past a gap would shift.
+        count must be the model's: with fewer categories every label past a gap would shift. A data.yaml's
+        names must be as many as the model's classes. `names`: the model's own, which name the classes of
+        YOLO txt labels (over the data.yaml's, whose count they must match).
         """
-        if self.labels_dir is None:
+        if not self.yolo_labels:
             if self.num_classes != num_classes:
                 raise DataError(
                     f"{field}: {self.source} lists {self.num_classes} categories but the model has {num_classes} "
@@ -167,16 +178,23 @@ class DetectionDataset(Dataset):
                     "the model was trained on (COCO's instances JSON lists all 80, whichever images it holds)"
                 )
             return self
+        if self.names_from is not None and len(self.names) != num_classes:
+            raise DataError(
+                f"{field}: {self.names_from} names {len(self.names)} classes but the model has {num_classes}: the "
+                "data.yaml of the dataset the model was trained on names every class it predicts"
+            )
         for rec in self.records:
             if len(rec.labels) and int(rec.labels.max()) >= num_classes:
                 try:
-                    _read_yolo_labels(self.labels_dir / f"{rec.path.stem}.txt", num_classes)  # raises, naming the line
+                    _read_yolo_labels(rec.label_file, num_classes)  # raises, naming the line
                 except DataError as e:
                     raise DataError(f"{field}: {e}") from None
-        gt = dict(self.coco_gt.dataset, categories=_yolo_categories(num_classes))
+        own = self.names if self.names_from is not None else None
+        chosen = names if names is not None and len(names) == num_classes else own
+        gt = dict(self.coco_gt.dataset, categories=_yolo_categories(num_classes, chosen))
         return DetectionDataset(
             self.records, _coco_from_dict(gt), list(range(num_classes)), self.size, self.stride, self.source,
-            self.labels_dir,
+            yolo_labels=True, names_from=self.names_from if chosen is own else "the model",
         )
 
     def __len__(self) -> int:
@@ -402,16 +420,14 @@ def yolo_txt_dataset(
     count: int | None = None,
     seed: int = 0,
 ) -> DetectionDataset:
-    """Images with YOLO txt labels (labels_dir/<stem>.txt, rows "cls cx cy w h" normalised to 0..1).
+    """Images with YOLO txt labels in one folder (labels_dir/<stem>.txt, rows "cls cx cy w h" normalised to 0..1).
 
-    An image without a label file is a background image (no objects), as in
-    Ultralytics. num_classes: the model's class count (class ids must be below
-    it); None takes the largest id + 1 until `with_num_classes` gives the
-    model's. Category id = class id in the COCO
-    ground truth built here, so scoring is the same as for COCO JSON.
+    An image without a label file is a background image (no objects), as in Ultralytics. num_classes: the
+    model's class count (class ids must be below it); None takes the largest id + 1 until `with_num_classes`
+    gives the model's. Category id = class id in the COCO ground truth built here, so scoring is the same as
+    for COCO JSON.
     """
     images_dir, labels_dir = Path(images_dir), Path(labels_dir)
-    size = _check_size(size, stride)
     paths = _image_files(images_dir)
     if not labels_dir.is_dir():
         raise DataError(f"labels folder {labels_dir} does not exist or is not a folder")
@@ -421,19 +437,50 @@ def yolo_txt_dataset(
             f"none of the {len(paths)} images in {images_dir} has a label file in {labels_dir} "
             f"(e.g. {label_files[0].name} for {paths[0].name}); labels are <image stem>.txt"
         )
+    return yolo_labeled_dataset(list(zip(paths, label_files)), size, stride, num_classes, count, seed,
+                                str(labels_dir))
 
-    rows = [_read_yolo_labels(f, num_classes) if f.is_file() else np.zeros((0, 5)) for f in label_files]
+
+def yolo_data_yaml_dataset(file: str | Path, split: str, size: tuple[int, int] = (640, 640), stride: int = 32,
+                           count: int | None = None, seed: int = 0, field: str = "data") -> DetectionDataset:
+    """The `split` of an Ultralytics data.yaml (data/yolo_yaml.py): its images, the labels Ultralytics reads for
+    them, and its class names."""
+    from .yolo_yaml import label_path, read_data_yaml, split_images
+
+    data = read_data_yaml(file, field)
+    images = split_images(data, split, field)
+    labels = [label_path(p) for p in images]
+    if not any(f.is_file() for f in labels):
+        raise DataError(
+            f"{field}: none of the {len(images)} images of split '{split}' ({data.where(split)}) has a label file: "
+            f"Ultralytics reads the labels of .../images/x.jpg from .../labels/x.txt (here {labels[0]}); put the "
+            "labels folder beside the images folder"
+        )
+    # Label ids are checked against the model's class count (with_num_classes), after its count is checked against
+    # the names: a wrong data.yaml is named as such, not through its first label past the names.
+    dataset = yolo_labeled_dataset(list(zip(images, labels)), size, stride, None, count, seed,
+                                   f"{data.file} ({split})", names=data.names)
+    dataset.names_from = str(data.file)
+    return dataset
+
+
+def yolo_labeled_dataset(pairs: list[tuple[Path, Path]], size: tuple[int, int], stride: int,
+                         num_classes: int | None, count: int | None, seed: int, source: str,
+                         names: list[str] | None = None) -> DetectionDataset:
+    """Images and their YOLO txt label files (missing: a background image)."""
+    size = _check_size(size, stride)
+    rows = [_read_yolo_labels(f, num_classes) if f.is_file() else np.zeros((0, 5)) for _, f in pairs]
     if num_classes is None:
-        num_classes = max((int(r[:, 0].max()) + 1 for r in rows if len(r)), default=1)
+        num_classes = len(names) if names else max((int(r[:, 0].max()) + 1 for r in rows if len(r)), default=1)
 
     records, images, annotations = [], [], []
     # Image ids are positions in the sorted file list: stable, and unique whatever the names are.
-    for image_id, (path, labels) in enumerate(zip(paths, rows)):
+    for image_id, ((path, label_file), labels) in enumerate(zip(pairs, rows)):
         width, height = _image_size(path)
         cx, cy, w, h = (labels[:, k] * scale for k, scale in zip(range(1, 5), (width, height, width, height)))
         boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1).reshape(-1, 4)
         cls = labels[:, 0].astype(np.int64)
-        records.append(_Record(path, image_id, width, height, boxes.astype(np.float32), cls))
+        records.append(_Record(path, image_id, width, height, boxes.astype(np.float32), cls, label_file))
         images.append({"id": image_id, "file_name": path.name, "width": width, "height": height})
         for box, c in zip(boxes, cls):
             bw, bh = float(box[2] - box[0]), float(box[3] - box[1])
@@ -446,21 +493,19 @@ def yolo_txt_dataset(
                 "iscrowd": 0,
             })
 
-    keep = _subset(list(range(len(records))), count, seed, str(images_dir))
+    keep = _subset(list(range(len(records))), count, seed, source)
     kept_ids = {records[i].image_id for i in keep}
     gt = {
         "images": [images[i] for i in keep],
         "annotations": [a for a in annotations if a["image_id"] in kept_ids],
-        "categories": _yolo_categories(num_classes),
+        "categories": _yolo_categories(num_classes, names),
     }
-    return DetectionDataset(
-        [records[i] for i in keep], _coco_from_dict(gt), list(range(num_classes)), size, stride, str(labels_dir),
-        labels_dir,
-    )
+    return DetectionDataset([records[i] for i in keep], _coco_from_dict(gt), list(range(num_classes)), size, stride,
+                            source, yolo_labels=True)
 
 
-def _yolo_categories(num_classes: int) -> list[dict]:
-    return [{"id": c, "name": str(c)} for c in range(num_classes)]
+def _yolo_categories(num_classes: int, names: list[str] | None = None) -> list[dict]:
+    return [{"id": c, "name": names[c] if names else str(c)} for c in range(num_classes)]
 
 
 def _read_yolo_labels(path: Path, num_classes: int | None) -> np.ndarray:

@@ -62,13 +62,17 @@ def export(run, opts: ExportOptions) -> None:
     from ..qdq.graph import qdq_census
     from ..qdq.ort_flavour import to_ort_int8
     from ..qdq.trt_rules import check_qdq
+    from ..tasks import Classes
 
     example = run.example_input(batch=1)
     values = {}
+    # What the task's own tools read from a graph (a detector's class names, stride, size: Ultralytics'), in all.
+    classes = Classes(run.num_classes(), run.class_names())
+    task_metadata = run.task.onnx_metadata(run.reference, classes, run.recipe.model.input_size, opts.dynamic_batch)
 
     def write(model, name: str, metadata: dict | None = None):
-        path = export_onnx(model, example, run.path(name), opts.opset, opts.dynamic_batch, opts.dynamic_size, metadata,
-                           clean=opts.clean)
+        path = export_onnx(model, example, run.path(name), opts.opset, opts.dynamic_batch, opts.dynamic_size,
+                           {**task_metadata, **(metadata or {})}, clean=opts.clean)
         values[name] = {"bytes": path.stat().st_size, "census": qdq_census(path)}
         return path
 

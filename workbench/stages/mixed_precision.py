@@ -67,6 +67,9 @@ class Budget:
 
         set_float_units(self.run.model, self.run.artifacts.quant, float_units)
         name, value = measure_task(self.run.model, self.probe, self.metric)
+        if value is None and self.opts.max_drop is None:
+            raise RecipeError("stages.mixed_precision.min_agreement: agreement with FP32 is not measurable here: the "
+                              "FP32 model makes no confident prediction on the evaluation images (an untrained model?)")
         if value is None:
             raise RecipeError(f"stages.mixed_precision.max_drop needs a labeled evaluation split (it measures {name}); "
                               "use min_agreement")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 
-from .base import Metric, Scorer, Task, first_output
+from .base import Classes, Metric, Scorer, Task, first_output
 
 # name -> "module:class" of its Task subclass
 TASKS = {
@@ -30,4 +30,4 @@ def get_task(name: str) -> Task:
     return getattr(importlib.import_module(module), cls)()
 
 
-__all__ = ["Metric", "Scorer", "TASKS", "TASK_NAMES", "Task", "first_output", "get_task"]
+__all__ = ["Classes", "Metric", "Scorer", "TASKS", "TASK_NAMES", "Task", "first_output", "get_task"]

@@ -45,6 +45,14 @@ class Distiller(Protocol):
 
 
 @dataclass(frozen=True)
+class Classes:
+    """What the model predicts: its class count where the task needs it, and their names where it has them."""
+
+    count: int | None = None
+    names: list[str] | None = None
+
+
+@dataclass(frozen=True)
 class Metric:
     """A number a scorer reports: its key in metrics.json, its column in tables, and how it reads as points."""
 
@@ -70,18 +78,22 @@ class Task:
 
     # Reading a model and its data
 
-    def num_classes(self, model: nn.Module, input_size: tuple[int, int, int]) -> int | None:
-        """The model's own class count where scoring needs it (never the labels'); None where it does not."""
-        return None
+    def classes(self, model: nn.Module, input_size: tuple[int, int, int]) -> Classes:
+        """The model's own classes where scoring needs them (never the labels'): count, and names where known."""
+        return Classes()
 
     def prepare_datasets(self, model: nn.Module, input_size, datasets: dict[str, Any]) -> dict[str, Any]:
         """Preflight: check the model is one this task decodes and each split is data it can score; return the
         datasets as the stages read them."""
         return datasets
 
-    def for_model(self, dataset: Any, num_classes: Callable[[], int | None], field: str) -> Any:
-        """A split read for the model (a detector's labels against its own class count)."""
+    def for_model(self, dataset: Any, classes: Callable[[], Classes], field: str) -> Any:
+        """A split read for the model (a detector's labels against its own classes)."""
         return dataset
+
+    def onnx_metadata(self, model: nn.Module, classes: Classes, input_size, dynamic_batch: bool) -> dict[str, str]:
+        """Metadata an exported graph carries so the task's own tools read it (Ultralytics' for detectors)."""
+        return {}
 
     def output_layers(self, model: nn.Module) -> list[nn.Module]:
         """Layers whose outputs are the task's output: structured pruning leaves their channels alone."""

@@ -25,7 +25,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from ..errors import DataError, ModelLoadError, WorkbenchError
-from .base import Metric, Task, first_output
+from .base import Classes, Metric, Task, first_output
 
 ANCHOR_OBJECTNESS = "anchor_objectness"
 ANCHOR_FREE = "anchor_free"
@@ -100,6 +100,16 @@ def model_num_classes(model: torch.nn.Module, input_size) -> int:
             f"model.spec: the model has {count} classes by {said}, and its output does not decode for them: {e}"
         ) from None
     return count
+
+
+def model_class_names(model: torch.nn.Module, count: int) -> list[str] | None:
+    """The model's class names (Ultralytics' `names` dict, YOLOv5's list) when they are `count`, else None."""
+    names = getattr(model, "names", None)
+    if isinstance(names, dict):
+        names = [names.get(i, names.get(str(i))) for i in range(len(names))]
+    if not isinstance(names, (list, tuple)) or len(names) != count or any(n is None for n in names):
+        return None
+    return [str(n) for n in names]
 
 
 def detect_head_format(output: torch.Tensor | np.ndarray, num_classes: int) -> str:
@@ -251,28 +261,35 @@ class DetectionScorer:
                 self.ref_matched += _greedy_matches(ref, own)
                 self.own_matched += _greedy_matches(own, ref)
 
-    def result(self) -> dict[str, float]:
-        out: dict[str, float] = {"samples": len(self.image_ids)}
+    def result(self) -> dict:
+        out: dict = {"samples": len(self.image_ids)}
         maps = self._coco_map()
         if maps is not None:
-            out["map50_95"], out["map50"] = maps
+            out["map50_95"], out["map50"], out["per_class"] = maps
         if self.ref_images:
-            recall = _share(self.ref_matched, self.ref_total, self.own_total)
-            precision = _share(self.own_matched, self.own_total, self.ref_total)
-            out["box_agreement"] = recall
-            out["box_agreement_f1"] = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
+            # Agreement is measurable only where the reference finds something confident: with no reference box
+            # there is nothing to agree on (a random-weight model's), and it is None, not 100%.
+            out["box_agreement_compared"] = self.ref_total
+            out["box_agreement"] = 100.0 * self.ref_matched / self.ref_total if self.ref_total else None
+            if self.ref_total and self.own_total:
+                recall, precision = out["box_agreement"], 100.0 * self.own_matched / self.own_total
+                out["box_agreement_f1"] = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
+            else:
+                out["box_agreement_f1"] = None if not (self.ref_total or self.own_total) else 0.0
         return out
 
-    def _coco_map(self) -> tuple[float, float] | None:
-        """(mAP50-95, mAP50) from pycocotools; None when the images seen hold no ground-truth box."""
+    def _coco_map(self) -> tuple[float, float, dict] | None:
+        """(mAP50-95, mAP50, per class {name: {map50_95, map50, instances}}) from pycocotools; None when the images
+        seen hold no ground-truth box. A class with no ground truth on these images has no row."""
         image_ids = sorted(set(self.image_ids))
         if not image_ids:
             return None
         has_gt = any(not a.get("iscrowd", 0) for a in self.coco_gt.loadAnns(self.coco_gt.getAnnIds(imgIds=image_ids)))
         if not has_gt:
             return None
-        if not self.rows:
-            return 0.0, 0.0  # no detections at all (pycocotools' loadRes cannot take an empty list)
+        instances = self._instances(image_ids)
+        if not self.rows:  # no detections at all (pycocotools' loadRes cannot take an empty list)
+            return 0.0, 0.0, {name: {"map50_95": 0.0, "map50": 0.0, "instances": n} for name, n in instances.items()}
         dets = np.concatenate(self.rows)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; its numbers are kept as is
             coco_dt = self.coco_gt.loadRes(dets)
@@ -281,14 +298,28 @@ class DetectionScorer:
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-        return float(ev.stats[0]), float(ev.stats[1])
+        # precision[iou threshold, recall, category, area "all", maxDets 100], -1 where a category has no GT:
+        # the per-class AP pycocotools averages into stats[0] (all thresholds) and stats[1] (IoU 0.5).
+        precision = ev.eval["precision"][:, :, :, 0, -1]
+        per_class = {}
+        for k, cat in enumerate(ev.params.catIds):
+            name = str(self.coco_gt.cats[cat].get("name", cat))
+            if name not in instances:
+                continue
+            p_all, p_50 = precision[:, :, k], precision[0, :, k]
+            per_class[name] = {"map50_95": float(p_all[p_all > -1].mean()) if (p_all > -1).any() else 0.0,
+                               "map50": float(p_50[p_50 > -1].mean()) if (p_50 > -1).any() else 0.0,
+                               "instances": instances[name]}
+        return float(ev.stats[0]), float(ev.stats[1]), per_class
 
-
-def _share(matched: int, total: int, other_total: int) -> float:
-    # Percent of `total` matched. Neither side finding anything confident is full agreement.
-    if total:
-        return 100.0 * matched / total
-    return 100.0 if other_total == 0 else 0.0
+    def _instances(self, image_ids: list[int]) -> dict[str, int]:
+        """Ground-truth boxes (not crowd) per class name on these images."""
+        counts: dict[str, int] = {}
+        for ann in self.coco_gt.loadAnns(self.coco_gt.getAnnIds(imgIds=image_ids)):
+            if not ann.get("iscrowd", 0):
+                name = str(self.coco_gt.cats[ann["category_id"]].get("name", ann["category_id"]))
+                counts[name] = counts.get(name, 0) + 1
+        return counts
 
 
 def _greedy_matches(a: np.ndarray, b: np.ndarray) -> int:
@@ -325,18 +356,19 @@ class DetectionTask(Task):
     task_samples = None
     train_mode = "eval"  # BatchNorm statistics of a detector's small distillation batches would drift
 
-    def num_classes(self, model, input_size) -> int:
-        return model_num_classes(model, input_size)
+    def classes(self, model, input_size) -> Classes:
+        count = model_num_classes(model, input_size)
+        return Classes(count, model_class_names(model, count))
 
     def prepare_datasets(self, model, input_size, datasets: dict) -> dict:
         """The model is a detector the adapter decodes, and every labeled split is read for the model's classes."""
         from ..data.detection import DetectionDataset, LetterboxedImages
 
-        num_classes = model_num_classes(model, input_size)
+        classes = self.classes(model, input_size)
         out = {}
         for split, dataset in datasets.items():
             if isinstance(dataset, DetectionDataset):
-                out[split] = dataset.with_num_classes(num_classes, f"data.{split}")
+                out[split] = dataset.with_num_classes(classes.count, f"data.{split}", classes.names)
             elif split == "evaluation":
                 raise WorkbenchError("data.evaluation: task detection scores with a detection source "
                                      "(coco or yolo_txt)")
@@ -348,13 +380,35 @@ class DetectionTask(Task):
                 out[split] = dataset
         return out
 
-    def for_model(self, dataset, num_classes, field: str):
+    def for_model(self, dataset, classes, field: str):
         if hasattr(dataset, "with_num_classes"):
-            return dataset.with_num_classes(num_classes(), field)
+            found = classes()
+            return dataset.with_num_classes(found.count, field, found.names)
         return dataset
 
     def output_layers(self, model) -> list[torch.nn.Module]:
         return detection_heads(model)  # boxes and classes
+
+    def onnx_metadata(self, model, classes: Classes, input_size, dynamic_batch: bool) -> dict[str, str]:
+        """The keys Ultralytics writes into its ONNX exports and its AutoBackend reads back (`yolo val` and
+        `yolo predict` take the task, class names, stride and input size from them): values as Python literals."""
+        from .. import __version__
+
+        stride = getattr(model, "stride", None)
+        stride = int(max(stride.tolist() if hasattr(stride, "tolist") else stride)) if stride is not None else 32
+        names = classes.names or [str(i) for i in range(classes.count or 0)]
+        return {
+            "description": "Exported by workbench (INT8 Q/DQ where calibrated)",
+            "author": "workbench",
+            "version": __version__,
+            "task": "detect",
+            "stride": str(stride),
+            "batch": "1",
+            "imgsz": str([int(input_size[1]), int(input_size[2])]),
+            "names": str(dict(enumerate(names))),
+            "channels": str(int(input_size[0])),
+            "args": str({"batch": 1, "dynamic": bool(dynamic_batch), "nms": False}),
+        }
 
     def scorer(self, recipe, dataset, compare_only: bool = False) -> DetectionScorer:
         d = recipe.detection
