@@ -137,3 +137,38 @@ def test_a_key_of_another_source_is_refused(tmp_path, capsys):
     data = f"\n  transform: {{letterbox: [64, 64]}}\n  calibration: {split}\n  evaluation: {split}"
     assert main(["validate", str(_recipe(tmp_path, data, STAGES))]) == 2
     assert "'annotations' is for source coco, and this split's source is yolo: remove it" in capsys.readouterr().err
+
+
+def test_quantize_is_one_line_and_writes_the_recipe_it_ran(tmp_path, capsys):
+    """`workbench quantize best.pt --data data.yaml` runs calibrate, export, the OpenVINO build and evaluate; the run's
+    recipe.yaml runs again to the same numbers."""
+    ckpt = make_tiny_yolov5_checkpoint(tmp_path / "best.pt", nc=3)
+    data_yaml = ultralytics_set(tmp_path / "set")
+    runs = tmp_path / "runs"
+    assert main(["quantize", str(ckpt), "--data", str(data_yaml), "--imgsz", "64", "--method", "max", "--engine",
+                 "openvino", "--runs-dir", str(runs)]) == 0
+    assert "the recipe it ran:" in capsys.readouterr().out
+    (first,) = runs.iterdir()
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert metrics["recipe"] == "best_int8" and metrics["stage_names"] == ["calibrate", "export", "build", "evaluate"]
+    assert metrics["stages"]["build"]["built"] and "openvino_int8" in metrics["stages"]["evaluate"]["backends"]
+    assert main(["run", str(first / "recipe.yaml"), "stages.evaluate.latency=false"]) == 0
+    second = next(p for p in runs.iterdir() if p != first)
+    again = json.loads((second / "metrics.json").read_text())["stages"]["evaluate"]["backends"]
+    for backend in ("pytorch_fp32", "pytorch_int8", "ort_int8_faithful", "openvino_int8"):
+        got, want = again[backend]["metrics"], metrics["stages"]["evaluate"]["backends"][backend]["metrics"]
+        assert got["map50_95"] == want["map50_95"] and got["per_class"] == want["per_class"], backend
+
+
+def test_quantize_an_ultralytics_checkpoint_needs_trust(tmp_path, capsys):
+    pytest.importorskip("ultralytics")
+    from workbench.models.registry import import_ultralytics
+
+    yolo = import_ultralytics().YOLO("yolov8n.yaml")
+    yolo.save(str(tmp_path / "best.pt"))
+    data_yaml = ultralytics_set(tmp_path / "set")
+    assert main(["quantize", str(tmp_path / "best.pt"), "--data", str(data_yaml), "--imgsz", "64",
+                 "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "trust_pickle" in err and "--trust-pickle" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

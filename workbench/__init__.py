@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "run": "api", "sensitivity": "api", "validate": "api", "check_onnx": "api", "build": "api", "bench": "api",
-    "open_run": "api", "load_run": "api",
+    "open_run": "api", "load_run": "api", "quantize": "api",
     "Int8Config": "quant.config", "quantize_": "quant.ptq",
     "Recipe": "schema", "load_recipe": "recipe", "parse_recipe": "recipe",
     "WorkbenchError": "errors",

@@ -1,6 +1,7 @@
 """The Python API that the CLI and the notebook both call: one function per `workbench` command.
 
     run(recipe, overrides)            workbench run            sensitivity(recipe)     workbench sensitivity
+    quantize(model, data)             workbench quantize
     validate(recipe, overrides)       workbench validate       check_onnx(path)        workbench check-onnx
     build(onnx, ...)                  workbench build          bench(paths, ...)       workbench bench
     open_run(run_dir)                 the notebook's explorer  load_run(run_dir)       a run's metrics
@@ -44,6 +45,50 @@ def run(recipe: str | os.PathLike | Recipe | None, overrides: list[str] | tuple[
     elif not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     return run_recipe(recipe, console=console, resume=resume)
+
+
+def quantize_recipe(model: str | os.PathLike, data: str | os.PathLike, imgsz: int = 640, method: str = "mse",
+                    engine: str = "auto", trust_pickle: bool = False, runs_dir: str | os.PathLike = "runs",
+                    name: str | None = None) -> str:
+    """The recipe `workbench quantize` runs, as YAML: a YOLO checkpoint (YOLOv5 or Ultralytics .pt, or an
+    Ultralytics .yaml) and its dataset's data.yaml, calibrated, exported, compiled by `engine` and scored."""
+    import yaml
+
+    from .models.yolov5_legacy import is_yolov5_checkpoint
+
+    path = Path(model)
+    if path.suffix == ".pt" and path.is_file() and is_yolov5_checkpoint(path):
+        spec = f"yolov5:{path}"  # read by the restricted unpickler: no trust needed
+    else:
+        spec = f"ultralytics:{path}"
+    stem = "".join(c if c.isalnum() or c in "_.-" else "_" for c in path.stem) or "model"
+    recipe = {
+        "name": name or f"{stem}_int8",
+        "task": "detection",
+        "model": {"spec": spec, "input_size": [3, int(imgsz), int(imgsz)],
+                  **({"trust_pickle": True} if trust_pickle else {})},
+        "data": str(data),
+        "runs_dir": str(runs_dir),
+        "stages": [{"calibrate": {"method": method}}, {"export": {}}, {"build": {"engine": engine}},
+                   {"evaluate": {}}],
+    }
+    return f"# workbench quantize {path} --data {data}\n" + yaml.safe_dump(recipe, sort_keys=False)
+
+
+def quantize(model: str | os.PathLike, data: str | os.PathLike, imgsz: int = 640, method: str = "mse",
+             engine: str = "auto", trust_pickle: bool = False, runs_dir: str | os.PathLike = "runs",
+             name: str | None = None, console=None) -> Run:
+    """`workbench quantize MODEL --data data.yaml`: a YOLO model to INT8 in one call (quantize_recipe); the run
+    directory's recipe.yaml is the recipe it ran (`workbench run` it again, or edit it)."""
+    from .recipe import parse_recipe
+    from .run import run_recipe
+
+    text = quantize_recipe(model, data, imgsz, method, engine, trust_pickle, runs_dir, name)
+    recipe = parse_recipe(text, f"workbench quantize {model}")
+    if recipe.model.spec.startswith("ultralytics:") and Path(model).suffix == ".pt" and not trust_pickle:
+        raise RecipeError(f"{model} is an Ultralytics checkpoint: Ultralytics unpickles the whole model, which runs "
+                          "code from the file (model.trust_pickle in a recipe). If you trust it, add --trust-pickle")
+    return run_recipe(recipe, console=console)
 
 
 def validate(recipe: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -4,6 +4,7 @@
     workbench run --resume RUN_DIR [RECIPE] [key.path=value ...]
     workbench runs [RUNS_DIR]
     workbench sensitivity RECIPE [key.path=value ...]
+    workbench quantize MODEL.pt --data data.yaml [--imgsz 640] [--method mse] [--engine openvino]
     workbench validate RECIPE [key.path=value ...]
     workbench check-onnx MODEL.onnx
     workbench build MODEL.onnx [--precision int8|fp16|fp32]
@@ -38,6 +39,20 @@ def _parser() -> argparse.ArgumentParser:
 
     run.add_argument("--gpus", type=int, default=1, metavar="N",
                      help="N processes under torchrun, one per GPU (gloo CPU processes where there is no GPU)")
+
+    quant = sub.add_parser("quantize", help="a YOLO model to INT8 in one line: workbench quantize best.pt --data "
+                           "data.yaml")
+    quant.add_argument("model", help="a YOLOv5 or Ultralytics .pt checkpoint (or an Ultralytics model .yaml)")
+    quant.add_argument("--data", required=True, help="the dataset's Ultralytics data.yaml (train: calibration, "
+                       "val: scoring)")
+    quant.add_argument("--imgsz", type=int, default=640, help="input size (square), as in Ultralytics")
+    quant.add_argument("--method", choices=["max", "entropy", "percentile", "mse"], default="mse")
+    quant.add_argument("--engine", choices=["auto", "openvino", "tensorrt"], default="auto",
+                       help="auto: tensorrt where the tensorrt package is installed, openvino elsewhere")
+    quant.add_argument("--trust-pickle", action="store_true", help="an Ultralytics .pt unpickles the whole model "
+                       "(runs code from the file): allow it for a file you trust")
+    quant.add_argument("--runs-dir", default="runs")
+    quant.add_argument("--name", help="run name (default: MODEL_int8)")
 
     runs = sub.add_parser("runs", help="list the runs in a runs directory (marks runs whose process died as "
                           "interrupted)")
@@ -144,6 +159,14 @@ def _dispatch(args, parser) -> int:
         return 0
     if args.command == "runs":
         return _runs(args.runs_dir)
+    if args.command == "quantize":
+        from . import api
+
+        run = api.quantize(args.model, args.data, args.imgsz, args.method, args.engine, args.trust_pickle,
+                           args.runs_dir, args.name, console=console)
+        console.print(f"report: {run.dir / 'report.md'}\nthe recipe it ran: {run.dir / 'recipe.yaml'} "
+                      f"(workbench run {run.dir / 'recipe.yaml'})")
+        return 0
     if args.command == "sensitivity":
         from . import api
 

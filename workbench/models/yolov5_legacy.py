@@ -180,3 +180,29 @@ def load_yolov5_checkpoint(path: str | Path) -> nn.Module:
         if isinstance(m, nn.Upsample):
             m.recompute_scale_factor = None  # attribute missing from checkpoints made by older torch
     return model
+
+
+def is_yolov5_checkpoint(path: str | Path) -> bool:
+    """Whether a .pt file pickles YOLOv5's own classes (models.yolo.*), read from its pickle's opcodes without
+    unpickling anything: an Ultralytics checkpoint names ultralytics.* instead."""
+    import pickletools
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            data = archive.read(name)
+    except (OSError, zipfile.BadZipFile, StopIteration):
+        return False
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+                strings.append(arg)
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2 and strings[-2].startswith("models."):
+                return True
+            elif op.name == "GLOBAL" and str(arg).startswith("models."):
+                return True
+    except Exception:  # a malformed pickle: not one we read as YOLOv5; the loader will say why
+        return False
+    return False

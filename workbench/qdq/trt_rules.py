@@ -18,7 +18,8 @@ float or adds a reformat. Each rule below names what TensorRT needs:
   TensorRT runs it in float.
 - `residual_add`: an Add of two activations next to an INT8 convolution has every
   input that is not that convolution's own output from a DequantizeLinear, so TensorRT
-  fuses the Add into the convolution in INT8.
+  fuses the Add into the convolution in INT8. An Add whose float input is an attention's
+  MatMul output (attention stays float: quant/rules.py) is not a residual Add.
 - `concat_shared_scale`: the quantized inputs of a Concat share one scale, so the Concat
   needs no requantization.
 
@@ -191,6 +192,12 @@ def _is_activation_dq(g: GraphIndex, dq) -> bool:
     return data not in g.constants
 
 
+def _from_matmul(g: GraphIndex, name: str) -> bool:
+    """Whether a tensor is a MatMul's output (through the layout ops the one look-through rule passes)."""
+    node = g.source(name)
+    return node is not None and node.op_type == "MatMul"
+
+
 def _check_residual_add(g: GraphIndex, n, flag) -> None:
     inputs = [i for i in n.input if i not in g.constants]
     if len(inputs) != 2:
@@ -201,6 +208,8 @@ def _check_residual_add(g: GraphIndex, n, flag) -> None:
     quantized = [g.from_dq(i) for i in inputs]
     if not any(int8_conv) and not any(quantized):
         return  # a float region
+    if any(not q and not c and _from_matmul(g, i) for i, q, c in zip(inputs, quantized, int8_conv)):
+        return  # attention's output joined to its positional convolution: the attention stays float
     for i, (name, q, conv) in enumerate(zip(inputs, quantized, int8_conv)):
         if not q and not conv:
             other = "an INT8 convolution" if any(int8_conv) else "a quantized tensor"

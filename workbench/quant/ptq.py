@@ -31,7 +31,7 @@ from ..models.guards import first_nonfinite
 from .calibrators import AbsHistogram, NonFiniteError, compute_amax
 from .config import QUANTIZABLE_TYPE_NAMES, Int8Config
 from .fold import fold_batchnorm_
-from .rules import insert_residual_quantizers, residual_blocks
+from .rules import insert_residual_quantizers, residual_units
 
 QUANTIZABLE_TYPES: dict[str, type[nn.Module]] = {
     "Conv1d": nn.Conv1d,
@@ -108,7 +108,7 @@ def select_layers(model: nn.Module, config: Int8Config) -> tuple[dict[str, str],
 
 
 def unmatched_patterns(model: nn.Module, patterns: list[str]) -> list[str]:
-    names = [n for n, _ in model.named_modules() if n] + [f"{b}.residual_add" for b in residual_blocks(model)]
+    names = [n for n, _ in model.named_modules() if n] + residual_units(model)
     return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
 

@@ -5,9 +5,13 @@ Each rule is named, finds the modules it applies to, and changes how they quanti
 - `residual_add`: in residual blocks (`x + cv2(cv1(x))`, YOLOv5 and Ultralytics
   `Bottleneck` with `add`; ResNet `BasicBlock` and `Bottleneck`, torchvision's and the
   CIFAR ResNets', `bn(conv(...)) + shortcut(x)`; EfficientNet(-Lite)'s `MBConvBlock` with
-  its identity skip), both inputs of the Add get a quantizer.
+  its identity skip; Ultralytics' attention blocks, YOLO11's `PSABlock` and YOLOv10's `PSA`,
+  `x + attn(x)` and `x + ffn(x)`), both inputs of the Add get a quantizer.
   TensorRT then fuses the Add into the convolution before it and runs it in INT8; with
   a float input it would run the Add on its own, in higher precision.
+- Attention stays float: only Conv/Linear layers are quantized, so the attention MatMuls,
+  the Softmax, and the Add that joins the attention's output (a MatMul's) to its positional
+  convolution run in float; the checker (qdq/trt_rules.py) knows that Add.
 - `concat_maxpool_shared_scale`: activations are quantized once, at the input of the
   convolution that reads the Concat (YOLOv5's C3/SPPF, Ultralytics' C2f), and no Q/DQ is
   put on a Concat input, a Split output or around a MaxPool. TensorRT moves that one Q
@@ -27,7 +31,10 @@ import fnmatch
 import torch
 from torch import nn
 
-RESIDUAL_BLOCKS = frozenset({"Bottleneck", "BasicBlock", "MBConvBlock"})
+RESIDUAL_BLOCKS = frozenset({"Bottleneck", "BasicBlock", "MBConvBlock", "PSABlock", "PSA"})
+# The second Add of an attention block (x + ffn(x)) lives here, so its unit name ends in `.residual_add` as every
+# residual unit's does: `<block>.ffn_residual.residual_add`.
+FFN_RESIDUAL = "ffn_residual"
 
 
 class ResidualAdd(nn.Module):
@@ -82,6 +89,20 @@ def _mbconv_forward(self, inputs, drop_connect_rate=None):
     return self.residual_add(x, inputs)
 
 
+def _psablock_forward(self, x):
+    # Ultralytics' PSABlock (YOLO11's C2PSA) with `add`: both residual Adds quantized.
+    x = self.residual_add(x, self.attn(x))
+    return self.ffn_residual.residual_add(x, self.ffn(x))
+
+
+def _psa_forward(self, x):
+    # YOLOv10's PSA: the same two residual Adds on the second half of cv1's output.
+    a, b = self.cv1(x).split((self.c, self.c), dim=1)
+    b = self.residual_add(b, self.attn(b))
+    b = self.ffn_residual.residual_add(b, self.ffn(b))
+    return self.cv2(torch.cat((a, b), 1))
+
+
 def _mbconv_has_skip(block: nn.Module) -> bool:
     args = block._block_args
     return bool(block.id_skip and args.stride in (1, [1], [1, 1]) and args.input_filters == args.output_filters)
@@ -91,6 +112,10 @@ def _quantized_forward(block: nn.Module):
     """The forward with a quantized Add for this kind of residual block, or None if it is not one we know."""
     if type(block).__name__ not in RESIDUAL_BLOCKS:
         return None
+    if type(block).__name__ == "PSABlock":
+        return _psablock_forward if getattr(block, "add", False) and hasattr(block, "ffn") else None
+    if type(block).__name__ == "PSA":
+        return _psa_forward if all(hasattr(block, a) for a in ("cv1", "cv2", "attn", "ffn", "c")) else None
     if hasattr(block, "cv1") and hasattr(block, "cv2"):
         return _yolo_forward if getattr(block, "add", False) else None  # YOLO: add is False without a shortcut
     if type(block).__name__ == "MBConvBlock":
@@ -105,6 +130,16 @@ def residual_blocks(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if _quantized_forward(m) is not None]
 
 
+def residual_units(model: nn.Module) -> list[str]:
+    """The residual Add units, `<block>.residual_add` (and an attention block's `<block>.ffn_residual.residual_add`)."""
+    out = []
+    for name in residual_blocks(model):
+        out.append(f"{name}.residual_add")
+        if _quantized_forward(model.get_submodule(name)) in (_psablock_forward, _psa_forward):
+            out.append(f"{name}.{FFN_RESIDUAL}.residual_add")
+    return out
+
+
 def insert_residual_quantizers(model: nn.Module, exclude: list[str] = ()) -> list[str]:
     """Apply `residual_add`; returns the quantizer names added (calibrated like any input quantizer).
 
@@ -117,7 +152,12 @@ def insert_residual_quantizers(model: nn.Module, exclude: list[str] = ()) -> lis
         block = model.get_submodule(name)
         forward = _quantized_forward(block)
         block.residual_add = ResidualAdd()
+        units = [f"{name}.residual_add"]
+        if forward in (_psablock_forward, _psa_forward):
+            block.add_module(FFN_RESIDUAL, nn.Module())
+            getattr(block, FFN_RESIDUAL).residual_add = ResidualAdd()
+            units.append(f"{name}.{FFN_RESIDUAL}.residual_add")
         # A subclass with the quantized forward, so the block keeps its type, name and state dict keys.
         block.__class__ = type(f"QuantResidual{type(block).__name__}", (type(block),), {"forward": forward})
-        names += [f"{name}.residual_add.input0_quantizer", f"{name}.residual_add.input1_quantizer"]
+        names += [f"{unit}.input{i}_quantizer" for unit in units for i in (0, 1)]
     return names
