@@ -172,3 +172,14 @@ def test_quantize_an_ultralytics_checkpoint_needs_trust(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "trust_pickle" in err and "--trust-pickle" in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_released_ultralytics_weights_are_fetched_only_when_allowed():
+    from workbench.models.registry import spec_problems
+    from workbench.schema import ModelConfig
+
+    problems = spec_problems(ModelConfig(spec="ultralytics:yolov9zz.pt", trust_pickle=True))
+    assert any("does not exist" in p and "model.allow_download: true lets Ultralytics fetch its released yolov9zz.pt"
+               in p for p in problems)
+    assert spec_problems(ModelConfig(spec="ultralytics:yolov9zz.pt", trust_pickle=True, allow_download=True)) == [] \
+        or "ultralytics extra" in " ".join(spec_problems(ModelConfig(spec="ultralytics:yolov9zz.pt")))

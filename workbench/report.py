@@ -102,6 +102,11 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
                 what = "(agreement not measurable: the reference finds no box with score >= 0.25 on these images)"
             lines += [f"{sentence} {what} (max |output difference| {cmp['max_abs_diff']:.4f}).", ""]
     lines += _not_measurable_lines(rows)
+    speed = evaluation.get("speed_ms_per_image")
+    if speed:
+        lines += [f"Per image, as Ultralytics splits it: pre-process {speed['preprocess']:.2f} ms "
+                  f"({task.preprocess_steps}), inference the backend's batch-1 latency above, post-process "
+                  f"{speed['postprocess']:.2f} ms ({task.postprocess_steps}), on {speed['images']} images.", ""]
     lines += [
         "Latency is measured on this machine's CPU with ONNX Runtime (and PyTorch eager for FP32). "
         "The TensorRT-style Q/DQ graph keeps FP32 weights behind DequantizeLinear and Relu between Conv and "

@@ -118,8 +118,9 @@ class ModelConfig(StrictModel):
     )
     allow_download: bool = Field(
         False,
-        description="Let torchvision download a weights enum's file (e.g. weights: DEFAULT) into torch's hub cache; "
-        "without it only an already cached file is used.",
+        description="Let torchvision download a weights enum's file (e.g. weights: DEFAULT) into torch's hub cache, "
+        "or Ultralytics its released weights by name (ultralytics:yolov8n.pt); without it only files already here "
+        "are used.",
     )
     input_size: InputSize = Field(
         (3, 224, 224), description="C, H, W of one input: used for export, latency and tracing."

@@ -480,10 +480,13 @@ def _ultralytics_problems(name: str, config: ModelConfig) -> list[str]:
     problems = [] if importlib.util.find_spec("ultralytics") else [_ULTRALYTICS_EXTRA]
     if path.suffix != ".pt":
         return problems
-    if not path.exists():
+    official = path.parent == Path(".")  # a bare name such as yolov8n.pt: one of Ultralytics' released weights
+    if not path.exists() and not (official and config.allow_download):
         problems.append(f"model.spec: {path} does not exist: Ultralytics weights are not downloaded here. Copy "
                         f"{path.name} there from a machine with internet, or use 'ultralytics:{path.stem}.yaml' for a "
-                        "randomly initialised model of the same architecture.")
+                        "randomly initialised model of the same architecture"
+                        + (" (on a machine with internet, model.allow_download: true lets Ultralytics fetch its "
+                           f"released {path.name})." if official else "."))
     if not config.trust_pickle:
         problems.append(f"model.trust_pickle: model.spec 'ultralytics:{path}': Ultralytics unpickles the whole model "
                         "from a .pt file, which runs code from the file. Set model.trust_pickle: true if you trust "
@@ -498,6 +501,9 @@ def _build_ultralytics(name: str, config: ModelConfig) -> nn.Module:
     if path.suffix == ".pt":
         refuse_torchscript(path, "model.spec")
     ultralytics = import_ultralytics()
+    if path.suffix == ".pt" and not path.exists() and not config.allow_download:  # no network unasked
+        raise ModelLoadError(f"model.spec: {path} does not exist (model.allow_download: true lets Ultralytics fetch "
+                             "its released weights by name)")
     try:
         model = ultralytics.YOLO(str(path), task="detect").model
     except Exception as e:

@@ -95,12 +95,13 @@ def evaluate(run, opts: EvaluateOptions) -> None:
         task.check_labels(scorers["pytorch_fp32"], dataset, f"{where} (labels: {mode})")
     # Time before scoring: ONNX Runtime's worker threads keep spinning for a while after a run,
     # which would steal the cores from whichever backend is timed next.
-    latencies = {}
+    latencies, speed = {}, None
     if opts.latency:
         for b, runner in runners.items():
             if BACKENDS[b].timed:
                 latencies[b] = measure_latency(runner, tuple(run.recipe.model.input_size), opts.latency_batch_sizes,
                                                repeats=opts.latency_repeats)
+        speed = _speed_split(run, dataset, reference_runner)
     same_function = table.comparisons(runners)
     pairs = {key: [task.scorer(run.recipe, dataset, compare_only=True), 0.0]  # scorer, max |diff|
              for key in same_function}
@@ -126,10 +127,33 @@ def evaluate(run, opts: EvaluateOptions) -> None:
             entry["latency"] = latencies[b]
         results[b] = entry
     values = {"samples": seen, "labeled": labeled, "backends": results}
+    if speed:
+        values["speed_ms_per_image"] = speed
     for key, (scorer, max_abs_diff) in pairs.items():
         if seen:
             values[key] = {**scorer.result(), "max_abs_diff": max_abs_diff}
     run.record("evaluate", values)
+
+
+SPEED_IMAGES = 8
+
+
+def _speed_split(run, dataset, reference_runner) -> dict[str, float]:
+    """Per image, as Ultralytics reports speed: pre-process (read, resize or letterbox, normalise: the dataset's
+    item) and post-process (the task's: a detector's decode and NMS), on the first images; inference is each
+    backend's batch-1 latency."""
+    import time
+
+    count = min(SPEED_IMAGES, len(dataset))
+    start = time.perf_counter()
+    images = [dataset[i][0] for i in range(count)]
+    preprocess = (time.perf_counter() - start) / count
+    outputs = [reference_runner(image[None].numpy()) for image in images]
+    start = time.perf_counter()
+    for out in outputs:
+        run.task.postprocess(out, run.recipe)
+    postprocess = (time.perf_counter() - start) / count
+    return {"images": count, "preprocess": 1000 * preprocess, "postprocess": 1000 * postprocess}
 
 
 def _batches(loader, max_samples: int | None):

@@ -75,6 +75,8 @@ class Task:
     train_mode: ClassVar[Literal["train", "eval"]]  # module mode while training with train_mode: auto
     has_label_loss: ClassVar[bool] = False  # labels give a loss of their own (cross-entropy); else distil only
     scores_reference_first: ClassVar[bool] = False  # evaluate scores FP32 alone first to check the labels
+    preprocess_steps: ClassVar[str] = "read, resize, normalise"  # what the speed split's pre-process times
+    postprocess_steps: ClassVar[str] = "none"  # and its post-process
 
     # Reading a model and its data
 
@@ -111,6 +113,11 @@ class Task:
         """(agreeing, compared) between a batch of outputs and the reference's (FP32 or a faithful graph): what
         `agreement_key` measures, without labels or a dataset (an engine's guard compares on any images)."""
         raise NotImplementedError
+
+    def postprocess(self, outputs: Any, recipe: Any) -> Any:
+        """What a deployment does with the raw outputs before using them (a detector's decode and NMS): timed by
+        evaluate as Ultralytics' speed split does."""
+        return first_output(outputs)
 
     def metric_step(self, samples: int) -> float | None:
         """The smallest change of the headline metric `samples` samples can show, in points; None: no fixed step."""

@@ -105,6 +105,8 @@ class ClassificationTask(Task):
     train_mode = "train"
     has_label_loss = True
     scores_reference_first = True
+    preprocess_steps = "read, resize and crop, normalise"
+    postprocess_steps = "argmax"
 
     def output_layers(self, model: nn.Module) -> list[nn.Module]:
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -119,6 +121,9 @@ class ClassificationTask(Task):
     def agreement_counts(self, outputs, reference, num_classes) -> tuple[int, int]:
         out, ref = _as_numpy(first_output(outputs)), _as_numpy(first_output(reference))
         return int((out.argmax(1) == ref.argmax(1)).sum()), int(out.shape[0])
+
+    def postprocess(self, outputs, recipe):
+        return _as_numpy(first_output(outputs)).argmax(1)
 
     def metric_step(self, samples: int) -> float:
         return 100.0 / samples  # one image more or less right

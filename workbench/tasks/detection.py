@@ -355,6 +355,8 @@ class DetectionTask(Task):
     proxy_samples = 8  # a detector's output holds thousands of boxes per image: 8 images give plenty of values
     task_samples = None
     train_mode = "eval"  # BatchNorm statistics of a detector's small distillation batches would drift
+    preprocess_steps = "read, letterbox, normalise"
+    postprocess_steps = "decode and NMS"
 
     def classes(self, model, input_size) -> Classes:
         count = model_num_classes(model, input_size)
@@ -414,6 +416,15 @@ class DetectionTask(Task):
         d = recipe.detection
         return DetectionScorer(dataset.coco_gt, dataset.category_ids, len(dataset.category_ids), d.conf, d.iou,
                                d.max_det)
+
+    def postprocess(self, outputs, recipe):
+        d = recipe.detection
+        return decode(outputs, self._classes_of(outputs), d.conf, d.iou, d.max_det)
+
+    @staticmethod
+    def _classes_of(outputs) -> int:
+        shape = tuple(first_output(outputs).shape)  # (B, N, 5 + C) YOLOv5 or (B, 4 + C, N) anchor-free
+        return shape[2] - 5 if shape[1] > shape[2] else shape[1] - 4
 
     def agreement_counts(self, outputs, reference, num_classes) -> tuple[int, int]:
         """(reference boxes this output also finds, reference boxes) at the box agreement's score and IoU."""
