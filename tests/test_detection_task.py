@@ -157,13 +157,26 @@ def test_shifted_detections_score_what_cocoeval_says(tmp_path):
     assert metrics["map50_95"] < 0.95
     assert metrics["map50_95"] == pytest.approx(ev.stats[0], abs=1e-12)
     assert metrics["map50"] == pytest.approx(ev.stats[1], abs=1e-12)
+    # The bootstrap's accumulate, every image counted once, is pycocotools' own; a draw of image 0 four times is
+    # the mAP of image 0 alone.
+    from workbench.tasks.map_bootstrap import map_under_weights
+
+    n = len(scorer.evaluation.params.imgIds)
+    assert map_under_weights(scorer.evaluation, np.ones((1, n)))[0] == pytest.approx([ev.stats[0], ev.stats[1]])
+    alone = DetectionScorer(ds.coco_gt, ds.category_ids, C)
+    alone.update(_fake_v5(targets[:1], shifted[:1], C, scores=scores[:1]), targets[:1])
+    only_first = np.zeros((1, n))
+    only_first[0, scorer.evaluation.params.imgIds.index(targets[0]["image_id"])] = 4
+    assert map_under_weights(scorer.evaluation, only_first)[0, 0] == pytest.approx(alone.result()["map50_95"])
 
 
 def test_no_detections_is_zero_map(tmp_path):
     ds, targets = _dataset_and_batch(tmp_path)
     scorer = DetectionScorer(ds.coco_gt, ds.category_ids, C)
     scorer.update(torch.zeros(len(targets), 32, 5 + C), targets)
-    assert scorer.result() == {"samples": 4, "map50_95": 0.0, "map50": 0.0}
+    result = scorer.result()
+    assert (result["samples"], result["map50_95"], result["map50"]) == (4, 0.0, 0.0)
+    assert all(c["map50_95"] == 0.0 for c in result["per_class"].values())
 
 
 def test_scoring_covers_only_the_images_seen(tmp_path):

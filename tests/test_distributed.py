@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import tiny_recipe
-from helpers import colour_blob_batch, make_image_folder, trained_cnn
+from helpers import colour_blob_batch, make_image_folder, tiny_cnn, trained_cnn
 
 from workbench.cli import main
 from workbench.train.loop import fit
@@ -32,8 +32,11 @@ def _loader():
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False)
 
 
-def _train(out_path: str) -> None:
-    model = trained_cnn()
+def _train(out_path: str, start: str) -> None:
+    # Every process starts from the same saved weights: trained_cnn() retrained in a child could round differently
+    # (its thread count comes from the environment, which other imports may have changed).
+    model = tiny_cnn()
+    model.load_state_dict(torch.load(start))
     opts = TrainOptions(epochs=2, lr=0.05, train_mode="eval", grad_clip=None)
 
     def loss_fn(outputs, batch):
@@ -44,23 +47,24 @@ def _train(out_path: str) -> None:
     torch.save(model.state_dict(), out_path)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, start: str) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     from workbench import distributed
 
     distributed.init()
     try:
-        _train(os.path.join(out_dir, f"rank{rank}.pt"))
+        _train(os.path.join(out_dir, f"rank{rank}.pt"), start)
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_two_gloo_processes_train_the_same_weights_as_one_with_the_same_global_batch(tmp_path):
-    _train(str(tmp_path / "single.pt"))
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    single = torch.load(tmp_path / "single.pt")
     start = trained_cnn().state_dict()
+    torch.save(start, tmp_path / "start.pt")
+    _train(str(tmp_path / "single.pt"), str(tmp_path / "start.pt"))
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), str(tmp_path / "start.pt")), nprocs=2, join=True)
+    single = torch.load(tmp_path / "single.pt")
     for rank in (0, 1):
         ddp = torch.load(tmp_path / f"rank{rank}.pt")
         for name, value in single.items():

@@ -1,6 +1,8 @@
 """Every Ultralytics detection family the `ultralytics` package builds: quantized by the placement rules, exported,
 and checked against TensorRT's Q/DQ rules, with the DFL, the box decode and attention in float."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -9,7 +11,10 @@ from workbench.qdq.graph import qdq_census
 from workbench.qdq.trt_rules import check_qdq
 from workbench.schema import ModelConfig
 
-pytest.importorskip("ultralytics", reason="ultralytics extra not installed")
+# Not imported here: importing ultralytics patches PIL and torch process-wide; workbench's import_ultralytics
+# (through resolve_model) undoes that.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ultralytics") is None,
+                                reason="ultralytics extra not installed")
 
 # family -> (int8 convolutions, residual Add units, attention MatMuls left float); random weights: structure only.
 FAMILIES = {

@@ -84,6 +84,10 @@ def test_the_exported_graph_carries_the_metadata_ultralytics_reads(tmp_path):
     """Ultralytics' AutoBackend (what `yolo val` and `yolo predict` open a model with) reads the task, the names, the
     stride and the size from every exported graph."""
     import torch
+
+    from workbench.models.registry import import_ultralytics
+
+    import_ultralytics()  # first: imported this way, Ultralytics leaves PIL and torch unpatched for later tests
     from ultralytics.nn.autobackend import AutoBackend
 
     data_yaml = ultralytics_set(tmp_path / "set")

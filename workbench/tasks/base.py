@@ -119,6 +119,12 @@ class Task:
         evaluate as Ultralytics' speed split does."""
         return first_output(outputs)
 
+    def delta(self, scorer: Scorer, reference: Scorer, confidence: float = 0.95, resamples: int = 1000,
+              seed: int = 0):
+        """The headline metric's difference, scorer minus reference, in points, with its paired bootstrap interval
+        over the images both scored (stats.Interval); None where the headline is not measurable."""
+        return None
+
     def metric_step(self, samples: int) -> float | None:
         """The smallest change of the headline metric `samples` samples can show, in points; None: no fixed step."""
         return None

@@ -44,6 +44,8 @@ class ClassificationScorer:
         self.n_ref = 0
         self.label_counts: Counter = Counter()  # how often each class was the label / the prediction: chance_top1
         self.predicted_counts: Counter = Counter()
+        self.hits: list[np.ndarray] = []  # per sample: top-1 right (paired intervals, Task.delta)
+        self.agrees: list[np.ndarray] = []  # per sample: top-1 the reference's
 
     def update(self, logits, labels=None, reference=None) -> None:
         logits = _as_numpy(logits)
@@ -60,12 +62,14 @@ class ClassificationScorer:
             k = min(5, logits.shape[1])
             topk = np.argpartition(-logits, k - 1, axis=1)[:, :k]
             predicted = logits.argmax(1)
+            self.hits.append(predicted == labels)
             self.top1 += int((predicted == labels).sum())
             self.label_counts.update(labels.tolist())
             self.predicted_counts.update(predicted.tolist())
             self.top5 += int((topk == labels[:, None]).any(1).sum())
         if reference is not None:
             ref = _as_numpy(reference)
+            self.agrees.append(logits.argmax(1) == ref.argmax(1))
             self.agree += int((logits.argmax(1) == ref.argmax(1)).sum())
             log_p, log_q = _log_softmax(ref.astype(np.float64)), _log_softmax(logits.astype(np.float64))
             self.kl_sum += float((np.exp(log_p) * (log_p - log_q)).sum())
@@ -124,6 +128,23 @@ class ClassificationTask(Task):
 
     def postprocess(self, outputs, recipe):
         return _as_numpy(first_output(outputs)).argmax(1)
+
+    def delta(self, scorer: ClassificationScorer, reference: ClassificationScorer, confidence: float = 0.95,
+              resamples: int = 1000, seed: int = 0):
+        """Top-1 (with labels; else agreement with FP32, the reference agreeing with itself) minus the reference's,
+        a paired bootstrap of the per-image differences."""
+        from ..stats import paired_mean
+
+        if scorer.hits and reference.hits:
+            this, ref = np.concatenate(scorer.hits), np.concatenate(reference.hits)
+        elif scorer.agrees:
+            this = np.concatenate(scorer.agrees)
+            ref = np.concatenate(reference.agrees) if reference.agrees else np.ones_like(this)
+        else:
+            return None
+        if len(this) != len(ref) or not len(this):
+            return None
+        return paired_mean(this.astype(np.float64) - ref, confidence, resamples, seed)
 
     def metric_step(self, samples: int) -> float:
         return 100.0 / samples  # one image more or less right

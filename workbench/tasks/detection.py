@@ -231,8 +231,10 @@ class DetectionScorer:
         self.ref_total = self.ref_matched = 0  # reference detections, and those this backend found
         self.own_total = self.own_matched = 0  # the reverse direction
         self.ref_images = 0  # images scored against a reference
+        self.evaluation = None  # pycocotools' COCOeval after result(): its per-image matches (Task.delta)
 
     def update(self, outputs, targets: list[dict], reference=None) -> None:
+        self._result = None
         dets = decode(outputs, self.num_classes, **self.nms)
         if len(dets) != len(targets):
             raise ValueError(f"the detector returned {len(dets)} images' outputs for a batch of {len(targets)} targets")
@@ -262,6 +264,12 @@ class DetectionScorer:
                 self.own_matched += _greedy_matches(own, ref)
 
     def result(self) -> dict:
+        if getattr(self, "_result", None) is not None:  # pycocotools' evaluation is not cheap: once per state
+            return self._result
+        self._result = self._compute()
+        return self._result
+
+    def _compute(self) -> dict:
         out: dict = {"samples": len(self.image_ids)}
         maps = self._coco_map()
         if maps is not None:
@@ -298,6 +306,7 @@ class DetectionScorer:
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
+        self.evaluation = ev
         # precision[iou threshold, recall, category, area "all", maxDets 100], -1 where a category has no GT:
         # the per-class AP pycocotools averages into stats[0] (all thresholds) and stats[1] (IoU 0.5).
         precision = ev.eval["precision"][:, :, :, 0, -1]
@@ -425,6 +434,23 @@ class DetectionTask(Task):
     def _classes_of(outputs) -> int:
         shape = tuple(first_output(outputs).shape)  # (B, N, 5 + C) YOLOv5 or (B, 4 + C, N) anchor-free
         return shape[2] - 5 if shape[1] > shape[2] else shape[1] - 4
+
+    def delta(self, scorer: DetectionScorer, reference: DetectionScorer, confidence: float = 0.95,
+              resamples: int = 200, seed: int = 0):
+        """mAP50-95 minus the reference's, x 100, with a paired bootstrap over images: both recomputed on the same
+        draws (tasks/map_bootstrap.py). 200 draws: each recomputes mAP over every class."""
+        from ..stats import bootstrap_weights, paired_statistic
+        from .map_bootstrap import map_under_weights
+
+        a, b = scorer.result(), reference.result()
+        ev_a, ev_b = scorer.evaluation, reference.evaluation
+        if "map50_95" not in a or "map50_95" not in b or ev_a is None or ev_b is None:
+            return None
+        if list(ev_a.params.imgIds) != list(ev_b.params.imgIds):
+            return None
+        weights = bootstrap_weights(len(ev_a.params.imgIds), resamples, seed)
+        this, ref = map_under_weights(ev_a, weights)[:, 0], map_under_weights(ev_b, weights)[:, 0]
+        return paired_statistic(this, ref, a["map50_95"], b["map50_95"], len(ev_a.params.imgIds), confidence)
 
     def agreement_counts(self, outputs, reference, num_classes) -> tuple[int, int]:
         """(reference boxes this output also finds, reference boxes) at the box agreement's score and IoU."""
