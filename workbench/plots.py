@@ -66,28 +66,41 @@ def plot_history(path, history: list[dict], title: str) -> Path | None:
     return save_figure(fig, path)
 
 
-def plot_sensitivity(path, rows: list[dict], metric_name: str | None) -> Path:
-    """The most sensitive layers: task-metric sensitivity where measured, and the SQNR proxy."""
-    from .quant.sensitivity import proxy_sensitivity, task_sensitivity
+def plot_sensitivity(path, rows: list[dict], metric_name: str | None, confidence: float = 0.95) -> Path:
+    """The most sensitive layers, in the table's ranking, top to bottom: each one-at-a-time task-metric delta with
+    its interval (grey where it holds 0: within noise, ranked by the proxy), and the SQNR proxy."""
+    from .quant.sensitivity import proxy_sensitivity
 
     plt = _pyplot()
     names = [r["layer"] for r in rows]
-    panels = []
-    if metric_name and task_sensitivity(rows[0]) is not None:
-        panels.append(([task_sensitivity(r) for r in rows],
-                       f"sensitivity, {metric_name}\n(loss alone + gain when kept float)", "#C44E52"))
-    panels.append(([max(-proxy_sensitivity(r), 0) if "only_sqnr_db" in r else proxy_sensitivity(r) for r in rows],
-                   "SQNR with only this layer INT8, dB (lower hurts more)" if "only_sqnr_db" in rows[0]
-                   else "output SQNR when this layer stays float, dB", "#4C72B0"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.32 * len(rows) + 1.5), squeeze=False)
-    for ax, (values, label, color) in zip(axes[0], panels):
-        ax.barh(names, [v if math.isfinite(v) else 0 for v in values], color=color)
-        ax.set_xlabel(label)
+    has_task = metric_name and any("only_delta" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_task else 1, figsize=(12 if has_task else 6, 0.32 * len(rows) + 1.6),
+                             squeeze=False)
+    y = list(range(len(rows)))
+    if has_task:
+        ax = axes[0][0]
+        deltas = [r.get("only_delta", 0.0) for r in rows]
+        colours = ["#C44E52" if r.get("only_resolved") else "#BBBBBB" for r in rows]
+        ax.barh(y, deltas, color=colours)
+        if all("only_delta_low" in r for r in rows):
+            low = [r["only_delta"] - r["only_delta_low"] for r in rows]
+            high = [r["only_delta_high"] - r["only_delta"] for r in rows]
+            ax.errorbar(deltas, y, xerr=[low, high], fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+        ax.axvline(0, color="black", linewidth=0.6)
+        ax.set_xlabel(f"{metric_name}, only this layer INT8, vs FP32\n"
+                      f"({100 * confidence:.0f}% interval; grey: within noise)")
+    ax = axes[0][-1]
+    only = "only_sqnr_db" in rows[0]
+    values = [max(-proxy_sensitivity(r), 0) if only else proxy_sensitivity(r) for r in rows]
+    ax.barh(y, [v if math.isfinite(v) else 0 for v in values], color="#4C72B0")
+    ax.set_xlabel("SQNR with only this layer INT8, dB (lower hurts more)" if only
+                  else "output SQNR when this layer stays float, dB")
+    for ax in axes[0]:
+        ax.set_yticks(y, names if ax is axes[0][0] else [""] * len(y), fontsize=8)
         ax.invert_yaxis()
-        ax.tick_params(axis="y", labelsize=8)
-    for ax in axes[0][1:]:
-        ax.set_yticklabels([])
-    fig.suptitle(f"The {len(rows)} most sensitive layers")
+    ranked = sum(1 for r in rows if r.get("ranked_by") == "task")
+    fig.suptitle(f"The {len(rows)} most sensitive layers, ranked by the task metric where it resolves them "
+                 f"({ranked}) and by the proxy below")
     fig.tight_layout()
     return save_figure(fig, path)
 

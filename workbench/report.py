@@ -45,9 +45,18 @@ def backend_rows(metrics: dict) -> list[dict]:
                 "size_mb": entry["size_bytes"] / 1e6 if "size_bytes" in entry else None,
                 "latency": {k: v["median_ms"] for k, v in lat.items()},
                 "latency_p90": {k: v["p90_ms"] for k, v in lat.items()},
+                "delta": entry.get("delta_vs_fp32"),
+                "delta_ptq": entry.get("delta_vs_ptq"),
             }
         )
     return rows
+
+
+def _interval(d: dict | None, digits: int = 2) -> str:
+    """'-0.06 [-0.21, +0.09]' (the interval's confidence is in the table's header)."""
+    if not d:
+        return "n/a"
+    return f"{d['delta']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
 
 
 def headline(task: Task, rows: list[dict]) -> Metric | None:
@@ -81,15 +90,29 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
     task = _task(metrics)
     batch_keys = sorted({k for r in rows for k in r["latency"]}, key=lambda k: int(k[1:]))
     columns = [m for m in task.metrics if any(m.key in r["metrics"] for r in rows)]
-    head = ["Backend"] + [m.title for m in columns] + ["Size MB"] + [f"Latency {k} median (p90) ms" for k in batch_keys]
+    confidence = next((r["delta"]["confidence"] for r in rows if r["delta"]), None)
+    deltas = [f"Δ vs FP32, points [{100 * confidence:.0f}% CI]"] if confidence else []
+    head = (["Backend"] + [m.title for m in columns] + deltas + ["Size MB"]
+            + [f"Latency {k} median (p90) ms" for k in batch_keys])
     lines = [f"## Accuracy, size, latency ({evaluation['samples']} evaluation samples)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["title"]] + [_fmt(r["metrics"].get(m.key), m.digits) for m in columns] + [_fmt(r["size_mb"])]
+        cells = [r["title"]] + [_fmt(r["metrics"].get(m.key), m.digits) for m in columns]
+        cells += [_interval(r["delta"]) if r["backend"] != "pytorch_fp32" else "-"] if deltas else []
+        cells += [_fmt(r["size_mb"])]
         cells += [f"{_fmt(r['latency'].get(k))} ({_fmt(r['latency_p90'].get(k))})" if k in r["latency"] else "n/a"
                   for k in batch_keys]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if confidence:
+        samples = next(r["delta"]["samples"] for r in rows if r["delta"])
+        lines += [f"Each difference is the headline metric minus FP32's on the same {samples} images, with a paired "
+                  "bootstrap interval over them: an interval that holds 0 says these images cannot tell the two "
+                  "apart.", ""]
+    for row in rows:
+        if row["delta_ptq"]:
+            lines += [f"{row['title']} after QAT against the PTQ model it started from: "
+                      f"{_interval(row['delta_ptq'])} points.", ""]
     for key, sentence in backends.comparison_sentences().items():
         cmp = evaluation.get(key)
         if cmp:
@@ -329,6 +352,16 @@ def _qat_section(run_dir: Path, metrics: dict) -> list[str]:
     return lines
 
 
+def _delta_cell(row: dict, prefix: str) -> str:
+    if f"{prefix}_delta" not in row:
+        return "n/a"
+    if f"{prefix}_delta_low" not in row:
+        return _fmt(row[f"{prefix}_delta"])
+    noise = "" if row.get(f"{prefix}_resolved") else " (noise)"
+    return (f"{row[f'{prefix}_delta']:+.2f} [{row[f'{prefix}_delta_low']:+.2f}, {row[f'{prefix}_delta_high']:+.2f}]"
+            f"{noise}")
+
+
 def _sensitivity_section(run_dir: Path, metrics: dict) -> list[str]:
     stages = metrics.get("stages", {})
     lines = []
@@ -342,16 +375,24 @@ def _sensitivity_section(run_dir: Path, metrics: dict) -> list[str]:
         lines.append(
             f"{sens['units']} layers, modes {', '.join(sens['modes'])}: proxies on {sens['proxy_samples']} samples in "
             f"{sens['proxy_seconds']:.1f} s{task}. `only`: this layer alone in INT8 (change against FP32); `loo`: "
-            "every "
-            "layer but this one in INT8 (gain over all-INT8). Full table: `sensitivity.csv`."
+            "every layer but this one in INT8 (gain over all-INT8). Full table: `sensitivity.csv`."
         )
         lines.append("")
-        lines += ["| Rank | Layer | Type | MMACs | only Δ | loo Δ | only SQNR dB | Proxy rank |",
-                  "|---|---|---|---|---|---|---|---|"]
+        if sens.get("confidence"):
+            spearman = sens.get("proxy_task_spearman") or {}
+            rho = (f"; the SQNR proxy's Spearman correlation with the resolved deltas is {spearman['rho']:.2f} over "
+                   f"{spearman['layers']} layers" if spearman.get("rho") is not None else
+                   f"; too few resolved layers ({spearman.get('layers', 0)}) for the proxy's rank correlation")
+            lines += [f"The probe images resolve the task-metric effect ({100 * sens['confidence']:.0f}% paired "
+                      f"interval excluding 0) of {sens['resolved_layers']} of {sens['units']} layers: those are "
+                      f"ranked by the task metric, the rest (within noise) by the proxy{rho}.", ""]
+        lines += ["| Rank | Layer | Type | MMACs | only Δ [interval] | loo Δ [interval] | only SQNR dB | Proxy rank | "
+                  "Ranked by |", "|---|---|---|---|---|---|---|---|---|"]
         for r in table[:10]:
             lines.append(
-                f"| {r['rank']} | `{r['layer']}` | {r['type']} | {r['macs'] / 1e6:.1f} | {_fmt(r.get('only_delta'))} | "
-                f"{_fmt(r.get('loo_delta'))} | {_fmt(r.get('only_sqnr_db'), 1)} | {r['proxy_rank']} |"
+                f"| {r['rank']} | `{r['layer']}` | {r['type']} | {r['macs'] / 1e6:.1f} | {_delta_cell(r, 'only')} | "
+                f"{_delta_cell(r, 'loo')} | {_fmt(r.get('only_sqnr_db'), 1)} | {r['proxy_rank']} | "
+                f"{r.get('ranked_by', '-')} |"
             )
         lines.append("")
         if (run_dir / "sensitivity.png").is_file():
@@ -381,11 +422,15 @@ def print_summary(run_dir: str | Path, console) -> None:
     table = Table(title=f"{metrics.get('recipe')}: {metrics.get('status')}")
     table.add_column("backend")
     table.add_column(metric.short if metric else "metric", justify="right")
+    confidence = next((r["delta"]["confidence"] for r in rows if r["delta"]), None)
+    if confidence:
+        table.add_column(f"Δ vs FP32 [{100 * confidence:.0f}% CI]", justify="right")
     for column in ("size MB", "b1 ms", "b8 ms"):
         table.add_column(column, justify="right")
     for r in rows:
         value = r["metrics"].get(metric.key) if metric else None
-        table.add_row(r["backend"], _fmt(value, metric.digits if metric else 2), _fmt(r["size_mb"]),
+        delta = [_interval(r["delta"]) if r["backend"] != "pytorch_fp32" else "-"] if confidence else []
+        table.add_row(r["backend"], _fmt(value, metric.digits if metric else 2), *delta, _fmt(r["size_mb"]),
                       _fmt(r["latency"].get("b1")), _fmt(r["latency"].get("b8")))
     if rows:
         console.print(table)

@@ -137,6 +137,7 @@ class SweepSetup:
     task_probe: Probe | None = None  # with `metric`: also score every configuration by the task metric
     metric: TaskMetric | None = None
     progress: Callable = lambda it, desc, total: it
+    confidence: float = 0.95  # of the paired interval of each task-metric delta
 
 
 def measure_proxies(model: nn.Module, probe: Probe, task: Task, num_classes: int | None) -> dict[str, float]:
@@ -187,9 +188,7 @@ def sweep(model: nn.Module, result: QuantResult, units: list[str], proxy_probe: 
         seconds["proxy"] = time.perf_counter() - start
         if task_probe is not None:
             start = time.perf_counter()
-            for key in progress(mine, "sensitivity (task metric)", len(mine)):
-                set_float_units(model, result, configs[key])
-                metric_name, scores[key]["metric"] = measure_task(model, task_probe, setup.metric)
+            metric_name = _task_sweep(model, result, configs, mine, scores, setup)
             seconds["task"] = time.perf_counter() - start
     finally:
         set_float_units(model, result, before)
@@ -209,9 +208,42 @@ def sweep(model: nn.Module, result: QuantResult, units: list[str], proxy_probe: 
                 row[f"{p}_metric"] = s["metric"]
                 # one_at_a_time: change against FP32 (negative hurts); leave_one_out: gain over all-INT8.
                 row[f"{p}_delta"] = s["metric"] - (fp32_metric if mode == "one_at_a_time" else int8_metric)
+                if s.get("interval"):
+                    row[f"{p}_delta_low"], row[f"{p}_delta_high"] = s["interval"]["low"], s["interval"]["high"]
+                    row[f"{p}_resolved"] = s["interval"]["resolved"]
         rows.append(row)
     rank_rows(rows)
     return SweepResult(rows, {"fp32": scores["fp32"], "int8": scores["int8"]}, metric_name, seconds)
+
+
+def _task_sweep(model, result, configs: dict, mine: list[str], scores: dict, setup: SweepSetup) -> str | None:
+    """Score this process's configurations by the task metric, each delta with its paired interval against its
+    baseline (FP32 for one_at_a_time, all-INT8 for leave_one_out) on the same probe images. Each process scores
+    both baselines itself (two configurations more), so the intervals need no scorer from another process."""
+    task, probe, metric = setup.task, setup.task_probe, setup.metric
+    baselines = {}
+    for key in ("fp32", "int8"):
+        set_float_units(model, result, configs[key])
+        baselines[key] = score_probe_scorer(model, probe, metric.new_scorer())
+    name = None
+    for key in setup.progress(mine, "sensitivity (task metric)", len(mine)):
+        if key in baselines:
+            scorer = baselines[key]
+        else:
+            set_float_units(model, result, configs[key])
+            scorer = score_probe_scorer(model, probe, metric.new_scorer())
+        name, scores[key]["metric"] = metric.points(scorer.result())
+        if ":" in key:
+            baseline = baselines["fp32" if key.startswith("one_at_a_time") else "int8"]
+            interval = task.delta(scorer, baseline, setup.confidence)
+            scores[key]["interval"] = interval.as_dict() if interval is not None else None
+    return name
+
+
+def score_probe_scorer(model: nn.Module, probe: Probe, scorer: Scorer) -> Scorer:
+    """The scorer after the model's outputs on the probe set went through it."""
+    score_probe(model, probe, scorer)
+    return scorer
 
 
 def proxy_sensitivity(row: dict) -> float:
@@ -229,10 +261,41 @@ def task_sensitivity(row: dict) -> float | None:
     return sum(parts) if parts else None
 
 
+def resolved(row: dict) -> bool | None:
+    """Whether the probe images resolve the layer's task-metric effect (an interval excludes 0 in either mode);
+    None without task-metric intervals."""
+    flags = [row[k] for k in ("only_resolved", "loo_resolved") if k in row]
+    return any(flags) if flags else None
+
+
 def rank_rows(rows: list[dict]) -> None:
-    """Sort in place, most sensitive first (task metric, ties broken by the proxies); set rank and proxy_rank."""
+    """Sort in place, most sensitive first; set rank, proxy_rank and ranked_by.
+
+    The task metric orders the layers whose effect it resolves (an interval excluding 0), first; the others
+    follow in the proxies' order, since their task deltas are within noise (`ranked_by` says which). Without
+    intervals, the task metric orders all, ties broken by the proxies.
+    """
     for i, row in enumerate(sorted(rows, key=lambda r: -proxy_sensitivity(r))):
         row["proxy_rank"] = i + 1
-    rows.sort(key=lambda r: (-(task_sensitivity(r) or 0.0), -proxy_sensitivity(r)))
+    for row in rows:
+        is_resolved = resolved(row)
+        row["ranked_by"] = "task" if is_resolved or (is_resolved is None and task_sensitivity(row) is not None) \
+            else "proxy"
+    rows.sort(key=lambda r: (r["ranked_by"] != "task",
+                             -(task_sensitivity(r) or 0.0) if r["ranked_by"] == "task" else 0.0,
+                             -proxy_sensitivity(r)))
     for i, row in enumerate(rows):
         row["rank"] = i + 1
+
+
+def proxy_task_correlation(rows: list[dict]) -> dict | None:
+    """Spearman correlation of the one-at-a-time SQNR proxy with the task delta, over the layers whose task delta
+    the probe resolves; None with fewer than 3 such layers."""
+    from scipy.stats import spearmanr
+
+    chosen = [r for r in rows if r.get("only_resolved") and "only_sqnr_db" in r]
+    if len(chosen) < 3:
+        return {"rho": None, "layers": len(chosen)}
+    rho = spearmanr([r["only_sqnr_db"] for r in chosen], [r["only_delta"] for r in chosen]).statistic
+    # Low SQNR (noisy layer) should go with a negative delta: a good proxy gives a positive rho here.
+    return {"rho": float(rho), "layers": len(chosen)}

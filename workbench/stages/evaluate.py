@@ -30,6 +30,8 @@ class EvaluateOptions(StageOptions):
         default_factory=lambda: [1, 8], min_length=1, description="Batch sizes timed.")
     latency_repeats: int = Field(20, ge=1, description="Timed repeats per batch size.")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: all cores).")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Of the paired bootstrap interval every difference "
+                              "with FP32 (and QAT's with PTQ) is reported with.")
 
     _batch_sizes_once = field_validator("latency_batch_sizes")(check_batch_sizes)
 
@@ -126,6 +128,7 @@ def evaluate(run, opts: EvaluateOptions) -> None:
         if b in latencies:
             entry["latency"] = latencies[b]
         results[b] = entry
+    _differences(task, scorers, results, opts.confidence)
     values = {"samples": seen, "labeled": labeled, "backends": results}
     if speed:
         values["speed_ms_per_image"] = speed
@@ -133,6 +136,27 @@ def evaluate(run, opts: EvaluateOptions) -> None:
         if seen:
             values[key] = {**scorer.result(), "max_abs_diff": max_abs_diff}
     run.record("evaluate", values)
+
+
+# Differences every run reports, each with its paired interval: (key in the backend's entry, reference backend).
+DIFFERENCES = (("delta_vs_fp32", "pytorch_fp32"),)
+# QAT against the PTQ model it started from, in PyTorch and in the faithful graph.
+QAT_DIFFERENCES = {"pytorch_int8": "pytorch_int8_ptq", "ort_int8_faithful": "ort_int8_ptq"}
+
+
+def _differences(task, scorers: dict, results: dict, confidence: float) -> None:
+    """Every backend's headline difference with FP32, and QAT's with PTQ, with paired bootstrap intervals."""
+    for backend, scorer in scorers.items():
+        for key, reference in DIFFERENCES:
+            if backend != reference and reference in scorers:
+                interval = task.delta(scorer, scorers[reference], confidence)
+                if interval is not None:
+                    results[backend][key] = interval.as_dict()
+        ptq = QAT_DIFFERENCES.get(backend)
+        if ptq in scorers:
+            interval = task.delta(scorer, scorers[ptq], confidence)
+            if interval is not None:
+                results[backend]["delta_vs_ptq"] = interval.as_dict()
 
 
 SPEED_IMAGES = 8

@@ -36,6 +36,8 @@ class SensitivityOptions(StageOptions):
     layers: list[str] = Field(default_factory=list,
                               description="Glob patterns: sweep only these units (default: every quantized one).")
     top: int = Field(20, gt=0, description="Layers shown in sensitivity.png.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Of the paired interval of each layer's task-metric "
+                              "delta: a layer whose interval holds 0 is within noise, ranked by the proxies.")
 
 
 def qdq_nodes(run, units: list[str]) -> dict[str, list[str]]:
@@ -64,7 +66,15 @@ def sensitivity(run, opts: SensitivityOptions) -> None:
     from ..data import subset_loader
     from ..plots import plot_sensitivity
     from ..quant.ptq import quant_units
-    from ..quant.sensitivity import SweepSetup, TaskMetric, layer_costs, make_probe, selected_units, sweep
+    from ..quant.sensitivity import (
+        SweepSetup,
+        TaskMetric,
+        layer_costs,
+        make_probe,
+        proxy_task_correlation,
+        selected_units,
+        sweep,
+    )
 
     result = run.artifacts.quant
     task = run.task
@@ -79,7 +89,7 @@ def sensitivity(run, opts: SensitivityOptions) -> None:
         metric = TaskMetric(lambda: task.scorer(run.recipe, dataset), task.headline_points)
     found = sweep(run.model, result, units, proxy_probe, SweepSetup(
         task, run.num_classes(), tuple(opts.modes), task_probe, metric,
-        progress=lambda it, desc, total: track(it, desc, total=total)))
+        progress=lambda it, desc, total: track(it, desc, total=total), confidence=opts.confidence))
     costs = layer_costs(run.model, units, run.example_input())
     nodes = qdq_nodes(run, units)
     metric_name = found.metric_name
@@ -89,6 +99,8 @@ def sensitivity(run, opts: SensitivityOptions) -> None:
         for r in found.rows
     ]
     total_macs = sum(c["macs"] for c in costs.values())
+    correlation = proxy_task_correlation(table) if task_probe else None
+    resolved_layers = sum(1 for r in table if r.get("ranked_by") == "task")
     run.artifacts.sensitivity = table
     write_json(run.path("sensitivity.json"), {
         "metric": metric_name,
@@ -97,10 +109,13 @@ def sensitivity(run, opts: SensitivityOptions) -> None:
         "task_samples": task_probe.samples if task_probe else 0,
         "baselines": found.baselines,
         "seconds": found.seconds,
+        "confidence": opts.confidence,
+        "resolved_layers": resolved_layers,
+        "proxy_task_spearman": correlation,
         "layers": table,
     })
     write_text(run.path("sensitivity.csv"), _csv(table))
-    plot_sensitivity(run.path("sensitivity.png"), table[:opts.top], metric_name)
+    plot_sensitivity(run.path("sensitivity.png"), table[:opts.top], metric_name, opts.confidence)
     run.record("sensitivity", {
         "units": len(units),
         "modes": opts.modes,
@@ -111,6 +126,9 @@ def sensitivity(run, opts: SensitivityOptions) -> None:
         "task_seconds": round(found.seconds.get("task", 0.0), 2),
         "total_macs": total_macs,
         "baselines": found.baselines,
+        "confidence": opts.confidence,
+        "resolved_layers": resolved_layers,
+        "proxy_task_spearman": correlation,
         "most_sensitive": [r["layer"] for r in table[:5]],
     })
 

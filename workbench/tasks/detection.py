@@ -232,9 +232,10 @@ class DetectionScorer:
         self.own_total = self.own_matched = 0  # the reverse direction
         self.ref_images = 0  # images scored against a reference
         self.evaluation = None  # pycocotools' COCOeval after result(): its per-image matches (Task.delta)
+        self.draws: dict = {}  # (resamples, seed) -> mAP50-95 per bootstrap draw
 
     def update(self, outputs, targets: list[dict], reference=None) -> None:
-        self._result = None
+        self._result, self.draws = None, {}
         dets = decode(outputs, self.num_classes, **self.nms)
         if len(dets) != len(targets):
             raise ValueError(f"the detector returned {len(dets)} images' outputs for a batch of {len(targets)} targets")
@@ -448,9 +449,15 @@ class DetectionTask(Task):
             return None
         if list(ev_a.params.imgIds) != list(ev_b.params.imgIds):
             return None
-        weights = bootstrap_weights(len(ev_a.params.imgIds), resamples, seed)
-        this, ref = map_under_weights(ev_a, weights)[:, 0], map_under_weights(ev_b, weights)[:, 0]
-        return paired_statistic(this, ref, a["map50_95"], b["map50_95"], len(ev_a.params.imgIds), confidence)
+        def draws(scorer: DetectionScorer) -> np.ndarray:  # the reference is compared with every backend: once
+            key = (resamples, seed)
+            if scorer.draws.get(key) is None:
+                weights = bootstrap_weights(len(scorer.evaluation.params.imgIds), resamples, seed)
+                scorer.draws[key] = map_under_weights(scorer.evaluation, weights)[:, 0]
+            return scorer.draws[key]
+
+        return paired_statistic(draws(scorer), draws(reference), a["map50_95"], b["map50_95"],
+                                len(ev_a.params.imgIds), confidence)
 
     def agreement_counts(self, outputs, reference, num_classes) -> tuple[int, int]:
         """(reference boxes this output also finds, reference boxes) at the box agreement's score and IoU."""

@@ -1,0 +1,66 @@
+"""Paired bootstrap intervals: what they resolve and what they cannot, on per-image hits and on mAP."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import tiny_recipe
+
+from workbench.cli import main
+from workbench.stats import bootstrap_weights, paired_mean
+from workbench.tasks.classification import ClassificationScorer, ClassificationTask
+
+
+def _scorer(hits: np.ndarray) -> ClassificationScorer:
+    """A scorer that saw len(hits) images of 2 classes and got hits[i] right."""
+    s = ClassificationScorer(labeled=True)
+    labels = np.arange(len(hits)) % 2
+    logits = np.zeros((len(hits), 2), dtype=np.float32)
+    predicted = np.where(hits, labels, 1 - labels)
+    logits[np.arange(len(hits)), predicted] = 1.0
+    s.update(logits, labels)
+    return s
+
+
+def test_a_real_difference_is_resolved_and_a_tie_is_not():
+    rng = np.random.default_rng(0)
+    base = rng.random(2000) < 0.9
+    better = base.copy()
+    better[np.flatnonzero(~base)[:60]] = True  # 60 more right of 2000: +3.00 points
+    task = ClassificationTask()
+    up = task.delta(_scorer(better), _scorer(base))
+    assert up.delta == pytest.approx(3.0) and up.resolved and up.low > 1.5 and up.high < 4.5
+    shuffled = base.copy()
+    shuffled[np.flatnonzero(base)[:20]] = False  # 20 lost and 20 gained: no net difference, 40 images differ
+    shuffled[np.flatnonzero(~base)[:20]] = True
+    tie = task.delta(_scorer(shuffled), _scorer(base))
+    assert tie.delta == 0.0 and not tie.resolved and tie.low < 0 < tie.high
+    assert task.delta(_scorer(base), _scorer(base)).as_dict() == {
+        "delta": 0.0, "low": 0.0, "high": 0.0, "confidence": 0.95, "samples": 2000, "resamples": 1000,
+        "resolved": False}
+
+
+def test_the_interval_narrows_with_more_images_and_is_seeded():
+    rng = np.random.default_rng(1)
+    small, large = (rng.choice([-1.0, 0.0, 0.0, 1.0], size=n) for n in (300, 10000))
+    a, b = paired_mean(small), paired_mean(large)
+    assert (a.high - a.low) > 3 * (b.high - b.low)
+    assert paired_mean(small, seed=3) == paired_mean(small, seed=3)
+    weights = bootstrap_weights(50, resamples=7, seed=2)
+    assert weights.shape == (7, 50) and (weights.sum(axis=1) == 50).all()
+
+
+def test_every_backend_reports_its_difference_with_fp32(images, tmp_path):
+    runs = tmp_path / "runs"
+    (tmp_path / "r.yaml").write_text(tiny_recipe(images, runs, "  - calibrate: {method: max}\n  - export: {}\n"
+                                                 "  - evaluate: {latency: false, confidence: 0.9}\n"))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    run_dir = next(runs.iterdir())
+    backends = json.loads((run_dir / "metrics.json").read_text())["stages"]["evaluate"]["backends"]
+    assert "delta_vs_fp32" not in backends["pytorch_fp32"]
+    for name in ("pytorch_int8", "ort_int8_faithful", "ort_fp32"):
+        d = backends[name]["delta_vs_fp32"]
+        assert d["confidence"] == 0.9 and d["samples"] == 18 and d["low"] <= d["delta"] <= d["high"]
+        top1 = backends[name]["metrics"]["top1"] - backends["pytorch_fp32"]["metrics"]["top1"]
+        assert d["delta"] == pytest.approx(top1)
+    assert "Δ vs FP32, points [90% CI]" in (run_dir / "report.md").read_text()
