@@ -169,3 +169,45 @@ def test_efficientnet_lite_skip_adds_are_quantized_and_the_graph_has_no_violatio
         assert torch.allclose(model(x), reference(x), atol=1e-4)
     set_float_units(model, result, [])
     assert check_qdq(export_onnx(model, x[:1], tmp_path / "e.onnx")) == []
+
+
+def _resnet_recipe(images, tmp_path, calibrate: str) -> str:
+    return f"""name: res
+model: {{spec: "cifar_resnet:resnet20", input_size: [3, 32, 32]}}
+data:
+  calibration: {{source: imagefolder, path: "{images}", count: 12, seed: 0}}
+  evaluation: {{source: imagefolder, path: "{images}", labels: none}}
+  batch_size: 4
+runs_dir: "{tmp_path / 'runs'}"
+stages:
+  - calibrate: {calibrate}
+  - export: {{}}
+  - evaluate: {{latency: false, backends: [pytorch_fp32, ort_int8_faithful]}}
+"""
+
+
+def test_a_failed_check_of_the_export_is_said_and_a_planned_float_add_is_not_a_failure(images, tmp_path, capsys):
+    """Residual Adds left float against the rule: the run completes but the console and the report say check-onnx
+    failed. The same Add kept float by the precision plan (an exclude) is a declared exemption: no violation, and
+    the census counts it float."""
+    import json
+
+    from workbench.cli import main
+
+    (tmp_path / "a.yaml").write_text(_resnet_recipe(images, tmp_path / "a", "{method: max, residual_add: false}"))
+    assert main(["run", str(tmp_path / "a.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: export: model.onnx fails check-onnx" in out and "residual_add" in out
+    run_dir = next((tmp_path / "a" / "runs").iterdir())
+    report = (run_dir / "report.md").read_text()
+    assert "with 1 warning(s)" in report and "**Warning:** export: model.onnx fails check-onnx" in report
+
+    planned = "{method: max, exclude: ['layer1.0.residual_add']}"
+    (tmp_path / "b.yaml").write_text(_resnet_recipe(images, tmp_path / "b", planned))
+    assert main(["run", str(tmp_path / "b.yaml")]) == 0
+    assert "warning" not in capsys.readouterr().out
+    run_dir = next((tmp_path / "b" / "runs").iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["stages"]["export"]["model.onnx"]["tensorrt_rules"] == []
+    assert metrics["stages"]["calibrate"]["census"]["Add (residual)"] == {"int8": 8, "float": 1}
+    assert main(["check-onnx", str(run_dir / "model.onnx")]) == 0

@@ -72,6 +72,9 @@ def test_mixed_precision_keeps_exactly_the_ruined_layer_float(blobs, tmp_path):
     assert mp["float_layers"] == ["conv2"]
     assert mp["fp32"] - mp["int8_all"] > 20 and mp["fp32"] - mp["final"] <= 2.0
     assert 0.5 < mp["int8_mac_share"] < 0.9
+    # Accepted on the exported graph run faithfully: its drop's one-sided 90% bound is within the budget.
+    assert mp["exported"]["meets"] and mp["exported"]["confidence"] == 0.9 and mp["exported"]["low"] >= -2.0
+    assert mp["census"]["Conv2d"] == {"int8": 2, "float": 1}
     # The plan is in the exported graph: conv2 computes in float, the rest on INT8.
     census = metrics["export"]["model.onnx"]["census"]
     assert census["float"] == {"Conv": ["/conv2/Conv"]} and census["quantized"] == {"Conv": 2, "Gemm": 1}

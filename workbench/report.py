@@ -71,9 +71,12 @@ def write_report(run_dir: str | Path) -> Path:
     """report.md (and its plot) from the run directory, one section per stage that ran."""
     run_dir = Path(run_dir)
     metrics = load_metrics(run_dir)
+    warnings = metrics.get("warnings", [])
+    status = metrics.get("status") + (f", with {len(warnings)} warning(s)" if warnings else "")
     lines = [f"# Run report: {metrics.get('recipe')}", "",
-             f"Status: **{metrics.get('status')}**, device `{metrics.get('device')}`, torch {metrics.get('torch')}, "
+             f"Status: **{status}**, device `{metrics.get('device')}`, torch {metrics.get('torch')}, "
              f"started {metrics.get('started')}.", ""]
+    lines += [f"**Warning:** {w}" for w in warnings] + ([""] if warnings else [])
     for section in (_backends_section, _per_class_section, _calibration_section, _prune_section, _qat_section,
                     _sensitivity_section, _export_section, _bench_section, _build_section, _timings_section):
         lines += section(run_dir, metrics)
@@ -195,11 +198,13 @@ def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
     if not cal:
         return []
     method = cal["method"] + (f" ({cal['percentile']})" if cal.get("percentile") else "")
+    plan = metrics.get("stages", {}).get("mixed_precision", {}).get("census")
     lines = ["## Calibration", "",
              f"Method **{method}** on {cal['samples']} samples in {cal['seconds']:.1f} s; {cal['folded_batchnorm']} "
-             "BatchNorm layers folded into convolutions.", "",
+             "BatchNorm layers folded into convolutions."
+             + (" Layers by precision after the mixed-precision plan:" if plan else ""), "",
              "| Layer type | INT8 | float |", "|---|---|---|"]
-    for type_name, counts in cal["census"].items():
+    for type_name, counts in (plan or cal["census"]).items():
         lines.append(f"| {type_name} | {counts['int8']} | {counts['float']} |")
     q = cal.get("enabled_quantizers", {})
     return lines + ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
@@ -409,6 +414,14 @@ def _sensitivity_section(run_dir: Path, metrics: dict) -> list[str]:
             f"{floats}; {mp['int8_layers']} layers and {100 * mp['int8_mac_share']:.1f}% of the MACs in INT8. "
             "`recipe_mixed_precision.yaml` re-runs this plan as plain PTQ."
         )
+        exported = mp.get("exported") or {}
+        if "low" in exported:
+            lines.append(f" Verified on the exported graph run faithfully in ONNX Runtime ({exported['samples']} "
+                         f"images): a drop of {-exported['delta']:.3f} points, at most {-exported['low']:.3f} with "
+                         f"{100 * exported['confidence']:.0f}% confidence (one-sided paired bootstrap).")
+        elif "agreement" in exported:
+            lines.append(" Verified on the exported graph run faithfully in ONNX Runtime: "
+                         f"{exported['agreement']:.2f}% agreement with FP32.")
         lines.append("")
     return lines
 
@@ -437,6 +450,8 @@ def print_summary(run_dir: str | Path, console) -> None:
     for line in _not_measurable_lines(rows):
         if line:
             console.print(line.replace("**", ""))
+    for warning in metrics.get("warnings", []):
+        console.print(f"warning: {warning}", markup=False)
     cal = metrics.get("stages", {}).get("calibrate")
     if cal:
         census = ", ".join(f"{t}: {c['int8']} INT8 / {c['float']} float" for t, c in cal["census"].items())

@@ -93,6 +93,12 @@ class Run:
     def path(self, name: str) -> Path:
         return self.dir / name
 
+    def warn(self, message: str) -> None:
+        """A finding the run goes on after, which the console summary and the report show (never a silent
+        'complete'): a failed check of an exported graph, say."""
+        self.metrics.setdefault("warnings", []).append(message)
+        self.save_metrics()
+
     def record(self, stage: str, values: dict[str, Any]) -> None:
         """Store a stage's metrics and rewrite metrics.json (after every stage, atomically)."""
         self.metrics.setdefault("stages", {})[stage] = values

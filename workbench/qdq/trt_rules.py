@@ -19,7 +19,10 @@ float or adds a reformat. Each rule below names what TensorRT needs:
 - `residual_add`: an Add of two activations next to an INT8 convolution has every
   input that is not that convolution's own output from a DequantizeLinear, so TensorRT
   fuses the Add into the convolution in INT8. An Add whose float input is an attention's
-  MatMul output (attention stays float: quant/rules.py) is not a residual Add.
+  MatMul output (attention stays float: quant/rules.py) is not a residual Add, and a residual
+  Add the graph's precision plan keeps float (`workbench.float_layers` in its metadata, written
+  by export from calibrate's excludes and mixed_precision's plan) is a declared exemption:
+  TensorRT runs it in float, as asked.
 - `concat_shared_scale`: the quantized inputs of a Concat share one scale, so the Concat
   needs no requantization.
 
@@ -88,6 +91,7 @@ def check_qdq(model_or_path, module_names: set[str] | None = None) -> list[Viola
         out.append(Violation(rule, node.name or node.op_type, scope_to_module(node.name, module_names), message))
 
     version = opset(model) or 0
+    planned_float = _planned_float_adds(model)
     qdq = [n for n in g.nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     if qdq and version < 13:
         out.append(Violation("opset", "graph", None,
@@ -114,11 +118,31 @@ def check_qdq(model_or_path, module_names: set[str] | None = None) -> list[Viola
     for n in g.nodes:
         if n.op_type in COMPUTE_OPS:
             _check_matmul(g, n, flag)
-        elif n.op_type == "Add":
+        elif n.op_type == "Add" and not _in_units(scope_to_module(n.name), planned_float):
             _check_residual_add(g, n, flag)
         elif n.op_type == "Concat":
             _check_concat(g, n, flag)
     return out
+
+
+def _planned_float_adds(model) -> set[str]:
+    """The residual Add units the graph's precision plan keeps float (from its `workbench.float_layers`)."""
+    import json
+
+    for prop in model.metadata_props:
+        if prop.key == "workbench.float_layers":
+            try:
+                return {u for u in json.loads(prop.value) if isinstance(u, str) and u.endswith("residual_add")}
+            except ValueError:
+                return set()
+    return set()
+
+
+def _in_units(scope: str | None, units: set[str]) -> bool:
+    """Whether an Add is a planned-float residual unit's: inside `<block>.residual_add` (a quantized Add switched
+    back to float) or the block's own Add (a block the excludes left with its float forward)."""
+    blocks = {u.removesuffix(".residual_add").removesuffix(".ffn_residual") for u in units}
+    return scope is not None and (any(scope == u or scope.startswith(u + ".") for u in units) or scope in blocks)
 
 
 def _check_scale_and_zero_point(g: GraphIndex, n, flag) -> None:

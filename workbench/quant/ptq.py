@@ -58,6 +58,7 @@ class QuantResult:
     excluded: dict[str, str] = field(default_factory=dict)  # module name -> type name (matched an exclude)
     activation_amax: dict[str, float] = field(default_factory=dict)  # input quantizer -> amax
     residual_quantizers: list[str] = field(default_factory=list)  # added by the residual_add rule
+    residual_excluded: list[str] = field(default_factory=list)  # residual Add units the excludes keep float
     # units switched back to float after calibration (mixed precision)
     kept_float: list[str] = field(default_factory=list)
     batches: int = 0
@@ -70,10 +71,15 @@ class QuantResult:
         for name, type_name in [*self.quantized.items(), *self.excluded.items()]:
             key = "int8" if name in self.quantized and name not in kept else "float"
             out.setdefault(type_name, {"int8": 0, "float": 0})[key] += 1
-        if self.residual_quantizers:
+        if self.residual_quantizers or self.residual_excluded:
             adds = {n.rsplit(".", 1)[0] for n in self.residual_quantizers}
-            out["Add (residual)"] = {"int8": len(adds - kept), "float": len(adds & kept)}
+            out["Add (residual)"] = {"int8": len(adds - kept), "float": len(adds & kept) + len(self.residual_excluded)}
         return out
+
+    def float_units(self) -> list[str]:
+        """Every unit the precision plan keeps float: excluded layers and residual Adds, and those a plan switched
+        back (mixed precision). Export writes it into the graph (`workbench.float_layers`)."""
+        return sorted(set(self.excluded) | set(self.kept_float) | set(self.residual_excluded))
 
 
 # Module classes whose convolutions are part of a detector's box decode, not its features:
@@ -240,7 +246,7 @@ def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torc
         warnings.simplefilter("ignore")
         mtq.quantize(model, mt_cfg, forward_loop=None)
     if config.residual_add:
-        result.residual_quantizers = insert_residual_quantizers(model, config.exclude)
+        result.residual_quantizers, result.residual_excluded = insert_residual_quantizers(model, config.exclude)
     modules = dict(model.named_modules())
     activation_quantizers = {f"{n}.input_quantizer": modules[n].input_quantizer for n in result.quantized}
     activation_quantizers.update({n: modules[n] for n in result.residual_quantizers})

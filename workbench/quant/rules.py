@@ -140,14 +140,17 @@ def residual_units(model: nn.Module) -> list[str]:
     return out
 
 
-def insert_residual_quantizers(model: nn.Module, exclude: list[str] = ()) -> list[str]:
-    """Apply `residual_add`; returns the quantizer names added (calibrated like any input quantizer).
+def insert_residual_quantizers(model: nn.Module, exclude: list[str] = ()) -> tuple[list[str], list[str]]:
+    """Apply `residual_add`; returns the quantizer names added (calibrated like any input quantizer) and the
+    residual units left float.
 
-    A block whose `<block>.residual_add` matches an exclude pattern keeps its float Add.
+    A block whose `<block>.residual_add` matches an exclude pattern keeps its float Add(s).
     """
-    names = []
+    names, excluded = [], []
     for name in residual_blocks(model):
         if any(fnmatch.fnmatchcase(f"{name}.residual_add", p) for p in exclude):
+            excluded += [u for u in residual_units(model) if u == f"{name}.residual_add"
+                         or u == f"{name}.{FFN_RESIDUAL}.residual_add"]
             continue
         block = model.get_submodule(name)
         forward = _quantized_forward(block)
@@ -160,4 +163,4 @@ def insert_residual_quantizers(model: nn.Module, exclude: list[str] = ()) -> lis
         # A subclass with the quantized forward, so the block keeps its type, name and state dict keys.
         block.__class__ = type(f"QuantResidual{type(block).__name__}", (type(block),), {"forward": forward})
         names += [f"{unit}.input{i}_quantizer" for unit in units for i in (0, 1)]
-    return names
+    return names, excluded

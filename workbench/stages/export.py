@@ -87,14 +87,20 @@ def export(run, opts: ExportOptions) -> None:
     if result is not None:
         # The precision plan travels with the graph: which layers were kept float, by PyTorch name.
         metadata = {
-            "workbench.float_layers": json.dumps(sorted(set(result.excluded) | set(result.kept_float))),
+            "workbench.float_layers": json.dumps(result.float_units()),
             "workbench.int8_layers": str(len(result.quantized) - len(set(result.kept_float) & set(result.quantized))),
         }
     path = write(run.model, MODEL, metadata)
     values[MODEL]["quantized"] = result is not None
     if result is not None:  # TensorRT's Q/DQ rules, node by node (workbench check-onnx)
         names = {n for n, _ in run.model.named_modules()}
-        values[MODEL]["tensorrt_rules"] = [v.as_dict() for v in check_qdq(path, names)]
+        violations = check_qdq(path, names)
+        values[MODEL]["tensorrt_rules"] = [v.as_dict() for v in violations]
+        if violations:
+            rules = sorted({v.rule for v in violations})
+            run.warn(f"export: model.onnx fails check-onnx: {len(violations)} violation(s) of TensorRT's Q/DQ rules "
+                     f"({', '.join(rules)}), e.g. {violations[0]}; TensorRT would run those nodes in float or not "
+                     "fuse them (the report lists them)")
         if opts.ort_int8:
             # The TensorRT artifact is written; a graph the converter cannot re-lay is reported, not fatal.
             try:

@@ -14,6 +14,7 @@ to the model, so the export stage writes it into the Q/DQ ONNX.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import yaml
 from pydantic import Field, model_validator
@@ -37,6 +38,9 @@ class MixedPrecisionOptions(StageOptions):
                                        "(default: all); the final plan is always verified on all.")
     proxy_samples: int = Field(16, gt=0, description="Without a sensitivity stage before: samples of the proxy sweep "
                                "that ranks the layers.")
+    confidence: float = Field(0.9, gt=0.5, lt=1, description="max_drop: the plan is accepted when, on the exported "
+                              "graph run faithfully over the whole evaluation split, the drop is within the budget "
+                              "with this confidence (one-sided paired bootstrap); else the next layer stays float.")
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -140,14 +144,19 @@ def mixed_precision(run, opts: MixedPrecisionOptions) -> None:
     verified = budget if search is full else Budget(run, opts, full)
     while True:
         ok, final = verified.check(plan, "verify on the full evaluation")
+        exported = _exported_check(run, opts, plan, full) if ok else None
+        if exported is not None:
+            verified.log.append({"step": "exported graph, faithful", "float_layers": len(plan), **exported})
+            ok = exported["meets"]
         rest = [u for u in ranking if u not in plan]
         if ok or not rest:
             break
-        plan.append(rest[0])  # the search subset was optimistic: add the next most sensitive layer
+        plan.append(rest[0])  # the search subset or the fake-quant model was optimistic: the next layer stays float
     if not ok:
         set_float_units(run.model, result, [])
         raise CalibrationError("stages.mixed_precision: no plan meets the budget on the full evaluation split (best "
-                               f"{final:.3f} {verified.name})")
+                               f"{final:.3f} {verified.name}"
+                               + (f"; the exported graph: {exported['describe']}" if exported else "") + ")")
 
     int8_full = int8_value if verified is budget else verified.measure([])
     set_float_units(run.model, result, plan)
@@ -166,9 +175,48 @@ def mixed_precision(run, opts: MixedPrecisionOptions) -> None:
         "evaluation_samples": full.samples,
         "log": budget.log + (verified.log if verified is not budget else []),
     }
+    summary["exported"] = {k: v for k, v in (exported or {}).items() if k != "describe"}
+    summary["census"] = result.census()
     write_json(run.path("mixed_precision.json"), summary)
     write_text(run.path("recipe_mixed_precision.yaml"), _plan_recipe(run, plan))
     run.record("mixed_precision", {k: v for k, v in summary.items() if k != "log"})
+
+
+def _exported_check(run, opts: MixedPrecisionOptions, plan: list[str], probe) -> dict | None:
+    """The plan as the deployment runs it: the model exported to Q/DQ ONNX and executed faithfully (ORT with
+    optimisations off: TensorRT's arithmetic), scored on the whole evaluation split against FP32 on the same
+    images. A max_drop budget holds when the one-sided lower bound of the paired difference (at `confidence`) is
+    within it; a min_agreement budget when the agreement is. None for a budget the task cannot measure."""
+    import tempfile
+
+    from ..qdq.export import export_onnx
+    from ..quant.ptq import set_float_units
+    from ..runtime.runners import OrtRunner
+
+    task, dataset = run.task, run.dataset("evaluation")
+    set_float_units(run.model, run.artifacts.quant, plan)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(run.model, run.example_input(), Path(tmp) / "plan.onnx")
+        runner = OrtRunner(path, "plan", "faithful")
+        scorer, fp32 = task.scorer(run.recipe, dataset), task.scorer(run.recipe, dataset)
+        for x, targets, ref in zip(probe.inputs, probe.targets, probe.references):
+            scorer.update(runner(x), targets, ref)
+            fp32.update(ref, targets, ref)
+    if opts.max_drop is not None:
+        # A one-sided bound at `confidence` is the low end of the two-sided interval at 2 * confidence - 1.
+        interval = task.delta(scorer, fp32, confidence=2 * opts.confidence - 1)
+        if interval is None:
+            return None
+        meets = interval.low >= -opts.max_drop - 1e-9
+        return {"delta": interval.delta, "low": interval.low, "confidence": opts.confidence, "meets": meets,
+                "samples": interval.samples,
+                "describe": f"drop {-interval.delta:.3f} points, at most {-interval.low:.3f} with "
+                            f"{100 * opts.confidence:.0f}% confidence"}
+    agreement = task.agreement_points(scorer.result())
+    if agreement is None:
+        return None
+    meets = agreement >= opts.min_agreement - 1e-9
+    return {"agreement": agreement, "meets": meets, "describe": f"agreement {agreement:.2f}%"}
 
 
 def _ranking(run, opts: MixedPrecisionOptions, candidates: list[str]) -> list[str]:
