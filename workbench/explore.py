@@ -86,10 +86,17 @@ class RunExplorer:
             loader = subset_loader(self._dataset, self.recipe.data, samples)
             self._probes[samples] = make_probe(self.reference, loader, None, self.device)
         probe = self._probes[samples]
-        metrics = score_probe(self.model, probe, self.task.scorer(self.recipe, self._dataset))
+        scorer = self.task.scorer(self.recipe, self._dataset)
+        metrics = score_probe(self.model, probe, scorer)
         name, value = self.task.headline_points(metrics)
+        # FP32 on the same images: the difference, with its paired interval, is what the subset can resolve.
+        fp32 = self.task.scorer(self.recipe, self._dataset)
+        for targets, ref in zip(probe.targets, probe.references):
+            fp32.update(ref.float(), targets, ref.float())
+        interval = self.task.delta(scorer, fp32)
         return {"samples": probe.samples, "metric": name, "value": value,
                 "agreement": self.task.agreement_points(metrics),
+                "delta": interval.as_dict() if interval is not None else None,
                 "float_layers": len(self.float_layers), "int8_mac_share": self.int8_mac_share()}
 
     def int8_mac_share(self) -> float:
