@@ -8,8 +8,16 @@ Attributes are imported on first use, so `import workbench` (and the CLI) does n
 from __future__ import annotations
 
 import importlib
+import logging
+import warnings
 
 __version__ = "0.1.0"
+
+# Not the user's business, and printed on every run before: torch's note that no CUDA runtime is found (a CPU
+# machine), the FutureWarning modelopt's import raises about torch.jit.script, tqdm's note about notebook widgets.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 _EXPORTS = {
     "run": "api", "sensitivity": "api", "validate": "api", "check_onnx": "api", "build": "api", "bench": "api",

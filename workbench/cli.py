@@ -27,8 +27,11 @@ from .errors import WorkbenchError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="workbench", description="Recipe-driven INT8 quantization for PyTorch vision "
                                                               "models.")
+    p.add_argument("--version", action="version", version=f"workbench {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a recipe: workbench run recipes/quickstart.yaml [key.path=value ...]")
@@ -37,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue this failed or interrupted run from its first "
                      "unfinished stage, reusing the stages it finished with the same recipe and inputs")
 
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs (the recipe's device)")
     run.add_argument("--gpus", type=int, default=1, metavar="N",
                      help="N processes under torchrun, one per GPU (gloo CPU processes where there is no GPU)")
 
@@ -63,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     sens.add_argument("overrides", nargs="*",
                       help="recipe fields to override, e.g. stages.sensitivity.proxy_samples=32")
     sens.add_argument("--gpus", type=int, default=1, metavar="N", help="split the sweep over N processes (torchrun)")
+    sens.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs (the recipe's device)")
 
     check = sub.add_parser("check-onnx", help="check a Q/DQ ONNX against TensorRT's explicit-quantization rules "
                            "(exit 1 for a violation or a graph with no INT8 layer, 2 for a file that is not a model)")
@@ -97,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--plot", metavar="FILE.png", help="also plot images/s per artifact and batch size")
 
     val = sub.add_parser("validate", help="check a recipe without running it")
-    val.add_argument("recipe")
+    val.add_argument("recipe", nargs="?")
     val.add_argument("overrides", nargs="*")
 
     schema = sub.add_parser("schema", help="print the recipe JSON schema (for editor completion)")
@@ -139,18 +144,22 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args, parser) -> int:
     from rich.console import Console
 
-    from . import distributed
+    quiet = False
+    if args.command in ("run", "sensitivity"):
+        from . import distributed
 
-    if getattr(args, "gpus", 1) < 1:
-        raise WorkbenchError(f"--gpus {args.gpus}: give 1 or more")
-    if args.command == "run":
-        _run_arguments(args)
-    if getattr(args, "gpus", 1) > 1 and not distributed.launched():
-        return distributed.relaunch_under_torchrun(args.gpus, [args.command, args.recipe, *args.overrides])
+        if args.gpus < 1:
+            raise WorkbenchError(f"--gpus {args.gpus}: give 1 or more")
+        if args.command == "run":
+            _run_arguments(args)
+        if args.gpus > 1 and not distributed.launched():
+            return distributed.relaunch_under_torchrun(args.gpus, [args.command, args.recipe, *args.overrides])
+        quiet = not distributed.is_main() and distributed.launched()
+    if getattr(args, "device", None):
+        args.overrides = [*getattr(args, "overrides", []), f"device={args.device}"]
     # Styled output on a terminal only: a file or a pipe gets plain text even where FORCE_COLOR is set (CI systems
     # set it globally), so logs and captured output hold no escape codes. NO_COLOR turns colour off on a terminal.
-    console = Console(stderr=False, quiet=not distributed.is_main() and distributed.launched(),
-                      force_terminal=None if sys.stdout.isatty() else False)
+    console = Console(stderr=False, quiet=quiet, force_terminal=None if sys.stdout.isatty() else False)
     if args.command == "run":
         from . import api
 
@@ -182,6 +191,9 @@ def _dispatch(args, parser) -> int:
     if args.command == "validate":
         from . import api
 
+        if args.recipe is None:
+            raise WorkbenchError("workbench validate: give a recipe file, e.g. workbench validate "
+                                 "recipes/quickstart.yaml")
         recipe = api.validate(args.recipe, args.overrides)
         stages = " -> ".join(name for name, _ in recipe.stage_list())
         print(f"{args.recipe}: valid ({recipe.name}: {stages})")
@@ -212,13 +224,19 @@ def _dispatch(args, parser) -> int:
     if args.command == "models":
         from .models import list_models
 
-        print("\n".join(list_models(args.pattern)))
+        if args.models_command != "list":
+            parser.parse_args(["models", "--help"])
+        found = list_models(args.pattern)
+        if not found:
+            raise WorkbenchError(f"no model spec matches {args.pattern!r}; `workbench models list` shows them all")
+        print("\n".join(found))
         return 0
     if args.command == "stages":
         from .stages import STAGES
 
+        width = max(map(len, STAGES))
         for name, spec in STAGES.items():
-            print(f"{name:12s} {spec.summary}")
+            print(f"{name:<{width}}  {spec.summary}")
         return 0
     parser.print_help()
     return 2

@@ -1,21 +1,24 @@
-"""Data: sources (image folders, files, Hugging Face datasets, package images), transforms, loaders."""
+"""Data: sources (image folders, files, Hugging Face datasets, package images), transforms, loaders.
 
-from .calibsets import list_calib_sets, load_calib_set
-from .datasets import ImageDataset, build_dataset, check_readable, make_loader, subset_loader
-from .materialise import build_calib_set, verify_calib_set
-from .sources import UNLABELED, Sample, list_samples
+Names are imported on first use: reading a calibration set's definition (validate) needs no torch.
+"""
 
-__all__ = [
-    "ImageDataset",
-    "Sample",
-    "UNLABELED",
-    "build_calib_set",
-    "build_dataset",
-    "check_readable",
-    "list_calib_sets",
-    "list_samples",
-    "load_calib_set",
-    "make_loader",
-    "subset_loader",
-    "verify_calib_set",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ImageDataset": "datasets", "build_dataset": "datasets", "check_readable": "datasets", "make_loader": "datasets",
+    "subset_loader": "datasets", "list_calib_sets": "calibsets", "load_calib_set": "calibsets",
+    "build_calib_set": "materialise", "verify_calib_set": "materialise", "UNLABELED": "sources",
+    "Sample": "sources", "list_samples": "sources",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -12,16 +12,15 @@ import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlparse
-
-import torch
-from torch import nn
 
 from ..errors import ModelLoadError
 from ..schema import ModelConfig
-from ..tasks.base import first_output
-from .guards import check_finite, refuse_torchscript
+
+if TYPE_CHECKING:  # torch is imported by the functions that build or load a model: specs are checked without it
+    import torch
+    from torch import nn
 
 
 def _no_problems(name: str, config: ModelConfig) -> list[str]:
@@ -45,6 +44,7 @@ MODEL_SOURCES: dict[str, ModelSource] = {}
 
 def register_source(name: str, names: Callable[[], list[str]], example: str,
                     problems: Callable[[str, ModelConfig], list[str]] = _no_problems):
+
     def decorator(build: Callable[[str, ModelConfig], nn.Module]):
         MODEL_SOURCES[name] = ModelSource(name, build, names, example, problems)
         return build
@@ -101,6 +101,8 @@ def _unknown_name(source: str, name: str, names: list[str]) -> list[str]:
 
 def resolve_model(config: ModelConfig) -> nn.Module:
     """Build the model a recipe names, load its weights, and return it in eval mode."""
+    from .guards import check_finite, refuse_torchscript
+
     if problems := spec_problems(config):
         raise ModelLoadError("\n".join(problems))
     source, _, name = config.spec.partition(":")
@@ -130,9 +132,18 @@ def _weights_origin(config: ModelConfig) -> str:
 
 
 def list_models(pattern: str = "*") -> list[str]:
+    """Every spec of the sources that name their models, and for the others (a file or a module the user gives)
+    their form, with the example the source registered; `pattern` matches the spec (`'yolov5*'`)."""
     out = []
+    literal = pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]  # what every match starts with
     for source in MODEL_SOURCES.values():
-        out += [f"{source.name}:{n}" for n in source.names() if fnmatch.fnmatch(f"{source.name}:{n}", pattern)]
+        prefix = f"{source.name}:"
+        if not (literal.startswith(prefix) or prefix.startswith(literal)):
+            continue  # no spec of this source can match: its names are not listed (torchvision's import them)
+        names = source.names()
+        out += [f"{source.name}:{n}" for n in names if fnmatch.fnmatch(f"{source.name}:{n}", pattern)]
+        if not names and (fnmatch.fnmatch(source.example, pattern) or fnmatch.fnmatch(f"{source.name}:", pattern)):
+            out.append(f"{source.example}    (any {source.name}: spec; this one is an example)")
     return out
 
 
@@ -141,6 +152,10 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict with weights_only=True, unwrapping the usual checkpoint wrappers."""
+    import torch
+
+    from .guards import refuse_torchscript
+
     path = Path(path)
     if problems := missing_path(path, "model.weights", "a state dict (.pt/.pth)"):
         raise ModelLoadError(problems[0])
@@ -242,11 +257,14 @@ def _weights_member(name: str, weights: str):
 
 def _hub_cache_file(member) -> Path:
     """Where torch.hub keeps (and torchvision looks for) the file of a weights enum member."""
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(member.url).path)
 
 
 @register_source("torchvision", _torchvision_names, "torchvision:resnet18", _torchvision_problems)
 def _build_torchvision(name: str, config: ModelConfig) -> nn.Module:
+    import torch
     import torchvision
 
     weights = config.weights
@@ -360,6 +378,8 @@ def _import_problems(name: str, config: ModelConfig) -> list[str]:
 
 @register_source("import", lambda: [], "import:torchvision.models:resnet18", _import_problems)
 def _build_import(name: str, config: ModelConfig) -> nn.Module:
+    from torch import nn
+
     if problems := _import_problems(name, config):  # here too: a builder called directly must not skip the trust key
         raise ModelLoadError("\n".join(problems))
     module_name, _, attr = name.rpartition(":")
@@ -405,6 +425,11 @@ def _file_problems(name: str, config: ModelConfig) -> list[str]:
 
 @register_source("file", lambda: [], "file:model.pt", _file_problems)
 def _build_file(name: str, config: ModelConfig) -> nn.Module:
+    import torch
+    from torch import nn
+
+    from .guards import refuse_torchscript
+
     if problems := _file_problems(name, config):  # here too: a builder called directly must not skip the trust key
         raise ModelLoadError("\n".join(problems))
     path = Path(name)
@@ -434,17 +459,6 @@ def _build_yolov5(name: str, config: ModelConfig) -> nn.Module:
     return load_yolov5_checkpoint(name)
 
 
-class UltralyticsDetector(nn.Module):
-    """An Ultralytics DetectionModel that returns only its inference tensor (B, 4 + classes, N)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return first_output(self.model(x))
-
-
 _ULTRALYTICS_EXTRA = ("model.spec 'ultralytics:...' needs the optional extra: pip install 'workbench[ultralytics]' "
                       "(AGPL-3.0)")
 
@@ -453,6 +467,8 @@ def import_ultralytics():
     """Import Ultralytics offline, with its settings file in a temp dir (it must not write into the project)."""
     import os
     import tempfile
+
+    import torch
 
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "workbench-ultralytics"))
@@ -494,9 +510,11 @@ def _ultralytics_problems(name: str, config: ModelConfig) -> list[str]:
     return problems
 
 
-@register_source("ultralytics", lambda: ["yolov8n.yaml", "yolo11n.yaml", "yolov5nu.yaml", "PATH.pt"],
+@register_source("ultralytics", lambda: ["yolov8n.yaml", "yolo11n.yaml", "yolov5nu.yaml", "yolov10n.yaml", "PATH.pt"],
                  "ultralytics:yolov8n.pt", _ultralytics_problems)
 def _build_ultralytics(name: str, config: ModelConfig) -> nn.Module:
+    from .guards import refuse_torchscript
+
     path = Path(name)
     if path.suffix == ".pt":
         refuse_torchscript(path, "model.spec")
@@ -510,4 +528,6 @@ def _build_ultralytics(name: str, config: ModelConfig) -> nn.Module:
         raise ModelLoadError(f"model.spec: Ultralytics could not load {name}: {e}") from None
     if type(model).__name__ != "DetectionModel":
         raise ModelLoadError(f"model.spec: {name} is a {type(model).__name__}, not a detector (DetectionModel)")
+    from .ultralytics_head import UltralyticsDetector
+
     return UltralyticsDetector(model.float().eval())

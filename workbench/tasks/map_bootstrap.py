@@ -9,6 +9,8 @@ drawn. With all weights 1 it gives pycocotools' own stats[0] and stats[1].
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 
@@ -58,7 +60,8 @@ def map_under_weights(ev, weights: np.ndarray) -> np.ndarray:
                 valid = idx < len(precision)
                 q[valid] = precision[idx[valid]]
                 ap[r, t, k] = q.mean()
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # a draw without any ground truth is NaN, as pycocotools' -1
+        warnings.simplefilter("ignore", RuntimeWarning)
         map50_95 = np.nanmean(ap.reshape(draws, -1), axis=1)
         map50 = np.nanmean(ap[:, 0, :], axis=1)
     return np.stack([map50_95, map50], axis=1)
