@@ -210,9 +210,10 @@ def bench(paths: list[str | os.PathLike], batch_sizes: list[int] = (1, 8), warmu
     .onnx in ONNX Runtime, .engine in TensorRT), or of every such file in a directory; the same measurement as the
     bench stage."""
     from .runtime import backends
-    from .runtime.latency import bench_artifacts, check_bench_options, model_files, model_input_shape
+    from .runtime.latency import bench_artifacts, check_bench_options, cpu_threads, model_files, model_input_shape
 
     check_bench_options(batch_sizes, warmup, repeats, threads)
+    threads = cpu_threads(threads)  # one count for every file, whichever runtime opens it
     files = model_files([Path(p) for p in paths], backends.file_suffixes())
     names = [f.name for f in files]
     results = {}

@@ -293,7 +293,7 @@ def _bench(args, console) -> int:
     from . import api
 
     result = api.bench(args.paths, args.batch_sizes, args.warmup, args.repeats, args.threads, args.input_size)
-    threads = f"{result['threads']} threads" if result["threads"] else "default threads (all cores)"
+    threads = f"{result['threads']} CPU threads for every file"
     table = Table(title=f"{result['repeats']} timed runs per batch size, {threads}: median ms (p90), images/s")
     table.add_column("artifact", overflow="fold")
     table.add_column("MB", justify="right")

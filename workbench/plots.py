@@ -46,8 +46,9 @@ def plot_throughput(path, results: dict, batch_sizes: list[int]) -> Path:
     return save_figure(fig, path)
 
 
-def plot_history(path, history: list[dict], title: str) -> Path | None:
-    """Loss (and the evaluation metric, when measured) per epoch of a training stage."""
+def plot_history(path, history: list[dict], title: str, baselines: dict[str, float] | None = None) -> Path | None:
+    """Loss (and the evaluation metric, when measured) per epoch of a training stage; `baselines` (e.g. the PTQ
+    model the QAT started from, FP32) are horizontal lines on the metric's panel, measured on the same images."""
     if not history:
         return None
     plt = _pyplot()
@@ -58,9 +59,15 @@ def plot_history(path, history: list[dict], title: str) -> Path | None:
     axes[0][0].set_xlabel("epoch")
     axes[0][0].set_ylabel("training loss")
     if has_eval:
-        axes[0][1].plot(epochs, [h["eval"]["value"] for h in history], marker="o", color="#C44E52")
-        axes[0][1].set_xlabel("epoch")
-        axes[0][1].set_ylabel(history[0]["eval"]["metric"])
+        ax = axes[0][1]
+        ax.plot(epochs, [h["eval"]["value"] for h in history], marker="o", color="#C44E52", label=title)
+        for (name, value), style in zip((baselines or {}).items(), ("--", ":", "-.")):
+            ax.axhline(value, linestyle=style, color="#555555", label=f"{name}: {value:.2f}")
+        ax.set_xlabel("epoch")
+        samples = history[0]["eval"].get("samples")
+        ax.set_ylabel(history[0]["eval"]["metric"] + (f" ({samples} images)" if samples else ""))
+        if baselines:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -105,15 +112,43 @@ def plot_sensitivity(path, rows: list[dict], metric_name: str | None, confidence
     return save_figure(fig, path)
 
 
-def plot_accuracy_latency(path, names: list[str], values: list[float], label: str, latency_ms: list[float]) -> Path:
+def plot_accuracy_latency(path, names: list[str], values: list[float | None], label: str,
+                          latency_ms: list[float | None]) -> Path:
     """Each backend's headline metric beside its batch-1 latency (accuracy_latency.png)."""
+    return save_figure(accuracy_latency_figure(names, values, label, latency_ms), path, dpi=110)
+
+
+def accuracy_latency_figure(names: list[str], values: list[float | None], label: str,
+                            latency_ms: list[float | None]):
+    """The figure of `plot_accuracy_latency`. The metric's axis spans the values, not 0 to the maximum: 79.6
+    against 80.6 must look different. Latency shows only the backends timed, on a log axis where one backend
+    (PyTorch eager) is many times slower than the rest, each bar labelled with its value."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    axes[0].barh(names, values, color="#4C72B0")
-    axes[0].set_xlabel(label)
-    axes[1].barh(names, latency_ms, color="#DD8452")
-    axes[1].set_xlabel("latency, batch 1, median ms (CPU)")
-    for ax in axes:
+    timed = [(n, t) for n, t in zip(names, latency_ms) if t]
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 0.45 * len(names) + 1.4),
+                             squeeze=False)
+    ax = axes[0][0]
+    scored = [(n, v) for n, v in zip(names, values) if v is not None]
+    ax.barh([n for n, _ in scored], [v for _, v in scored], color="#4C72B0")
+    if scored:
+        low, high = min(v for _, v in scored), max(v for _, v in scored)
+        pad = max(0.25 * (high - low), 1e-3 * abs(high), 1e-4)
+        ax.set_xlim(low - 3 * pad, high + 2 * pad)
+        for n, v in scored:
+            ax.annotate(f"{v:.2f}" if abs(v) >= 1 else f"{v:.4f}", (v, n), xytext=(3, 0),
+                        textcoords="offset points", va="center", fontsize=8)
+    ax.set_xlabel(f"{label} (axis starts at {ax.get_xlim()[0]:.3g}, not 0)")
+    ax.invert_yaxis()
+    if timed:
+        ax = axes[0][1]
+        times = [t for _, t in timed]
+        ax.barh([n for n, _ in timed], times, color="#DD8452")
+        if max(times) / min(times) > 20:
+            ax.set_xscale("log")
+        for n, t in timed:
+            ax.annotate(f"{t:.3g}", (t, n), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        ax.set_xlim(right=max(times) * (3 if ax.get_xscale() == "log" else 1.15))
+        ax.set_xlabel("latency, batch 1, median ms" + (" (log scale)" if ax.get_xscale() == "log" else ""))
         ax.invert_yaxis()
     fig.tight_layout()
-    return save_figure(fig, path, dpi=110)
+    return fig

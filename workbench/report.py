@@ -91,19 +91,20 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
         return []
     evaluation = metrics["stages"]["evaluate"]
     task = _task(metrics)
-    batch_keys = sorted({k for r in rows for k in r["latency"]}, key=lambda k: int(k[1:]))
+    batch_keys = _latency_keys(rows)
     columns = [m for m in task.metrics if any(m.key in r["metrics"] for r in rows)]
     confidence = next((r["delta"]["confidence"] for r in rows if r["delta"]), None)
     deltas = [f"Δ vs FP32, points [{100 * confidence:.0f}% CI]"] if confidence else []
     head = (["Backend"] + [m.title for m in columns] + deltas + ["Size MB"]
             + [f"Latency {k} median (p90) ms" for k in batch_keys])
-    lines = [f"## Accuracy, size, latency ({evaluation['samples']} evaluation samples)", "",
+    title = "Accuracy, size, latency" if batch_keys else "Accuracy and size (latency not measured)"
+    lines = [f"## {title} ({evaluation['samples']} evaluation samples)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["title"]] + [_fmt(r["metrics"].get(m.key), m.digits) for m in columns]
         cells += [_interval(r["delta"]) if r["backend"] != "pytorch_fp32" else "-"] if deltas else []
         cells += [_fmt(r["size_mb"])]
-        cells += [f"{_fmt(r['latency'].get(k))} ({_fmt(r['latency_p90'].get(k))})" if k in r["latency"] else "n/a"
+        cells += [f"{_fmt(r['latency'].get(k))} ({_fmt(r['latency_p90'].get(k))})" if k in r["latency"] else "-"
                   for k in batch_keys]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -133,21 +134,44 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
         lines += [f"Per image, as Ultralytics splits it: pre-process {speed['preprocess']:.2f} ms "
                   f"({task.preprocess_steps}), inference the backend's batch-1 latency above, post-process "
                   f"{speed['postprocess']:.2f} ms ({task.postprocess_steps}), on {speed['images']} images.", ""]
-    lines += [
-        "Latency is measured on this machine's CPU with ONNX Runtime (and PyTorch eager for FP32). "
-        "The TensorRT-style Q/DQ graph keeps FP32 weights behind DequantizeLinear and Relu between Conv and "
-        "QuantizeLinear, which ONNX Runtime cannot fuse into its integer kernels: it is the artifact for TensorRT."
-        + (" The CPU deployment artifact is the ONNX Runtime flavour (`ort_int8_native`)."
-           if "ort_int8_native" in evaluation["backends"] else ""),
-        "",
-    ]
+    if batch_keys:
+        lines += [_latency_caption(metrics, rows) + ".", ""]
+    if any(k in r["latency"] for r in rows for k in batch_keys if r["backend"] == "ort_int8_default"):
+        lines += ["The TensorRT-style Q/DQ graph keeps FP32 weights behind DequantizeLinear and Relu between Conv and "
+                  "QuantizeLinear, which ONNX Runtime cannot fuse into its integer kernels: it is the artifact for "
+                  "TensorRT, and its ONNX Runtime latency is not an INT8 engine's."
+                  + (" The CPU deployment artifacts are the ONNX Runtime flavour (`ort_int8_native`)"
+                     + (" and the OpenVINO engine (`openvino_int8`)." if "openvino_int8" in evaluation["backends"]
+                        else ".") if "ort_int8_native" in evaluation["backends"] else ""), ""]
     metric = headline(task, rows)
     if metric is not None:
         plot_accuracy_latency(run_dir / "accuracy_latency.png", [r["backend"] for r in rows],
-                              [r["metrics"].get(metric.key) or 0 for r in rows], metric.short,
-                              [r["latency"].get("b1", 0) or 0 for r in rows])
+                              [r["metrics"].get(metric.key) for r in rows], metric.short,
+                              [r["latency"].get("b1") for r in rows])
         lines += ["![accuracy and latency](accuracy_latency.png)", ""]
     return lines
+
+
+def _latency_keys(rows: list[dict]) -> list[str]:
+    """The batch sizes some backend was timed at, 'b1' before 'b8'."""
+    return sorted({k for r in rows for k in r["latency"]}, key=lambda k: int(k[1:]))
+
+
+def _latency_caption(metrics: dict, rows: list[dict]) -> str:
+    """How the latencies were measured: the machine, threads and repeats shared by every backend, which were not
+    timed and why."""
+    setup = metrics.get("stages", {}).get("evaluate", {}).get("latency_setup")
+    cpu = (setup or {}).get("cpu")
+    machine = f"{cpu['model']} ({', '.join(cpu['flags']) or 'no AVX2'})" if cpu else "this machine's CPU"
+    threads = setup and f"{setup['threads']} CPU thread{'s' if setup['threads'] != 1 else ''}"
+    how = (f"median of {setup['repeats']} timed runs, {threads} for every backend"
+           if setup else "median of the timed runs")
+    if setup and setup.get("pytorch_device", "cpu") != "cpu":
+        how += f" (PyTorch on {setup['pytorch_device']})"
+    untimed = [r["backend"] for r in rows if not r["latency"]]
+    return (f"Latency in ms on {machine}: {how}"
+            + (f"; not timed (-): {', '.join(untimed)} (fake-quant models measure accuracy, not speed)"
+               if untimed else ""))
 
 
 def _not_measurable_lines(rows: list[dict]) -> list[str]:
@@ -334,10 +358,23 @@ def _prune_section(run_dir: Path, metrics: dict) -> list[str]:
     ft = stages.get("finetune")
     if ft and ft.get("eval"):
         start = f"{_fmt(ft['eval_before']['value'])} after pruning, " if ft.get("eval_before") else ""
-        lines += [f"{ft['eval']['metric']} on the evaluation subset: {start}{_fmt(ft['eval']['value'])} after "
-                  "fine-tuning "
-                  f"({ft['epochs']} epochs); curve in `training_curve.png`.", ""]
+        fp32 = f", FP32 before pruning {_fmt(ft['eval_fp32']['value'])}" if ft.get("eval_fp32") else ""
+        lines += [f"{ft['eval']['metric']} after each epoch, on {_subset(ft, metrics)}: {start}"
+                  f"{_fmt(ft['eval']['value'])} after fine-tuning ({ft['epochs']} epochs){fp32}; curve in "
+                  "`training_curve.png`.", ""]
     return lines
+
+
+def _subset(stage: dict, metrics: dict) -> str:
+    """Which images a training stage's per-epoch score is on, against the evaluate stage's table."""
+    samples = stage["eval"].get("samples")
+    table = metrics.get("stages", {}).get("evaluate", {}).get("samples")
+    if samples is None:
+        return "the evaluation subset"
+    if table is not None and table != samples:
+        return (f"{samples} evaluation images drawn with seed 0 (the table above uses all {table}, so its numbers "
+                "differ)")
+    return f"the {samples} evaluation images"
 
 
 def _qat_section(run_dir: Path, metrics: dict) -> list[str]:
@@ -346,8 +383,9 @@ def _qat_section(run_dir: Path, metrics: dict) -> list[str]:
         return []
     lines = ["## Quantization-aware training", ""]
     if q.get("eval") and q.get("eval_before"):
-        lines.append(f"{q['eval']['metric']} on the evaluation subset: PTQ {_fmt(q['eval_before']['value'])}, after "
-                     f"{q['epochs']} QAT epochs {_fmt(q['eval']['value'])}.")
+        lines.append(f"{q['eval']['metric']} after each epoch, on {_subset(q, metrics)}: PTQ "
+                     f"{_fmt(q['eval_before']['value'])}, after {q['epochs']} QAT epochs {_fmt(q['eval']['value'])}"
+                     + (f", FP32 {_fmt(q['eval_fp32']['value'])}" if q.get("eval_fp32") else "") + ".")
     per_epoch = q.get("seconds_per_epoch") or []
     if per_epoch:
         lines.append(f"{sum(per_epoch) / len(per_epoch):.1f} s per epoch. FP32, PTQ and QAT side by side, in PyTorch "
@@ -438,13 +476,17 @@ def print_summary(run_dir: str | Path, console) -> None:
     confidence = next((r["delta"]["confidence"] for r in rows if r["delta"]), None)
     if confidence:
         table.add_column(f"Δ vs FP32 [{100 * confidence:.0f}% CI]", justify="right")
-    for column in ("size MB", "b1 ms", "b8 ms"):
-        table.add_column(column, justify="right")
+    table.add_column("size MB", justify="right")
+    batch_keys = _latency_keys(rows)  # only the batch sizes timed: no column of n/a
+    for key in batch_keys:
+        table.add_column(f"{key} ms", justify="right")
     for r in rows:
         value = r["metrics"].get(metric.key) if metric else None
         delta = [_interval(r["delta"]) if r["backend"] != "pytorch_fp32" else "-"] if confidence else []
         table.add_row(r["backend"], _fmt(value, metric.digits if metric else 2), *delta, _fmt(r["size_mb"]),
-                      _fmt(r["latency"].get("b1")), _fmt(r["latency"].get("b8")))
+                      *[_fmt(r["latency"].get(k)) if k in r["latency"] else "-" for k in batch_keys])
+    if batch_keys:
+        table.caption = _latency_caption(metrics, rows)
     if rows:
         console.print(table)
     for line in _not_measurable_lines(rows):

@@ -200,6 +200,7 @@ def _start_run_dir(recipe: Recipe, previous: Previous | None) -> tuple[Path, Pat
 
 def _run_stages(run: Run, previous: Previous | None, reusable: int, console) -> None:
     """Record the recipe, restore what a resumed run may reuse, run the other stages in order, write the report."""
+    from .progress import current_stage
     from .report import write_report
 
     recipe = run.recipe
@@ -221,7 +222,11 @@ def _run_stages(run: Run, previous: Previous | None, reusable: int, console) -> 
             console.print(f"[bold]stage {index + 1}/{len(recipe.stages)}: {name}[/bold]")
         run.stage = name
         start = time.perf_counter()
-        STAGES[name].fn(run, options)
+        token = current_stage.set(f"stage {index + 1}/{len(recipe.stages)} {name}")
+        try:
+            STAGES[name].fn(run, options)
+        finally:
+            current_stage.reset(token)
         run.metrics.setdefault("timings_s", {})[name] = round(time.perf_counter() - start, 3)
         run.metrics["fingerprints"].append({"stage": name, "fingerprint": fingerprints[index]})
         run.save_metrics()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +35,31 @@ def measure_latency(runner, input_shape: tuple[int, ...], batch_sizes=(1, 8), wa
     return out
 
 
+def cpu_threads(requested: int | None = None) -> int:
+    """The CPU threads every backend is timed with: `requested`, else the cores this process may run on."""
+    if requested:
+        return requested
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """PyTorch's intra-op threads set to `threads` for the block, as ONNX Runtime's and OpenVINO's are: without
+    it PyTorch picks its own count, and on a busy 2-core machine its spinning OpenMP threads made eager FP32 look
+    10-300x slower than ONNX Runtime."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def check_bench_options(batch_sizes, warmup: int, repeats: int, threads: int | None) -> None:
     from ..errors import WorkbenchError
 
@@ -46,19 +73,14 @@ def bench_artifacts(artifacts: dict[str, tuple[Callable[[], object], int]], inpu
                     threads: int | None = None) -> dict[str, dict]:
     """Time each artifact, one in memory at a time: name -> {"bytes", "latency": measure_latency(...)}.
 
-    `artifacts` maps a name to (a function making its runner, its size in bytes). `threads` fixes
-    PyTorch's CPU threads here (ONNX Runtime runners take theirs when they are made).
+    `artifacts` maps a name to (a function making its runner, its size in bytes). `threads` (default: all
+    cores) fixes PyTorch's CPU threads here; make the ONNX Runtime and OpenVINO runners with the same count.
     """
-    import torch
-
     from ..errors import WorkbenchError
 
     check_bench_options(batch_sizes, warmup, repeats, threads)
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
     results = {}
-    try:
+    with torch_threads(cpu_threads(threads)):
         for name, (make, size) in artifacts.items():
             try:
                 runner = make()
@@ -71,8 +93,6 @@ def bench_artifacts(artifacts: dict[str, tuple[Callable[[], object], int]], inpu
                                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
             results[name] = {"bytes": int(size), "latency": latency}
             del runner
-    finally:
-        torch.set_num_threads(before)
     return results
 
 

@@ -24,7 +24,8 @@ class BenchOptions(StageOptions):
     warmup: int = Field(5, ge=0, description="Untimed runs per batch size.")
     repeats: int = Field(50, ge=1, description="Timed runs per batch size.")
     threads: int | None = Field(None, ge=1,
-                                description="CPU threads for PyTorch and ONNX Runtime (default: all cores).")
+                                description="CPU threads for every backend: PyTorch, ONNX Runtime, OpenVINO "
+                                            "(default: all cores).")
     cuda_fp16: bool = Field(True, description="Also time the FP32 model in half precision on CUDA, where present.")
 
     _batch_sizes_once = field_validator("batch_sizes")(check_batch_sizes)
@@ -37,15 +38,14 @@ def bench(run, opts: BenchOptions) -> None:
 
     from ..plots import plot_throughput
     from ..runtime import backends
-    from ..runtime.latency import bench_artifacts
+    from ..runtime.latency import bench_artifacts, cpu_threads
 
-    artifacts = backends.bench_artifacts(run, backends.Options(device="cpu", threads=opts.threads),
+    threads = cpu_threads(opts.threads)  # one count for every backend
+    artifacts = backends.bench_artifacts(run, backends.Options(device="cpu", threads=threads),
                                          cuda=torch.cuda.is_available(), fp16=opts.cuda_fp16)
     results = bench_artifacts(artifacts, tuple(run.recipe.model.input_size), opts.batch_sizes, opts.warmup,
-                              opts.repeats, opts.threads)
-    threads = torch.get_num_threads()
-    values = {"threads": opts.threads or threads, "batch_sizes": opts.batch_sizes, "repeats": opts.repeats,
-              "cpu_threads_default": threads, "backends": results}
+                              opts.repeats, threads)
+    values = {"threads": threads, "batch_sizes": opts.batch_sizes, "repeats": opts.repeats, "backends": results}
     write_json(run.path("bench.json"), values)
     plot_throughput(run.path("bench.png"), results, opts.batch_sizes)
     run.record("bench", values)

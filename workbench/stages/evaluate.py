@@ -29,7 +29,8 @@ class EvaluateOptions(StageOptions):
     latency_batch_sizes: list[BatchSize] = Field(
         default_factory=lambda: [1, 8], min_length=1, description="Batch sizes timed.")
     latency_repeats: int = Field(20, ge=1, description="Timed repeats per batch size.")
-    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: all cores).")
+    threads: int | None = Field(None, ge=1, description="CPU threads for every backend, timed and scored: PyTorch, "
+                                "ONNX Runtime, OpenVINO (default: all cores).")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Of the paired bootstrap interval every difference "
                               "with FP32 (and QAT's with PTQ) is reported with.")
 
@@ -65,6 +66,14 @@ def _nonfinite_output(run, backend: str, error: FloatingPointError, images) -> W
 @register_stage("evaluate", EvaluateOptions, needs=_needs, needs_data=("evaluation",))
 def evaluate(run, opts: EvaluateOptions) -> None:
     """Accuracy (or agreement with FP32), size and latency of every backend."""
+    from ..runtime.latency import cpu_threads, torch_threads
+
+    threads = cpu_threads(opts.threads)  # the same count for PyTorch, ONNX Runtime and OpenVINO
+    with torch_threads(threads):
+        _evaluate(run, opts, threads)
+
+
+def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
     import numpy as np
 
     from ..runtime import backends as table
@@ -77,7 +86,7 @@ def evaluate(run, opts: EvaluateOptions) -> None:
             f"stages.evaluate.backends: {missing} are not available at this point of the recipe "
             f"(available: {available}); put calibrate/export before evaluate"
         )
-    options = table.Options(device=run.device, threads=opts.threads)
+    options = table.Options(device=run.device, threads=threads)
     runners = {b: table.open_runner(run, b, options) for b in backends}
     dataset = run.dataset("evaluation")
     task = run.task
@@ -130,6 +139,12 @@ def evaluate(run, opts: EvaluateOptions) -> None:
         results[b] = entry
     _differences(task, scorers, results, opts.confidence)
     values = {"samples": seen, "labeled": labeled, "backends": results}
+    if latencies:
+        from ..runtime.cpu import cpu_info
+
+        values["latency_setup"] = {"threads": threads, "repeats": opts.latency_repeats,
+                                   "batch_sizes": list(opts.latency_batch_sizes), "pytorch_device": str(run.device),
+                                   "cpu": cpu_info().as_dict()}
     if speed:
         values["speed_ms_per_image"] = speed
     for key, (scorer, max_abs_diff) in pairs.items():

@@ -55,14 +55,16 @@ def epoch_evaluator(run, samples: int | None):
     dataset = run.dataset("evaluation")
     loader = subset_loader(dataset, run.recipe.data, samples)
 
-    def evaluate(model) -> dict[str, float]:
+    def evaluate(model) -> dict:
         scorer = run.task.scorer(run.recipe, dataset)
+        seen = 0
         with torch.no_grad():
             for images, targets in loader:
                 images = images.to(run.device)
                 scorer.update(model(images), targets, run.reference(images))
+                seen += images.shape[0]
         name, value = run.task.headline_points(scorer.result())
-        return {"metric": name, "value": value}
+        return {"metric": name, "value": value, "samples": seen}
 
     return evaluate
 
@@ -98,9 +100,13 @@ def train_stage(run, opts: FinetuneOptions, label: str, curve: str, after_step=N
     torch.manual_seed(0)  # the shuffling order
     evaluate = epoch_evaluator(run, opts.eval_samples)
     before = evaluate(run.model.eval()) if evaluate is not None and not opts.resume else None  # the starting point
+    # The FP32 model on the same subset: the line the curve should reach.
+    reference = evaluate(run.reference.eval()) if evaluate is not None else None
     history = train_on_finetune_split(run, opts, run.path("checkpoints"), label, after_step)
     write_json(run.path(f"{label}.json"), {"options": opts.model_dump(mode="json"), "history": history})
-    plot_history(run.path(curve), history, label if label != "qat" else "QAT")
+    start = "PTQ (before QAT)" if label == "qat" else "pruned (before fine-tuning)"
+    baselines = {name: e["value"] for name, e in ((start, before), ("FP32", reference)) if e is not None}
+    plot_history(run.path(curve), history, label if label != "qat" else "QAT", baselines)
     last = history[-1] if history else {}
     return {"epochs": len(history), "steps": last.get("steps", 0), "final_loss": last.get("loss"),
-            "eval_before": before, "eval": last.get("eval"), "history": history}
+            "eval_before": before, "eval_fp32": reference, "eval": last.get("eval"), "history": history}
