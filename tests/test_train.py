@@ -190,3 +190,30 @@ def test_resume_with_a_changed_recipe_is_refused(tmp_path, capsys):
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "comes from a run with other settings" in err and "options" in err
+
+
+def test_quantized_efficientnet_blocks_train_with_their_drop_connect():
+    """QAT trains EfficientNet-Lite in train mode, where its MBConvBlocks get a drop-connect rate: the quantized
+    block (residual Add with quantizers) must apply it as the original does, not refuse to train."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="quickstart extra not installed")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    model = EfficientNet.from_name("efficientnet-lite0", num_classes=10).eval()
+    x = torch.randn(4, 3, 64, 64)
+    result = quantize_(model, Int8Config(method="max"), lambda m: m(x), x[:1])
+    assert result.census()["Add (residual)"]["int8"] > 0
+    model.train()
+    loss = model(x).logsumexp(1).mean()
+    loss.backward()
+    grad = model._blocks[1]._depthwise_conv.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # Stochastic depth: with the rate at 1/2, some samples lose a block's residual branch, so two passes differ.
+    block = model._blocks[-2]
+    assert block._block_args.stride in (1, [1]) and block._block_args.input_filters == block._block_args.output_filters
+    with torch.no_grad():
+        inputs = torch.randn(8, block._block_args.input_filters, 2, 2)
+        outs = [block(inputs, drop_connect_rate=0.5) for _ in range(2)]
+        assert not torch.equal(outs[0], outs[1])
+        model.eval()
+        assert torch.equal(block(inputs, drop_connect_rate=0.5), block(inputs, drop_connect_rate=0.5))

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from conftest import tiny_recipe
 from helpers import TinyCNN, make_image_folder
+from PIL import Image
 from rich.console import Console
 
 from workbench import api
+from workbench.errors import WorkbenchError
 from workbench.plots import accuracy_latency_figure, plot_history
 from workbench.progress import current_stage, track
 
@@ -167,3 +172,186 @@ def test_training_curve_draws_its_baselines(tmp_path, monkeypatch):
     assert labels["PTQ (before QAT): 88.10"] == [88.1, 88.1]
     assert labels["FP32: 91.70"] == [91.7, 91.7]
     assert labels["QAT"] == [89.0, 90.5]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run in short: the INT8 engine against FP32, and agreement where FP32 is confident
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_agreement_where_fp32_is_confident_leaves_out_its_guesses():
+    from workbench.tasks.classification import ClassificationScorer
+
+    reference = np.array([[5.0, 0.0, 0.0],    # confident: class 0
+                          [0.1, 0.0, 0.05],   # a guess: class 0 at ~35%
+                          [0.0, 0.0, 4.0],    # confident: class 2
+                          [0.0, 0.1, 0.05]])  # a guess: class 1
+    int8 = np.array([[4.0, 0.0, 0.0],         # agrees
+                     [0.0, 0.1, 0.05],        # flips the guess
+                     [0.0, 3.0, 0.0],         # disagrees where FP32 is sure
+                     [0.1, 0.0, 0.05]])       # flips the guess
+    scorer = ClassificationScorer(labeled=False)
+    scorer.update(int8, reference=reference)
+    result = scorer.result()
+    assert result["agreement_top1"] == 25.0
+    assert result["confident_samples"] == 2 and result["agreement_confident"] == 50.0
+
+
+def test_the_console_says_in_short_what_int8_gives(tmp_path):
+    run, text = _run(tmp_path, "{latency_repeats: 3, latency_batch_sizes: [1]}")
+    rows = run.metrics["stages"]["evaluate"]["backends"]
+    assert "in short: INT8 engine `ort_int8_native`" in text
+    fp32_mb, int8_mb = rows["ort_fp32"]["size_bytes"] / 1e6, rows["ort_int8_native"]["size_bytes"] / 1e6
+    assert f"{int8_mb:.2f} MB against {fp32_mb:.2f} MB in FP32" in text
+    fastest = min(("pytorch_fp32", "ort_fp32"), key=lambda b: rows[b]["latency"]["b1"]["median_ms"])
+    assert f"for the fastest FP32 backend (`{fastest}`)" in text
+    confident = rows["ort_int8_native"]["metrics"]["confident_samples"]
+    assert "where FP32 is confident" in text if confident else "of all 18 images" in text
+    assert "## In short" in (run.dir / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report.html: one self-contained page, checked in a real browser
+# ---------------------------------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# No network at all: every host resolves to nothing, background services off.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--host-resolver-rules=MAP * ~NOTFOUND", "--no-first-run"]
+
+
+def _full_run(tmp_path: Path):
+    """A run with every section report.html shows: pruning and its curve, calibration, sensitivity, the plan,
+    QAT and its curve, the exports, the backend table and its plot."""
+    images = make_image_folder(tmp_path / "images")
+    recipe = tmp_path / "full.yaml"
+    recipe.write_text(f"""name: full
+model: {{spec: "import:helpers:trained_cnn", input_size: [3, 32, 32], trust_code: true}}
+data:
+  calibration: {{source: imagefolder, path: "{images}", count: 12, seed: 0}}
+  evaluation: {{source: imagefolder, path: "{images}"}}
+  finetune: {{source: imagefolder, path: "{images}"}}
+  batch_size: 6
+runs_dir: "{tmp_path / 'runs'}"
+stages:
+  - prune: {{method: structured, ratio: 0.25, latency: false}}
+  - finetune: {{epochs: 2, eval_samples: 18}}
+  - calibrate: {{method: max}}
+  - sensitivity: {{proxy_samples: 4, task_samples: 18}}
+  - mixed_precision: {{max_drop: 10}}
+  - qat: {{epochs: 2, eval_samples: 18}}
+  - export: {{}}
+  - evaluate: {{latency_repeats: 2, latency_batch_sizes: [1]}}
+""")
+    return api.run(recipe, console=Console(quiet=True))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/test.sh installs Debian's chromium "
+                                              "package; it could not here)")
+def test_report_html_renders_its_tables_and_plots_in_headless_chromium(tmp_path):
+    run = _full_run(tmp_path)
+    page = run.dir / "report.html"
+    url = page.resolve().as_uri()
+    dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=120).stdout
+    headings = re.findall(r"<h2>([^<]*)</h2>", dom)
+    for section in ("In short", "Pruning", "Calibration", "Layer sensitivity", "Mixed precision",
+                    "Quantization-aware training", "Exported ONNX"):
+        assert section in headings, headings
+    assert any(h.startswith("Accuracy, size, latency") for h in headings)
+    tables = re.findall(r"<table>.*?</table>", dom, re.S)
+    backend_table = next(t for t in tables if "FP32 (PyTorch)" in t)
+    assert "INT8 ONNX Runtime flavour" in backend_table and backend_table.count("<tr>") >= 8
+    assert any("conv1" in t and "SQNR" in t for t in tables)  # the per-layer sensitivity table
+    images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', dom)
+    assert set(images) >= {"accuracy and latency", "fine-tuning curve", "QAT training curve", "layer sensitivity"}
+    assert not re.search(r'(src|href)="(?!data:)', dom)  # nothing loaded from a file or the network
+
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, "--window-size=1280,7000", f"--screenshot={shot}", url],
+                   capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
+
+    def share(rgb):  # of the page's pixels within a few levels of a colour
+        return float((np.abs(pixels - rgb).max(1) <= 6).mean())
+
+    assert share((0x4C, 0x72, 0xB0)) > 0.002  # the plots' blue bars were decoded and drawn
+    assert share((0xDD, 0x84, 0x52)) > 0.0005  # the latency panel's orange bars
+    assert share((0xEE, 0xF2, 0xF8)) > 0.0005  # table header cells: the page's own style was applied
+
+
+def test_report_html_escapes_text_and_inlines_only_the_runs_own_pngs(tmp_path):
+    from workbench.report_html import render_html
+
+    (tmp_path / "plot.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 16)
+    (tmp_path / "fake.png").write_bytes(b"<script>alert(1)</script>")
+    outside = tmp_path.parent / "outside.png"
+    outside.write_bytes(b"\x89PNG\r\n\x1a\n")
+    text = ("# Run report: <script>alert(1)</script>\n\n| class | mAP |\n|---|---|\n| <img src=x onerror=alert(1)> "
+            "| 0.5 |\n\n![ok](plot.png)\n\n![fake](fake.png)\n\n![up](../outside.png)\n\n`<b>` and **bold**\n")
+    page = render_html(text, tmp_path)
+    assert "<script>" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert page.count("data:image/png;base64,") == 1  # plot.png only
+    assert "fake.png is not a PNG of the run" in page and "../outside.png is not in the run directory" in page
+    assert "<code>&lt;b&gt;</code>" in page and "<strong>bold</strong>" in page
+
+
+# ---------------------------------------------------------------------------------------------------------
+# optional tracking: TensorBoard and MLflow get the per-epoch metrics and the final table
+# ---------------------------------------------------------------------------------------------------------
+
+QAT_STAGES = ("  - calibrate: {method: max}\n  - qat: {epochs: 2, eval_samples: 18}\n  - export: {}\n"
+              "  - evaluate: {latency_repeats: 2, latency_batch_sizes: [1]}\n")
+
+
+def _qat_run(tmp_path: Path, log_to: str):
+    images = make_image_folder(tmp_path / "images")
+    recipe = tmp_path / "r.yaml"
+    text = tiny_recipe(images, tmp_path / "runs", QAT_STAGES).replace("helpers:tiny_cnn", "helpers:trained_cnn")
+    finetune = f'  finetune: {{source: imagefolder, path: "{images}"}}\n'
+    text = text.replace("  batch_size: 4\n", "  batch_size: 6\n" + finetune)
+    recipe.write_text(text + f"log_to: [{log_to}]\n")
+    return api.run(recipe, console=Console(quiet=True))
+
+
+def test_log_to_tensorboard_writes_each_epoch_and_the_final_table(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (the dev extra installs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = _qat_run(tmp_path, "tensorboard")
+    events = EventAccumulator(str(run.dir / "tensorboard")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"qat/loss", "qat/lr", "qat/eval_top_1", "evaluate/ort_int8_native/top1",
+            "evaluate/ort_int8_native/latency_b1_ms"} <= scalars, scalars
+    history = run.metrics["stages"]["qat"]["history"]
+    assert [e.step for e in events.Scalars("qat/loss")] == [1, 2]
+    assert [round(e.value, 5) for e in events.Scalars("qat/loss")] == [round(h["loss"], 5) for h in history]
+    top1 = run.metrics["stages"]["evaluate"]["backends"]["ort_int8_native"]["metrics"]["top1"]
+    assert events.Scalars("evaluate/ort_int8_native/top1")[0].value == pytest.approx(top1)
+
+
+def test_log_to_mlflow_records_params_epochs_table_and_report(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow", reason="mlflow is not installed (the dev extra installs mlflow-skinny)")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database; a folder does for a test
+    run = _qat_run(tmp_path, "mlflow")
+    client = mlflow.tracking.MlflowClient()
+    [found] = client.search_runs(["0"])  # the default experiment
+    assert found.info.status == "FINISHED" and found.info.run_name == run.dir.name
+    assert found.data.params["calibrate.method"] == "max" and found.data.params["stages"].startswith("calibrate")
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "qat.loss")] == [1, 2]
+    top1 = run.metrics["stages"]["evaluate"]["backends"]["ort_int8_native"]["metrics"]["top1"]
+    assert found.data.metrics["ort_int8_native.top1"] == pytest.approx(top1)
+    assert {a.path for a in client.list_artifacts(found.info.run_id)} >= {"report.html", "metrics.json"}
+
+
+def test_log_to_without_its_package_is_a_recipe_problem(tmp_path, monkeypatch):
+    import workbench.tracking as tracking
+
+    images = make_image_folder(tmp_path / "images")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs") + "log_to: [mlflow]\n")
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(WorkbenchError, match=r"log_to: mlflow needs the mlflow package \(pip install mlflow\)"):
+        api.validate(recipe)

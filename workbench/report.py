@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .io import write_text
 from .plots import plot_accuracy_latency
+from .report_html import render_html
 from .runtime import backends
 from .tasks import Metric, Task, get_task
 
@@ -68,7 +69,7 @@ def headline(task: Task, rows: list[dict]) -> Metric | None:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """report.md (and its plot) from the run directory, one section per stage that ran."""
+    """report.md and report.html (and the plots) from the run directory, one section per stage that ran."""
     run_dir = Path(run_dir)
     metrics = load_metrics(run_dir)
     warnings = metrics.get("warnings", [])
@@ -77,12 +78,58 @@ def write_report(run_dir: str | Path) -> Path:
              f"Status: **{status}**, device `{metrics.get('device')}`, torch {metrics.get('torch')}, "
              f"started {metrics.get('started')}.", ""]
     lines += [f"**Warning:** {w}" for w in warnings] + ([""] if warnings else [])
+    short = in_short(metrics)
+    lines += ["## In short", "", " ".join(short), ""] if short else []
     for section in (_backends_section, _per_class_section, _calibration_section, _prune_section, _qat_section,
                     _sensitivity_section, _export_section, _bench_section, _build_section, _timings_section):
         lines += section(run_dir, metrics)
     path = run_dir / "report.md"
-    write_text(path, "\n".join(lines))
+    text = "\n".join(lines)
+    write_text(path, text)
+    write_text(run_dir / "report.html", render_html(text, run_dir))  # the same, one file with its plots inlined
     return path
+
+
+def in_short(metrics: dict) -> list[str]:
+    """The run in a few sentences: the INT8 engine a deployment would use against FP32, by size, speed and how
+    closely it follows FP32 (the console prints them under the table, the report above it)."""
+    rows = {r["backend"]: r for r in backend_rows(metrics)}
+    task = _task(metrics)
+
+    def deployed(precision: str) -> list[dict]:
+        return [r for name, r in rows.items() if name in backends.BACKENDS and backends.BACKENDS[name].deploys
+                == precision]
+
+    def fastest(candidates: list[dict]) -> dict | None:
+        timed = [r for r in candidates if r["latency"].get("b1")]
+        return min(timed, key=lambda r: r["latency"]["b1"]) if timed else None
+
+    int8_rows, fp32_rows = deployed("int8"), deployed("fp32")
+    int8 = fastest(int8_rows) or (int8_rows[0] if int8_rows else None)
+    if int8 is None:
+        return []
+    fp32 = fastest(fp32_rows)
+    lines = []
+    fp32_file = rows.get("ort_fp32") or rows.get("pytorch_fp32")
+    size = (f": {int8['size_mb']:.2f} MB against {fp32_file['size_mb']:.2f} MB in FP32 "
+            f"({fp32_file['size_mb'] / int8['size_mb']:.1f}x smaller)"
+            if int8["size_mb"] and fp32_file and fp32_file["size_mb"] else "")
+    lines.append(f"INT8 engine `{int8['backend']}`{size}.")
+    if int8["latency"].get("b1") and fp32 is not None:
+        ratio = fp32["latency"]["b1"] / int8["latency"]["b1"]
+        lines.append(f"At batch 1 it takes {int8['latency']['b1']:.2f} ms against {fp32['latency']['b1']:.2f} ms for "
+                     f"the fastest FP32 backend (`{fp32['backend']}`): "
+                     + (f"{ratio:.2f}x faster." if ratio >= 1 else f"{1 / ratio:.2f}x slower."))
+    metric = headline(task, list(rows.values()))
+    reference = rows.get("pytorch_fp32")
+    if metric is not None and metric.key in int8["metrics"] and reference and metric.key in reference["metrics"]:
+        d = int8["delta"]
+        delta = (f" (a difference of {_interval(d)} points, {100 * d['confidence']:.0f}% interval)" if d else "")
+        lines.append(f"{metric.short[0].upper()}{metric.short[1:]}: {_fmt(int8['metrics'][metric.key], metric.digits)} "
+                     "against FP32's "
+                     f"{_fmt(reference['metrics'][metric.key], metric.digits)}{delta}.")
+    samples = metrics.get("stages", {}).get("evaluate", {}).get("samples", 0)
+    return lines + task.fidelity_sentences(int8["metrics"], samples)
 
 
 def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
@@ -360,8 +407,9 @@ def _prune_section(run_dir: Path, metrics: dict) -> list[str]:
         start = f"{_fmt(ft['eval_before']['value'])} after pruning, " if ft.get("eval_before") else ""
         fp32 = f", FP32 before pruning {_fmt(ft['eval_fp32']['value'])}" if ft.get("eval_fp32") else ""
         lines += [f"{ft['eval']['metric']} after each epoch, on {_subset(ft, metrics)}: {start}"
-                  f"{_fmt(ft['eval']['value'])} after fine-tuning ({ft['epochs']} epochs){fp32}; curve in "
-                  "`training_curve.png`.", ""]
+                  f"{_fmt(ft['eval']['value'])} after fine-tuning ({ft['epochs']} epochs){fp32}.", ""]
+    if ft and (run_dir / "training_curve.png").is_file():
+        lines += ["![fine-tuning curve](training_curve.png)", ""]
     return lines
 
 
@@ -492,6 +540,9 @@ def print_summary(run_dir: str | Path, console) -> None:
     for line in _not_measurable_lines(rows):
         if line:
             console.print(line.replace("**", ""))
+    short = in_short(metrics)
+    if short:
+        console.print("in short: " + " ".join(short), markup=False, highlight=False)
     for warning in metrics.get("warnings", []):
         console.print(f"warning: {warning}", markup=False)
     cal = metrics.get("stages", {}).get("calibrate")

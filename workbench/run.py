@@ -37,6 +37,7 @@ from .resume import Previous, check_reusable, describe_inputs, open_previous, re
 from .rundir import check_runs_dir, mark_stale_runs, process_identity
 from .stages import STAGES
 from .tasks import Classes, Task, get_task
+from .tracking import Trackers
 from .validate import check_recipe_inputs
 
 _UNREAD = object()  # classes not asked of the task yet
@@ -52,6 +53,7 @@ class Run:
     metrics: dict[str, Any] = field(default_factory=dict)
     artifacts: Artifacts = field(default_factory=Artifacts)  # what stages hand on (artifacts.py)
     stage: str | None = None  # the stage running now: a failure's record names it
+    trackers: Trackers = field(default_factory=lambda: Trackers([]))  # recipe.log_to: TensorBoard, MLflow
     _datasets: dict[str, ImageDataset] = field(default_factory=dict)
     _classes: Any = _UNREAD
 
@@ -176,8 +178,12 @@ def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | Previou
         "fingerprints": [],  # one per finished stage, in order: what --resume checks before reusing it
     }
     try:  # from here on, whatever happens (Ctrl-C too) leaves the directory renamed .failed with the reason
+        if distributed.is_main():
+            run.trackers = Trackers.open(recipe.log_to, work_dir, recipe)
         _run_stages(run, previous, reusable, console)
+        _finish_trackers(run, failed=False)  # before the rename: TensorBoard reopens its file by name
     except BaseException as e:
+        _finish_trackers(run, failed=True)
         _record_failure(run, e, final_dir)
         raise
     os.replace(work_dir, final_dir)
@@ -185,6 +191,15 @@ def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | Previou
     if console is not None:
         print_summary(run.dir, console)
     return run
+
+
+def _finish_trackers(run: Run, failed: bool) -> None:
+    """Send the final table (and the report) to the recipe's trackers; a tracker that fails is a warning, never
+    the run's failure."""
+    try:
+        run.trackers.finish(run.metrics, run.dir, failed)
+    except Exception as e:  # a tracking server that went away must not lose the finished run
+        print(f"warning: log_to: could not log the run's results ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def _start_run_dir(recipe: Recipe, previous: Previous | None) -> tuple[Path, Path]:

@@ -296,6 +296,9 @@ class Recipe(StrictModel):
     data: DataConfig
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
     runs_dir: str = Field("runs", description="Where run directories are created.")
+    log_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="Also log the training stages' per-epoch metrics and the final table to "
+        "TensorBoard (<run dir>/tensorboard) and/or MLflow (MLFLOW_TRACKING_URI); each needs its package installed.")
     stages: list[Any] = Field(description="Ordered stages, each a one-key mapping: - calibrate: {method: entropy}")
 
     @model_validator(mode="before")

@@ -32,8 +32,10 @@ def check_recipe_inputs(recipe: Recipe, source: str = "the recipe") -> None:
 def recipe_input_problems(recipe: Recipe) -> list[str]:
     """Every problem with the recipe's stage order, model, files, data splits and required extras, each naming its
     stage or field."""
+    from .tracking import missing_packages
+
     return (order_problems(recipe.stage_list()) + spec_problems(recipe.model) + _data_problems(recipe)
-            + _stage_problems(recipe))
+            + _stage_problems(recipe) + missing_packages(recipe.log_to))
 
 
 def _data_problems(recipe: Recipe) -> list[str]:

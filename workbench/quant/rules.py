@@ -84,8 +84,9 @@ def _mbconv_forward(self, inputs, drop_connect_rate=None):
         squeezed = self._se_expand(self._swish(self._se_reduce(nn.functional.adaptive_avg_pool2d(x, 1))))
         x = torch.sigmoid(squeezed) * x
     x = self._bn2(self._project_conv(x))
-    if drop_connect_rate and self.training:
-        raise RuntimeError("the quantized MBConvBlock is for inference: drop_connect is a training-time op")
+    if drop_connect_rate and self.training:  # as the original block trains (QAT, fine-tuning): stochastic depth
+        keep = 1.0 - drop_connect_rate
+        x = x / keep * torch.floor(keep + torch.rand(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device))
     return self.residual_add(x, inputs)
 
 

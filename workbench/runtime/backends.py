@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 if TYPE_CHECKING:
     from torch import nn
@@ -62,6 +62,9 @@ class Backend:
     variants: tuple[Variant, ...] = ()  # bench-only rows after it
     compares: Comparison | None = None
     file_suffix: str | None = None  # `workbench bench` opens files of this suffix with this row's runner
+    # What a deployment would run, and in which precision: the run's summary puts the fastest INT8 engine against
+    # the fastest FP32 one. None: a row that checks arithmetic (fake-quant, the faithful or TensorRT-style graph).
+    deploys: Literal["fp32", "int8"] | None = None
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -225,18 +228,19 @@ def _onnx(field: str) -> Callable[[Any], Path | None]:
 
 # The table, in the order evaluate scores and reports them (FP32 first: every backend is compared with it).
 for _row in (
-    Backend("pytorch_fp32", "FP32 (PyTorch)", (), lambda run: run.reference, _torch, benched=True, variants=(
-        Variant("pytorch_fp32_cuda", _cuda_fp32),
-        Variant("pytorch_fp32_cuda_compute", _compute_fp32),
-        Variant("pytorch_fp16_cuda", _cuda_fp16, size_factor=0.5, fp16=True),
-        Variant("pytorch_fp16_cuda_compute", _compute_fp16, size_factor=0.5, fp16=True))),
+    Backend("pytorch_fp32", "FP32 (PyTorch)", (), lambda run: run.reference, _torch, benched=True, deploys="fp32",
+            variants=(Variant("pytorch_fp32_cuda", _cuda_fp32),
+                      Variant("pytorch_fp32_cuda_compute", _compute_fp32),
+                      Variant("pytorch_fp16_cuda", _cuda_fp16, size_factor=0.5, fp16=True),
+                      Variant("pytorch_fp16_cuda_compute", _compute_fp16, size_factor=0.5, fp16=True))),
     Backend("pytorch_fp32_pruned", "FP32 pruned (PyTorch)", ("pruned",), lambda run: run.artifacts.pruned_fp32,
             _torch),
     Backend("pytorch_int8", "INT8 fake-quant (PyTorch)", ("quantized",), lambda run: run.model, _torch,
             sized=False, timed=False),
     Backend("pytorch_int8_ptq", "INT8 PTQ before QAT, fake-quant (PyTorch)", ("ptq",),
             lambda run: run.artifacts.ptq_model, _torch, sized=False, timed=False),
-    Backend("ort_fp32", "FP32 (ONNX Runtime)", ("onnx_fp32",), _onnx("fp32"), _ort("default"), benched=True),
+    Backend("ort_fp32", "FP32 (ONNX Runtime)", ("onnx_fp32",), _onnx("fp32"), _ort("default"), benched=True,
+            deploys="fp32"),
     Backend("ort_fp32_pruned", "FP32 pruned (ONNX Runtime)", ("onnx_pruned_fp32",), _onnx("pruned_fp32"),
             _ort("default"), benched=True),
     Backend("ort_int8_faithful", "INT8 Q/DQ (ONNX Runtime, faithful: TensorRT arithmetic)", ("quantized", "onnx"),
@@ -246,17 +250,18 @@ for _row in (
     Backend("ort_int8_default", "INT8 Q/DQ (ONNX Runtime, default optimisations on the TensorRT-style graph)",
             ("quantized", "onnx"), _onnx("model"), _ort("default"), benched=True, file_suffix=".onnx"),
     Backend("ort_int8_native", "INT8 ONNX Runtime flavour (model_int8_ort.onnx, ORT integer kernels)",
-            ("quantized", "ort_int8"), _onnx("ort_int8"), _ort("default"), benched=True, compares=Comparison(
+            ("quantized", "ort_int8"), _onnx("ort_int8"), _ort("default"), benched=True, deploys="int8",
+            compares=Comparison(
                 "ort_native_vs_faithful", "ort_int8_faithful",  # the ORT flavour is the TensorRT-style graph
                 "The ONNX Runtime flavour (integer kernels) agrees with the faithful TensorRT-style graph")),
     Backend("ort_int8_ptq", "INT8 PTQ before QAT (ONNX Runtime, faithful)", ("quantized", "onnx_ptq"),
             _onnx("ptq"), _ort("faithful")),
     Backend("tensorrt", "TensorRT engine", ("tensorrt_engine",), lambda run: run.artifacts.tensorrt_engine, _tensorrt,
-            benched=True, file_suffix=".engine"),
+            benched=True, file_suffix=".engine", deploys="int8"),
     Backend("openvino_fp32", "FP32 (OpenVINO)", ("openvino_fp32",), lambda run: run.artifacts.openvino_fp32,
-            _openvino, benched=True),
+            _openvino, benched=True, deploys="fp32"),
     Backend("openvino_int8", "INT8 OpenVINO (compiled from the Q/DQ graph, integer kernels)", ("openvino_int8",),
-            lambda run: run.artifacts.openvino_int8, _openvino, benched=True, file_suffix=".xml",
+            lambda run: run.artifacts.openvino_int8, _openvino, benched=True, file_suffix=".xml", deploys="int8",
             compares=Comparison("openvino_vs_faithful", "ort_int8_faithful",
                                 "The OpenVINO INT8 engine agrees with the faithful TensorRT-style graph")),
 ):

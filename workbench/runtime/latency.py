@@ -36,9 +36,13 @@ def measure_latency(runner, input_shape: tuple[int, ...], batch_sizes=(1, 8), wa
 
 
 def cpu_threads(requested: int | None = None) -> int:
-    """The CPU threads every backend is timed with: `requested`, else the cores this process may run on."""
+    """The CPU threads every backend is timed with: `requested`, else OMP_NUM_THREADS where the user set it, else
+    the cores this process may run on."""
     if requested:
         return requested
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -164,3 +164,8 @@ class Task:
     def agreement_points(self, metrics: dict[str, float]) -> float | None:
         """Agreement with the FP32 model, in percent."""
         return metrics.get(self.agreement_key)
+
+    def fidelity_sentences(self, metrics: dict[str, float], samples: int) -> list[str]:
+        """How closely an INT8 backend's outputs follow FP32's, in words a newcomer can read (the run's summary)."""
+        value = metrics.get(self.agreement_key)
+        return [] if value is None else [f"It agrees with FP32 on {value:.1f}% of {samples} images."]

@@ -368,6 +368,13 @@ class DetectionTask(Task):
     preprocess_steps = "read, letterbox, normalise"
     postprocess_steps = "decode and NMS"
 
+    def fidelity_sentences(self, metrics: dict[str, float], samples: int) -> list[str]:
+        compared = metrics.get("box_agreement_compared")
+        if not compared or metrics.get("box_agreement") is None:
+            return []
+        return [f"It finds {metrics['box_agreement']:.1f}% of the {compared} boxes FP32 finds with score 0.25 or "
+                f"more on {samples} images (same class, IoU 0.5 or more)."]
+
     def classes(self, model, input_size) -> Classes:
         count = model_num_classes(model, input_size)
         return Classes(count, model_class_names(model, count))

@@ -13,6 +13,7 @@ from ..data import make_loader, subset_loader
 from ..errors import RecipeError
 from ..io import write_json
 from ..plots import plot_history
+from ..progress import track
 from .loop import FitSetup, fit
 from .options import FinetuneOptions
 
@@ -55,11 +56,11 @@ def epoch_evaluator(run, samples: int | None):
     dataset = run.dataset("evaluation")
     loader = subset_loader(dataset, run.recipe.data, samples)
 
-    def evaluate(model) -> dict:
+    def evaluate(model, what: str = "score the epoch's model") -> dict:
         scorer = run.task.scorer(run.recipe, dataset)
         seen = 0
         with torch.no_grad():
-            for images, targets in loader:
+            for images, targets in track(loader, f"{what} on {samples or len(dataset)} evaluation images"):
                 images = images.to(run.device)
                 scorer.update(model(images), targets, run.reference(images))
                 seen += images.shape[0]
@@ -86,7 +87,8 @@ def train_on_finetune_split(run, opts: FinetuneOptions, checkpoint_dir, label: s
     loss_fn, distiller = training_losses(run, opts, bool(getattr(dataset, "labeled", False)))
     setup = FitSetup(device=run.device, auto_mode=run.task.train_mode, label=label, checkpoint_dir=checkpoint_dir,
                      evaluate=epoch_evaluator(run, opts.eval_samples), after_step=after_step,
-                     fingerprint=fingerprint(run, opts, label))
+                     fingerprint=fingerprint(run, opts, label),
+                     on_epoch=lambda entry: run.trackers.epoch(label, entry))
     try:
         return fit(run.model, loader, opts, loss_fn, setup)
     finally:
@@ -99,12 +101,12 @@ def train_stage(run, opts: FinetuneOptions, label: str, curve: str, after_step=N
     loss, evaluation before and after, history)."""
     torch.manual_seed(0)  # the shuffling order
     evaluate = epoch_evaluator(run, opts.eval_samples)
-    before = evaluate(run.model.eval()) if evaluate is not None and not opts.resume else None  # the starting point
-    # The FP32 model on the same subset: the line the curve should reach.
-    reference = evaluate(run.reference.eval()) if evaluate is not None else None
+    start = "PTQ (before QAT)" if label == "qat" else "pruned (before fine-tuning)"
+    # The starting point, and the FP32 model on the same images: the line the curve should reach.
+    before = evaluate(run.model.eval(), f"score {start}") if evaluate is not None and not opts.resume else None
+    reference = evaluate(run.reference.eval(), "score FP32") if evaluate is not None else None
     history = train_on_finetune_split(run, opts, run.path("checkpoints"), label, after_step)
     write_json(run.path(f"{label}.json"), {"options": opts.model_dump(mode="json"), "history": history})
-    start = "PTQ (before QAT)" if label == "qat" else "pruned (before fine-tuning)"
     baselines = {name: e["value"] for name, e in ((start, before), ("FP32", reference)) if e is not None}
     plot_history(run.path(curve), history, label if label != "qat" else "QAT", baselines)
     last = history[-1] if history else {}

@@ -66,6 +66,7 @@ class FitSetup:
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # scored after every epoch
     after_step: Callable[[], None] | None = None  # after every optimizer step (QAT re-measures weight ranges)
     fingerprint: dict | None = None  # what the run was (recipe and options): resuming another is refused
+    on_epoch: Callable[[dict], None] | None = None  # each finished epoch's history entry (experiment tracking)
 
 
 def fit(
@@ -167,6 +168,8 @@ def fit(
                 raise _diverged(label, f"the end-of-epoch evaluation failed: {e}", step, epoch, last_good,
                                 opts) from None
         history.append(entry)
+        if setup.on_epoch is not None:
+            setup.on_epoch(entry)
         if checkpoint_dir is not None:
             last_good = checkpoint_dir / f"{label}_epoch{epoch + 1}.pt"
             _save_checkpoint(last_good, model, optimizer, scheduler, step, epoch + 1, history, fingerprint)
