@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workbench import api  # noqa: E402
+from workbench.runtime.cpu import cpu_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("WORKBENCH_ASSETS", ROOT.parent / "shared" / "assets"))
@@ -148,10 +149,29 @@ def main() -> None:
         data["stages"] = [s for s in data["stages"] if "prune" not in s]
         data["name"] = f"{recipe.name}-control"
         dirs.append(api.run(parse_recipe(yaml.safe_dump(data, sort_keys=False), "control")).dir)
-    print(f"\n# {args.model}: pruning, fine-tuning, INT8 (runs in {args.runs}; latency on this machine's CPU)\n")
+    print(f"\n# {args.model}: pruning, fine-tuning, INT8 (runs in {args.runs}; latency on this machine's CPU: "
+          f"{cpu_info().describe()})\n")
     print(header(batch_sizes, "mAP50-95" if args.model == "yolov5n" else "top-1"))
     for d in dirs:
         print(row(d, batch_sizes))
+    for d in dirs[:-1] if args.control else ():
+        print(f"\n- {d.name} against the control ({dirs[-1].name}), same images: " + paired(d, dirs[-1]))
+
+
+def paired(run_dir: Path, control_dir: Path, backend: str = "ort_int8_faithful") -> str:
+    """The INT8 top-1 of a pruned run minus the control's, image by image (per_image.npz), with its 95% paired
+    bootstrap interval."""
+    import numpy as np
+
+    from workbench.stats import paired_mean
+
+    a, b = (np.load(d / "per_image.npz") for d in (run_dir, control_dir))
+    key = f"{backend}.correct"
+    if key not in a or key not in b or len(a[key]) != len(b[key]):
+        return "no per-image record to pair (per_image.npz)"
+    d = paired_mean(a[key].astype(float) - b[key].astype(float))
+    return (f"{backend} top-1 {100 * a[key].mean():.2f} vs {100 * b[key].mean():.2f}: {d.delta:+.2f} "
+            f"[{d.low:+.2f}, {d.high:+.2f}] points ({len(a[key])} images)")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """PTQ accuracy of every calibrator on a real classifier, on every backend, plus ONNX Runtime latency.
 
     python benchmarks/ptq_classification.py resnet20        # CIFAR-10 test (10,000), calibrated on 512 train images
+    python benchmarks/ptq_classification.py resnet44 --weights per_tensor --methods mse
     python benchmarks/ptq_classification.py efficientnet_lite0   # imagenet_samples (1,000)
 
 Reads ../shared/assets (or $WORKBENCH_ASSETS). Prints a markdown table: top-1 of
 FP32 and of INT8 per calibrator for the fake-quant model, the Q/DQ ONNX run
 faithfully in ONNX Runtime (optimisations off) and with ORT's integer kernels
-(default optimisations), and the agreement of each with FP32.
+(default optimisations), the agreement of each with FP32, and the difference of
+fake-quant and faithful top-1 with FP32's with its 95% paired bootstrap interval
+over the evaluation images.
 """
 
 from __future__ import annotations
@@ -27,25 +30,24 @@ from workbench.data import build_dataset  # noqa: E402
 from workbench.models import resolve_model  # noqa: E402
 from workbench.qdq.export import export_onnx  # noqa: E402
 from workbench.quant.ptq import Int8Config, quantize_  # noqa: E402
+from workbench.runtime.cpu import cpu_info  # noqa: E402
 from workbench.runtime.latency import measure_latency  # noqa: E402
 from workbench.runtime.runners import OrtRunner, TorchRunner  # noqa: E402
 from workbench.schema import DataConfig, DataSplit, ModelConfig, TransformConfig  # noqa: E402
-from workbench.tasks.classification import ClassificationScorer  # noqa: E402
+from workbench.tasks.classification import ClassificationScorer, ClassificationTask  # noqa: E402
 
 ASSETS = Path(os.environ.get("WORKBENCH_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 
+CIFAR10 = DataConfig(
+    transform=TransformConfig(),
+    calibration=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10/train"), count=512, seed=0),
+    evaluation=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10/test")),
+    batch_size=250,
+)
 SETUPS = {
-    "resnet20": dict(
-        model=ModelConfig(
-            spec="cifar_resnet:resnet20", weights=str(ASSETS / "models/cifar10_resnet20.th"), input_size=(3, 32, 32)
-        ),
-        data=DataConfig(
-            transform=TransformConfig(),
-            calibration=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10/train"), count=512, seed=0),
-            evaluation=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10/test")),
-            batch_size=250,
-        ),
-    ),
+    **{name: dict(model=ModelConfig(spec=f"cifar_resnet:{name}", weights=str(ASSETS / f"models/cifar10_{name}.th"),
+                                    input_size=(3, 32, 32)), data=CIFAR10)
+       for name in ("resnet20", "resnet32", "resnet44")},
     "efficientnet_lite0": dict(
         model=ModelConfig(spec="efficientnet_lite:efficientnet-lite0", input_size=(3, 224, 224)),
         data=DataConfig(
@@ -79,7 +81,13 @@ def score(runner, batches, reference=None) -> dict:
         out = runner(x)
         outputs.append(out)
         scorer.update(out, y, reference[i] if reference is not None else None)
-    return {**scorer.result(), "outputs": outputs}
+    return {**scorer.result(), "outputs": outputs, "scorer": scorer}
+
+
+def delta(result: dict, reference: dict) -> str:
+    """Top-1 minus FP32's on the same images, with the 95% paired bootstrap interval."""
+    d = ClassificationTask().delta(result["scorer"], reference["scorer"])
+    return f"{d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}]"
 
 
 def main() -> None:
@@ -87,6 +95,7 @@ def main() -> None:
     p.add_argument("model", choices=list(SETUPS))
     p.add_argument("--methods", nargs="*", help="e.g. max entropy percentile:99.99 mse")
     p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--weights", choices=["per_channel", "per_tensor"], default="per_channel")
     p.add_argument(
         "--calib-holdout", type=int, default=0,
         help=("calibrate on N evaluation images held out by a seeded split, and score on the rest "
@@ -120,11 +129,11 @@ def main() -> None:
     ref = score(TorchRunner(fp32, "fp32"), evals)
     tmp = Path(tempfile.mkdtemp())
     fp32_onnx = export_onnx(copy.deepcopy(fp32), example, tmp / "fp32.onnx")
-    rows = [("FP32", "-", f"{ref['top1']:.2f}", "-", "-", "100.00", "-", "-")]
+    rows = [("FP32", "-", f"{ref['top1']:.2f}", "-", "-", "-", "-", "100.00", "-", "-")]
     lat_rows = [("FP32", measure_latency(OrtRunner(fp32_onnx, "fp32", "default"), (c, h, w), (1, 8), repeats=30))]
     for method, pct in methods:
         model = copy.deepcopy(fp32)
-        cfg = Int8Config(method=method, **({"percentile": pct} if pct else {}))
+        cfg = Int8Config(method=method, weights=args.weights, **({"percentile": pct} if pct else {}))
 
         def loop(m):
             with torch.no_grad():
@@ -139,7 +148,8 @@ def main() -> None:
         faithful = score(OrtRunner(path, "f", "faithful"), evals, ref["outputs"])
         default = score(OrtRunner(path, "d", "default"), evals, ref["outputs"])
         name = method + (f" {pct}" if pct else "")
-        rows.append((name, f"{seconds:.1f}", f"{fq['top1']:.2f}", f"{faithful['top1']:.2f}", f"{default['top1']:.2f}",
+        rows.append((name, f"{seconds:.1f}", f"{fq['top1']:.2f}", delta(fq, ref), f"{faithful['top1']:.2f}",
+                     delta(faithful, ref), f"{default['top1']:.2f}",
                      f"{fq['agreement_top1']:.2f}", f"{faithful['agreement_top1']:.2f}",
                      f"{default['agreement_top1']:.2f}"))
         print(f"  done {name}: fake-quant {fq['top1']:.2f}", file=sys.stderr)
@@ -147,9 +157,10 @@ def main() -> None:
             lat_rows.append(("INT8 Q/DQ (TensorRT style), ORT default",
                              measure_latency(OrtRunner(path, "d", "default"), (c, h, w), (1, 8), repeats=30)))
 
-    print("| Calibrator | Calib s | Top-1 fake-quant | Top-1 ORT faithful | Top-1 ORT default | Agree fake-quant "
-          "| Agree ORT faithful | Agree ORT default |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"Weights {args.weights}; CPU: {cpu_info().describe()}\n")
+    print("| Calibrator | Calib s | Top-1 fake-quant | Δ fake-quant [95% CI] | Top-1 ORT faithful | Δ faithful "
+          "[95% CI] | Top-1 ORT default | Agree fake-quant | Agree ORT faithful | Agree ORT default |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
     print(f"\nONNX Runtime latency on this CPU ({os.cpu_count()} threads), median (p90) ms:\n")

@@ -208,6 +208,12 @@ def test_the_console_says_in_short_what_int8_gives(tmp_path):
     confident = rows["ort_int8_native"]["metrics"]["confident_samples"]
     assert "where FP32 is confident" in text if confident else "of all 18 images" in text
     assert "## In short" in (run.dir / "report.md").read_text()
+    # per_image.npz: what a comparison of two runs pairs on, image by image
+    per_image = np.load(run.dir / "per_image.npz")
+    for backend in ("pytorch_fp32", "ort_int8_native"):
+        correct = per_image[f"{backend}.correct"]
+        assert len(correct) == 18 and 100 * correct.mean() == pytest.approx(rows[backend]["metrics"]["top1"])
+        assert per_image[f"{backend}.predicted"].shape == (18,)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -138,6 +138,7 @@ def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
             entry["latency"] = latencies[b]
         results[b] = entry
     _differences(task, scorers, results, opts.confidence)
+    _write_per_image(run, task, scorers)
     values = {"samples": seen, "labeled": labeled, "backends": results}
     if latencies:
         from ..runtime.cpu import cpu_info
@@ -151,6 +152,20 @@ def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
         if seen:
             values[key] = {**scorer.result(), "max_abs_diff": max_abs_diff}
     run.record("evaluate", values)
+
+
+def _write_per_image(run, task, scorers: dict) -> None:
+    """per_image.npz: each backend's per-image record (a classifier's top-1 and whether it was right), so two runs
+    on the same evaluation images can be compared image by image (workbench.stats.paired_mean)."""
+    import numpy as np
+
+    from ..io import atomic_path
+
+    arrays = {f"{b}.{key}": value for b, scorer in scorers.items()
+              for key, value in (task.per_image(scorer) or {}).items()}
+    if arrays:
+        with atomic_path(run.path("per_image.npz")) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
 
 
 # Differences every run reports, each with its paired interval: (key in the backend's entry, reference backend).

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import nn
 
@@ -164,6 +165,10 @@ class Task:
     def agreement_points(self, metrics: dict[str, float]) -> float | None:
         """Agreement with the FP32 model, in percent."""
         return metrics.get(self.agreement_key)
+
+    def per_image(self, scorer: Scorer) -> dict[str, np.ndarray] | None:
+        """Per evaluation image, what a later comparison between runs pairs on (per_image.npz), or None."""
+        return None
 
     def fidelity_sentences(self, metrics: dict[str, float], samples: int) -> list[str]:
         """How closely an INT8 backend's outputs follow FP32's, in words a newcomer can read (the run's summary)."""

@@ -53,6 +53,7 @@ class ClassificationScorer:
         self.hits: list[np.ndarray] = []  # per sample: top-1 right (paired intervals, Task.delta)
         self.agrees: list[np.ndarray] = []  # per sample: top-1 the reference's
         self.agree_confident = 0
+        self.predicted: list[np.ndarray] = []  # per sample: the top-1 class (per_image.npz)
         self.n_confident = 0
 
     def update(self, logits, labels=None, reference=None) -> None:
@@ -70,6 +71,7 @@ class ClassificationScorer:
             k = min(5, logits.shape[1])
             topk = np.argpartition(-logits, k - 1, axis=1)[:, :k]
             predicted = logits.argmax(1)
+            self.predicted.append(predicted.astype(np.int32))
             self.hits.append(predicted == labels)
             self.top1 += int((predicted == labels).sum())
             self.label_counts.update(labels.tolist())
@@ -126,6 +128,11 @@ class ClassificationTask(Task):
     scores_reference_first = True
     preprocess_steps = "read, resize and crop, normalise"
     postprocess_steps = "argmax"
+
+    def per_image(self, scorer: ClassificationScorer) -> dict[str, np.ndarray] | None:
+        if not scorer.hits:
+            return None
+        return {"predicted": np.concatenate(scorer.predicted), "correct": np.concatenate(scorer.hits)}
 
     def fidelity_sentences(self, metrics: dict[str, float], samples: int) -> list[str]:
         if "agreement_top1" not in metrics:
