@@ -165,6 +165,8 @@ def paired(run_dir: Path, control_dir: Path, backend: str = "ort_int8_faithful")
 
     from workbench.stats import paired_mean
 
+    if not all((d / "per_image.npz").is_file() for d in (run_dir, control_dir)):
+        return "no per-image record to pair (per_image.npz: runs made before it was written)"
     a, b = (np.load(d / "per_image.npz") for d in (run_dir, control_dir))
     key = f"{backend}.correct"
     if key not in a or key not in b or len(a[key]) != len(b[key]):

@@ -1,14 +1,18 @@
 """Per-layer sensitivity and mixed precision under a budget, through the recipe runner.
 
     python benchmarks/sensitivity.py yolov5n [--device cpu|cuda] [--max-drop 0.2] [--proxy-samples 16]
-    python benchmarks/sensitivity.py resnet20 [--weights per_tensor]
-    python benchmarks/sensitivity.py efficientnet_lite0 [--min-agreement 99]
+    python benchmarks/sensitivity.py resnet20 [--weights per_tensor] [--task-samples 10000] [--max-drop 0.1]
+    python benchmarks/sensitivity.py resnet44 --modes one_at_a_time --task-samples 10000
+    python benchmarks/sensitivity.py efficientnet_lite0 [--min-agreement 99] [--weights per_tensor]
 
 Runs calibrate (mse unless --method) -> sensitivity (both modes, proxies and task metric) ->
 mixed_precision -> export -> evaluate, and prints: the time of the proxy sweep and
 of the task-metric sweep, the plan (layers kept float, share of convolution MACs
-in INT8), the final metric for fake-quant and for the ONNX in ONNX Runtime, and
-how well each proxy ranks layers against the task metric (Spearman).
+in INT8), the final metric for fake-quant and for the ONNX in ONNX Runtime, how
+many layers' task-metric deltas the evaluation images resolve (their paired
+interval excludes 0), and how well the SQNR proxy ranks those layers against the
+task metric (Spearman over the resolved layers: ranking noise against noise says
+nothing); then every proxy against every layer, resolved or not.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from workbench.recipe import dump_recipe, load_recipe, parse_recipe  # noqa: E40
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("WORKBENCH_ASSETS", ROOT.parent / "shared" / "assets"))
-RECIPES = {"yolov5n": "recipes/yolov5n_coco_int8.yaml", "resnet20": "recipes/resnet20_cifar10_int8.yaml"}
+RECIPES = {"yolov5n": "recipes/yolov5n_coco_int8.yaml", "resnet20": "recipes/resnet20_cifar10_int8.yaml",
+           "resnet32": "recipes/resnet20_cifar10_int8.yaml", "resnet44": "recipes/resnet20_cifar10_int8.yaml"}
 EFFICIENTNET = {
     "name": "efficientnet_lite0_imagenet_samples",
     "model": {"spec": "efficientnet_lite:efficientnet-lite0", "input_size": [3, 224, 224]},
@@ -69,12 +74,18 @@ def build_recipe(args, runs: Path):
         base = dict(EFFICIENTNET)
     else:
         base = yaml.safe_load(dump_recipe(load_recipe(ROOT / RECIPES[args.model])))
+        if args.model.startswith("resnet"):  # the same CIFAR-10 recipe, another depth
+            base["model"]["spec"] = f"cifar_resnet:{args.model}"
+            base["model"]["weights"] = str(ASSETS / f"models/cifar10_{args.model}.th")
+            base["name"] = f"{args.model}_cifar10_sensitivity"
     budget = {"min_agreement": args.min_agreement} if args.min_agreement else {"max_drop": args.max_drop}
     sens = {"proxy_samples": args.proxy_samples} if args.proxy_samples else {}
     if args.task_samples:
         sens["task_samples"] = args.task_samples
     if args.no_task_metric:
         sens["task_metric"] = False
+    if args.modes:
+        sens["modes"] = args.modes
     base["stages"] = [
         {"calibrate": {"method": args.method, "weights": args.weights}},
         {"sensitivity": sens},
@@ -89,7 +100,8 @@ def build_recipe(args, runs: Path):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("model", choices=["yolov5n", "resnet20", "efficientnet_lite0"])
+    p.add_argument("model", choices=["yolov5n", "resnet20", "resnet32", "resnet44", "efficientnet_lite0"])
+    p.add_argument("--modes", nargs="*", choices=["one_at_a_time", "leave_one_out"], help="default: both")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-drop", type=float, default=0.2)
     p.add_argument("--min-agreement", type=float)
@@ -124,22 +136,40 @@ def main() -> None:
     print(f"- full evaluation ({key}): FP32 {scale * ev['pytorch_fp32']['metrics'][key]:.2f}, fake-quant "
           f"{scale * ev['pytorch_int8']['metrics'][key]:.2f}, ONNX Runtime faithful "
           f"{scale * ev['ort_int8_faithful']['metrics'][key]:.2f}")
+    corr = sens.get("proxy_task_spearman") or {}
+    print(f"- task-metric deltas resolved (95% paired interval excludes 0): {sens['resolved_layers']} of "
+          f"{sens['units']} layers; Spearman of the one-at-a-time SQNR with the task delta over the "
+          f"{corr.get('layers', 0)} layers resolved one at a time: "
+          + (f"{corr['rho']:.2f}" if corr.get("rho") is not None else "n/a (fewer than 3)"))
     task = [task_sensitivity(r) for r in table]
     if all(t is not None for t in task):
+        print("\nOver every layer, resolved or not:")
         print("\n| Proxy | Spearman rank correlation with the task-metric sensitivity |\n|---|---|")
-        for name, values in (
-            ("SQNR, only this layer INT8 (lower = more sensitive)", [-r["only_sqnr_db"] for r in table]),
-            ("KL, only this layer INT8", [r["only_kl"] for r in table]),
-            ("cosine, only this layer INT8", [-r["only_cosine"] for r in table]),
-            ("SQNR gain, this layer float (leave-one-out)", [r["loo_sqnr_db"] for r in table]),
+        for name, key, sign in (
+            ("SQNR, only this layer INT8 (lower = more sensitive)", "only_sqnr_db", -1),
+            ("KL, only this layer INT8", "only_kl", 1),
+            ("cosine, only this layer INT8", "only_cosine", -1),
+            ("SQNR gain, this layer float (leave-one-out)", "loo_sqnr_db", 1),
         ):
+            if not all(key in r for r in table):
+                continue  # a mode not swept
+            values = [sign * r[key] for r in table]
             rho = spearman(values, task)
             print(f"| {name} | {rho:.2f} |" if not math.isnan(rho) else f"| {name} | n/a (constant) |")
-    print("\n| Rank | Layer | Type | MMACs | only delta | loo delta | only SQNR dB | proxy rank |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("\n| Rank | Layer | Type | MMACs | only delta [95% CI] | loo delta [95% CI] | only SQNR dB | proxy rank | "
+          "ranked by |\n|---|---|---|---|---|---|---|---|---|")
     for r in table[:10]:
-        print(f"| {r['rank']} | {r['layer']} | {r['type']} | {r['macs'] / 1e6:.1f} | {r.get('only_delta', 0):.2f} | "
-              f"{r.get('loo_delta', 0):.2f} | {r['only_sqnr_db']:.1f} | {r['proxy_rank']} |")
+        print(f"| {r['rank']} | {r['layer']} | {r['type']} | {r['macs'] / 1e6:.1f} | {_delta(r, 'only')} | "
+              f"{_delta(r, 'loo')} | {r['only_sqnr_db']:.1f} | {r['proxy_rank']} | {r.get('ranked_by', '-')} |")
+
+
+def _delta(row: dict, mode: str) -> str:
+    if f"{mode}_delta" not in row:
+        return "n/a"
+    if f"{mode}_delta_low" not in row:
+        return f"{row[f'{mode}_delta']:+.2f}"
+    return (f"{row[f'{mode}_delta']:+.2f} [{row[f'{mode}_delta_low']:+.2f}, {row[f'{mode}_delta_high']:+.2f}]"
+            + ("" if row.get(f"{mode}_resolved") else " (noise)"))
 
 
 if __name__ == "__main__":

@@ -129,6 +129,11 @@ def test_every_backend_is_timed_under_the_same_thread_count_and_the_table_says_s
     assert "not timed (-): pytorch_int8" in text
     report = (run.dir / "report.md").read_text()
     assert f"{other} CPU thread{'s' if other > 1 else ''} for every backend" in report
+    # ONNX Runtime's sessions get the same count (evaluate opens them through the backend table, as here)
+    from workbench.runtime import backends
+
+    make, _ = backends.file_artifact(run.dir / "model.onnx", threads=other)
+    assert make().session.get_session_options().intra_op_num_threads == other
 
 
 def test_a_run_without_latency_shows_no_latency_column_or_sentence(tmp_path):
@@ -358,6 +363,61 @@ def test_log_to_without_its_package_is_a_recipe_problem(tmp_path, monkeypatch):
     images = make_image_folder(tmp_path / "images")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(tiny_recipe(images, tmp_path / "runs") + "log_to: [mlflow]\n")
-    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None if name == "mlflow" else real(name))
     with pytest.raises(WorkbenchError, match=r"log_to: mlflow needs the mlflow package \(pip install mlflow\)"):
         api.validate(recipe)
+
+
+class _FakeTracker:
+    def __init__(self, log: list, name: str, fail_on: str = ""):
+        self.log, self.name, self.fail_on = log, name, fail_on
+
+    def _call(self, what):
+        self.log.append((self.name, what))
+        if what == self.fail_on:
+            raise ConnectionError(f"{self.name} is gone")
+
+    def epoch(self, stage, entry):
+        self._call("epoch")
+
+    def finish(self, metrics, run_dir, failed):
+        try:
+            self._call("finish")
+        finally:
+            self.close(failed)
+
+    def close(self, failed):
+        self.log.append((self.name, "close failed" if failed else "close"))
+
+
+def test_a_failing_tracker_is_closed_and_never_stops_the_others(tmp_path, capsys):
+    from workbench.tracking import Trackers
+
+    log = []
+    trackers = Trackers([_FakeTracker(log, "a", fail_on="epoch"), _FakeTracker(log, "b", fail_on="finish"),
+                         _FakeTracker(log, "c")])
+    trackers.epoch("qat", {"epoch": 1, "loss": 0.5})
+    trackers.epoch("qat", {"epoch": 2, "loss": 0.4})
+    trackers.finish({}, tmp_path, failed=False)
+    assert log == [("a", "epoch"), ("a", "close failed"), ("b", "epoch"), ("c", "epoch"),  # a dropped, closed
+                   ("b", "epoch"), ("c", "epoch"),
+                   ("b", "finish"), ("b", "close"), ("c", "finish"), ("c", "close")]  # b's failure stops not c
+    err = capsys.readouterr().err
+    assert "log_to: FakeTracker failed (ConnectionError: a is gone); the run goes on" in err
+    assert "(ConnectionError: b is gone); the run's results are in its directory all the same" in err
+
+
+def test_a_tracker_that_cannot_start_closes_those_already_open(tmp_path, monkeypatch):
+    import workbench.tracking as tracking
+
+    log = []
+    monkeypatch.setattr(tracking, "_TensorBoard", lambda run_dir, recipe: _FakeTracker(log, "tb"))
+
+    def broken_mlflow(run_dir, recipe):
+        raise ConnectionError("no tracking server at http://mlflow:5000")
+
+    monkeypatch.setattr(tracking, "_MLflow", broken_mlflow)
+    with pytest.raises(WorkbenchError, match=r"log_to: mlflow could not start \(ConnectionError: no tracking server"):
+        tracking.Trackers.open(["tensorboard", "mlflow"], tmp_path, recipe=None)
+    assert log == [("tb", "close failed")]

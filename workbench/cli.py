@@ -152,11 +152,11 @@ def _dispatch(args, parser) -> int:
             raise WorkbenchError(f"--gpus {args.gpus}: give 1 or more")
         if args.command == "run":
             _run_arguments(args)
+        if args.device:  # an override like any other, so the processes torchrun starts get it too
+            args.overrides = [*args.overrides, f"device={args.device}"]
         if args.gpus > 1 and not distributed.launched():
             return distributed.relaunch_under_torchrun(args.gpus, [args.command, args.recipe, *args.overrides])
         quiet = not distributed.is_main() and distributed.launched()
-    if getattr(args, "device", None):
-        args.overrides = [*getattr(args, "overrides", []), f"device={args.device}"]
     # Styled output on a terminal only: a file or a pipe gets plain text even where FORCE_COLOR is set (CI systems
     # set it globally), so logs and captured output hold no escape codes. NO_COLOR turns colour off on a terminal.
     console = Console(stderr=False, quiet=quiet, force_terminal=None if sys.stdout.isatty() else False)
@@ -224,8 +224,10 @@ def _dispatch(args, parser) -> int:
     if args.command == "models":
         from .models import list_models
 
-        if args.models_command != "list":
-            parser.parse_args(["models", "--help"])
+        if args.models_command != "list":  # a usage error: the action's help, exit 2 as argparse's own errors
+            print("usage: workbench models list [PATTERN]   (model specs, e.g. workbench models list 'cifar_resnet:*')",
+                  file=sys.stderr)
+            return 2
         found = list_models(args.pattern)
         if not found:
             raise WorkbenchError(f"no model spec matches {args.pattern!r}; `workbench models list` shows them all")

@@ -72,7 +72,7 @@ def write_report(run_dir: str | Path) -> Path:
     """report.md and report.html (and the plots) from the run directory, one section per stage that ran."""
     run_dir = Path(run_dir)
     metrics = load_metrics(run_dir)
-    warnings = metrics.get("warnings", [])
+    warnings = [warning_text(w) for w in metrics.get("warnings", [])]
     status = metrics.get("status") + (f", with {len(warnings)} warning(s)" if warnings else "")
     lines = [f"# Run report: {metrics.get('recipe')}", "",
              f"Status: **{status}**, device `{metrics.get('device')}`, torch {metrics.get('torch')}, "
@@ -88,6 +88,11 @@ def write_report(run_dir: str | Path) -> Path:
     write_text(path, text)
     write_text(run_dir / "report.html", render_html(text, run_dir))  # the same, one file with its plots inlined
     return path
+
+
+def warning_text(warning: dict | str) -> str:
+    """A warning of metrics.json: {"stage", "message"} (runs before the stage was recorded: the message alone)."""
+    return warning["message"] if isinstance(warning, dict) else warning
 
 
 def in_short(metrics: dict) -> list[str]:
@@ -469,7 +474,7 @@ def _sensitivity_section(run_dir: Path, metrics: dict) -> list[str]:
             "every layer but this one in INT8 (gain over all-INT8). Full table: `sensitivity.csv`."
         )
         lines.append("")
-        if sens.get("confidence"):
+        if sens.get("confidence") and sens.get("task_samples"):  # a task-metric sweep ran, with intervals
             spearman = sens.get("proxy_task_spearman") or {}
             rho = (f"; the SQNR proxy's Spearman correlation with the resolved deltas is {spearman['rho']:.2f} over "
                    f"{spearman['layers']} layers" if spearman.get("rho") is not None else
@@ -503,8 +508,9 @@ def _sensitivity_section(run_dir: Path, metrics: dict) -> list[str]:
         exported = mp.get("exported") or {}
         if "low" in exported:
             lines.append(f" Verified on the exported graph run faithfully in ONNX Runtime ({exported['samples']} "
-                         f"images): a drop of {-exported['delta']:.3f} points, at most {-exported['low']:.3f} with "
-                         f"{100 * exported['confidence']:.0f}% confidence (one-sided paired bootstrap).")
+                         f"images): a difference with FP32 of {exported['delta']:+.3f} points, no worse than "
+                         f"{exported['low']:+.3f} with {100 * exported['confidence']:.0f}% confidence (one-sided "
+                         "paired bootstrap).")
         elif "agreement" in exported:
             lines.append(" Verified on the exported graph run faithfully in ONNX Runtime: "
                          f"{exported['agreement']:.2f}% agreement with FP32.")
@@ -543,10 +549,11 @@ def print_summary(run_dir: str | Path, console) -> None:
     short = in_short(metrics)
     if short:
         console.print("in short: " + " ".join(short), markup=False, highlight=False)
-    for warning in metrics.get("warnings", []):
+    for warning in map(warning_text, metrics.get("warnings", [])):
         console.print(f"warning: {warning}", markup=False)
     cal = metrics.get("stages", {}).get("calibrate")
     if cal:
-        census = ", ".join(f"{t}: {c['int8']} INT8 / {c['float']} float" for t, c in cal["census"].items())
+        plan = metrics.get("stages", {}).get("mixed_precision", {}).get("census")  # as the report's census
+        census = ", ".join(f"{t}: {c['int8']} INT8 / {c['float']} float" for t, c in (plan or cal["census"]).items())
         console.print(f"quantized layers: {census}")
     console.print(f"run directory: {run_dir}")

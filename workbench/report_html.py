@@ -16,6 +16,7 @@ from pathlib import Path
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 IMAGE = re.compile(r"^!\[(?P<alt>[^\]]*)\]\((?P<src>[^)]*)\)$")
+HEADING = re.compile(r"^(#{1,4}) (.*)$")
 PLAIN_PNG = re.compile(r"^[\w.-]+\.png$")
 
 STYLE = """
@@ -51,7 +52,7 @@ def _blocks(lines: list[str], run_dir: Path):
         line = lines[i]
         if not line.strip():
             i += 1
-        elif m := re.match(r"^(#{1,4}) (.*)$", line):
+        elif m := HEADING.match(line):
             level = len(m.group(1))
             yield f"<h{level}>{_inline(m.group(2))}</h{level}>"
             i += 1
@@ -70,8 +71,9 @@ def _blocks(lines: list[str], run_dir: Path):
         elif m := IMAGE.match(line.strip()):
             yield _figure(m.group("alt"), m.group("src"), run_dir)
             i += 1
-        else:
-            paragraph = []
+        else:  # a paragraph: this line (whatever it starts with), then the lines up to the next block
+            paragraph = [line.strip()]
+            i += 1
             while i < len(lines) and lines[i].strip() and not _starts_block(lines[i]):
                 paragraph.append(lines[i].strip())
                 i += 1
@@ -79,7 +81,8 @@ def _blocks(lines: list[str], run_dir: Path):
 
 
 def _starts_block(line: str) -> bool:
-    return line.startswith(("#", "|", "- ")) or bool(IMAGE.match(line.strip()))
+    """The same tests `_blocks` makes, so a paragraph stops exactly where another block begins."""
+    return bool(HEADING.match(line)) or line.startswith(("|", "- ")) or bool(IMAGE.match(line.strip()))
 
 
 def _cells(row: str) -> list[str]:
@@ -87,7 +90,8 @@ def _cells(row: str) -> list[str]:
 
 
 def _table(rows: list[str]) -> str:
-    header, body = rows[0], [r for r in rows[1:] if not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+\s*", r.strip())]
+    separator = len(rows) > 1 and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+\s*", rows[1].strip())
+    header, body = rows[0], rows[2:] if separator else rows[1:]
     out = ["<table>", "<thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in _cells(header)) + "</tr></thead>",
            "<tbody>"]
     out += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in _cells(r)) + "</tr>" for r in body]
@@ -112,7 +116,8 @@ def _figure(alt: str, src: str, run_dir: Path) -> str:
     path = run_dir / src
     if not PLAIN_PNG.match(src) or not path.is_file() or path.is_symlink():
         return f'<figure><p class="missing">image {html.escape(src)} is not in the run directory</p>{caption}</figure>'
-    data = path.read_bytes()[: MAX_IMAGE_BYTES + 1]
+    with open(path, "rb") as f:
+        data = f.read(MAX_IMAGE_BYTES + 1)
     if len(data) > MAX_IMAGE_BYTES or not data.startswith(b"\x89PNG\r\n\x1a\n"):
         return f'<figure><p class="missing">image {html.escape(src)} is not a PNG of the run</p>{caption}</figure>'
     encoded = base64.b64encode(data).decode("ascii")

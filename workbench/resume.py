@@ -95,7 +95,8 @@ def open_previous(run_dir: str | os.PathLike) -> Previous:
 def stage_fingerprints(recipe: Recipe) -> list[str]:
     """One hash per stage: the recipe but its name and runs_dir, with the stages up to and including this one."""
     data = recipe.model_dump(mode="json")
-    base = {k: v for k, v in data.items() if k not in ("name", "runs_dir", "stages")}
+    # log_to only says where results are also sent: adding TensorBoard on --resume changes no result.
+    base = {k: v for k, v in data.items() if k not in ("name", "runs_dir", "log_to", "stages")}
     digest = hashlib.sha256(json.dumps(base, sort_keys=True).encode())
     out = []
     for stage in data["stages"]:
@@ -200,7 +201,7 @@ def _changes(previous: Previous, new: Recipe, index: int) -> list[str]:
 
     def part(recipe: Recipe) -> dict:
         data = recipe.model_dump(mode="json")
-        data.pop("name"), data.pop("runs_dir")
+        data.pop("name"), data.pop("runs_dir"), data.pop("log_to", None)
         data["stages"] = data["stages"][: index + 1]
         return _flat(data)
 
@@ -230,6 +231,9 @@ def restore_stages(run, previous: Previous, count: int) -> list[str]:
         if name in previous.metrics.get("timings_s", {}):
             run.metrics.setdefault("timings_s", {})[name] = previous.metrics["timings_s"][name]
         run.metrics["fingerprints"].append(entry)
+        # The stage's warnings come with it: a reused export that failed check-onnx still says so.
+        run.metrics.setdefault("warnings", []).extend(
+            w for w in previous.metrics.get("warnings", []) if isinstance(w, dict) and w.get("stage") == name)
         restored.append(name)
     return restored
 

@@ -98,7 +98,7 @@ class Run:
     def warn(self, message: str) -> None:
         """A finding the run goes on after, which the console summary and the report show (never a silent
         'complete'): a failed check of an exported graph, say."""
-        self.metrics.setdefault("warnings", []).append(message)
+        self.metrics.setdefault("warnings", []).append({"stage": self.stage, "message": message})
         self.save_metrics()
 
     def record(self, stage: str, values: dict[str, Any]) -> None:
@@ -194,12 +194,9 @@ def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | Previou
 
 
 def _finish_trackers(run: Run, failed: bool) -> None:
-    """Send the final table (and the report) to the recipe's trackers; a tracker that fails is a warning, never
-    the run's failure."""
-    try:
-        run.trackers.finish(run.metrics, run.dir, failed)
-    except Exception as e:  # a tracking server that went away must not lose the finished run
-        print(f"warning: log_to: could not log the run's results ({type(e).__name__}: {e})", file=sys.stderr)
+    """Send the final table (and the report) to the recipe's trackers and close them; a tracker that fails is a
+    warning (tracking.Trackers.finish), never the run's failure."""
+    run.trackers.finish(run.metrics, run.dir, failed)
 
 
 def _start_run_dir(recipe: Recipe, previous: Previous | None) -> tuple[Path, Path]:

@@ -20,7 +20,10 @@ PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # log_to entry ->
 class Tracker(Protocol):
     def epoch(self, stage: str, entry: dict) -> None: ...
 
-    def finish(self, metrics: dict, run_dir: Path, failed: bool) -> None: ...
+    def finish(self, metrics: dict, run_dir: Path, failed: bool) -> None:
+        """Log the final table, then close (always, even when logging fails)."""
+
+    def close(self, failed: bool) -> None: ...
 
 
 def missing_packages(log_to: list[str]) -> list[str]:
@@ -40,28 +43,47 @@ class Trackers:
         from .errors import WorkbenchError
 
         makers = {"tensorboard": _TensorBoard, "mlflow": _MLflow}
-        trackers = []
+        opened = cls([])
         for name in log_to:
             try:
-                trackers.append(makers[name](run_dir, recipe))
+                opened._trackers.append(makers[name](run_dir, recipe))
             except Exception as e:  # before any stage ran: the user asked for it, so say why it cannot be
+                for tracker in opened._trackers:  # no MLflow run left active, no TensorBoard file left open
+                    _quietly(tracker.close, True)
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise WorkbenchError(f"log_to: {name} could not start ({type(e).__name__}: {first}); fix its "
                                      "setup (for MLflow: MLFLOW_TRACKING_URI) or remove it from log_to") from None
-        return cls(trackers)
+        return opened
 
     def epoch(self, stage: str, entry: dict) -> None:
         for tracker in list(self._trackers):
             try:
                 tracker.epoch(stage, entry)
             except Exception as e:  # a tracking server gone away must not stop the training: warn, stop logging
-                print(f"warning: log_to: {type(tracker).__name__.strip('_')} failed ({type(e).__name__}: {e}); "
-                      "the run goes on without it", file=sys.stderr)
+                _warn(tracker, e, "the run goes on without it")
                 self._trackers.remove(tracker)
+                _quietly(tracker.close, True)
 
     def finish(self, metrics: dict, run_dir: Path, failed: bool) -> None:
-        for tracker in self._trackers:
-            tracker.finish(metrics, run_dir, failed)
+        """Every tracker logs the final table and closes; one that fails is a warning and the others go on."""
+        trackers, self._trackers = self._trackers, []
+        for tracker in trackers:
+            try:
+                tracker.finish(metrics, run_dir, failed)
+            except Exception as e:
+                _warn(tracker, e, "the run's results are in its directory all the same")
+
+
+def _warn(tracker, error: Exception, consequence: str) -> None:
+    print(f"warning: log_to: {type(tracker).__name__.strip('_')} failed ({type(error).__name__}: {error}); "
+          f"{consequence}", file=sys.stderr)
+
+
+def _quietly(close, *args) -> None:
+    try:
+        close(*args)
+    except Exception:  # closing after a failure: the first error is the one reported
+        pass
 
 
 def epoch_scalars(entry: dict) -> dict[str, float]:
@@ -110,8 +132,13 @@ class _TensorBoard:
         self.writer.flush()
 
     def finish(self, metrics: dict, run_dir: Path, failed: bool) -> None:
-        for key, value in final_scalars(metrics).items():
-            self.writer.add_scalar(f"evaluate/{key}", value, 0)
+        try:
+            for key, value in final_scalars(metrics).items():
+                self.writer.add_scalar(f"evaluate/{key}", value, 0)
+        finally:
+            self.close(failed)
+
+    def close(self, failed: bool) -> None:
         self.writer.close()
 
 
@@ -128,7 +155,11 @@ class _MLflow:
             for key, value in options.model_dump(mode="json").items():
                 if isinstance(value, (str, int, float, bool)):
                     params[f"{name}.{key}"] = value
-        mlflow.log_params(params)
+        try:
+            mlflow.log_params(params)
+        except Exception:
+            self.close(failed=True)  # not left active for the next run in this process
+            raise
 
     def epoch(self, stage: str, entry: dict) -> None:
         self.mlflow.log_metrics({f"{stage}.{k}": v for k, v in epoch_scalars(entry).items()}, step=entry["epoch"])
@@ -140,4 +171,7 @@ class _MLflow:
                 if (run_dir / name).is_file():
                     self.mlflow.log_artifact(str(run_dir / name))
         finally:
-            self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
+            self.close(failed)
+
+    def close(self, failed: bool) -> None:
+        self.mlflow.end_run(status="FAILED" if failed else "FINISHED")

@@ -12,6 +12,7 @@ metric (top-1, mAP50-95) on an evaluation subset. A "unit" is a quantized layer
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -296,6 +297,7 @@ def proxy_task_correlation(rows: list[dict]) -> dict | None:
     chosen = [r for r in rows if r.get("only_resolved") and "only_sqnr_db" in r]
     if len(chosen) < 3:
         return {"rho": None, "layers": len(chosen)}
-    rho = spearmanr([r["only_sqnr_db"] for r in chosen], [r["only_delta"] for r in chosen]).statistic
-    # Low SQNR (noisy layer) should go with a negative delta: a good proxy gives a positive rho here.
-    return {"rho": float(rho), "layers": len(chosen)}
+    rho = float(spearmanr([r["only_sqnr_db"] for r in chosen], [r["only_delta"] for r in chosen]).statistic)
+    # Low SQNR (noisy layer) should go with a negative delta: a good proxy gives a positive rho here. All deltas
+    # (or all SQNRs) tied give NaN: no ranking to compare, said as None (metrics.json stays strict JSON).
+    return {"rho": rho if math.isfinite(rho) else None, "layers": len(chosen)}

@@ -37,16 +37,24 @@ def measure_latency(runner, input_shape: tuple[int, ...], batch_sizes=(1, 8), wa
 
 def cpu_threads(requested: int | None = None) -> int:
     """The CPU threads every backend is timed with: `requested`, else OMP_NUM_THREADS where the user set it, else
-    the cores this process may run on."""
+    the physical cores this process may run on."""
     if requested:
         return requested
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) > 0:
         return int(omp)
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+    # Physical cores, as ONNX Runtime's own default: two hyper-threads of one core share its vector units.
+    siblings = set()
+    for cpu in cpus:
+        try:
+            siblings.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            return len(cpus)
+    return len(siblings) or len(cpus)
 
 
 @contextmanager

@@ -72,6 +72,7 @@ def sensitivity(run, opts: SensitivityOptions) -> None:
         layer_costs,
         make_probe,
         proxy_task_correlation,
+        resolved,
         selected_units,
         sweep,
     )
@@ -100,7 +101,7 @@ def sensitivity(run, opts: SensitivityOptions) -> None:
     ]
     total_macs = sum(c["macs"] for c in costs.values())
     correlation = proxy_task_correlation(table) if task_probe else None
-    resolved_layers = sum(1 for r in table if r.get("ranked_by") == "task")
+    resolved_layers = sum(1 for r in table if resolved(r))  # an interval excluding 0, not a task rank without one
     run.artifacts.sensitivity = table
     write_json(run.path("sensitivity.json"), {
         "metric": metric_name,

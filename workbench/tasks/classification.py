@@ -63,6 +63,7 @@ class ClassificationScorer:
         if not np.isfinite(logits).all():
             raise FloatingPointError("the model produced NaN/Inf logits")
         self.n += logits.shape[0]
+        self.predicted.append(logits.argmax(1).astype(np.int32))
         if self.labeled and labels is not None:
             labels = _as_numpy(labels).astype(np.int64)
             if len(labels) and labels.max() >= logits.shape[1]:  # else scored as wrong: a misleading "at chance"
@@ -71,7 +72,6 @@ class ClassificationScorer:
             k = min(5, logits.shape[1])
             topk = np.argpartition(-logits, k - 1, axis=1)[:, :k]
             predicted = logits.argmax(1)
-            self.predicted.append(predicted.astype(np.int32))
             self.hits.append(predicted == labels)
             self.top1 += int((predicted == labels).sum())
             self.label_counts.update(labels.tolist())
@@ -130,9 +130,12 @@ class ClassificationTask(Task):
     postprocess_steps = "argmax"
 
     def per_image(self, scorer: ClassificationScorer) -> dict[str, np.ndarray] | None:
-        if not scorer.hits:
+        if not scorer.predicted:
             return None
-        return {"predicted": np.concatenate(scorer.predicted), "correct": np.concatenate(scorer.hits)}
+        record = {"predicted": np.concatenate(scorer.predicted)}
+        if scorer.hits:
+            record["correct"] = np.concatenate(scorer.hits)
+        return record
 
     def fidelity_sentences(self, metrics: dict[str, float], samples: int) -> list[str]:
         if "agreement_top1" not in metrics:
