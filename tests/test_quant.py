@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import nan_cnn, tiny_cnn
+from torch import nn
 
 from workbench.errors import CalibrationError
 from workbench.qdq.export import export_onnx
@@ -135,3 +136,15 @@ def test_quantize_on_cuda_matches_onnx(tmp_path):
     fake = TorchRunner(model, "fq", "cuda")(TEST)
     faithful = OrtRunner(path, "ort", "faithful")(TEST.numpy())
     np.testing.assert_allclose(faithful, fake, atol=5e-3 * np.abs(fake).max())
+
+
+def test_module_names_with_glob_characters_quantize_themselves_only():
+    """modelopt matches quantizer names as fnmatch patterns: `a[l]b` would match `alb` and not itself."""
+    model = nn.Sequential()
+    model.add_module("a[l]b", nn.Conv2d(3, 4, 3))
+    model.add_module("alb", nn.Conv2d(4, 4, 3))
+    x = torch.randn(2, 3, 12, 12)
+    quantize_(model, Int8Config(method="max", exclude=["alb"]), lambda m: m(x), x[:1])
+    bracketed, decoy = model.get_submodule("a[l]b"), model.get_submodule("alb")
+    assert bracketed.weight_quantizer.is_enabled and bracketed.input_quantizer.is_enabled
+    assert not decoy.weight_quantizer.is_enabled and not decoy.input_quantizer.is_enabled

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import json
 import os
 import re
 import shutil
@@ -421,3 +423,76 @@ def test_a_tracker_that_cannot_start_closes_those_already_open(tmp_path, monkeyp
     with pytest.raises(WorkbenchError, match=r"log_to: mlflow could not start \(ConnectionError: no tracking server"):
         tracking.Trackers.open(["tensorboard", "mlflow"], tmp_path, recipe=None)
     assert log == [("tb", "close failed")]
+
+
+def test_names_from_the_users_files_stay_literal_in_report_md_and_html(tmp_path):
+    from workbench.report import md_name, md_text
+    from workbench.report_html import render_html
+
+    hostile = "a|b<script>x</script>`c` **d** # e"
+    text = (f"# R\n\n| Rank | Layer | MMACs |\n|---|---|---|\n| 1 | {md_name(hostile)} | 0.2 |\n"
+            f"| 2 | {md_name('layer1.0.conv1')} | 0.1 |\n\n{md_text('warning: <img src=http://x/i> [a] **b**')}\n")
+    assert "<script>" not in text and "| 1 | a\\|b" in text  # report.md: the pipe cannot add a column
+    page = render_html(text, tmp_path)
+    rows = re.findall(r"<tr>(.*?)</tr>", page)
+    assert [r.count("<th>") + r.count("<td>") for r in rows] == [3, 3, 3]
+    assert f"<td>{html.escape(hostile, quote=False)}</td>" in page.replace("&#x27;", "'")  # shown as written
+    assert "<td><code>layer1.0.conv1</code></td>" in page
+    assert "<p>warning: &lt;img src=http://x/i&gt; [a] **b**</p>" in page and "<strong>" not in page
+
+
+def test_progress_environment_switches_read_as_a_user_means_them(monkeypatch, capsys):
+    from workbench import progress
+
+    monkeypatch.setenv("WORKBENCH_PROGRESS_INTERVAL", "0")
+    for off_value in ("0", "false", "no", ""):
+        monkeypatch.setenv("WORKBENCH_NO_PROGRESS", off_value)
+        monkeypatch.setenv("RANK", "")  # torchrun's variable, set but empty: rank 0
+        assert list(track(range(2), "evaluate")) == [0, 1]
+        assert "evaluate: 2 steps in" in capsys.readouterr().err, off_value
+    monkeypatch.setenv("WORKBENCH_NO_PROGRESS", "1")
+    list(track(range(2), "evaluate"))
+    assert capsys.readouterr().err == ""
+    for raw, interval in (("abc", 15.0), ("nan", 15.0), ("-5", 15.0), ("inf", 15.0), ("2.5", 2.5), ("0", 0.0)):
+        monkeypatch.setenv("WORKBENCH_PROGRESS_INTERVAL", raw)
+        assert progress._interval() == interval, raw
+
+
+def test_overrides_may_follow_options_and_name_a_stage_whole(tmp_path):
+    from workbench.cli import main
+
+    images = make_image_folder(tmp_path / "images")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs"))
+    assert api.validate(recipe, ["stages.calibrate={method: entropy}"]).stage_list()[0][1].method == "entropy"
+    runs = tmp_path / "other_runs"
+    assert main(["run", str(recipe), "--device", "cpu", "stages.calibrate.method=mse", f"runs_dir={runs}",
+                 "stages.evaluate.latency=false"]) == 0
+    (run_dir,) = runs.iterdir()
+    ran = (run_dir / "recipe.yaml").read_text()
+    assert "method: mse" in ran and "device: cpu" in ran
+    with pytest.raises(SystemExit) as exit_:  # what is neither an option nor key=value is still refused
+        main(["validate", str(recipe), "--no-such-option"])
+    assert exit_.value.code == 2
+
+
+def test_log_to_names_each_tracker_once(tmp_path):
+    images = make_image_folder(tmp_path / "images")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs") + "log_to: [tensorboard, tensorboard]\n")
+    with pytest.raises(WorkbenchError, match="names one twice"):
+        api.validate(recipe)
+
+
+def test_a_run_piped_into_head_completes(tmp_path):
+    images = make_image_folder(tmp_path / "images")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs"))
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}"}
+    done = subprocess.run(["bash", "-c", f'"{sys.executable}" -m workbench run "{recipe}" | head -1; '
+                                         'echo "rc=${PIPESTATUS[0]}"'],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.splitlines() == ["stage 1/3: calibrate", "rc=0"], done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()  # complete: not .failed for want of a reader
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "complete"

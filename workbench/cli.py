@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -127,7 +128,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = _parser()
-    args = parser.parse_args(argv)
+    # `key=value` overrides may come before or after options (`run r.yaml --device cpu a=1 b=2`): argparse ends a
+    # positional list at the first option, so the rest come back unrecognised and join the overrides here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 2
@@ -139,6 +146,39 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+class _PipeSafe(io.TextIOBase):
+    """The console's stdout, which a closed pipe (`workbench run r.yaml | head -1`) or a closed descriptor cannot
+    fail: the run goes on to the end and its directory is complete; only the output stops."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if self.stream is not None:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError):  # EPIPE, or a closed file
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self._drop()
+
+    def isatty(self) -> bool:
+        return self.stream is not None and self.stream.isatty()
+
+    def _drop(self) -> None:
+        self.stream = None
+        try:  # Python flushes sys.stdout at exit: point it at /dev/null so that raises nothing either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+        except (OSError, AttributeError, ValueError):
+            pass
 
 
 def _dispatch(args, parser) -> int:
@@ -159,7 +199,8 @@ def _dispatch(args, parser) -> int:
         quiet = not distributed.is_main() and distributed.launched()
     # Styled output on a terminal only: a file or a pipe gets plain text even where FORCE_COLOR is set (CI systems
     # set it globally), so logs and captured output hold no escape codes. NO_COLOR turns colour off on a terminal.
-    console = Console(stderr=False, quiet=quiet, force_terminal=None if sys.stdout.isatty() else False)
+    stdout = _PipeSafe(sys.stdout)
+    console = Console(file=stdout, quiet=quiet, force_terminal=None if stdout.isatty() else False)
     if args.command == "run":
         from . import api
 

@@ -13,6 +13,7 @@ The calibrated model is rebuilt from the run's recipe.yaml and calibration.json
 from __future__ import annotations
 
 import copy
+import glob
 import json
 from pathlib import Path
 
@@ -109,7 +110,8 @@ class RunExplorer:
     def plan_snippet(self) -> str:
         """The calibrate stage that reproduces the current plan, as recipe YAML."""
         options = self.config.model_dump(mode="json")
-        options["exclude"] = list(dict.fromkeys(self.config.exclude + self.float_layers))
+        # excludes are glob patterns: each float layer escaped, so it matches its own name only
+        options["exclude"] = list(dict.fromkeys(self.config.exclude + [glob.escape(u) for u in self.float_layers]))
         return yaml.safe_dump({"stages": [{"calibrate": options}]}, sort_keys=False)
 
     def plot_sensitivity(self, top: int = 20, ax=None):

@@ -10,6 +10,7 @@ silences both; ranks other than 0 of a distributed run stay silent.
 from __future__ import annotations
 
 import contextvars
+import math
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ def track(items: Iterable[T], description: str, total: int | None = None,
           status: Callable[[], str] | None = None) -> Iterator[T]:
     """Yield `items`, reporting progress; `status()` (e.g. the running loss) is shown with each report."""
     total = total if total is not None else _len(items)
-    if bool(os.environ.get("WORKBENCH_NO_PROGRESS")) or int(os.environ.get("RANK", "0")) > 0:
+    if _flag("WORKBENCH_NO_PROGRESS") or _rank() > 0:
         yield from items
     elif sys.stderr.isatty():
         yield from _bar(items, description, total, status)
@@ -102,7 +103,12 @@ def _prefix() -> str:
 
 
 def _emit(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    if sys.stderr is None:  # started with stderr closed: progress has nowhere to go, the run goes on
+        return
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # a closed pipe or file: the same
+        pass
 
 
 def _clock(seconds: float | None) -> str:
@@ -119,11 +125,23 @@ def _per_step(elapsed: float, done: int) -> str:
 
 
 def _interval() -> float:
-    raw = os.environ.get("WORKBENCH_PROGRESS_INTERVAL", "")
+    """WORKBENCH_PROGRESS_INTERVAL in seconds (0: every step); anything else that is not a number >= 0: 15."""
     try:
-        return max(0.0, float(raw)) if raw else DEFAULT_INTERVAL_S
+        value = float(os.environ.get("WORKBENCH_PROGRESS_INTERVAL", ""))
     except ValueError:
         return DEFAULT_INTERVAL_S
+    return value if math.isfinite(value) and value >= 0 else DEFAULT_INTERVAL_S
+
+
+def _flag(name: str) -> bool:
+    """An on/off environment variable: unset, empty, 0, false, no and off are off."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _rank() -> int:
+    """This process's rank in a distributed run (torchrun's RANK); 0 when unset or not a number."""
+    raw = os.environ.get("RANK", "").strip()
+    return int(raw) if raw.isdigit() else 0
 
 
 def _len(items) -> int | None:

@@ -138,7 +138,10 @@ def _apply_override(data: dict, item: str) -> None:
     last = parts[-1]
     if isinstance(target, list):
         idx = _list_index(target, last, parts)
-        target[idx] = value
+        if not last.lstrip("-").isdigit():  # `stages.calibrate={...}`: the stage's options, as stages.0.calibrate
+            target[idx] = {last: value}
+        else:
+            target[idx] = value
     elif isinstance(target, dict):
         target[last] = value
     else:

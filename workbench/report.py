@@ -15,6 +15,20 @@ from .report_html import render_html
 from .runtime import backends
 from .tasks import Metric, Task, get_task
 
+MARKDOWN_SPECIAL = "\\`*_|<>[]#"
+
+
+def md_text(text: object) -> str:
+    """Text from the user's files (a class, layer or node name) as literal markdown: its special characters
+    backslash-escaped, so a `|` cannot add a table column, nor `<script>` or `**` change the page."""
+    return "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in str(text))
+
+
+def md_name(name: object) -> str:
+    """A name as inline code where it can be (no backtick or pipe in it), else as escaped text."""
+    name = str(name)
+    return f"`{name}`" if not any(c in name for c in "`|") else md_text(name)
+
 
 def load_metrics(run_dir: str | Path) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
@@ -72,7 +86,7 @@ def write_report(run_dir: str | Path) -> Path:
     """report.md and report.html (and the plots) from the run directory, one section per stage that ran."""
     run_dir = Path(run_dir)
     metrics = load_metrics(run_dir)
-    warnings = [warning_text(w) for w in metrics.get("warnings", [])]
+    warnings = [md_text(warning_text(w)) for w in metrics.get("warnings", [])]
     status = metrics.get("status") + (f", with {len(warnings)} warning(s)" if warnings else "")
     lines = [f"# Run report: {metrics.get('recipe')}", "",
              f"Status: **{status}**, device `{metrics.get('device')}`, torch {metrics.get('torch')}, "
@@ -116,9 +130,11 @@ def in_short(metrics: dict) -> list[str]:
     fp32 = fastest(fp32_rows)
     lines = []
     fp32_file = rows.get("ort_fp32") or rows.get("pytorch_fp32")
-    size = (f": {int8['size_mb']:.2f} MB against {fp32_file['size_mb']:.2f} MB in FP32 "
-            f"({fp32_file['size_mb'] / int8['size_mb']:.1f}x smaller)"
-            if int8["size_mb"] and fp32_file and fp32_file["size_mb"] else "")
+    size = ""
+    if int8["size_mb"] and fp32_file and fp32_file["size_mb"]:
+        ratio = fp32_file["size_mb"] / int8["size_mb"]
+        size = (f": {int8['size_mb']:.2f} MB against {fp32_file['size_mb']:.2f} MB in FP32 ("
+                + (f"{ratio:.1f}x smaller)" if ratio >= 1 else f"{1 / ratio:.1f}x larger)"))
     lines.append(f"INT8 engine `{int8['backend']}`{size}.")
     if int8["latency"].get("b1") and fp32 is not None:
         ratio = fp32["latency"]["b1"] / int8["latency"]["b1"]
@@ -260,7 +276,8 @@ def _per_class_section(run_dir: Path, metrics: dict) -> list[str]:
     lines = [f"## Per class (mAP50-95 change in points, x 100; the {len(shown)} of {len(fp32)} classes that lose most "
              "first; all in metrics.json)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in shown:
-        cells = [name, str(fp32[name]["instances"]), f"{fp32[name]['map50_95']:.4f}", f"{fp32[name]['map50']:.4f}"]
+        cells = [md_text(name), str(fp32[name]["instances"]), f"{fp32[name]['map50_95']:.4f}",
+                 f"{fp32[name]['map50']:.4f}"]
         cells += [f"{delta(name, b):+.2f}" for b in int8]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + ["", "A class with few instances moves by whole points when one box is found or missed.", ""]
@@ -294,7 +311,7 @@ def _export_section(run_dir: Path, metrics: dict) -> list[str]:
     lines = ["## Exported ONNX", ""]
     for name, entry in exp.items():
         if "error" in entry:  # the ONNX Runtime flavour could not be written
-            lines.append(f"- `{name}`: not written: {entry['error']}")
+            lines.append(f"- `{name}`: not written: {md_text(entry['error'])}")
         elif "census" not in entry:
             lines += _ort_flavour_lines(name, entry)
         else:
@@ -311,7 +328,8 @@ def _export_section(run_dir: Path, metrics: dict) -> list[str]:
             if rules is not None:
                 lines.append(f"  TensorRT Q/DQ rules (`workbench check-onnx`): {len(rules)} violation(s)"
                              + ("." if not rules else ":"))
-                lines += [f"  - [{v['rule']}] `{v['node']}` (module `{v['module']}`): {v['message']}"
+                lines += [f"  - [{v['rule']}] {md_name(v['node'])}"
+                          + (f" (module {md_name(v['module'])})" if v["module"] else "") + f": {md_text(v['message'])}"
                           for v in rules[:20]]
     return lines + [""]
 
@@ -486,7 +504,8 @@ def _sensitivity_section(run_dir: Path, metrics: dict) -> list[str]:
                   "Ranked by |", "|---|---|---|---|---|---|---|---|---|"]
         for r in table[:10]:
             lines.append(
-                f"| {r['rank']} | `{r['layer']}` | {r['type']} | {r['macs'] / 1e6:.1f} | {_delta_cell(r, 'only')} | "
+                f"| {r['rank']} | {md_name(r['layer'])} | {r['type']} | {r['macs'] / 1e6:.1f} | "
+                f"{_delta_cell(r, 'only')} | "
                 f"{_delta_cell(r, 'loo')} | {_fmt(r.get('only_sqnr_db'), 1)} | {r['proxy_rank']} | "
                 f"{r.get('ranked_by', '-')} |"
             )
@@ -496,7 +515,7 @@ def _sensitivity_section(run_dir: Path, metrics: dict) -> list[str]:
     mp = stages.get("mixed_precision")
     if mp:
         budget = ", ".join(f"{k} {v}" for k, v in mp["budget"].items())
-        floats = ", ".join(f"`{u}`" for u in mp["float_layers"]) or "none"
+        floats = ", ".join(md_name(u) for u in mp["float_layers"]) or "none"
         lines += ["## Mixed precision", ""]
         lines.append(
             f"Budget {budget} ({mp['metric']}): FP32 {_fmt(mp['fp32'])}, every layer INT8 {_fmt(mp['int8_all'])}, "

@@ -86,7 +86,11 @@ def _starts_block(line: str) -> bool:
 
 
 def _cells(row: str) -> list[str]:
-    return [c.strip() for c in row.strip().strip("|").split("|")]
+    """A pipe-table row's cells: split at the pipes that are not escaped (`\\|` is a pipe inside a cell)."""
+    row = row.strip()
+    row = row[1:] if row.startswith("|") else row
+    row = row[:-1] if row.endswith("|") and not row.endswith("\\|") else row
+    return [c.strip() for c in re.split(r"(?<!\\)\|", row)]
 
 
 def _table(rows: list[str]) -> str:
@@ -98,17 +102,27 @@ def _table(rows: list[str]) -> str:
     return "\n".join(out + ["</tbody>", "</table>"])
 
 
+BACKSLASHED = re.compile(r"\\([!-/:-@\[-`{-~])")  # markdown's backslash escape of an ASCII punctuation mark
+
+
 def _inline(text: str) -> str:
-    """Escape, then `code` and **bold** (code spans first, so their content stays literal)."""
-    parts = text.split("`")
+    """Escape, then `code` and **bold** (code spans first, so their content stays literal). A backslash-escaped
+    character (report.md escapes the names it takes from the user's files) is shown as itself and starts nothing."""
+    escaped: list[str] = []
+
+    def hold(m: re.Match) -> str:  # a private-use character stands in for it until the end
+        escaped.append(m.group(1))
+        return chr(0xE000 + len(escaped) - 1)
+
+    parts = BACKSLASHED.sub(hold, text).split("`")
     out = []
     for k, part in enumerate(parts):
         if k % 2 and k < len(parts) - 1:
             out.append(f"<code>{html.escape(part)}</code>")
         else:
-            escaped = html.escape(part if k % 2 == 0 else "`" + part)
-            out.append(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped))
-    return "".join(out)
+            part = html.escape(part if k % 2 == 0 else "`" + part)
+            out.append(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", part))
+    return re.sub("[\ue000-\uf8ff]", lambda m: html.escape(escaped[ord(m.group()) - 0xE000]), "".join(out))
 
 
 def _figure(alt: str, src: str, run_dir: Path) -> str:

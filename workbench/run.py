@@ -183,7 +183,6 @@ def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | Previou
         _run_stages(run, previous, reusable, console)
         _finish_trackers(run, failed=False)  # before the rename: TensorBoard reopens its file by name
     except BaseException as e:
-        _finish_trackers(run, failed=True)
         _record_failure(run, e, final_dir)
         raise
     os.replace(work_dir, final_dir)
@@ -266,6 +265,8 @@ def _record_failure(run: Run, error: BaseException, final_dir: Path) -> None:
     except OSError as write_error:  # a full disk: the directory still says failed by its name
         print(f"warning: could not record the failure in {run.path('metrics.json')} ({write_error}); "
               "the run directory is renamed .failed all the same", file=sys.stderr)
+    # The trackers get the failure as recorded, before the rename (TensorBoard reopens its file by name).
+    _finish_trackers(run, failed=True)
     failed = final_dir.with_name(final_dir.name + ".failed")
     os.replace(run.dir, failed)
     run.dir = failed

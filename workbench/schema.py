@@ -323,6 +323,13 @@ class Recipe(StrictModel):
         data.setdefault("task", "detection")
         return data
 
+    @field_validator("log_to")
+    @classmethod
+    def _each_tracker_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each tracker once: {v} names one twice (it would log everything twice)")
+        return v
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:

@@ -3,8 +3,10 @@ and/or MLflow when the recipe asks (`log_to: [tensorboard, mlflow]`) and the pac
 
 Neither is a dependency: `workbench validate` names the package a recipe's `log_to` needs when it is missing.
 TensorBoard's event files go into the run directory (`tensorboard/`, `tensorboard --logdir runs`); MLflow logs to
-the tracking server or folder the user's environment names (MLFLOW_TRACKING_URI; MLflow's default is ./mlruns),
-one MLflow run per workbench run, named after its directory, with the report attached.
+the tracking server or store the user's environment names (MLFLOW_TRACKING_URI; MLflow 3's default is a SQLite
+file, which needs the full `mlflow` package, not `mlflow-skinny`), one MLflow run per workbench run, named after
+its directory, with the report attached. An unreachable server fails the run's start within seconds: its HTTP
+retries are capped (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT, unless the user set them).
 """
 
 from __future__ import annotations
@@ -144,6 +146,11 @@ class _TensorBoard:
 
 class _MLflow:
     def __init__(self, run_dir: Path, recipe):
+        import os
+
+        # MLflow retries an unreachable server for minutes by default; a run should fail at its start instead.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         import mlflow
 
         self.mlflow = mlflow

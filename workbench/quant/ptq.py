@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import glob
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -134,9 +135,11 @@ def modelopt_config(model: nn.Module, config: Int8Config, layers: dict[str, str]
     entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
     for name, type_name in layers.items():
         axis = _WEIGHT_AXIS.get(type_name, 0) if config.weights == "per_channel" else None
-        entries.append({"quantizer_name": f"{name}.weight_quantizer", "cfg": {"num_bits": 8, "axis": axis},
+        # modelopt matches these names as fnmatch patterns: a module named `a[1]` or `x*` must match itself only.
+        pattern = glob.escape(name)
+        entries.append({"quantizer_name": f"{pattern}.weight_quantizer", "cfg": {"num_bits": 8, "axis": axis},
                         "enable": True})
-        entries.append({"quantizer_name": f"{name}.input_quantizer", "cfg": {"num_bits": 8, "axis": None},
+        entries.append({"quantizer_name": f"{pattern}.input_quantizer", "cfg": {"num_bits": 8, "axis": None},
                         "enable": True})
     return {"quant_cfg": entries, "algorithm": "max"}
 

@@ -13,6 +13,7 @@ to the model, so the export stage writes it into the Q/DQ ONNX.
 
 from __future__ import annotations
 
+import glob
 import math
 from pathlib import Path
 
@@ -269,7 +270,8 @@ def _plan_recipe(run, plan: list[str]) -> str:
         if name in ("sensitivity", "mixed_precision"):
             continue
         if name == "calibrate":
-            options["exclude"] = list(dict.fromkeys((options.get("exclude") or []) + plan))
+            # excludes are glob patterns: each planned layer escaped, so it matches its own name only
+            options["exclude"] = list(dict.fromkeys((options.get("exclude") or []) + [glob.escape(u) for u in plan]))
         stages.append({name: options})
     data["stages"] = stages
     header = (f"# {run.recipe.name}: the mixed-precision plan of run {run.dir.name.removesuffix('.incomplete')} "
