@@ -144,7 +144,7 @@ def test_detector_sensitivity_and_mixed_precision(tmp_path):
     images, ann, _ = write_detection_set(tmp_path / "set")
     stages = (
         "  - calibrate: {method: max}\n  - sensitivity: {proxy_samples: 4}\n"
-        "  - mixed_precision: {min_agreement: 100}\n  - export: {}\n"
+        "  - mixed_precision: {min_agreement: 99.5}\n  - export: {}\n"
     )
     assert main(["run", str(_recipe(tmp_path, ckpt, images, ann, stages))]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -157,8 +157,10 @@ def test_detector_sensitivity_and_mixed_precision(tmp_path):
     assert all(math.isfinite(r["only_sqnr_db"]) and 0 <= r["only_kl"] for r in rows)
     metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]
     mp = metrics["mixed_precision"]
-    # random weights: INT8 moves boxes
-    assert mp["metric"] == "agreement %" and mp["final"] == 100.0 and mp["int8_all"] < 100.0
+    # random weights: INT8 moves boxes. 100 % is out of reach for the exported graph: ONNX Runtime's float
+    # arithmetic alone moves a box edge (the all-float graph agrees 99.9 %).
+    assert mp["metric"] == "agreement %" and mp["final"] >= 99.5 and mp["int8_all"] < 99.5
+    assert mp["exported"]["meets"] and mp["exported"]["agreement"] >= 99.5
     # Some units must go float; how many depends on the device's arithmetic (on an H100 all 13 do).
     assert 1 <= len(mp["float_layers"]) <= 13
     census = metrics["export"]["model.onnx"]["census"]

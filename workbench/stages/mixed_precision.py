@@ -155,9 +155,13 @@ def mixed_precision(run, opts: MixedPrecisionOptions) -> None:
         plan.append(rest[0])  # the search subset or the fake-quant model was optimistic: the next layer stays float
     if not ok:
         set_float_units(run.model, result, [])
+        hint = ""
+        if exported and not rest and len(plan) == len(units):
+            hint = (". With every layer float the exported graph differs from PyTorch FP32 by its runtime's float "
+                    "arithmetic alone: the budget is finer than that; loosen it")
         raise CalibrationError("stages.mixed_precision: no plan meets the budget on the full evaluation split (best "
                                f"{final:.3f} {verified.name}"
-                               + (f"; the exported graph: {exported['describe']}" if exported else "") + ")")
+                               + (f"; the exported graph: {exported['describe']}" if exported else "") + ")" + hint)
 
     int8_full = int8_value if verified is budget else verified.measure([])
     set_float_units(run.model, result, plan)
