@@ -122,9 +122,10 @@ def main() -> None:
     sens, mp, ev = stages["sensitivity"], stages["mixed_precision"], stages["evaluate"]["backends"]
     table = json.loads((run.dir / "sensitivity.json").read_text())["layers"]
     print(f"# {args.model}: sensitivity and mixed precision on {run.metrics['device']} ({run.dir})\n")
-    print(f"- layers swept: {sens['units']}; proxy sweep ({sens['proxy_samples']} samples, 2 modes): "
+    modes = " and ".join(args.modes) if args.modes else "both modes"
+    print(f"- layers swept: {sens['units']}; proxy sweep ({sens['proxy_samples']} samples, {modes}): "
           f"{sens['proxy_seconds']:.1f} s; "
-          f"task-metric sweep ({sens['task_samples']} samples, 2 modes): {sens['task_seconds']:.1f} s; "
+          f"task-metric sweep ({sens['task_samples']} samples, {modes}): {sens['task_seconds']:.1f} s; "
           f"mixed-precision search and verification: {run.metrics['timings_s']['mixed_precision']:.1f} s")
     budget = ", ".join(f"{k} {v}" for k, v in mp["budget"].items())
     print(f"- budget {budget} ({mp['metric']}): FP32 {mp['fp32']:.2f}, all INT8 {mp['int8_all']:.2f}, "

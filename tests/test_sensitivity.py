@@ -166,3 +166,22 @@ def test_open_run_rebuilds_the_calibrated_model(blobs, tmp_path):
     explorer.set_float(["conv2"])
     assert explorer.evaluate(samples=None)["value"] > run_top1 + 20
     assert "- conv2" in explorer.plan_snippet()
+
+
+def test_a_layer_int8_reliably_helps_ranks_least_sensitive():
+    """Seen on ResNet-20 (10,000 images): the one resolved layer was a gain (+0.06 [+0.01, +0.12]) and was ranked
+    first, so mixed precision kept it float first. Resolved losses lead, noise follows the proxy, resolved gains
+    come last."""
+    from workbench.quant.sensitivity import rank_rows
+
+    def row(layer, delta, resolved, sqnr):
+        return {"layer": layer, "only_sqnr_db": sqnr, "only_delta": delta, "only_resolved": resolved}
+
+    rows = [row("gain", +0.06, True, 30.0), row("noise_low_sqnr", -0.01, False, 35.0),
+            row("loss", -0.07, True, 50.0), row("noise_high_sqnr", +0.02, False, 45.0),
+            row("bigger_loss", -0.30, True, 60.0)]
+    rank_rows(rows)
+    assert [r["layer"] for r in rows] == ["bigger_loss", "loss", "noise_low_sqnr", "noise_high_sqnr", "gain"]
+    assert [r["ranked_by"] for r in rows] == ["task", "task", "proxy", "proxy", "task"]
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[-1]["proxy_rank"] == 1  # the proxy alone would have kept it float first

@@ -499,7 +499,8 @@ def _sensitivity_section(run_dir: Path, metrics: dict) -> list[str]:
                    f"; too few resolved layers ({spearman.get('layers', 0)}) for the proxy's rank correlation")
             lines += [f"The probe images resolve the task-metric effect ({100 * sens['confidence']:.0f}% paired "
                       f"interval excluding 0) of {sens['resolved_layers']} of {sens['units']} layers: those are "
-                      f"ranked by the task metric, the rest (within noise) by the proxy{rho}.", ""]
+                      f"ranked by the task metric (a resolved loss first, a resolved gain last), the rest (within "
+                      f"noise) by the proxy, between them{rho}.", ""]
         lines += ["| Rank | Layer | Type | MMACs | only Δ [interval] | loo Δ [interval] | only SQNR dB | Proxy rank | "
                   "Ranked by |", "|---|---|---|---|---|---|---|---|---|"]
         for r in table[:10]:

@@ -272,18 +272,23 @@ def resolved(row: dict) -> bool | None:
 def rank_rows(rows: list[dict]) -> None:
     """Sort in place, most sensitive first; set rank, proxy_rank and ranked_by.
 
-    The task metric orders the layers whose effect it resolves (an interval excluding 0), first; the others
-    follow in the proxies' order, since their task deltas are within noise (`ranked_by` says which). Without
-    intervals, the task metric orders all, ties broken by the proxies.
+    The task metric orders the layers whose effect it resolves (an interval excluding 0): those it shows losing
+    come first, those it shows gaining (INT8 of that layer alone scores higher: the least sensitive) come last.
+    Between them, the layers within noise follow the proxies' order (`ranked_by` says which ordered each row).
+    Without intervals, the task metric orders all, ties broken by the proxies.
     """
     for i, row in enumerate(sorted(rows, key=lambda r: -proxy_sensitivity(r))):
         row["proxy_rank"] = i + 1
+
+    def group(row: dict) -> int:  # 0: resolved loss (or no intervals), 1: within noise, 2: resolved gain
+        is_resolved, task = resolved(row), task_sensitivity(row)
+        if task is None or is_resolved is False:
+            return 1
+        return 2 if is_resolved and task <= 0 else 0
+
     for row in rows:
-        is_resolved = resolved(row)
-        row["ranked_by"] = "task" if is_resolved or (is_resolved is None and task_sensitivity(row) is not None) \
-            else "proxy"
-    rows.sort(key=lambda r: (r["ranked_by"] != "task",
-                             -(task_sensitivity(r) or 0.0) if r["ranked_by"] == "task" else 0.0,
+        row["ranked_by"] = "proxy" if group(row) == 1 else "task"
+    rows.sort(key=lambda r: (group(r), -(task_sensitivity(r) or 0.0) if r["ranked_by"] == "task" else 0.0,
                              -proxy_sensitivity(r)))
     for i, row in enumerate(rows):
         row["rank"] = i + 1
