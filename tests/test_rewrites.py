@@ -4,6 +4,7 @@ a rewrite that breaks the function is refused (RewriteError, exit 2) or, for a r
 alone and reported; never applied silently."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -151,10 +152,31 @@ def test_an_unknown_block_named_like_a_residual_block_is_left_alone():
     torch.testing.assert_close(model(X), before, rtol=0, atol=0)
 
 
+def _halved_torchvision_forward(self, x):
+    """A broken rewrite of torchvision's BasicBlock: the Add's result halved."""
+    out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+    return torch.relu(self.residual_add(out, x if self.downsample is None else self.downsample(x)) * 0.5)
+
+
+def test_a_block_the_rewritten_forward_cannot_run_is_left_alone():
+    class BasicBlock(nn.Module):  # ResNet's attribute names, wired otherwise: the ResNet forward fails on it
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+            self.conv2, self.bn2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return x + self.bn2(self.conv2(x)) + self.bn1(self.conv1(x)).mean(1, keepdim=True)
+
+    model = nn.Sequential(BasicBlock()).eval()
+    before = model(X)
+    rewrite = apply_residual_rule(model, X)
+    assert rewrite.quantizers == [] and "its rewritten forward fails: RuntimeError" in rewrite.left_alone["0"]
+    torch.testing.assert_close(model(X), before, rtol=0, atol=0)
+
+
 def test_a_refused_residual_rewrite_exits_2_through_the_cli(images, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(rules, "_resnet_basic_forward",
-                        lambda self, x: torch.relu(self.residual_add(self.bn2(self.conv2(torch.relu(self.bn1(
-                            self.conv1(x))))), x if self.downsample is None else self.downsample(x)) * 0.5))
+    monkeypatch.setattr(rules, "_resnet_basic_forward", _halved_torchvision_forward)
     monkeypatch.setattr(rules, "difference", lambda before, after: (0.0, 1.0))
     runs = tmp_path / "runs"
     text = tiny_recipe(images, runs, "  - calibrate: {method: max}\n").replace(
@@ -164,6 +186,20 @@ def test_a_refused_residual_rewrite_exits_2_through_the_cli(images, tmp_path, mo
     err = capsys.readouterr().err
     assert "residual_add rule" in err and "changed what the float model computes" in err and "Traceback" not in err
     assert not list(runs.rglob("calibration.json"))
+
+
+def test_a_run_reports_the_blocks_it_left_alone(images, tmp_path, monkeypatch):
+    monkeypatch.setattr(rules, "_resnet_basic_forward", _halved_torchvision_forward)  # fails the block proof
+    runs = tmp_path / "runs"
+    text = tiny_recipe(images, runs, "  - calibrate: {method: max}\n").replace(
+        '"import:helpers:tiny_cnn"', '"torchvision:resnet18"\n  kwargs: {num_classes: 3}')
+    (tmp_path / "r.yaml").write_text(text)
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    metrics = json.loads(next(runs.rglob("metrics.json")).read_text())
+    calibrate = metrics["stages"]["calibrate"]
+    assert calibrate["census"]["Add (residual)"] == {"int8": 0, "float": 8}
+    assert sorted(calibrate["residual_left_alone"]) == [f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)]
+    assert any("residual_add left 8 residual block(s)" in w["message"] for w in metrics["warnings"])
 
 
 # --- BatchNorm folding -----------------------------------------------------------------------------------------------

@@ -274,12 +274,17 @@ def insert_residual_quantizers(model: nn.Module, example: torch.Tensor, exclude:
         with torch.no_grad(), quantizers_off(block):
             before = block(*_clones(args), **kwargs)
         units = _rewrite_block(block, name)
-        with torch.no_grad(), quantizers_off(block):  # entered after the rewrite: its new quantizers pass through too
-            after = block(*_clones(args), **kwargs)
-        found = difference(before, after)
+        try:
+            with torch.no_grad(), quantizers_off(block):  # entered after the rewrite: its new quantizers pass through
+                after = block(*_clones(args), **kwargs)
+            found = difference(before, after)
+        except Exception as e:  # the rewritten forward does not even run on this block: not the structure it assumes
+            found, failure = None, f"its rewritten forward fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        else:
+            failure = "another output structure"
         if found is None or found[0] > DEFAULT_RTOL * max(found[1], 1e-6):
             _undo_rewrite(block)
-            gap = "another output structure" if found is None else f"its rewritten output differs by {found[0]:.3g}"
+            gap = failure if found is None else f"its rewritten output differs by {found[0]:.3g}"
             rewrite.left_alone[name] = f"{NOT_RECOGNISED} ({type(block).__name__}: {gap})"
             continue
         rewrite.quantizers += [f"{unit}.input{i}_quantizer" for unit in units for i in (0, 1)]

@@ -48,6 +48,11 @@ def calibrate(run, opts: CalibrateOptions) -> None:
     result = quantize_(run.model, opts, forward_loop, _check_images(loader, run))
     seconds = time.perf_counter() - start
     run.artifacts.quant = result
+    if left := result.residual_left_alone:
+        shown = "; ".join(f"{block}: {why}" for block, why in list(left.items())[:3])
+        run.warn(f"residual_add left {len(left)} residual block(s) with their own forward and a float Add ({shown}"
+                 f"{'; ...' if len(left) > 3 else ''}): the rule could not prove its rewrite keeps their output. "
+                 "TensorRT runs those Adds on their own, outside the INT8 convolution before them.")
     write_json(
         run.path("calibration.json"),
         {
@@ -71,6 +76,7 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "layers_int8": len(result.quantized),
             "layers_float": len(result.excluded),
             "census": result.census(),
+            "residual_left_alone": result.residual_left_alone,
             "enabled_quantizers": quantizer_summary(run.model),
         },
     )
