@@ -238,6 +238,8 @@ def apply_residual_rule(model: nn.Module, example: torch.Tensor, exclude: list[s
     """The residual_add rule, block by block as `insert_residual_quantizers` proves them, and then proved on the whole
     model: with every quantizer off it must compute what it did before on `example`, or a RewriteError names the
     first module whose output differs (and the model is put back)."""
+    if not residual_blocks(model):  # nothing the rule would rewrite: no check to run
+        return insert_residual_quantizers(model, example, exclude)
     return checked_rewrite(
         model, lambda m: insert_residual_quantizers(m, example, exclude), example, float_mode=quantizers_off,
         what="calibrate: the residual_add rule (quantized residual Adds)",
@@ -320,6 +322,8 @@ def _clones(args: tuple) -> tuple:
 def _block_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple[tuple, dict]]:
     """The (args, kwargs) each named block is first called with when the float model runs on `example`."""
     seen: dict[str, tuple[tuple, dict]] = {}
+    if not names:
+        return seen
     handles = []
     for name in names:
         def hook(module, args, kwargs, name=name):
