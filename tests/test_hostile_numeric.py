@@ -43,7 +43,7 @@ def inf_fold_cnn(num_classes: int = 3) -> TinyCNN:
 
 
 class PoisonedByCalibration(TinyCNN):
-    """Its fc weight turns NaN the first time it sees a batch of 4 or more images in eval mode (calibration's
+    """Its fc weight turns NaN the first time it runs in eval mode with its quantizers inserted (calibration's
     batches), after calibrate checked the weights: calibration sees finite activations, the export would not."""
 
     def __init__(self, num_classes: int = 3):
@@ -52,7 +52,7 @@ class PoisonedByCalibration(TinyCNN):
 
     def forward(self, x):
         out = super().forward(x)
-        if not self.training and x.shape[0] >= 4 and not self.poisoned:
+        if not self.training and hasattr(self.fc, "weight_quantizer") and not self.poisoned:
             self.poisoned = True
             with torch.no_grad():
                 self.fc.weight.fill_(NAN)

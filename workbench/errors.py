@@ -32,3 +32,8 @@ class CalibrationError(WorkbenchError):
 
 class ExportError(WorkbenchError):
     """The ONNX export or its check failed."""
+
+
+class RewriteError(WorkbenchError):
+    """A model rewrite (BatchNorm folding, the residual-Add rule, a pruning or decode rewrite) would change what the
+    float model computes: the message names the rewrite, the first module whose output differs and by how much."""

@@ -44,15 +44,16 @@ class ZeroPadShortcut(nn.Conv2d):
         self.weight.requires_grad_(False)
 
 
-def option_a_as_convolutions_(model: nn.Module) -> int:
-    """Replace every option-A LambdaLayer shortcut with its ZeroPadShortcut (same outputs); how many were replaced."""
-    replaced = 0
-    for module in list(model.modules()):
+def option_a_as_convolutions_(model: nn.Module) -> list[tuple[str, LambdaLayer, ZeroPadShortcut]]:
+    """Replace every option-A LambdaLayer shortcut with its ZeroPadShortcut (same outputs); returns what was replaced
+    (name, the shortcut, its convolution), for the caller to prove."""
+    replaced = []
+    for parent_name, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, LambdaLayer):
-                conv = ZeroPadShortcut(child.in_planes, child.planes)
-                setattr(module, name, conv.to(next(model.parameters()).device))
-                replaced += 1
+                conv = ZeroPadShortcut(child.in_planes, child.planes).to(next(model.parameters()).device)
+                setattr(module, name, conv)
+                replaced.append((f"{parent_name}.{name}" if parent_name else name, child, conv))
     return replaced
 
 

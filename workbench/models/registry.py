@@ -114,10 +114,13 @@ def resolve_model(config: ModelConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     if config.pruned:
+        import torch
+
         from ..prune.structured import load_pruned
 
         refuse_torchscript(config.pruned, "model.pruned")
-        model = load_pruned(model, config.pruned, trust_pickle=config.trust_pickle)
+        example = torch.randn(1, *config.input_size, generator=torch.Generator().manual_seed(0))
+        model = load_pruned(model, config.pruned, trust_pickle=config.trust_pickle, example=example)
     check_finite(model, _weights_origin(config))
     return model.eval()
 

@@ -77,6 +77,23 @@ class Detect(nn.Module):
             outputs.append((s * scale + s * s * square + offset).reshape(bs, -1, self.no))
         return torch.cat(outputs, 1)
 
+    def split_decode(self, xs):
+        """YOLOv5's own decode (v6.x models/yolo.py): the channels split into xy, wh and scores, decoded and
+        concatenated again. The reference `forward` is proved against when a checkpoint loads."""
+        outputs = []
+        for i in range(self.nl):
+            x = self.m[i](xs[i])
+            bs, _, ny, nx = x.shape
+            y = x.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).sigmoid()
+            yv, xv = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")
+            grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2).to(y) - 0.5
+            anchor_grid = (self.anchors[i] * self.stride[i]).view(1, self.na, 1, 1, 2).to(y)
+            xy, wh, conf = y.split((2, 2, self.no - 4), 4)
+            xy = (xy * 2 + grid) * self.stride[i].to(y)
+            wh = (wh * 2) ** 2 * anchor_grid
+            outputs.append(torch.cat((xy, wh, conf), 4).view(bs, -1, self.no))
+        return torch.cat(outputs, 1)
+
     def _decode_terms(self, nx: int, ny: int, i: int, like: torch.Tensor):
         """Per channel of (batch, anchor, y, x, channel): scale (2 * stride for xy, 1 for the scores), square
         (4 * anchor for wh) and offset ((grid - 0.5) * stride for xy). Built from the feature map's shape each call,
@@ -179,7 +196,23 @@ def load_yolov5_checkpoint(path: str | Path) -> nn.Module:
     for m in model.modules():
         if isinstance(m, nn.Upsample):
             m.recompute_scale_factor = None  # attribute missing from checkpoints made by older torch
+    check_decode(model)
     return model
+
+
+def check_decode(model: Model) -> None:
+    """Prove the one-expression decode computes YOLOv5's split decode with this checkpoint's anchors and strides, on
+    random feature maps of uneven height and width (a swapped x and y shows): a RewriteError otherwise."""
+    from .equivalence import require_same
+
+    detect = model.model[-1]
+    generator = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, conv.in_channels, 3 + i, 5 + 2 * i, generator=generator) for i, conv in enumerate(detect.m)]
+    with torch.no_grad():
+        ours, reference = detect(xs), detect.split_decode(xs)
+    require_same(f"model.{len(model.model) - 1}", reference, ours, 2,
+                 what="loading YOLOv5: the box decode written as one expression (instead of YOLOv5's split and concat)",
+                 advice="This is a workbench defect, not the checkpoint's: report it.")
 
 
 def is_yolov5_checkpoint(path: str | Path) -> bool:

@@ -76,7 +76,7 @@ def prune_channels_(
 
     ratio, macs_target, importance = how.ratio, how.macs_target, how.importance
     global_pruning, round_to = how.global_pruning, how.round_to
-    make_coupling_explicit_(model)
+    make_coupling_explicit_(model, example)
     original = copy.deepcopy(model)
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     base_macs, base_params = count_macs_params(model, example)
@@ -149,14 +149,27 @@ def untracked_channel_ops(graph) -> list[str]:
     return sorted(names)
 
 
-def make_coupling_explicit_(model: nn.Module) -> None:
+_COUPLING = "structured pruning: rewriting option-A shortcuts (F.pad) as 1x1 convolutions"
+_COUPLING_ADVICE = ("This is a workbench defect, not your model's: report it; meanwhile ignore the blocks around it "
+                    "(stages.prune.ignore) or use unstructured pruning.")
+
+
+def make_coupling_explicit_(model: nn.Module, example: torch.Tensor | None = None) -> None:
     """Rewrite modules whose channel coupling the dependency graph cannot see into exact equivalents it can.
 
-    Applied before pruning and before loading a pruned model, so both see the same modules.
+    Applied before pruning and before loading a pruned model, so both see the same modules. Proved to keep the
+    float model's outputs on `example` (models/equivalence.py); without one (a pruned file being loaded), each
+    replaced module is proved against the one it replaces on a random input. A RewriteError where either differs.
     """
     from ..models.cifar_resnet import option_a_as_convolutions_
+    from ..models.equivalence import checked_rewrite, checked_swap
 
-    option_a_as_convolutions_(model)
+    if example is not None:
+        checked_rewrite(model, option_a_as_convolutions_, example, what=_COUPLING, advice=_COUPLING_ADVICE)
+        return
+    for name, old, new in option_a_as_convolutions_(model):
+        sample = torch.randn(2, old.in_planes, 8, 8, generator=torch.Generator().manual_seed(0))
+        checked_swap(name, old, new, sample.to(new.weight.device), what=_COUPLING, advice=_COUPLING_ADVICE)
 
 
 def _freeze(model: nn.Module, names: list[str]) -> None:
@@ -206,13 +219,15 @@ def save_pruned(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def load_pruned(model: nn.Module, path: str | Path, trust_pickle: bool = False) -> nn.Module:
+def load_pruned(model: nn.Module, path: str | Path, trust_pickle: bool = False,
+                example: torch.Tensor | None = None) -> nn.Module:
     """Reshape a fresh instance of the original architecture to the saved pruned one and load its weights.
 
     Files of the older format (Torch-Pruning's own state dict, which pickles whole modules) load only
-    with `trust_pickle`, since unpickling them runs code from the file.
+    with `trust_pickle`, since unpickling them runs code from the file. `example` (an input of the model's size)
+    is what the rewrite before loading is proved on.
     """
-    make_coupling_explicit_(model)
+    make_coupling_explicit_(model, example)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -33,10 +33,12 @@ class Int8Config(BaseModel):
     )
     exclude: list[str] = Field(default_factory=list, description="Module-name glob patterns kept in float, e.g. 'fc', "
                                                                  "'layer1.*'.")
-    fold_batchnorm: bool = Field(True, description="Fold BatchNorm into the preceding convolution first.")
+    fold_batchnorm: bool = Field(True, description="Fold BatchNorm into the preceding convolution first (refused, "
+                                                   "exit 2, if the folded float model computes other outputs).")
     residual_add: bool = Field(
         True, description="Quantize both inputs of residual Adds (YOLO Bottlenecks, ResNet blocks), so TensorRT fuses "
-                          "them into the convolution."
+                          "them into the convolution. Only blocks whose rewrite is proved to keep their output are "
+                          "rewritten; the others keep a float Add and are reported."
     )
 
     @field_validator("percentile")

@@ -32,7 +32,7 @@ from ..models.guards import first_nonfinite
 from .calibrators import AbsHistogram, NonFiniteError, compute_amax
 from .config import QUANTIZABLE_TYPE_NAMES, Int8Config
 from .fold import fold_batchnorm_
-from .rules import insert_residual_quantizers, residual_units
+from .rules import apply_residual_rule, residual_units
 
 QUANTIZABLE_TYPES: dict[str, type[nn.Module]] = {
     "Conv1d": nn.Conv1d,
@@ -60,6 +60,8 @@ class QuantResult:
     activation_amax: dict[str, float] = field(default_factory=dict)  # input quantizer -> amax
     residual_quantizers: list[str] = field(default_factory=list)  # added by the residual_add rule
     residual_excluded: list[str] = field(default_factory=list)  # residual Add units the excludes keep float
+    # residual blocks the rule left with their own forward and float Add, and why (structure not recognised)
+    residual_left_alone: dict[str, str] = field(default_factory=dict)
     # units switched back to float after calibration (mixed precision)
     kept_float: list[str] = field(default_factory=list)
     batches: int = 0
@@ -72,15 +74,17 @@ class QuantResult:
         for name, type_name in [*self.quantized.items(), *self.excluded.items()]:
             key = "int8" if name in self.quantized and name not in kept else "float"
             out.setdefault(type_name, {"int8": 0, "float": 0})[key] += 1
-        if self.residual_quantizers or self.residual_excluded:
+        if self.residual_quantizers or self.residual_excluded or self.residual_left_alone:
             adds = {n.rsplit(".", 1)[0] for n in self.residual_quantizers}
-            out["Add (residual)"] = {"int8": len(adds - kept), "float": len(adds & kept) + len(self.residual_excluded)}
+            out["Add (residual)"] = {"int8": len(adds - kept), "float": len(adds & kept) + len(self.residual_excluded)
+                                     + len(self.residual_left_alone)}
         return out
 
     def float_units(self) -> list[str]:
         """Every unit the precision plan keeps float: excluded layers and residual Adds, and those a plan switched
         back (mixed precision). Export writes it into the graph (`workbench.float_layers`)."""
-        return sorted(set(self.excluded) | set(self.kept_float) | set(self.residual_excluded))
+        left_alone = {f"{block}.residual_add" for block in self.residual_left_alone}
+        return sorted(set(self.excluded) | set(self.kept_float) | set(self.residual_excluded) | left_alone)
 
 
 # Module classes whose convolutions are part of a detector's box decode, not its features:
@@ -171,7 +175,9 @@ def quantize_(
 ) -> QuantResult:
     """Quantize `model` in place to INT8 fake-quant and calibrate it with `forward_loop`.
 
-    `forward_loop(model)` runs the calibration batches through the model.
+    `forward_loop(model)` runs the calibration batches through the model. `example_input` is a few calibration
+    images: BatchNorm pairs are found on them, and each rewrite of the model (BatchNorm folding, the residual_add rule)
+    is proved on them to keep the float model's outputs (a RewriteError where it does not).
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
@@ -249,7 +255,9 @@ def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torc
         warnings.simplefilter("ignore")
         mtq.quantize(model, mt_cfg, forward_loop=None)
     if config.residual_add:
-        result.residual_quantizers, result.residual_excluded = insert_residual_quantizers(model, config.exclude)
+        rewrite = apply_residual_rule(model, example_input, config.exclude)
+        result.residual_quantizers, result.residual_excluded = rewrite.quantizers, rewrite.excluded
+        result.residual_left_alone = rewrite.left_alone
     modules = dict(model.named_modules())
     activation_quantizers = {f"{n}.input_quantizer": modules[n].input_quantizer for n in result.quantized}
     activation_quantizers.update({n: modules[n] for n in result.residual_quantizers})

@@ -6,7 +6,13 @@ Each rule is named, finds the modules it applies to, and changes how they quanti
   `Bottleneck` with `add`; ResNet `BasicBlock` and `Bottleneck`, torchvision's and the
   CIFAR ResNets', `bn(conv(...)) + shortcut(x)`; EfficientNet(-Lite)'s `MBConvBlock` with
   its identity skip; Ultralytics' attention blocks, YOLO11's `PSABlock` and YOLOv10's `PSA`,
-  `x + attn(x)` and `x + ffn(x)`), both inputs of the Add get a quantizer.
+  `x + attn(x)` and `x + ffn(x)`; timm's ResNet `BasicBlock` and `Bottleneck` with any
+  activation, SE/ECA attention, anti-aliasing and stochastic depth), both inputs of the Add
+  get a quantizer. Each block's new forward is proved before it is kept: run on the input the
+  block receives from the calibration images, with every quantizer off, it must give the
+  block's own output; a block that fails, or whose structure is unknown, keeps its forward
+  and float Add and is reported as "not rewritten: structure not recognised". The whole model
+  is then checked the same way (quant/ptq.py), and a difference refuses the rule.
   TensorRT then fuses the Add into the convolution before it and runs it in INT8; with
   a float input it would run the Add on its own, in higher precision.
 - Attention stays float: only Conv/Linear layers are quantized, so the attention MatMuls,
@@ -26,10 +32,14 @@ Each rule is named, finds the modules it applies to, and changes how they quanti
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ..models.equivalence import DEFAULT_RTOL, checked_rewrite, difference
 
 RESIDUAL_BLOCKS = frozenset({"Bottleneck", "BasicBlock", "MBConvBlock", "PSABlock", "PSA"})
 # The second Add of an attention block (x + ffn(x)) lives here, so its unit name ends in `.residual_add` as every
@@ -63,15 +73,46 @@ def _shortcut(self, x):
     return self.shortcut(x) if hasattr(self, "shortcut") else x  # CIFAR ResNets
 
 
+def _relu(self, x):
+    # torchvision's blocks hold their activation as `relu`; the CIFAR ResNets call F.relu.
+    return self.relu(x) if getattr(self, "relu", None) is not None else torch.relu(x)
+
+
 def _resnet_basic_forward(self, x):
-    out = torch.relu(self.bn1(self.conv1(x)))
-    return torch.relu(self.residual_add(self.bn2(self.conv2(out)), _shortcut(self, x)))
+    out = _relu(self, self.bn1(self.conv1(x)))
+    return _relu(self, self.residual_add(self.bn2(self.conv2(out)), _shortcut(self, x)))
 
 
 def _resnet_bottleneck_forward(self, x):
-    out = torch.relu(self.bn1(self.conv1(x)))
-    out = torch.relu(self.bn2(self.conv2(out)))
-    return torch.relu(self.residual_add(self.bn3(self.conv3(out)), _shortcut(self, x)))
+    out = _relu(self, self.bn1(self.conv1(x)))
+    out = _relu(self, self.bn2(self.conv2(out)))
+    return _relu(self, self.residual_add(self.bn3(self.conv3(out)), _shortcut(self, x)))
+
+
+# timm's ResNet blocks (resnet*, seresnet*, ecaresnet*, ...): any activation, anti-aliasing, DropBlock, an
+# attention module (`se`: SE, ECA, ...) and stochastic depth, each optional. Their forwards, with the Add quantized.
+_TIMM_BLOCK = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "drop_block", "aa", "se", "drop_path", "downsample")
+
+
+def _timm_tail(self, x, shortcut):
+    if self.se is not None:
+        x = self.se(x)
+    if self.drop_path is not None:
+        x = self.drop_path(x)
+    if self.downsample is not None:
+        shortcut = self.downsample(shortcut)
+    return self.residual_add(x, shortcut)
+
+
+def _timm_basic_forward(self, x):
+    out = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+    return self.act2(_timm_tail(self, self.bn2(self.conv2(out)), x))
+
+
+def _timm_bottleneck_forward(self, x):
+    out = self.act1(self.bn1(self.conv1(x)))
+    out = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(out)))))
+    return self.act3(_timm_tail(self, self.bn3(self.conv3(out)), x))
 
 
 def _mbconv_forward(self, inputs, drop_connect_rate=None):
@@ -110,25 +151,49 @@ def _mbconv_has_skip(block: nn.Module) -> bool:
 
 
 def _quantized_forward(block: nn.Module):
-    """The forward with a quantized Add for this kind of residual block, or None if it is not one we know."""
-    if type(block).__name__ not in RESIDUAL_BLOCKS:
+    """The forward with a quantized Add for this kind of residual block, or None if it is not one we know (or a
+    known block without an Add). A forward chosen here is still proved on the block's real input before it is
+    kept (`insert_residual_quantizers`)."""
+    kind = type(block).__name__
+    if kind not in RESIDUAL_BLOCKS:
         return None
-    if type(block).__name__ == "PSABlock":
+    if kind == "PSABlock":
         return _psablock_forward if getattr(block, "add", False) and hasattr(block, "ffn") else None
-    if type(block).__name__ == "PSA":
+    if kind == "PSA":
         return _psa_forward if all(hasattr(block, a) for a in ("cv1", "cv2", "attn", "ffn", "c")) else None
     if hasattr(block, "cv1") and hasattr(block, "cv2"):
         return _yolo_forward if getattr(block, "add", False) else None  # YOLO: add is False without a shortcut
-    if type(block).__name__ == "MBConvBlock":
+    if kind == "MBConvBlock":
         return _mbconv_forward if hasattr(block, "_block_args") and _mbconv_has_skip(block) else None
+    if all(hasattr(block, a) for a in _TIMM_BLOCK):
+        if kind == "Bottleneck":
+            return _timm_bottleneck_forward if all(hasattr(block, a) for a in ("conv3", "bn3", "act3")) else None
+        return _timm_basic_forward
     if all(hasattr(block, a) for a in ("conv1", "bn1", "conv2", "bn2")):
         return _resnet_bottleneck_forward if hasattr(block, "conv3") else _resnet_basic_forward
     return None
 
 
+def _without_add(block: nn.Module) -> bool:
+    """A known block that has no residual Add to quantize: a YOLO Bottleneck without shortcut, an MBConvBlock that
+    changes shape, a PSABlock without `add`."""
+    kind = type(block).__name__
+    if kind == "PSABlock":
+        return not getattr(block, "add", False)
+    if hasattr(block, "cv1") and hasattr(block, "cv2") and kind in ("Bottleneck", "BasicBlock"):
+        return not getattr(block, "add", False)
+    return kind == "MBConvBlock" and hasattr(block, "_block_args") and not _mbconv_has_skip(block)
+
+
 def residual_blocks(model: nn.Module) -> list[str]:
-    """Names of the residual blocks the `residual_add` rule applies to."""
+    """Names of the residual blocks whose structure the `residual_add` rule knows (each still proved on data)."""
     return [name for name, m in model.named_modules() if _quantized_forward(m) is not None]
+
+
+def unrecognised_blocks(model: nn.Module) -> list[str]:
+    """Blocks named like residual blocks (RESIDUAL_BLOCKS) whose structure the rule does not know: left alone."""
+    return [name for name, m in model.named_modules()
+            if type(m).__name__ in RESIDUAL_BLOCKS and _quantized_forward(m) is None and not _without_add(m)]
 
 
 def residual_units(model: nn.Module) -> list[str]:
@@ -141,27 +206,138 @@ def residual_units(model: nn.Module) -> list[str]:
     return out
 
 
-def insert_residual_quantizers(model: nn.Module, exclude: list[str] = ()) -> tuple[list[str], list[str]]:
-    """Apply `residual_add`; returns the quantizer names added (calibrated like any input quantizer) and the
-    residual units left float.
+@contextlib.contextmanager
+def quantizers_off(model: nn.Module):
+    """Every enabled TensorQuantizer of the model passes data through inside the block (the float model), and is
+    enabled again after it."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
 
-    A block whose `<block>.residual_add` matches an exclude pattern keeps its float Add(s).
+    on = [q for q in model.modules() if isinstance(q, TensorQuantizer) and q.is_enabled]
+    for q in on:
+        q.disable()
+    try:
+        yield
+    finally:
+        for q in on:
+            q.enable()
+
+
+@dataclass
+class ResidualRewrite:
+    """What the residual_add rule did: quantizers added, units the excludes kept float, blocks left alone (why)."""
+
+    quantizers: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    left_alone: dict[str, str] = field(default_factory=dict)
+
+
+NOT_RECOGNISED = "not rewritten: structure not recognised"
+
+
+def apply_residual_rule(model: nn.Module, example: torch.Tensor, exclude: list[str] = ()) -> ResidualRewrite:
+    """The residual_add rule, block by block as `insert_residual_quantizers` proves them, and then proved on the whole
+    model: with every quantizer off it must compute what it did before on `example`, or a RewriteError names the
+    first module whose output differs (and the model is put back)."""
+    if not residual_blocks(model):  # nothing the rule would rewrite: no check to run
+        return insert_residual_quantizers(model, example, exclude)
+    return checked_rewrite(
+        model, lambda m: insert_residual_quantizers(m, example, exclude), example, float_mode=quantizers_off,
+        what="calibrate: the residual_add rule (quantized residual Adds)",
+        advice="Set residual_add: false in stages.calibrate (the Adds then stay float), or exclude that block's Add "
+               "(exclude: ['<block>.residual_add']).")
+
+
+def insert_residual_quantizers(model: nn.Module, example: torch.Tensor, exclude: list[str] = ()) -> ResidualRewrite:
+    """Apply `residual_add` to every block whose structure it can prove; returns the quantizer names added (calibrated
+    like any input quantizer), the residual units left float by the excludes, and the blocks left alone.
+
+    A block is rewritten only if its rewritten forward gives its original output, to float rounding, on the input it
+    really receives when the model runs on `example` (every quantizer off). A block whose structure is not known, or
+    whose rewritten forward differs (a timm block with an unknown extra, a subclass with another forward), keeps its
+    own forward and float Add, and is reported. A block whose `<block>.residual_add` matches an exclude pattern keeps
+    its float Add(s).
     """
-    names, excluded = [], []
+    rewrite = ResidualRewrite(left_alone={name: f"{NOT_RECOGNISED} ({type(model.get_submodule(name)).__name__} of "
+                                                f"an unknown form)" for name in unrecognised_blocks(model)})
+    candidates = []
     for name in residual_blocks(model):
         if any(fnmatch.fnmatchcase(f"{name}.residual_add", p) for p in exclude):
-            excluded += [u for u in residual_units(model) if u == f"{name}.residual_add"
-                         or u == f"{name}.{FFN_RESIDUAL}.residual_add"]
-            continue
+            rewrite.excluded += [u for u in residual_units(model) if u == f"{name}.residual_add"
+                                 or u == f"{name}.{FFN_RESIDUAL}.residual_add"]
+        else:
+            candidates.append(name)
+    inputs = _block_inputs(model, candidates, example)
+    for name in candidates:
         block = model.get_submodule(name)
-        forward = _quantized_forward(block)
-        block.residual_add = ResidualAdd()
-        units = [f"{name}.residual_add"]
-        if forward in (_psablock_forward, _psa_forward):
-            block.add_module(FFN_RESIDUAL, nn.Module())
-            getattr(block, FFN_RESIDUAL).residual_add = ResidualAdd()
-            units.append(f"{name}.{FFN_RESIDUAL}.residual_add")
-        # A subclass with the quantized forward, so the block keeps its type, name and state dict keys.
-        block.__class__ = type(f"QuantResidual{type(block).__name__}", (type(block),), {"forward": forward})
-        names += [f"{unit}.input{i}_quantizer" for unit in units for i in (0, 1)]
-    return names, excluded
+        if name not in inputs:
+            rewrite.left_alone[name] = f"{NOT_RECOGNISED} (the block never ran on the check images, so it is unproved)"
+            continue
+        args, kwargs = inputs[name]
+        with torch.no_grad(), quantizers_off(block):
+            before = block(*_clones(args), **kwargs)
+        units = _rewrite_block(block, name)
+        try:
+            with torch.no_grad(), quantizers_off(block):  # entered after the rewrite: its new quantizers pass through
+                after = block(*_clones(args), **kwargs)
+            found = difference(before, after)
+        except Exception as e:  # the rewritten forward does not even run on this block: not the structure it assumes
+            found, failure = None, f"its rewritten forward fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        else:
+            failure = "another output structure"
+        if found is None or found[0] > DEFAULT_RTOL * max(found[1], 1e-6):
+            _undo_rewrite(block)
+            gap = failure if found is None else f"its rewritten output differs by {found[0]:.3g}"
+            rewrite.left_alone[name] = f"{NOT_RECOGNISED} ({type(block).__name__}: {gap})"
+            continue
+        rewrite.quantizers += [f"{unit}.input{i}_quantizer" for unit in units for i in (0, 1)]
+    return rewrite
+
+
+def _rewrite_block(block: nn.Module, name: str) -> list[str]:
+    """Give the block its quantized Add(s) and forward; returns its residual units."""
+    forward = _quantized_forward(block)
+    block.residual_add = ResidualAdd()
+    units = [f"{name}.residual_add"]
+    if forward in (_psablock_forward, _psa_forward):
+        block.add_module(FFN_RESIDUAL, nn.Module())
+        getattr(block, FFN_RESIDUAL).residual_add = ResidualAdd()
+        units.append(f"{name}.{FFN_RESIDUAL}.residual_add")
+    # A subclass with the quantized forward, so the block keeps its type, name and state dict keys.
+    block.__class__ = type(f"QuantResidual{type(block).__name__}", (type(block),), {"forward": forward})
+    return units
+
+
+def _undo_rewrite(block: nn.Module) -> None:
+    block.__class__ = type(block).__mro__[1]
+    del block.residual_add
+    if FFN_RESIDUAL in block._modules:
+        del block._modules[FFN_RESIDUAL]
+
+
+def _clones(args: tuple) -> tuple:
+    # A forward may change its input in place (an inplace activation): each run gets its own copy.
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _block_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple[tuple, dict]]:
+    """The (args, kwargs) each named block is first called with when the float model runs on `example`."""
+    seen: dict[str, tuple[tuple, dict]] = {}
+    if not names:
+        return seen
+    handles = []
+    for name in names:
+        def hook(module, args, kwargs, name=name):
+            if name not in seen:
+                seen[name] = (_clones(args), dict(kwargs))
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), quantizers_off(model):
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return seen

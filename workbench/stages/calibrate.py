@@ -45,9 +45,14 @@ def calibrate(run, opts: CalibrateOptions) -> None:
     if run.artifacts.pruned_fp32 is run.model:  # keep the pruned FP32 model: quantize_ works in place
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     start = time.perf_counter()
-    result = quantize_(run.model, opts, forward_loop, run.example_input())
+    result = quantize_(run.model, opts, forward_loop, _check_images(loader, run))
     seconds = time.perf_counter() - start
     run.artifacts.quant = result
+    if left := result.residual_left_alone:
+        shown = "; ".join(f"{block}: {why}" for block, why in list(left.items())[:3])
+        run.warn(f"residual_add left {len(left)} residual block(s) with their own forward and a float Add ({shown}"
+                 f"{'; ...' if len(left) > 3 else ''}): the rule could not prove its rewrite keeps their output. "
+                 "TensorRT runs those Adds on their own, outside the INT8 convolution before them.")
     write_json(
         run.path("calibration.json"),
         {
@@ -71,6 +76,20 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "layers_int8": len(result.quantized),
             "layers_float": len(result.excluded),
             "census": result.census(),
+            "residual_left_alone": result.residual_left_alone,
             "enabled_quantizers": quantizer_summary(run.model),
         },
     )
+
+
+# How many calibration images each model rewrite (BatchNorm folding, the residual_add rule) is proved on: a rewrite
+# that changes the function shows on any image; a few keep the check to a fraction of calibration's time.
+CHECK_IMAGES = 4
+
+
+def _check_images(loader, run):
+    """The first calibration images, on the run's device (the run's example input if the split is empty: calibration
+    then refuses it)."""
+    for images, _ in loader:
+        return images[:CHECK_IMAGES].to(run.device)
+    return run.example_input()
