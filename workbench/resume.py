@@ -381,6 +381,31 @@ def _check_calibration(saved: Any, path: Path) -> None:
             raise _bad(path, key, layers, "an object of layer name -> layer type")
 
 
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_measure(v: Any) -> bool:
+    """A proxy or a metric: a number (inf: SQNR of a layer INT8 leaves exact), or None where it was not measured."""
+    return v is None or _is_number(v)
+
+
+# A sensitivity row's field -> (accepts its value, what is expected); by the suffix after the last _ where not named.
+_SENSITIVITY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "rank": (lambda v: _is_count(v) and v > 0, "an integer rank (1 = most sensitive)"),
+    "proxy_rank": (lambda v: _is_count(v) and v > 0, "an integer rank (1 = most sensitive)"),
+    "layer": (lambda v: isinstance(v, str), "a layer name"),
+    "type": (lambda v: isinstance(v, str), "a layer type name"),
+    "ranked_by": (lambda v: v in ("proxy", "task"), '"proxy" or "task"'),
+    "macs": (_is_count, "an integer count >= 0"),
+    "params": (_is_count, "an integer count >= 0"),
+    "onnx_qdq_nodes": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of node names"),
+    "_resolved": (lambda v: isinstance(v, bool), "true or false"),
+    **{f"_{k}": (_is_measure, "a number or null") for k in ("db", "cosine", "kl", "metric", "delta", "low", "high")},
+}
+_OTHER = (lambda v: v is None or isinstance(v, (str, bool)) or _is_number(v), "a number, a string, true/false or null")
+
+
 def _check_sensitivity(saved: Any, path: Path) -> None:
     """sensitivity.json as the sensitivity stage writes it: a row per layer, ranked 1..n, of plain values."""
     if not isinstance(saved, dict) or not isinstance(saved.get("layers"), list):
@@ -390,11 +415,13 @@ def _check_sensitivity(saved: Any, path: Path) -> None:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("layer"), str):
             raise _bad(path, f"layers[{i}].layer", row.get("layer") if isinstance(row, dict) else row, "a layer name")
-        if not isinstance(row.get("rank"), int) or isinstance(row["rank"], bool):
-            raise _bad(path, f"layers[{i}].rank", row.get("rank"), "an integer rank (1 = most sensitive)")
+        if "rank" not in row:
+            raise _bad(path, f"layers[{i}].rank", None, "an integer rank (1 = most sensitive)")
         for key, value in row.items():
-            if not (value is None or isinstance(value, (str, bool)) or _is_number(value)):
-                raise _bad(path, f"layers[{i}].{key}", value, "a number, a string, true/false or null")
+            accepts, expected = _SENSITIVITY_FIELDS.get(key) or _SENSITIVITY_FIELDS.get("_" + key.rsplit("_", 1)[-1],
+                                                                                       _OTHER)
+            if not accepts(value):
+                raise _bad(path, f"layers[{i}].{key}", value, expected)
     if sorted(row["rank"] for row in rows) != list(range(1, len(rows) + 1)):
         raise _bad(path, "layers[].rank", [row["rank"] for row in rows], f"the ranks 1 to {len(rows)}, each once")
 
