@@ -87,17 +87,18 @@ class Previous:
 def open_previous(run_dir: str | os.PathLike) -> Previous:
     """The run at `run_dir`, if it can be resumed; else a WorkbenchError saying why."""
     from .run_record import RecordError, run_file
+    from .yaml_io import read_yaml_text
 
     run_dir = Path(run_dir)
     try:
         metrics = read_metrics(run_dir) if run_dir.is_dir() else None
         recipe = run_file(run_dir, "recipe.yaml") if run_dir.is_dir() else None
-        recipe_text = recipe.read_text(encoding="utf-8") if metrics is not None and recipe is not None else None
-    except RecordError as e:
+        recipe_text = read_yaml_text(recipe, "the run's recipe") if metrics is not None and recipe is not None else None
+    except WorkbenchError as e:  # a damaged record, a link, a recipe too large or not UTF-8
         raise RecordError(f"--resume: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecordError(f"--resume: {run_dir / 'recipe.yaml'}: cannot be read as text ({e}): the run's recipe was "
-                          "damaged; start a new run") from None
+    except OSError as e:
+        raise RecordError(f"--resume: {run_dir / 'recipe.yaml'}: cannot be read ({e.strerror}); start a new "
+                          "run") from None
     if metrics is None or recipe_text is None:
         raise WorkbenchError(f"--resume: {run_dir} is not a run directory (no readable metrics.json and recipe.yaml): "
                              "give a runs/<name>-<timestamp>.failed directory")
