@@ -364,3 +364,64 @@ def test_resume_takes_neither_trust_key_from_the_run_directory(tmp_path, images,
     # Given again on the command line, the key counts (the recipe is read, nothing is run here).
     assert getattr(open_previous(run_dir).recipe([f"model.{key}=true"]).model, key) is True
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A seeded fuzz of the record: any JSON in any field is read or refused by name, never a traceback
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _random_json(rng, depth: int = 0):
+    kind = rng.integers(0, 9 if depth < 3 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return bool(rng.integers(0, 2))
+    if kind == 2:
+        return int(rng.choice([0, -1, 1, 2**31, 2**63, 10**30, -(10**30), int(rng.integers(-1000, 5_000_000))]))
+    if kind == 3:
+        return float(rng.choice([0.0, -1.0, 1e308, math.inf, -math.inf, math.nan, float(rng.normal())]))
+    if kind == 4:
+        return str(rng.choice(["", "calibrate", "running", "failed", "a" * 300, "\x1b[31m", "0" * 64, "../x"]))
+    if kind == 5:
+        return "x" * int(rng.integers(0, 5))
+    if kind in (6, 7):
+        return [_random_json(rng, depth + 1) for _ in range(int(rng.integers(0, 4)))]
+    keys = ["stage", "fingerprint", "files", "path", "message", "calibrate", "metrics_sha256", "model.onnx"]
+    return {str(rng.choice(keys)): _random_json(rng, depth + 1) for _ in range(int(rng.integers(0, 4)))}
+
+
+def test_any_json_in_any_record_field_is_read_or_refused_by_name(tmp_path, capsys):
+    from workbench.resume import open_previous
+    from workbench.run_record import RECORD_FIELDS, RecordError, read_record
+
+    rng = np.random.default_rng(0)
+    runs = tmp_path / "runs"
+    planted = _planted_run(runs)
+    base = _metrics(planted)
+    fields = [*RECORD_FIELDS, "pid", "fingerprints", "inputs", "stages", "timings_s"]  # the ones code indexes, twice
+    refused = 0
+    for case in range(400):
+        # Odd cases: a run that says it is running, in a `.incomplete` directory (its process is looked up).
+        metrics = {**base, "status": "running"} if case % 2 else dict(base)
+        (planted,) = runs.iterdir()  # `workbench runs` renamed it where its process was gone
+        planted = planted.rename(runs / f"planted-20260101-000000.{'incomplete' if case % 2 else 'failed'}")
+        for _ in range(int(rng.integers(1, 3))):
+            metrics[str(rng.choice(fields))] = _random_json(rng)
+        if case % 50 == 0:
+            metrics = _random_json(rng)  # not even an object
+        (planted / "metrics.json").write_text(json.dumps(metrics))
+        try:
+            read_record(planted)
+        except RecordError as e:
+            refused += 1
+            assert str(planted / "metrics.json") in str(e)
+        assert main(["runs", str(runs)]) in (0, 2)
+        try:
+            open_previous(planted)
+        except RecordError as e:
+            assert str(planted / "metrics.json") in str(e)
+        except Exception as e:  # a refusal of the resume itself (no fingerprints, still running) is fine
+            assert type(e).__name__ == "WorkbenchError", e
+    capsys.readouterr()
+    assert 100 < refused < 400  # both roads were taken
