@@ -94,6 +94,7 @@ def test_an_unchanged_run_resumes_reusing_every_finished_stage(run_dir):
     times = {n: (run_dir / n).stat().st_mtime_ns for n in files}
     resumed = _resumed(run_dir)
     assert resumed["resumed"]["reused"] == FINISHED and resumed["resumed"]["rerun"] == ["evaluate"]
+    assert "rerun_because" not in resumed["resumed"]  # evaluate never finished: nothing was refused
     final = run_dir.with_name(run_dir.name.removesuffix(".failed"))
     assert {n: (final / n).read_bytes() for n in files} == files  # reused, not written again
     assert {n: (final / n).stat().st_mtime_ns for n in files} == times
@@ -179,6 +180,7 @@ def test_a_model_onnx_rewritten_at_the_same_size_and_time_is_refused(run_dir, ca
     resumed = _resumed(run_dir)
     assert resumed["resumed"]["reused"] == ["calibrate", "sensitivity"]
     assert resumed["resumed"]["rerun"] == ["export", "build", "evaluate"]
+    assert resumed["resumed"]["rerun_because"] == "model.onnx is missing"
 
 
 @pytest.mark.parametrize("edit, field, expected", [
@@ -236,6 +238,7 @@ def test_a_stage_recorded_without_file_hashes_runs_again(run_dir):
     resumed = _resumed(run_dir)
     assert resumed["resumed"]["reused"] == ["calibrate", "sensitivity", "export"]
     assert resumed["resumed"]["rerun"] == ["build", "evaluate"]
+    assert resumed["resumed"]["rerun_because"] == "stage 4 (build) recorded no hashes of its files (an older workbench)"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -265,9 +265,17 @@ def stage_record(run, name: str, options, fingerprint: str) -> dict:
     return {"stage": name, "fingerprint": fingerprint, "files": files, "metrics_sha256": sha256_values(values)}
 
 
-def restore_stages(run, previous: Previous, count: int) -> list[str]:
+@dataclass
+class Restored:
+    """What restore_stages gave back: the stages restored, in order, and why the next finished one runs again."""
+
+    stages: list[str]
+    rerun_because: str | None = None  # None: every finished stage was restored
+
+
+def restore_stages(run, previous: Previous, count: int) -> Restored:
     """Restore the first `count` finished stages from the run directory, in order, up to the first that cannot be;
-    copy their metrics, timings and fingerprints into the run's; return the names of the stages restored.
+    copy their metrics, timings and fingerprints into the run's.
 
     Each stage's metrics and files are checked first (see the module's docstring): one missing, or recorded without
     its hash, ends the restoring there (that stage runs again); one present but not what the stage wrote, or that
@@ -276,14 +284,22 @@ def restore_stages(run, previous: Previous, count: int) -> list[str]:
     recorded: dict[str, str] = {}  # file -> its hash as the last stage that wrote it recorded (finetune re-saves)
     for entry in fingerprints:
         recorded.update(entry.get("files", {}))
-    restored = []
+    restored = Restored([])
     for index, ((name, options), entry) in enumerate(zip(run.recipe.stage_list()[:count], fingerprints)):
         values = previous.metrics.get("stages", {}).get(name)
         restorer = RESTORERS.get(name)
-        if values is None or restorer is None or not _same_metrics(previous, index, name, values, entry):
-            break
-        loaded = _checked_files(run, restorer, options, values, entry, recorded, f"stage {index + 1} ({name})")
-        if loaded is None or not restorer.restore(run, options, values, loaded):
+        if values is None:
+            restored.rerun_because = f"{name} recorded no metrics"
+        elif restorer is None:
+            restored.rerun_because = f"{name} keeps its state only in memory"
+        elif not _same_metrics(previous, index, name, values, entry):
+            restored.rerun_because = f"{name} was recorded without a hash of its metrics (an older workbench)"
+        else:
+            loaded, restored.rerun_because = _checked_files(run, restorer, options, values, entry, recorded,
+                                                            f"stage {index + 1} ({name})")
+            if loaded is not None and not restorer.restore(run, options, values, loaded):
+                restored.rerun_because = f"{name} cannot be restored from the run directory"
+        if restored.rerun_because is not None:
             break
         run.metrics["stages"][name] = values
         if name in previous.metrics.get("timings_s", {}):
@@ -292,7 +308,7 @@ def restore_stages(run, previous: Previous, count: int) -> list[str]:
         # The stage's warnings come with it: a reused export that failed check-onnx still says so.
         run.metrics.setdefault("warnings", []).extend(
             w for w in previous.metrics.get("warnings", []) if w.get("stage") == name)
-        restored.append(name)
+        restored.stages.append(name)
     return restored
 
 
@@ -313,18 +329,21 @@ def _same_metrics(previous: Previous, index: int, name: str, values: dict, entry
 
 
 def _checked_files(run, restorer: Restorer, options, values: dict, entry: dict, recorded: dict[str, str],
-                   stage: str) -> dict[str, Any] | None:
-    """The stage's files checked as the module's docstring says: {JSON file: its content} when every one is there
-    and is what the stage wrote; None when one is missing or its hash was never recorded (the stage runs again)."""
+                   stage: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The stage's files checked as the module's docstring says: ({JSON file: its content}, None) when every one is
+    there and is what the stage wrote; (None, why) when one is missing or its hash was never recorded (the stage
+    runs again)."""
     from .run_record import RecordError, read_json, run_file, sha256_file
 
     if "files" not in entry:  # an older workbench recorded no content: nothing to check the files against
-        return None
+        return None, f"{stage} recorded no hashes of its files (an older workbench)"
     loaded = {}
     for name in restorer.files(options, values):
         path = run_file(run.dir, name)  # a link or a non-regular file is refused here, before it is read
-        if path is None or name not in recorded:
-            return None
+        if path is None:
+            return None, f"{name} is missing"
+        if name not in recorded:
+            return None, f"no hash of {name} was recorded"
         if name in restorer.checks:
             content, digest = read_json(path)
             restorer.checks[name](content, path)  # the field that is wrong names itself better than a hash
@@ -337,7 +356,7 @@ def _checked_files(run, restorer: Restorer, options, values: dict, entry: dict, 
                 f"{recorded[name][:16]}..., recorded in metrics.json fingerprints): it was edited or damaged since. "
                 f"{_remedy(path, stage)}"
             )
-    return loaded
+    return loaded, None
 
 
 def _remedy(path: Path, stage: str) -> str:

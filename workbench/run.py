@@ -35,6 +35,7 @@ from .models import resolve_model
 from .recipe import Recipe, dump_recipe, with_absolute_paths
 from .resume import (
     Previous,
+    Restored,
     check_reusable,
     describe_inputs,
     open_previous,
@@ -186,7 +187,7 @@ def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | Previou
         "inputs": inputs,
         "fingerprints": [],  # one per finished stage, in order: what --resume checks before reusing it
     }
-    reused = restore_stages(run, previous, reusable) if previous is not None else []
+    restored = restore_stages(run, previous, reusable) if previous is not None else None
     final_dir, work_dir = _start_run_dir(recipe, previous)
     if previous is not None:
         run.artifacts.move(previous.dir, work_dir)
@@ -194,7 +195,7 @@ def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | Previou
     try:  # from here on, whatever happens (Ctrl-C too) leaves the directory renamed .failed with the reason
         if distributed.is_main():
             run.trackers = Trackers.open(recipe.log_to, work_dir, recipe)
-        _run_stages(run, previous, reused, console)
+        _run_stages(run, previous, restored, console)
         _finish_trackers(run, failed=False)  # before the rename: TensorBoard reopens its file by name
     except BaseException as e:
         _record_failure(run, e, final_dir)
@@ -223,7 +224,7 @@ def _start_run_dir(recipe: Recipe, previous: Previous | None) -> tuple[Path, Pat
     return final_dir, work_dir
 
 
-def _run_stages(run: Run, previous: Previous | None, reused: list[str], console) -> None:
+def _run_stages(run: Run, previous: Previous | None, restored: Restored | None, console) -> None:
     """Record the recipe, note what a resumed run reused, run the other stages in order, write the report."""
     from .progress import current_stage
     from .report import write_report
@@ -231,13 +232,17 @@ def _run_stages(run: Run, previous: Previous | None, reused: list[str], console)
     recipe = run.recipe
     write_text(run.path("recipe.yaml"), dump_recipe(recipe))
     run.save_metrics()
+    reused = restored.stages if restored is not None else []
     if previous is not None:
         run.metrics["resumed"] = {"from": previous.dir.name, "started_first": previous.metrics.get("started"),
                                   "reused": reused, "rerun": run.metrics["stage_names"][len(reused):]}
+        why = f" ({restored.rerun_because})" if restored.rerun_because else ""
+        if restored.rerun_because:
+            run.metrics["resumed"]["rerun_because"] = restored.rerun_because
         run.save_metrics()
         if console is not None:
             console.print(f"resuming {previous.dir.name}: reusing {', '.join(reused) or 'no stage'}; running "
-                          f"{', '.join(run.metrics['resumed']['rerun']) or 'no stage'}")
+                          f"{', '.join(run.metrics['resumed']['rerun']) or 'no stage'}{why}")
     fingerprints = stage_fingerprints(recipe)
     for index, (name, options) in enumerate(recipe.stage_list()):
         if index < len(reused):
