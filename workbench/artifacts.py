@@ -9,7 +9,7 @@ here, nowhere else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -94,3 +94,14 @@ class Artifacts:
 
     def made(self) -> set[str]:
         return {name for name in ARTIFACTS if self.has(name)}
+
+    def move(self, old: Path, new: Path) -> None:
+        """Point every file under directory `old` to its place under `new` (a resumed run's directory, renamed
+        after its stages were restored from it)."""
+
+        def moved(path):
+            return new / path.relative_to(old) if isinstance(path, Path) and path.is_relative_to(old) else path
+
+        for record in (self, self.onnx) if self.onnx is not None else (self,):
+            for f in fields(record):
+                setattr(record, f.name, moved(getattr(record, f.name)))

@@ -314,6 +314,8 @@ def _runs(runs_dir: str) -> int:
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
     for row in [dict(zip(columns, columns)), *rows]:
         print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
+    if damaged := [r["damaged"] for r in rows if "damaged" in r]:  # listed, then named: exit 2
+        raise WorkbenchError(f"{len(damaged)} run(s) in {runs_dir} have a damaged record:\n  " + "\n  ".join(damaged))
     return 0
 
 

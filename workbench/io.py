@@ -56,6 +56,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def plain_json(obj: Any) -> Any:
+    """`obj` as write_json writes it and json reads it back: numpy scalars, Paths, tuples and integer keys made
+    plain, so that a hash of it is the same before the write and after the read."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 def _json_default(obj: Any) -> Any:
     # numpy scalars and Paths show up in metrics; make them plain JSON.
     if hasattr(obj, "item"):

@@ -1,15 +1,15 @@
 """`workbench run --resume RUN_DIR`: continue a failed or interrupted run from its first unfinished stage.
 
-Every finished stage records a fingerprint in metrics.json: a hash of the recipe up to and including
-that stage (the whole recipe but its name, runs_dir and later stages). The run also records its inputs
-once: the model and weight files, the module of an `import:` spec, a COCO annotations file and a
-named calibration set's YAML, each by size and modification time (the calibration set's YAML also by
-its contents), and every data split a stage reads by the samples the run built from it: their count, a
-hash of their names and labels (boxes, for detection) in order, and the size and time of at most
-SAMPLED_FILES of their files, evenly spread, so that a split of a million images costs no million stat
-calls. So an image added, removed, renamed or relabelled is noticed, an image rewritten in place only
-where it is one of those files; file contents are not read, and neither is an upgrade of workbench or
-of the libraries it calls.
+Every finished stage records in metrics.json a fingerprint (a hash of the recipe up to and including that
+stage: the whole recipe but its name, runs_dir and later stages), the SHA-256 of its metrics, and the SHA-256
+of every file resume would restore it from (calibration.json, the ONNX files, sensitivity.json, the engine,
+pruned_model.pt). The run also records its inputs once: the model and weight files, the module of an `import:`
+spec, a COCO annotations file and a named calibration set's YAML, each by its size, time and content hash,
+and every data split a stage reads by the samples the run built from it: their count, a hash of their names
+and labels (boxes, for detection) in order, and the size, time and content of at most SAMPLED_FILES of their
+files, evenly spread, so that a split of a million images costs no million reads. So an image added, removed,
+renamed or relabelled is noticed, an image rewritten in place only where it is one of those files; an
+upgrade of workbench or of the libraries it calls is not.
 
 On resume the recipe (the run's recipe.yaml, or the one given, with overrides) must give the same
 fingerprints and inputs for every stage the run finished: if not, the resume is refused naming the
@@ -18,6 +18,19 @@ are then reused, each restored from its files in the run directory (the state it
 stages, and its metrics), in order, up to the first stage that cannot be restored soundly (qat and
 mixed_precision keep their state only in memory; a finetune without prune only in its checkpoints):
 that stage and every later one run again. A complete run is refused: there is nothing to resume.
+
+The run directory is untrusted input: it is reused for what it holds, never for the names of its files.
+  - metrics.json and recipe.yaml are the run's record: one that fails its check (a field of the wrong type
+    or an impossible value, run_record.py; a stage's metrics other than it recorded) ends the resume with
+    exit 2, naming the file and the field, before anything is renamed or written.
+  - A file a stage wrote that is missing, or whose hash was never recorded (an older workbench), is a stage
+    that cannot be restored: it and every later one run again, as the console line says.
+  - A file a stage wrote that is there but not what the stage wrote (another SHA-256), that fails its own
+    check (an activation range that is not a finite number > 0, a quantizer or layer the model does not have,
+    a sensitivity rank that is no integer), or that is a symbolic link or no regular file, ends the resume
+    with exit 2 naming the file, the field and what was expected, and the run directory as it was. It is not
+    silently recomputed: an edited file may be someone's intent, and a damaged one a finding. Deleting that
+    file makes its stage and every later one run again.
 """
 
 from __future__ import annotations
@@ -25,10 +38,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
+import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from .errors import WorkbenchError
 from .recipe import Recipe, parse_recipe
@@ -70,9 +86,20 @@ class Previous:
 
 def open_previous(run_dir: str | os.PathLike) -> Previous:
     """The run at `run_dir`, if it can be resumed; else a WorkbenchError saying why."""
+    from .run_record import RecordError, run_file
+    from .yaml_io import read_yaml_text
+
     run_dir = Path(run_dir)
-    metrics = read_metrics(run_dir) if run_dir.is_dir() else None
-    if metrics is None or not (run_dir / "recipe.yaml").is_file():
+    try:
+        metrics = read_metrics(run_dir) if run_dir.is_dir() else None
+        recipe = run_file(run_dir, "recipe.yaml") if run_dir.is_dir() else None
+        recipe_text = read_yaml_text(recipe, "the run's recipe") if metrics is not None and recipe is not None else None
+    except WorkbenchError as e:  # a damaged record, a link, a recipe too large or not UTF-8
+        raise RecordError(f"--resume: {e}") from None
+    except OSError as e:
+        raise RecordError(f"--resume: {run_dir / 'recipe.yaml'}: cannot be read ({e.strerror}); start a new "
+                          "run") from None
+    if metrics is None or recipe_text is None:
         raise WorkbenchError(f"--resume: {run_dir} is not a run directory (no readable metrics.json and recipe.yaml): "
                              "give a runs/<name>-<timestamp>.failed directory")
     name = run_dir.name
@@ -89,7 +116,7 @@ def open_previous(run_dir: str | os.PathLike) -> Previous:
     if final_dir.exists():
         raise WorkbenchError(f"--resume: {final_dir} exists, and the resumed run would end under that name: move one "
                              "of the two away")
-    return Previous(run_dir, final_dir, metrics, (run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    return Previous(run_dir, final_dir, metrics, recipe_text)
 
 
 def stage_fingerprints(recipe: Recipe) -> list[str]:
@@ -127,22 +154,21 @@ def describe_inputs(recipe: Recipe, datasets: dict) -> dict[str, dict]:
         paths[f"data.{split}.annotations"] = config.annotations
         folders[f"data.{split}.path"] = config.path or config.name or config.package  # for messages
     inputs = {field: _stat(Path(path)) for field, path in paths.items() if path and os.path.isfile(path)}
-    inputs.update({field: _stat(path, contents=True) for field, path in sets.items()})
+    inputs.update({field: _stat(path) for field, path in sets.items()})
     for split, dataset in datasets.items():
         inputs[f"data.{split}.path"] = _samples(dataset, folders[f"data.{split}.path"])
     return inputs
 
 
-def _stat(path: Path, contents: bool = False) -> dict:
-    """A file by size and time; `contents`: also by a hash of them (a short file, whose edit may keep both)."""
+def _stat(path: Path) -> dict:
+    """A file by size, time and a hash of its contents (streamed: a model of gigabytes costs its read)."""
+    from .run_record import sha256_file
+
     st = path.stat()
-    entry = {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if contents:
-        entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return entry
+    return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
 
 
-SAMPLED_FILES = 256  # files of a data split whose size and time are recorded: a bounded cost for any split
+SAMPLED_FILES = 256  # files of a data split whose size, time and content are recorded: a bounded cost for any split
 
 
 def _samples(dataset, where: str | None) -> dict:
@@ -151,18 +177,23 @@ def _samples(dataset, where: str | None) -> dict:
         entries = [(str(r.path), r.boxes.tolist(), r.labels.tolist()) for r in dataset.records]
     else:
         entries = [(s.key, s.label) for s in dataset.samples]
+    from .run_record import sha256_file
+
     digest = hashlib.sha256()
     for entry in entries:
         digest.update(repr(entry).encode())
-    size, newest = 0, 0
+    size, newest, contents = 0, 0, hashlib.sha256()
     for key, *_ in entries[:: max(1, len(entries) // SAMPLED_FILES)][:SAMPLED_FILES]:
         try:
             st = os.stat(key)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            contents.update(sha256_file(Path(key)).encode())
         except OSError:  # a hub dataset's row, not a file
             continue
         size, newest = size + st.st_size, max(newest, st.st_mtime_ns)
     return {"path": str(where), "samples": len(entries), "sha256": digest.hexdigest(),
-            "bytes": size, "mtime_ns": newest}
+            "bytes": size, "mtime_ns": newest, "files_sha256": contents.hexdigest()}
 
 
 def check_reusable(previous: Previous, recipe: Recipe, inputs: dict[str, dict]) -> int:
@@ -175,8 +206,12 @@ def check_reusable(previous: Previous, recipe: Recipe, inputs: dict[str, dict]) 
                          if inputs.get(k) != previous.metrics.get("inputs", {}).get(k)):
         field = changed[0]
         path = (inputs.get(field) or previous.metrics["inputs"][field])["path"]
+        old = previous.metrics.get("inputs", {}).get(field)
+        unhashed = old and inputs.get(field) and {"sha256", "files_sha256"} & (set(inputs[field]) - set(old))
+        how = ("was recorded without a hash of its content (an older workbench), so it cannot be shown unchanged"
+               if unhashed else f"changed since {previous.dir.name} ran")
         raise WorkbenchError(
-            f"--resume: {field} ({path}) changed since {previous.dir.name} ran, so stage 1 ({first}) and every later "
+            f"--resume: {field} ({path}) {how}, so stage 1 ({first}) and every later "
             "one would no longer follow from its inputs; start a new run instead of resuming"
         )
     now = stage_fingerprints(recipe)
@@ -218,14 +253,53 @@ def _flat(value, prefix: str = "") -> dict:
     return {prefix.rstrip("."): value}
 
 
-def restore_stages(run, previous: Previous, count: int) -> list[str]:
+def stage_record(run, name: str, options, fingerprint: str) -> dict:
+    """What metrics.json records of a stage that just finished: its fingerprint, the SHA-256 of every file resume
+    would restore it from, and of its metrics (what --resume checks before reusing it)."""
+    from .run_record import sha256_file, sha256_values
+
+    values = run.metrics.get("stages", {}).get(name)
+    restorer = RESTORERS.get(name)
+    names = restorer.files(options, values) if restorer is not None and isinstance(values, dict) else []
+    files = {n: sha256_file(run.path(n)) for n in names if run.path(n).is_file()}
+    return {"stage": name, "fingerprint": fingerprint, "files": files, "metrics_sha256": sha256_values(values)}
+
+
+@dataclass
+class Restored:
+    """What restore_stages gave back: the stages restored, in order, and why the next finished one runs again."""
+
+    stages: list[str]
+    rerun_because: str | None = None  # None: every finished stage was restored
+
+
+def restore_stages(run, previous: Previous, count: int) -> Restored:
     """Restore the first `count` finished stages from the run directory, in order, up to the first that cannot be;
-    copy their metrics, timings and fingerprints into the run's; return the names of the stages restored."""
-    restored = []
-    for (name, options), entry in zip(run.recipe.stage_list()[:count], previous.metrics["fingerprints"]):
+    copy their metrics, timings and fingerprints into the run's.
+
+    Each stage's metrics and files are checked first (see the module's docstring): one missing, or recorded without
+    its hash, ends the restoring there (that stage runs again); one present but not what the stage wrote, or that
+    fails its check, is a RecordError naming the file and the field."""
+    fingerprints = previous.metrics["fingerprints"][:count]
+    recorded: dict[str, str] = {}  # file -> its hash as the last stage that wrote it recorded (finetune re-saves)
+    for entry in fingerprints:
+        recorded.update(entry.get("files", {}))
+    restored = Restored([])
+    for index, ((name, options), entry) in enumerate(zip(run.recipe.stage_list()[:count], fingerprints)):
         values = previous.metrics.get("stages", {}).get(name)
-        restore = RESTORERS.get(name)
-        if values is None or restore is None or not restore(run, options, values):
+        restorer = RESTORERS.get(name)
+        if values is None:
+            restored.rerun_because = f"{name} recorded no metrics"
+        elif restorer is None:
+            restored.rerun_because = f"{name} keeps its state only in memory"
+        elif not _same_metrics(previous, index, name, values, entry):
+            restored.rerun_because = f"{name} was recorded without a hash of its metrics (an older workbench)"
+        else:
+            loaded, restored.rerun_because = _checked_files(run, restorer, options, values, entry, recorded,
+                                                            f"stage {index + 1} ({name})")
+            if loaded is not None and not restorer.restore(run, options, values, loaded):
+                restored.rerun_because = f"{name} cannot be restored from the run directory"
+        if restored.rerun_because is not None:
             break
         run.metrics["stages"][name] = values
         if name in previous.metrics.get("timings_s", {}):
@@ -233,18 +307,154 @@ def restore_stages(run, previous: Previous, count: int) -> list[str]:
         run.metrics["fingerprints"].append(entry)
         # The stage's warnings come with it: a reused export that failed check-onnx still says so.
         run.metrics.setdefault("warnings", []).extend(
-            w for w in previous.metrics.get("warnings", []) if isinstance(w, dict) and w.get("stage") == name)
-        restored.append(name)
+            w for w in previous.metrics.get("warnings", []) if w.get("stage") == name)
+        restored.stages.append(name)
     return restored
 
 
-def _pruned(run, options, values) -> bool:
+def _same_metrics(previous: Previous, index: int, name: str, values: dict, entry: dict) -> bool:
+    """Whether the stage's metrics are those it recorded (False: recorded by an older workbench, without a hash:
+    the stage runs again); a RecordError where they were edited since."""
+    from .run_record import RecordError, sha256_values
+
+    if "metrics_sha256" not in entry:
+        return False
+    if sha256_values(values) != entry["metrics_sha256"]:
+        raise RecordError(
+            f"--resume: {previous.dir / 'metrics.json'}: field stages.{name} is not what stage {index + 1} ({name}) "
+            f"recorded (its SHA-256 differs from fingerprints[{index}].metrics_sha256): the run's record was edited "
+            "since; start a new run"
+        )
+    return True
+
+
+def _checked_files(run, restorer: Restorer, options, values: dict, entry: dict, recorded: dict[str, str],
+                   stage: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The stage's files checked as the module's docstring says: ({JSON file: its content}, None) when every one is
+    there and is what the stage wrote; (None, why) when one is missing or its hash was never recorded (the stage
+    runs again)."""
+    from .run_record import RecordError, read_json, run_file, sha256_file
+
+    if "files" not in entry:  # an older workbench recorded no content: nothing to check the files against
+        return None, f"{stage} recorded no hashes of its files (an older workbench)"
+    loaded = {}
+    for name in restorer.files(options, values):
+        path = run_file(run.dir, name)  # a link or a non-regular file is refused here, before it is read
+        if path is None:
+            return None, f"{name} is missing"
+        if name not in recorded:
+            return None, f"no hash of {name} was recorded"
+        if name in restorer.checks:
+            content, digest = read_json(path)
+            restorer.checks[name](content, path)  # the field that is wrong names itself better than a hash
+            loaded[name] = content
+        else:
+            digest = sha256_file(path)
+        if digest != recorded[name]:
+            raise RecordError(
+                f"--resume: {path}: its content (SHA-256 {digest[:16]}...) is not what {stage} wrote (SHA-256 "
+                f"{recorded[name][:16]}..., recorded in metrics.json fingerprints): it was edited or damaged since. "
+                f"{_remedy(path, stage)}"
+            )
+    return loaded, None
+
+
+def _remedy(path: Path, stage: str) -> str:
+    return f"Delete {path.name} to have {stage} and every later stage run again on --resume, or start a new run"
+
+
+def _bad(path: Path, field: str, value: Any, expected: str) -> Exception:
+    from .run_record import RecordError, show
+
+    what = f"field {field} is {show(value)}" if field else f"holds {show(value)}"
+    return RecordError(f"--resume: {path}: {what}, expected {expected}: it was edited or damaged since the run "
+                       f"wrote it. Delete {path.name} to have its stage and every later one run again on --resume, "
+                       "or start a new run")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One restorer per stage that hands something on: the files it reads, their checks, the restoring
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_calibration(saved: Any, path: Path) -> None:
+    """calibration.json as calibrate writes it: every activation range a finite number > 0 (one per quantizer,
+    per tensor; calibrate never writes less than quant.ptq.MIN_AMAX), the layer lists lists of names."""
+    if not isinstance(saved, dict):
+        raise _bad(path, "", saved, "an object with config, activation_amax and quantized_layers (calibrate's ranges)")
+    if not isinstance(saved.get("config"), dict):
+        raise _bad(path, "config", saved.get("config"), "an object (the calibrate stage's options)")
+    amax = saved.get("activation_amax")
+    if not isinstance(amax, dict) or not amax:
+        raise _bad(path, "activation_amax", amax, "an object of quantizer name -> activation range")
+    for quantizer, value in amax.items():
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            raise _bad(path, f"activation_amax[{json.dumps(quantizer)}]", value,
+                       "a finite number > 0 (the quantizer's activation range, one per tensor)")
+    for key in ("quantized_layers", "float_layers"):
+        layers = saved.get(key)
+        if not isinstance(layers, dict) or not all(isinstance(t, str) for t in layers.values()):
+            raise _bad(path, key, layers, "an object of layer name -> layer type")
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_measure(v: Any) -> bool:
+    """A proxy or a metric: a number (inf: SQNR of a layer INT8 leaves exact), or None where it was not measured."""
+    return v is None or _is_number(v)
+
+
+# A sensitivity row's field -> (accepts its value, what is expected); by the suffix after the last _ where not named.
+_SENSITIVITY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "rank": (lambda v: _is_count(v) and v > 0, "an integer rank (1 = most sensitive)"),
+    "proxy_rank": (lambda v: _is_count(v) and v > 0, "an integer rank (1 = most sensitive)"),
+    "layer": (lambda v: isinstance(v, str), "a layer name"),
+    "type": (lambda v: isinstance(v, str), "a layer type name"),
+    "ranked_by": (lambda v: v in ("proxy", "task"), '"proxy" or "task"'),
+    "macs": (_is_count, "an integer count >= 0"),
+    "params": (_is_count, "an integer count >= 0"),
+    "onnx_qdq_nodes": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of node names"),
+    "_resolved": (lambda v: isinstance(v, bool), "true or false"),
+    **{f"_{k}": (_is_measure, "a number or null") for k in ("db", "cosine", "kl", "metric", "delta", "low", "high")},
+}
+_OTHER = (lambda v: v is None or isinstance(v, (str, bool)) or _is_number(v), "a number, a string, true/false or null")
+
+
+def _check_sensitivity(saved: Any, path: Path) -> None:
+    """sensitivity.json as the sensitivity stage writes it: a row per layer, ranked 1..n, of plain values."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("layers"), list):
+        raise _bad(path, "layers", saved.get("layers") if isinstance(saved, dict) else saved,
+                   "a list of rows, one per layer (the sensitivity table)")
+    rows = saved["layers"]
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("layer"), str):
+            raise _bad(path, f"layers[{i}].layer", row.get("layer") if isinstance(row, dict) else row, "a layer name")
+        if "rank" not in row:
+            raise _bad(path, f"layers[{i}].rank", None, "an integer rank (1 = most sensitive)")
+        for key, value in row.items():
+            accepts, expected = _SENSITIVITY_FIELDS.get(key) or _SENSITIVITY_FIELDS.get("_" + key.rsplit("_", 1)[-1],
+                                                                                       _OTHER)
+            if not accepts(value):
+                raise _bad(path, f"layers[{i}].{key}", value, expected)
+    if sorted(row["rank"] for row in rows) != list(range(1, len(rows) + 1)):
+        raise _bad(path, "layers[].rank", [row["rank"] for row in rows], f"the ranks 1 to {len(rows)}, each once")
+
+
+def _pruned_files(options, values) -> list[str]:
+    return ["pruned_model.pt"]
+
+
+def _pruned(run, options, values, loaded) -> bool:
     """prune: the pruned model from pruned_model.pt (as a later finetune re-saved it, when it finished too)."""
     from .models import resolve_model
 
     path = run.path("pruned_model.pt")
-    if not path.is_file():
-        return False
     model = resolve_model(run.recipe.model.model_copy(update={"pruned": str(path)}))
     run.model = model.to(run.device).eval()
     run.artifacts.pruned_fp32 = run.model
@@ -252,66 +462,97 @@ def _pruned(run, options, values) -> bool:
     return True
 
 
-def _finetuned(run, options, values) -> bool:
+def _finetuned(run, options, values, loaded) -> bool:
     # After prune, pruned_model.pt holds the fine-tuned weights, already restored with the prune stage;
     # a finetune without prune keeps its weights only in the epoch checkpoints: it runs again.
     return run.artifacts.pruned_file is not None
 
 
-def _calibrated(run, options, values) -> bool:
+def _calibrated(run, options, values, loaded) -> bool:
+    from .errors import CalibrationError
     from .quant.ptq import restore_
 
+    saved = loaded["calibration.json"]
+    if saved["config"] != options.model_dump(mode="json"):
+        return False  # written by a workbench whose calibrate options differ: calibrate again
     path = run.path("calibration.json")
-    if not path.is_file():
-        return False
-    saved = json.loads(path.read_text())
-    if saved.get("config") != options.model_dump(mode="json"):
-        return False
     if run.artifacts.pruned_fp32 is run.model:  # as the calibrate stage: keep the pruned FP32 model apart
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
-    run.artifacts.quant = restore_(run.model, options, saved["activation_amax"], run.example_input())
+    amax = saved["activation_amax"]
+    try:
+        run.artifacts.quant = result = restore_(run.model, options, amax, run.example_input())
+    except CalibrationError as e:  # a quantizer of the model without a range
+        raise _bad(path, "activation_amax", f"{len(amax)} ranges", f"a range for every quantizer of the model ({e})")
+    if extra := sorted(set(amax) - set(result.activation_amax)):
+        raise _bad(path, f"activation_amax[{json.dumps(extra[0])}]", amax[extra[0]],
+                   f"no range for a quantizer the model does not have ({len(extra)} such name(s)); the model's "
+                   f"quantizers are e.g. {sorted(result.activation_amax)[:3]}")
+    if saved["quantized_layers"] != result.quantized:
+        raise _bad(path, "quantized_layers", saved["quantized_layers"],
+                   f"the layers calibrate quantizes in this model, {_show_list(list(result.quantized))}")
     return True
 
 
-def _exported(run, options, values) -> bool:
-    """The ONNX files export wrote, where each is still there with the size it had."""
+def _show_list(names: list[str], limit: int = 4) -> str:
+    return "[" + ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "") + "]"
+
+
+def _exported_files(options, values) -> list[str]:
+    return [n for n, v in values.items() if isinstance(v, dict) and "bytes" in v]
+
+
+def _exported(run, options, values, loaded) -> bool:
+    """The ONNX files export wrote (their content already checked against the hashes it recorded)."""
     from .stages.export import MODEL, onnx_files
 
-    present = {n: run.path(n) for n, v in values.items() if isinstance(v, dict) and "bytes" in v}
-    if MODEL not in present or any(not p.is_file() or p.stat().st_size != values[n]["bytes"]
-                                   for n, p in present.items()):
+    present = set(_exported_files(options, values))
+    if MODEL not in present:
         return False
-    run.artifacts.onnx = onnx_files(run, set(present))
+    run.artifacts.onnx = onnx_files(run, present)
     return True
 
 
-def _sensitivity(run, options, values) -> bool:
+def _sensitivity(run, options, values, loaded) -> bool:
+    from .quant.ptq import quant_units
+
     path = run.path("sensitivity.json")
-    if not path.is_file():
-        return False
-    run.artifacts.sensitivity = json.loads(path.read_text())["layers"]
+    rows = loaded["sensitivity.json"]["layers"]
+    if run.artifacts.quant is not None:
+        units = quant_units(run.model, run.artifacts.quant)
+        if unknown := [(i, r["layer"]) for i, r in enumerate(rows) if r["layer"] not in units]:
+            i, layer = unknown[0]
+            raise _bad(path, f"layers[{i}].layer", layer,
+                       f"a quantized layer of the model, e.g. {_show_list(sorted(units))}")
+    run.artifacts.sensitivity = rows
     return True
 
 
-def _built(run, options, values) -> bool:
-    """The engine files the build stage wrote, where each is still there (an OpenVINO IR also with its sidecar,
-    which says it was compiled by this OpenVINO for this CPU)."""
+def _built_files(options, values) -> list[str]:
+    if not values.get("built"):
+        return []
+    if values.get("engine", "tensorrt") == "tensorrt":
+        return [f"model_{options.precision}.engine"]
+    from .runtime.openvino import artifact_files
+
+    # The IR, its weights and its sidecar; the blob (a compiled cache) where the compile left one.
+    return [p.name for key in ("int8", "fp32") if key in values
+            for p in artifact_files(Path(f"model_openvino_{key}.xml")) if p.suffix != ".blob"]
+
+
+def _built(run, options, values, loaded) -> bool:
+    """The engine files the build stage wrote (an OpenVINO IR also with its sidecar, which says it was compiled by
+    this OpenVINO for this CPU)."""
     if not values.get("built"):
         return True  # nothing was built: nothing to hand on
     if values.get("engine", "tensorrt") == "tensorrt":
-        engine = run.path(f"model_{options.precision}.engine")
-        if not engine.is_file():
-            return False
-        run.artifacts.tensorrt_engine = engine
+        run.artifacts.tensorrt_engine = run.path(f"model_{options.precision}.engine")
         return True
-    from .runtime.openvino import artifact_files, check_sidecar
+    from .runtime.openvino import check_sidecar
 
     found = {}
     for key in ("int8", "fp32"):
         if key in values:
             xml = run.path(f"model_openvino_{key}.xml")
-            if not all(p.is_file() for p in artifact_files(xml) if p.suffix != ".blob"):
-                return False
             try:
                 check_sidecar(xml)
             except WorkbenchError:  # another OpenVINO or CPU since: compile again
@@ -321,9 +562,32 @@ def _built(run, options, values) -> bool:
     return True
 
 
-def _metrics_only(run, options, values) -> bool:
+def _metrics_only(run, options, values, loaded) -> bool:
     return True  # evaluate and bench hand nothing on: their metrics are all there is
 
 
-RESTORERS = {"prune": _pruned, "finetune": _finetuned, "calibrate": _calibrated, "export": _exported,
-             "sensitivity": _sensitivity, "build": _built, "evaluate": _metrics_only, "bench": _metrics_only}
+def _no_files(options, values) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Restorer:
+    """How a finished stage comes back from its run directory: the files restoring reads (by name, from the stage's
+    options and metrics; export hashes them as it finishes), the check of each JSON one, and the restoring (False:
+    the stage runs again)."""
+
+    restore: Callable[..., bool]  # (run, options, values, {JSON file: its checked content}) -> restored
+    files: Callable[[Any, dict], list[str]] = _no_files
+    checks: dict[str, Callable[[Any, Path], None]] = field(default_factory=dict)
+
+
+RESTORERS = {
+    "prune": Restorer(_pruned, _pruned_files),
+    "finetune": Restorer(_finetuned, _pruned_files),
+    "calibrate": Restorer(_calibrated, lambda o, v: ["calibration.json"], {"calibration.json": _check_calibration}),
+    "export": Restorer(_exported, _exported_files),
+    "sensitivity": Restorer(_sensitivity, lambda o, v: ["sensitivity.json"], {"sensitivity.json": _check_sensitivity}),
+    "build": Restorer(_built, _built_files),
+    "evaluate": Restorer(_metrics_only),
+    "bench": Restorer(_metrics_only),
+}

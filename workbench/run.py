@@ -33,7 +33,16 @@ from .errors import WorkbenchError
 from .io import write_json, write_text
 from .models import resolve_model
 from .recipe import Recipe, dump_recipe, with_absolute_paths
-from .resume import Previous, check_reusable, describe_inputs, open_previous, restore_stages, stage_fingerprints
+from .resume import (
+    Previous,
+    Restored,
+    check_reusable,
+    describe_inputs,
+    open_previous,
+    restore_stages,
+    stage_fingerprints,
+    stage_record,
+)
 from .rundir import check_runs_dir, mark_stale_runs, process_identity
 from .stages import STAGES
 from .tasks import Classes, Task, get_task
@@ -161,9 +170,10 @@ def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | Previou
     # Only rank 0's run directory is kept (and --resume runs in one process): the others need no fingerprint.
     inputs = describe_inputs(recipe, datasets) if distributed.is_main() else {}
     reusable = check_reusable(previous, recipe, inputs) if previous is not None else 0
-    final_dir, work_dir = _start_run_dir(recipe, previous)
-    run = Run(recipe=recipe, dir=work_dir, model=copy.deepcopy(model), reference=model, device=device,
-              _datasets=datasets)
+    # A resumed run restores what it reuses from the directory as it is, before claiming it: a file that fails its
+    # check (resume.py) leaves the directory under its name, as it was.
+    run = Run(recipe=recipe, dir=previous.dir if previous is not None else Path(), model=copy.deepcopy(model),
+              reference=model, device=device, _datasets=datasets)
     run.metrics = {
         "recipe": recipe.name,
         "status": "running",
@@ -177,10 +187,15 @@ def run_recipe(recipe: Recipe, console=None, resume: str | os.PathLike | Previou
         "inputs": inputs,
         "fingerprints": [],  # one per finished stage, in order: what --resume checks before reusing it
     }
+    restored = restore_stages(run, previous, reusable) if previous is not None else None
+    final_dir, work_dir = _start_run_dir(recipe, previous)
+    if previous is not None:
+        run.artifacts.move(previous.dir, work_dir)
+    run.dir = work_dir
     try:  # from here on, whatever happens (Ctrl-C too) leaves the directory renamed .failed with the reason
         if distributed.is_main():
             run.trackers = Trackers.open(recipe.log_to, work_dir, recipe)
-        _run_stages(run, previous, reusable, console)
+        _run_stages(run, previous, restored, console)
         _finish_trackers(run, failed=False)  # before the rename: TensorBoard reopens its file by name
     except BaseException as e:
         _record_failure(run, e, final_dir)
@@ -209,22 +224,25 @@ def _start_run_dir(recipe: Recipe, previous: Previous | None) -> tuple[Path, Pat
     return final_dir, work_dir
 
 
-def _run_stages(run: Run, previous: Previous | None, reusable: int, console) -> None:
-    """Record the recipe, restore what a resumed run may reuse, run the other stages in order, write the report."""
+def _run_stages(run: Run, previous: Previous | None, restored: Restored | None, console) -> None:
+    """Record the recipe, note what a resumed run reused, run the other stages in order, write the report."""
     from .progress import current_stage
     from .report import write_report
 
     recipe = run.recipe
     write_text(run.path("recipe.yaml"), dump_recipe(recipe))
     run.save_metrics()
-    reused = restore_stages(run, previous, reusable) if previous is not None else []
+    reused = restored.stages if restored is not None else []
     if previous is not None:
         run.metrics["resumed"] = {"from": previous.dir.name, "started_first": previous.metrics.get("started"),
                                   "reused": reused, "rerun": run.metrics["stage_names"][len(reused):]}
+        why = f" ({restored.rerun_because})" if restored.rerun_because else ""
+        if restored.rerun_because:
+            run.metrics["resumed"]["rerun_because"] = restored.rerun_because
         run.save_metrics()
         if console is not None:
             console.print(f"resuming {previous.dir.name}: reusing {', '.join(reused) or 'no stage'}; running "
-                          f"{', '.join(run.metrics['resumed']['rerun']) or 'no stage'}")
+                          f"{', '.join(run.metrics['resumed']['rerun']) or 'no stage'}{why}")
     fingerprints = stage_fingerprints(recipe)
     for index, (name, options) in enumerate(recipe.stage_list()):
         if index < len(reused):
@@ -239,7 +257,7 @@ def _run_stages(run: Run, previous: Previous | None, reusable: int, console) -> 
         finally:
             current_stage.reset(token)
         run.metrics.setdefault("timings_s", {})[name] = round(time.perf_counter() - start, 3)
-        run.metrics["fingerprints"].append({"stage": name, "fingerprint": fingerprints[index]})
+        run.metrics["fingerprints"].append(stage_record(run, name, options, fingerprints[index]))
         run.save_metrics()
         run.stage = None
     run.metrics["status"] = "complete"

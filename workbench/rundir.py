@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import socket
 from datetime import datetime
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from .errors import WorkbenchError
 from .io import write_json
+from .run_record import RecordError, read_record
 
 
 def check_runs_dir(runs_dir: Path, name: str) -> None:
@@ -154,11 +154,9 @@ def is_alive(metrics: dict) -> bool | None:
 
 
 def read_metrics(run_dir: Path) -> dict | None:
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return metrics if isinstance(metrics, dict) else None
+    """A run directory's metrics.json, checked field by field (run_record.read_record); None where there is none,
+    a RecordError naming the file and field where it is damaged."""
+    return read_record(run_dir)
 
 
 def mark_stale_runs(runs_dir: Path) -> list[Path]:
@@ -167,7 +165,10 @@ def mark_stale_runs(runs_dir: Path) -> list[Path]:
     if not Path(runs_dir).is_dir():
         return marked
     for work_dir in sorted(Path(runs_dir).glob("*.incomplete")):
-        metrics = read_metrics(work_dir)
+        try:
+            metrics = read_metrics(work_dir)
+        except RecordError:
+            continue  # a damaged record is never rewritten: `workbench runs` names it, --resume refuses it
         if metrics is None or metrics.get("status") != "running" or is_alive(metrics) is not False:
             continue
         metrics["status"] = "interrupted"
@@ -187,13 +188,18 @@ def mark_stale_runs(runs_dir: Path) -> list[Path]:
 
 
 def list_runs(runs_dir: Path) -> list[dict]:
-    """The runs under `runs_dir`, oldest first: directory, status, stages finished (of all), start time."""
+    """The runs under `runs_dir`, oldest first: directory, status, stages finished (of all), start time. A run whose
+    metrics.json is damaged is listed with status "damaged" and the problem (the file, the field) under "damaged"."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise WorkbenchError(f"{runs_dir} is not a directory: give the runs_dir of your recipes (default: runs)")
     rows = []
     for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        metrics = read_metrics(run_dir)
+        try:
+            metrics = read_metrics(run_dir)
+        except RecordError as e:
+            rows.append({"run": run_dir.name, "status": "damaged", "stages": "-", "started": "?", "damaged": str(e)})
+            continue
         if metrics is None:
             continue
         status = metrics.get("status", "?")
