@@ -55,7 +55,7 @@ def backend_rows(metrics: dict) -> list[dict]:
         rows.append(
             {
                 "backend": name,
-                "title": backends.title(name),
+                "title": backends.title(name) + (" (unverified)" if entry.get("verified") is False else ""),
                 "metrics": entry.get("metrics", {}),
                 "size_mb": entry["size_bytes"] / 1e6 if "size_bytes" in entry else None,
                 "latency": {k: v["median_ms"] for k, v in lat.items()},
@@ -363,7 +363,9 @@ def _bench_section(run_dir: Path, metrics: dict) -> list[str]:
     for name, entry in bench["backends"].items():
         cells = [f"{_fmt(entry['latency'][k]['median_ms'])} ({_fmt(entry['latency'][k]['p90_ms'])}) | "
                  f"{entry['latency'][k]['images_per_s']:.0f}" for k in keys]
-        lines.append(f"| {backends.title(name)} | {entry['bytes'] / 1e6:.2f} | " + " | ".join(cells) + " |")
+        unverified = " (unverified)" if entry.get("verified") is False else ""
+        lines.append(f"| {backends.title(name)}{unverified} | {entry['bytes'] / 1e6:.2f} | " + " | ".join(cells)
+                     + " |")
     return lines + ["", "![throughput](bench.png)", ""]
 
 
@@ -390,11 +392,26 @@ def _build_section(run_dir: Path, metrics: dict) -> list[str]:
                             + (f" {side['graph_note']}" if side.get("graph_note") else ""))
     guard = b.get("guard")
     if guard:
-        agree = (f"{guard['agreement']:.2f}% agreement over {guard['compared']} compared"
-                 if guard["agreement"] is not None else "no agreement measurable")
-        text += ["", f"Guard: against the faithful graph on {guard['samples']} calibration images, {agree}, output "
-                 f"SQNR {guard['sqnr_db']:.1f} dB: {'passed' if guard['passed'] else 'refused'}."]
+        text += ["", f"Guard: {_guard_sentence(guard)}"]
+    elif b.get("verified") is False:
+        text += ["", "Guard: off (guard: false): the engine is **unverified**; nothing checked that it computes its "
+                 "graph's function."]
     return [title, ""] + text + [""]
+
+
+def _guard_sentence(guard: dict) -> str:
+    """What the build's guard measured and decided (older runs' records have no interval)."""
+    drawn = " and ".join(f"{n} {split}" for split, n in guard.get("sources", {}).items() if n) or "calibration"
+    if guard.get("agreement") is None:
+        agree = "no agreement measurable"
+    elif guard.get("low") is not None:
+        agree = (f"{guard.get('criterion', 'agreement')} {guard['agreement']:.1f}% [{guard['low']:.1f}, "
+                 f"{guard['high']:.1f}] ({100 * guard['confidence']:.0f}% interval; needs {guard['min_agreement']:g}%)")
+    else:
+        agree = f"{guard['agreement']:.2f}% agreement over {guard['compared']} compared"
+    verdict = guard.get("verdict") or ("passed" if guard["passed"] else "refused")
+    return (f"against `{guard.get('reference', 'the faithful graph')}` on {guard['samples']} images ({drawn}), "
+            f"{agree}, output SQNR {guard['sqnr_db']:.1f} dB: {verdict}.")
 
 
 def _timings_section(run_dir: Path, metrics: dict) -> list[str]:
