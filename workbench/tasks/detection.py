@@ -421,6 +421,7 @@ class BoxMapAgreement:
             gt.createIndex()
             ev = COCOeval(gt, gt.loadRes(np.concatenate(rows)), "bbox")
             ev.params.imgIds = list(range(len(self.ref)))
+            ev.params.iouThrs = np.array([0.5])  # mAP50 alone: a tenth of the work of every bootstrap draw
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
