@@ -390,13 +390,13 @@ class BoxMapAgreement:
         key = (len(self.own), confidence)
         if key not in self._cached:
             ev = self._evaluate()
-            value = 100.0 * float(ev.stats[1]) if ev is not None else 0.0
-            low = high = value
+            low = high = value = 0.0
             if ev is not None:
+                everyone = np.ones((1, len(self.own)))
+                value = 100.0 * float(map_under_weights(ev, everyone)[0, 1])
                 draws = 100.0 * map_under_weights(ev, bootstrap_weights(len(self.own), self.RESAMPLES))[:, 1]
                 draws = draws[np.isfinite(draws)]  # a draw holding no reference box measures nothing
-                if len(draws):
-                    low, high = percentile_interval(draws, confidence)
+                low, high = percentile_interval(draws, confidence) if len(draws) else (value, value)
             self._cached[key] = Estimate(value, min(low, value), max(high, value), confidence, len(self.own),
                                          "bootstrap")
         return self._cached[key]
@@ -422,9 +422,9 @@ class BoxMapAgreement:
             ev = COCOeval(gt, gt.loadRes(np.concatenate(rows)), "bbox")
             ev.params.imgIds = list(range(len(self.ref)))
             ev.params.iouThrs = np.array([0.5])  # mAP50 alone: a tenth of the work of every bootstrap draw
+            # every box either side may count (COCO's 100 per image would cut off a busy image's reference boxes)
+            ev.params.maxDets = [max(MAX_NMS, max(len(o) for o in self.own), max(len(r) for r in self.ref))]
             ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
         return ev
 
 
