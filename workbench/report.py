@@ -62,6 +62,8 @@ def backend_rows(metrics: dict) -> list[dict]:
                 "latency_p90": {k: v["p90_ms"] for k, v in lat.items()},
                 "delta": entry.get("delta_vs_fp32"),
                 "delta_ptq": entry.get("delta_vs_ptq"),
+                "verified": entry.get("verified"),  # engines: whether the build's guard passed it
+                "engine_check": entry.get("engine_check"),  # engines: agreement with their graph, every image
             }
         )
     return rows
@@ -196,6 +198,15 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
             else:
                 what = "(agreement not measurable: the reference finds no box with score >= 0.25 on these images)"
             lines += [f"{sentence} {what} (max |output difference| {cmp['max_abs_diff']:.4f}).", ""]
+    for row in rows:
+        check = row["engine_check"]
+        if check:
+            verdict = "within" if check["within"] else "**outside**"
+            lines += [f"{row['title']} against the graph it was compiled from (`{check['against']}`), the guard's "
+                      f"way on every evaluation image: {check['criterion']} {check['value']:.1f}% "
+                      f"[{check['low']:.1f}, {check['high']:.1f}] ({100 * check['confidence']:.0f}% "
+                      f"{check['method']} interval, {check['samples']} images), {verdict} the guard's threshold of "
+                      f"{check['min_agreement']:g}%.", ""]
     lines += _not_measurable_lines(rows)
     speed = evaluation.get("speed_ms_per_image")
     if speed:
@@ -574,7 +585,8 @@ def print_summary(run_dir: str | Path, console) -> None:
     for r in rows:
         value = r["metrics"].get(metric.key) if metric else None
         delta = [_interval(r["delta"]) if r["backend"] != "pytorch_fp32" else "-"] if confidence else []
-        table.add_row(r["backend"], _fmt(value, metric.digits if metric else 2), *delta, _fmt(r["size_mb"]),
+        name = r["backend"] + (" (unverified)" if r["verified"] is False else "")
+        table.add_row(name, _fmt(value, metric.digits if metric else 2), *delta, _fmt(r["size_mb"]),
                       *[_fmt(r["latency"].get(k)) if k in r["latency"] else "-" for k in batch_keys])
     if batch_keys:
         table.caption = _latency_caption(metrics, rows)
