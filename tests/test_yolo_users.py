@@ -147,7 +147,7 @@ def test_quantize_is_one_line_and_writes_the_recipe_it_ran(tmp_path, capsys):
     """`workbench quantize best.pt --data data.yaml` runs calibrate, export, the OpenVINO build and evaluate; the run's
     recipe.yaml runs again to the same numbers."""
     ckpt = make_tiny_yolov5_checkpoint(tmp_path / "best.pt", nc=3)
-    data_yaml = ultralytics_set(tmp_path / "set")
+    data_yaml = ultralytics_set(tmp_path / "set", many_specs(18))  # 18 + 18 images: the guard's 90% needs 35
     runs = tmp_path / "runs"
     assert main(["quantize", str(ckpt), "--data", str(data_yaml), "--imgsz", "64", "--method", "max", "--engine",
                  "openvino", "--runs-dir", str(runs)]) == 0

@@ -12,6 +12,7 @@ and the CLI's quick commands stay light.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,46 +149,71 @@ class OnnxCheck:
 def check_onnx(path: str | os.PathLike) -> OnnxCheck:
     """`workbench check-onnx`: a Q/DQ graph against TensorRT's explicit-quantization rules, node by node."""
     from .qdq.export import load_onnx
+    from .qdq.numeric import numeric_violations
     from .qdq.trt_rules import check_qdq, check_quantized
 
     model = load_onnx(path)  # a clear error (exit 2) for a missing file or one that is not a model
-    return OnnxCheck(check_qdq(model), check_quantized(model))
+    found = check_qdq(model)
+    seen = {(v.rule, v.node) for v in found}
+    found += [v for v in numeric_violations(model) if (v.rule, v.node) not in seen]  # what every engine needs
+    return OnnxCheck(found, check_quantized(model))
 
 
 def build(onnx: str | os.PathLike, engine: str = "auto", batch: tuple[int, int, int] = (1, 8, 32),
           size: tuple[int, int] | None = None, out: str | os.PathLike | None = None, precision: str = "int8",
           strongly_typed: bool = True, workspace_mib: int = 4096, timing_cache: str | os.PathLike | None = None,
-          sparse: bool = False) -> dict:
+          sparse: bool = False, data: str | os.PathLike | None = None, guard: bool = True,
+          guard_min_agreement: float = 90.0, guard_max_samples: int = 1024) -> dict:
     """`workbench build`: an engine from an ONNX file, written beside it unless `out`; returns its sidecar.
 
     engine "tensorrt": a TensorRT engine (min/opt/max `batch`, `size` (H, W) for a graph with a dynamic image
-    size); "openvino": OpenVINO IR compiled for this CPU (.xml/.bin, .blob, .xml.json); "auto": TensorRT where
-    its package is installed, else OpenVINO.
+    size); "openvino": OpenVINO IR compiled for this CPU (.xml/.bin, .blob, .xml.json) from the u8 layout of the
+    graph for this CPU (beside it as <out>.onnx); "auto": TensorRT where its package is installed, else OpenVINO.
+
+    The graph's numbers are checked first (qdq/numeric.py). An INT8 engine is then guarded (runtime/guard.py) on
+    the images of `data` (a folder of images, or a detector's data.yaml), else on those of the run whose
+    model.onnx it is (its recipe.yaml's calibration and evaluation splits): refused, its files are removed and
+    WorkbenchError raised with the guard's numbers. `guard` False keeps it, marked unverified in its sidecar.
     """
     import importlib.util
 
     from .errors import WorkbenchError
     from .qdq.export import onnx_input_dims
+    from .qdq.numeric import require_numeric
+    from .runtime.guard import GuardPolicy
 
     onnx_path = Path(onnx)
     if engine == "auto":
         engine = "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "openvino"
+    fixed = onnx_input_dims(onnx_path)  # a missing or broken file is named before anything reads it
+    require_numeric(onnx_path)
+    policy = GuardPolicy(guard_min_agreement, max_samples=guard_max_samples)
+    images = _guard_images(onnx_path, fixed, data, policy) if guard and precision == "int8" else None
     if engine == "openvino":
         from .qdq.graph import qdq_census
         from .runtime import openvino
 
         if precision == "fp16":
             raise WorkbenchError("--precision fp16 is for TensorRT; OpenVINO on the CPU compiles int8 or fp32")
-        onnx_input_dims(onnx_path)  # a missing or broken file is named before OpenVINO reads it
         if precision == "int8" and qdq_census(onnx_path)["QuantizeLinear"] == 0:
             raise WorkbenchError(f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes, so an INT8 build would "
                                  "run in float: build the model.onnx of a run with a calibrate stage, or ask "
                                  "--precision fp32")
         xml = Path(out) if out else onnx_path.with_name(f"{onnx_path.stem}_openvino.xml")
-        return openvino.compile_model_file(openvino.CompileRequest(onnx=onnx_path, xml=xml))
+        if precision != "int8":
+            return openvino.compile_model_file(openvino.CompileRequest(onnx=onnx_path, xml=xml))
+        graph, notes = openvino.int8_graph(onnx_path, xml.with_name(xml.stem + "_graph.onnx"))
+        try:
+            openvino.compile_model_file(openvino.CompileRequest(onnx=graph, xml=xml, notes=notes))
+        except BaseException:
+            graph.unlink(missing_ok=True)
+            raise
+        files = openvino.artifact_files(xml) + [graph]
+        _guard_built(lambda: openvino.OpenVINORunner(xml, "openvino_int8"), graph, images, policy, files,
+                     "openvino_int8", openvino.run_tapped)
+        return json.loads(openvino.sidecar_path(xml).read_text())
     from .runtime.tensorrt import BuildRequest, build_engine, default_timing_cache, profile_for
 
-    fixed = onnx_input_dims(onnx_path)
     if size:
         hw = tuple(size)
     elif len(fixed) == 4 and fixed[2] and fixed[3]:
@@ -197,11 +223,101 @@ def build(onnx: str | os.PathLike, engine: str = "auto", batch: tuple[int, int, 
     channels = fixed[1] if len(fixed) > 1 and fixed[1] else 3
     cache = Path(timing_cache) if timing_cache else default_timing_cache()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    return build_engine(BuildRequest(
-        onnx=onnx_path, engine=Path(out) if out else onnx_path.with_suffix(".engine"),
+    engine_file = Path(out) if out else onnx_path.with_suffix(".engine")
+    sidecar = build_engine(BuildRequest(
+        onnx=onnx_path, engine=engine_file,
         profile=profile_for(channels, tuple(batch), [hw] * 3), precision=precision, strongly_typed=strongly_typed,
         fp16=True, workspace_mib=workspace_mib, timing_cache=cache, sparse_weights=sparse,
     ))
+    if precision != "int8":
+        return sidecar
+    from .runtime.tensorrt import TensorRTRunner, sidecar_path
+
+    _guard_built(lambda: TensorRTRunner(engine_file, "tensorrt"), onnx_path, images, policy,
+                 [engine_file, sidecar_path(engine_file)], "tensorrt", None)
+    return json.loads(sidecar_path(engine_file).read_text())
+
+
+def _guard_built(runner, graph: Path, images, policy, files: list[Path], engine_name: str, tap) -> None:
+    """The CLI build's guard: `images` None means the guard is off (the sidecar says unverified); a refusal removes
+    the engine's files and raises WorkbenchError (exit 2) with the guard's numbers."""
+    from .errors import WorkbenchError
+    from .runtime.guard import EngineRefused, mark_sidecar, verify_engine
+
+    if images is None:
+        mark_sidecar(files[0], None)
+        return
+    task, num_classes, batches = images
+    try:
+        verify_engine(runner(), graph, batches, task.agreement_meter(num_classes), policy, files, engine_name, tap)
+    except EngineRefused as e:
+        raise WorkbenchError(f"{e}. Deploy the faithful ONNX graph, or build with --no-guard to keep an engine "
+                             "marked unverified") from None
+    except BaseException:
+        for path in files:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _guard_images(onnx_path: Path, dims: list, data, policy):
+    """(task, class count or None, (split, images) batches) for the CLI build's guard: the images of `data` (a
+    folder of images, or an Ultralytics data.yaml for a detector), else the calibration and evaluation splits of the
+    run directory the graph is in (its recipe.yaml); WorkbenchError saying what to pass when there are none."""
+    from .data import build_dataset, make_loader
+    from .errors import WorkbenchError
+    from .schema import DataConfig
+    from .tasks import get_task
+
+    recipe_file = onnx_path.parent / "recipe.yaml"
+    metadata = _onnx_metadata(onnx_path)
+    if data is None and recipe_file.is_file():
+        from .recipe import load_recipe
+
+        recipe = load_recipe(recipe_file)
+        config, task_name = recipe.data, recipe.task
+        splits = [s for s in ("calibration", "evaluation") if getattr(config, s) is not None]
+        where = f"the calibration and evaluation images of {recipe_file}"
+    elif data is not None:
+        path = Path(data)
+        task_name = "detection" if metadata.get("task") == "detect" else "classification"
+        h, w = (dims[2], dims[3]) if len(dims) == 4 and dims[2] and dims[3] else (None, None)
+        if h is None:
+            raise WorkbenchError(f"{onnx_path} has a dynamic image size: the guard cannot tell what size to give "
+                                 "--data's images; build the model.onnx of a run directory, or --no-guard")
+        if path.is_file() and path.suffix in (".yaml", ".yml"):
+            splits = ["calibration", "evaluation"]
+            config = DataConfig(transform={"letterbox": [h, w]},
+                                calibration={"source": "yolo", "yaml": str(path), "split": "train"},
+                                evaluation={"source": "yolo", "yaml": str(path), "split": "val"})
+        elif path.is_dir():
+            transform = ({"letterbox": [h, w]} if task_name == "detection" else {"resize": min(h, w), "crop": h})
+            config = DataConfig(transform=transform, calibration={"source": "files", "path": str(path)})
+            splits = ["calibration"]
+        else:
+            raise WorkbenchError(f"--data {path}: give a folder of images (or a detector's Ultralytics data.yaml)")
+        where = str(path)
+    else:
+        raise WorkbenchError(f"{onnx_path}: the guard compares the engine with the faithful graph on images, and "
+                             "there are none: pass --data DIR (a folder of images like the model's inputs; a "
+                             "detector's data.yaml), or build the model.onnx of a run directory (its recipe's "
+                             "calibration images are used), or --no-guard to keep an engine marked unverified")
+    datasets = [(split, build_dataset(config, split)) for split in splits]
+
+    def batches():
+        for split, dataset in datasets:
+            for images, _ in make_loader(dataset, config):
+                yield split, images.numpy()
+
+    task = get_task(task_name)
+    if not any(len(d) for _, d in datasets):
+        raise WorkbenchError(f"the guard found no images in {where}: give --data a folder of images, or --no-guard")
+    return task, None, batches()
+
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    from .qdq.export import load_onnx
+
+    return {p.key: p.value for p in load_onnx(path).metadata_props}
 
 
 def bench(paths: list[str | os.PathLike], batch_sizes: list[int] = (1, 8), warmup: int = 5, repeats: int = 50,
@@ -209,7 +325,9 @@ def bench(paths: list[str | os.PathLike], batch_sizes: list[int] = (1, 8), warmu
     """`workbench bench`: latency and throughput of model files (each opened by the backend that serves its suffix:
     .onnx in ONNX Runtime, .engine in TensorRT), or of every such file in a directory; the same measurement as the
     bench stage."""
+    from .qdq.numeric import require_numeric
     from .runtime import backends
+    from .runtime.guard import engine_verified
     from .runtime.latency import bench_artifacts, check_bench_options, cpu_threads, model_files, model_input_shape
 
     check_bench_options(batch_sizes, warmup, repeats, threads)
@@ -227,8 +345,12 @@ def bench(paths: list[str | os.PathLike], batch_sizes: list[int] = (1, 8), warmu
             raise RecipeError(f"{path}: the graph's batch size is fixed at {fixed_batch}; time it with --batch-sizes "
                               f"{fixed_batch} (or export with a dynamic batch)")
         name = path.name if names.count(path.name) == 1 else f"{path.parent.name}/{path.name}"  # two run dirs
+        if path.suffix == ".onnx":
+            require_numeric(path)
         results.update(bench_artifacts({name: backends.file_artifact(path, threads)}, shape, list(batch_sizes), warmup,
                                        repeats, threads))
+        if path.suffix != ".onnx":  # an engine: verified only where its build's guard passed it
+            results[name]["verified"] = engine_verified(path)
     return {"batch_sizes": list(batch_sizes), "repeats": repeats, "threads": threads, "backends": results}
 
 

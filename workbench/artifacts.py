@@ -17,11 +17,12 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .quant.ptq import QuantResult
+    from .runtime.guard import GuardPolicy
 
 # The names a stage declares it needs or makes. Backends (runtime/backends.py) name them too: keep them stable.
 Artifact = Literal[
     "quantized", "pruned", "pruned_file", "ptq", "onnx", "onnx_fp32", "onnx_pruned_fp32", "onnx_ptq", "ort_int8",
-    "tensorrt_engine", "openvino_int8", "openvino_fp32", "sensitivity",
+    "tensorrt_engine", "openvino_int8", "openvino_int8_graph", "openvino_fp32", "sensitivity",
 ]
 ARTIFACTS: tuple[str, ...] = get_args(Artifact)
 
@@ -39,6 +40,7 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "ort_int8": ("the ONNX Runtime flavour model_int8_ort.onnx (of a calibrated model, ort_int8: true)", "export"),
     "tensorrt_engine": ("a TensorRT engine", "build (engine: tensorrt)"),
     "openvino_int8": ("an OpenVINO INT8 model", "build (engine: openvino)"),
+    "openvino_int8_graph": ("the ONNX graph the OpenVINO INT8 model was compiled from", "build (engine: openvino)"),
     "openvino_fp32": ("an OpenVINO FP32 model", "build (engine: openvino, after export with fp32)"),
     "sensitivity": ("the sensitivity table", "sensitivity"),
 }
@@ -67,7 +69,9 @@ class Artifacts:
     onnx: OnnxFiles | None = None
     tensorrt_engine: Path | None = None
     openvino_int8: Path | None = None  # the compiled IR (.xml; .bin, .blob and .json beside it)
+    openvino_int8_graph: Path | None = None  # the ONNX it was compiled from: its arithmetic, the guard's reference
     openvino_fp32: Path | None = None
+    engine_guard: GuardPolicy | None = None  # the threshold the build's guard held engines to (evaluate checks it)
     sensitivity: list[dict[str, Any]] | None = None
 
     def has(self, name: Artifact) -> bool:
@@ -85,6 +89,7 @@ class Artifacts:
             "ort_int8": onnx is not None and onnx.ort_int8 is not None,
             "tensorrt_engine": self.tensorrt_engine is not None,
             "openvino_int8": self.openvino_int8 is not None,
+            "openvino_int8_graph": self.openvino_int8_graph is not None,
             "openvino_fp32": self.openvino_fp32 is not None,
             "sensitivity": self.sensitivity is not None,
         }

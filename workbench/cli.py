@@ -7,7 +7,7 @@
     workbench quantize MODEL.pt --data data.yaml [--imgsz 640] [--method mse] [--engine openvino]
     workbench validate RECIPE [key.path=value ...]
     workbench check-onnx MODEL.onnx
-    workbench build MODEL.onnx [--precision int8|fp16|fp32]
+    workbench build MODEL.onnx [--precision int8|fp16|fp32] [--data IMAGES] [--no-guard]
     workbench bench MODEL.onnx|MODEL.engine|RUN_DIR ... [--batch-sizes 1 8] [--json FILE]
     workbench schema [--out FILE]
     workbench calib-data build NAME --out DIR | list
@@ -89,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     eng.add_argument("--sparse", action="store_true", help="allow 2:4 sparse kernels")
     eng.add_argument("--workspace-mib", type=int, default=4096)
     eng.add_argument("--timing-cache", help="timing cache file (default: ~/.cache/workbench/tensorrt_timing.cache)")
+    eng.add_argument("--data", help="images the guard compares the INT8 engine with the faithful graph on: a folder "
+                     "of images like the model's inputs, or a detector's data.yaml (default: the calibration and "
+                     "evaluation images of the run directory the ONNX is in)")
+    eng.add_argument("--no-guard", action="store_true", help="keep the engine without comparing it with the faithful "
+                     "graph: its sidecar and every table mark it unverified")
+    eng.add_argument("--guard-min-agreement", type=float, default=90.0, metavar="PERCENT",
+                     help="refuse an engine whose agreement with the faithful graph is not resolved at or above this")
+    eng.add_argument("--guard-max-samples", type=int, default=1024, metavar="N", help="most images the guard uses")
 
     ben = sub.add_parser("bench", help="latency and throughput of .onnx/.engine/.xml (OpenVINO) files (or all of "
                                        "those in a run directory)")
@@ -353,7 +361,8 @@ def _bench(args, console) -> int:
         for b in args.batch_sizes:
             t = entry["latency"][f"b{b}"]
             cells += [f"{t['median_ms']:.2f} ({t['p90_ms']:.2f})", f"{t['images_per_s']:.0f}"]
-        table.add_row(name, f"{entry['bytes'] / 1e6:.2f}", *cells)
+        table.add_row(name + (" (unverified)" if entry.get("verified") is False else ""), f"{entry['bytes'] / 1e6:.2f}",
+                      *cells)
     console.print(table)
     if args.json:
         from .io import write_json
@@ -372,7 +381,9 @@ def _build_engine(args) -> int:
     sidecar = api.build(args.onnx, engine=args.engine, batch=tuple(args.batch),
                         size=tuple(args.size) if args.size else None, out=args.out, precision=args.precision,
                         strongly_typed=not args.weak_typing, workspace_mib=args.workspace_mib,
-                        timing_cache=args.timing_cache, sparse=args.sparse)
+                        timing_cache=args.timing_cache, sparse=args.sparse, data=args.data,
+                        guard=not args.no_guard, guard_min_agreement=args.guard_min_agreement,
+                        guard_max_samples=args.guard_max_samples)
     if sidecar.get("engine") == "openvino":
         where = Path(args.out) if args.out else Path(args.onnx).with_name(sidecar["ir"])
         print(f"OpenVINO IR: {where} (OpenVINO {sidecar['openvino']}, {sidecar['cpu']['model']}); {sidecar['int8']}")
@@ -380,6 +391,14 @@ def _build_engine(args) -> int:
         where = Path(args.out) if args.out else Path(args.onnx).with_name(sidecar["engine"])
         print(f"engine: {where} (TensorRT {sidecar['tensorrt']}, "
               f"{sidecar['gpu']}); layers by precision: {sidecar['layer_precisions']}")
+    if sidecar.get("guard"):
+        from .runtime.guard import GuardResult
+
+        fields = {k: v for k, v in sidecar["guard"].items() if k not in ("passed", "resolved", "verdict")}
+        print(f"guard: passed: {GuardResult(**fields).describe()}")
+    elif "verified" in sidecar:
+        print("guard: off (--no-guard): this engine is UNVERIFIED; nothing checked that it computes the graph's "
+              "function")
     return 0
 
 

@@ -55,13 +55,15 @@ def backend_rows(metrics: dict) -> list[dict]:
         rows.append(
             {
                 "backend": name,
-                "title": backends.title(name),
+                "title": backends.title(name) + (" (unverified)" if entry.get("verified") is False else ""),
                 "metrics": entry.get("metrics", {}),
                 "size_mb": entry["size_bytes"] / 1e6 if "size_bytes" in entry else None,
                 "latency": {k: v["median_ms"] for k, v in lat.items()},
                 "latency_p90": {k: v["p90_ms"] for k, v in lat.items()},
                 "delta": entry.get("delta_vs_fp32"),
                 "delta_ptq": entry.get("delta_vs_ptq"),
+                "verified": entry.get("verified"),  # engines: whether the build's guard passed it
+                "engine_check": entry.get("engine_check"),  # engines: agreement with their graph, every image
             }
         )
     return rows
@@ -196,6 +198,15 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
             else:
                 what = "(agreement not measurable: the reference finds no box with score >= 0.25 on these images)"
             lines += [f"{sentence} {what} (max |output difference| {cmp['max_abs_diff']:.4f}).", ""]
+    for row in rows:
+        check = row["engine_check"]
+        if check:
+            verdict = "within" if check["within"] else "**outside**"
+            lines += [f"{row['title']} against the graph it was compiled from (`{check['against']}`), the guard's "
+                      f"way on every evaluation image: {check['criterion']} {check['value']:.1f}% "
+                      f"[{check['low']:.1f}, {check['high']:.1f}] ({100 * check['confidence']:.0f}% "
+                      f"{check['method']} interval, {check['samples']} images), {verdict} the guard's threshold of "
+                      f"{check['min_agreement']:g}%.", ""]
     lines += _not_measurable_lines(rows)
     speed = evaluation.get("speed_ms_per_image")
     if speed:
@@ -363,7 +374,9 @@ def _bench_section(run_dir: Path, metrics: dict) -> list[str]:
     for name, entry in bench["backends"].items():
         cells = [f"{_fmt(entry['latency'][k]['median_ms'])} ({_fmt(entry['latency'][k]['p90_ms'])}) | "
                  f"{entry['latency'][k]['images_per_s']:.0f}" for k in keys]
-        lines.append(f"| {backends.title(name)} | {entry['bytes'] / 1e6:.2f} | " + " | ".join(cells) + " |")
+        unverified = " (unverified)" if entry.get("verified") is False else ""
+        lines.append(f"| {backends.title(name)}{unverified} | {entry['bytes'] / 1e6:.2f} | " + " | ".join(cells)
+                     + " |")
     return lines + ["", "![throughput](bench.png)", ""]
 
 
@@ -390,11 +403,26 @@ def _build_section(run_dir: Path, metrics: dict) -> list[str]:
                             + (f" {side['graph_note']}" if side.get("graph_note") else ""))
     guard = b.get("guard")
     if guard:
-        agree = (f"{guard['agreement']:.2f}% agreement over {guard['compared']} compared"
-                 if guard["agreement"] is not None else "no agreement measurable")
-        text += ["", f"Guard: against the faithful graph on {guard['samples']} calibration images, {agree}, output "
-                 f"SQNR {guard['sqnr_db']:.1f} dB: {'passed' if guard['passed'] else 'refused'}."]
+        text += ["", f"Guard: {_guard_sentence(guard)}"]
+    elif b.get("verified") is False:
+        text += ["", "Guard: off (guard: false): the engine is **unverified**; nothing checked that it computes its "
+                 "graph's function."]
     return [title, ""] + text + [""]
+
+
+def _guard_sentence(guard: dict) -> str:
+    """What the build's guard measured and decided (older runs' records have no interval)."""
+    drawn = " and ".join(f"{n} {split}" for split, n in guard.get("sources", {}).items() if n) or "calibration"
+    if guard.get("agreement") is None:
+        agree = "no agreement measurable"
+    elif guard.get("low") is not None:
+        agree = (f"{guard.get('criterion', 'agreement')} {guard['agreement']:.1f}% [{guard['low']:.1f}, "
+                 f"{guard['high']:.1f}] ({100 * guard['confidence']:.0f}% interval; needs {guard['min_agreement']:g}%)")
+    else:
+        agree = f"{guard['agreement']:.2f}% agreement over {guard['compared']} compared"
+    verdict = guard.get("verdict") or ("passed" if guard["passed"] else "refused")
+    return (f"against `{guard.get('reference', 'the faithful graph')}` on {guard['samples']} images ({drawn}), "
+            f"{agree}, output SQNR {guard['sqnr_db']:.1f} dB: {verdict}.")
 
 
 def _timings_section(run_dir: Path, metrics: dict) -> list[str]:
@@ -557,7 +585,8 @@ def print_summary(run_dir: str | Path, console) -> None:
     for r in rows:
         value = r["metrics"].get(metric.key) if metric else None
         delta = [_interval(r["delta"]) if r["backend"] != "pytorch_fp32" else "-"] if confidence else []
-        table.add_row(r["backend"], _fmt(value, metric.digits if metric else 2), *delta, _fmt(r["size_mb"]),
+        name = r["backend"] + (" (unverified)" if r["verified"] is False else "")
+        table.add_row(name, _fmt(value, metric.digits if metric else 2), *delta, _fmt(r["size_mb"]),
                       *[_fmt(r["latency"].get(k)) if k in r["latency"] else "-" for k in batch_keys])
     if batch_keys:
         table.caption = _latency_caption(metrics, rows)

@@ -559,6 +559,13 @@ def _built(run, options, values, loaded) -> bool:
                 return False
             found[key] = xml
     run.artifacts.openvino_int8, run.artifacts.openvino_fp32 = found.get("int8"), found.get("fp32")
+    if "int8" in found:  # the graph it was compiled from (model.onnx itself for the TensorRT-style layout)
+        converted = run.path("model_openvino_int8.onnx")
+        run.artifacts.openvino_int8_graph = converted if converted.is_file() else run.artifacts.onnx.model
+    from .runtime.guard import GuardPolicy
+
+    run.artifacts.engine_guard = GuardPolicy(options.guard_min_agreement, options.guard_min_sqnr_db,
+                                             options.guard_confidence, options.guard_max_samples)
     return True
 
 

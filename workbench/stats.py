@@ -75,3 +75,61 @@ def paired_statistic(this: np.ndarray, reference: np.ndarray, value: float, refe
     """A whole-set metric's difference (e.g. mAP) from its values for both models on the same bootstrap draws."""
     low, high = percentile_interval(np.asarray(this) - np.asarray(reference), confidence)
     return Interval(scale * (value - reference_value), scale * low, scale * high, confidence, samples, len(this))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A proportion or score in percent (agreement of an engine with its reference) with its interval."""
+
+    value: float
+    low: float
+    high: float
+    confidence: float
+    samples: int  # images it is measured on
+    method: str  # "wilson" (a proportion of images) or "bootstrap" (a whole-set metric resampled over images)
+
+    def resolves(self, threshold: float) -> bool:
+        """The interval lies wholly on one side of `threshold`: these images decide above or below it."""
+        return self.low >= threshold or self.high < threshold
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self, digits: int = 1) -> str:
+        return (f"{self.value:.{digits}f}% [{self.low:.{digits}f}, {self.high:.{digits}f}] "
+                f"({100 * self.confidence:.0f}% {self.method} interval, {self.samples} images)")
+
+
+def normal_quantile(confidence: float) -> float:
+    """z of a two-sided interval at `confidence` (1.96 at 0.95)."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+
+
+def wilson_interval(hits: int, n: int, confidence: float = CONFIDENCE) -> Estimate:
+    """The Wilson score interval of the proportion hits/n, in percent: unlike a bootstrap it is not empty at
+    n of n (32 of 32 agreeing says 'at least 89.3%', not '100%')."""
+    if n <= 0:
+        raise ValueError("no images to measure a proportion on")
+    z = normal_quantile(confidence)
+    p = hits / n
+    centre, spread = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    low, high = (centre - spread) / (1 + z * z / n), (centre + spread) / (1 + z * z / n)
+    return Estimate(100.0 * p, 100.0 * max(0.0, low), 100.0 * min(1.0, high), confidence, n, "wilson")
+
+
+def samples_to_resolve(threshold: float, confidence: float = CONFIDENCE) -> int:
+    """The fewest images on which perfect agreement resolves `threshold` percent: the Wilson interval of n of n
+    starts at n / (n + z^2), which reaches T at n = z^2 T / (1 - T) (35 images for 90% at 95% confidence)."""
+    t = threshold / 100.0
+    if t <= 0:
+        return 1
+    if t >= 1:
+        raise ValueError(f"a threshold of {threshold:g}% cannot be resolved on any number of images: give less "
+                         "than 100")
+    z = normal_quantile(confidence)
+    n = int(np.ceil(z * z * t / (1 - t) - 1e-9))
+    while n / (n + z * z) < t:  # rounding
+        n += 1
+    return max(1, n)

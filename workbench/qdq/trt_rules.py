@@ -37,30 +37,15 @@ Violations name the node and, from the exporter's scope, the PyTorch module it c
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .export import load_onnx
 from .graph import COMPUTE_OPS, GraphIndex, opset, scope_to_module
+from .numeric import Violation, scale_problem
 
 WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1}
-
-
-@dataclass(frozen=True)
-class Violation:
-    rule: str
-    node: str
-    module: str | None
-    message: str
-
-    def __str__(self) -> str:
-        where = f" (module {self.module})" if self.module else ""
-        return f"[{self.rule}] {self.node}{where}: {self.message}"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def check_quantized(model) -> Violation | None:
@@ -147,8 +132,8 @@ def _in_units(scope: str | None, units: set[str]) -> bool:
 
 def _check_scale_and_zero_point(g: GraphIndex, n, flag) -> None:
     scale = g.constant(n.input[1])
-    if scale is not None and (not np.all(np.isfinite(scale)) or np.any(scale <= 0)):
-        flag("positive_scale", n, f"scale has values <= 0 or not finite (min {np.min(scale):.3g})")
+    if scale is not None and (problem := scale_problem(scale)):
+        flag("positive_scale", n, problem)
     if len(n.input) < 3 or not n.input[2]:
         if n.op_type == "QuantizeLinear":
             flag("int8_zero_point", n, "no zero point: ONNX then quantizes to UINT8, which TensorRT does not take; "

@@ -61,6 +61,9 @@ class Backend:
     benched: bool = False  # the bench stage times it
     variants: tuple[Variant, ...] = ()  # bench-only rows after it
     compares: Comparison | None = None
+    # An engine: the backend running the graph it was compiled from, faithfully. evaluate measures the engine's
+    # agreement with it on every evaluation image and flags one outside the build guard's threshold.
+    guarded_against: str | None = None
     file_suffix: str | None = None  # `workbench bench` opens files of this suffix with this row's runner
     # What a deployment would run, and in which precision: the run's summary puts the fastest INT8 engine against
     # the fastest FP32 one. None: a row that checks arithmetic (fake-quant, the faithful or TensorRT-style graph).
@@ -257,12 +260,19 @@ for _row in (
     Backend("ort_int8_ptq", "INT8 PTQ before QAT (ONNX Runtime, faithful)", ("quantized", "onnx_ptq"),
             _onnx("ptq"), _ort("faithful")),
     Backend("tensorrt", "TensorRT engine", ("tensorrt_engine",), lambda run: run.artifacts.tensorrt_engine, _tensorrt,
-            benched=True, file_suffix=".engine", deploys="int8"),
+            benched=True, file_suffix=".engine", deploys="int8", guarded_against="ort_int8_faithful"),
+    Backend("ort_openvino_graph", "INT8 Q/DQ as OpenVINO is given it (model_openvino_int8.onnx, ONNX Runtime, "
+            "faithful)", ("openvino_int8_graph",), lambda run: run.artifacts.openvino_int8_graph, _ort("faithful"),
+            sized=False, timed=False, compares=Comparison(
+                "openvino_conversion_vs_faithful", "ort_int8_faithful",  # u8 activations, the CPU's weight bits
+                "The graph OpenVINO is compiled from (u8 activations, this CPU's weight bits) agrees with the faithful "
+                "graph")),
     Backend("openvino_fp32", "FP32 (OpenVINO)", ("openvino_fp32",), lambda run: run.artifacts.openvino_fp32,
             _openvino, benched=True, deploys="fp32"),
     Backend("openvino_int8", "INT8 OpenVINO (compiled from the Q/DQ graph, integer kernels)", ("openvino_int8",),
             lambda run: run.artifacts.openvino_int8, _openvino, benched=True, file_suffix=".xml", deploys="int8",
-            compares=Comparison("openvino_vs_faithful", "ort_int8_faithful",
-                                "The OpenVINO INT8 engine agrees with the faithful TensorRT-style graph")),
+            guarded_against="ort_openvino_graph",
+            compares=Comparison("openvino_vs_faithful", "ort_openvino_graph",
+                                "The OpenVINO INT8 engine agrees with the graph it was compiled from")),
 ):
     register_backend(_row)

@@ -233,3 +233,37 @@ def run_tapped(path: Path, batch: np.ndarray, threads: int | None = None) -> dic
     compiled = core.compile_model(model, "CPU", _config(threads))
     results = compiled({0: np.ascontiguousarray(batch, dtype=np.float32)})
     return {name: np.asarray(value) for port, value in results.items() for name in port.get_names()}
+
+
+def weights_for_cpu(requested: str = "auto") -> tuple[str, str]:
+    """(weights, why) of the u8 graph OpenVINO compiles: 8-bit (s8) where this CPU's INT8 dot products accumulate in
+    32 bits (VNNI, AMX; Arm), 7 bits where a 16-bit pairwise sum could saturate (x86 without VNNI: VPMADDUBSW)."""
+    from . import cpu
+
+    if requested != "auto":
+        return requested, f"{requested} weights, as asked"
+    if cpu.cpu_info().int8_dot:
+        return "s8", "8-bit weights: this CPU's INT8 dot products (VNNI/AMX) accumulate in 32 bits"
+    return "reduce_range", "7-bit weights where a 16-bit sum could saturate (no VNNI on this CPU)"
+
+
+def int8_graph(model: Path, out: Path, graph: str = "u8", weights: str = "auto") -> tuple[Path, dict]:
+    """The INT8 graph OpenVINO compiles for this CPU, and the sidecar's note of which it is and why.
+
+    OpenVINO takes signed 8-bit activations as they are only on CPUs with AMX; elsewhere its low-precision
+    transformations shift them to u8 (+128), and a signed Q/DQ after a Concat then loses its scale (yolov5n's
+    mAP 0.31 -> 0.03 on an AVX-512 VNNI EPYC; docs/BENCHMARKS.md). The same ranges with u8 activations (zero point
+    128: exactly the values of signed 8-bit), written to `out`, avoid that rewrite on every CPU; their weights
+    follow weights_for_cpu. `out` is also the guard's reference: the arithmetic the engine is meant to compute.
+    """
+    from ..qdq.ort_flavour import to_ort_int8
+
+    if graph == "tensorrt_style":
+        return model, {"graph": "tensorrt_style", "graph_note": f"Compiled from {model.name} as exported (signed "
+                       "activations), as asked: OpenVINO computes a signed Q/DQ after a Concat wrongly on CPUs "
+                       "without AMX."}
+    chosen, why = weights_for_cpu(weights)
+    to_ort_int8(model, out, chosen)
+    return out, {"graph": f"u8 activations, {chosen} weights", "weights": chosen,
+                 "graph_note": (f"Compiled from {out.name}: {model.name}'s ranges with unsigned activations (zero "
+                                f"point 128 where signed), which OpenVINO computes faithfully on every CPU; {why}.")}

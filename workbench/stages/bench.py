@@ -37,14 +37,23 @@ def bench(run, opts: BenchOptions) -> None:
     import torch
 
     from ..plots import plot_throughput
+    from ..qdq.numeric import require_numeric
     from ..runtime import backends
+    from ..runtime.guard import engine_verified
     from ..runtime.latency import bench_artifacts, cpu_threads
 
     threads = cpu_threads(opts.threads)  # one count for every backend
     artifacts = backends.bench_artifacts(run, backends.Options(device="cpu", threads=threads),
                                          cuda=torch.cuda.is_available(), fp16=opts.cuda_fp16)
+    for name in artifacts:
+        model = backends.BACKENDS[name].model(run) if name in backends.BACKENDS else None
+        if getattr(model, "suffix", None) == ".onnx":
+            require_numeric(model)
     results = bench_artifacts(artifacts, tuple(run.recipe.model.input_size), opts.batch_sizes, opts.warmup,
                               opts.repeats, threads)
+    for name, entry in results.items():
+        if name in backends.BACKENDS and backends.BACKENDS[name].guarded_against:
+            entry["verified"] = engine_verified(backends.BACKENDS[name].model(run))
     values = {"threads": threads, "batch_sizes": opts.batch_sizes, "repeats": opts.repeats, "backends": results}
     write_json(run.path("bench.json"), values)
     plot_throughput(run.path("bench.png"), results, opts.batch_sizes)

@@ -53,13 +53,17 @@ class BuildOptions(StageOptions):
     openvino_weights: Literal["auto", "s8", "reduce_range"] = Field(
         "auto", description="OpenVINO, u8 graph: s8 (8-bit weights: CPUs with VNNI or AMX), reduce_range (7 bits "
         "where a 16-bit sum could saturate: x86 CPUs without VNNI); auto: for the CPU the build runs on.")
-    guard: bool = Field(True, description="Run the engine beside the faithful graph on calibration images and refuse "
-                        "it when their outputs disagree.")
-    guard_samples: int = Field(32, ge=1, le=4096, description="Calibration images the guard compares on.")
+    guard: bool = Field(True, description="Run the engine beside the faithful execution of the graph it was compiled "
+                        "from and refuse it when they disagree (false: keep it, marked unverified everywhere).")
+    guard_max_samples: int = Field(1024, ge=1, le=65536, description="Most images the guard compares on. It starts "
+                                   "at the fewest on which perfect agreement resolves guard_min_agreement (35 for 90% "
+                                   "at 95%) and doubles while the interval straddles it, drawing the calibration "
+                                   "split, then the evaluation split.")
     guard_min_agreement: float = Field(
-        90.0, ge=0, le=100, description="Refuse an engine that agrees with the faithful graph on fewer than this "
-        "percent of top-1 predictions (classifiers) or confident boxes (detectors). Engines that compute the graph's "
-        "function agree on 97-100% (rounding differs near ties); the broken ones seen agree on 0-66%.")
+        90.0, ge=0, lt=100, description="Refuse an engine whose agreement with its faithful graph is not resolved at "
+        "or above this percent: top-1 agreement (classifiers), mAP50 of its boxes against the graph's confident "
+        "boxes (detectors). Engines that compute the graph's function agree on 97-100%; the broken ones seen, 0-66%.")
+    guard_confidence: float = Field(0.95, gt=0.5, lt=1, description="Of the agreement's interval.")
     guard_min_sqnr_db: float = Field(
         15.0, description="Where no agreement is measurable (no confident box): refuse an engine whose output SQNR "
         "against the faithful graph is below this.")
@@ -91,14 +95,18 @@ def _needs(opts: BuildOptions) -> tuple[str, ...]:
 def _makes(opts: BuildOptions, made: set[str]) -> set[str]:
     if resolve_engine(opts) == "tensorrt":
         return {"tensorrt_engine"}
-    out = {"openvino_int8"} if opts.precision == "int8" else set()
+    out = {"openvino_int8", "openvino_int8_graph"} if opts.precision == "int8" else set()
     return out | ({"openvino_fp32"} if "onnx_fp32" in made else set())
 
 
 @register_stage("build", BuildOptions, needs=_needs, makes=_makes)
 def build(run, opts: BuildOptions) -> None:
     """An engine (TensorRT, or OpenVINO for the CPU) from the exported ONNX, checked against its faithful graph."""
+    from ..runtime.guard import GuardPolicy
+
     engine = resolve_engine(opts)
+    run.artifacts.engine_guard = GuardPolicy(opts.guard_min_agreement, opts.guard_min_sqnr_db, opts.guard_confidence,
+                                             opts.guard_max_samples)
     try:
         values = _build_tensorrt(run, opts) if engine == "tensorrt" else _build_openvino(run, opts)
     except EngineNotBuilt as e:
@@ -119,6 +127,7 @@ class EngineNotBuilt(WorkbenchError):
 def _build_tensorrt(run, opts: BuildOptions) -> dict:
     from pathlib import Path
 
+    from ..qdq.numeric import require_numeric
     from ..runtime.tensorrt import (
         BuildRequest,
         TensorRTRunner,
@@ -142,19 +151,22 @@ def _build_tensorrt(run, opts: BuildOptions) -> dict:
         workspace_mib=opts.workspace_mib, timing_cache=cache, sparse_weights=opts.sparse_weights,
     )
     check_request(req)  # a bad profile or a graph without Q/DQ fails with or without TensorRT
+    require_numeric(req.onnx)
     try:
         sidecar = build_engine(req)
     except TensorRTUnavailable as e:
         raise EngineNotBuilt(str(e)) from None
     values = {**sidecar, "engine": "tensorrt", "engine_file": sidecar["engine"], "built": True}
-    if opts.guard and opts.precision == "int8":
+    if opts.precision == "int8":
         files = [req.engine, req.engine.with_name(req.engine.name + ".json")]
-        values["guard"] = _guard(run, opts, TensorRTRunner(req.engine, "tensorrt"), req.onnx, files, tap=None)
+        values.update(_guard(run, opts, lambda: TensorRTRunner(req.engine, "tensorrt"), req.onnx, files, None,
+                             "tensorrt"))
     run.artifacts.tensorrt_engine = req.engine
     return values
 
 
 def _build_openvino(run, opts: BuildOptions) -> dict:
+    from ..qdq.numeric import require_numeric
     from ..runtime import openvino
 
     try:
@@ -164,85 +176,45 @@ def _build_openvino(run, opts: BuildOptions) -> dict:
     onnx = run.artifacts.onnx
     values: dict = {"engine": "openvino", "built": True, "openvino": openvino.version()}
     if onnx.fp32 is not None:  # the baseline the INT8 engine's speed is measured against
+        require_numeric(onnx.fp32)
         xml = run.path("model_openvino_fp32.xml")
         values["fp32"] = openvino.compile_model_file(openvino.CompileRequest(onnx=onnx.fp32, xml=xml))
         run.artifacts.openvino_fp32 = xml
     if opts.precision == "int8":
+        require_numeric(onnx.model)
         xml = run.path("model_openvino_int8.xml")
-        graph, notes = _openvino_int8_graph(run, opts)
+        graph, notes = openvino.int8_graph(onnx.model, run.path("model_openvino_int8.onnx"), opts.openvino_graph,
+                                           opts.openvino_weights)
         values["int8"] = openvino.compile_model_file(openvino.CompileRequest(onnx=graph, xml=xml, notes=notes))
-        if opts.guard:
-            runner = openvino.OpenVINORunner(xml, "openvino_int8")
-            values["guard"] = _guard(run, opts, runner, graph, openvino.artifact_files(xml), tap=openvino.run_tapped)
-        run.artifacts.openvino_int8 = xml
+        files = openvino.artifact_files(xml) + ([graph] if graph != onnx.model else [])
+        values.update(_guard(run, opts, lambda: openvino.OpenVINORunner(xml, "openvino_int8"), graph, files,
+                             openvino.run_tapped, "openvino_int8"))
+        run.artifacts.openvino_int8, run.artifacts.openvino_int8_graph = xml, graph
     return values
 
 
-def _openvino_int8_graph(run, opts: BuildOptions):
-    """The INT8 graph OpenVINO compiles, and the sidecar's note of which it is and why.
+def _guard(run, opts: BuildOptions, runner, graph, files: list, tap, engine_name: str) -> dict:
+    """The guard's record: the engine compared with the faithful execution of the ONNX `graph` it was compiled from,
+    on the calibration images and then the evaluation images (runtime/guard.py). A refused engine's files are
+    removed and EngineNotBuilt raised with what was measured; with the guard off the engine is kept, marked
+    unverified in its sidecar and the build's record."""
+    from ..runtime.guard import EngineRefused, mark_sidecar, verify_engine
 
-    OpenVINO takes signed 8-bit activations as they are only on CPUs with AMX; elsewhere its low-precision
-    transformations shift them to u8 (+128), and a signed Q/DQ after a Concat then loses its scale (yolov5n's
-    mAP 0.31 -> 0.03 on an AVX-512 VNNI EPYC; benchmarks and docs/BENCHMARKS.md). Handing it the same ranges
-    with u8 activations (zero point 128: exactly the values of signed 8-bit) avoids that rewrite on every CPU.
-    On x86 CPUs without VNNI its u8 x s8 kernels sum pairs in 16 bits (VPMADDUBSW), which saturate at full
-    8-bit weights: there the weights whose sums could are re-quantized to 7 bits (reduce_range).
-    """
-    from ..qdq.ort_flavour import to_ort_int8
-    from ..runtime.cpu import cpu_info
-
-    model = run.artifacts.onnx.model
-    if opts.openvino_graph == "tensorrt_style":
-        return model, {"graph": "tensorrt_style", "graph_note": "Compiled from model.onnx as exported (signed "
-                       "activations), as the recipe asked: OpenVINO computes a signed Q/DQ after a Concat wrongly "
-                       "on CPUs without AMX."}
-    cpu = cpu_info()
-    weights = opts.openvino_weights
-    if weights == "auto":
-        weights = "s8" if cpu.int8_dot else "reduce_range"
-    why_weights = ("8-bit weights: this CPU's INT8 dot products (VNNI/AMX) accumulate in 32 bits" if weights == "s8"
-                   else "7-bit weights where a 16-bit sum could saturate (no VNNI on this CPU)"
-                   if opts.openvino_weights == "auto" else f"{weights} weights, as the recipe asked")
-    path = run.path("model_openvino_int8.onnx")
-    to_ort_int8(model, path, weights)
-    return path, {"graph": f"u8 activations, {weights} weights", "weights": weights,
-                  "graph_note": ("Compiled from model_openvino_int8.onnx: model.onnx's ranges with unsigned "
-                                 f"activations (zero point 128 where signed), which OpenVINO computes faithfully "
-                                 f"on every CPU; {why_weights}.")}
+    if not opts.guard:
+        mark_sidecar(files[0], None)
+        return {"verified": False, "guard": None}
+    try:
+        result = verify_engine(runner(), graph, _guard_images(run), run.task.agreement_meter(run.num_classes()),
+                               run.artifacts.engine_guard, files, engine_name, tap)
+    except EngineRefused as e:
+        raise EngineNotBuilt(f"{e}; the faithful ONNX graph is the artifact to deploy (or set guard: false to keep "
+                             "the engine, marked unverified)", {"guard": e.result.as_dict()}) from None
+    return {"verified": True, "guard": result.as_dict()}
 
 
-def _guard(run, opts: BuildOptions, runner, graph, files: list, tap) -> dict:
-    """Compare the engine with the faithful execution of the ONNX `graph` it was built from; a refused engine's
-    files are removed and EngineNotBuilt raised with what was measured and the first diverging layer (where
-    `tap` can run the engine on a tapped graph)."""
-    from ..data import make_loader
-    from ..qdq.compare import first_diverging, graph_divergence
-    from ..runtime.guard import compare_engine
-    from ..runtime.runners import OrtRunner
-
-    faithful = OrtRunner(graph, "faithful", "faithful")
-    loader = make_loader(run.dataset("calibration"), run.recipe.data)
-    batches, taken = [], 0
-    for images, _ in loader:
-        batches.append(images[: opts.guard_samples - taken].numpy())
-        taken += batches[-1].shape[0]
-        if taken >= opts.guard_samples:
-            break
-    result = compare_engine(runner, faithful, batches, run.task, run.num_classes(), opts.guard_min_agreement,
-                            opts.guard_min_sqnr_db)
-    values = result.as_dict()
-    if result.passed:
-        return values
-    where = ""
-    if tap is not None:
-        rows = graph_divergence(graph, batches[0][:1], tap)
-        first = first_diverging(rows)
-        values["first_diverging"] = first
-        if first is not None:
-            where = (f"; the first layer whose output diverges is node {first['onnx_node']} (relative error "
-                     f"{first['rel_error']:.3f})")
-    for path in files:
-        path.unlink(missing_ok=True)
-    raise EngineNotBuilt(f"the {result.engine} engine was refused: {result.describe()}{where}. Its files were "
-                         "removed; the faithful ONNX graph is the artifact to deploy (or set guard: false to keep it)",
-                         {"guard": values})
+def _guard_images(run):
+    """(split, images) batches: the calibration split, then the evaluation split where the recipe has one."""
+    splits = ["calibration"] + (["evaluation"] if run.recipe.data.evaluation is not None else [])
+    for split in splits:
+        for images, _ in run.loader(split):
+            yield split, images.numpy()

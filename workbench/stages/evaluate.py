@@ -116,6 +116,10 @@ def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
     same_function = table.comparisons(runners)
     pairs = {key: [task.scorer(run.recipe, dataset, compare_only=True), 0.0]  # scorer, max |diff|
              for key in same_function}
+    # Every engine against the graph it was compiled from, the guard's way, on the whole split (the build's guard
+    # decided on as few images as resolved its threshold).
+    engine_checks = {b: (BACKENDS[b].guarded_against, task.agreement_meter(run.num_classes())) for b in runners
+                     if BACKENDS[b].guarded_against in runners}
     seen = 0
     for i, (images, labels) in enumerate(_batches(track(loader, "evaluate", total=len(loader)), opts.max_samples)):
         seen += images.shape[0]
@@ -124,6 +128,8 @@ def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
         for b, out in outputs.items():
             if not (b == "pytorch_fp32" and references is not None):  # FP32 already scored
                 _update(run, scorers[b], b, out, labels, reference, images)
+        for b, (against, meter) in engine_checks.items():
+            meter.update(outputs[b], outputs[against])
         for key, entry in pairs.items():
             graph, against = same_function[key]
             entry[0].update(outputs[graph], labels, outputs[against])
@@ -138,6 +144,7 @@ def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
             entry["latency"] = latencies[b]
         results[b] = entry
     _differences(task, scorers, results, opts.confidence)
+    _check_engines(run, engine_checks, results)
     _write_per_image(run, task, scorers)
     values = {"samples": seen, "labeled": labeled, "backends": results}
     if latencies:
@@ -152,6 +159,29 @@ def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
         if seen:
             values[key] = {**scorer.result(), "max_abs_diff": max_abs_diff}
     run.record("evaluate", values)
+
+
+def _check_engines(run, engine_checks: dict, results: dict) -> None:
+    """Each engine's agreement with its faithful graph on the evaluation split, with its interval; an engine outside
+    the build guard's threshold here (or built unverified) is a warning in the console, the report and
+    metrics.json."""
+    from ..runtime.guard import GuardPolicy, engine_verified
+
+    policy = run.artifacts.engine_guard or GuardPolicy()
+    for b, (against, meter) in engine_checks.items():
+        verified = engine_verified(BACKENDS[b].model(run))
+        results[b]["verified"] = verified
+        estimate = meter.estimate(policy.confidence)
+        if estimate is None:  # the faithful graph makes no confident prediction: nothing to agree on
+            continue
+        within = estimate.value >= policy.min_agreement
+        results[b]["engine_check"] = {"against": against, "criterion": meter.criterion, "compared": meter.compared,
+                                      **estimate.as_dict(), "min_agreement": policy.min_agreement, "within": within}
+        if not within:
+            run.warn(f"{b}: {meter.criterion} with its faithful graph ({against}) on the evaluation split is "
+                     f"{estimate.describe()}, outside the guard's threshold of {policy.min_agreement:g}%"
+                     + ("" if verified else " (the engine was built unverified)")
+                     + ": this engine does not compute its graph's function; deploy the faithful ONNX graph")
 
 
 def _write_per_image(run, task, scorers: dict) -> None:

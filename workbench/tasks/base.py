@@ -37,6 +37,18 @@ class Scorer(Protocol):
     def result(self) -> dict[str, float]: ...
 
 
+class AgreementMeter(Protocol):
+    """Accumulates an engine's outputs beside its reference's; `estimate` gives the agreement in percent with its
+    interval (stats.Estimate), None where the reference gives nothing to agree on."""
+
+    criterion: str  # what the agreement is, in words
+    compared: int  # what it counts: images (top-1) or the reference's boxes
+
+    def update(self, outputs: Any, reference: Any) -> None: ...
+
+    def estimate(self, confidence: float) -> Any: ...
+
+
 class Distiller(Protocol):
     """The distillation loss of a student's outputs against its teacher's; `remove()` drops any hooks it set."""
 
@@ -113,6 +125,11 @@ class Task:
     def agreement_counts(self, outputs, reference, num_classes: int | None) -> tuple[int, int]:
         """(agreeing, compared) between a batch of outputs and the reference's (FP32 or a faithful graph): what
         `agreement_key` measures, without labels or a dataset (an engine's guard compares on any images)."""
+        raise NotImplementedError
+
+    def agreement_meter(self, num_classes: int | None) -> AgreementMeter:
+        """Whether an engine computes its reference graph's function, measured the task's way over batches of both
+        outputs (the engine guard and evaluate's engine check): no labels needed."""
         raise NotImplementedError
 
     def postprocess(self, outputs: Any, recipe: Any) -> Any:

@@ -110,6 +110,25 @@ class ClassificationScorer:
         return 100.0 * sum(c * self.predicted_counts[k] for k, c in self.label_counts.items()) / n**2
 
 
+class TopOneAgreement:
+    """The share of images whose top class is the reference's, with its Wilson interval (stats.wilson_interval)."""
+
+    criterion = "top-1 agreement"
+
+    def __init__(self):
+        self.agree = self.compared = 0
+
+    def update(self, outputs, reference) -> None:
+        out, ref = _as_numpy(first_output(outputs)), _as_numpy(first_output(reference))
+        self.agree += int((out.argmax(1) == ref.argmax(1)).sum())
+        self.compared += int(out.shape[0])
+
+    def estimate(self, confidence: float):
+        from ..stats import wilson_interval
+
+        return wilson_interval(self.agree, self.compared, confidence) if self.compared else None
+
+
 class ClassificationTask(Task):
     name = "classification"
     metrics = (
@@ -163,6 +182,9 @@ class ClassificationTask(Task):
     def agreement_counts(self, outputs, reference, num_classes) -> tuple[int, int]:
         out, ref = _as_numpy(first_output(outputs)), _as_numpy(first_output(reference))
         return int((out.argmax(1) == ref.argmax(1)).sum()), int(out.shape[0])
+
+    def agreement_meter(self, num_classes) -> TopOneAgreement:
+        return TopOneAgreement()
 
     def postprocess(self, outputs, recipe):
         return _as_numpy(first_output(outputs)).argmax(1)
