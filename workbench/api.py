@@ -63,6 +63,10 @@ def quantize_recipe(model: str | os.PathLike, data: str | os.PathLike, imgsz: in
     else:
         spec = f"ultralytics:{path}"
     stem = "".join(c if c.isalnum() or c in "_.-" else "_" for c in path.stem) or "model"
+    # Ultralytics' models as `yolo export dynamic=True` writes them (batch, height and width dynamic): its ONNX
+    # loader takes a graph with a dynamic batch for one of dynamic size, so `yolo val` feeds it rectangular batches.
+    # YOLOv5's layout is one Ultralytics 8 refuses (tasks/detection.py): its graph keeps its fixed size.
+    export = {"dynamic_size": True} if spec.startswith("ultralytics:") else {}
     recipe = {
         "name": name or f"{stem}_int8",
         "task": "detection",
@@ -70,7 +74,7 @@ def quantize_recipe(model: str | os.PathLike, data: str | os.PathLike, imgsz: in
                   **({"trust_pickle": True} if trust_pickle else {})},
         "data": str(data),
         "runs_dir": str(runs_dir),
-        "stages": [{"calibrate": {"method": method}}, {"export": {}}, {"build": {"engine": engine}},
+        "stages": [{"calibrate": {"method": method}}, {"export": export}, {"build": {"engine": engine}},
                    {"evaluate": {}}],
     }
     return f"# workbench quantize {path} --data {data}\n" + yaml.safe_dump(recipe, sort_keys=False)

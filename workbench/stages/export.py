@@ -68,7 +68,8 @@ def export(run, opts: ExportOptions) -> None:
     values = {}
     # What the task's own tools read from a graph (a detector's class names, stride, size: Ultralytics'), in all.
     classes = Classes(run.num_classes(), run.class_names())
-    task_metadata = run.task.onnx_metadata(run.reference, classes, run.recipe.model.input_size, opts.dynamic_batch)
+    task_metadata = run.task.onnx_metadata(run.reference, classes, run.recipe.model.input_size, opts.dynamic_batch,
+                                           opts.dynamic_size)
 
     def write(model, name: str, metadata: dict | None = None):
         path = export_onnx(model, example, run.path(name), opts.opset, opts.dynamic_batch, opts.dynamic_size,

@@ -106,8 +106,10 @@ class Task:
         """A split read for the model (a detector's labels against its own classes)."""
         return dataset
 
-    def onnx_metadata(self, model: nn.Module, classes: Classes, input_size, dynamic_batch: bool) -> dict[str, str]:
-        """Metadata an exported graph carries so the task's own tools read it (Ultralytics' for detectors)."""
+    def onnx_metadata(self, model: nn.Module, classes: Classes, input_size, dynamic_batch: bool,
+                      dynamic_size: bool) -> dict[str, str]:
+        """Metadata an exported graph carries so the task's own tools read it (Ultralytics' for detectors): it
+        describes the graph as exported (`input_size`, and which of batch and height/width are dynamic)."""
         return {}
 
     def output_layers(self, model: nn.Module) -> list[nn.Module]:

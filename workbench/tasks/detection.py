@@ -32,6 +32,13 @@ ANCHOR_FREE = "anchor_free"
 MAX_NMS = 30000  # boxes kept (by score) before NMS, as Ultralytics: bounds NMS time on a noisy model
 AGREEMENT_SCORE = 0.25  # detections a user would see (Ultralytics' predict default)
 AGREEMENT_IOU = 0.5
+# How an exported graph's output is laid out, in its metadata (workbench.output_layout).
+OUTPUT_LAYOUTS = {
+    ANCHOR_FREE: "(batch, 4 + classes, boxes): cx, cy, w, h in input pixels, class scores (Ultralytics' layout)",
+    ANCHOR_OBJECTNESS: "(batch, boxes, 5 + classes): cx, cy, w, h in input pixels, objectness, class scores (YOLOv5)",
+}
+# The `task` of a YOLOv5-layout graph: not one of Ultralytics' tasks, so `yolo val`/`predict` refuse it by this name.
+YOLOV5_TASK = "detect-yolov5: output (batch, boxes, 5 + classes) with objectness, which Ultralytics 8 cannot decode"
 
 
 def _as_tensor(output) -> torch.Tensor:
@@ -100,6 +107,19 @@ def model_num_classes(model: torch.nn.Module, input_size) -> int:
             f"model.spec: the model has {count} classes by {said}, and its output does not decode for them: {e}"
         ) from None
     return count
+
+
+def _output_layout(model: torch.nn.Module, input_size, num_classes: int) -> str:
+    """The head layout of the model's output, from one forward pass on a blank image of the export size."""
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *input_size, device=param.device if param is not None else "cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return detect_head_format(model(x), num_classes)
+    finally:
+        model.train(was_training)
 
 
 def model_class_names(model: torch.nn.Module, count: int) -> list[str] | None:
@@ -483,25 +503,40 @@ class DetectionTask(Task):
     def output_layers(self, model) -> list[torch.nn.Module]:
         return detection_heads(model)  # boxes and classes
 
-    def onnx_metadata(self, model, classes: Classes, input_size, dynamic_batch: bool) -> dict[str, str]:
+    def onnx_metadata(self, model, classes: Classes, input_size, dynamic_batch: bool,
+                      dynamic_size: bool) -> dict[str, str]:
         """The keys Ultralytics writes into its ONNX exports and its AutoBackend reads back (`yolo val` and
-        `yolo predict` take the task, class names, stride and input size from them): values as Python literals."""
+        `yolo predict` take the task, class names, stride, size and batch from them), true of the graph as
+        exported: values as Python literals.
+
+        `args.dynamic` says whether the image size is dynamic (Ultralytics then letterboxes to its own `imgsz`,
+        in rectangular batches); a graph of fixed size says False whatever its batch. `task` is "detect" only for
+        an output in Ultralytics' layout, (B, 4 + classes, N). YOLOv5's (B, N, 5 + classes) with objectness is
+        not a layout Ultralytics 8 decodes: its NMS would read the N rows as 4 + classes channels and `yolo val`
+        would exit 0 with every metric 0. That graph's task names its layout instead, which Ultralytics refuses
+        ("'YOLO' model does not support 'val' mode for '<the layout>' task"); workbench scores it itself.
+        """
         from .. import __version__
 
         stride = getattr(model, "stride", None)
         stride = int(max(stride.tolist() if hasattr(stride, "tolist") else stride)) if stride is not None else 32
         names = classes.names or [str(i) for i in range(classes.count or 0)]
+        layout = _output_layout(model, input_size, classes.count)
+        dynamic = ", ".join(axis for axis, on in (("batch", dynamic_batch), ("height", dynamic_size),
+                                                   ("width", dynamic_size)) if on)
         return {
             "description": "Exported by workbench (INT8 Q/DQ where calibrated)",
             "author": "workbench",
             "version": __version__,
-            "task": "detect",
+            "task": "detect" if layout == ANCHOR_FREE else YOLOV5_TASK,
             "stride": str(stride),
             "batch": "1",
             "imgsz": str([int(input_size[1]), int(input_size[2])]),
             "names": str(dict(enumerate(names))),
             "channels": str(int(input_size[0])),
-            "args": str({"batch": 1, "dynamic": bool(dynamic_batch), "nms": False}),
+            "args": str({"batch": 1, "dynamic": bool(dynamic_size), "nms": False}),
+            "workbench.output_layout": OUTPUT_LAYOUTS[layout],
+            "workbench.dynamic_axes": dynamic or "none",
         }
 
     def scorer(self, recipe, dataset, compare_only: bool = False) -> DetectionScorer:
