@@ -21,10 +21,11 @@ import argparse
 import io
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
-from .errors import WorkbenchError
+from .errors import Terminated, WorkbenchError, printable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,6 +127,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command's exit code: 0 done, 1 a finding (check-onnx), 2 the user's input refused, 130 Ctrl-C, 143
+    SIGTERM. SIGTERM (what `timeout`, a scheduler or `kill` sends) ends a run as Ctrl-C does: recorded as
+    interrupted, with the stage it was in, and resumable."""
+    previous = _terminate_as_interrupt()
+    try:  # Ctrl-C from the first instant (imports, argument parsing) is an exit, never a traceback
+        return _main(argv)
+    except KeyboardInterrupt as e:
+        print("interrupted (SIGTERM)" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt():
+    """Make SIGTERM raise Terminated (a KeyboardInterrupt) in the main thread; the handler it replaces, or None where
+    signals cannot be set (not the main thread)."""
+
+    def raise_terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut the run's record short
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread of the main interpreter
+        return None
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = _parser()
     # `key=value` overrides may come before or after options (`run r.yaml --device cpu a=1 b=2`): argparse ends a
@@ -141,11 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args, parser)
     except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 class _PipeSafe(io.TextIOBase):

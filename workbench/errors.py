@@ -32,3 +32,15 @@ class CalibrationError(WorkbenchError):
 
 class ExportError(WorkbenchError):
     """The ONNX export or its check failed."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (from `timeout`, a scheduler, `kill`), raised where Ctrl-C would be so that a run ends the same way:
+    recorded as interrupted, in the stage it was in, and resumable."""
+
+
+def printable(text: str) -> str:
+    """`text` with every control character but newline and tab written as an escape (ESC as \\x1b): a message quotes
+    paths, keys and file contents, which must not move the cursor or recolour the terminal, nor forge lines in a
+    log."""
+    return "".join(c if c in "\n\t" or c.isprintable() else repr(c)[1:-1] for c in text)
