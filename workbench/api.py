@@ -52,9 +52,8 @@ def quantize_recipe(model: str | os.PathLike, data: str | os.PathLike, imgsz: in
                     name: str | None = None) -> str:
     """The recipe `workbench quantize` runs, as YAML: a YOLO checkpoint (YOLOv5 or Ultralytics .pt, or an
     Ultralytics .yaml) and its dataset's data.yaml, calibrated, exported, compiled by `engine` and scored."""
-    import yaml
-
     from .models.yolov5_legacy import is_yolov5_checkpoint
+    from .yaml_io import dump_yaml
 
     path = Path(model)
     if path.suffix == ".pt" and path.is_file() and is_yolov5_checkpoint(path):
@@ -72,7 +71,7 @@ def quantize_recipe(model: str | os.PathLike, data: str | os.PathLike, imgsz: in
         "stages": [{"calibrate": {"method": method}}, {"export": {}}, {"build": {"engine": engine}},
                    {"evaluate": {}}],
     }
-    return f"# workbench quantize {path} --data {data}\n" + yaml.safe_dump(recipe, sort_keys=False)
+    return dump_yaml(recipe, comment=f"workbench quantize {path} --data {data}")
 
 
 def quantize(model: str | os.PathLike, data: str | os.PathLike, imgsz: int = 640, method: str = "mse",

@@ -39,8 +39,8 @@ class Terminated(KeyboardInterrupt):
     recorded as interrupted, in the stage it was in, and resumable."""
 
 
-def printable(text: str) -> str:
-    """`text` with every control character but newline and tab written as an escape (ESC as \\x1b): a message quotes
-    paths, keys and file contents, which must not move the cursor or recolour the terminal, nor forge lines in a
-    log."""
-    return "".join(c if c in "\n\t" or c.isprintable() else repr(c)[1:-1] for c in text)
+def printable(text: str, keep: str = "\n\t") -> str:
+    """`text` with every control character but those in `keep` (newline and tab) written as an escape (ESC as
+    \\x1b): a message quotes paths, keys and file contents, which must not move the cursor or recolour the terminal,
+    nor forge lines in a log. `keep=""` gives one line."""
+    return "".join(c if c in keep or c.isprintable() else repr(c)[1:-1] for c in text)

@@ -117,3 +117,10 @@ def _line_map(node: yaml.Node, prefix: PathKey = ()) -> dict[PathKey, int]:
             lines.update(_line_map(item, prefix + (i,)))
     return lines
 
+
+
+def dump_yaml(data: Any, comment: str | None = None) -> str:
+    """`data` as YAML (a generated recipe is built as a mapping and dumped, never pasted together as text), under a
+    one-line comment: its newlines and control characters escaped, so no text in it can add a key."""
+    head = f"# {printable(comment, keep='')}\n" if comment is not None else ""
+    return head + yaml.safe_dump(data, sort_keys=False, allow_unicode=False)
