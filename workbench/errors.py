@@ -44,3 +44,10 @@ def printable(text: str, keep: str = "\n\t") -> str:
     \\x1b): a message quotes paths, keys and file contents, which must not move the cursor or recolour the terminal,
     nor forge lines in a log. `keep=""` gives one line."""
     return "".join(c if c in keep or c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def shown_path(path) -> str:
+    """A path as a message shows it: as is, or quoted with escapes where it holds a newline or a control character
+    (a path 'd.yaml\\ndetection: ...' must not read as two lines)."""
+    text = str(path)
+    return text if printable(text, keep="") == text else repr(text)

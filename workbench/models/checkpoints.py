@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, shown_path
 
 MAX_CHECKPOINT_BYTES = 4 * 2**30  # 4 GiB: ViT-H/14 in FP32 is 2.5 GB; a CNN to quantize is far below
 MAX_INFLATION = 4  # a zip's records, inflated, against the file's size (torch.save: 1, stored uncompressed)
@@ -37,7 +37,7 @@ _MODULE_DICTS = ("_parameters", "_buffers", "_modules")
 def checkpoint_file_problems(path: str | Path, field: str, what: str) -> list[str]:
     """The problem with `field`'s `path` as a checkpoint to read: missing, a folder, not a regular file (a device such
     as /dev/zero, a pipe), empty or larger than MAX_CHECKPOINT_BYTES; else none."""
-    p = Path(path)
+    p, path = Path(path), shown_path(path)
     try:
         info = p.stat()
     except (OSError, ValueError):  # ValueError: a path with a NUL byte

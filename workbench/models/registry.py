@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlparse
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, printable, shown_path
 from ..schema import ModelConfig
 from .checkpoints import check_checkpoint_file, check_loaded_tensors, checkpoint_file_problems
 
@@ -78,7 +78,7 @@ def spec_problems(config: ModelConfig) -> list[str]:
 
 def missing_path(path: str | Path, field: str, what: str, folder: bool = False) -> list[str]:
     """The problem with `field`'s `path` when it is not there (or not a file, or not a folder), else none."""
-    p = Path(path)
+    p, path = Path(path), shown_path(path)
     if not p.exists():
         return [f"{field}: {path} does not exist: give {what} on this machine (relative paths are relative to the "
                 "working directory)"]
@@ -195,15 +195,17 @@ def _refused_a_global(error: pickle.UnpicklingError) -> bool:
     """Whether torch's weights_only unpickler stopped at an object it does not load (a global, a class): a real
     pickle of more than tensors, as opposed to bytes that are no pickle at all ('invalid load key')."""
     text = str(error)
-    return any(s in text for s in ("Unsupported global", "Unsupported operand", "GLOBAL", "not an allowed global",
-                                   "add_safe_globals"))
+    return any(s in text for s in ("Unsupported global", "GLOBAL", "not an allowed global", "add_safe_globals"))
 
 
 def _weights_only_reason(error: pickle.UnpicklingError) -> str:
     """The line of torch's weights_only message that says what it met (its first lines are about torch 2.6)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    said = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0] if lines else "")
-    return said[:300]
+    at = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
+    if at is None:
+        return lines[0][:300] if lines else type(error).__name__
+    said = lines[at].split("WeightsUnpickler error:", 1)[-1].strip() or (lines[at + 1] if at + 1 < len(lines) else "")
+    return printable(said, keep="")[:300]
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
