@@ -150,7 +150,22 @@ def check_onnx(path: str | os.PathLike) -> OnnxCheck:
     from .qdq.trt_rules import check_qdq, check_quantized
 
     model = load_onnx(path)  # a clear error (exit 2) for a missing file or one that is not a model
+    _check_graph_schema(model, path)
     return OnnxCheck(check_qdq(model), check_quantized(model))
+
+
+def _check_graph_schema(model, path: str | os.PathLike) -> None:
+    """Refuse a graph whose nodes break ONNX's own schemas (a QuantizeLinear with one input, an op that does not
+    exist): the rules below read each node's inputs as its op defines them."""
+    import onnx
+
+    from .errors import WorkbenchError
+
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise WorkbenchError(f"{path} is not a valid ONNX graph ({reason[:300]}): export it again") from None
 
 
 def build(onnx: str | os.PathLike, engine: str = "auto", batch: tuple[int, int, int] = (1, 8, 32),

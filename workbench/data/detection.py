@@ -300,7 +300,7 @@ def coco_dataset(
         if ann["image_id"] not in chosen_set:
             continue
         _check_box(ann, sizes[ann["image_id"]], annotations_json)
-        if ann.get("category_id") not in index_of:
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in index_of:
             raise DataError(
                 f"{annotations_json}: annotation {ann.get('id')} has category_id {ann.get('category_id')!r}, "
                 "which is not in 'categories'"

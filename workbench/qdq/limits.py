@@ -78,7 +78,12 @@ def _tensor_problem(tensor) -> str | None:
     declared = math.prod(tensor.dims)
     if tensor.data_location == TensorProto.EXTERNAL:
         return None  # onnx.load read it from its file, or refused the file
-    kind = TensorProto.DataType.Name(tensor.data_type)
+    try:
+        kind = TensorProto.DataType.Name(tensor.data_type)
+    except ValueError:
+        return f"has data type {tensor.data_type}, which ONNX does not define"
+    if kind == "UNDEFINED":
+        return "has no data type (UNDEFINED)"
     if tensor.HasField("raw_data") or (tensor.raw_data and kind != "STRING"):
         if kind in _SUB_BYTE:
             needed = -(-declared // _SUB_BYTE[kind])
