@@ -136,13 +136,14 @@ def write_recipe(path: Path, text: str) -> Path:
 
 
 def make_tiny_yolov5_checkpoint(path: Path, nc: int = 3, names: bool = True,
-                                objectness_bias: float | None = None) -> Path:
+                                objectness_bias: float | None = None, tamper=None) -> Path:
     """A randomly initialised YOLOv5-v6-style detector pickled as YOLOv5 pickles it (models.common.*, models.yolo.*).
 
     The classes are ours, renamed into fake `models.common` / `models.yolo` modules while
     saving, so the file references exactly the globals a real YOLOv5 checkpoint does.
     names: the model carries class names c0, c1, ...; objectness_bias: every box's objectness logit is shifted by it
-    (-30: the detector is never confident).
+    (-30: the detector is never confident); tamper: a function given the half-precision model just before it is
+    saved (hostile-checkpoint tests edit it there).
     """
     import sys
     import types
@@ -206,7 +207,10 @@ def make_tiny_yolov5_checkpoint(path: Path, nc: int = 3, names: bool = True,
     saved = {k: sys.modules.get(k) for k in fake}
     sys.modules.update(fake)
     try:
-        torch.save({"model": model.half(), "epoch": -1}, path)
+        model = model.half()
+        if tamper is not None:
+            tamper(model)
+        torch.save({"model": model, "epoch": -1}, path)
     finally:
         for k, v in saved.items():
             if v is None:

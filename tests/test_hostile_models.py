@@ -76,6 +76,13 @@ def _payloads(marker: Path) -> dict[str, tuple[bytes, str]]:
         "subprocess.Popen": (_call(_global("subprocess", "Popen"), touch), "subprocess.Popen"),
         "os.system": (_call(_global("os", "system"), cmd), "os.system"),
         "posix.system": (_call(_global("posix", "system"), cmd), "posix.system"),
+        # Dotted names under modules the allow-list names: pickle walks them attribute by attribute, so they reach
+        # os.system through a torch.nn module's own `import torch` (issue 28: a hole an allow-list widened to every
+        # torch.nn.* global would reopen).
+        "dotted under torch.nn.modules.module": (_call(_global("torch.nn.modules.module", "torch.os.system"), cmd),
+                                                 "torch.nn.modules.module.torch.os.system"),
+        "dotted under torch.nn.modules.conv": (_call(_global("torch.nn.modules.conv", "torch.os.system"), cmd),
+                                               "torch.nn.modules.conv.torch.os.system"),
     }
 
 

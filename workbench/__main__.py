@@ -1,5 +1,8 @@
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while Python imports the command: an exit, as later, not a traceback
+    sys.exit(130)
 
 sys.exit(main())

@@ -53,9 +53,8 @@ def quantize_recipe(model: str | os.PathLike, data: str | os.PathLike, imgsz: in
                     name: str | None = None) -> str:
     """The recipe `workbench quantize` runs, as YAML: a YOLO checkpoint (YOLOv5 or Ultralytics .pt, or an
     Ultralytics .yaml) and its dataset's data.yaml, calibrated, exported, compiled by `engine` and scored."""
-    import yaml
-
     from .models.yolov5_legacy import is_yolov5_checkpoint
+    from .yaml_io import dump_yaml
 
     path = Path(model)
     if path.suffix == ".pt" and path.is_file() and is_yolov5_checkpoint(path):
@@ -77,7 +76,7 @@ def quantize_recipe(model: str | os.PathLike, data: str | os.PathLike, imgsz: in
         "stages": [{"calibrate": {"method": method}}, {"export": export}, {"build": {"engine": engine}},
                    {"evaluate": {}}],
     }
-    return f"# workbench quantize {path} --data {data}\n" + yaml.safe_dump(recipe, sort_keys=False)
+    return dump_yaml(recipe, comment=f"workbench quantize {path} --data {data}")
 
 
 def quantize(model: str | os.PathLike, data: str | os.PathLike, imgsz: int = 640, method: str = "mse",
@@ -157,10 +156,25 @@ def check_onnx(path: str | os.PathLike) -> OnnxCheck:
     from .qdq.trt_rules import check_qdq, check_quantized
 
     model = load_onnx(path)  # a clear error (exit 2) for a missing file or one that is not a model
+    _check_graph_schema(model, path)
     found = check_qdq(model)
     seen = {(v.rule, v.node) for v in found}
     found += [v for v in numeric_violations(model) if (v.rule, v.node) not in seen]  # what every engine needs
     return OnnxCheck(found, check_quantized(model))
+
+
+def _check_graph_schema(model, path: str | os.PathLike) -> None:
+    """Refuse a graph whose nodes break ONNX's own schemas (a QuantizeLinear with one input, an op that does not
+    exist): the rules below read each node's inputs as its op defines them."""
+    import onnx
+
+    from .errors import WorkbenchError
+
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise WorkbenchError(f"{path} is not a valid ONNX graph ({reason[:300]}): export it again") from None
 
 
 def build(onnx: str | os.PathLike, engine: str = "auto", batch: tuple[int, int, int] = (1, 8, 32),

@@ -21,10 +21,11 @@ import argparse
 import io
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
-from .errors import WorkbenchError
+from .errors import Terminated, WorkbenchError, printable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,6 +135,52 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command's exit code: 0 done, 1 a finding (check-onnx), 2 the user's input refused, 130 Ctrl-C, 143
+    SIGTERM. SIGTERM (what `timeout`, a scheduler or `kill` sends) ends a run as Ctrl-C does: recorded as
+    interrupted, with the stage it was in, and resumable."""
+    received: list[int] = []  # the signals that arrived
+    previous = _interrupt_on_signals(received)
+    try:  # Ctrl-C from the first instant (imports, argument parsing) is an exit, never a traceback
+        return _main(argv)
+    except KeyboardInterrupt as e:
+        return _interrupted(isinstance(e, Terminated))
+    except Exception:
+        # An interrupt that landed inside an import can leave a half-initialised module that fails a moment later
+        # (numpy: "module 'numpy._core' has no attribute ..."): the interrupt's consequence, reported as it.
+        if received:
+            return _interrupted(signal.SIGTERM in received)
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupted(terminated: bool) -> int:
+    print("interrupted (SIGTERM)" if terminated else "interrupted", file=sys.stderr)
+    return 143 if terminated else 130
+
+
+def _interrupt_on_signals(received: list[int]) -> dict:
+    """Make Ctrl-C raise KeyboardInterrupt and SIGTERM Terminated (a KeyboardInterrupt) in the main thread, noting
+    each in `received`; the handlers replaced (none where signals cannot be set: not the main thread)."""
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        if signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut the run's record short
+            raise Terminated()
+        raise KeyboardInterrupt()
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[signum] = signal.signal(signum, interrupt)
+        except ValueError:  # not the main thread of the main interpreter
+            break
+    return previous
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = _parser()
     # `key=value` overrides may come before or after options (`run r.yaml --device cpu a=1 b=2`): argparse ends a
@@ -149,11 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args, parser)
     except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 class _PipeSafe(io.TextIOBase):

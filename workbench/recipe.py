@@ -21,7 +21,7 @@ from .errors import RecipeError
 from .schema import Recipe, dump_recipe
 from .stages import STAGES
 from .tasks import TASK_NAMES
-from .yaml_io import PathKey, load_yaml, read_yaml_text
+from .yaml_io import MAX_YAML_DEPTH, PathKey, load_yaml, read_yaml_text
 
 __all__ = ["Recipe", "dump_recipe", "load_recipe", "parse_recipe", "recipe_json_schema", "recipe_model",
            "with_absolute_paths"]
@@ -122,8 +122,11 @@ def _apply_override(data: dict, item: str) -> None:
     if not sep or not key:
         raise RecipeError(f"override {item!r} is missing an '=' sign: write key.path=value, e.g. "
                           "stages.calibrate.method=entropy")
-    value = load_yaml(raw, f"override {item!r}: value")[0] if raw != "" else None
     parts = key.split(".")
+    if len(parts) > MAX_YAML_DEPTH:
+        raise RecipeError(f"override {key[:60]!r}...: its key has {len(parts)} parts; the limit is {MAX_YAML_DEPTH} "
+                          "(a recipe's fields are a few levels deep, e.g. stages.calibrate.method)")
+    value = load_yaml(raw, f"override {item!r}: value")[0] if raw != "" else None
     target: Any = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(target, list):
@@ -236,6 +239,14 @@ def _format_errors(err: ValidationError, source: str, lines: dict[PathKey, int])
             given = e.get("ctx", {}).get("tag")
             if given is None and isinstance(e.get("input"), dict):
                 given = ",".join(map(str, e["input"]))
+            if given is None and isinstance(e.get("input"), str):  # `- export`: a stage named without its options
+                word = e["input"]
+                write = f"'- {word}: {{}}'" if word in names else "'- STAGE: {}' with STAGE one of the stages"
+                messages.append(f"{where}: '{_path_str(loc)}' is the bare word {word!r}; a stage is a one-key mapping "
+                                f"of its name to its options: write {write}. Stages: {', '.join(names)}")
+                continue
+            if given is None:
+                given = type(e.get("input")).__name__ if e.get("input") is not None else "nothing"
             close = difflib.get_close_matches(str(given), names, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             messages.append(

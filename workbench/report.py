@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import printable
 from .io import write_text
 from .plots import plot_accuracy_latency
 from .report_html import render_html
@@ -20,13 +21,14 @@ MARKDOWN_SPECIAL = "\\`*_|<>[]#"
 
 def md_text(text: object) -> str:
     """Text from the user's files (a class, layer or node name) as literal markdown: its special characters
-    backslash-escaped, so a `|` cannot add a table column, nor `<script>` or `**` change the page."""
-    return "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in str(text))
+    backslash-escaped, so a `|` cannot add a table column, nor `<script>` or `**` change the page; newlines and
+    control characters (ESC) written as escapes, so a name cannot end a table row or recolour a terminal."""
+    return "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in printable(str(text), keep=""))
 
 
 def md_name(name: object) -> str:
     """A name as inline code where it can be (no backtick or pipe in it), else as escaped text."""
-    name = str(name)
+    name = printable(str(name), keep="")
     return f"`{name}`" if not any(c in name for c in "`|") else md_text(name)
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from . import distributed
 from .artifacts import Artifacts
 from .data import ImageDataset, build_dataset, check_readable, make_loader
-from .errors import WorkbenchError
+from .errors import Terminated, WorkbenchError
 from .io import write_json, write_text
 from .models import resolve_model
 from .recipe import Recipe, dump_recipe, with_absolute_paths
@@ -271,7 +271,8 @@ def _record_failure(run: Run, error: BaseException, final_dir: Path) -> None:
     interrupted = isinstance(error, KeyboardInterrupt)
     run.metrics["status"] = "interrupted" if interrupted else "failed"
     if interrupted:
-        run.metrics["error"] = "interrupted (Ctrl-C)" + (f" during stage {run.stage}" if run.stage else "")
+        signal = "SIGTERM" if isinstance(error, Terminated) else "Ctrl-C"
+        run.metrics["error"] = f"interrupted ({signal})" + (f" during stage {run.stage}" if run.stage else "")
     elif isinstance(error, WorkbenchError):
         run.metrics["error"] = str(error)
     else:

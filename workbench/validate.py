@@ -14,6 +14,8 @@ reads the same whichever finds it. Nothing here imports user code or unpickles a
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 from .errors import RecipeError, WorkbenchError
 from .models.registry import missing_path, spec_problems
@@ -35,7 +37,36 @@ def recipe_input_problems(recipe: Recipe) -> list[str]:
     from .tracking import missing_packages
 
     return (order_problems(recipe.stage_list()) + spec_problems(recipe.model) + _data_problems(recipe)
-            + _stage_problems(recipe) + missing_packages(recipe.log_to))
+            + _stage_problems(recipe) + missing_packages(recipe.log_to) + runs_dir_problems(recipe.runs_dir))
+
+
+# Kernel pseudo-filesystems: a folder there is no place for a run (/proc/self/x, /sys, /dev).
+_PSEUDO_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def runs_dir_problems(runs_dir: str | os.PathLike) -> list[str]:
+    """Why runs will not be written under `runs_dir`, found without writing anything (run probes by writing, in
+    rundir.check_runs_dir): a file there or above it, a pseudo-filesystem, a folder that cannot be written."""
+    hint = "set runs_dir to a folder (runs_dir: PATH in the recipe, or runs_dir=PATH on the command line)"
+    try:
+        path = Path(os.path.abspath(runs_dir))
+        resolved = path.resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop
+        return [f"runs_dir: {runs_dir!r} is no usable path ({e}): {hint}"]
+    for root in _PSEUDO_ROOTS:
+        if resolved == root or root in resolved.parents:
+            return [f"runs_dir: {runs_dir} is on the kernel's pseudo-filesystem {root}, where no run can be kept: "
+                    f"{hint}"]
+    for folder in [path, *path.parents]:
+        if not os.path.lexists(folder):
+            continue
+        if not folder.is_dir():
+            where = "is" if folder == path else f"lies under {folder}, which is"
+            return [f"runs_dir: {runs_dir} {where} a file, not a folder: {hint}"]
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return [f"runs_dir: {runs_dir}: {folder} cannot be written by this user: {hint}"]
+        return []
+    return []
 
 
 def _data_problems(recipe: Recipe) -> list[str]:

@@ -7,7 +7,7 @@ from typing import Any, Union
 
 import yaml
 
-from .errors import RecipeError
+from .errors import RecipeError, printable
 
 PathKey = tuple[Union[str, int], ...]
 
@@ -38,12 +38,15 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict[PathKey, int]]:
     """Parse YAML once, safely and within the limits above: the data and the line of every key path."""
     if len(text) > MAX_YAML_BYTES:
         raise RecipeError(f"{source}: {len(text)} characters of YAML; the limit is {MAX_YAML_BYTES} (1 MiB)")
-    loader = _LimitedLoader(text, source)
+    try:
+        loader = _LimitedLoader(text, source)  # its reader refuses control characters (BEL, \x01) right here
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: not valid YAML: {printable(str(e))}") from None
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{source}: not valid YAML: {e}") from None
+        raise RecipeError(f"{source}: not valid YAML: {printable(str(e))}") from None
     finally:
         loader.dispose()
     return data, (_line_map(node) if node is not None else {})
@@ -114,3 +117,10 @@ def _line_map(node: yaml.Node, prefix: PathKey = ()) -> dict[PathKey, int]:
             lines.update(_line_map(item, prefix + (i,)))
     return lines
 
+
+
+def dump_yaml(data: Any, comment: str | None = None) -> str:
+    """`data` as YAML (a generated recipe is built as a mapping and dumped, never pasted together as text), under a
+    one-line comment: its newlines and control characters escaped, so no text in it can add a key."""
+    head = f"# {printable(comment, keep='')}\n" if comment is not None else ""
+    return head + yaml.safe_dump(data, sort_keys=False, allow_unicode=False)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -268,6 +269,11 @@ def coco_dataset(
     index_of = {cat: i for i, cat in enumerate(categories)}
 
     images = _coco_images(data["images"], annotations_json)
+    inside = images_dir.resolve()
+    for img in images.values():  # a file_name that is a symlink out of the folder is outside too
+        if inside not in (images_dir / img["file_name"]).resolve().parents:
+            raise DataError(f"{annotations_json}: image {img['id']}: 'file_name' {img['file_name']!r} resolves to "
+                            f"a file outside {images_dir}; the images must lie inside the folder")
     missing = [img["file_name"] for img in images.values() if not (images_dir / img["file_name"]).is_file()]
     if missing:
         raise DataError(
@@ -294,7 +300,7 @@ def coco_dataset(
         if ann["image_id"] not in chosen_set:
             continue
         _check_box(ann, sizes[ann["image_id"]], annotations_json)
-        if ann.get("category_id") not in index_of:
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in index_of:
             raise DataError(
                 f"{annotations_json}: annotation {ann.get('id')} has category_id {ann.get('category_id')!r}, "
                 "which is not in 'categories'"
@@ -342,6 +348,7 @@ def _is_number(value) -> bool:
 def _coco_images(entries: list, path: Path) -> dict[int, dict]:
     """image id -> entry; ids are integers, each listed once (a repeated id would silently drop an image)."""
     images: dict[int, dict] = {}
+    names: dict[str, int] = {}  # normalised file_name -> the image id that has it
     for img in entries:
         if not isinstance(img, dict) or not {"id", "file_name"} <= img.keys():
             raise DataError(f"{path}: an entry of 'images' has no 'id' or 'file_name' ({str(img)[:80]})")
@@ -350,6 +357,15 @@ def _coco_images(entries: list, path: Path) -> dict[int, dict]:
             raise DataError(f"{path}: image {image_id!r} ({str(name)[:80]}): 'id' must be an integer, as COCO's are")
         if not isinstance(name, str) or not name:
             raise DataError(f"{path}: image {image_id}: 'file_name' {name!r} is not a file name")
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if "\0" in name or name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+            raise DataError(f"{path}: image {image_id}: 'file_name' {name!r} leaves the image folder; a COCO file_name "
+                            "is a path inside the folder the annotations describe (e.g. 000000000139.jpg)")
+        key = os.path.normpath(name)
+        if key in names:
+            raise DataError(f"{path}: images {names[key]} and {image_id} both have 'file_name' {name!r}; one file "
+                            "would be scored twice, against two sets of boxes: give every image its own file")
+        names[key] = image_id
         if image_id in images:
             raise DataError(
                 f"{path}: image id {image_id} is listed twice ({images[image_id]['file_name']!r} and {name!r}); "

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlparse
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, printable, shown_path
 from ..schema import ModelConfig
+from .checkpoints import check_checkpoint_file, check_loaded_tensors, checkpoint_file_problems
 
 if TYPE_CHECKING:  # torch is imported by the functions that build or load a model: specs are checked without it
     import torch
@@ -68,15 +69,16 @@ def spec_problems(config: ModelConfig) -> list[str]:
                 "of: " + ", ".join(f"{s.name} (e.g. {s.example})" for s in MODEL_SOURCES.values())]
     problems = MODEL_SOURCES[source].problems(name, config)
     if config.weights and source != "torchvision":  # torchvision's may name its weights enum instead of a file
-        problems += missing_path(config.weights, "model.weights", "a state dict (.pt/.pth)")
+        problems += checkpoint_file_problems(config.weights, "model.weights", "a state dict (.pt/.pth)")
     if config.pruned:
-        problems += missing_path(config.pruned, "model.pruned", "the pruned_model.pt of a run's prune stage")
+        problems += checkpoint_file_problems(config.pruned, "model.pruned", "the pruned_model.pt of a run's prune "
+                                                                            "stage")
     return problems
 
 
 def missing_path(path: str | Path, field: str, what: str, folder: bool = False) -> list[str]:
     """The problem with `field`'s `path` when it is not there (or not a file, or not a folder), else none."""
-    p = Path(path)
+    p, path = Path(path), shown_path(path)
     if not p.exists():
         return [f"{field}: {path} does not exist: give {what} on this machine (relative paths are relative to the "
                 "working directory)"]
@@ -160,19 +162,26 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     from .guards import refuse_torchscript
 
     path = Path(path)
-    if problems := missing_path(path, "model.weights", "a state dict (.pt/.pth)"):
-        raise ModelLoadError(problems[0])
+    check_checkpoint_file(path, "model.weights", "a state dict (.pt/.pth)")
     refuse_torchscript(path, "model.weights")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not _refused_a_global(e):  # random bytes or a damaged file: no pickled object to trust
+            raise ModelLoadError(f"model.weights: cannot read {path}: it is not a PyTorch checkpoint, or a damaged "
+                                 f"one ({_weights_only_reason(e)})") from None
         raise ModelLoadError(
             f"model.weights: {path} holds more than tensors (a pickled model object?), so it was not loaded with "
             f"weights_only=True. Save a state_dict instead, or use model.spec 'file:{path}' with "
-            f"model.trust_pickle: true if you trust the file. ({str(e).splitlines()[0]})"
+            f"model.trust_pickle: true if you trust the file. ({_weights_only_reason(e)})"
         ) from None
+    except RecursionError:
+        raise ModelLoadError(f"model.weights: {path} nests its objects too deeply to be a state dict") from None
     except Exception as e:  # corrupt or truncated files raise a zoo of errors
-        raise ModelLoadError(f"model.weights: cannot read {path}: it is not a valid PyTorch checkpoint ({e})") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"model.weights: cannot read {path}: it is not a valid PyTorch checkpoint "
+                             f"({reason[:300]})") from None
+    check_loaded_tensors(obj, "model.weights", path)  # before load_state_dict copies a tensor
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -183,6 +192,23 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k.removeprefix("module."): v for k, v in obj.items()}
     return obj
+
+
+def _refused_a_global(error: pickle.UnpicklingError) -> bool:
+    """Whether torch's weights_only unpickler stopped at an object it does not load (a global, a class): a real
+    pickle of more than tensors, as opposed to bytes that are no pickle at all ('invalid load key')."""
+    text = str(error)
+    return any(s in text for s in ("Unsupported global", "GLOBAL", "not an allowed global", "add_safe_globals"))
+
+
+def _weights_only_reason(error: pickle.UnpicklingError) -> str:
+    """The line of torch's weights_only message that says what it met (its first lines are about torch 2.6)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    at = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
+    if at is None:
+        return lines[0][:300] if lines else type(error).__name__
+    said = lines[at].split("WeightsUnpickler error:", 1)[-1].strip() or (lines[at + 1] if at + 1 < len(lines) else "")
+    return printable(said, keep="")[:300]
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -226,14 +252,23 @@ def _is_weights_file(weights: str) -> bool:
     return Path(weights).suffix in WEIGHT_SUFFIXES or Path(weights).is_file()
 
 
+# torchvision builder arguments that fetch weights from the internet (the legacy `pretrained` ones too):
+# model.weights names weights, read from the hub cache or a file, never downloaded unasked.
+_DOWNLOADING_KWARGS = ("weights", "pretrained", "weights_backbone", "pretrained_backbone")
+
+
 def _torchvision_problems(name: str, config: ModelConfig) -> list[str]:
     if problems := _unknown_name("torchvision", name, _torchvision_names()):
         return problems
+    if fetching := [k for k in _DOWNLOADING_KWARGS if k in config.kwargs]:
+        return [f"model.kwargs.{fetching[0]}: torchvision would download weights from the internet with it; give "
+                f"the weights as model.weights instead (a weights name such as DEFAULT, read from torch's hub "
+                "cache, or a .pth file) and leave them out of model.kwargs"]
     weights = config.weights
     if not weights:
         return []
     if _is_weights_file(weights):
-        return missing_path(weights, "model.weights", "a state dict (.pt/.pth)")
+        return checkpoint_file_problems(weights, "model.weights", "a state dict (.pt/.pth)")
     member = _weights_member(name, weights)
     if isinstance(member, str):
         return [member]
@@ -272,7 +307,8 @@ def _build_torchvision(name: str, config: ModelConfig) -> nn.Module:
 
     weights = config.weights
     if not weights or _is_weights_file(weights):
-        model = torchvision.models.get_model(name, weights=None, **config.kwargs)
+        model = _built("torchvision", name, config, lambda: torchvision.models.get_model(name, weights=None,
+                                                                                         **config.kwargs))
         if weights:
             load_weights(model, weights)
         return model
@@ -294,12 +330,24 @@ def _build_torchvision(name: str, config: ModelConfig) -> nn.Module:
     state = load_state_dict_file(cached)
     try:
         with _hub_reads_from(member.url, state):
-            return torchvision.models.get_model(name, weights=member, **config.kwargs)
-    except (OSError, RuntimeError, ValueError) as e:
+            return _built("torchvision", name, config,
+                          lambda: torchvision.models.get_model(name, weights=member, **config.kwargs))
+    except (OSError, RuntimeError) as e:
         raise ModelLoadError(
             f"model.weights {weights!r} ({cached}) for torchvision:{name} could not be loaded ({e}). Without "
             "internet, point model.weights at a downloaded .pth file instead."
         ) from None
+
+
+def _built(source: str, name: str, config: ModelConfig, build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()`, with the errors a library's builder raises for arguments it does not take (model.kwargs) as a
+    message naming them."""
+    try:
+        return build()
+    except (TypeError, ValueError, AssertionError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"model.kwargs {config.kwargs!r}: {source}:{name} cannot be built with them "
+                             f"({reason[:300]})") from None
 
 
 @contextlib.contextmanager
@@ -325,7 +373,7 @@ def _hub_reads_from(url: str, state: dict[str, torch.Tensor]):
 def _build_cifar(name: str, config: ModelConfig) -> nn.Module:
     from .cifar_resnet import cifar_resnet
 
-    return cifar_resnet(name, **config.kwargs)
+    return _built("cifar_resnet", name, config, lambda: cifar_resnet(name, **config.kwargs))
 
 
 def _cifar_depths() -> dict[str, int]:
@@ -418,7 +466,7 @@ def _on_sys_path(folders: list[str]):
 
 
 def _file_problems(name: str, config: ModelConfig) -> list[str]:
-    problems = missing_path(name, "model.spec", "the checkpoint")
+    problems = checkpoint_file_problems(name, "model.spec", "the checkpoint")
     if not config.trust_pickle:
         problems.append(f"model.trust_pickle: model.spec 'file:{name}' loads a whole pickled model, which runs code "
                         "from the file. Set model.trust_pickle: true if you trust it, or give an architecture spec "
@@ -436,11 +484,13 @@ def _build_file(name: str, config: ModelConfig) -> nn.Module:
     if problems := _file_problems(name, config):  # here too: a builder called directly must not skip the trust key
         raise ModelLoadError("\n".join(problems))
     path = Path(name)
+    check_checkpoint_file(path, "model.spec", "the checkpoint")
     refuse_torchscript(path, "model.spec")
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ModelLoadError(f"model.spec: cannot unpickle {path} ({e})") from None
+    check_loaded_tensors(obj, "model.spec", path)
     if isinstance(obj, dict):
         for key in ("ema", "model"):
             if isinstance(obj.get(key), nn.Module):
@@ -455,7 +505,7 @@ def _build_file(name: str, config: ModelConfig) -> nn.Module:
 
 
 @register_source("yolov5", lambda: [], "yolov5:weights/yolov5n.pt",
-                 lambda name, config: missing_path(name, "model.spec", "the checkpoint"))
+                 lambda name, config: checkpoint_file_problems(name, "model.spec", "the checkpoint"))
 def _build_yolov5(name: str, config: ModelConfig) -> nn.Module:
     from .yolov5_legacy import load_yolov5_checkpoint
 

@@ -14,6 +14,7 @@ input pixels, objectness and class probabilities, already sigmoid-decoded.
 
 from __future__ import annotations
 
+import collections
 import pickle
 import types
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
+from .checkpoints import check_checkpoint_file, check_loaded_tensors
 from .guards import refuse_torchscript
 
 
@@ -155,17 +157,42 @@ _ALLOWED = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
+# The only globals the unpickler may call (REDUCE): a checkpoint builds its modules with NEWOBJ (cls.__new__, no
+# __init__) and fills them from their pickled __dict__, so calling a layer class, as in a crafted
+# `Conv2d(1, 1, 20000)` that allocates 1.6 GB while unpickling, is never needed and is refused.
+_CALLABLE = (collections.OrderedDict, set, torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter)
+
+
+class _Unpickler(pickle._Unpickler):
+    """The pure-Python unpickler (its opcodes can be overridden, the C one's cannot), restricted to `_ALLOWED` and
+    YOLOv5's classes, calling only `_CALLABLE`. A checkpoint's pickle is tens of kilobytes: the speed is no matter."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def find_class(self, module: str, name: str):
         if (module, name) in _YOLOV5_CLASSES:
             return _YOLOV5_CLASSES[(module, name)]
-        if (module, name) in _ALLOWED:
+        # Exact names only: `name` is never a dotted path, which pickle would walk attribute by attribute (so
+        # 'torch.nn.modules.module' + 'torch.os.system' reaches os.system through the module's own imports).
+        if (module, name) in _ALLOWED and "." not in name:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
             f"it refers to {module}.{name}, which a YOLOv5 v6 checkpoint does not need, so it was refused "
             "(the loader unpickles only YOLOv5's classes Conv, C3, Bottleneck, SPPF, Concat, Detect, Model, "
             "the torch.nn layers they use and tensors)"
         )
+
+    def load_reduce(self):
+        func = self.stack[-2]
+        if not any(func is allowed for allowed in _CALLABLE):  # identity: a restored object may be callable too
+            name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', type(func).__name__)}"
+            raise pickle.UnpicklingError(
+                f"it calls {name}(...) while unpickling, which a YOLOv5 v6 checkpoint never does (its layers are "
+                "restored from their saved attributes, never constructed), so it was refused"
+            )
+        super().load_reduce()
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
 
 
 # torch.load takes a module-like object with an Unpickler and load().
@@ -176,28 +203,56 @@ _pickle_module = types.SimpleNamespace(Unpickler=_Unpickler, load=lambda f, **kw
 def load_yolov5_checkpoint(path: str | Path) -> nn.Module:
     """The FP32 eval-mode model from a YOLOv5 v6 `.pt` (its 'ema' if present, else 'model')."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"model.spec: YOLOv5 checkpoint {path} does not exist")
+    check_checkpoint_file(path, "model.spec", "a YOLOv5 v6 checkpoint (.pt)")
     refuse_torchscript(path, "model.spec")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module)
     except pickle.UnpicklingError as e:
         raise ModelLoadError(f"model.spec: {path} is not a YOLOv5 v6 checkpoint this loader can read: {e}") from None
+    except RecursionError:
+        raise ModelLoadError(f"model.spec: {path} nests its objects too deeply to be a YOLOv5 checkpoint") from None
     except Exception as e:
         raise ModelLoadError(f"model.spec: cannot read {path} as a PyTorch checkpoint ({e})") from None
+    check_loaded_tensors(ckpt, "model.spec", path)  # before .float() or a forward pass copies a tensor
     model = None
     if isinstance(ckpt, dict):
         model = ckpt.get("ema") or ckpt.get("model")
-    if not isinstance(model, Model) or not isinstance(model.model[-1], Detect):
+    if not isinstance(model, Model) or not isinstance(getattr(model, "model", None), nn.Sequential) \
+            or not len(model.model) or not isinstance(model.model[-1], Detect):
         raise ModelLoadError(
             f"model.spec: {path} holds no YOLOv5 detector (expected a 'model' entry whose last layer is Detect)"
         )
-    model = model.float().eval()
-    for m in model.modules():
-        if isinstance(m, nn.Upsample):
-            m.recompute_scale_factor = None  # attribute missing from checkpoints made by older torch
+    _refuse_shadowed_methods(model, path)
+    try:
+        model = model.float().eval()
+        for m in model.modules():
+            if isinstance(m, nn.Upsample):
+                m.recompute_scale_factor = None  # attribute missing from checkpoints made by older torch
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 64, 64))  # the restored wiring runs (64: two cells at YOLOv5's stride 32)
+    except Exception as e:  # attributes of the wrong type or shape: the file is no YOLOv5 model this code runs
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"model.spec: {path} holds a YOLOv5 model whose layers do not run on a 64x64 image "
+                             f"({type(e).__name__}: {reason[:300]}): the checkpoint is damaged or crafted") from None
     check_decode(model)
     return model
+
+
+# Attributes YOLOv5 itself sets over an nn.Module method: `type` holds the layer's class name as a string.
+_YOLOV5_SHADOWS = {"type"}
+
+
+def _refuse_shadowed_methods(model: nn.Module, path: Path) -> None:
+    """Refuse a layer whose restored attributes replace a method of its class (`forward = "boom"`): unpickling
+    restores any attribute a file names, and the model's code would then call the file's value."""
+    for name, module in model.named_modules():
+        for attr in vars(module):
+            if attr not in _YOLOV5_SHADOWS and callable(getattr(type(module), attr, None)):
+                raise ModelLoadError(
+                    f"model.spec: {path}: layer '{name or type(module).__name__}' ({type(module).__name__}) has an "
+                    f"attribute {attr!r} that replaces its class's method of that name: the checkpoint is damaged or "
+                    "crafted, and was not run"
+                )
 
 
 def check_decode(model: Model) -> None:

@@ -227,6 +227,9 @@ def load_pruned(model: nn.Module, path: str | Path, trust_pickle: bool = False,
     with `trust_pickle`, since unpickling them runs code from the file. `example` (an input of the model's size)
     is what the rewrite before loading is proved on.
     """
+    from ..models.checkpoints import check_checkpoint_file, check_loaded_tensors
+
+    check_checkpoint_file(path, "model.pruned", "the pruned_model.pt of a run's prune stage")
     make_coupling_explicit_(model, example)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -235,6 +238,7 @@ def load_pruned(model: nn.Module, path: str | Path, trust_pickle: bool = False,
     except Exception as e:  # truncated or foreign files raise a zoo of errors
         raise PruningError(f"model.pruned: cannot read {path} "
                            f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+    check_loaded_tensors(saved, "model.pruned", path)  # before a tensor's shape is allocated in the model
     if not isinstance(saved, dict) or saved.get("format") != PRUNED_FORMAT:
         raise PruningError(f"model.pruned: {path} is not a pruned_model.pt written by a prune stage")
     if saved.get("version") != PRUNED_VERSION:
@@ -298,6 +302,8 @@ def _load_pickled_pruned(model: nn.Module, path: str | Path, trust_pickle: bool)
     """A pruned model in Torch-Pruning's pickled state dict (what this workbench wrote before)."""
     import torch_pruning as tp
 
+    from ..models.checkpoints import check_loaded_tensors
+
     if not trust_pickle:
         raise PruningError(
             f"model.pruned: {path} holds pickled Python objects, not only tensors and numbers: it is a pruned model in "
@@ -307,6 +313,7 @@ def _load_pickled_pruned(model: nn.Module, path: str | Path, trust_pickle: bool)
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
+        check_loaded_tensors(state, "model.pruned", path)
         tp.load_state_dict(model, state_dict=state)
         _freeze(model, frozen)
     except (RuntimeError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as e:

@@ -139,6 +139,10 @@ def load_onnx(path: str | Path):
         what = "is empty (0 bytes)" if path.stat().st_size == 0 else "holds no graph (no nodes or no input)"
         raise WorkbenchError(f"{path} {what}, so it is not an ONNX model; export it again (workbench run writes "
                              "model.onnx)")
+    from .limits import graph_problem
+
+    if problem := graph_problem(model):  # before a checker, compiler or runtime allocates what it declares
+        raise WorkbenchError(f"{path}: {problem}; it was not read further")
     return model
 
 

@@ -24,6 +24,7 @@ from ..errors import CalibrationError, RecipeError
 from ..io import write_json, write_text
 from ..progress import track
 from ..schema import dump_recipe
+from ..yaml_io import dump_yaml
 from .registry import StageOptions, register_stage
 
 
@@ -278,6 +279,5 @@ def _plan_recipe(run, plan: list[str]) -> str:
             options["exclude"] = list(dict.fromkeys((options.get("exclude") or []) + [glob.escape(u) for u in plan]))
         stages.append({name: options})
     data["stages"] = stages
-    header = (f"# {run.recipe.name}: the mixed-precision plan of run {run.dir.name.removesuffix('.incomplete')} "
-              f"({len(plan)} layers in float)\n")
-    return header + yaml.safe_dump(data, sort_keys=False)
+    return dump_yaml(data, comment=f"{run.recipe.name}: the mixed-precision plan of run "
+                                   f"{run.dir.name.removesuffix('.incomplete')} ({len(plan)} layers in float)")

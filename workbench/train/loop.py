@@ -229,6 +229,9 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, label: str,
     if not path.is_file():
         raise WorkbenchError(f"{label}.resume: checkpoint {path} does not exist: give a checkpoints/*.pt file of an "
                              "earlier run")
+    from ..models.checkpoints import check_checkpoint_file, check_loaded_tensors
+
+    check_checkpoint_file(path, f"{label}.resume", f"a checkpoints/{label}_epoch<N>.pt file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any file at all may be named here: torch says why it is not one in many ways
@@ -237,6 +240,7 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, label: str,
             f"({(str(e).splitlines() or [type(e).__name__])[0]}): "
             f"give a checkpoints/{label}_epoch<N>.pt file that a {label} stage wrote"
         ) from None
+    check_loaded_tensors(state, f"{label}.resume", path)
     if missing := [k for k in TRAINING_CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]:
         what = f"a {type(state).__name__}" if not isinstance(state, dict) else f"a dict without {', '.join(missing)}"
         raise WorkbenchError(
