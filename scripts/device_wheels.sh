@@ -25,4 +25,21 @@ mkdir -p "$DEST"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$DEST" "${WHEELS[@]}"
+# PuLP ships CBC solver binaries for six platforms (16 MB of the 64 MiB a call carries). modelopt imports pulp at
+# module level but the workbench never solves a linear program: keep the wheel's Python, drop the binaries.
+"$PY" - "$DEST" <<'EOF'
+import sys, zipfile
+from pathlib import Path
+for wheel in Path(sys.argv[1]).glob("pulp-*.whl"):
+    slim = wheel.with_name(wheel.name + ".slim")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            if "/solverdir/" in item.filename:
+                continue
+            data = src.read(item)
+            if item.filename.endswith(".dist-info/RECORD"):
+                data = b"".join(line for line in data.splitlines(keepends=True) if b"/solverdir/" not in line)
+            dst.writestr(item, data)
+    slim.replace(wheel)
+EOF
 du -sh "$DEST"
