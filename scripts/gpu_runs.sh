@@ -9,7 +9,8 @@
 # A device call carries 64 MiB: put the data in over several calls (each `setup` adds what it carries), and make
 # the next call within the 30 s the machine stays warm, or /tmp (wheels, data, runs) is gone with it. Processes
 # started with setsid run on between calls; a call's command must end within 10 minutes.
-# CARRY (default: .carry under the current folder) holds whl/ and data/; EPOCHS and QAT_EPOCHS override lengths.
+# CARRY (default: .carry under the current folder) holds whl*/ folders of wheels and folders of bundles
+# (scripts/device_data.py pack); EPOCHS and QAT_EPOCHS override the lengths.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CARRY="${CARRY:-$PWD/.carry}"
@@ -31,19 +32,30 @@ job_command() {
     yolov5n_qat) echo "$PY benchmarks/qat.py yolov5n --device cuda --epochs ${QAT_EPOCHS:-10} --runs $runs" ;;
     gpu_timing) echo "$PY benchmarks/calibration_time.py --device cuda && \
 $PY benchmarks/sensitivity.py resnet20 --device cuda --runs $runs" ;;
+    selftest) echo "$PY -c 'import torch; print(torch.cuda.is_available())'" ;;  # the start/wait/collect mechanics
     *) return 1 ;;
   esac
 }
 
 case "${1:-}" in
   setup)
-    if compgen -G "$CARRY/whl/*.whl" >/dev/null && [ ! -f /tmp/site/.installed ]; then
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        "$CARRY"/whl/*.whl && touch /tmp/site/.installed || exit 1
-    fi
-    if compgen -G "$CARRY/data/*.npz" >/dev/null; then
-      "$PY" scripts/device_data.py unpack --from "$CARRY/data" --into "$ASSETS" || exit 1
-    fi
+    # Every wheel under $CARRY/whl*/ and every bundle under $CARRY/*/ that this machine has not taken yet: calls
+    # that carry different folders add up (a marker per wheel folder and per bundle).
+    for dir in "$CARRY"/whl*/; do
+      marker="/tmp/site/.installed-$(basename "$dir")"
+      if compgen -G "$dir*.whl" >/dev/null && [ ! -f "$marker" ]; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+          "$dir"*.whl && touch "$marker" || exit 1
+      fi
+    done
+    for bundle in "$CARRY"/*/*.npz; do
+      [ -f "$bundle" ] || continue
+      marker="$ASSETS/.unpacked-$(basename "$bundle")"
+      [ -f "$marker" ] && continue
+      tmp=$(mktemp -d) && ln -s "$(realpath "$bundle")" "$tmp/"
+      "$PY" scripts/device_data.py unpack --from "$tmp" --into "$ASSETS" && touch "$marker" || exit 1
+      rm -rf "$tmp"
+    done
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     ;;
   start)
