@@ -87,6 +87,16 @@ echo \$(( \$(date +%s) - start )) >$WORK/$job/seconds" >"$WORK/$job/log" 2>&1 < 
       if [ -f "$d/rc" ]; then state="ended rc=$(cat "$d/rc") after $(cat "$d/seconds") s"; else state="still running"; fi
       echo "== $job: $state"
       tail -n 25 "$d/log"
+      # A run still going (or killed) has its curve only in its checkpoints: keep the newest one's history.
+      "$PY" - "$d" <<'EOF'
+import json, sys, torch
+from pathlib import Path
+for ckdir in Path(sys.argv[1]).glob("runs/*/checkpoints"):
+    newest = max(ckdir.glob("*.pt"), key=lambda p: p.stat().st_mtime, default=None)
+    if newest is not None:
+        history = torch.load(newest, map_location="cpu", weights_only=True)["history"]
+        (ckdir.parent / "partial_history.json").write_text(json.dumps({"checkpoint": newest.name, "history": history}))
+EOF
       # $OUT takes 8 files of 16 MiB, 64 MiB in all: one archive per job, without what the CPU side does not need
       # (per-epoch checkpoints, the fake-quant model, the PTQ graph: EfficientNet-Lite0's are 19 MB each); the
       # metrics, per-image records, curves, pruned_model.pt and the ONNX graphs to time stay. Split past 15 MiB.
