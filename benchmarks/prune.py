@@ -5,6 +5,8 @@
     python benchmarks/prune.py resnet20 --method sparsity_2to4
     python benchmarks/prune.py yolov5n --ratios 0.2 --epochs 20 [--device cuda]
     python benchmarks/prune.py --time RUN_DIR [RUN_DIR ...]     # re-time a run's ONNX files on this CPU
+    python benchmarks/prune.py resnet20 --control-only --epochs 100 --device cuda   # the control alone (in parallel)
+    python benchmarks/prune.py --time RUN_DIR CONTROL_DIR --pair-with CONTROL_DIR   # ... and pair the two
 
 Each configuration runs prune -> finetune (distillation from the unpruned model, plus
 cross-entropy for ResNet-20) -> calibrate (mse) -> export -> evaluate and prints one row:
@@ -115,6 +117,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--device", default="auto")
     p.add_argument("--control", action="store_true", help="also fine-tune the unpruned model with the same schedule")
+    p.add_argument("--control-only", action="store_true",
+                   help="fine-tune only the unpruned model (the control), e.g. in a process beside the pruned run's")
+    p.add_argument("--pair-with", metavar="CONTROL_DIR", help="with --time: pair every run with this control run")
     p.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. stages.finetune.lr=0.02")
     p.add_argument("--runs", default=None, help="keep the run directories here (default: a temp dir)")
     p.add_argument("--batch-sizes", type=int, nargs="*", default=None)
@@ -128,6 +133,10 @@ def main() -> None:
         print(header(batch_sizes, "mAP50-95" if "map50_95" in first["metrics"] else "top-1"))
         for d in args.time:
             print(row(Path(d), batch_sizes))
+        if args.pair_with:
+            control = Path(args.pair_with)
+            for d in (Path(d) for d in args.time if Path(d).resolve() != control.resolve()):
+                print(f"\n- {d.name} against the control ({control.name}), same images: " + paired(d, control))
         return
     if args.model is None:
         p.error("give a model (or --time RUN_DIR ...)")
@@ -137,9 +146,9 @@ def main() -> None:
     args.runs = args.runs or tempfile.mkdtemp()
     dirs = []
     configs = args.ratios if args.method == "structured" else [None]
-    for ratio in configs:
+    for ratio in configs if not args.control_only else ():
         dirs.append(api.run(ROOT / RECIPES[args.model], overrides(args, ratio)).dir)
-    if args.control:
+    if args.control or args.control_only:
         import yaml
 
         from workbench.recipe import load_recipe, parse_recipe
@@ -154,7 +163,7 @@ def main() -> None:
     print(header(batch_sizes, "mAP50-95" if args.model == "yolov5n" else "top-1"))
     for d in dirs:
         print(row(d, batch_sizes))
-    for d in dirs[:-1] if args.control else ():
+    for d in dirs[:-1] if args.control or args.control_only else ():
         print(f"\n- {d.name} against the control ({dirs[-1].name}), same images: " + paired(d, dirs[-1]))
 
 

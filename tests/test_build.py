@@ -104,6 +104,7 @@ def test_build_int8_engine_and_score_it(images, tmp_path):
     assert (run_dir / "model_int8.engine").is_file() and (run_dir / "model_int8.engine.json").is_file()
 
 
+@pytest.mark.cuda
 def test_bench_times_every_artifact_and_writes_json_plot_and_report(images, tmp_path):
     stages = ("  - calibrate: {method: max}\n  - export: {}\n"
               "  - bench: {batch_sizes: [1, 4], repeats: 5, warmup: 1, threads: 1}\n")

@@ -376,6 +376,7 @@ def test_input_dtypes_and_shapes():
     assert h.total == 4 + 2 + 60 + 8
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_input_matches_cpu():
     xs = [torch.randn(100_000, generator=_gen(41)) * s for s in (1.0, 3.0)]

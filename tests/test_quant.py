@@ -120,6 +120,7 @@ def test_fp32_export_has_no_qdq(tmp_path):
     assert census["QuantizeLinear"] == 0 and census["float"]["Conv"]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU machine)")
 def test_quantize_on_cuda_matches_onnx(tmp_path):
     model = tiny_cnn().cuda()

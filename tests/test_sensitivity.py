@@ -126,6 +126,7 @@ def test_two_budgets_are_rejected(images, tmp_path, capsys):
     assert "exactly one budget" in capsys.readouterr().err
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sensitivity_and_mixed_precision_on_cuda(blobs, tmp_path):
     runs = tmp_path / "runs"
