@@ -428,3 +428,39 @@ def test_any_json_in_any_record_field_is_read_or_refused_by_name(tmp_path, capsy
             assert type(e).__name__ == "WorkbenchError", e
     capsys.readouterr()
     assert 100 < refused < 400  # both roads were taken
+
+
+def test_any_json_as_calibration_or_sensitivity_is_accepted_or_refused_by_name(tmp_path):
+    """The checks resume runs on a reused calibration.json and sensitivity.json, over random JSON and random edits
+    of real ones: they pass it or raise a RecordError naming the file, never anything else."""
+    from workbench.resume import _check_calibration, _check_sensitivity
+    from workbench.run_record import RecordError
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "x.json"
+    real = {"calibration": {"config": {}, "activation_amax": {"a.input_quantizer": 1.5, "b.input_quantizer": 0.2},
+                            "quantized_layers": {"a": "Conv2d", "b": "Linear"}, "float_layers": {}},
+            "sensitivity": {"layers": [{"rank": 1, "layer": "a", "macs": 10, "only_sqnr_db": 30.0,
+                                        "onnx_qdq_nodes": ["q"], "only_resolved": False, "ranked_by": "proxy"},
+                                       {"rank": 2, "layer": "b", "macs": 5, "only_sqnr_db": math.inf,
+                                        "onnx_qdq_nodes": [], "only_resolved": True, "ranked_by": "task"}]}}
+    _check_calibration(real["calibration"], path)  # the real shapes pass
+    _check_sensitivity(real["sensitivity"], path)
+    outcomes = {"passed": 0, "refused": 0}
+    for case in range(600):
+        kind = "calibration" if case % 2 else "sensitivity"
+        data = json.loads(json.dumps(real[kind]))
+        if case % 3 == 0:
+            data = _random_json(rng)
+        else:  # one field of the real file replaced by random JSON, at the top or in a row / the ranges
+            inner = data["activation_amax"] if kind == "calibration" else data["layers"][int(rng.integers(0, 2))]
+            target = inner if rng.integers(0, 2) else data
+            target[str(rng.choice([*target, "extra"]))] = _random_json(rng)
+        check = _check_calibration if kind == "calibration" else _check_sensitivity
+        try:
+            check(data, path)
+            outcomes["passed"] += 1
+        except RecordError as e:
+            outcomes["refused"] += 1
+            assert str(path) in str(e) and "expected" in str(e)
+    assert outcomes["passed"] > 10 and outcomes["refused"] > 300
