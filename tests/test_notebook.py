@@ -88,6 +88,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, kernel_env):
     kernel_env.setenv("WORKBENCH_RUN_DIR", str(run_dir))
     kernel_env.setenv("WORKBENCH_SAMPLES", "32")
     kernel_env.setenv("WORKBENCH_TOP_K", "3")
+    kernel_env.setenv("WORKBENCH_TRUST_RUN", "1")  # the run's model is the test's own code (trust_code)
     nb = _notebook()
     # in notebooks/, as Jupyter runs it; a failing cell raises with its traceback
     _client(nb, NOTEBOOK.parent).execute()

@@ -433,7 +433,7 @@ def test_any_json_in_any_record_field_is_read_or_refused_by_name(tmp_path, capsy
 def test_any_json_as_calibration_or_sensitivity_is_accepted_or_refused_by_name(tmp_path):
     """The checks resume runs on a reused calibration.json and sensitivity.json, over random JSON and random edits
     of real ones: they pass it or raise a RecordError naming the file, never anything else."""
-    from workbench.resume import _check_calibration, _check_sensitivity
+    from workbench.resume import check_calibration, check_sensitivity
     from workbench.run_record import RecordError
 
     rng = np.random.default_rng(1)
@@ -444,8 +444,8 @@ def test_any_json_as_calibration_or_sensitivity_is_accepted_or_refused_by_name(t
                                         "onnx_qdq_nodes": ["q"], "only_resolved": False, "ranked_by": "proxy"},
                                        {"rank": 2, "layer": "b", "macs": 5, "only_sqnr_db": math.inf,
                                         "onnx_qdq_nodes": [], "only_resolved": True, "ranked_by": "task"}]}}
-    _check_calibration(real["calibration"], path)  # the real shapes pass
-    _check_sensitivity(real["sensitivity"], path)
+    check_calibration(real["calibration"], path)  # the real shapes pass
+    check_sensitivity(real["sensitivity"], path)
     outcomes = {"passed": 0, "refused": 0}
     for case in range(600):
         kind = "calibration" if case % 2 else "sensitivity"
@@ -456,7 +456,7 @@ def test_any_json_as_calibration_or_sensitivity_is_accepted_or_refused_by_name(t
             inner = data["activation_amax"] if kind == "calibration" else data["layers"][int(rng.integers(0, 2))]
             target = inner if rng.integers(0, 2) else data
             target[str(rng.choice([*target, "extra"]))] = _random_json(rng)
-        check = _check_calibration if kind == "calibration" else _check_sensitivity
+        check = check_calibration if kind == "calibration" else check_sensitivity
         try:
             check(data, path)
             outcomes["passed"] += 1
@@ -464,3 +464,27 @@ def test_any_json_as_calibration_or_sensitivity_is_accepted_or_refused_by_name(t
             outcomes["refused"] += 1
             assert str(path) in str(e) and "expected" in str(e)
     assert outcomes["passed"] > 10 and outcomes["refused"] > 300
+
+
+def test_open_run_takes_no_trust_key_from_the_run_directory(tmp_path, images):
+    """The notebook's `open_run` reads a run directory too: a recipe.yaml there that sets trust_code runs nothing
+    unless the caller gives the key, and a planted link in place of calibration.json is refused."""
+    from workbench import api
+    from workbench.errors import WorkbenchError
+
+    marker = tmp_path / "PWNED"
+    run_dir = tmp_path / "evil"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(
+        f"name: evil\nmodel: {{spec: 'import:os:system', trust_code: true, kwargs: {{command: 'touch {marker}'}}}}\n"
+        f"data: {{evaluation: {{source: imagefolder, path: '{images}'}}}}\nstages:\n  - evaluate: {{}}\n")
+    (run_dir / "calibration.json").write_text(json.dumps(
+        {"config": {"method": "max"}, "activation_amax": {"conv1.input_quantizer": 1.0},
+         "quantized_layers": {"conv1": "Conv2d"}, "float_layers": {}}))
+    with pytest.raises(WorkbenchError, match="trust_code"):
+        api.open_run(run_dir)
+    assert not marker.exists()
+    (run_dir / "calibration.json").unlink()
+    (run_dir / "calibration.json").symlink_to("/etc/passwd")
+    with pytest.raises(WorkbenchError, match="symbolic link"):
+        api.open_run(run_dir)

@@ -379,8 +379,9 @@ def load_run(run_dir: str | os.PathLike) -> dict:
     return load_metrics(Path(run_dir))
 
 
-def open_run(run_dir: str | os.PathLike, device: str = "cpu"):
-    """A run directory reopened for exploration: its calibrated model rebuilt from the saved ranges (see explore.py)."""
+def open_run(run_dir: str | os.PathLike, device: str = "cpu", trust_code: bool = False, trust_pickle: bool = False):
+    """A run directory reopened for exploration: its calibrated model rebuilt from the saved ranges (see explore.py).
+    The run's recipe.yaml is not trusted to run code: give trust_code/trust_pickle here if its model needs them."""
     from .explore import RunExplorer
 
-    return RunExplorer(Path(run_dir), device)
+    return RunExplorer(Path(run_dir), device, trust_code, trust_pickle)

@@ -30,20 +30,46 @@ from .stages.calibrate import CalibrateOptions
 from .tasks import get_task
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise WorkbenchError(f"{path} is not the JSON the workbench wrote ({e}): open another run, or run it again") \
+            from None
+
+
+def _float_layers(saved, path: Path) -> list[str]:
+    layers = saved.get("float_layers") if isinstance(saved, dict) else None
+    if not isinstance(layers, list) or not all(isinstance(name, str) for name in layers):
+        raise WorkbenchError(f"{path}: float_layers must be a list of layer names (got {str(layers)[:80]})")
+    return layers
+
+
 class RunExplorer:
-    def __init__(self, run_dir: Path, device: str = "cpu"):
+    def __init__(self, run_dir: Path, device: str = "cpu", trust_code: bool = False, trust_pickle: bool = False):
+        from .resume import check_calibration, check_sensitivity
+        from .run_record import RecordError, run_file
+
         self.dir = Path(run_dir)
-        if not (self.dir / "recipe.yaml").is_file():
+        try:  # a planted link or FIFO in place of a run file is refused, as on --resume
+            recipe_file, calibration = run_file(self.dir, "recipe.yaml"), run_file(self.dir, "calibration.json")
+            sens, plan = run_file(self.dir, "sensitivity.json"), run_file(self.dir, "mixed_precision.json")
+        except RecordError as e:
+            raise WorkbenchError(str(e)) from None
+        if recipe_file is None:
             raise WorkbenchError(f"{self.dir} is not a run directory (no recipe.yaml): give a directory under runs/")
-        calibration = self.dir / "calibration.json"
-        if not calibration.is_file():
+        if calibration is None:
             raise CalibrationError(
                 f"{self.dir} has no calibration.json: that run was not calibrated. Run a recipe with a calibrate stage "
                 "(workbench sensitivity RECIPE does) and open that run"
             )
-        self.recipe = parse_recipe((self.dir / "recipe.yaml").read_text(), str(self.dir / "recipe.yaml"))
+        # A run directory is untrusted input: the trust keys its recipe.yaml writes count only when the caller
+        # gives them again (else a tampered recipe.yaml would run code in the notebook that opens it).
+        overrides = [f"model.trust_code={str(trust_code).lower()}", f"model.trust_pickle={str(trust_pickle).lower()}"]
+        self.recipe = parse_recipe(recipe_file.read_text(), str(recipe_file), overrides)
         self.task = get_task(self.recipe.task)
-        saved = json.loads(calibration.read_text())
+        saved = _read_json(calibration)
+        check_calibration(saved, calibration)
         self.config = CalibrateOptions(**saved["config"])
         self.device = torch.device(device)
         self.reference = resolve_model(self.recipe.model).to(self.device).eval()
@@ -56,10 +82,12 @@ class RunExplorer:
             self.model = copy.deepcopy(self.reference)
         self.result = restore_(self.model, self.config, saved["activation_amax"], self._example())
         self.units = list(quant_units(self.model, self.result))
-        sens = self.dir / "sensitivity.json"
-        self.table: list[dict] = json.loads(sens.read_text())["layers"] if sens.is_file() else []
-        plan = self.dir / "mixed_precision.json"
-        self.run_plan: list[str] = json.loads(plan.read_text())["float_layers"] if plan.is_file() else []
+        self.table: list[dict] = []
+        if sens is not None:
+            saved_table = _read_json(sens)
+            check_sensitivity(saved_table, sens)
+            self.table = saved_table["layers"]
+        self.run_plan: list[str] = _float_layers(_read_json(plan), plan) if plan is not None else []
         self.set_float(self.run_plan)
         self._dataset = None
         self._probes: dict[int | None, object] = {}

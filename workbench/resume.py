@@ -381,7 +381,7 @@ def _is_number(v: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_calibration(saved: Any, path: Path) -> None:
+def check_calibration(saved: Any, path: Path) -> None:
     """calibration.json as calibrate writes it: every activation range a finite number > 0 (one per quantizer,
     per tensor; calibrate never writes less than quant.ptq.MIN_AMAX), the layer lists lists of names."""
     if not isinstance(saved, dict):
@@ -426,7 +426,7 @@ _SENSITIVITY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 _OTHER = (lambda v: v is None or isinstance(v, (str, bool)) or _is_number(v), "a number, a string, true/false or null")
 
 
-def _check_sensitivity(saved: Any, path: Path) -> None:
+def check_sensitivity(saved: Any, path: Path) -> None:
     """sensitivity.json as the sensitivity stage writes it: a row per layer, ranked 1..n, of plain values."""
     if not isinstance(saved, dict) or not isinstance(saved.get("layers"), list):
         raise _bad(path, "layers", saved.get("layers") if isinstance(saved, dict) else saved,
@@ -591,9 +591,9 @@ class Restorer:
 RESTORERS = {
     "prune": Restorer(_pruned, _pruned_files),
     "finetune": Restorer(_finetuned, _pruned_files),
-    "calibrate": Restorer(_calibrated, lambda o, v: ["calibration.json"], {"calibration.json": _check_calibration}),
+    "calibrate": Restorer(_calibrated, lambda o, v: ["calibration.json"], {"calibration.json": check_calibration}),
     "export": Restorer(_exported, _exported_files),
-    "sensitivity": Restorer(_sensitivity, lambda o, v: ["sensitivity.json"], {"sensitivity.json": _check_sensitivity}),
+    "sensitivity": Restorer(_sensitivity, lambda o, v: ["sensitivity.json"], {"sensitivity.json": check_sensitivity}),
     "build": Restorer(_built, _built_files),
     "evaluate": Restorer(_metrics_only),
     "bench": Restorer(_metrics_only),
