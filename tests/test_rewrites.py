@@ -309,3 +309,19 @@ def test_a_rewrite_that_leaves_a_model_that_cannot_run_is_refused_and_put_back()
         checked_rewrite(model, wrong_width, x, what="some rewrite", advice="do this")
     assert model.conv1 is conv1
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_a_layer_calibration_never_runs_is_named_not_a_key_error():
+    class UnusedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.spare = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x)  # `spare` is quantized but never runs
+
+    from workbench.errors import CalibrationError
+
+    model = UnusedHead().eval()
+    with pytest.raises(CalibrationError, match=r"never saw an input .* 'spare.input_quantizer'.*exclude: \['spare'\]"):
+        quantize_(model, Int8Config(method="max", residual_add=False), lambda m: m(X), X)
