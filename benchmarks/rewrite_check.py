@@ -7,8 +7,9 @@ For torchvision's resnet18 and timm's resnet18 (SiLU, GELU), seresnet18 and ecar
 them: timm zero-initialises each block's last BatchNorm, which would hide a dropped branch), in eval mode, runs
 `quantize_` (BatchNorm folding, the residual_add rule, max calibration on the same random images) and reports, with
 every quantizer off, the largest difference between the rewritten model's outputs and the original's, and the
-residual Adds quantized or left alone. The "old rule" column is what the unproved BasicBlock-only rewrite gave on
-the same model (timm blocks given torchvision's forward, no check): the silent change the proof now refuses.
+residual Adds quantized or left alone. The "old rule" columns are the BasicBlock-only rewrite (timm blocks given
+torchvision's forward) on the same model: unchecked as it shipped (the silent change), and under the block proof
+(what the proof does with a rewrite that does not fit: leaves the block alone).
 """
 
 from __future__ import annotations
@@ -49,15 +50,17 @@ def trained_like(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def old_rule_difference(model: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor) -> float:
-    """The unproved rewrite: every block with conv1/bn1/conv2/bn2 given torchvision's forward, nothing checked."""
+def old_rule(model: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor, proved: bool) -> tuple[float, int]:
+    """The old rewrite (every block with conv1/bn1/conv2/bn2 given torchvision's forward), unchecked as it was or under
+    today's block proof: the output difference, quantizers off, and how many blocks the proof left alone."""
     saved = rules._TIMM_BLOCK, rules.difference
     rules._TIMM_BLOCK = ("no such attribute",)  # timm blocks fall through to torchvision's forward, as before
-    rules.difference = lambda before, after: (0.0, 1.0)
+    if not proved:
+        rules.difference = lambda before, after: (0.0, 1.0)
     try:
-        rules.insert_residual_quantizers(model, x)
+        rewrite = rules.insert_residual_quantizers(model, x)
         with torch.no_grad(), rules.quantizers_off(model):
-            return float((model(x) - reference).abs().max())
+            return float((model(x) - reference).abs().max()), len(rewrite.left_alone)
     finally:
         rules._TIMM_BLOCK, rules.difference = saved
 
@@ -72,21 +75,22 @@ def main() -> None:
     x = torch.randn(args.images, 3, args.size, args.size)
     print(f"{args.images} random images at {args.size} px, CPU {torch.get_num_threads()} threads\n")
     print("| model | max abs output difference, quantizers off | max abs output | residual Adds int8 / left float "
-          "| old rule's difference |")
-    print("|---|---|---|---|---|")
+          "| old rule unchecked: difference | old rule under the block proof: blocks left alone, difference |")
+    print("|---|---|---|---|---|---|")
     for name, build in models():
         torch.manual_seed(0)
         model = trained_like(build())
         with torch.no_grad():
             reference = model(x)
-        old = old_rule_difference(copy.deepcopy(model), x, reference)
+        old, _ = old_rule(copy.deepcopy(model), x, reference, proved=False)
+        proved, left_alone = old_rule(copy.deepcopy(model), x, reference, proved=True)
         result = quantize_(model, Int8Config(method="max"), lambda m: m(x), x)
         with torch.no_grad(), rules.quantizers_off(model):
             diff = float((model(x) - reference).abs().max())
         adds = result.census().get("Add (residual)", {"int8": 0, "float": 0})
         left = f" ({len(result.residual_left_alone)} not recognised)" if result.residual_left_alone else ""
         print(f"| {name} | {diff:.2e} | {float(reference.abs().max()):.3g} | {adds['int8']} / {adds['float']}{left} "
-              f"| {old:.3g} |")
+              f"| {old:.3g} | {left_alone}, {proved:.2g} |")
 
 
 if __name__ == "__main__":

@@ -213,12 +213,12 @@ def test_a_broken_fold_is_refused_and_the_model_put_back(monkeypatch):
     monkeypatch.setattr(fold, "_fuse", fuse_without_shift)
     model = _randomised(tiny_cnn())
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    before = model(x)
+    before, bn1, weight = model(x), model.bn1, model.conv1.weight
     with pytest.raises(RewriteError) as caught:
         fold_batchnorm_(model, x)
     message = str(caught.value)
     assert "folding BatchNorm" in message and "module 'bn1'" in message and "fold_batchnorm: false" in message
-    assert isinstance(model.bn1, nn.BatchNorm2d) and model.conv1.bias is None
+    assert model.bn1 is bn1 and model.conv1.weight is weight and model.conv1.bias is None  # the same objects
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
@@ -293,3 +293,35 @@ def test_the_checks_accept_float_rounding_only():
         copy_.layer3[1].bn2.bias += 1e-2  # a small real change deep inside
     found = first_difference(model, copy_, X)
     assert found is not None and found.module == "layer3.1.bn2" and found.max_abs == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_a_rewrite_that_leaves_a_model_that_cannot_run_is_refused_and_put_back():
+    from workbench.models.equivalence import checked_rewrite
+
+    model = tiny_cnn().eval()
+    x = torch.randn(2, 3, 32, 32)
+    before, conv1 = model(x), model.conv1
+
+    def wrong_width(m):
+        m.conv1 = nn.Conv2d(5, 5, 1)
+
+    with pytest.raises(RewriteError, match=r"some rewrite left a model that does not run .*RuntimeError.*do this"):
+        checked_rewrite(model, wrong_width, x, what="some rewrite", advice="do this")
+    assert model.conv1 is conv1
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_a_layer_calibration_never_runs_is_named_not_a_key_error():
+    class UnusedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.spare = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x)  # `spare` is quantized but never runs
+
+    from workbench.errors import CalibrationError
+
+    model = UnusedHead().eval()
+    with pytest.raises(CalibrationError, match=r"never saw an input .* 'spare.input_quantizer'.*exclude: \['spare'\]"):
+        quantize_(model, Int8Config(method="max", residual_add=False), lambda m: m(X), X)

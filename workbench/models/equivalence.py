@@ -148,26 +148,46 @@ def checked_rewrite(model: nn.Module, rewrite: Callable[[nn.Module], T], inputs:
     """Apply `rewrite(model)` in place and prove the float model still computes the same outputs on `inputs`.
 
     `float_mode(model)` is entered around each run (quantizers off). Where the outputs differ the model is put back
-    as it was and a RewriteError names `what`, the first differing module and `advice` (what the user can do)."""
-    reference = copy.deepcopy(model)
+    as it was (the same module objects, their original classes, children and values) and a RewriteError names
+    `what`, the first differing module and `advice` (what the user can do)."""
+    reference, snapshot = copy.deepcopy(model), _snapshot(model)
     try:
         result = rewrite(model)
     except BaseException:
-        _put_back(model, reference)  # a rewrite that stops half way leaves nothing half done
+        _put_back(model, snapshot, reference)  # a rewrite that stops half way leaves nothing half done
         raise
-    found = first_difference(reference, model, inputs, rtol, intended(result), float_mode)
+    try:
+        found = first_difference(reference, model, inputs, rtol, intended(result), float_mode)
+    except Exception as e:
+        _put_back(model, snapshot, reference)
+        raise RewriteError(f"{what} left a model that does not run on the images it was checked on "
+                           f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}), so it was not applied. "
+                           f"{advice}") from None
     if found is not None:
-        _put_back(model, reference)
+        _put_back(model, snapshot, reference)
         raise RewriteError(f"{what} changed what the float model computes, so it was not applied: {found.describe()}, "
                            f"beyond float rounding ({rtol:g} relative). {advice}")
     return result
 
 
-def _put_back(model: nn.Module, reference: nn.Module) -> None:
-    """Make `model` (the object callers hold) the unchanged copy again: its class, submodules, parameters."""
-    model.__dict__.clear()
-    model.__dict__.update(reference.__dict__)
-    model.__class__ = reference.__class__
+_CONTAINERS = ("_parameters", "_buffers", "_modules")
+
+
+def _snapshot(model: nn.Module) -> list[tuple[nn.Module, type, dict]]:
+    """Each module object with its class and attributes (its parameter, buffer and child tables copied), so a rewrite
+    that swaps classes, children or parameters can be undone on the same objects callers hold."""
+    return [(m, type(m), {k: dict(v) if k in _CONTAINERS else v for k, v in vars(m).items()}) for m in model.modules()]
+
+
+def _put_back(model: nn.Module, snapshot: list[tuple[nn.Module, type, dict]], reference: nn.Module) -> None:
+    """Undo a rewrite in place: every module object gets its class and attributes back, then the values of the
+    untouched copy (a rewrite may have written into parameters, as folding does)."""
+    for module, cls, state in snapshot:
+        module.__class__ = cls
+        module.__dict__.clear()
+        module.__dict__.update({k: dict(v) if k in _CONTAINERS else v for k, v in state.items()})
+    with torch.no_grad():
+        model.load_state_dict(reference.state_dict())
 
 
 def checked_swap(name: str, old: nn.Module, new: nn.Module, sample: torch.Tensor, *, what: str, advice: str,

@@ -204,6 +204,13 @@ def quantize_(
     if counter["batches"] == 0:
         raise CalibrationError("calibrate: the calibration data produced no batches: data.calibration is empty")
     result.batches, result.samples = counter["batches"], counter["samples"]
+    if never := [name for name in activation_quantizers if name not in histograms]:
+        layer = never[0].removesuffix(".input_quantizer")
+        raise CalibrationError(
+            f"calibrate: {len(never)} quantizer(s) never saw an input during calibration, e.g. {never[0]!r}: the "
+            f"model's forward does not run '{layer}' on these images, so it has no range. Exclude it (exclude: "
+            f"['{layer}']) if it is unused, or calibrate on images that reach it"
+        )
     amax = {
         name: (histograms[name].amax if config.method == "max"
                else compute_amax(histograms[name], config.method, percentile=config.percentile))
