@@ -48,8 +48,8 @@ class BuildOptions(StageOptions):
     openvino_graph: Literal["u8", "tensorrt_style"] = Field(
         "u8", description="OpenVINO: the INT8 layout compiled. u8: the same ranges with unsigned activations (zero "
         "point 128 where signed) and 8-bit weight initializers, computed correctly on every CPU; tensorrt_style: "
-        "model.onnx as it is (signed activations), which OpenVINO computes wrongly after a Concat on CPUs without "
-        "AMX (the guard refuses it there).")
+        "model.onnx as it is (signed activations), which the OpenVINO versions measured compute wrongly after a "
+        "Concat on CPUs without AMX (the guard refuses it where it does).")
     openvino_weights: Literal["auto", "s8", "reduce_range"] = Field(
         "auto", description="OpenVINO, u8 graph: s8 (8-bit weights: CPUs with VNNI or AMX), reduce_range (7 bits "
         "where a 16-bit sum could saturate: x86 CPUs without VNNI); auto: for the CPU the build runs on.")
