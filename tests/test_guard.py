@@ -318,3 +318,28 @@ def test_the_openvino_weight_choice_follows_the_cpu_and_the_guard_measures_that_
                if numpy_helper.to_array(i).dtype == np.int8 and numpy_helper.to_array(i).ndim >= 2]
     # per-channel 8-bit weights reach 127 in every layer; 7-bit ones stay within 64 where the sums could saturate
     assert any(m <= 64 for m in largest) == (weights == "reduce_range") and max(largest) == 127
+
+
+def test_the_guard_measures_the_engine_and_evaluate_scores_the_conversion_apart(calibrated, tmp_path, monkeypatch):
+    """A conversion that changes the function (here its weights negated) is not the engine's fault: the engine computes
+    the converted graph, so the guard passes it; evaluate finds the converted graph far from the faithful one and
+    says so."""
+    from workbench.runtime import openvino
+
+    original = openvino.int8_graph
+
+    def wrong_conversion(model, out, graph="u8", weights="auto"):
+        path, notes = original(model, out, graph, weights)
+        return _negate_weights(path, path), notes
+
+    monkeypatch.setattr(openvino, "int8_graph", wrong_conversion)
+    _, images = calibrated
+    code, run_dir, metrics = _run(tmp_path, "{engine: openvino}", images)
+    assert code == 0
+    build = metrics["stages"]["build"]
+    assert build["built"] and build["guard"]["passed"] and build["verified"]
+    backends = metrics["stages"]["evaluate"]["backends"]
+    assert backends["openvino_int8"]["engine_check"]["within"]
+    conversion = backends["ort_openvino_graph"]["conversion_check"]
+    assert not conversion["within"] and conversion["high"] < 90.0 and conversion["against"] == "ort_int8_faithful"
+    assert any("the conversion itself loses accuracy" in w["message"] for w in metrics["warnings"])

@@ -61,6 +61,8 @@ def test_build_compiles_both_graphs_guards_and_evaluate_scores_them(images, tmp_
     assert backends["openvino_int8"]["engine_check"]["against"] == "ort_openvino_graph"
     assert backends["openvino_int8"]["engine_check"]["within"] and backends["openvino_int8"]["verified"] is True
     assert evaluation["openvino_conversion_vs_faithful"]["agreement_top1"] >= 95.0
+    conversion = backends["ort_openvino_graph"]["conversion_check"]
+    assert conversion["against"] == "ort_int8_faithful" and conversion["within"] and conversion["samples"] == 36
     assert backends["openvino_int8"]["latency"]["b2"]["median_ms"] > 0
     # size: the IR's .xml and .bin together
     assert backends["openvino_fp32"]["size_bytes"] == sum(

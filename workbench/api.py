@@ -205,6 +205,10 @@ def build(onnx: str | os.PathLike, engine: str = "auto", batch: tuple[int, int, 
         engine = "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "openvino"
     fixed = onnx_input_dims(onnx_path)  # a missing or broken file is named before anything reads it
     require_numeric(onnx_path)
+    if not 0 <= guard_min_agreement < 100 or guard_max_samples < 1:
+        raise WorkbenchError(f"--guard-min-agreement {guard_min_agreement:g} --guard-max-samples {guard_max_samples}: "
+                             "give a percent from 0 to below 100 (no number of images resolves 100) and 1 image or "
+                             "more")
     policy = GuardPolicy(guard_min_agreement, max_samples=guard_max_samples)
     images = _guard_images(onnx_path, fixed, data, policy) if guard and precision == "int8" else None
     if engine == "openvino":

@@ -66,6 +66,7 @@ def backend_rows(metrics: dict) -> list[dict]:
                 "delta_ptq": entry.get("delta_vs_ptq"),
                 "verified": entry.get("verified"),  # engines: whether the build's guard passed it
                 "engine_check": entry.get("engine_check"),  # engines: agreement with their graph, every image
+                "conversion_check": entry.get("conversion_check"),  # the graph an engine is compiled from vs faithful
             }
         )
     return rows
@@ -201,14 +202,16 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
                 what = "(agreement not measurable: the reference finds no box with score >= 0.25 on these images)"
             lines += [f"{sentence} {what} (max |output difference| {cmp['max_abs_diff']:.4f}).", ""]
     for row in rows:
-        check = row["engine_check"]
-        if check:
-            verdict = "within" if check["within"] else "**outside**"
-            lines += [f"{row['title']} against the graph it was compiled from (`{check['against']}`), the guard's "
-                      f"way on every evaluation image: {check['criterion']} {check['value']:.1f}% "
-                      f"[{check['low']:.1f}, {check['high']:.1f}] ({100 * check['confidence']:.0f}% "
-                      f"{check['method']} interval, {check['samples']} images), {verdict} the guard's threshold of "
-                      f"{check['min_agreement']:g}%.", ""]
+        for key, what in (("engine_check", "the graph it was compiled from"),
+                          ("conversion_check", "the faithful graph")):
+            check = row[key]
+            if check:
+                verdict = "within" if check["within"] else "**outside**"
+                lines += [f"{row['title']} against {what} (`{check['against']}`), the guard's way on every "
+                          f"evaluation image: {check['criterion']} {check['value']:.1f}% [{check['low']:.1f}, "
+                          f"{check['high']:.1f}] ({100 * check['confidence']:.0f}% {check['method']} interval, "
+                          f"{check['samples']} images), {verdict} the guard's threshold of "
+                          f"{check['min_agreement']:g}%.", ""]
     lines += _not_measurable_lines(rows)
     speed = evaluation.get("speed_ms_per_image")
     if speed:

@@ -3,8 +3,10 @@
 Engines: TensorRT (runtime/tensorrt.py; NVIDIA GPUs) and OpenVINO (runtime/openvino.py; the CPU). `auto`
 takes TensorRT where the `tensorrt` package is installed, OpenVINO elsewhere. An INT8 engine is compiled
 from the Q/DQ graph; OpenVINO also compiles the FP32 graph, the baseline its speed-up is measured against.
-Every engine then runs beside the faithful execution of its graph on calibration images (runtime/guard.py)
-and is handed on only if it computes the same function; a refused engine's files are removed.
+The graph's Q/DQ numbers are checked first (qdq/numeric.py). Every INT8 engine then runs beside the faithful
+execution of the graph it was compiled from (runtime/guard.py), on as many calibration and then evaluation
+images as resolve the guard's threshold, and is handed on only if it computes the same function; a refused
+engine's files are removed. `guard: false` keeps it, marked unverified in its sidecar and every table.
 
 Without the engine's package (or, for TensorRT, a GPU) the stage records why nothing was built and the run
 goes on to its reports; `required: true` fails the run instead, as it does for a refused engine.
@@ -48,8 +50,8 @@ class BuildOptions(StageOptions):
     openvino_graph: Literal["u8", "tensorrt_style"] = Field(
         "u8", description="OpenVINO: the INT8 layout compiled. u8: the same ranges with unsigned activations (zero "
         "point 128 where signed) and 8-bit weight initializers, computed correctly on every CPU; tensorrt_style: "
-        "model.onnx as it is (signed activations), which OpenVINO computes wrongly after a Concat on CPUs without "
-        "AMX (the guard refuses it there).")
+        "model.onnx as it is (signed activations), which the OpenVINO versions measured compute wrongly after a "
+        "Concat on CPUs without AMX (the guard refuses it where it does).")
     openvino_weights: Literal["auto", "s8", "reduce_range"] = Field(
         "auto", description="OpenVINO, u8 graph: s8 (8-bit weights: CPUs with VNNI or AMX), reduce_range (7 bits "
         "where a 16-bit sum could saturate: x86 CPUs without VNNI); auto: for the CPU the build runs on.")

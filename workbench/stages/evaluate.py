@@ -120,6 +120,11 @@ def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
     # decided on as few images as resolved its threshold).
     engine_checks = {b: (BACKENDS[b].guarded_against, task.agreement_meter(run.num_classes())) for b in runners
                      if BACKENDS[b].guarded_against in runners}
+    # and the graph an engine was compiled from, where it is a conversion (OpenVINO's u8 layout with this CPU's
+    # weight bits), against the faithful graph: the accuracy the conversion itself costs
+    conversions = {graph: (BACKENDS[graph].compares.against, task.agreement_meter(run.num_classes()))
+                   for graph, _ in engine_checks.values()
+                   if BACKENDS[graph].compares and BACKENDS[graph].compares.against in runners}
     seen = 0
     for i, (images, labels) in enumerate(_batches(track(loader, "evaluate", total=len(loader)), opts.max_samples)):
         seen += images.shape[0]
@@ -128,7 +133,7 @@ def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
         for b, out in outputs.items():
             if not (b == "pytorch_fp32" and references is not None):  # FP32 already scored
                 _update(run, scorers[b], b, out, labels, reference, images)
-        for b, (against, meter) in engine_checks.items():
+        for b, (against, meter) in (engine_checks | conversions).items():
             meter.update(outputs[b], outputs[against])
         for key, entry in pairs.items():
             graph, against = same_function[key]
@@ -144,7 +149,7 @@ def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
             entry["latency"] = latencies[b]
         results[b] = entry
     _differences(task, scorers, results, opts.confidence)
-    _check_engines(run, engine_checks, results)
+    _check_engines(run, engine_checks, conversions, results)
     _write_per_image(run, task, scorers)
     values = {"samples": seen, "labeled": labeled, "backends": results}
     if latencies:
@@ -161,27 +166,35 @@ def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
     run.record("evaluate", values)
 
 
-def _check_engines(run, engine_checks: dict, results: dict) -> None:
-    """Each engine's agreement with its faithful graph on the evaluation split, with its interval; an engine outside
-    the build guard's threshold here (or built unverified) is a warning in the console, the report and
-    metrics.json."""
+def _check_engines(run, engine_checks: dict, conversions: dict, results: dict) -> None:
+    """Each engine's agreement with the graph it was compiled from on the evaluation split, with its interval, and
+    that graph's with the faithful graph where it is a conversion; one outside the build guard's threshold here is
+    a warning in the console, the report and metrics.json (an engine kept unverified is said so)."""
     from ..runtime.guard import GuardPolicy, engine_verified
 
     policy = run.artifacts.engine_guard or GuardPolicy()
-    for b, (against, meter) in engine_checks.items():
-        verified = engine_verified(BACKENDS[b].model(run))
-        results[b]["verified"] = verified
+    for b in engine_checks:
+        results[b]["verified"] = engine_verified(BACKENDS[b].model(run))
+    for b, (against, meter) in (engine_checks | conversions).items():
         estimate = meter.estimate(policy.confidence)
         if estimate is None:  # the faithful graph makes no confident prediction: nothing to agree on
             continue
         within = estimate.value >= policy.min_agreement
-        results[b]["engine_check"] = {"against": against, "criterion": meter.criterion, "compared": meter.compared,
-                                      **estimate.as_dict(), "min_agreement": policy.min_agreement, "within": within}
-        if not within:
-            run.warn(f"{b}: {meter.criterion} with its faithful graph ({against}) on the evaluation split is "
-                     f"{estimate.describe()}, outside the guard's threshold of {policy.min_agreement:g}%"
-                     + ("" if verified else " (the engine was built unverified)")
+        results[b]["engine_check" if b in engine_checks else "conversion_check"] = {
+            "against": against, "criterion": meter.criterion, "compared": meter.compared, **estimate.as_dict(),
+            "min_agreement": policy.min_agreement, "within": within}
+        if within:
+            continue
+        if b in engine_checks:
+            run.warn(f"{b}: {meter.criterion} with the graph it was compiled from ({against}) on the evaluation "
+                     f"split is {estimate.describe()}, outside the guard's threshold of {policy.min_agreement:g}%"
+                     + ("" if results[b]["verified"] else " (the engine was built unverified)")
                      + ": this engine does not compute its graph's function; deploy the faithful ONNX graph")
+        else:
+            run.warn(f"{b}: the graph the engine is compiled from (its layout and weight bits for this CPU) against "
+                     f"the faithful graph ({against}) on the evaluation split: {meter.criterion} "
+                     f"{estimate.describe()}, outside {policy.min_agreement:g}%: the conversion itself loses accuracy "
+                     "on this CPU")
 
 
 def _write_per_image(run, task, scorers: dict) -> None:
