@@ -11,7 +11,6 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from helpers import make_tiny_yolov5_checkpoint
