@@ -48,3 +48,25 @@ def test_family_quantizes_by_the_rules_and_passes_check_onnx(family, tmp_path):
     fake = TorchRunner(model, "fake")(x)
     faithful = OrtRunner(path, "faithful", "faithful")(x.numpy())
     assert abs(faithful - fake).max() <= 1e-3 * abs(fake).max() + 1e-3
+
+
+@pytest.mark.parametrize("family", ["yolov8n.yaml", "yolov10n.yaml"])  # Detect, and v10Detect's one-to-one head
+def test_a_graph_exported_with_dynamic_size_decodes_at_every_size(family, tmp_path):
+    """Ultralytics' heads cache their anchors for the last input size: traced as cached, a graph exported with dynamic
+    height and width (as `workbench quantize` exports these models, for `yolo val`'s rectangular batches) would keep
+    the example's anchors and fail, or decode wrongly, at any other size."""
+    from workbench.models import resolve_model
+    from workbench.runtime.runners import OrtRunner, TorchRunner
+
+    model = resolve_model(ModelConfig(spec=f"ultralytics:{family}", input_size=(3, 64, 64))).eval()
+    generator = torch.Generator().manual_seed(0)
+    example = torch.rand(1, 3, 64, 64, generator=generator)
+    model(example)  # the anchors of 64x64 now cached, as after calibration
+    path = export_onnx(model, example, tmp_path / "model.onnx", dynamic_size=True, clean=True)
+    runner = OrtRunner(path, "faithful", "faithful")
+    for shape in ((1, 3, 64, 64), (2, 3, 96, 64), (1, 3, 64, 128)):
+        x = torch.rand(*shape, generator=generator)
+        want = TorchRunner(model, "fp32")(x)
+        got = runner(x.numpy())
+        assert got.shape == want.shape, shape
+        assert abs(got - want).max() <= 1e-3 * abs(want).max() + 1e-3, shape

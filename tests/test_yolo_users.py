@@ -80,22 +80,43 @@ def test_list_files_dict_or_list_names_background_images_and_empty_label_files(t
     assert sum(c["instances"] for c in fp32["per_class"].values()) == 2  # 4 images, two without objects
 
 
-def test_the_exported_graph_carries_the_metadata_ultralytics_reads(tmp_path):
-    """Ultralytics' AutoBackend (what `yolo val` and `yolo predict` open a model with) reads the task, the names, the
-    stride and the size from every exported graph."""
+@pytest.mark.parametrize("export, dynamic_axes", [
+    ("{}", ["batch"]), ("{dynamic_size: true}", ["batch", "height", "width"]), ("{dynamic_batch: false}", []),
+])
+def test_the_exported_graph_carries_the_metadata_ultralytics_reads(tmp_path, export, dynamic_axes):
+    """Ultralytics' AutoBackend (what `yolo val` and `yolo predict` open a model with) reads the names, the stride and
+    the size from every exported graph, and the metadata is true of the graph: `dynamic` (Ultralytics' word for a
+    dynamic image size) only where height and width are, the export size, the output layout. YOLOv5's
+    (B, N, 5 + classes) is not a layout Ultralytics decodes: the task names it rather than claim `detect`."""
+    import ast
+
+    import numpy as np
+    import onnx
     import torch
 
     from workbench.models.registry import import_ultralytics
+    from workbench.runtime.runners import OrtRunner
 
     import_ultralytics()  # first: imported this way, Ultralytics leaves PIL and torch unpatched for later tests
     from ultralytics.nn.autobackend import AutoBackend
 
     data_yaml = ultralytics_set(tmp_path / "set")
-    assert main(["run", str(_recipe(tmp_path, str(data_yaml), "  - calibrate: {method: max}\n  - export: {}\n"))]) == 0
+    stages = f"  - calibrate: {{method: max}}\n  - export: {export}\n"
+    assert main(["run", str(_recipe(tmp_path, str(data_yaml), stages))]) == 0
     run_dir, _ = _metrics(tmp_path)
     for name in ("model.onnx", "model_fp32.onnx", "model_int8_ort.onnx"):
+        graph = onnx.load(str(run_dir / name))
+        dims = graph.graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_param for d in dims if d.dim_param] == dynamic_axes, name
+        output = OrtRunner(run_dir / name, name)(np.zeros((1, 3, 64, 64), np.float32))
+        assert output.shape[2] == 5 + 3 and output.shape[1] > 8, name  # (B, N, 5 + classes)
+        meta = {p.key: p.value for p in graph.metadata_props}
+        assert ast.literal_eval(meta["args"])["dynamic"] == ("height" in dynamic_axes), name
+        assert ast.literal_eval(meta["imgsz"]) == [d.dim_value or 64 for d in dims][2:] == [64, 64], name
+        assert meta["workbench.output_layout"].startswith("(batch, boxes, 5 + classes)"), name
         backend = AutoBackend(str(run_dir / name), device=torch.device("cpu"))
-        assert backend.task == "detect" and backend.names == {0: "c0", 1: "c1", 2: "c2"}, name
+        assert backend.task != "detect" and "Ultralytics 8 cannot decode" in backend.task, name
+        assert backend.names == {0: "c0", 1: "c1", 2: "c2"}, name
         assert backend.stride == 8 and backend.imgsz == [64, 64] and backend.batch == 1, name
 
 

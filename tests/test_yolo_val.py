@@ -1,17 +1,17 @@
 """The real consumer of the exported detectors: Ultralytics' own validator (`yolo val`) on the workbench's graphs.
 
 An untrained model finds nothing in real images, so the images here are labelled with the exported graph's own
-confident detections (the workbench's letterbox and decode): the workbench then scores its graph near 1, and
-Ultralytics' validator, reading the same graph through its metadata, must score it the same. A graph whose
-metadata lies about its size or dynamic axes makes the validator fail or letterbox wrongly, and a mislabelled
-output layout scores 0: each shows up as a crash or a gap between the two numbers.
+confident detections (the workbench's letterbox and decode): the workbench scores its graph well above chance on
+them, and Ultralytics' validator, reading the same graph through its metadata, must score it the same. A graph
+whose metadata lies about its size makes the validator feed it the wrong shape or letterbox wrongly, a graph that
+cannot take the rectangular batches Ultralytics feeds a dynamic graph fails, and a mislabelled output layout scores
+0: each shows up as a crash or a gap between the two numbers.
 """
 
 import importlib.util
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from helpers import make_tiny_yolov5_checkpoint
@@ -23,7 +23,7 @@ from workbench.cli import main
 needs_ultralytics = pytest.mark.skipif(importlib.util.find_spec("ultralytics") is None,
                                        reason="ultralytics extra not installed")
 NAMES = ["red"]  # one class: Ultralytics' validator runs the same NMS as the workbench (no multi-label)
-SIZE = 128  # an image of 80x48 then letterboxes, in Ultralytics' rectangular batches, to 96x128: not the export size
+SIZE = 128  # an image of 80x48 then letterboxes, in Ultralytics' rectangular batches, to 96x160: not the export size
 LABEL_SCORE = 0.3  # the detections written as labels: confident ones, well apart from the rest
 
 
@@ -75,11 +75,6 @@ def tiny_yolov8(path: Path, data_yaml: Path) -> Path:
     return path
 
 
-def run_dir_of(runs: Path) -> Path:
-    (run_dir,) = runs.iterdir()
-    return run_dir
-
-
 def export_run(tmp_path: Path, data_yaml: Path, model: Path, export: dict | None = None) -> Path:
     """The run directory of `workbench quantize MODEL --data DATA --imgsz SIZE` cut to calibrate and export (no
     engine, no evaluation), with `export` in place of its export options when given."""
@@ -95,7 +90,8 @@ def export_run(tmp_path: Path, data_yaml: Path, model: Path, export: dict | None
         recipe["stages"][1]["export"] = export
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["run", str(tmp_path / "r.yaml")]) == 0
-    return run_dir_of(tmp_path / "runs")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    return run_dir
 
 
 def self_label(graph: Path, data_yaml: Path) -> int:
@@ -167,7 +163,7 @@ def test_yolo_val_scores_an_ultralytics_export_as_the_workbench_does(tmp_path, e
     theirs = yolo_val(graph, data_yaml, tmp_path, iou=0.7, **val_args)
     assert ours > 0.3  # below 1: the confident boxes that cross the border (no labels) are false positives to both
     assert theirs == pytest.approx(ours, abs=0.02)  # measured: 0.589 and 0.580; pycocotools' AP is not Ultralytics'
-    if export is None:  # `yolo val` as is: rectangular batches (here 96x128), which the graph must accept
+    if export is None:  # `yolo val` as is: rectangular batches (here 96x160), which the graph must accept
         yolo_val(graph, data_yaml, tmp_path, imgsz=SIZE)
 
 

@@ -112,7 +112,8 @@ def model_num_classes(model: torch.nn.Module, input_size) -> int:
 def _output_layout(model: torch.nn.Module, input_size, num_classes: int) -> str:
     """The head layout of the model's output, from one forward pass on a blank image of the export size."""
     param = next(model.parameters(), None)
-    x = torch.zeros(1, *input_size, device=param.device if param is not None else "cpu")
+    x = torch.zeros(1, *input_size, device=param.device if param is not None else "cpu",
+                    dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
     was_training = model.training
     model.eval()
     try:
