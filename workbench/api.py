@@ -161,6 +161,8 @@ def _check_graph_schema(model, path: str | os.PathLike) -> None:
 
     from .errors import WorkbenchError
 
+    if model.ByteSize() >= 2**31:  # the checker takes no proto over protobuf's 2 GB: such a graph goes unchecked
+        return
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as e:
