@@ -178,6 +178,7 @@ def test_dev_zero_as_a_checkpoint_is_refused_by_validate_and_run(images, tmp_pat
     _refused(capsys, tmp_path, f"model.{field}: {said}")
 
 
+@pytest.mark.slow
 def test_rejected_checkpoints_stay_under_1_gb_of_memory(tmp_path, images):
     """Every memory bomb above, handed to the loaders in one fresh process: its peak RSS (importing torch
     takes about 700 MB of it) stays under 1 GB. Without the limits, the Conv2d call takes 1.6 GB, the stride-0
@@ -376,6 +377,7 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "WORKBENCH_NO_PROGRESS": "1"}
 
 
+@pytest.mark.slow
 def test_sigterm_marks_the_run_interrupted_in_its_stage_and_it_resumes(tmp_path, images):
     stages = ("  - calibrate: {method: max}\n  - export: {}\n"
               "  - evaluate: {latency_repeats: 1000000, latency_batch_sizes: [1]}\n")
