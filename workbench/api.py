@@ -183,9 +183,11 @@ def build(onnx: str | os.PathLike, engine: str = "auto", batch: tuple[int, int, 
     import importlib.util
 
     from .errors import WorkbenchError
-    from .qdq.export import onnx_input_dims
+    from .qdq.export import load_onnx, onnx_input_dims
 
     onnx_path = Path(onnx)
+    # A node that breaks its op's schema can crash a compiler outright (OpenVINO segfaults on a one-input Conv).
+    _check_graph_schema(load_onnx(onnx_path), onnx_path)
     if engine == "auto":
         engine = "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "openvino"
     if engine == "openvino":
