@@ -485,3 +485,26 @@ def test_a_bare_stage_word_gets_a_message(images, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'stages[1]' is the bare word 'export'" in err and "write '- export: {}'" in err
     assert "got None" not in err
+
+
+def test_a_node_breaking_its_schema_is_refused_before_openvino_reads_it(tmp_path, capsys):
+    """A Conv with one input (found by the fuzzer) crashed OpenVINO's reader with a segfault, no message at all."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])
+    graph = helper.make_graph([helper.make_node("Conv", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "conv.onnx"))
+    for command in (["check-onnx"], ["build", "--engine", "openvino", "--precision", "fp32"]):
+        assert main([command[0], str(tmp_path / "conv.onnx"), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert "conv.onnx is not a valid ONNX graph" in err and "has input size 1" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.onnx"]
+
+
+def test_usage_errors_escape_control_characters(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", "r.yaml", "-1.\x1b[2J="])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "\x1b" not in err and "unrecognized arguments: -1.\\x1b[2J=" in err
