@@ -4,7 +4,8 @@ input the command answers with exit 0 (or 1, check-onnx's finding) or refuses it
 (a WorkbenchError): never a traceback, an argparse crash, a hang or a memory bomb.
 
 The CI profile is derandomised (the same inputs every run) and small: the whole file runs in well under two
-minutes on two shared CPU cores. `WORKBENCH_FUZZ=long` runs a hundred times as many random ones (on demand):
+minutes on two shared CPU cores. `WORKBENCH_FUZZ=long` runs a hundred times as many random ones (on demand;
+`WORKBENCH_FUZZ=5`, five times):
 
     WORKBENCH_FUZZ=long python -m pytest tests/test_fuzz_hostile.py -q -p no:cacheprovider
 
@@ -28,12 +29,14 @@ from hypothesis import strategies as st  # noqa: E402
 from workbench.cli import main  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
 
-_LONG = os.environ.get("WORKBENCH_FUZZ") == "long"
+# WORKBENCH_FUZZ=long: a hundred times the CI inputs, random (not derandomised); a number: that many times.
+_FACTOR = {"": 1, "long": 100}.get(os.environ.get("WORKBENCH_FUZZ", ""), None) or int(os.environ["WORKBENCH_FUZZ"])
+_LONG = _FACTOR > 1
 _SUPPRESS = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
 
 
 def _settings(ci_examples: int):
-    return settings(max_examples=ci_examples * (100 if _LONG else 1), derandomize=not _LONG, deadline=None,
+    return settings(max_examples=ci_examples * _FACTOR, derandomize=not _LONG, deadline=None,
                     database=None, suppress_health_check=_SUPPRESS, print_blob=True)
 
 

@@ -178,6 +178,7 @@ def test_dev_zero_as_a_checkpoint_is_refused_by_validate_and_run(images, tmp_pat
     _refused(capsys, tmp_path, f"model.{field}: {said}")
 
 
+@pytest.mark.slow
 def test_rejected_checkpoints_stay_under_1_gb_of_memory(tmp_path, images):
     """Every memory bomb above, handed to the loaders in one fresh process: its peak RSS (importing torch
     takes about 700 MB of it) stays under 1 GB. Without the limits, the Conv2d call takes 1.6 GB, the stride-0
@@ -376,6 +377,7 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "WORKBENCH_NO_PROGRESS": "1"}
 
 
+@pytest.mark.slow
 def test_sigterm_marks_the_run_interrupted_in_its_stage_and_it_resumes(tmp_path, images):
     stages = ("  - calibrate: {method: max}\n  - export: {}\n"
               "  - evaluate: {latency_repeats: 1000000, latency_batch_sizes: [1]}\n")
@@ -483,3 +485,26 @@ def test_a_bare_stage_word_gets_a_message(images, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'stages[1]' is the bare word 'export'" in err and "write '- export: {}'" in err
     assert "got None" not in err
+
+
+def test_a_node_breaking_its_schema_is_refused_before_openvino_reads_it(tmp_path, capsys):
+    """A Conv with one input (found by the fuzzer) crashed OpenVINO's reader with a segfault, no message at all."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])
+    graph = helper.make_graph([helper.make_node("Conv", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "conv.onnx"))
+    for command in (["check-onnx"], ["build", "--engine", "openvino", "--precision", "fp32"]):
+        assert main([command[0], str(tmp_path / "conv.onnx"), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert "conv.onnx is not a valid ONNX graph" in err and "has input size 1" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.onnx"]
+
+
+def test_usage_errors_escape_control_characters(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", "r.yaml", "-1.\x1b[2J="])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "\x1b" not in err and "unrecognized arguments: -1.\\x1b[2J=" in err

@@ -170,6 +170,8 @@ def _check_graph_schema(model, path: str | os.PathLike) -> None:
 
     from .errors import WorkbenchError
 
+    if model.ByteSize() >= 2**31:  # the checker takes no proto over protobuf's 2 GB: such a graph goes unchecked
+        return
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as e:
@@ -196,11 +198,13 @@ def build(onnx: str | os.PathLike, engine: str = "auto", batch: tuple[int, int, 
     import importlib.util
 
     from .errors import WorkbenchError
-    from .qdq.export import onnx_input_dims
+    from .qdq.export import load_onnx, onnx_input_dims
     from .qdq.numeric import require_numeric
     from .runtime.guard import GuardPolicy
 
     onnx_path = Path(onnx)
+    # A node that breaks its op's schema can crash a compiler outright (OpenVINO segfaults on a one-input Conv).
+    _check_graph_schema(load_onnx(onnx_path), onnx_path)
     if engine == "auto":
         engine = "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "openvino"
     fixed = onnx_input_dims(onnx_path)  # a missing or broken file is named before anything reads it

@@ -28,10 +28,17 @@ from pathlib import Path
 from .errors import Terminated, WorkbenchError, printable
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors quote the arguments with their control characters escaped."""
+
+    def error(self, message: str):
+        super().error(printable(message))
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="workbench", description="Recipe-driven INT8 quantization for PyTorch vision "
+    p = _ArgumentParser(prog="workbench", description="Recipe-driven INT8 quantization for PyTorch vision "
                                                               "models.")
     p.add_argument("--version", action="version", version=f"workbench {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

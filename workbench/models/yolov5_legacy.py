@@ -270,6 +270,9 @@ def check_decode(model: Model) -> None:
                  advice="This is a workbench defect, not the checkpoint's: report it.")
 
 
+_MAX_PICKLE_BYTES = 64 * 2**20  # yolov5x's data.pkl is a few hundred kilobytes: its tensors live in other records
+
+
 def is_yolov5_checkpoint(path: str | Path) -> bool:
     """Whether a .pt file pickles YOLOv5's own classes (models.yolo.*), read from its pickle's opcodes without
     unpickling anything: an Ultralytics checkpoint names ultralytics.* instead."""
@@ -278,9 +281,11 @@ def is_yolov5_checkpoint(path: str | Path) -> bool:
 
     try:
         with zipfile.ZipFile(path) as archive:
-            name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-            data = archive.read(name)
-    except (OSError, zipfile.BadZipFile, StopIteration):
+            info = next(i for i in archive.infolist() if i.filename.endswith("data.pkl"))
+            if info.file_size > _MAX_PICKLE_BYTES:  # inflated, it could be any size: not read here
+                return False
+            data = archive.read(info)
+    except (OSError, zipfile.BadZipFile, StopIteration, ValueError):
         return False
     strings: list[str] = []
     try:
