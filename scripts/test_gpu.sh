@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, in one call on the GPU machine: run it whenever training, calibration or device handling changes.
-#   bash scripts/test_gpu.sh [--wheels DIR] [--out DIR] [--dry-run]
+#   bash scripts/test_gpu.sh [--wheels DIR] [--out DIR] [--dry-run] [--skip-tests]
 # 1. installs the wheels the machine lacks from DIR (default ./.carry/whl, made by scripts/device_wheels.sh) into
 #    /tmp/site with --no-index --no-deps (never a torch wheel: the machine's CUDA build stays);
 # 2. prints the GPU, torch and its CUDA, and checks that the workbench and its dependencies import;
@@ -10,18 +10,20 @@
 # and prints one PASS/FAIL line per step (exit 1 when any failed). The log and the run's metrics.json go to --out
 # ($OUT on the device machine, so they come back).
 # --dry-run: the same steps on the CPU of a machine without a GPU (WORKBENCH_TEST_DEVICE=cpu, device: cpu). It checks
-# the script and the tests themselves; it proves nothing about CUDA.
+# the script and the tests themselves; it proves nothing about CUDA. --skip-tests leaves out step 3.
 set -uo pipefail
 WHEELS="$PWD/.carry/whl"  # where the caller stands: a copy of this repo may itself sit under .carry/
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-/tmp/gpu_check}"
 DEVICE=cuda
+SKIP_TESTS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS="$2"; shift 2 ;;
     --out) OUT_DIR="$2"; shift 2 ;;
     --dry-run) DEVICE=cpu; shift ;;
-    *) echo "usage: bash scripts/test_gpu.sh [--wheels DIR] [--out DIR] [--dry-run]" >&2; exit 2 ;;
+    --skip-tests) SKIP_TESTS=1; shift ;;
+    *) echo "usage: bash scripts/test_gpu.sh [--wheels DIR] [--out DIR] [--dry-run] [--skip-tests]" >&2; exit 2 ;;
   esac
 done
 PY="${PYTHON:-python3}"
@@ -65,13 +67,15 @@ record "imports: workbench, modelopt, torch_pruning, onnxslim, onnxruntime, pyda
   "$(tail -1 "$OUT_DIR/imports.log")"
 
 # 3. Every cuda-marked test.
-mapfile -t FILES < <(grep -l "pytest.mark.cuda" tests/test_*.py)
-"$PY" -m pytest -m cuda -rA -q -p no:cacheprovider "${FILES[@]}" 2>&1 | tee "$OUT_DIR/cuda_tests.log"
-status=${PIPESTATUS[0]}
-counts=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|error)" "$OUT_DIR/cuda_tests.log" | tail -1)
-record "pytest -m cuda (${#FILES[@]} files)" "$status" "$counts"
-if [ "$DEVICE" = cuda ] && grep -E "^SKIPPED .*(CUDA|GPU)" "$OUT_DIR/cuda_tests.log"; then
-  record "no cuda-marked test skipped for want of CUDA" 1 "see the SKIPPED lines above"
+if [ "$SKIP_TESTS" = 0 ]; then
+  mapfile -t FILES < <(grep -l "pytest.mark.cuda" tests/test_*.py)
+  "$PY" -m pytest -m cuda -rA -q -p no:cacheprovider "${FILES[@]}" 2>&1 | tee "$OUT_DIR/cuda_tests.log"
+  status=${PIPESTATUS[0]}
+  counts=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|error)" "$OUT_DIR/cuda_tests.log" | tail -1)
+  record "pytest -m cuda (${#FILES[@]} files)" "$status" "$counts"
+  if [ "$DEVICE" = cuda ] && grep -E "^SKIPPED .*(CUDA|GPU)" "$OUT_DIR/cuda_tests.log"; then
+    record "no cuda-marked test skipped for want of CUDA" 1 "see the SKIPPED lines above"
+  fi
 fi
 
 # 4. A short recipe on the device, through the CLI.
