@@ -44,7 +44,8 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
   else
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       "$WHEELS"/*.whl >"$OUT_DIR/pip.log" 2>&1
-    record "wheels: $(ls "$WHEELS"/*.whl | wc -l) installed into /tmp/site" $? "log: pip.log"
+    status=$?  # before any command substitution below resets $?
+    record "wheels: $(ls "$WHEELS"/*.whl | wc -l) installed into /tmp/site" "$status" "log: pip.log"
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi
