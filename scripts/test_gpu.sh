@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, in one call on the GPU machine: run it whenever training, calibration or device handling changes.
-#   bash scripts/test_gpu.sh [--wheels DIR] [--out DIR] [--dry-run]
+#   bash scripts/test_gpu.sh [--wheels DIR] [--out DIR] [--dry-run] [--skip-tests]
 # 1. installs the wheels the machine lacks from DIR (default ./.carry/whl, made by scripts/device_wheels.sh) into
 #    /tmp/site with --no-index --no-deps (never a torch wheel: the machine's CUDA build stays);
 # 2. prints the GPU, torch and its CUDA, and checks that the workbench and its dependencies import;
@@ -10,18 +10,20 @@
 # and prints one PASS/FAIL line per step (exit 1 when any failed). The log and the run's metrics.json go to --out
 # ($OUT on the device machine, so they come back).
 # --dry-run: the same steps on the CPU of a machine without a GPU (WORKBENCH_TEST_DEVICE=cpu, device: cpu). It checks
-# the script and the tests themselves; it proves nothing about CUDA.
+# the script and the tests themselves; it proves nothing about CUDA. --skip-tests leaves out step 3.
 set -uo pipefail
 WHEELS="$PWD/.carry/whl"  # where the caller stands: a copy of this repo may itself sit under .carry/
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-/tmp/gpu_check}"
 DEVICE=cuda
+SKIP_TESTS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS="$2"; shift 2 ;;
     --out) OUT_DIR="$2"; shift 2 ;;
     --dry-run) DEVICE=cpu; shift ;;
-    *) echo "usage: bash scripts/test_gpu.sh [--wheels DIR] [--out DIR] [--dry-run]" >&2; exit 2 ;;
+    --skip-tests) SKIP_TESTS=1; shift ;;
+    *) echo "usage: bash scripts/test_gpu.sh [--wheels DIR] [--out DIR] [--dry-run] [--skip-tests]" >&2; exit 2 ;;
   esac
 done
 PY="${PYTHON:-python3}"
@@ -42,7 +44,8 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
   else
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       "$WHEELS"/*.whl >"$OUT_DIR/pip.log" 2>&1
-    record "wheels: $(ls "$WHEELS"/*.whl | wc -l) installed into /tmp/site" $? "log: pip.log"
+    status=$?  # before any command substitution below resets $?
+    record "wheels: $(ls "$WHEELS"/*.whl | wc -l) installed into /tmp/site" "$status" "log: pip.log"
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi
@@ -65,13 +68,15 @@ record "imports: workbench, modelopt, torch_pruning, onnxslim, onnxruntime, pyda
   "$(tail -1 "$OUT_DIR/imports.log")"
 
 # 3. Every cuda-marked test.
-mapfile -t FILES < <(grep -l "pytest.mark.cuda" tests/test_*.py)
-"$PY" -m pytest -m cuda -rA -q -p no:cacheprovider "${FILES[@]}" 2>&1 | tee "$OUT_DIR/cuda_tests.log"
-status=${PIPESTATUS[0]}
-counts=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|error)" "$OUT_DIR/cuda_tests.log" | tail -1)
-record "pytest -m cuda (${#FILES[@]} files)" "$status" "$counts"
-if [ "$DEVICE" = cuda ] && grep -E "^SKIPPED .*(CUDA|GPU)" "$OUT_DIR/cuda_tests.log"; then
-  record "no cuda-marked test skipped for want of CUDA" 1 "see the SKIPPED lines above"
+if [ "$SKIP_TESTS" = 0 ]; then
+  mapfile -t FILES < <(grep -l "pytest.mark.cuda" tests/test_*.py)
+  "$PY" -m pytest -m cuda -rA -q -p no:cacheprovider "${FILES[@]}" 2>&1 | tee "$OUT_DIR/cuda_tests.log"
+  status=${PIPESTATUS[0]}
+  counts=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|error)" "$OUT_DIR/cuda_tests.log" | tail -1)
+  record "pytest -m cuda (${#FILES[@]} files)" "$status" "$counts"
+  if [ "$DEVICE" = cuda ] && grep -E "^SKIPPED .*(CUDA|GPU)" "$OUT_DIR/cuda_tests.log"; then
+    record "no cuda-marked test skipped for want of CUDA" 1 "see the SKIPPED lines above"
+  fi
 fi
 
 # 4. A short recipe on the device, through the CLI.
@@ -90,7 +95,8 @@ device: {device}
 data:
   transform: {{mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}}
   calibration: {{source: imagefolder, path: "{images}", count: 64, seed: 0}}
-  evaluation: {{source: imagefolder, path: "{images}"}}
+  # Random weights score at chance, where evaluate's label check refuses: score agreement with FP32 instead.
+  evaluation: {{source: imagefolder, path: "{images}", labels: none}}
   finetune:
     source: imagefolder
     path: "{images}"
@@ -130,12 +136,13 @@ checks = {
     "fine-tune loss falling, QAT loss finite": ft[-1]["loss"] < ft[0]["loss"] and math.isfinite(qat[-1]["loss"]),
     "ORT faithful INT8 = the GPU's fake-quant model (mean KL to FP32 within 1%)":
         abs(kl["ort_int8_faithful"] - kl["pytorch_int8"]) <= 0.01 * kl["pytorch_int8"] + 1e-4,
-    "ORT FP32 = PyTorch FP32, pruned model (top-1)":
-        ev["ort_fp32_pruned"]["metrics"]["top1"] == ev["pytorch_fp32_pruned"]["metrics"]["top1"],
+    "ORT FP32 = PyTorch FP32, pruned model (mean KL within 1e-4)":
+        abs(kl["ort_fp32_pruned"] - kl["pytorch_fp32_pruned"]) <= 1e-4,
 }
 for what, ok in checks.items():
     print(f"{0 if ok else 1} recipe: {what}")
-print("0 recipe: top-1 " + ", ".join(f"{b} {e['metrics']['top1']:.1f}" for b, e in ev.items()))
+agreement = {b: e["metrics"].get("agreement_top1", float("nan")) for b, e in ev.items()}
+print("0 recipe: agreement with FP32 % " + ", ".join(f"{b} {a:.1f}" for b, a in agreement.items()))
 EOF
 )
 for line in "${CHECKS[@]}"; do record "${line#* }" "${line%% *}"; done
