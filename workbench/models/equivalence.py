@@ -46,6 +46,8 @@ class Difference:
 
     def describe(self) -> str:
         where = OUTPUT if self.module == OUTPUT else f"module '{self.module}'"
+        if self.max_abs == float("inf") and self.scale == 0.0:
+            return f"the output of {where} has another structure or shape on {self.images} image(s)"
         return (f"the output of {where} differs by {self.max_abs:.3g} (max |output| {self.scale:.3g}, "
                 f"{self.relative:.1e} relative) on {self.images} image(s)")
 
