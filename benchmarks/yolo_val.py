@@ -41,27 +41,30 @@ def workbench_run(model: str, data_yaml: Path, runs: Path, method: str):
 def yolo_val(graph: Path, data_yaml: Path, out: Path, *args: str) -> tuple[int, str]:
     """`yolo val` as a separate process: its exit code and its mAP50-95 (or the last line it printed)."""
     yolo = Path(sys.executable).with_name("yolo")
-    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(out / "ultralytics"), "YOLO_AUTOINSTALL": "False"}
+    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(out / "ultralytics"), "YOLO_AUTOINSTALL": "False",
+           "YOLO_VERBOSE": "True"}  # its table of results (this process's Ultralytics import set it False)
     done = subprocess.run([str(yolo), "val", f"model={graph}", f"data={data_yaml}", *args, f"project={out / 'yolo'}",
                            "plots=False"], capture_output=True, text=True, env=env)
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", done.stdout + done.stderr)
     row = re.search(r"^\s+all\s+\d+\s+\d+\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", text, re.M)
     if done.returncode == 0 and row:
         return 0, f"mAP50-95 {float(row.group(4)):.4f}"
-    return done.returncode, text.strip().splitlines()[-1][:200]
+    lines = text.strip().splitlines()
+    return done.returncode, lines[-1][:200] if lines else "(no output)"
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("/tmp/wb_yolo_val"))
     p.add_argument("--method", default="mse")
+    p.add_argument("--models", nargs="+", default=[str(ASSETS / "models" / "yolov5n.pt"), "yolov8n.yaml"])
     args = p.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     data_yaml = coco_to_ultralytics(args.out / "coco_tiny")
     print(f"# coco_tiny val (80 images), 640 px; CPU {cpu_info().describe()}\n")
     print("| model | workbench mAP50-95 of model.onnx (ORT faithful / default) | `yolo val` | `yolo val rect=False` |")
     print("|---|---|---|---|")
-    for model in (str(ASSETS / "models" / "yolov5n.pt"), "yolov8n.yaml"):
+    for model in args.models:
         run = workbench_run(model, data_yaml, args.out / "runs", args.method)
         rows = run.metrics["stages"]["evaluate"]["backends"]
         ours = " / ".join(f"{rows[b]['metrics']['map50_95']:.4f}" for b in ("ort_int8_faithful", "ort_int8_default"))
