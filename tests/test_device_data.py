@@ -63,3 +63,13 @@ def test_a_damaged_bundle_is_refused_and_writes_nothing(tmp_path, capsys, damage
 def test_a_bundle_with_nothing_to_pack_names_the_patterns(tmp_path, capsys):
     assert device_data.main(["pack", "coco_tiny", "--assets", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
     assert "data/coco_tiny/*/*" in capsys.readouterr().err
+
+
+def test_a_bundle_in_parts_unpacks_to_the_whole(tmp_path):
+    assets = _assets(tmp_path, per_class=30)  # 90 images, 45 a part
+    out = tmp_path / "carry"
+    assert device_data.main(["pack", "cifar10_train", "--parts", "2", "--assets", str(assets), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cifar10_train-1of2.npz", "cifar10_train-2of2.npz"]
+    assert device_data.main(["unpack", "--from", str(out), "--into", str(tmp_path / "back")]) == 0
+    originals = sorted(f.relative_to(assets) for f in assets.rglob("*.png"))
+    assert sorted(f.relative_to(tmp_path / "back") for f in (tmp_path / "back").rglob("*.png")) == originals
