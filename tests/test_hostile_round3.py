@@ -92,6 +92,21 @@ def test_yolov5_loader_calls_no_layer_class(images, tmp_path, capsys):
     _refused(capsys, tmp_path, "calls torch.nn.modules.conv.Conv2d(...) while unpickling", "conv.pt")
 
 
+@pytest.mark.parametrize("opcode", ["OBJ", "INST"])
+def test_yolov5_loader_constructs_no_layer_class_by_obj_or_inst(images, tmp_path, capsys, opcode):
+    """OBJ and INST call a class as REDUCE does: the same refusal (a crafted Conv2d(1, 1, 20000) allocates 1.6 GB)."""
+    import pickle
+
+    args = _int(1) + _int(1) + _int(20000)
+    payload = (b"(" + _global("torch.nn.modules.conv", "Conv2d") + args + b"o" if opcode == "OBJ"
+               else b"(" + args + b"itorch.nn.modules.conv\nConv2d\n")
+    small = payload.replace(_int(20000), _int(3))
+    assert isinstance(pickle.loads(_checkpoint(small))["model"], nn.Conv2d)  # the payload is real
+    ckpt = _torch_zip(tmp_path / "conv.pt", _checkpoint(payload))
+    assert _run(tmp_path, _recipe(images, tmp_path, f"yolov5:{ckpt}")) == 2
+    _refused(capsys, tmp_path, "constructs torch.nn.modules.conv.Conv2d(...) while unpickling", "conv.pt")
+
+
 def _stride0_yolov5(path: Path) -> Path:
     def tamper(model):
         model.model[0].conv.weight = nn.Parameter(torch.zeros(1, dtype=torch.half).expand(20000, 20000, 1, 1),

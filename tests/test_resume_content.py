@@ -488,3 +488,34 @@ def test_open_run_takes_no_trust_key_from_the_run_directory(tmp_path, images):
     (run_dir / "calibration.json").symlink_to("/etc/passwd")
     with pytest.raises(WorkbenchError, match="symbolic link"):
         api.open_run(run_dir)
+
+
+def test_the_graph_an_openvino_engine_was_compiled_from_is_hashed_too(tmp_path, images, capsys, monkeypatch):
+    """Evaluate measures the OpenVINO engine against model_openvino_int8.onnx: a rewritten copy of that graph must
+    not be reused on --resume (the engine would be checked against a graph it was not compiled from)."""
+    import workbench.stages.evaluate as evaluate_stage
+    from workbench.errors import WorkbenchError
+
+    stages = ("  - calibrate: {method: max}\n  - export: {}\n"
+              "  - build: {engine: openvino, openvino_graph: u8, guard_min_agreement: 80}\n"
+              "  - evaluate: {latency: false}\n")  # 80%: 16 images resolve it, and the fixture has 30
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs", stages).replace("helpers:tiny_cnn", "helpers:trained_cnn"))
+
+    def stop(*args):
+        raise WorkbenchError("stopped here by the test")
+
+    with monkeypatch.context() as patch:  # a run that fails in evaluate, after the engine was built and guarded
+        patch.setattr(evaluate_stage, "_evaluate", stop)
+        assert main(["run", str(recipe)]) == 2
+    (failed,) = (tmp_path / "runs").iterdir()
+    graph = failed / "model_openvino_int8.onnx"
+    assert graph.is_file()
+    model = onnx.load(str(graph))
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if array.dtype == np.int8 and array.size > 1:
+            tensor.CopyFrom(numpy_helper.from_array(-array, tensor.name))
+    onnx.save(model, str(graph))
+    err = _refused(failed, capsys)
+    assert f"{graph}: its content (SHA-256" in err and "(build) wrote" in err

@@ -102,3 +102,19 @@ def test_pairing_holds_image_by_image_over_several_batches():
     flipped[-1][np.flatnonzero(~flipped[-1])[0]] = True  # one more right, in the last batch
     one = task.delta(fed(flipped), fed(batches))
     assert one.delta == pytest.approx(100 / 39) and one.low >= 0.0
+
+
+def test_a_proportion_counts_one_hit_per_image_and_top1_agreement_needs_logits():
+    """A detector's (batch, boxes, 85) output read as logits counted up to 85 'hits' an image (6000% agreement,
+    an interval of [0, 100] that no engine passes): both are refused by name."""
+    from workbench.errors import WorkbenchError
+    from workbench.stats import wilson_interval
+    from workbench.tasks.classification import TopOneAgreement
+
+    assert wilson_interval(35, 35).low == pytest.approx(100 * 35 / (35 + 1.959964 ** 2), abs=0.01)
+    with pytest.raises(ValueError, match="at most one hit per image"):
+        wilson_interval(36, 35)
+    meter = TopOneAgreement()
+    boxes = np.zeros((2, 25200, 85), dtype=np.float32)
+    with pytest.raises(WorkbenchError, match=r"\(batch, classes\) logits"):
+        meter.update(boxes, boxes)

@@ -279,6 +279,17 @@ def _guard_built(runner, graph: Path, images, policy, files: list[Path], engine_
     except EngineRefused as e:
         raise WorkbenchError(f"{e}. Deploy the faithful ONNX graph, or build with --no-guard to keep an engine "
                              "marked unverified") from None
+    except WorkbenchError:
+        for path in files:
+            path.unlink(missing_ok=True)
+        raise
+    except Exception as e:  # the engine or the graph failed on the images: no verdict, so no engine kept
+        for path in files:
+            path.unlink(missing_ok=True)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise WorkbenchError(f"the guard could not run the {engine_name} engine and its graph on the images "
+                             f"({type(e).__name__}: {reason}); its files were removed. Give --data images of the "
+                             "model's input, or --no-guard to keep an engine marked unverified") from None
     except BaseException:
         for path in files:
             path.unlink(missing_ok=True)
@@ -305,7 +316,8 @@ def _guard_images(onnx_path: Path, dims: list, data, policy):
         where = f"the calibration and evaluation images of {recipe_file}"
     elif data is not None:
         path = Path(data)
-        task_name = "detection" if metadata.get("task") == "detect" else "classification"
+        # Ultralytics' "detect" or the workbench's "detect-yolov5: ..." (YOLOv5's layout, which Ultralytics refuses)
+        task_name = "detection" if str(metadata.get("task", "")).startswith("detect") else "classification"
         h, w = (dims[2], dims[3]) if len(dims) == 4 and dims[2] and dims[3] else (None, None)
         if h is None:
             raise WorkbenchError(f"{onnx_path} has a dynamic image size: the guard cannot tell what size to give "
@@ -316,6 +328,10 @@ def _guard_images(onnx_path: Path, dims: list, data, policy):
                                 calibration={"source": "yolo", "yaml": str(path), "split": "train"},
                                 evaluation={"source": "yolo", "yaml": str(path), "split": "val"})
         elif path.is_dir():
+            if task_name != "detection" and h != w:
+                raise WorkbenchError(f"{onnx_path} takes {h}x{w} images and --data's are center-cropped square: "
+                                     "build the model.onnx of a run directory (its recipe says how images are "
+                                     "prepared), or --no-guard")
             transform = ({"letterbox": [h, w]} if task_name == "detection" else {"resize": min(h, w), "crop": h})
             config = DataConfig(transform=transform, calibration={"source": "files", "path": str(path)})
             splits = ["calibration"]

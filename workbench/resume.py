@@ -530,13 +530,18 @@ def _sensitivity(run, options, values, loaded) -> bool:
 def _built_files(options, values) -> list[str]:
     if not values.get("built"):
         return []
-    if values.get("engine", "tensorrt") == "tensorrt":
-        return [f"model_{options.precision}.engine"]
+    if values.get("engine", "tensorrt") == "tensorrt":  # the engine and its sidecar, which says `verified`
+        return [f"model_{options.precision}.engine", f"model_{options.precision}.engine.json"]
     from .runtime.openvino import artifact_files
 
-    # The IR, its weights and its sidecar; the blob (a compiled cache) where the compile left one.
-    return [p.name for key in ("int8", "fp32") if key in values
-            for p in artifact_files(Path(f"model_openvino_{key}.xml")) if p.suffix != ".blob"]
+    # The IR, its weights and its sidecar; the blob (a compiled cache) where the compile left one; and the converted
+    # graph the INT8 engine was compiled from, which evaluate measures the engine against.
+    files = [p.name for key in ("int8", "fp32") if key in values
+             for p in artifact_files(Path(f"model_openvino_{key}.xml")) if p.suffix != ".blob"]
+    int8 = values.get("int8")
+    if isinstance(int8, dict) and int8.get("graph", "tensorrt_style") != "tensorrt_style":
+        files.append("model_openvino_int8.onnx")
+    return files
 
 
 def _built(run, options, values, loaded) -> bool:
@@ -544,6 +549,11 @@ def _built(run, options, values, loaded) -> bool:
     this OpenVINO for this CPU)."""
     if not values.get("built"):
         return True  # nothing was built: nothing to hand on
+    from .runtime.guard import GuardPolicy
+
+    # The recipe's threshold, for evaluate's check of every engine on the evaluation split.
+    run.artifacts.engine_guard = GuardPolicy(options.guard_min_agreement, options.guard_min_sqnr_db,
+                                             options.guard_confidence, options.guard_max_samples)
     if values.get("engine", "tensorrt") == "tensorrt":
         run.artifacts.tensorrt_engine = run.path(f"model_{options.precision}.engine")
         return True
@@ -562,10 +572,6 @@ def _built(run, options, values, loaded) -> bool:
     if "int8" in found:  # the graph it was compiled from (model.onnx itself for the TensorRT-style layout)
         converted = run.path("model_openvino_int8.onnx")
         run.artifacts.openvino_int8_graph = converted if converted.is_file() else run.artifacts.onnx.model
-    from .runtime.guard import GuardPolicy
-
-    run.artifacts.engine_guard = GuardPolicy(options.guard_min_agreement, options.guard_min_sqnr_db,
-                                             options.guard_confidence, options.guard_max_samples)
     return True
 
 

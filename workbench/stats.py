@@ -112,6 +112,8 @@ def wilson_interval(hits: int, n: int, confidence: float = CONFIDENCE) -> Estima
     n of n (32 of 32 agreeing says 'at least 89.3%', not '100%')."""
     if n <= 0:
         raise ValueError("no images to measure a proportion on")
+    if not 0 <= hits <= n:
+        raise ValueError(f"{hits} hits of {n}: a proportion counts at most one hit per image")
     z = normal_quantile(confidence)
     p = hits / n
     centre, spread = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))

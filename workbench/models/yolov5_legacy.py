@@ -194,6 +194,17 @@ class _Unpickler(pickle._Unpickler):
 
     dispatch[pickle.REDUCE[0]] = load_reduce
 
+    def _instantiate(self, klass, args):
+        """OBJ and INST call `klass(*args)` as REDUCE does: the same rule (a crafted OBJ `Conv2d(1, 1, 20000)`
+        would otherwise allocate while unpickling)."""
+        if not any(klass is allowed for allowed in _CALLABLE):
+            name = f"{getattr(klass, '__module__', '?')}.{getattr(klass, '__qualname__', type(klass).__name__)}"
+            raise pickle.UnpicklingError(
+                f"it constructs {name}(...) while unpickling, which a YOLOv5 v6 checkpoint never does (its layers "
+                "are restored from their saved attributes, never constructed), so it was refused"
+            )
+        super()._instantiate(klass, args)
+
 
 # torch.load takes a module-like object with an Unpickler and load().
 _pickle_module = types.SimpleNamespace(Unpickler=_Unpickler, load=lambda f, **kw: _Unpickler(f, **kw).load(),

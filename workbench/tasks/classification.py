@@ -120,6 +120,12 @@ class TopOneAgreement:
 
     def update(self, outputs, reference) -> None:
         out, ref = _as_numpy(first_output(outputs)), _as_numpy(first_output(reference))
+        if out.ndim != 2 or out.shape != ref.shape:
+            from ..errors import WorkbenchError
+
+            raise WorkbenchError(f"top-1 agreement needs (batch, classes) logits from both graphs; got {out.shape} "
+                                 f"and {ref.shape}: is this model a classifier? (a detector's graph says so in its "
+                                 "metadata: export it with the workbench)")
         self.agree += int((out.argmax(1) == ref.argmax(1)).sum())
         self.compared += int(out.shape[0])
 
