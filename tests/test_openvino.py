@@ -101,6 +101,9 @@ def test_cli_build_and_bench_an_openvino_ir(images, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "model_openvino.xml" in out and "Convolution" in out
     assert (run_dir / "model_openvino.xml").is_file() and (run_dir / "model_openvino.xml.json").is_file()
+    # --out without .xml (OpenVINO writes an IR only there): the suffix is added, no traceback
+    assert main(["build", str(run_dir / "model.onnx"), "--engine", "openvino", "--out", str(tmp_path / "ir")]) == 0
+    assert (tmp_path / "ir.xml").is_file() and (tmp_path / "ir.xml.json").is_file()
     bench = tmp_path / "bench.json"
     assert main(["bench", str(run_dir / "model_openvino.xml"), "--batch-sizes", "1", "--repeats", "2",
                  "--json", str(bench)]) == 0

@@ -226,6 +226,8 @@ def build(onnx: str | os.PathLike, engine: str = "auto", batch: tuple[int, int, 
                                  "run in float: build the model.onnx of a run with a calibrate stage, or ask "
                                  "--precision fp32")
         xml = Path(out) if out else onnx_path.with_name(f"{onnx_path.stem}_openvino.xml")
+        if xml.suffix != ".xml":  # OpenVINO writes an IR only under .xml (its .bin beside it)
+            xml = xml.with_name(xml.name + ".xml")
         if precision != "int8":
             return openvino.compile_model_file(openvino.CompileRequest(onnx=onnx_path, xml=xml))
         graph, notes = openvino.int8_graph(onnx_path, xml.with_name(xml.stem + "_graph.onnx"))

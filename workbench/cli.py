@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     eng.add_argument("--batch", type=int, nargs=3, default=[1, 8, 32], metavar=("MIN", "OPT", "MAX"))
     eng.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: the graph's fixed "
                                                                            "size)")
-    eng.add_argument("--out", help="engine path (default: next to the ONNX: MODEL.engine, or MODEL_openvino.xml)")
+    eng.add_argument("--out", help="engine path (default: next to the ONNX: MODEL.engine, or MODEL_openvino.xml; "
+                     "OpenVINO adds .xml where it is missing)")
     eng.add_argument("--weak-typing", action="store_true", help="weakly typed network with INT8 and FP16 flags")
     eng.add_argument("--sparse", action="store_true", help="allow 2:4 sparse kernels")
     eng.add_argument("--workspace-mib", type=int, default=4096)

@@ -151,7 +151,9 @@ def in_short(metrics: dict) -> list[str]:
     if metric is not None and metric.key in int8["metrics"] and reference and metric.key in reference["metrics"]:
         d = int8["delta"]
         delta = (f" (a difference of {_interval(d)} points, {100 * d['confidence']:.0f}% interval)" if d else "")
-        lines.append(f"{metric.short[0].upper()}{metric.short[1:]}: {_fmt(int8['metrics'][metric.key], metric.digits)} "
+        # A sentence starts with a capital, except a name written with its own case (mAP50-95, not MAP50-95).
+        name = metric.short if metric.short[1:2].isupper() else metric.short[:1].upper() + metric.short[1:]
+        lines.append(f"{name}: {_fmt(int8['metrics'][metric.key], metric.digits)} "
                      "against FP32's "
                      f"{_fmt(reference['metrics'][metric.key], metric.digits)}{delta}.")
     samples = metrics.get("stages", {}).get("evaluate", {}).get("samples", 0)
