@@ -325,3 +325,23 @@ def test_a_layer_calibration_never_runs_is_named_not_a_key_error():
     model = UnusedHead().eval()
     with pytest.raises(CalibrationError, match=r"never saw an input .* 'spare.input_quantizer'.*exclude: \['spare'\]"):
         quantize_(model, Int8Config(method="max", residual_add=False), lambda m: m(X), X)
+
+
+def test_a_batchnorm_subclass_that_does_more_is_left_unfolded():
+    """timm's BatchNormAct2d is a BatchNorm2d that also applies its activation: folding it as a BatchNorm would drop
+    the activation (the proof then refused the whole fold, asking for fold_batchnorm: false). It is left as it is,
+    and a plain BatchNorm beside it is still folded."""
+
+    class BatchNormAct(nn.BatchNorm2d):
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()
+    for bn in (model[1], model[3]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    example = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    before = model(example)
+    assert fold_batchnorm_(model, example) == [("2", "3")]
+    assert isinstance(model[1], BatchNormAct) and isinstance(model[3], nn.Identity)
+    torch.testing.assert_close(model(example), before, rtol=1e-4, atol=1e-5)

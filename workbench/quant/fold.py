@@ -58,7 +58,9 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[st
     pairs = []
     for tensor_id, conv_name in produced_by.items():
         names = readers.get(tensor_id, [])
-        if len(names) == 1 and isinstance(modules[names[0]], _BNS):
+        # Exactly BatchNorm: a subclass computes more than the affine map folding writes into the convolution
+        # (timm's BatchNormAct2d applies its activation too), so it is left as it is; TensorRT folds it at build.
+        if len(names) == 1 and type(modules[names[0]]) in _BNS:
             pairs.append((conv_name, names[0]))
     return pairs
 
