@@ -343,3 +343,18 @@ def test_the_guard_measures_the_engine_and_evaluate_scores_the_conversion_apart(
     conversion = backends["ort_openvino_graph"]["conversion_check"]
     assert not conversion["within"] and conversion["high"] < 90.0 and conversion["against"] == "ort_int8_faithful"
     assert any("the conversion itself loses accuracy" in w["message"] for w in metrics["warnings"])
+
+
+def test_the_cpu_facts_follow_onednns_isa_cap():
+    """Under ONEDNN_MAX_CPU_ISA=AVX2 OpenVINO runs AVX2 kernels on any CPU: the facts the build decides by must say
+    so, or it chooses s8 weights whose 16-bit pair sums those kernels saturate (the guard then refuses the engine)."""
+    from workbench.runtime.cpu import capped_flags
+
+    sapphire = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16"}
+    assert capped_flags(sapphire, "") == sapphire and capped_flags(sapphire, "ALL") == sapphire
+    assert capped_flags(sapphire, "avx2") == {"avx2"}
+    assert capped_flags(sapphire, "AVX2_VNNI") == {"avx2", "avx_vnni"}
+    assert capped_flags(sapphire, "AVX512_CORE") == {"avx2", "avx512f"}
+    assert capped_flags(sapphire, "AVX512_CORE_VNNI") == {"avx2", "avx512f", "avx512_vnni", "avx_vnni"}
+    assert capped_flags(sapphire, "AVX512_CORE_AMX") == sapphire
+    assert capped_flags(sapphire, "SSE41") == set()

@@ -50,6 +50,30 @@ def cpu_info() -> CpuInfo:
     for line in text.splitlines():  # the first processor's entry says it for all
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
+    flags = capped_flags(set(fields.get("flags", "").split()), os.environ.get("ONEDNN_MAX_CPU_ISA", ""))
     return CpuInfo(model=fields.get("model name") or platform.processor() or machine, machine=machine,
                    cores=os.cpu_count() or 1, flags=tuple(f for f in INT8_FLAGS if f in flags))
+
+
+# What oneDNN (OpenVINO's CPU kernels) may use under ONEDNN_MAX_CPU_ISA=<cap>: the INT8 flags above that it drops.
+# The facts describe the kernels that will run, so a capped AVX-512 VNNI machine is decided for as an AVX2 one (s8
+# weights on AVX2 kernels saturate their 16-bit pair sums: the build would choose 7-bit weights there).
+_AMX = {"amx_int8", "amx_bf16"}
+_VNNI = {"avx512_vnni", "avx_vnni", "avx_vnni_int8"}
+_AVX512 = {"avx512f", "avx512_vnni"}
+
+
+def capped_flags(flags: set[str], cap: str) -> set[str]:
+    """`flags` less those oneDNN's ISA cap `cap` (ONEDNN_MAX_CPU_ISA's value; empty or ALL: no cap) rules out."""
+    cap = cap.strip().upper()
+    if not cap or cap == "ALL" or "AMX" in cap:
+        return flags
+    if cap in ("SSE41", "AVX"):
+        return flags - _AMX - _VNNI - _AVX512 - {"avx2"}
+    if cap == "AVX2":
+        return flags - _AMX - _VNNI - _AVX512
+    if cap.startswith("AVX2_VNNI"):
+        return flags - _AMX - _AVX512
+    if cap == "AVX512_CORE":
+        return flags - _AMX - _VNNI
+    return flags - _AMX  # AVX512_CORE_VNNI, _BF16, _FP16, AVX10_1_512: everything but AMX
