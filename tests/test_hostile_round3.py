@@ -438,7 +438,10 @@ def test_ctrl_c_in_the_first_seconds_prints_no_traceback(tmp_path, images, after
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
-    assert process.returncode == 130 and err.strip().endswith("interrupted")
+    if process.returncode == -signal.SIGINT:  # under load the signal can land before Python starts: it dies silently
+        assert err.strip() == "", err[-2000:]
+    else:
+        assert process.returncode == 130 and err.strip().endswith("interrupted")
 
 
 # --- 6. the smaller ones ---------------------------------------------------------------------------------------------
