@@ -438,8 +438,12 @@ def test_ctrl_c_in_the_first_seconds_prints_no_traceback(tmp_path, images, after
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
-    if process.returncode == -signal.SIGINT:  # under load the signal can land before Python starts: it dies silently
-        assert err.strip() == "", err[-2000:]
+    if process.returncode == -signal.SIGINT:
+        # Two ways to die by SIGINT, both without a traceback: under load the signal can land before Python starts
+        # (silent), or inside code a C extension runs through PyRun_* during an import, which sets CPython's
+        # "unhandled KeyboardInterrupt" flag even though main() caught it and said so; the interpreter then exits
+        # by re-raising SIGINT (the shell convention for an interrupted command).
+        assert err.strip() in ("", "interrupted"), err[-2000:]
     else:
         assert process.returncode == 130 and err.strip().endswith("interrupted")
 
