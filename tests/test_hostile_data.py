@@ -634,3 +634,18 @@ def test_coco_annotations_of_unlisted_images_are_ignored(tmp_path):
 
     ds = coco_dataset(images, tmp_path / "trimmed.json", (64, 64), 8)
     assert sorted(a["image_id"] for a in ds.coco_gt.dataset["annotations"]) == [11, 11, 12, 12]
+
+
+@pytest.mark.parametrize("folder, hinted", [("n01440764", True), ("tench", False)])
+def test_a_model_at_chance_on_wordnet_id_folders_is_pointed_to_labels_wnid(tmp_path, folder, hinted):
+    """ImageNet-style class folders numbered 0..N-1 among themselves score an ImageNet model at chance."""
+    from types import SimpleNamespace
+
+    from workbench.data.sources import Sample
+    from workbench.tasks.classification import check_above_chance
+
+    scorer = _crafted_scorer(10, 100, 10)
+    samples = [Sample(str(tmp_path / f"{folder}{i % 10}"[:9] / f"{i}.png"), lambda: None, i % 10) for i in range(1000)]
+    with pytest.raises(DataError) as caught:
+        check_above_chance(scorer, SimpleNamespace(samples=samples), f"imagefolder {str(tmp_path)!r} (labels: folder)")
+    assert ("labels: wnid numbers them by the full ImageNet-1k list" in str(caught.value)) is hinted

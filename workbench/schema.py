@@ -208,9 +208,11 @@ class DataSplit(StrictModel):
         "**/*", description="Glob(s) relative to path or the package folder selecting image files, e.g. "
                             "['data/*.png', 'data/*.jpg']."
     )
-    labels: Literal["none", "folder", "wnid_prefix"] | None = Field(
-        None, description="Where labels come from; default: folder for imagefolder, none otherwise. wnid_prefix: "
-        "the ImageNet-1k class index (sorted WordNet ids) of the id before the first '_' of each file name."
+    labels: Literal["none", "folder", "wnid", "wnid_prefix"] | None = Field(
+        None, description="Where labels come from; default: folder for imagefolder, none otherwise. folder: class "
+        "sub-folders numbered 0..N-1 in sorted order. wnid: imagefolder class sub-folders named by WordNet id "
+        "(n01440764/), numbered by the full ImageNet-1k list. wnid_prefix: the ImageNet-1k class index (sorted "
+        "WordNet ids) of the id before the first '_' of each file name."
     )
     count: int | None = Field(
         None, gt=0, le=MAX_COUNT, description="Number of samples; with random crops it may exceed the images.")

@@ -46,10 +46,22 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict[PathKey, int]]:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{source}: not valid YAML: {printable(str(e))}") from None
+        raise RecipeError(f"{source}: not valid YAML: {printable(str(e))}{_quoting_hint(e, text)}") from None
     finally:
         loader.dispose()
     return data, (_line_map(node) if node is not None else {})
+
+
+def _quoting_hint(error: yaml.YAMLError, text: str) -> str:
+    """A `${VAR}` unquoted inside `{...}` or `[...]` reads as a nested mapping start: say to quote the value."""
+    mark = getattr(error, "problem_mark", None)
+    lines = text.splitlines()
+    if mark is None or "flow" not in str(getattr(error, "context", "")) or not 0 <= mark.line < len(lines):
+        return ""
+    if "${" not in lines[mark.line]:
+        return ""
+    return ('\nA value holding ${VAR} inside {...} or [...] must be quoted, e.g. '
+            'path: "${WORKBENCH_ASSETS}/data/cifar10/test" (or write the mapping one key per line).')
 
 
 class _LimitedLoader(yaml.SafeLoader):

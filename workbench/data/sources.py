@@ -166,11 +166,27 @@ def _imagefolder(split: DataSplit, field: str) -> list[Sample]:
     if not classes:
         raise DataError(f"{field}.path: {root} has no class sub-folders (imagefolder wants root/<class>/<image>)")
     labeled = split.labels != "none"
+    if split.labels == "wnid":
+        return _imagefolder_by_wnid(root, classes, split, field)
     samples = []
     for index, cls in enumerate(classes):
         for path in _image_files(root / cls, split.pattern, field):
             samples.append(_file_sample(path, index if labeled else UNLABELED))
     return samples
+
+
+def _imagefolder_by_wnid(root: Path, classes: list[str], split: DataSplit, field: str) -> list[Sample]:
+    """Class folders named by WordNet id (n01440764/, ...), numbered by the full ImageNet-1k list: a folder holding
+    10 of the 1000 classes must not number them 0..9 among themselves, or an ImageNet model scores at chance."""
+    index = imagenet_wnids()
+    if unknown := [c for c in classes if c not in index]:
+        raise DataError(
+            f"{field}.labels: wnid numbers class folders by their ImageNet-1k WordNet id, but {len(unknown)} "
+            f"folder(s) under {root} are not one (e.g. {unknown[0]!r}); name them like n01440764, or leave labels "
+            "unset to number the folders 0..N-1 in sorted order"
+        )
+    return [_file_sample(path, index[cls]) for cls in classes for path in _image_files(root / cls, split.pattern,
+                                                                                      field)]
 
 
 @cache
@@ -194,8 +210,8 @@ def _files(split: DataSplit, field: str) -> list[Sample]:
                 "n01440764_0001.JPEG, or use source: imagefolder for other classes"
             )
         return [_file_sample(p, index[p.name.split("_")[0]]) for p in paths]
-    if split.labels == "folder":
-        raise DataError(f"{field}.labels: 'folder' labels need source: imagefolder")
+    if split.labels in ("folder", "wnid"):
+        raise DataError(f"{field}.labels: '{split.labels}' labels need source: imagefolder (class sub-folders)")
     return [_file_sample(p, UNLABELED) for p in paths]
 
 

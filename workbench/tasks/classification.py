@@ -272,6 +272,9 @@ def check_above_chance(fp32_scorer: ClassificationScorer, dataset, source: str) 
     top1 = 100.0 * hits / n
     step = max(1, n // 3)
     examples = "; ".join(f"{s.key} -> class {s.label}" for s in dataset.samples[:n:step][:3])
+    if _folders_are_wnids(dataset, source):
+        examples += (". The class folders are ImageNet WordNet ids: labels: wnid numbers them by the full "
+                     "ImageNet-1k list (folder numbers them 0..N-1 among themselves)")
     raise DataError(
         f"data.evaluation: the FP32 model scores {top1:.2f}% top-1 on {n} images, no better than the {chance:.2f}% its "
         f"predictions would score on shuffled labels, so the labels do not match the model's classes. Check the labels "
@@ -296,3 +299,13 @@ def _binomial_tail(k: int, n: int, p: float) -> float:
     log_p, log_q, log_n = math.log(p), math.log1p(-p), math.lgamma(n + 1)
     return min(1.0, sum(math.exp(log_n - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q)
                         for i in range(k, n + 1)))
+
+
+def _folders_are_wnids(dataset, source: str) -> bool:
+    """Whether the images sit in folders named like ImageNet WordNet ids (n01440764/) and were numbered by folder."""
+    if "labels: folder" not in source:
+        return False
+    import re
+    from pathlib import Path
+
+    return all(re.fullmatch(r"n\d{8}", Path(s.key).parent.name) for s in dataset.samples[:50])

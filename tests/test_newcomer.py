@@ -1,0 +1,91 @@
+"""What a newcomer meets first: the README's recipes as written, YAML quoting, ImageNet-style class folders."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from workbench.cli import main
+from workbench.data import build_dataset
+from workbench.data.sources import imagenet_wnids
+from workbench.errors import DataError, RecipeError
+from workbench.schema import DataConfig, DataSplit, TransformConfig
+from workbench.yaml_io import load_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("WORKBENCH_ASSETS", ROOT.parent / "shared" / "assets"))
+
+
+def _readme_yaml_blocks() -> list[str]:
+    return re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_every_readme_recipe_validates_as_written(tmp_path, monkeypatch, capsys):
+    """The first block is a whole recipe, copied out as a user would; the others show `stages:` and are validated
+    in its place. Catches quoting the README forgets and stage options the code no longer takes."""
+    if not (ASSETS / "models" / "cifar10_resnet20.th").is_file():
+        pytest.skip(f"needs the shared assets (ResNet-20 weights and CIFAR-10) under {ASSETS}")
+    monkeypatch.setenv("WORKBENCH_ASSETS", str(ASSETS))
+    first, *fragments = _readme_yaml_blocks()
+    assert fragments, "the README shows stage lists after its first recipe"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(first)
+    assert main(["validate", str(recipe), f"runs_dir={tmp_path / 'runs'}"]) == 0, capsys.readouterr().err
+    base = yaml.safe_load(first)
+    base["data"]["finetune"] = base["data"]["calibration"]  # the pruning and QAT sections say to add a finetune split
+    for i, fragment in enumerate(fragments):
+        stages = yaml.safe_load(fragment)
+        assert set(stages) == {"stages"}, f"README yaml block {i + 2} is neither a recipe nor a stage list"
+        (tmp_path / f"r{i}.yaml").write_text(yaml.safe_dump({**base, **stages}))
+        code = main(["validate", str(tmp_path / f"r{i}.yaml"), f"runs_dir={tmp_path / 'runs'}"])
+        assert code == 0, f"README yaml block {i + 2}:\n{fragment}\n{capsys.readouterr().err}"
+
+
+def test_an_unquoted_variable_in_a_flow_mapping_says_to_quote_it():
+    text = "data:\n  evaluation: {source: imagefolder, path: ${WORKBENCH_ASSETS}/data/x}\n"
+    with pytest.raises(RecipeError, match=r"must be quoted, e.g. path: \"\$\{WORKBENCH_ASSETS\}"):
+        load_yaml(text, "r.yaml")
+    quoted = text.replace("${WORKBENCH_ASSETS}/data/x", '"${WORKBENCH_ASSETS}/data/x"')
+    assert load_yaml(quoted, "r.yaml")[0]["data"]["evaluation"]["path"] == "${WORKBENCH_ASSETS}/data/x"
+
+
+def test_other_yaml_errors_get_no_quoting_advice():
+    with pytest.raises(RecipeError) as caught:
+        load_yaml("data: {source: imagefolder, path: x\n", "r.yaml")
+    assert "quoted" not in str(caught.value)
+
+
+def _data(**splits) -> DataConfig:
+    return DataConfig(transform=TransformConfig(), **{k: DataSplit(**v) for k, v in splits.items()})
+
+
+def _folders(root: Path, names: list[str]) -> None:
+    for name in names:
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / name / "a.png")
+
+
+def test_imagefolder_with_wnid_labels_numbers_folders_by_the_full_imagenet_list(tmp_path):
+    wnids = list(imagenet_wnids())
+    chosen = [wnids[900], wnids[17], wnids[500]]  # two of 1000 would be 0 and 1 numbered among themselves
+    _folders(tmp_path, chosen)
+    ds = build_dataset(_data(evaluation={"source": "imagefolder", "path": str(tmp_path), "labels": "wnid"}),
+                       "evaluation")
+    assert {Path(s.key).parent.name: s.label for s in ds.samples} == {chosen[0]: 900, chosen[1]: 17, chosen[2]: 500}
+    by_folder = build_dataset(_data(evaluation={"source": "imagefolder", "path": str(tmp_path)}), "evaluation")
+    assert sorted(s.label for s in by_folder.samples) == [0, 1, 2]
+
+
+def test_wnid_labels_name_the_folder_that_is_not_a_wordnet_id(tmp_path):
+    _folders(tmp_path, [list(imagenet_wnids())[3], "cats"])
+    with pytest.raises(DataError, match=r"data.evaluation.labels: wnid .* 1 folder\(s\) .* 'cats'"):
+        build_dataset(_data(evaluation={"source": "imagefolder", "path": str(tmp_path), "labels": "wnid"}),
+                      "evaluation")
+    with pytest.raises(DataError, match="'wnid' labels need source: imagefolder"):
+        build_dataset(_data(evaluation={"source": "files", "path": str(tmp_path), "labels": "wnid"}), "evaluation")
