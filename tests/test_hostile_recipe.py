@@ -79,12 +79,13 @@ def test_alias_bomb_is_refused_quickly_and_small(images, tmp_path, capsys, level
     bomb = _laughs(levels)
     assert len(bomb) < 1024
     tracemalloc.start()
-    start = time.perf_counter()
     rc = validate(tmp_path, recipe_text(images, tmp_path / "runs") + bomb, command="run")
-    seconds, (_, peak) = time.perf_counter() - start, tracemalloc.get_traced_memory()
+    _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     refused(capsys, rc, "r.yaml:", f"expands to more than {MAX_YAML_NODES} values", "billion laughs")
-    assert seconds < 20 and peak < 100e6, (seconds, peak)
+    # Bounded work shows as bounded memory (the expansion stops at the node cap); no wall-clock bound, which a loaded
+    # CI machine breaks (74 s under tracemalloc with five other jobs on two cores).
+    assert peak < 100e6, peak
     assert not (tmp_path / "runs").exists()
 
 
@@ -461,9 +462,8 @@ def test_validate_is_quick_and_loads_no_model(images, tmp_path):
             f"rc = main(['validate', {str(tmp_path / 'r.yaml')!r}]); "
             "print(json.dumps([rc, time.time() - t, [m for m in ('modelopt', 'helpers') if m in sys.modules]]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    rc, seconds, imported = json.loads(out.stdout.strip().splitlines()[-1])
-    assert rc == 0 and imported == [], out.stderr
-    assert seconds < 60
+    rc, _seconds, imported = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rc == 0 and imported == [], out.stderr  # quick by what it does not load, not by a wall-clock bound
 
 
 def test_parse_recipe_keeps_line_numbers_from_the_single_parse(images, tmp_path):

@@ -89,3 +89,28 @@ def test_wnid_labels_name_the_folder_that_is_not_a_wordnet_id(tmp_path):
                       "evaluation")
     with pytest.raises(DataError, match="'wnid' labels need source: imagefolder"):
         build_dataset(_data(evaluation={"source": "files", "path": str(tmp_path), "labels": "wnid"}), "evaluation")
+
+
+def test_quantize_names_a_mistyped_data_path_before_opening_anything(tmp_path):
+    """Checked before torch is imported or the checkpoint opened: the answer comes in a fraction of a second."""
+    import subprocess
+    import sys
+
+    model = tmp_path / "best.pt"
+    model.write_bytes(b"not opened")
+    probe = ("import sys; from workbench.cli import main; "
+             f"code = main(['quantize', {str(model)!r}, '--data', {str(tmp_path / 'dat.yaml')!r}]); "
+             "print(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert done.stderr.count("does not exist") == 1 and f"--data: {tmp_path / 'dat.yaml'} does not exist" in done.stderr
+
+
+def test_one_missing_file_read_by_two_splits_is_one_problem(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: x\ntask: detection\nmodel: {{spec: 'torchvision:resnet18'}}\n"
+                      f"data: {tmp_path / 'data.yaml'}\nstages:\n  - calibrate: {{}}\n  - evaluate: {{}}\n")
+    assert main(["validate", str(recipe), f"runs_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert "(1 problem)" in err and err.count("does not exist") == 1
+    assert f"data.calibration.yaml and data.evaluation.yaml: {tmp_path / 'data.yaml'} does not exist" in err

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import RecipeError
+from .errors import RecipeError, shown_path
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -84,6 +84,13 @@ def quantize(model: str | os.PathLike, data: str | os.PathLike, imgsz: int = 640
              name: str | None = None, console=None) -> Run:
     """`workbench quantize MODEL --data data.yaml`: a YOLO model to INT8 in one call (quantize_recipe); the run
     directory's recipe.yaml is the recipe it ran (`workbench run` it again, or edit it)."""
+    # The paths the command names, checked before anything is opened or imported (torch and a checkpoint can take a
+    # minute to read on a loaded machine).
+    for flag, path, what in (("MODEL", model, "the trained .pt (or an Ultralytics .yaml)"),
+                             ("--data", data, "the dataset's data.yaml")):
+        if not Path(path).exists():
+            raise RecipeError(f"{flag}: {shown_path(path)} does not exist: give {what} on this machine (relative "
+                              "paths are relative to the working directory)")
     from .recipe import parse_recipe
     from .run import run_recipe
 

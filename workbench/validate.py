@@ -25,10 +25,22 @@ from .stages import STAGES, order_problems
 
 def check_recipe_inputs(recipe: Recipe, source: str = "the recipe") -> None:
     """Raise one RecipeError listing every problem `recipe_input_problems` finds."""
-    problems = recipe_input_problems(recipe)
+    problems = merge_repeated(recipe_input_problems(recipe))
     if problems:
         head = f"{source} cannot run here ({len(problems)} problem{'s' if len(problems) > 1 else ''}):"
         raise RecipeError("\n".join([head] + [f"  - {p}" for p in problems]))
+
+
+def merge_repeated(problems: list[str]) -> list[str]:
+    """One line per problem: the same message for several fields (one data.yaml read by two splits) is said once,
+    naming every field ("data.calibration.yaml and data.evaluation.yaml: ... does not exist")."""
+    fields: dict[str, list[str]] = {}
+    for problem in problems:
+        field, sep, rest = problem.partition(": ")
+        key = rest if sep and " " not in field else problem
+        fields.setdefault(key, []).append(field if key == rest else "")
+    return [problem if not names[0] else f"{' and '.join(dict.fromkeys(names))}: {problem}"
+            for problem, names in fields.items()]
 
 
 def recipe_input_problems(recipe: Recipe) -> list[str]:
