@@ -114,3 +114,23 @@ def test_one_missing_file_read_by_two_splits_is_one_problem(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "(1 problem)" in err and err.count("does not exist") == 1
     assert f"data.calibration.yaml and data.evaluation.yaml: {tmp_path / 'data.yaml'} does not exist" in err
+
+
+def test_every_stage_records_the_peak_memory_and_the_report_shows_it(tmp_path, images):
+    import json
+
+    from conftest import tiny_recipe
+
+    (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs"))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    peaks = metrics["peak_rss_mb"]
+    assert list(peaks) == list(metrics["timings_s"]) == ["calibrate", "export", "evaluate"]
+    assert list(peaks.values()) == sorted(peaks.values())  # a high-water mark: it never falls
+    status = Path("/proc/self/status")
+    if status.exists():  # the kernel's own high-water mark of this process, in kB: the same number, in MB
+        hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM"))
+        hwm_mb = int(hwm.split()[1]) / 1024
+        assert 0.5 * hwm_mb <= peaks["evaluate"] <= hwm_mb + 1, (peaks, hwm_mb)
+    assert f"Peak resident memory of the run: {max(peaks.values()):.0f} MB" in (run_dir / "report.md").read_text()

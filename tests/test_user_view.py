@@ -83,6 +83,10 @@ def test_a_run_under_nohup_logs_each_stage_and_its_steps(tmp_path):
     assert re.search(r"^stage 1/3 calibrate \| calibrate \(max\): started, 3 steps$", log, re.M), log
     assert re.search(r"^stage 1/3 calibrate \| calibrate \(max\): 3 steps in ", log, re.M), log
     assert re.search(r"^stage 3/3 evaluate \| evaluate fp32: 1/5 \(20%\), elapsed .*, ETA ", log, re.M), log
+    # timing every backend reports progress too: one step per backend and batch size, not minutes of silence
+    timed = re.search(r"^stage 3/3 evaluate \| latency \(backends x batch sizes\): started, (\d+) steps$", log, re.M)
+    assert timed and int(timed[1]) >= 3, log  # PyTorch FP32, fake-quant, ONNX Runtime ... at batch 1
+    assert re.search(rf"^stage 3/3 evaluate \| latency \(backends x batch sizes\): 1/{timed[1]} ", log, re.M), log
     assert "No CUDA runtime" not in log and "FutureWarning" not in log
 
 

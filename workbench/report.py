@@ -433,11 +433,15 @@ def _guard_sentence(guard: dict) -> str:
 
 
 def _timings_section(run_dir: Path, metrics: dict) -> list[str]:
-    timings = metrics.get("timings_s", {})
+    timings, peaks = metrics.get("timings_s", {}), metrics.get("peak_rss_mb", {})
     if not timings:
         return []
-    return (["## Stage times", "", "| Stage | Seconds |", "|---|---|"]
-            + [f"| {k} | {v:.1f} |" for k, v in timings.items()] + [""])
+    lines = ["## Stage times and memory", "", "| Stage | Seconds | Peak memory after it, MB |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.1f} | {_fmt(peaks.get(k), 0)} |" for k, v in timings.items()]
+    if peaks:
+        lines += ["", f"Peak resident memory of the run: {max(peaks.values()):.0f} MB (reused stages of a resumed run "
+                      "are not measured again)."]
+    return lines + [""]
 
 
 def _prune_section(run_dir: Path, metrics: dict) -> list[str]:

@@ -257,6 +257,7 @@ def _run_stages(run: Run, previous: Previous | None, restored: Restored | None, 
         finally:
             current_stage.reset(token)
         run.metrics.setdefault("timings_s", {})[name] = round(time.perf_counter() - start, 3)
+        run.metrics.setdefault("peak_rss_mb", {})[name] = peak_rss_mb()
         run.metrics["fingerprints"].append(stage_record(run, name, options, fingerprints[index]))
         run.save_metrics()
         run.stage = None
@@ -264,6 +265,16 @@ def _run_stages(run: Run, previous: Previous | None, restored: Restored | None, 
     run.metrics["finished"] = datetime.now().isoformat(timespec="seconds")
     run.save_metrics()
     write_report(run.dir)
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MB (the kernel's high-water mark: it only grows, so the stage
+    where it rises is the one that needed it)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, 1)
 
 
 def _record_failure(run: Run, error: BaseException, final_dir: Path) -> None:

@@ -151,6 +151,9 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "timings_s": (lambda v: isinstance(v, dict) and all(_is_number(t) and math.isfinite(t) and t >= 0
                                                         for t in v.values()),
                   "an object of stage name -> seconds (a finite number >= 0)"),
+    "peak_rss_mb": (lambda v: isinstance(v, dict) and all(_is_number(t) and math.isfinite(t) and t >= 0
+                                                          for t in v.values()),
+                    "an object of stage name -> the process's peak memory in MB after it (a finite number >= 0)"),
     "stages": (lambda v: isinstance(v, dict) and all(isinstance(s, dict) for s in v.values()),
                "an object of stage name -> that stage's metrics (an object)"),
     "inputs": (lambda v: isinstance(v, dict) and all(_input(e) for e in v.values()),

@@ -108,10 +108,12 @@ def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
     # which would steal the cores from whichever backend is timed next.
     latencies, speed = {}, None
     if opts.latency:
-        for b, runner in runners.items():
-            if BACKENDS[b].timed:
-                latencies[b] = measure_latency(runner, tuple(run.recipe.model.input_size), opts.latency_batch_sizes,
-                                               repeats=opts.latency_repeats)
+        # One step per backend and batch size, so the log shows progress while 8 backends are timed (minutes on a
+        # loaded 2-core machine), not a silence.
+        timed = [(b, size) for b in runners if BACKENDS[b].timed for size in opts.latency_batch_sizes]
+        for b, size in track(timed, "latency (backends x batch sizes)", total=len(timed)):
+            latencies.setdefault(b, {}).update(measure_latency(runners[b], tuple(run.recipe.model.input_size), [size],
+                                                               repeats=opts.latency_repeats))
         speed = _speed_split(run, dataset, reference_runner)
     same_function = table.comparisons(runners)
     pairs = {key: [task.scorer(run.recipe, dataset, compare_only=True), 0.0]  # scorer, max |diff|
