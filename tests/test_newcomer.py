@@ -134,3 +134,24 @@ def test_every_stage_records_the_peak_memory_and_the_report_shows_it(tmp_path, i
         hwm_mb = int(hwm.split()[1]) / 1024
         assert 0.5 * hwm_mb <= peaks["evaluate"] <= hwm_mb + 1, (peaks, hwm_mb)
     assert f"Peak resident memory of the run: {max(peaks.values()):.0f} MB" in (run_dir / "report.md").read_text()
+
+
+def test_on_unlabeled_images_the_headline_is_agreement_where_fp32_is_confident():
+    """The quickstart's texture crops: 78% raw agreement reads as "INT8 loses 22 points"; on the 36 images where FP32
+    is confident a correct engine agrees on 35."""
+    from workbench.stats import wilson_interval
+    from workbench.tasks.classification import ClassificationTask
+
+    task = ClassificationTask()
+    unlabeled = {"agreement_top1": 78.125, "confident_samples": 36, "agreement_confident": 100 * 35 / 36,
+                 "mean_kl": 0.0123}
+    said = task.fidelity_headline(unlabeled, 128)
+    est = wilson_interval(35, 36)
+    assert said.startswith(f"Fidelity: it picks FP32's top class on 97.2% [{est.low:.1f}, {est.high:.1f}] of the 36 "
+                           "images where FP32 is confident")
+    assert "on all 128 images 78.1%" in said
+    assert not any("78.1" in s for s in task.fidelity_sentences(unlabeled, 128))  # said once, in the headline
+    # labeled images: top-1 against FP32's is the headline; too few confident images: no confident headline
+    assert task.fidelity_headline({**unlabeled, "top1": 70.0}, 128) is None
+    assert task.fidelity_headline({**unlabeled, "confident_samples": 12}, 128) is None
+    assert "78.1% of all 128" in task.fidelity_sentences({**unlabeled, "confident_samples": 12}, 128)[0]

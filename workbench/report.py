@@ -67,6 +67,7 @@ def backend_rows(metrics: dict) -> list[dict]:
                 "verified": entry.get("verified"),  # engines: whether the build's guard passed it
                 "engine_check": entry.get("engine_check"),  # engines: agreement with their graph, every image
                 "conversion_check": entry.get("conversion_check"),  # the graph an engine is compiled from vs faithful
+                "not_for_deployment": backends.not_for_deployment(name),
             }
         )
     return rows
@@ -121,8 +122,10 @@ def in_short(metrics: dict) -> list[str]:
     task = _task(metrics)
 
     def deployed(precision: str) -> list[dict]:
-        return [r for name, r in rows.items() if name in backends.BACKENDS and backends.BACKENDS[name].deploys
-                == precision]
+        found = [r for name, r in rows.items() if name in backends.BACKENDS and backends.BACKENDS[name].deploys
+                 == precision]
+        # eager PyTorch only where no exported graph of that precision was timed
+        return [r for r in found if not r["not_for_deployment"]] or found
 
     def fastest(candidates: list[dict]) -> dict | None:
         timed = [r for r in candidates if r["latency"].get("b1")]
@@ -148,7 +151,10 @@ def in_short(metrics: dict) -> list[str]:
                      + (f"{ratio:.2f}x faster." if ratio >= 1 else f"{1 / ratio:.2f}x slower."))
     metric = headline(task, list(rows.values()))
     reference = rows.get("pytorch_fp32")
-    if metric is not None and metric.key in int8["metrics"] and reference and metric.key in reference["metrics"]:
+    samples = metrics.get("stages", {}).get("evaluate", {}).get("samples", 0)
+    if fidelity := task.fidelity_headline(int8["metrics"], samples):
+        lines.append(fidelity)
+    elif metric is not None and metric.key in int8["metrics"] and reference and metric.key in reference["metrics"]:
         d = int8["delta"]
         delta = (f" (a difference of {_interval(d)} points, {100 * d['confidence']:.0f}% interval)" if d else "")
         # A sentence starts with a capital, except a name written with its own case (mAP50-95, not MAP50-95).
@@ -156,7 +162,6 @@ def in_short(metrics: dict) -> list[str]:
         lines.append(f"{name}: {_fmt(int8['metrics'][metric.key], metric.digits)} "
                      "against FP32's "
                      f"{_fmt(reference['metrics'][metric.key], metric.digits)}{delta}.")
-    samples = metrics.get("stages", {}).get("evaluate", {}).get("samples", 0)
     return lines + task.fidelity_sentences(int8["metrics"], samples)
 
 
@@ -183,6 +188,8 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
                   for k in batch_keys]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    lines += [f"- `{r['backend']}` is no deployment candidate: {r['not_for_deployment']}." for r in rows
+              if r["not_for_deployment"]] + [""]
     if confidence:
         samples = next(r["delta"]["samples"] for r in rows if r["delta"])
         lines += [f"Each difference is the headline metric minus FP32's on the same {samples} images, with a paired "
@@ -596,13 +603,17 @@ def print_summary(run_dir: str | Path, console) -> None:
     for r in rows:
         value = r["metrics"].get(metric.key) if metric else None
         delta = [_interval(r["delta"]) if r["backend"] != "pytorch_fp32" else "-"] if confidence else []
-        name = r["backend"] + (" (unverified)" if r["verified"] is False else "")
+        name = r["backend"] + (" (unverified)" if r["verified"] is False else "") + (
+            " (not for deployment)" if r["not_for_deployment"] else "")
         table.add_row(name, _fmt(value, metric.digits if metric else 2), *delta, _fmt(r["size_mb"]),
                       *[_fmt(r["latency"].get(k)) if k in r["latency"] else "-" for k in batch_keys])
     if batch_keys:
         table.caption = _latency_caption(metrics, rows)
     if rows:
         console.print(table)
+        for r in rows:
+            if r["not_for_deployment"]:
+                console.print(f"  {r['backend']}: {r['not_for_deployment']}", markup=False, highlight=False)
     for line in _not_measurable_lines(rows):
         if line:
             console.print(line.replace("**", ""))

@@ -68,9 +68,19 @@ class Backend:
     # What a deployment would run, and in which precision: the run's summary puts the fastest INT8 engine against
     # the fastest FP32 one. None: a row that checks arithmetic (fake-quant, the faithful or TensorRT-style graph).
     deploys: Literal["fp32", "int8"] | None = None
+    # Why a row that the tables show is no candidate for deployment (the console and the report say so under the
+    # table): a reference that checks arithmetic, a configuration known to mislead. None: a deployable runtime.
+    not_for_deployment: str | None = None
 
 
 BACKENDS: dict[str, Backend] = {}
+
+
+def not_for_deployment(name: str) -> str | None:
+    """Why the backend `name` (or a bench variant of one) is no deployment candidate; None for a deployable one."""
+    if name in BACKENDS:
+        return BACKENDS[name].not_for_deployment
+    return None
 
 
 def register_backend(row: Backend) -> Backend:
@@ -232,6 +242,8 @@ def _onnx(field: str) -> Callable[[Any], Path | None]:
 # The table, in the order evaluate scores and reports them (FP32 first: every backend is compared with it).
 for _row in (
     Backend("pytorch_fp32", "FP32 (PyTorch)", (), lambda run: run.reference, _torch, benched=True, deploys="fp32",
+            not_for_deployment="eager PyTorch: the accuracy reference; its latency is not a deployment's (the FP32 "
+            "graph in ONNX Runtime or OpenVINO is)",
             variants=(Variant("pytorch_fp32_cuda", _cuda_fp32),
                       Variant("pytorch_fp32_cuda_compute", _compute_fp32),
                       Variant("pytorch_fp16_cuda", _cuda_fp16, size_factor=0.5, fp16=True),
@@ -239,31 +251,38 @@ for _row in (
     Backend("pytorch_fp32_pruned", "FP32 pruned (PyTorch)", ("pruned",), lambda run: run.artifacts.pruned_fp32,
             _torch),
     Backend("pytorch_int8", "INT8 fake-quant (PyTorch)", ("quantized",), lambda run: run.model, _torch,
-            sized=False, timed=False),
+            sized=False, timed=False,
+            not_for_deployment="INT8 simulated in float32: what the export is checked against"),
     Backend("pytorch_int8_ptq", "INT8 PTQ before QAT, fake-quant (PyTorch)", ("ptq",),
-            lambda run: run.artifacts.ptq_model, _torch, sized=False, timed=False),
+            lambda run: run.artifacts.ptq_model, _torch, sized=False, timed=False,
+            not_for_deployment="the PTQ model QAT started from, for comparison"),
     Backend("ort_fp32", "FP32 (ONNX Runtime)", ("onnx_fp32",), _onnx("fp32"), _ort("default"), benched=True,
             deploys="fp32"),
     Backend("ort_fp32_pruned", "FP32 pruned (ONNX Runtime)", ("onnx_pruned_fp32",), _onnx("pruned_fp32"),
             _ort("default"), benched=True),
     Backend("ort_int8_faithful", "INT8 Q/DQ (ONNX Runtime, faithful: TensorRT arithmetic)", ("quantized", "onnx"),
-            _onnx("model"), _ort("faithful"), compares=Comparison(
+            _onnx("model"), _ort("faithful"), not_for_deployment="the reference: TensorRT's arithmetic computed "
+            "exactly by ONNX Runtime with its optimisations off, slowly", compares=Comparison(
                 "ort_faithful_vs_fakequant", "pytorch_int8",  # the export is the fake-quant model
                 "The faithful ONNX Runtime execution agrees with the fake-quant model")),
     Backend("ort_int8_default", "INT8 Q/DQ (ONNX Runtime, default optimisations on the TensorRT-style graph)",
-            ("quantized", "onnx"), _onnx("model"), _ort("default"), benched=True, file_suffix=".onnx"),
+            ("quantized", "onnx"), _onnx("model"), _ort("default"), benched=True, file_suffix=".onnx",
+            not_for_deployment="the TensorRT-style graph is made for TensorRT: ONNX Runtime's default optimisations "
+            "run it on integer kernels whose u8 x s8 sums saturate on CPUs without VNNI, and fuse it differently, so "
+            "its accuracy can fall far below the faithful graph's; model_int8_ort.onnx is the ONNX Runtime file"),
     Backend("ort_int8_native", "INT8 ONNX Runtime flavour (model_int8_ort.onnx, ORT integer kernels)",
             ("quantized", "ort_int8"), _onnx("ort_int8"), _ort("default"), benched=True, deploys="int8",
             compares=Comparison(
                 "ort_native_vs_faithful", "ort_int8_faithful",  # the ORT flavour is the TensorRT-style graph
                 "The ONNX Runtime flavour (integer kernels) agrees with the faithful TensorRT-style graph")),
     Backend("ort_int8_ptq", "INT8 PTQ before QAT (ONNX Runtime, faithful)", ("quantized", "onnx_ptq"),
-            _onnx("ptq"), _ort("faithful")),
+            _onnx("ptq"), _ort("faithful"), not_for_deployment="the PTQ graph QAT started from, for comparison"),
     Backend("tensorrt", "TensorRT engine", ("tensorrt_engine",), lambda run: run.artifacts.tensorrt_engine, _tensorrt,
             benched=True, file_suffix=".engine", deploys="int8", guarded_against="ort_int8_faithful"),
     Backend("ort_openvino_graph", "INT8 Q/DQ as OpenVINO is given it (model_openvino_int8.onnx, ONNX Runtime, "
             "faithful)", ("openvino_int8_graph",), lambda run: run.artifacts.openvino_int8_graph, _ort("faithful"),
-            sized=False, timed=False, compares=Comparison(
+            sized=False, timed=False, not_for_deployment="the reference the OpenVINO engine is checked against",
+            compares=Comparison(
                 "openvino_conversion_vs_faithful", "ort_int8_faithful",  # u8 activations, the CPU's weight bits
                 "The graph OpenVINO is compiled from (u8 activations, this CPU's weight bits) agrees with the faithful "
                 "graph")),

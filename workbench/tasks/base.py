@@ -189,6 +189,11 @@ class Task:
         """Per evaluation image, what a later comparison between runs pairs on (per_image.npz), or None."""
         return None
 
+    def fidelity_headline(self, metrics: dict[str, float], samples: int) -> str | None:
+        """The run's first fidelity sentence where the headline metric would mislead (None: the headline metric
+        against FP32's is the sentence): e.g. agreement on unlabeled images where FP32 itself is unsure."""
+        return None
+
     def fidelity_sentences(self, metrics: dict[str, float], samples: int) -> list[str]:
         """How closely an INT8 backend's outputs follow FP32's, in words a newcomer can read (the run's summary)."""
         value = metrics.get(self.agreement_key)

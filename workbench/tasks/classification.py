@@ -162,9 +162,35 @@ class ClassificationTask(Task):
             record["correct"] = np.concatenate(scorer.hits)
         return record
 
+    # Fewest confident images the headline is measured on: below it, the Wilson interval spans 15+ points.
+    MIN_CONFIDENT = 20
+
+    def _confident_headline(self, metrics: dict[str, float]) -> bool:
+        """Unlabeled images (no top-1): agreement where FP32 is confident leads, where there are enough of them."""
+        return ("top1" not in metrics and metrics.get("agreement_confident") is not None
+                and metrics.get("confident_samples", 0) >= self.MIN_CONFIDENT)
+
+    def fidelity_headline(self, metrics: dict[str, float], samples: int) -> str | None:
+        if not self._confident_headline(metrics):
+            return None
+        from ..stats import wilson_interval
+
+        confident = int(metrics["confident_samples"])
+        hits = round(metrics["agreement_confident"] * confident / 100.0)
+        est = wilson_interval(hits, confident)
+        return (f"Fidelity: it picks FP32's top class on {est.value:.1f}% [{est.low:.1f}, {est.high:.1f}] of the "
+                f"{confident} images where FP32 is confident (its top class at "
+                f"{100 * ClassificationScorer.CONFIDENT:.0f}% or more; {100 * est.confidence:.0f}% Wilson interval); "
+                f"on all {samples} images {metrics['agreement_top1']:.1f}%, where FP32's own guess is often a coin "
+                "toss (these images have no labels).")
+
     def fidelity_sentences(self, metrics: dict[str, float], samples: int) -> list[str]:
         if "agreement_top1" not in metrics:
             return []
+        if self._confident_headline(metrics):  # the headline said the agreements
+            return [f"Mean KL divergence from FP32's probabilities: {metrics['mean_kl']:.4f} nats. (Where FP32 is "
+                    "unsure, on an image unlike its training data such as a texture crop, a tiny change of its scores "
+                    "flips the guess: the confident images and the KL divergence show INT8's fidelity.)"]
         confident = metrics.get("confident_samples", 0)
         on_confident = (f"{metrics['agreement_confident']:.1f}% of the {confident} images where FP32 is confident "
                         f"(its top class at {100 * ClassificationScorer.CONFIDENT:.0f}% or more) and on "
