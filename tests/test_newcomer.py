@@ -155,3 +155,30 @@ def test_on_unlabeled_images_the_headline_is_agreement_where_fp32_is_confident()
     assert task.fidelity_headline({**unlabeled, "top1": 70.0}, 128) is None
     assert task.fidelity_headline({**unlabeled, "confident_samples": 12}, 128) is None
     assert "78.1% of all 128" in task.fidelity_sentences({**unlabeled, "confident_samples": 12}, 128)[0]
+
+
+def test_a_run_ends_with_the_one_file_to_deploy(tmp_path, images, capsys):
+    """deploy/ holds the fastest INT8 deployment candidate's files and nothing else, with a manifest; the console's
+    last line before the report names it."""
+    import json
+
+    from conftest import tiny_recipe
+
+    (tmp_path / "r.yaml").write_text(tiny_recipe(images, tmp_path / "runs"))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    out = capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rows = metrics["stages"]["evaluate"]["backends"]
+    manifest = json.loads((run_dir / "deploy" / "deploy.json").read_text())
+    assert manifest == metrics["deploy"]
+    # the tiny recipe exports; without an engine the ONNX Runtime flavour is the INT8 file a CPU deployment runs
+    assert manifest["backend"] == "ort_int8_native" and manifest["files"] == ["deploy/model_int8_ort.onnx"]
+    assert sorted(p.name for p in (run_dir / "deploy").iterdir()) == ["deploy.json", "model_int8_ort.onnx"]
+    assert (run_dir / "deploy" / "model_int8_ort.onnx").read_bytes() == (run_dir / "model_int8_ort.onnx").read_bytes()
+    assert rows["ort_int8_native"]["files"] == ["model_int8_ort.onnx"]  # relative: true after the rename
+    fp32 = rows[manifest["fp32_backend"]]["latency"]["b1"]["median_ms"]
+    assert manifest["speedup_b1"] == pytest.approx(fp32 / rows["ort_int8_native"]["latency"]["b1"]["median_ms"],
+                                                   rel=1e-3)
+    assert "deploy: deploy/model_int8_ort.onnx (ort_int8_native, " in out
+    assert "(the file to deploy: `deploy/model_int8_ort.onnx`)" in (run_dir / "report.md").read_text()

@@ -69,6 +69,14 @@ def test_build_compiles_both_graphs_guards_and_evaluate_scores_them(images, tmp_
         (run_dir / f"model_openvino_fp32.{s}").stat().st_size for s in ("xml", "bin"))
     report = (run_dir / "report.md").read_text()
     assert "## OpenVINO (CPU)" in report and "3 of 3 Convolution" in report and "Guard:" in report
+    # the file to deploy is whichever INT8 candidate was fastest; an OpenVINO engine travels with its .bin and sidecar
+    deployed = metrics["deploy"]
+    assert deployed["backend"] in ("openvino_int8", "ort_int8_native")
+    if deployed["backend"] == "openvino_int8":
+        assert deployed["files"] == [f"deploy/model_openvino_int8.{s}" for s in ("xml", "bin", "xml.json")]
+        assert deployed["verified"] is True
+    assert sorted(p.name for p in (run_dir / "deploy").iterdir()) == sorted(
+        ["deploy.json", *(f.removeprefix("deploy/") for f in deployed["files"])])
 
 
 def test_the_ir_reloads_and_a_sidecar_from_elsewhere_is_refused_by_name(images, tmp_path, capsys):

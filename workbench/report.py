@@ -115,11 +115,10 @@ def warning_text(warning: dict | str) -> str:
     return warning["message"] if isinstance(warning, dict) else warning
 
 
-def in_short(metrics: dict) -> list[str]:
-    """The run in a few sentences: the INT8 engine a deployment would use against FP32, by size, speed and how
-    closely it follows FP32 (the console prints them under the table, the report above it)."""
+def deployment_choice(metrics: dict) -> tuple[dict | None, dict | None]:
+    """The rows (backend_rows) of the INT8 backend a deployment would use and of the FP32 one it is timed against:
+    the fastest at batch 1 among the deployable ones evaluated (eager PyTorch only where no FP32 graph was timed)."""
     rows = {r["backend"]: r for r in backend_rows(metrics)}
-    task = _task(metrics)
 
     def deployed(precision: str) -> list[dict]:
         found = [r for name, r in rows.items() if name in backends.BACKENDS and backends.BACKENDS[name].deploys
@@ -131,11 +130,18 @@ def in_short(metrics: dict) -> list[str]:
         timed = [r for r in candidates if r["latency"].get("b1")]
         return min(timed, key=lambda r: r["latency"]["b1"]) if timed else None
 
-    int8_rows, fp32_rows = deployed("int8"), deployed("fp32")
-    int8 = fastest(int8_rows) or (int8_rows[0] if int8_rows else None)
+    int8_rows = deployed("int8")
+    return fastest(int8_rows) or (int8_rows[0] if int8_rows else None), fastest(deployed("fp32"))
+
+
+def in_short(metrics: dict) -> list[str]:
+    """The run in a few sentences: the INT8 engine a deployment would use against FP32, by size, speed and how
+    closely it follows FP32 (the console prints them under the table, the report above it)."""
+    rows = {r["backend"]: r for r in backend_rows(metrics)}
+    task = _task(metrics)
+    int8, fp32 = deployment_choice(metrics)
     if int8 is None:
         return []
-    fp32 = fastest(fp32_rows)
     lines = []
     fp32_file = rows.get("ort_fp32") or rows.get("pytorch_fp32")
     size = ""
@@ -143,7 +149,9 @@ def in_short(metrics: dict) -> list[str]:
         ratio = fp32_file["size_mb"] / int8["size_mb"]
         size = (f": {int8['size_mb']:.2f} MB against {fp32_file['size_mb']:.2f} MB in FP32 ("
                 + (f"{ratio:.1f}x smaller)" if ratio >= 1 else f"{1 / ratio:.1f}x larger)"))
-    lines.append(f"INT8 engine `{int8['backend']}`{size}.")
+    deployed_files = metrics.get("deploy", {}).get("files") if isinstance(metrics.get("deploy"), dict) else None
+    where = f" (the file to deploy: {', '.join(f'`{f}`' for f in deployed_files)})" if deployed_files else ""
+    lines.append(f"INT8 engine `{int8['backend']}`{size}{where}.")
     if int8["latency"].get("b1") and fp32 is not None:
         ratio = fp32["latency"]["b1"] / int8["latency"]["b1"]
         lines.append(f"At batch 1 it takes {int8['latency']['b1']:.2f} ms against {fp32['latency']['b1']:.2f} ms for "
@@ -620,6 +628,10 @@ def print_summary(run_dir: str | Path, console) -> None:
     short = in_short(metrics)
     if short:
         console.print("in short: " + " ".join(short), markup=False, highlight=False)
+    if isinstance(metrics.get("deploy"), dict):
+        from .deploy import deploy_line
+
+        console.print(deploy_line(metrics["deploy"]), markup=False, highlight=False)
     for warning in map(warning_text, metrics.get("warnings", [])):
         console.print(f"warning: {warning}", markup=False)
     cal = metrics.get("stages", {}).get("calibrate")

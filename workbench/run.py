@@ -226,6 +226,7 @@ def _start_run_dir(recipe: Recipe, previous: Previous | None) -> tuple[Path, Pat
 
 def _run_stages(run: Run, previous: Previous | None, restored: Restored | None, console) -> None:
     """Record the recipe, note what a resumed run reused, run the other stages in order, write the report."""
+    from .deploy import write_deploy
     from .progress import current_stage
     from .report import write_report
 
@@ -263,6 +264,8 @@ def _run_stages(run: Run, previous: Previous | None, restored: Restored | None, 
         run.stage = None
     run.metrics["status"] = "complete"
     run.metrics["finished"] = datetime.now().isoformat(timespec="seconds")
+    if manifest := write_deploy(run.dir, run.metrics):  # the one file to deploy, in deploy/
+        run.metrics["deploy"] = manifest
     run.save_metrics()
     write_report(run.dir)
 

@@ -163,6 +163,7 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "warnings": (lambda v: isinstance(v, list) and all(_warning(e) for e in v),
                  "a list of {stage, message} records"),
     "resumed": (lambda v: isinstance(v, dict), "an object"),
+    "deploy": (lambda v: isinstance(v, dict) and _is_str_list(v.get("files")), "an object with the deployed files"),
 }
 
 

@@ -116,6 +116,19 @@ def artifact_bytes(model: nn.Module | Path) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def artifact_files(model, run_dir: Path) -> list[str]:
+    """The files a file backend runs, relative to `run_dir`: the model, an OpenVINO IR's .bin, and the JSON sidecar
+    an engine build writes beside it (its guard's verdict); [] for a module or a file outside the run."""
+    if not isinstance(model, Path):
+        return []
+    weights = model.with_suffix(".bin") if model.suffix == ".xml" else None
+    found = [model, weights, model.with_name(model.name + ".json")]
+    try:
+        return [str(f.resolve().relative_to(Path(run_dir).resolve())) for f in found if f is not None and f.is_file()]
+    except ValueError:  # not under the run directory
+        return []
+
+
 def title(name: str) -> str:
     """The report's title of a backend or bench variant; a name the table does not hold (an older run's) as is."""
     return BACKENDS[name].title if name in BACKENDS else name

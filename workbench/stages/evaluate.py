@@ -147,6 +147,8 @@ def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
         entry = {"metrics": scorers[b].result()}
         if BACKENDS[b].sized:
             entry["size_bytes"] = table.artifact_bytes(BACKENDS[b].model(run))
+        if files := table.artifact_files(BACKENDS[b].model(run), run.dir):
+            entry["files"] = files  # relative to the run directory: true after it is renamed, and in deploy/
         if b in latencies:
             entry["latency"] = latencies[b]
         results[b] = entry
