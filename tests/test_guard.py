@@ -17,7 +17,7 @@ from helpers import make_image_folder
 from onnx import numpy_helper
 
 from workbench.cli import main
-from workbench.runtime.cpu import CpuInfo
+from workbench.hardware.cpu import CpuInfo
 from workbench.stats import samples_to_resolve, wilson_interval
 
 ov = pytest.importorskip("openvino", reason="OpenVINO is a dependency of the default install")
@@ -75,7 +75,7 @@ def wrong_engine(monkeypatch, tmp_path):
 
 
 def _stub_cpu(monkeypatch, cpu: CpuInfo) -> None:
-    from workbench.runtime import cpu as cpu_module
+    from workbench.hardware import cpu as cpu_module
 
     monkeypatch.setattr(cpu_module, "cpu_info", lambda: cpu)
 
@@ -348,7 +348,7 @@ def test_the_guard_measures_the_engine_and_evaluate_scores_the_conversion_apart(
 def test_the_cpu_facts_follow_onednns_isa_cap():
     """Under ONEDNN_MAX_CPU_ISA=AVX2 OpenVINO runs AVX2 kernels on any CPU: the facts the build decides by must say
     so, or it chooses s8 weights whose 16-bit pair sums those kernels saturate (the guard then refuses the engine)."""
-    from workbench.runtime.cpu import capped_flags
+    from workbench.hardware.cpu import capped_flags
 
     sapphire = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16"}
     assert capped_flags(sapphire, "") == sapphire and capped_flags(sapphire, "ALL") == sapphire

@@ -68,7 +68,7 @@ class OrtConversion:
 
 def u8s8_can_saturate() -> bool:
     """True on x86 CPUs without VNNI or AMX, where 8-bit kernels use VPMADDUBSW (16-bit saturating sums)."""
-    from ..runtime.cpu import cpu_info
+    from ..hardware.cpu import cpu_info
 
     return not cpu_info().int8_dot
 

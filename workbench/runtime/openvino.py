@@ -3,7 +3,7 @@
 `compile_model_file` reads an ONNX file, saves it as OpenVINO IR (.xml/.bin, weights kept in FP32: the
 Q/DQ nodes say what is INT8), compiles it for this CPU, exports the compiled blob where OpenVINO supports
 it, and writes a JSON sidecar: the OpenVINO version, the CPU's model and the instruction sets its INT8
-kernels depend on (runtime/cpu.py), and each compute layer's runtime precision read from the compiled
+kernels depend on (hardware/cpu.py), and each compute layer's runtime precision read from the compiled
 model's runtime graph ("60 of 60 convolutions run in u8"). `OpenVINORunner` runs an IR (or ONNX) file;
 `check_sidecar` refuses an artifact compiled by another OpenVINO version or on a CPU with instruction sets
 this one lacks, by name.
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import WorkbenchError
+from ..hardware.cpu import cpu_info
 from ..io import write_bytes, write_json
-from .cpu import cpu_info
 
 INSTALL_HINT = "pip install openvino (Apache-2.0, CPU wheels for x86-64 and Arm); the run's ONNX files do not need it"
 # Runtime-graph layer types that do the multiply-accumulates: the ones whose precision says "INT8 or not".
@@ -238,7 +238,7 @@ def run_tapped(path: Path, batch: np.ndarray, threads: int | None = None) -> dic
 def weights_for_cpu(requested: str = "auto") -> tuple[str, str]:
     """(weights, why) of the u8 graph OpenVINO compiles: 8-bit (s8) where this CPU's INT8 dot products accumulate in
     32 bits (VNNI, AMX; Arm), 7 bits where a 16-bit pairwise sum could saturate (x86 without VNNI: VPMADDUBSW)."""
-    from . import cpu
+    from ..hardware import cpu
 
     if requested != "auto":
         return requested, f"{requested} weights, as asked"

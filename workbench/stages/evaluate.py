@@ -153,7 +153,7 @@ def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
     _write_per_image(run, task, scorers)
     values = {"samples": seen, "labeled": labeled, "backends": results}
     if latencies:
-        from ..runtime.cpu import cpu_info
+        from ..hardware.cpu import cpu_info
 
         values["latency_setup"] = {"threads": threads, "repeats": opts.latency_repeats,
                                    "batch_sizes": list(opts.latency_batch_sizes), "pytorch_device": str(run.device),
