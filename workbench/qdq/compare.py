@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..hardware.ort import ort_session_options
 from ..models.guards import COMPUTE_MODULES
-from ..runtime.runners import ort_session_options
 from .graph import COMPUTE_OPS, scope_to_module
 
 

@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError
+from ..hardware.ort import ort_session_options
 from ..io import atomic_path
-from ..runtime.runners import ort_session_options
 from . import WeightType
 from .export import check_model_file, clean_graph
 from .graph import GraphIndex
