@@ -205,7 +205,7 @@ def verify_engine(runner, graph: Path, batches: Iterable[tuple[str, np.ndarray]]
         return result
     where = ""
     if tap is not None and taken:
-        from ..qdq.compare import first_diverging, graph_divergence
+        from .compare import first_diverging, graph_divergence
 
         result.first_diverging = first_diverging(graph_divergence(graph, taken[0], tap))
         if result.first_diverging is not None:

@@ -226,7 +226,7 @@ class OpenVINORunner:
 
 
 def run_tapped(path: Path, batch: np.ndarray, threads: int | None = None) -> dict[str, np.ndarray]:
-    """Run an ONNX file once on `batch`; every output by each of its tensor names (for qdq.compare.graph_divergence)."""
+    """Run an ONNX file once on `batch`; every output by each of its tensor names (for compare.graph_divergence)."""
     core = require_openvino().Core()
     model = core.read_model(str(path))
     model.reshape({model.inputs[0].get_any_name(): list(batch.shape)})
