@@ -118,7 +118,7 @@ def resolve_model(config: ModelConfig) -> nn.Module:
     if config.pruned:
         import torch
 
-        from ..prune.structured import load_pruned
+        from .pruned_file import load_pruned
 
         refuse_torchscript(config.pruned, "model.pruned")
         example = torch.randn(1, *config.input_size, generator=torch.Generator().manual_seed(0))
