@@ -267,3 +267,32 @@ def int8_graph(model: Path, out: Path, graph: str = "u8", weights: str = "auto")
     return out, {"graph": f"u8 activations, {chosen} weights", "weights": chosen,
                  "graph_note": (f"Compiled from {out.name}: {model.name}'s ranges with unsigned activations (zero "
                                 f"point 128 where signed), which OpenVINO computes faithfully on every CPU; {why}.")}
+
+
+def build_in_run(run, opts) -> dict:
+    """The build stage's OpenVINO IRs (stages/build.py's options `opts`): the FP32 baseline and the guarded INT8."""
+    from ..qdq.numeric import require_numeric
+    from .guard import EngineNotBuilt, guard_in_run
+
+    try:
+        require_openvino()
+    except OpenVINOUnavailable as e:
+        raise EngineNotBuilt(str(e)) from None
+    onnx = run.artifacts.onnx
+    values: dict = {"engine": "openvino", "built": True, "openvino": version()}
+    if onnx.fp32 is not None:  # the baseline the INT8 engine's speed is measured against
+        require_numeric(onnx.fp32)
+        xml = run.path("model_openvino_fp32.xml")
+        values["fp32"] = compile_model_file(CompileRequest(onnx=onnx.fp32, xml=xml))
+        run.artifacts.openvino_fp32 = xml
+    if opts.precision == "int8":
+        require_numeric(onnx.model)
+        xml = run.path("model_openvino_int8.xml")
+        graph, notes = int8_graph(onnx.model, run.path("model_openvino_int8.onnx"), opts.openvino_graph,
+                                  opts.openvino_weights)
+        values["int8"] = compile_model_file(CompileRequest(onnx=graph, xml=xml, notes=notes))
+        files = artifact_files(xml) + ([graph] if graph != onnx.model else [])
+        values.update(guard_in_run(run, opts, lambda: OpenVINORunner(xml, "openvino_int8"), graph, files,
+                                   run_tapped, "openvino_int8"))
+        run.artifacts.openvino_int8, run.artifacts.openvino_int8_graph = xml, graph
+    return values

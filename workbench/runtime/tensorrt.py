@@ -280,3 +280,35 @@ class TensorRTRunner:
             raise WorkbenchError(f"{self.path}: TensorRT execution failed")
         stream.synchronize()
         return outs[0].float().cpu().numpy()
+
+
+def build_in_run(run, opts) -> dict:
+    """The build stage's TensorRT engine (stages/build.py's options `opts`), guarded where INT8."""
+    from ..qdq.numeric import require_numeric
+    from .guard import EngineNotBuilt, guard_in_run
+
+    onnx = run.artifacts.onnx
+    c, h, w = run.recipe.model.input_size
+    cache = Path(opts.timing_cache) if opts.timing_cache else default_timing_cache()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    req = BuildRequest(
+        onnx=onnx.model if opts.precision == "int8" else onnx.fp32,
+        engine=run.path(f"model_{opts.precision}.engine"),
+        profile=profile_for(c, (opts.min_batch, opts.opt_batch, opts.max_batch),
+                            [opts.min_size or (h, w), opts.opt_size or (h, w), opts.max_size or (h, w)]),
+        precision=opts.precision, strongly_typed=opts.strongly_typed, fp16=opts.fp16,
+        workspace_mib=opts.workspace_mib, timing_cache=cache, sparse_weights=opts.sparse_weights,
+    )
+    check_request(req)  # a bad profile or a graph without Q/DQ fails with or without TensorRT
+    require_numeric(req.onnx)
+    try:
+        sidecar = build_engine(req)
+    except TensorRTUnavailable as e:
+        raise EngineNotBuilt(str(e)) from None
+    values = {**sidecar, "engine": "tensorrt", "engine_file": sidecar["engine"], "built": True}
+    if opts.precision == "int8":
+        files = [req.engine, req.engine.with_name(req.engine.name + ".json")]
+        values.update(guard_in_run(run, opts, lambda: TensorRTRunner(req.engine, "tensorrt"), req.onnx, files, None,
+                                   "tensorrt"))
+    run.artifacts.tensorrt_engine = req.engine
+    return values

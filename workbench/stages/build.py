@@ -104,119 +104,16 @@ def _makes(opts: BuildOptions, made: set[str]) -> set[str]:
 @register_stage("build", BuildOptions, needs=_needs, makes=_makes)
 def build(run, opts: BuildOptions) -> None:
     """An engine (TensorRT, or OpenVINO for the CPU) from the exported ONNX, checked against its faithful graph."""
-    from ..runtime.guard import GuardPolicy
+    from ..runtime import openvino, tensorrt
+    from ..runtime.guard import EngineNotBuilt, GuardPolicy
 
     engine = resolve_engine(opts)
     run.artifacts.engine_guard = GuardPolicy(opts.guard_min_agreement, opts.guard_min_sqnr_db, opts.guard_confidence,
                                              opts.guard_max_samples)
     try:
-        values = _build_tensorrt(run, opts) if engine == "tensorrt" else _build_openvino(run, opts)
+        values = tensorrt.build_in_run(run, opts) if engine == "tensorrt" else openvino.build_in_run(run, opts)
     except EngineNotBuilt as e:
         if opts.required:
             raise WorkbenchError(f"stages.build: {e}") from None
         values = {"engine": engine, "built": False, "reason": str(e), **e.details}
     run.record("build", values)
-
-
-class EngineNotBuilt(WorkbenchError):
-    """The engine's package or device is missing, or the guard refused what was built (`details`: its numbers)."""
-
-    def __init__(self, message: str, details: dict | None = None):
-        super().__init__(message)
-        self.details = details or {}
-
-
-def _build_tensorrt(run, opts: BuildOptions) -> dict:
-    from pathlib import Path
-
-    from ..qdq.numeric import require_numeric
-    from ..runtime.tensorrt import (
-        BuildRequest,
-        TensorRTRunner,
-        TensorRTUnavailable,
-        build_engine,
-        check_request,
-        default_timing_cache,
-        profile_for,
-    )
-
-    onnx = run.artifacts.onnx
-    c, h, w = run.recipe.model.input_size
-    cache = Path(opts.timing_cache) if opts.timing_cache else default_timing_cache()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    req = BuildRequest(
-        onnx=onnx.model if opts.precision == "int8" else onnx.fp32,
-        engine=run.path(f"model_{opts.precision}.engine"),
-        profile=profile_for(c, (opts.min_batch, opts.opt_batch, opts.max_batch),
-                            [opts.min_size or (h, w), opts.opt_size or (h, w), opts.max_size or (h, w)]),
-        precision=opts.precision, strongly_typed=opts.strongly_typed, fp16=opts.fp16,
-        workspace_mib=opts.workspace_mib, timing_cache=cache, sparse_weights=opts.sparse_weights,
-    )
-    check_request(req)  # a bad profile or a graph without Q/DQ fails with or without TensorRT
-    require_numeric(req.onnx)
-    try:
-        sidecar = build_engine(req)
-    except TensorRTUnavailable as e:
-        raise EngineNotBuilt(str(e)) from None
-    values = {**sidecar, "engine": "tensorrt", "engine_file": sidecar["engine"], "built": True}
-    if opts.precision == "int8":
-        files = [req.engine, req.engine.with_name(req.engine.name + ".json")]
-        values.update(_guard(run, opts, lambda: TensorRTRunner(req.engine, "tensorrt"), req.onnx, files, None,
-                             "tensorrt"))
-    run.artifacts.tensorrt_engine = req.engine
-    return values
-
-
-def _build_openvino(run, opts: BuildOptions) -> dict:
-    from ..qdq.numeric import require_numeric
-    from ..runtime import openvino
-
-    try:
-        openvino.require_openvino()
-    except openvino.OpenVINOUnavailable as e:
-        raise EngineNotBuilt(str(e)) from None
-    onnx = run.artifacts.onnx
-    values: dict = {"engine": "openvino", "built": True, "openvino": openvino.version()}
-    if onnx.fp32 is not None:  # the baseline the INT8 engine's speed is measured against
-        require_numeric(onnx.fp32)
-        xml = run.path("model_openvino_fp32.xml")
-        values["fp32"] = openvino.compile_model_file(openvino.CompileRequest(onnx=onnx.fp32, xml=xml))
-        run.artifacts.openvino_fp32 = xml
-    if opts.precision == "int8":
-        require_numeric(onnx.model)
-        xml = run.path("model_openvino_int8.xml")
-        graph, notes = openvino.int8_graph(onnx.model, run.path("model_openvino_int8.onnx"), opts.openvino_graph,
-                                           opts.openvino_weights)
-        values["int8"] = openvino.compile_model_file(openvino.CompileRequest(onnx=graph, xml=xml, notes=notes))
-        files = openvino.artifact_files(xml) + ([graph] if graph != onnx.model else [])
-        values.update(_guard(run, opts, lambda: openvino.OpenVINORunner(xml, "openvino_int8"), graph, files,
-                             openvino.run_tapped, "openvino_int8"))
-        run.artifacts.openvino_int8, run.artifacts.openvino_int8_graph = xml, graph
-    return values
-
-
-def _guard(run, opts: BuildOptions, runner, graph, files: list, tap, engine_name: str) -> dict:
-    """The guard's record: the engine compared with the faithful execution of the ONNX `graph` it was compiled from,
-    on the calibration images and then the evaluation images (runtime/guard.py). A refused engine's files are
-    removed and EngineNotBuilt raised with what was measured; with the guard off the engine is kept, marked
-    unverified in its sidecar and the build's record."""
-    from ..runtime.guard import EngineRefused, mark_sidecar, verify_engine
-
-    if not opts.guard:
-        mark_sidecar(files[0], None)
-        return {"verified": False, "guard": None}
-    try:
-        result = verify_engine(runner(), graph, _guard_images(run), run.task.agreement_meter(run.num_classes()),
-                               run.artifacts.engine_guard, files, engine_name, tap)
-    except EngineRefused as e:
-        raise EngineNotBuilt(f"{e}; the faithful ONNX graph is the artifact to deploy (or set guard: false to keep "
-                             "the engine, marked unverified)", {"guard": e.result.as_dict()}) from None
-    return {"verified": True, "guard": result.as_dict()}
-
-
-def _guard_images(run):
-    """(split, images) batches: the calibration split, then the evaluation split where the recipe has one."""
-    splits = ["calibration"] + (["evaluation"] if run.recipe.data.evaluation is not None else [])
-    for split in splits:
-        for images, _ in run.loader(split):
-            yield split, images.numpy()
