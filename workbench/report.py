@@ -391,23 +391,13 @@ def _build_section(run_dir: Path, metrics: dict) -> list[str]:
     b = metrics.get("stages", {}).get("build")
     if not b:
         return []
-    engine = b.get("engine", "tensorrt")
-    title = "## TensorRT engine" if engine == "tensorrt" else "## OpenVINO (CPU)"
+    from .runtime import engines
+
+    engine = engines.of_record(b)
+    title = f"## {engine.section}"
     if not b.get("built"):
         return [title, "", f"Not built: {b['reason']}", ""]
-    if engine == "tensorrt":
-        text = [f"`{b['engine_file']}`: TensorRT {b['tensorrt']} on {b['gpu']} (compute capability "
-                f"{b['compute_capability']}), {'strongly' if b['strongly_typed'] else 'weakly'} typed, profile "
-                f"{b['profile']}; layers by output precision: {b['layer_precisions']}. Sidecar: "
-                f"`{b['engine_file']}.json`."]
-    else:
-        cpu = (b.get("int8") or b.get("fp32"))["cpu"]
-        text = [f"OpenVINO {b['openvino']} on {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags'])})."]
-        for key in ("int8", "fp32"):
-            if key in b:
-                side = b[key]
-                text.append(f"- `{side['ir']}` (from `{Path(side['onnx']).name}`): {side['int8']}."
-                            + (f" {side['graph_note']}" if side.get("graph_note") else ""))
+    text = engine.report(b)
     guard = b.get("guard")
     if guard:
         text += ["", f"Guard: {_guard_sentence(guard)}"]

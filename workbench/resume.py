@@ -528,51 +528,24 @@ def _sensitivity(run, options, values, loaded) -> bool:
 
 
 def _built_files(options, values) -> list[str]:
-    if not values.get("built"):
-        return []
-    if values.get("engine", "tensorrt") == "tensorrt":  # the engine and its sidecar, which says `verified`
-        return [f"model_{options.precision}.engine", f"model_{options.precision}.engine.json"]
-    from .runtime.openvino import artifact_files
+    """The files the engine that built wrote (its row in runtime/engines.py says which)."""
+    from .runtime import engines
 
-    # The IR, its weights and its sidecar; the blob (a compiled cache) where the compile left one; and the converted
-    # graph the INT8 engine was compiled from, which evaluate measures the engine against.
-    files = [p.name for key in ("int8", "fp32") if key in values
-             for p in artifact_files(Path(f"model_openvino_{key}.xml")) if p.suffix != ".blob"]
-    int8 = values.get("int8")
-    if isinstance(int8, dict) and int8.get("graph", "tensorrt_style") != "tensorrt_style":
-        files.append("model_openvino_int8.onnx")
-    return files
+    return engines.of_record(values).run_files(options, values) if values.get("built") else []
 
 
 def _built(run, options, values, loaded) -> bool:
-    """The engine files the build stage wrote (an OpenVINO IR also with its sidecar, which says it was compiled by
-    this OpenVINO for this CPU)."""
+    """The engine files the build stage wrote, handed on by the engine's row (which may refuse them: an IR compiled
+    by another version of its compiler or for another CPU builds again)."""
     if not values.get("built"):
         return True  # nothing was built: nothing to hand on
+    from .runtime import engines
     from .runtime.guard import GuardPolicy
 
     # The recipe's threshold, for evaluate's check of every engine on the evaluation split.
     run.artifacts.engine_guard = GuardPolicy(options.guard_min_agreement, options.guard_min_sqnr_db,
                                              options.guard_confidence, options.guard_max_samples)
-    if values.get("engine", "tensorrt") == "tensorrt":
-        run.artifacts.tensorrt_engine = run.path(f"model_{options.precision}.engine")
-        return True
-    from .runtime.openvino import check_sidecar
-
-    found = {}
-    for key in ("int8", "fp32"):
-        if key in values:
-            xml = run.path(f"model_openvino_{key}.xml")
-            try:
-                check_sidecar(xml)
-            except WorkbenchError:  # another OpenVINO or CPU since: compile again
-                return False
-            found[key] = xml
-    run.artifacts.openvino_int8, run.artifacts.openvino_fp32 = found.get("int8"), found.get("fp32")
-    if "int8" in found:  # the graph it was compiled from (model.onnx itself for the TensorRT-style layout)
-        converted = run.path("model_openvino_int8.onnx")
-        run.artifacts.openvino_int8_graph = converted if converted.is_file() else run.artifacts.onnx.model
-    return True
+    return engines.of_record(values).restore(run, options, values)
 
 
 def _metrics_only(run, options, values, loaded) -> bool:

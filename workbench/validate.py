@@ -133,19 +133,8 @@ def _stage_problems(recipe: Recipe) -> list[str]:
 
 
 def _engine_problems(options, where: str) -> list[str]:
-    """A required engine whose package (or, for TensorRT, GPU) is missing."""
-    from .stages.build import resolve_engine
+    """A required engine that cannot build here (its package, or its device, is missing: the engine table says)."""
+    from .runtime import engines
 
-    if resolve_engine(options) == "tensorrt":
-        from .runtime.tensorrt import TensorRTUnavailable, require_tensorrt
-
-        try:
-            require_tensorrt()
-        except TensorRTUnavailable as e:
-            return [f"{where}.required is true, but {e}"]
-        return []
-    if importlib.util.find_spec("openvino") is None:
-        from .runtime.openvino import INSTALL_HINT
-
-        return [f"{where}.required is true, but OpenVINO is not installed: {INSTALL_HINT}"]
-    return []
+    why = engines.resolve(options.engine).unavailable()
+    return [f"{where}.required is true, but {why}"] if why else []

@@ -14,18 +14,18 @@ goes on to its reports; `required: true` fails the run instead, as it does for a
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from ..errors import WorkbenchError
+from ..runtime import engines
 from ..schema import MAX_BATCH, ImageSide
 from .registry import StageOptions, register_stage
 
 
 class BuildOptions(StageOptions):
-    engine: Literal["auto", "tensorrt", "openvino"] = Field(
+    engine: Literal[("auto",) + engines.NAMES] = Field(
         "auto", description="tensorrt (NVIDIA GPUs), openvino (CPUs); auto: tensorrt where the tensorrt package is "
         "installed, openvino elsewhere.")
     precision: Literal["int8", "fp16", "fp32"] = Field(
@@ -77,16 +77,15 @@ class BuildOptions(StageOptions):
         if not self.min_batch <= self.opt_batch <= self.max_batch:
             raise ValueError(f"need min_batch <= opt_batch <= max_batch, got {self.min_batch}, {self.opt_batch}, "
                              f"{self.max_batch}")
-        if self.engine == "openvino" and self.precision == "fp16":
-            raise ValueError("precision fp16 is for TensorRT; OpenVINO on the CPU compiles int8 or fp32")
+        if self.engine != "auto" and (problem := engines.precision_problem(engines.engine(self.engine),
+                                                                            self.precision)):
+            raise ValueError(problem)
         return self
 
 
 def resolve_engine(opts: BuildOptions) -> str:
-    """The engine `auto` stands for: TensorRT where its package is installed, OpenVINO elsewhere."""
-    if opts.engine != "auto":
-        return opts.engine
-    return "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "openvino"
+    """The engine `auto` stands for (runtime/engines.resolve: the first in the table whose package is installed)."""
+    return engines.resolve(opts.engine).name
 
 
 def _needs(opts: BuildOptions) -> tuple[str, ...]:
@@ -95,25 +94,21 @@ def _needs(opts: BuildOptions) -> tuple[str, ...]:
 
 
 def _makes(opts: BuildOptions, made: set[str]) -> set[str]:
-    if resolve_engine(opts) == "tensorrt":
-        return {"tensorrt_engine"}
-    out = {"openvino_int8", "openvino_int8_graph"} if opts.precision == "int8" else set()
-    return out | ({"openvino_fp32"} if "onnx_fp32" in made else set())
+    return engines.resolve(opts.engine).makes(opts, made)
 
 
 @register_stage("build", BuildOptions, needs=_needs, makes=_makes)
 def build(run, opts: BuildOptions) -> None:
     """An engine (TensorRT, or OpenVINO for the CPU) from the exported ONNX, checked against its faithful graph."""
-    from ..runtime import openvino, tensorrt
     from ..runtime.guard import EngineNotBuilt, GuardPolicy
 
-    engine = resolve_engine(opts)
+    engine = engines.resolve(opts.engine)
     run.artifacts.engine_guard = GuardPolicy(opts.guard_min_agreement, opts.guard_min_sqnr_db, opts.guard_confidence,
                                              opts.guard_max_samples)
     try:
-        values = tensorrt.build_in_run(run, opts) if engine == "tensorrt" else openvino.build_in_run(run, opts)
+        values = engine.build(run, opts)
     except EngineNotBuilt as e:
         if opts.required:
             raise WorkbenchError(f"stages.build: {e}") from None
-        values = {"engine": engine, "built": False, "reason": str(e), **e.details}
+        values = {"engine": engine.name, "built": False, "reason": str(e), **e.details}
     run.record("build", values)
