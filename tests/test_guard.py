@@ -165,6 +165,21 @@ def test_cli_build_refuses_a_wrong_engine_leaves_no_file_and_no_guard_marks_it_u
     assert timed["model_openvino.xml"]["verified"] is False and "verified" not in timed["model.onnx"]
 
 
+def test_cli_build_compiles_the_layout_and_weights_asked_for(calibrated, tmp_path):
+    run_dir, images = calibrated
+    bare = _bare_copy(run_dir, tmp_path)
+    # tensorrt_style: the caller's model.onnx itself is the graph compiled and guarded against; no converted copy
+    assert main(["build", str(bare), "--engine", "openvino", "--openvino-graph", "tensorrt_style",
+                 "--data", str(images)]) == 0
+    sidecar = json.loads((bare.parent / "model_openvino.xml.json").read_text())
+    assert sidecar["graph"] == "tensorrt_style" and sidecar["guard"]["reference"] == "model.onnx"
+    assert bare.is_file() and not (bare.parent / "model_openvino_graph.onnx").exists()
+    # the weights asked for, not this CPU's choice (the build stage's openvino_weights, on the command line)
+    assert main(["build", str(bare), "--engine", "openvino", "--openvino-weights", "reduce_range", "--no-guard"]) == 0
+    sidecar = json.loads((bare.parent / "model_openvino.xml.json").read_text())
+    assert sidecar["weights"] == "reduce_range" and sidecar["verified"] is False
+
+
 # --- how many images: enough to resolve the threshold ------------------------------------------------------------
 
 def test_the_sample_count_follows_from_the_threshold():
