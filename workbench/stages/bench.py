@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 
 from ..io import write_json
 from ..schema import BatchSize, check_batch_sizes
-from .registry import StageOptions, register_stage
+from .registry import Restorer, StageOptions, metrics_only, register_stage
 
 
 class BenchOptions(StageOptions):
@@ -31,7 +31,7 @@ class BenchOptions(StageOptions):
     _batch_sizes_once = field_validator("batch_sizes")(check_batch_sizes)
 
 
-@register_stage("bench", BenchOptions)
+@register_stage("bench", BenchOptions, restorer=Restorer(metrics_only))
 def bench(run, opts: BenchOptions) -> None:
     """Latency (median, p90) and throughput per batch size of every artifact, and its size."""
     import torch

@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from ..errors import WorkbenchError
 from ..runtime import engines
 from ..schema import MAX_BATCH, ImageSide
-from .registry import StageOptions, register_stage
+from .registry import Restorer, StageOptions, register_stage
 
 
 class BuildOptions(StageOptions):
@@ -97,7 +97,30 @@ def _makes(opts: BuildOptions, made: set[str]) -> set[str]:
     return engines.resolve(opts.engine).makes(opts, made)
 
 
-@register_stage("build", BuildOptions, needs=_needs, makes=_makes)
+# How the stage comes back from its run directory on --resume (resume.py reads its registration).
+
+def _built_files(options, values) -> list[str]:
+    """The files the engine that built wrote (its row in runtime/engines.py says which)."""
+    from ..runtime import engines
+
+    return engines.of_record(values).run_files(options, values) if values.get("built") else []
+
+
+def _built(run, options, values, loaded) -> bool:
+    """The engine files the build stage wrote, handed on by the engine's row (which may refuse them: an IR compiled
+    by another version of its compiler or for another CPU builds again)."""
+    if not values.get("built"):
+        return True  # nothing was built: nothing to hand on
+    from ..runtime import engines
+    from ..runtime.guard import GuardPolicy
+
+    # The recipe's threshold, for evaluate's check of every engine on the evaluation split.
+    run.artifacts.engine_guard = GuardPolicy(options.guard_min_agreement, options.guard_min_sqnr_db,
+                                             options.guard_confidence, options.guard_max_samples)
+    return engines.of_record(values).restore(run, options, values)
+
+
+@register_stage("build", BuildOptions, needs=_needs, makes=_makes, restorer=Restorer(_built, _built_files))
 def build(run, opts: BuildOptions) -> None:
     """An engine (TensorRT, or OpenVINO for the CPU) from the exported ONNX, checked against its faithful graph."""
     from ..runtime.guard import EngineNotBuilt, GuardPolicy

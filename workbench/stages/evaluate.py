@@ -17,7 +17,7 @@ from ..errors import DataError, RecipeError, WorkbenchError
 from ..progress import track
 from ..runtime.backends import BACKENDS
 from ..schema import BatchSize, check_batch_sizes
-from .registry import StageOptions, register_stage
+from .registry import Restorer, StageOptions, metrics_only, register_stage
 
 BackendName = Literal[tuple(BACKENDS)]
 
@@ -63,7 +63,7 @@ def _nonfinite_output(run, backend: str, error: FloatingPointError, images) -> W
     )
 
 
-@register_stage("evaluate", EvaluateOptions, needs=_needs, needs_data=("evaluation",))
+@register_stage("evaluate", EvaluateOptions, needs=_needs, needs_data=("evaluation",), restorer=Restorer(metrics_only))
 def evaluate(run, opts: EvaluateOptions) -> None:
     """Accuracy (or agreement with FP32), size and latency of every backend."""
     from ..runtime.latency import cpu_threads, torch_threads

@@ -6,7 +6,7 @@ from pydantic import Field
 
 from ..artifacts import OnnxFiles
 from ..qdq import WeightType
-from .registry import StageOptions, register_stage
+from .registry import Restorer, StageOptions, register_stage
 
 
 class ExportOptions(StageOptions):
@@ -52,7 +52,22 @@ def onnx_files(run, written: set[str]) -> OnnxFiles:
                      pruned_fp32=path[PRUNED_FP32], ptq=path[PTQ], ort_int8=path[ORT_INT8])
 
 
-@register_stage("export", ExportOptions, makes=_makes)
+# How the stage comes back from its run directory on --resume (resume.py reads its registration).
+
+def _exported_files(options, values) -> list[str]:
+    return [n for n, v in values.items() if isinstance(v, dict) and "bytes" in v]
+
+
+def _exported(run, options, values, loaded) -> bool:
+    """The ONNX files export wrote (their content already checked against the hashes it recorded)."""
+    present = set(_exported_files(options, values))
+    if MODEL not in present:
+        return False
+    run.artifacts.onnx = onnx_files(run, present)
+    return True
+
+
+@register_stage("export", ExportOptions, makes=_makes, restorer=Restorer(_exported, _exported_files))
 def export(run, opts: ExportOptions) -> None:
     """ONNX export (Q/DQ for a calibrated model), checked with onnx.checker; the ONNX Runtime flavour beside it."""
     import json

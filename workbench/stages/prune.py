@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from ..errors import RecipeError
 from ..train.options import FinetuneOptions
-from .registry import StageOptions, register_stage
+from .registry import Restorer, StageOptions, register_stage
 
 
 class PruneOptions(StageOptions):
@@ -62,7 +62,26 @@ def _needs_data(opts: PruneOptions) -> tuple[str, ...]:
     return ("finetune",) if opts.finetune_between is not None or taylor else ()
 
 
-@register_stage("prune", PruneOptions, makes=("pruned", "pruned_file"), refuses=("quantized",), needs_data=_needs_data)
+# How the stage comes back from its run directory on --resume (resume.py reads its registration).
+
+def _pruned_files(options, values) -> list[str]:
+    return ["pruned_model.pt"]
+
+
+def _pruned(run, options, values, loaded) -> bool:
+    """prune: the pruned model from pruned_model.pt (as a later finetune re-saved it, when it finished too)."""
+    from ..models import resolve_model
+
+    path = run.path("pruned_model.pt")
+    model = resolve_model(run.recipe.model.model_copy(update={"pruned": str(path)}))
+    run.model = model.to(run.device).eval()
+    run.artifacts.pruned_fp32 = run.model
+    run.artifacts.pruned_file = path
+    return True
+
+
+@register_stage("prune", PruneOptions, makes=("pruned", "pruned_file"), refuses=("quantized",), needs_data=_needs_data,
+                restorer=Restorer(_pruned, _pruned_files))
 def prune_stage(run, opts: PruneOptions) -> None:
     """Pruning: structured channels over a dependency graph, magnitude (global or per layer, in steps) or 2:4."""
     from ..prune import (

@@ -11,7 +11,9 @@ registering a stage (reading or validating a recipe) stays light.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from ..artifacts import DESCRIPTIONS, Artifact
 from ..schema import StrictModel
@@ -19,6 +21,25 @@ from ..schema import StrictModel
 
 class StageOptions(StrictModel):
     """Base of every stage's options: unknown keys, NaN/Inf and booleans for numbers are errors, never ignored."""
+
+
+def metrics_only(run, options, values, loaded) -> bool:
+    return True  # a stage that hands nothing on (evaluate, bench): its metrics are all there is
+
+
+def _no_files(options, values) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Restorer:
+    """How a finished stage comes back from its run directory: the files restoring reads (by name, from the stage's
+    options and metrics; export hashes them as it finishes), the check of each JSON one, and the restoring (False:
+    the stage runs again)."""
+
+    restore: Callable[..., bool]  # (run, options, values, {JSON file: its checked content}) -> restored
+    files: Callable[[Any, dict], list[str]] = _no_files
+    checks: dict[str, Callable[[Any, Path], None]] = field(default_factory=dict)
 
 
 Needs = Callable[[StageOptions], Iterable[str]]
@@ -36,6 +57,7 @@ class StageSpec:
     refuses: tuple[Artifact, ...] = ()  # artifacts that must not exist yet (prune cannot follow calibrate)
     refusal_hint: str = ""  # said after a refusal: what the user may have meant
     needs_data: Needs = lambda opts: ()  # data splits the stage reads (given its options), checked before it runs
+    restorer: Restorer | None = None  # how --resume brings it back (None: it keeps its state only in memory)
 
 
 STAGES: dict[str, StageSpec] = {}
@@ -43,7 +65,7 @@ STAGES: dict[str, StageSpec] = {}
 
 def register_stage(name: str, options: type[StageOptions], *, needs: Iterable[Artifact] | Needs = (),
                    makes: Iterable[Artifact] | Makes = (), refuses: Iterable[Artifact] = (), refusal_hint: str = "",
-                   needs_data: Iterable[str] | Needs = ()):
+                   needs_data: Iterable[str] | Needs = (), restorer: Restorer | None = None):
     """Decorator: register `fn` as the stage `name`. `needs`, `needs_data` and `makes` are fixed tuples or
     functions of the options (and, for makes, of the artifacts already made)."""
 
@@ -56,7 +78,7 @@ def register_stage(name: str, options: type[StageOptions], *, needs: Iterable[Ar
             needs=needs if callable(needs) else _fixed_needs(tuple(needs)),
             makes=makes if callable(makes) else _fixed_makes(tuple(makes)),
             refuses=tuple(refuses), refusal_hint=refusal_hint,
-            needs_data=needs_data if callable(needs_data) else _fixed_needs(tuple(needs_data)),
+            needs_data=needs_data if callable(needs_data) else _fixed_needs(tuple(needs_data)), restorer=restorer,
         )
         return fn
 
@@ -91,3 +113,4 @@ def order_problems(stages: list[tuple[str, StageOptions]]) -> list[str]:
         for artifact in spec.makes(opts, set(made)):
             made.setdefault(artifact, index)
     return problems
+

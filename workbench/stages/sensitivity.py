@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Literal
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 from pydantic import Field
 
 from ..io import write_json, write_text
 from ..progress import track
-from .registry import StageOptions, register_stage
+from ..run_record import bad_field as _bad
+from ..run_record import is_number as _is_number
+from ..run_record import show_list as _show_list
+from .registry import Restorer, StageOptions, register_stage
 
 Mode = Literal["one_at_a_time", "leave_one_out"]
 
@@ -59,7 +63,73 @@ def qdq_nodes(run, units: list[str]) -> dict[str, list[str]]:
     return out
 
 
+# How the stage comes back from its run directory on --resume (resume.py reads its registration).
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_measure(v: Any) -> bool:
+    """A proxy or a metric: a number (inf: SQNR of a layer INT8 leaves exact), or None where it was not measured."""
+    return v is None or _is_number(v)
+
+
+# A sensitivity row's field -> (accepts its value, what is expected); by the suffix after the last _ where not named.
+_SENSITIVITY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "rank": (lambda v: _is_count(v) and v > 0, "an integer rank (1 = most sensitive)"),
+    "proxy_rank": (lambda v: _is_count(v) and v > 0, "an integer rank (1 = most sensitive)"),
+    "layer": (lambda v: isinstance(v, str), "a layer name"),
+    "type": (lambda v: isinstance(v, str), "a layer type name"),
+    "ranked_by": (lambda v: v in ("proxy", "task"), '"proxy" or "task"'),
+    "macs": (_is_count, "an integer count >= 0"),
+    "params": (_is_count, "an integer count >= 0"),
+    "onnx_qdq_nodes": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of node names"),
+    "_resolved": (lambda v: isinstance(v, bool), "true or false"),
+    **{f"_{k}": (_is_measure, "a number or null") for k in ("db", "cosine", "kl", "metric", "delta", "low", "high")},
+}
+
+
+_OTHER = (lambda v: v is None or isinstance(v, (str, bool)) or _is_number(v), "a number, a string, true/false or null")
+
+
+def check_sensitivity(saved: Any, path: Path) -> None:
+    """sensitivity.json as the sensitivity stage writes it: a row per layer, ranked 1..n, of plain values."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("layers"), list):
+        raise _bad(path, "layers", saved.get("layers") if isinstance(saved, dict) else saved,
+                   "a list of rows, one per layer (the sensitivity table)")
+    rows = saved["layers"]
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("layer"), str):
+            raise _bad(path, f"layers[{i}].layer", row.get("layer") if isinstance(row, dict) else row, "a layer name")
+        if "rank" not in row:
+            raise _bad(path, f"layers[{i}].rank", None, "an integer rank (1 = most sensitive)")
+        for key, value in row.items():
+            accepts, expected = _SENSITIVITY_FIELDS.get(key) or _SENSITIVITY_FIELDS.get("_" + key.rsplit("_", 1)[-1],
+                                                                                       _OTHER)
+            if not accepts(value):
+                raise _bad(path, f"layers[{i}].{key}", value, expected)
+    if sorted(row["rank"] for row in rows) != list(range(1, len(rows) + 1)):
+        raise _bad(path, "layers[].rank", [row["rank"] for row in rows], f"the ranks 1 to {len(rows)}, each once")
+
+
+def _sensitivity(run, options, values, loaded) -> bool:
+    from ..quant.ptq import quant_units
+
+    path = run.path("sensitivity.json")
+    rows = loaded["sensitivity.json"]["layers"]
+    if run.artifacts.quant is not None:
+        units = quant_units(run.model, run.artifacts.quant)
+        if unknown := [(i, r["layer"]) for i, r in enumerate(rows) if r["layer"] not in units]:
+            i, layer = unknown[0]
+            raise _bad(path, f"layers[{i}].layer", layer,
+                       f"a quantized layer of the model, e.g. {_show_list(sorted(units))}")
+    run.artifacts.sensitivity = rows
+    return True
+
+
 @register_stage("sensitivity", SensitivityOptions, needs=("quantized",), makes=("sensitivity",),
+                restorer=Restorer(_sensitivity, lambda o, v: ["sensitivity.json"],
+                                  {"sensitivity.json": check_sensitivity}),
                 needs_data=("evaluation",))
 def sensitivity(run, opts: SensitivityOptions) -> None:
     """Per-layer INT8 sensitivity (one-at-a-time and leave-one-out), by proxies and by the task metric."""
