@@ -2,8 +2,8 @@
 
 Every finished stage records in metrics.json a fingerprint (a hash of the recipe up to and including that
 stage: the whole recipe but its name, runs_dir and later stages), the SHA-256 of its metrics, and the SHA-256
-of every file resume would restore it from (calibration.json, the ONNX files, sensitivity.json, the engine,
-pruned_model.pt). The run also records its inputs once: the model and weight files, the module of an `import:`
+of every file resume would restore it from (the files its registration's restorer names: its ranges, graphs,
+tables, engines, models). The run also records its inputs once: the model and weight files, the module of an `import:`
 spec, a COCO annotations file and a named calibration set's YAML, each by its size, time and content hash,
 and every data split a stage reads by the samples the run built from it: their count, a hash of their names
 and labels (boxes, for detection) in order, and the size, time and content of at most SAMPLED_FILES of their
@@ -15,9 +15,11 @@ On resume the recipe (the run's recipe.yaml, or the one given, with overrides) m
 fingerprints and inputs for every stage the run finished: if not, the resume is refused naming the
 first stage that changed, since its artifacts no longer follow from the recipe. The finished stages
 are then reused, each restored from its files in the run directory (the state it handed on to later
-stages, and its metrics), in order, up to the first stage that cannot be restored soundly (qat and
-mixed_precision keep their state only in memory; a finetune without prune only in its checkpoints):
-that stage and every later one run again. A complete run is refused: there is nothing to resume.
+stages, and its metrics), in order, up to the first stage that cannot be restored soundly (a stage registered
+without a restorer keeps its state only in memory; a restorer may decline, as one whose state lives only in its
+checkpoints does): that stage and every later one run again. Each stage says how it comes back beside its own
+function (stages/registry.py's Restorer): this module names no stage. A complete run is refused: there is
+nothing to resume.
 
 The run directory is untrusted input: it is reused for what it holds, never for the names of its files.
   - metrics.json and recipe.yaml are the run's record: one that fails its check (a field of the wrong type
@@ -26,11 +28,11 @@ The run directory is untrusted input: it is reused for what it holds, never for 
   - A file a stage wrote that is missing, or whose hash was never recorded (an older workbench), is a stage
     that cannot be restored: it and every later one run again, as the console line says.
   - A file a stage wrote that is there but not what the stage wrote (another SHA-256), that fails its own
-    check (an activation range that is not a finite number > 0, a quantizer or layer the model does not have,
-    a sensitivity rank that is no integer), or that is a symbolic link or no regular file, ends the resume
-    with exit 2 naming the file, the field and what was expected, and the run directory as it was. It is not
-    silently recomputed: an edited file may be someone's intent, and a damaged one a finding. Deleting that
-    file makes its stage and every later one run again.
+    check (each stage's restorer checks its own: an activation range that is not a finite number > 0, a
+    quantizer or layer the model does not have, a rank that is no integer), or that is a symbolic link or no
+    regular file, ends the resume with exit 2 naming the file, the field and what was expected, and the run
+    directory as it was. It is not silently recomputed: an edited file may be someone's intent, and a damaged
+    one a finding. Deleting that file makes its stage and every later one run again.
 """
 
 from __future__ import annotations
@@ -279,7 +281,7 @@ def restore_stages(run, previous: Previous, count: int) -> Restored:
     its hash, ends the restoring there (that stage runs again); one present but not what the stage wrote, or that
     fails its check, is a RecordError naming the file and the field."""
     fingerprints = previous.metrics["fingerprints"][:count]
-    recorded: dict[str, str] = {}  # file -> its hash as the last stage that wrote it recorded (finetune re-saves)
+    recorded: dict[str, str] = {}  # file -> its hash as the stage that wrote it last recorded it
     for entry in fingerprints:
         recorded.update(entry.get("files", {}))
     restored = Restored([])
@@ -303,7 +305,7 @@ def restore_stages(run, previous: Previous, count: int) -> Restored:
         if name in previous.metrics.get("timings_s", {}):
             run.metrics.setdefault("timings_s", {})[name] = previous.metrics["timings_s"][name]
         run.metrics["fingerprints"].append(entry)
-        # The stage's warnings come with it: a reused export that failed check-onnx still says so.
+        # The stage's warnings come with it: a reused stage whose output failed a check still says so.
         run.metrics.setdefault("warnings", []).extend(
             w for w in previous.metrics.get("warnings", []) if w.get("stage") == name)
         restored.stages.append(name)
