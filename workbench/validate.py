@@ -121,20 +121,5 @@ def _stage_problems(recipe: Recipe) -> list[str]:
         for train in (options, getattr(options, "finetune_between", None)):
             if getattr(train, "resume", None):
                 problems += missing_path(train.resume, f"{where}.resume", "a checkpoint (checkpoints/*.pt of a run)")
-        if stage == "prune" and options.method == "structured" and options.importance == "taylor":
-            from .tasks import get_task  # the task's adapter loads torch: only asked when it matters
-
-            if not get_task(recipe.task).has_label_loss:
-                problems.append(f"{where}.importance: taylor needs a labeled classification fine-tune split "
-                                f"(task is {recipe.task})")
-        if stage == "build" and options.required:
-            problems += _engine_problems(options, where)
+        problems += STAGES[stage].preflight(options, where, recipe)  # what the stage itself needs here
     return problems
-
-
-def _engine_problems(options, where: str) -> list[str]:
-    """A required engine that cannot build here (its package, or its device, is missing: the engine table says)."""
-    from .runtime import engines
-
-    why = engines.resolve(options.engine).unavailable()
-    return [f"{where}.required is true, but {why}"] if why else []

@@ -97,6 +97,14 @@ def _makes(opts: BuildOptions, made: set[str]) -> set[str]:
     return engines.resolve(opts.engine).makes(opts, made)
 
 
+def _preflight(opts: BuildOptions, where: str, recipe) -> list[str]:
+    """A required engine that cannot build here (its package, or its device, is missing: the engine table says)."""
+    if not opts.required:
+        return []
+    why = engines.resolve(opts.engine).unavailable()
+    return [f"{where}.required is true, but {why}"] if why else []
+
+
 # How the stage comes back from its run directory on --resume (resume.py reads its registration).
 
 def _built_files(options, values) -> list[str]:
@@ -120,7 +128,8 @@ def _built(run, options, values, loaded) -> bool:
     return engines.of_record(values).restore(run, options, values)
 
 
-@register_stage("build", BuildOptions, needs=_needs, makes=_makes, restorer=Restorer(_built, _built_files))
+@register_stage("build", BuildOptions, needs=_needs, makes=_makes, restorer=Restorer(_built, _built_files),
+                preflight=_preflight)
 def build(run, opts: BuildOptions) -> None:
     """An engine (TensorRT, or OpenVINO for the CPU) from the exported ONNX, checked against its faithful graph."""
     from ..runtime.guard import EngineNotBuilt, GuardPolicy

@@ -62,6 +62,17 @@ def _needs_data(opts: PruneOptions) -> tuple[str, ...]:
     return ("finetune",) if opts.finetune_between is not None or taylor else ()
 
 
+def _preflight(opts: PruneOptions, where: str, recipe) -> list[str]:
+    """Taylor importance needs the task's loss against labels."""
+    if opts.method == "structured" and opts.importance == "taylor":
+        from ..tasks import get_task  # the task's adapter loads torch: only asked when it matters
+
+        if not get_task(recipe.task).has_label_loss:
+            return [f"{where}.importance: taylor needs a labeled classification fine-tune split "
+                    f"(task is {recipe.task})"]
+    return []
+
+
 # How the stage comes back from its run directory on --resume (resume.py reads its registration).
 
 def _pruned_files(options, values) -> list[str]:
@@ -81,7 +92,7 @@ def _pruned(run, options, values, loaded) -> bool:
 
 
 @register_stage("prune", PruneOptions, makes=("pruned", "pruned_file"), refuses=("quantized",), needs_data=_needs_data,
-                restorer=Restorer(_pruned, _pruned_files))
+                restorer=Restorer(_pruned, _pruned_files), preflight=_preflight)
 def prune_stage(run, opts: PruneOptions) -> None:
     """Pruning: structured channels over a dependency graph, magnitude (global or per layer, in steps) or 2:4."""
     from ..prune import (

@@ -44,6 +44,7 @@ class Restorer:
 
 Needs = Callable[[StageOptions], Iterable[str]]
 Makes = Callable[[StageOptions, set[str]], Iterable[Artifact]]
+Preflight = Callable[[StageOptions, str, Any], list[str]]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class StageSpec:
     refusal_hint: str = ""  # said after a refusal: what the user may have meant
     needs_data: Needs = lambda opts: ()  # data splits the stage reads (given its options), checked before it runs
     restorer: Restorer | None = None  # how --resume brings it back (None: it keeps its state only in memory)
+    # What `workbench validate` (and run's preflight) checks for it beyond the order: (options, "stages[i].name", the
+    # recipe) -> problems, each naming the field and what to do. Light: no model is loaded, no image read.
+    preflight: Preflight = lambda opts, where, recipe: []
 
 
 STAGES: dict[str, StageSpec] = {}
@@ -65,7 +69,8 @@ STAGES: dict[str, StageSpec] = {}
 
 def register_stage(name: str, options: type[StageOptions], *, needs: Iterable[Artifact] | Needs = (),
                    makes: Iterable[Artifact] | Makes = (), refuses: Iterable[Artifact] = (), refusal_hint: str = "",
-                   needs_data: Iterable[str] | Needs = (), restorer: Restorer | None = None):
+                   needs_data: Iterable[str] | Needs = (), restorer: Restorer | None = None,
+                   preflight: Preflight | None = None):
     """Decorator: register `fn` as the stage `name`. `needs`, `needs_data` and `makes` are fixed tuples or
     functions of the options (and, for makes, of the artifacts already made)."""
 
@@ -79,6 +84,7 @@ def register_stage(name: str, options: type[StageOptions], *, needs: Iterable[Ar
             makes=makes if callable(makes) else _fixed_makes(tuple(makes)),
             refuses=tuple(refuses), refusal_hint=refusal_hint,
             needs_data=needs_data if callable(needs_data) else _fixed_needs(tuple(needs_data)), restorer=restorer,
+            preflight=preflight or (lambda opts, where, recipe: []),
         )
         return fn
 
@@ -114,3 +120,17 @@ def order_problems(stages: list[tuple[str, StageOptions]]) -> list[str]:
             made.setdefault(artifact, index)
     return problems
 
+
+class UndeclaredArtifacts(Exception):
+    """A stage made an artifact its registration does not declare: a defect of the stage (order_problems would not
+    have known a later stage could rely on it), never of the recipe, so it keeps its traceback."""
+
+
+def check_made(spec: StageSpec, opts: StageOptions, before: set[str], after: set[str]) -> None:
+    """After a stage ran: refuse what it made beyond what it declared (`makes`, given its options and what was made
+    before it). A declared artifact it did not make is no error: an engine that could not build makes nothing."""
+    declared = set(spec.makes(opts, set(before)))
+    if extra := sorted(after - set(before) - declared):
+        raise UndeclaredArtifacts(
+            f"stage {spec.name} made {', '.join(extra)}, which its registration does not declare "
+            f"(it declares {', '.join(sorted(declared)) or 'nothing'}): add them to its register_stage(makes=...)")
