@@ -41,7 +41,6 @@ import hashlib
 import json
 import os
 import stat
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,15 +135,11 @@ def describe_inputs(recipe: Recipe, datasets: dict) -> dict[str, dict]:
     """What a run reads, by recipe field (after the model was loaded): the model's files by size and time, the
     data splits in `datasets` (the ones the stages read, as preflight built them) by their samples."""
     from .data.calibsets import find_calib_set, load_calib_set
+    from .models.registry import spec_input_file
 
     model = recipe.model
     paths = {"model.weights": model.weights, "model.pruned": model.pruned}
-    source, _, rest = model.spec.partition(":")
-    if source in ("file", "yolov5", "ultralytics"):
-        paths["model.spec"] = rest
-    elif source == "import":
-        module = sys.modules.get(rest.split(":")[0])  # imported by the preflight: its source file
-        paths["model.spec"] = getattr(module, "__file__", None)
+    paths["model.spec"] = spec_input_file(model.spec)  # a checkpoint, or an import: spec's module file
     sets, folders = {}, {}
     for split in datasets:
         config = getattr(recipe.data, split)
