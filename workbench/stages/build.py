@@ -14,6 +14,7 @@ goes on to its reports; `required: true` fails the run instead, as it does for a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -128,8 +129,45 @@ def _built(run, options, values, loaded) -> bool:
     return engines.of_record(values).restore(run, options, values)
 
 
+# What the report shows of the stage (report.py reads its registration), from metrics.json alone.
+
+def _build_section(run_dir: Path, metrics: dict) -> list[str]:
+    b = metrics.get("stages", {}).get("build")
+    if not b:
+        return []
+
+    engine = engines.of_record(b)
+    title = f"## {engine.section}"
+    if not b.get("built"):
+        return [title, "", f"Not built: {b['reason']}", ""]
+    text = engine.report(b)
+    guard = b.get("guard")
+    if guard:
+        text += ["", f"Guard: {_guard_sentence(guard)}"]
+    elif b.get("verified") is False:
+        text += ["", "Guard: off (guard: false): the engine is **unverified**; nothing checked that it computes its "
+                 "graph's function."]
+    return [title, ""] + text + [""]
+
+
+def _guard_sentence(guard: dict) -> str:
+    """What the build's guard measured and decided (older runs' records have no interval)."""
+    drawn = " and ".join(f"{n} {split}" for split, n in guard.get("sources", {}).items() if n) or "calibration"
+    if guard.get("agreement") is None:
+        agree = "no agreement measurable"
+    elif guard.get("low") is not None:
+        agree = (f"{guard.get('criterion', 'agreement')} {guard['agreement']:.1f}% [{guard['low']:.1f}, "
+                 f"{guard['high']:.1f}] ({100 * guard['confidence']:.0f}% interval; needs {guard['min_agreement']:g}%)")
+    else:
+        agree = f"{guard['agreement']:.2f}% agreement over {guard['compared']} compared"
+    verdict = guard.get("verdict") or ("passed" if guard["passed"] else "refused")
+    return (f"against `{guard.get('reference', 'the faithful graph')}` on {guard['samples']} images ({drawn}), "
+            f"{agree}, output SQNR {guard['sqnr_db']:.1f} dB: {verdict}.")
+
+
 @register_stage("build", BuildOptions, needs=_needs, makes=_makes, restorer=Restorer(_built, _built_files),
-                preflight=_preflight)
+                preflight=_preflight,
+                report=_build_section, report_position=70)
 def build(run, opts: BuildOptions) -> None:
     """An engine (TensorRT, or OpenVINO for the CPU) from the exported ONNX, checked against its faithful graph."""
     from ..runtime.guard import EngineNotBuilt, GuardPolicy

@@ -72,10 +72,31 @@ def _calibrated(run, options, values, loaded) -> bool:
     return True
 
 
+# What the report shows of the stage (report.py reads its registration), from metrics.json alone.
+
+def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
+    cal = metrics.get("stages", {}).get("calibrate")
+    if not cal:
+        return []
+    method = cal["method"] + (f" ({cal['percentile']})" if cal.get("percentile") else "")
+    plan = metrics.get("stages", {}).get("mixed_precision", {}).get("census")
+    lines = ["## Calibration", "",
+             f"Method **{method}** on {cal['samples']} samples in {cal['seconds']:.1f} s; {cal['folded_batchnorm']} "
+             "BatchNorm layers folded into convolutions."
+             + (" Layers by precision after the mixed-precision plan:" if plan else ""), "",
+             "| Layer type | INT8 | float |", "|---|---|---|"]
+    for type_name, counts in (plan or cal["census"]).items():
+        lines.append(f"| {type_name} | {counts['int8']} | {counts['float']} |")
+    q = cal.get("enabled_quantizers", {})
+    return lines + ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
+                    f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""]
+
+
 @register_stage("calibrate", CalibrateOptions, makes=("quantized",), refuses=("quantized",),
                 restorer=Restorer(_calibrated, lambda o, v: ["calibration.json"],
                                   {"calibration.json": check_calibration}),
-                refusal_hint=" (a recipe calibrates once)", needs_data=("calibration",))
+                refusal_hint=" (a recipe calibrates once)", needs_data=("calibration",),
+                report=_calibration_section, report_position=10)
 def calibrate(run, opts: CalibrateOptions) -> None:
     """INT8 PTQ: per-channel weights, per-tensor activations, ranges by max/entropy/percentile/mse."""
     import copy

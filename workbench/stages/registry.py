@@ -62,6 +62,10 @@ class StageSpec:
     # What `workbench validate` (and run's preflight) checks for it beyond the order: (options, "stages[i].name", the
     # recipe) -> problems, each naming the field and what to do. Light: no model is loaded, no image read.
     preflight: Preflight = lambda opts, where, recipe: []
+    # What the report shows of it: (run directory, metrics.json) -> markdown lines, [] where it did not run; the
+    # report's sections follow report_position.
+    report: Callable[[Path, dict], list[str]] | None = None
+    report_position: int = 0
 
 
 STAGES: dict[str, StageSpec] = {}
@@ -70,7 +74,8 @@ STAGES: dict[str, StageSpec] = {}
 def register_stage(name: str, options: type[StageOptions], *, needs: Iterable[Artifact] | Needs = (),
                    makes: Iterable[Artifact] | Makes = (), refuses: Iterable[Artifact] = (), refusal_hint: str = "",
                    needs_data: Iterable[str] | Needs = (), restorer: Restorer | None = None,
-                   preflight: Preflight | None = None):
+                   preflight: Preflight | None = None, report: Callable[[Path, dict], list[str]] | None = None,
+                   report_position: int = 0):
     """Decorator: register `fn` as the stage `name`. `needs`, `needs_data` and `makes` are fixed tuples or
     functions of the options (and, for makes, of the artifacts already made)."""
 
@@ -84,7 +89,7 @@ def register_stage(name: str, options: type[StageOptions], *, needs: Iterable[Ar
             makes=makes if callable(makes) else _fixed_makes(tuple(makes)),
             refuses=tuple(refuses), refusal_hint=refusal_hint,
             needs_data=needs_data if callable(needs_data) else _fixed_needs(tuple(needs_data)), restorer=restorer,
-            preflight=preflight or (lambda opts, where, recipe: []),
+            preflight=preflight or (lambda opts, where, recipe: []), report=report, report_position=report_position,
         )
         return fn
 
