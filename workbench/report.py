@@ -15,6 +15,7 @@ from .report_html import render_html
 from .report_text import fmt as _fmt
 from .report_text import md_name, md_text  # noqa: F401  (md_name: the report's readers find it here)
 from .runtime import backends
+from .stages.registry import results_of
 from .tasks import Metric, Task, get_task
 
 
@@ -28,7 +29,7 @@ def _task(metrics: dict) -> Task:
 
 def backend_rows(metrics: dict) -> list[dict]:
     """One row per evaluated backend: its metrics, size and latency."""
-    evaluation = metrics.get("stages", {}).get("evaluate", {})
+    evaluation = results_of(metrics)
     rows = []
     for name, entry in evaluation.get("backends", {}).items():
         lat = entry.get("latency", {})
@@ -137,7 +138,7 @@ def in_short(metrics: dict) -> list[str]:
         lines.append(f"{name}: {_fmt(int8['metrics'][metric.key], metric.digits)} "
                      "against FP32's "
                      f"{_fmt(reference['metrics'][metric.key], metric.digits)}{delta}.")
-    samples = metrics.get("stages", {}).get("evaluate", {}).get("samples", 0)
+    samples = results_of(metrics).get("samples", 0)
     return lines + task.fidelity_sentences(int8["metrics"], samples)
 
 
@@ -145,7 +146,7 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
     rows = backend_rows(metrics)
     if not rows:
         return []
-    evaluation = metrics["stages"]["evaluate"]
+    evaluation = results_of(metrics)
     task = _task(metrics)
     batch_keys = _latency_keys(rows)
     columns = [m for m in task.metrics if any(m.key in r["metrics"] for r in rows)]
@@ -227,7 +228,7 @@ def _latency_keys(rows: list[dict]) -> list[str]:
 def _latency_caption(metrics: dict, rows: list[dict]) -> str:
     """How the latencies were measured: the machine, threads and repeats shared by every backend, which were not
     timed and why."""
-    setup = metrics.get("stages", {}).get("evaluate", {}).get("latency_setup")
+    setup = results_of(metrics).get("latency_setup")
     cpu = (setup or {}).get("cpu")
     machine = f"{cpu['model']} ({', '.join(cpu['flags']) or 'no AVX2'})" if cpu else "this machine's CPU"
     threads = setup and f"{setup['threads']} CPU thread{'s' if setup['threads'] != 1 else ''}"
@@ -256,7 +257,7 @@ def _not_measurable_lines(rows: list[dict]) -> list[str]:
 
 def _per_class_section(run_dir: Path, metrics: dict) -> list[str]:
     """Per class mAP50-95 of FP32 and each INT8 backend, the classes that lose most first (detectors)."""
-    backends_metrics = metrics.get("stages", {}).get("evaluate", {}).get("backends", {})
+    backends_metrics = results_of(metrics).get("backends", {})
     fp32 = backends_metrics.get("pytorch_fp32", {}).get("metrics", {}).get("per_class")
     if not fp32:
         return []
@@ -327,9 +328,9 @@ def print_summary(run_dir: str | Path, console) -> None:
         console.print("in short: " + " ".join(short), markup=False, highlight=False)
     for warning in map(warning_text, metrics.get("warnings", [])):
         console.print(f"warning: {warning}", markup=False)
-    cal = metrics.get("stages", {}).get("calibrate")
-    if cal:
-        plan = metrics.get("stages", {}).get("mixed_precision", {}).get("census")  # as the report's census
-        census = ", ".join(f"{t}: {c['int8']} INT8 / {c['float']} float" for t, c in (plan or cal["census"]).items())
-        console.print(f"quantized layers: {census}")
+    from .stages import STAGES
+
+    for stage in STAGES.values():  # each stage's own lines, by its registration
+        for line in stage.console(metrics) if stage.console else []:
+            console.print(line)
     console.print(f"run directory: {run_dir}")

@@ -72,6 +72,16 @@ def _calibrated(run, options, values, loaded) -> bool:
     return True
 
 
+def _console(metrics: dict) -> list[str]:
+    """The console summary's census of quantized layers (after the mixed-precision plan, as the report's)."""
+    cal = metrics.get("stages", {}).get("calibrate")
+    if not cal:
+        return []
+    plan = metrics.get("stages", {}).get("mixed_precision", {}).get("census")  # as the report's census
+    census = ", ".join(f"{t}: {c['int8']} INT8 / {c['float']} float" for t, c in (plan or cal["census"]).items())
+    return [f"quantized layers: {census}"]
+
+
 # What the report shows of the stage (report.py reads its registration), from metrics.json alone.
 
 def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
@@ -96,7 +106,8 @@ def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
                 restorer=Restorer(_calibrated, lambda o, v: ["calibration.json"],
                                   {"calibration.json": check_calibration}),
                 refusal_hint=" (a recipe calibrates once)", needs_data=("calibration",),
-                report=_calibration_section, report_position=10)
+                report=_calibration_section, report_position=10,
+                console=_console)
 def calibrate(run, opts: CalibrateOptions) -> None:
     """INT8 PTQ: per-channel weights, per-tensor activations, ranges by max/entropy/percentile/mse."""
     import copy

@@ -63,7 +63,8 @@ def _nonfinite_output(run, backend: str, error: FloatingPointError, images) -> W
     )
 
 
-@register_stage("evaluate", EvaluateOptions, needs=_needs, needs_data=("evaluation",), restorer=Restorer(metrics_only))
+@register_stage("evaluate", EvaluateOptions, needs=_needs, needs_data=("evaluation",), restorer=Restorer(metrics_only),
+                results=True)
 def evaluate(run, opts: EvaluateOptions) -> None:
     """Accuracy (or agreement with FP32), size and latency of every backend."""
     from ..runtime.latency import cpu_threads, torch_threads

@@ -66,6 +66,9 @@ class StageSpec:
     # report's sections follow report_position.
     report: Callable[[Path, dict], list[str]] | None = None
     report_position: int = 0
+    # Its metrics hold the backends' results, which the report and the console summary open with (one stage does).
+    results: bool = False
+    console: Callable[[dict], list[str]] | None = None  # its lines under the console summary's table
 
 
 STAGES: dict[str, StageSpec] = {}
@@ -75,7 +78,8 @@ def register_stage(name: str, options: type[StageOptions], *, needs: Iterable[Ar
                    makes: Iterable[Artifact] | Makes = (), refuses: Iterable[Artifact] = (), refusal_hint: str = "",
                    needs_data: Iterable[str] | Needs = (), restorer: Restorer | None = None,
                    preflight: Preflight | None = None, report: Callable[[Path, dict], list[str]] | None = None,
-                   report_position: int = 0):
+                   report_position: int = 0, results: bool = False,
+                   console: Callable[[dict], list[str]] | None = None):
     """Decorator: register `fn` as the stage `name`. `needs`, `needs_data` and `makes` are fixed tuples or
     functions of the options (and, for makes, of the artifacts already made)."""
 
@@ -90,10 +94,18 @@ def register_stage(name: str, options: type[StageOptions], *, needs: Iterable[Ar
             refuses=tuple(refuses), refusal_hint=refusal_hint,
             needs_data=needs_data if callable(needs_data) else _fixed_needs(tuple(needs_data)), restorer=restorer,
             preflight=preflight or (lambda opts, where, recipe: []), report=report, report_position=report_position,
+            results=results, console=console,
         )
         return fn
 
     return decorator
+
+
+def results_of(metrics: dict) -> dict:
+    """The metrics (metrics.json's stages.<name>) of the stage that holds the backends' results; {} where it did
+    not run."""
+    holder = next((s.name for s in STAGES.values() if s.results), None)
+    return metrics.get("stages", {}).get(holder, {}) if holder else {}
 
 
 def _fixed_needs(names: tuple[Artifact, ...]) -> Needs:
