@@ -43,7 +43,7 @@ def backend_rows(metrics: dict) -> list[dict]:
                 "latency_p90": {k: v["p90_ms"] for k, v in lat.items()},
                 "delta": entry.get("delta_vs_fp32"),
                 "delta_ptq": entry.get("delta_vs_ptq"),
-                "verified": entry.get("verified"),  # engines: whether the build's guard passed it
+                "verified": entry.get("verified"),  # engines: whether the guard passed them when built
                 "engine_check": entry.get("engine_check"),  # engines: agreement with their graph, every image
                 "conversion_check": entry.get("conversion_check"),  # the graph an engine is compiled from vs faithful
             }
