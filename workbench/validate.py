@@ -13,7 +13,6 @@ reads the same whichever finds it. Nothing here imports user code or unpickles a
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -105,12 +104,10 @@ def _split_problems(split: DataSplit, field: str) -> list[str]:
         problems += missing_path(split.label_dir, f"{field}.label_dir", "the folder of YOLO txt labels", folder=True)
     if split.yaml:
         problems += missing_path(split.yaml, f"{field}.yaml", "the dataset's data.yaml")
-    if split.source == "hf":
-        from .data.sources import hf_problems
+    if split.source is not None:
+        from .data.registry import source_problems
 
-        problems += hf_problems(split, field)
-    if split.source == "package" and split.package and importlib.util.find_spec(split.package.split(".")[0]) is None:
-        problems.append(f"{field}.package: package {split.package!r} is not installed (pip install {split.package})")
+        problems += source_problems(split, field)  # beyond its files: packages, downloads
     return problems
 
 
