@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workbench.runtime.cpu import cpu_info  # noqa: E402
+from workbench.hardware.cpu import cpu_info  # noqa: E402
 
 GOAL_S = 2.0
 COMMANDS = [

@@ -4,7 +4,7 @@
 
 For each model one run calibrates (max) and exports (benchmarks/ort_int8.py's recipe, smaller splits). Then, in
 a fresh process per case, `workbench build model.onnx --engine openvino` (the guard drawing on the run's
-calibration and evaluation images) runs with the CPU facts the build decides by (runtime/cpu.cpu_info) stubbed
+calibration and evaluation images) runs with the CPU facts the build decides by (hardware/cpu.cpu_info) stubbed
 as an AVX2-only, a VNNI and an AMX CPU, and where told with OpenVINO's kernels really capped
 (ONEDNN_MAX_CPU_ISA=AVX2: VPMADDUBSW, whose 16-bit sums saturate). Each engine kept with exit 0 is then measured
 against the graph it was compiled from (faithful ONNX Runtime) on the whole evaluation split, the guard's way
@@ -60,8 +60,8 @@ def one_case(run_dir: Path, facts: str, out: Path) -> dict:
 
     from workbench.cli import main
     from workbench.data import build_dataset, make_loader
+    from workbench.hardware import cpu
     from workbench.recipe import load_recipe
-    from workbench.runtime import cpu
     from workbench.runtime.openvino import OpenVINORunner
     from workbench.runtime.runners import OrtRunner
     from workbench.tasks import get_task

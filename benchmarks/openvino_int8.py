@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ort_int8 import ASSETS, RECIPES, interleaved_latency, score  # noqa: E402
 
 from workbench import api  # noqa: E402
+from workbench.hardware.cpu import cpu_info  # noqa: E402
 from workbench.recipe import parse_recipe  # noqa: E402
-from workbench.runtime.cpu import cpu_info  # noqa: E402
 from workbench.runtime.openvino import OpenVINORunner, int8_summary, layer_precisions, save_ir  # noqa: E402
 from workbench.runtime.runners import OrtRunner  # noqa: E402
 

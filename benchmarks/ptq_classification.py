@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workbench.data import build_dataset  # noqa: E402
+from workbench.hardware.cpu import cpu_info  # noqa: E402
 from workbench.models import resolve_model  # noqa: E402
 from workbench.qdq.export import export_onnx  # noqa: E402
 from workbench.quant.ptq import Int8Config, quantize_  # noqa: E402
-from workbench.runtime.cpu import cpu_info  # noqa: E402
 from workbench.runtime.latency import measure_latency  # noqa: E402
 from workbench.runtime.runners import OrtRunner, TorchRunner  # noqa: E402
 from workbench.schema import DataConfig, DataSplit, ModelConfig, TransformConfig  # noqa: E402

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workbench.data.detection import coco_dataset, detection_collate  # noqa: E402
 from workbench.models.registry import resolve_model  # noqa: E402
 from workbench.models.yolov5_legacy import load_yolov5_checkpoint  # noqa: E402
-from workbench.qdq.compare import layer_divergence  # noqa: E402
 from workbench.qdq.export import export_onnx  # noqa: E402
 from workbench.qdq.graph import qdq_census  # noqa: E402
 from workbench.quant.ptq import Int8Config, quantize_  # noqa: E402
+from workbench.runtime.compare import layer_divergence  # noqa: E402
 from workbench.runtime.runners import OrtRunner, TorchRunner  # noqa: E402
 from workbench.schema import ModelConfig  # noqa: E402
 from workbench.tasks.detection import DetectionScorer  # noqa: E402

@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workbench import api  # noqa: E402
+from workbench.hardware.cpu import cpu_info  # noqa: E402
 from workbench.recipe import parse_recipe  # noqa: E402
-from workbench.runtime.cpu import cpu_info  # noqa: E402
 
 ASSETS = Path(os.environ.get("WORKBENCH_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from yolo_users import ASSETS, coco_to_ultralytics  # noqa: E402
 
 from workbench import api  # noqa: E402
+from workbench.hardware.cpu import cpu_info  # noqa: E402
 from workbench.recipe import parse_recipe  # noqa: E402
-from workbench.runtime.cpu import cpu_info  # noqa: E402
 
 
 def workbench_run(model: str, data_yaml: Path, runs: Path, method: str):

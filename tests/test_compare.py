@@ -7,10 +7,10 @@ from helpers import make_tiny_yolov5_checkpoint
 from onnx import numpy_helper
 
 from workbench.models import resolve_model
-from workbench.qdq.compare import layer_divergence
 from workbench.qdq.export import export_onnx
 from workbench.qdq.graph import nodes_by_module, scope_to_module
 from workbench.quant.ptq import Int8Config, quantize_
+from workbench.runtime.compare import layer_divergence
 from workbench.schema import ModelConfig
 
 

@@ -17,7 +17,7 @@ from helpers import make_image_folder
 from onnx import numpy_helper
 
 from workbench.cli import main
-from workbench.runtime.cpu import CpuInfo
+from workbench.hardware.cpu import CpuInfo
 from workbench.stats import samples_to_resolve, wilson_interval
 
 ov = pytest.importorskip("openvino", reason="OpenVINO is a dependency of the default install")
@@ -75,7 +75,7 @@ def wrong_engine(monkeypatch, tmp_path):
 
 
 def _stub_cpu(monkeypatch, cpu: CpuInfo) -> None:
-    from workbench.runtime import cpu as cpu_module
+    from workbench.hardware import cpu as cpu_module
 
     monkeypatch.setattr(cpu_module, "cpu_info", lambda: cpu)
 
@@ -163,6 +163,21 @@ def test_cli_build_refuses_a_wrong_engine_leaves_no_file_and_no_guard_marks_it_u
                  "--warmup", "0", "--json", str(tmp_path / "bench.json")]) == 0
     timed = json.loads((tmp_path / "bench.json").read_text())["backends"]
     assert timed["model_openvino.xml"]["verified"] is False and "verified" not in timed["model.onnx"]
+
+
+def test_cli_build_compiles_the_layout_and_weights_asked_for(calibrated, tmp_path):
+    run_dir, images = calibrated
+    bare = _bare_copy(run_dir, tmp_path)
+    # tensorrt_style: the caller's model.onnx itself is the graph compiled and guarded against; no converted copy
+    assert main(["build", str(bare), "--engine", "openvino", "--openvino-graph", "tensorrt_style",
+                 "--data", str(images)]) == 0
+    sidecar = json.loads((bare.parent / "model_openvino.xml.json").read_text())
+    assert sidecar["graph"] == "tensorrt_style" and sidecar["guard"]["reference"] == "model.onnx"
+    assert bare.is_file() and not (bare.parent / "model_openvino_graph.onnx").exists()
+    # the weights asked for, not this CPU's choice (the build stage's openvino_weights, on the command line)
+    assert main(["build", str(bare), "--engine", "openvino", "--openvino-weights", "reduce_range", "--no-guard"]) == 0
+    sidecar = json.loads((bare.parent / "model_openvino.xml.json").read_text())
+    assert sidecar["weights"] == "reduce_range" and sidecar["verified"] is False
 
 
 # --- how many images: enough to resolve the threshold ------------------------------------------------------------
@@ -348,7 +363,7 @@ def test_the_guard_measures_the_engine_and_evaluate_scores_the_conversion_apart(
 def test_the_cpu_facts_follow_onednns_isa_cap():
     """Under ONEDNN_MAX_CPU_ISA=AVX2 OpenVINO runs AVX2 kernels on any CPU: the facts the build decides by must say
     so, or it chooses s8 weights whose 16-bit pair sums those kernels saturate (the guard then refuses the engine)."""
-    from workbench.runtime.cpu import capped_flags
+    from workbench.hardware.cpu import capped_flags
 
     sapphire = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16"}
     assert capped_flags(sapphire, "") == sapphire and capped_flags(sapphire, "ALL") == sapphire

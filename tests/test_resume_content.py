@@ -433,8 +433,9 @@ def test_any_json_in_any_record_field_is_read_or_refused_by_name(tmp_path, capsy
 def test_any_json_as_calibration_or_sensitivity_is_accepted_or_refused_by_name(tmp_path):
     """The checks resume runs on a reused calibration.json and sensitivity.json, over random JSON and random edits
     of real ones: they pass it or raise a RecordError naming the file, never anything else."""
-    from workbench.resume import check_calibration, check_sensitivity
     from workbench.run_record import RecordError
+    from workbench.stages.calibrate import check_calibration
+    from workbench.stages.sensitivity import check_sensitivity
 
     rng = np.random.default_rng(1)
     path = tmp_path / "x.json"

@@ -12,7 +12,6 @@ and the CLI's quick commands stay light.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,30 +189,30 @@ def build(onnx: str | os.PathLike, engine: str = "auto", batch: tuple[int, int, 
           size: tuple[int, int] | None = None, out: str | os.PathLike | None = None, precision: str = "int8",
           strongly_typed: bool = True, workspace_mib: int = 4096, timing_cache: str | os.PathLike | None = None,
           sparse: bool = False, data: str | os.PathLike | None = None, guard: bool = True,
-          guard_min_agreement: float = 90.0, guard_max_samples: int = 1024) -> dict:
+          guard_min_agreement: float = 90.0, guard_max_samples: int = 1024, openvino_graph: str = "u8",
+          openvino_weights: str = "auto") -> dict:
     """`workbench build`: an engine from an ONNX file, written beside it unless `out`; returns its sidecar.
 
     engine "tensorrt": a TensorRT engine (min/opt/max `batch`, `size` (H, W) for a graph with a dynamic image
-    size); "openvino": OpenVINO IR compiled for this CPU (.xml/.bin, .blob, .xml.json) from the u8 layout of the
-    graph for this CPU (beside it as <out>.onnx); "auto": TensorRT where its package is installed, else OpenVINO.
+    size); "openvino": OpenVINO IR compiled for this CPU (.xml/.bin, .blob, .xml.json) from the layout
+    `openvino_graph` of the graph with `openvino_weights` (as the build stage's options; beside it as <out>.onnx);
+    "auto": the first engine of runtime/engines.py's table whose package is installed (TensorRT, else OpenVINO).
 
     The graph's numbers are checked first (qdq/numeric.py). An INT8 engine is then guarded (runtime/guard.py) on
     the images of `data` (a folder of images, or a detector's data.yaml), else on those of the run whose
     model.onnx it is (its recipe.yaml's calibration and evaluation splits): refused, its files are removed and
     WorkbenchError raised with the guard's numbers. `guard` False keeps it, marked unverified in its sidecar.
     """
-    import importlib.util
-
     from .errors import WorkbenchError
     from .qdq.export import load_onnx, onnx_input_dims
     from .qdq.numeric import require_numeric
+    from .runtime import engines
     from .runtime.guard import GuardPolicy
 
     onnx_path = Path(onnx)
     # A node that breaks its op's schema can crash a compiler outright (OpenVINO segfaults on a one-input Conv).
     _check_graph_schema(load_onnx(onnx_path), onnx_path)
-    if engine == "auto":
-        engine = "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "openvino"
+    row = engines.resolve(engine)
     fixed = onnx_input_dims(onnx_path)  # a missing or broken file is named before anything reads it
     require_numeric(onnx_path)
     if not 0 <= guard_min_agreement < 100 or guard_max_samples < 1:
@@ -222,55 +221,19 @@ def build(onnx: str | os.PathLike, engine: str = "auto", batch: tuple[int, int, 
                              "more")
     policy = GuardPolicy(guard_min_agreement, max_samples=guard_max_samples)
     images = _guard_images(onnx_path, fixed, data, policy) if guard and precision == "int8" else None
-    if engine == "openvino":
-        from .qdq.graph import qdq_census
-        from .runtime import openvino
+    if problem := engines.precision_problem(row, precision, "--precision"):
+        raise WorkbenchError(problem)
+    req = engines.FileBuild(
+        onnx=onnx_path, out=Path(out) if out else None, precision=precision, dims=fixed, batch=tuple(batch),
+        size=tuple(size) if size else None, strongly_typed=strongly_typed, workspace_mib=workspace_mib,
+        timing_cache=Path(timing_cache) if timing_cache else None, sparse=sparse, openvino_graph=openvino_graph,
+        openvino_weights=openvino_weights)
 
-        if precision == "fp16":
-            raise WorkbenchError("--precision fp16 is for TensorRT; OpenVINO on the CPU compiles int8 or fp32")
-        if precision == "int8" and qdq_census(onnx_path)["QuantizeLinear"] == 0:
-            raise WorkbenchError(f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes, so an INT8 build would "
-                                 "run in float: build the model.onnx of a run with a calibrate stage, or ask "
-                                 "--precision fp32")
-        xml = Path(out) if out else onnx_path.with_name(f"{onnx_path.stem}_openvino.xml")
-        if xml.suffix != ".xml":  # OpenVINO writes an IR only under .xml (its .bin beside it)
-            xml = xml.with_name(xml.name + ".xml")
-        if precision != "int8":
-            return openvino.compile_model_file(openvino.CompileRequest(onnx=onnx_path, xml=xml))
-        graph, notes = openvino.int8_graph(onnx_path, xml.with_name(xml.stem + "_graph.onnx"))
-        try:
-            openvino.compile_model_file(openvino.CompileRequest(onnx=graph, xml=xml, notes=notes))
-        except BaseException:
-            graph.unlink(missing_ok=True)
-            raise
-        files = openvino.artifact_files(xml) + [graph]
-        _guard_built(lambda: openvino.OpenVINORunner(xml, "openvino_int8"), graph, images, policy, files,
-                     "openvino_int8", openvino.run_tapped)
-        return json.loads(openvino.sidecar_path(xml).read_text())
-    from .runtime.tensorrt import BuildRequest, build_engine, default_timing_cache, profile_for
+    def guarded(runner, graph, files, tap, engine_name) -> dict:
+        _guard_built(runner, graph, images, policy, files, engine_name, tap)
+        return {}
 
-    if size:
-        hw = tuple(size)
-    elif len(fixed) == 4 and fixed[2] and fixed[3]:
-        hw = (fixed[2], fixed[3])
-    else:
-        raise WorkbenchError(f"{onnx_path} has a dynamic image size: give --size H W")
-    channels = fixed[1] if len(fixed) > 1 and fixed[1] else 3
-    cache = Path(timing_cache) if timing_cache else default_timing_cache()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    engine_file = Path(out) if out else onnx_path.with_suffix(".engine")
-    sidecar = build_engine(BuildRequest(
-        onnx=onnx_path, engine=engine_file,
-        profile=profile_for(channels, tuple(batch), [hw] * 3), precision=precision, strongly_typed=strongly_typed,
-        fp16=True, workspace_mib=workspace_mib, timing_cache=cache, sparse_weights=sparse,
-    ))
-    if precision != "int8":
-        return sidecar
-    from .runtime.tensorrt import TensorRTRunner, sidecar_path
-
-    _guard_built(lambda: TensorRTRunner(engine_file, "tensorrt"), onnx_path, images, policy,
-                 [engine_file, sidecar_path(engine_file)], "tensorrt", None)
-    return json.loads(sidecar_path(engine_file).read_text())
+    return row.build_file(req, guarded)
 
 
 def _guard_built(runner, graph: Path, images, policy, files: list[Path], engine_name: str, tap) -> None:

@@ -26,6 +26,9 @@ import sys
 from pathlib import Path
 
 from .errors import Terminated, WorkbenchError, printable
+from .runtime import engines  # the engine table's names only: no engine is imported here
+
+ENGINE_HELP = "auto: the first of " + ", ".join(engines.NAMES) + " whose package is installed"
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -60,8 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                        "val: scoring)")
     quant.add_argument("--imgsz", type=int, default=640, help="input size (square), as in Ultralytics")
     quant.add_argument("--method", choices=["max", "entropy", "percentile", "mse"], default="mse")
-    quant.add_argument("--engine", choices=["auto", "openvino", "tensorrt"], default="auto",
-                       help="auto: tensorrt where the tensorrt package is installed, openvino elsewhere")
+    quant.add_argument("--engine", choices=("auto",) + engines.NAMES, default="auto", help=ENGINE_HELP)
     quant.add_argument("--trust-pickle", action="store_true", help="an Ultralytics .pt unpickles the whole model "
                        "(runs code from the file): allow it for a file you trust")
     quant.add_argument("--runs-dir", default="runs")
@@ -86,8 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     eng = sub.add_parser("build", help="build an engine from an ONNX (Q/DQ for INT8): TensorRT, or OpenVINO for the "
                                        "CPU")
     eng.add_argument("onnx")
-    eng.add_argument("--engine", choices=["auto", "tensorrt", "openvino"], default="auto",
-                     help="auto: tensorrt where the tensorrt package is installed, openvino elsewhere")
+    eng.add_argument("--engine", choices=("auto",) + engines.NAMES, default="auto", help=ENGINE_HELP)
     eng.add_argument("--precision", choices=["int8", "fp16", "fp32"], default="int8")
     eng.add_argument("--batch", type=int, nargs=3, default=[1, 8, 32], metavar=("MIN", "OPT", "MAX"))
     eng.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: the graph's fixed "
@@ -106,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     eng.add_argument("--guard-min-agreement", type=float, default=90.0, metavar="PERCENT",
                      help="refuse an engine whose agreement with the faithful graph is not resolved at or above this")
     eng.add_argument("--guard-max-samples", type=int, default=1024, metavar="N", help="most images the guard uses")
+    eng.add_argument("--openvino-graph", choices=["u8", "tensorrt_style"], default="u8",
+                     help="OpenVINO: the INT8 layout compiled (as the build stage's openvino_graph)")
+    eng.add_argument("--openvino-weights", choices=["auto", "s8", "reduce_range"], default="auto",
+                     help="OpenVINO, u8 layout: 8-bit or 7-bit weights (auto: for this CPU; the build stage's "
+                     "openvino_weights)")
 
     ben = sub.add_parser("bench", help="latency and throughput of .onnx/.engine/.xml (OpenVINO) files (or all of "
                                        "those in a run directory)")
@@ -430,19 +436,15 @@ def _bench(args, console) -> int:
 def _build_engine(args) -> int:
     from . import api
 
-    sidecar = api.build(args.onnx, engine=args.engine, batch=tuple(args.batch),
+    row = engines.resolve(args.engine)  # once: the build and the line below speak of the same engine
+    sidecar = api.build(args.onnx, engine=row.name, batch=tuple(args.batch),
                         size=tuple(args.size) if args.size else None, out=args.out, precision=args.precision,
                         strongly_typed=not args.weak_typing, workspace_mib=args.workspace_mib,
                         timing_cache=args.timing_cache, sparse=args.sparse, data=args.data,
                         guard=not args.no_guard, guard_min_agreement=args.guard_min_agreement,
-                        guard_max_samples=args.guard_max_samples)
-    if sidecar.get("engine") == "openvino":
-        where = Path(args.out) if args.out else Path(args.onnx).with_name(sidecar["ir"])
-        print(f"OpenVINO IR: {where} (OpenVINO {sidecar['openvino']}, {sidecar['cpu']['model']}); {sidecar['int8']}")
-    else:
-        where = Path(args.out) if args.out else Path(args.onnx).with_name(sidecar["engine"])
-        print(f"engine: {where} (TensorRT {sidecar['tensorrt']}, "
-              f"{sidecar['gpu']}); layers by precision: {sidecar['layer_precisions']}")
+                        guard_max_samples=args.guard_max_samples, openvino_graph=args.openvino_graph,
+                        openvino_weights=args.openvino_weights)
+    print(row.describe(sidecar, Path(args.onnx), Path(args.out) if args.out else None))
     if sidecar.get("guard"):
         from .runtime.guard import GuardResult
 

@@ -22,10 +22,11 @@ def write_deploy(run_dir: str | Path, metrics: dict) -> dict | None:
     """Fill `<run_dir>/deploy/` and return its manifest (also written as deploy/deploy.json); None where the run
     evaluated no deployable INT8 file (no evaluate stage, or only PyTorch models)."""
     from .report import deployment_choice, in_short
+    from .stages.registry import results_of
 
     run_dir = Path(run_dir)
     int8, fp32 = deployment_choice(metrics)
-    entry = metrics.get("stages", {}).get("evaluate", {}).get("backends", {}).get(int8["backend"], {}) if int8 else {}
+    entry = results_of(metrics).get("backends", {}).get(int8["backend"], {}) if int8 else {}
     files = [f for f in entry.get("files", []) if (run_dir / f).is_file()]
     if not files:
         return None

@@ -34,6 +34,10 @@ class ExportError(WorkbenchError):
     """The ONNX export or its check failed."""
 
 
+class PruningError(WorkbenchError):
+    """Structured pruning cannot be applied to this model as asked."""
+
+
 class RewriteError(WorkbenchError):
     """A model rewrite (BatchNorm folding, the residual-Add rule, a pruning or decode rewrite) would change what the
     float model computes: the message names the rewrite, the first module whose output differs and by how much."""

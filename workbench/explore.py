@@ -47,8 +47,9 @@ def _float_layers(saved, path: Path) -> list[str]:
 
 class RunExplorer:
     def __init__(self, run_dir: Path, device: str = "cpu", trust_code: bool = False, trust_pickle: bool = False):
-        from .resume import check_calibration, check_sensitivity
         from .run_record import RecordError, run_file
+        from .stages.calibrate import check_calibration
+        from .stages.sensitivity import check_sensitivity
 
         self.dir = Path(run_dir)
         try:  # a planted link or FIFO in place of a run file is refused, as on --resume

@@ -94,6 +94,7 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     A run's recipe.yaml is re-read later (the notebook, a re-run of its plan) from
     another working directory; relative paths would then point nowhere.
     """
+    from .models.registry import spec_names_file
 
     def fix(value):
         if isinstance(value, str) and value and not os.path.isabs(value) and os.path.exists(value):
@@ -105,8 +106,8 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     model["weights"] = fix(model.get("weights"))
     model["pruned"] = fix(model.get("pruned"))
     model["import_path"] = fix(model.get("import_path"))
-    source, sep, rest = model["spec"].partition(":")
-    if sep and source in ("file", "yolov5", "ultralytics"):
+    if spec_names_file(model["spec"]):
+        source, _, rest = model["spec"].partition(":")
         model["spec"] = f"{source}:{fix(rest)}"
     for split in ("calibration", "evaluation", "finetune"):
         if data["data"].get(split):

@@ -9,39 +9,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import printable
 from .io import write_text
 from .plots import plot_accuracy_latency
 from .report_html import render_html
+from .report_text import fmt as _fmt
+from .report_text import md_name, md_text  # noqa: F401  (md_name: the report's readers find it here)
 from .runtime import backends
+from .stages.registry import results_of
 from .tasks import Metric, Task, get_task
-
-MARKDOWN_SPECIAL = "\\`*_|<>[]#"
-
-
-def md_text(text: object) -> str:
-    """Text from the user's files (a class, layer or node name) as literal markdown: its special characters
-    backslash-escaped, so a `|` cannot add a table column, nor `<script>` or `**` change the page; newlines and
-    control characters (ESC) written as escapes, so a name cannot end a table row or recolour a terminal."""
-    return "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in printable(str(text), keep=""))
-
-
-def md_name(name: object) -> str:
-    """A name as inline code where it can be (no backtick or pipe in it), else as escaped text."""
-    name = printable(str(name), keep="")
-    return f"`{name}`" if not any(c in name for c in "`|") else md_text(name)
 
 
 def load_metrics(run_dir: str | Path) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
-
-
-def _fmt(value, digits: int = 2) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def _task(metrics: dict) -> Task:
@@ -50,7 +29,7 @@ def _task(metrics: dict) -> Task:
 
 def backend_rows(metrics: dict) -> list[dict]:
     """One row per evaluated backend: its metrics, size and latency."""
-    evaluation = metrics.get("stages", {}).get("evaluate", {})
+    evaluation = results_of(metrics)
     rows = []
     for name, entry in evaluation.get("backends", {}).items():
         lat = entry.get("latency", {})
@@ -64,7 +43,7 @@ def backend_rows(metrics: dict) -> list[dict]:
                 "latency_p90": {k: v["p90_ms"] for k, v in lat.items()},
                 "delta": entry.get("delta_vs_fp32"),
                 "delta_ptq": entry.get("delta_vs_ptq"),
-                "verified": entry.get("verified"),  # engines: whether the build's guard passed it
+                "verified": entry.get("verified"),  # engines: whether the guard passed them when built
                 "engine_check": entry.get("engine_check"),  # engines: agreement with their graph, every image
                 "conversion_check": entry.get("conversion_check"),  # the graph an engine is compiled from vs faithful
                 "not_for_deployment": backends.not_for_deployment(name),
@@ -100,8 +79,11 @@ def write_report(run_dir: str | Path) -> Path:
     lines += [f"**Warning:** {w}" for w in warnings] + ([""] if warnings else [])
     short = in_short(metrics)
     lines += ["## In short", "", " ".join(short), ""] if short else []
-    for section in (_backends_section, _per_class_section, _calibration_section, _prune_section, _qat_section,
-                    _sensitivity_section, _export_section, _bench_section, _build_section, _timings_section):
+    from .stages import STAGES
+
+    # The results tables first, then each stage's own section (its registration's, in report_position order).
+    shown = sorted((s for s in STAGES.values() if s.report), key=lambda s: s.report_position)
+    for section in (_backends_section, _per_class_section, *(s.report for s in shown), _timings_section):
         lines += section(run_dir, metrics)
     path = run_dir / "report.md"
     text = "\n".join(lines)
@@ -159,7 +141,7 @@ def in_short(metrics: dict) -> list[str]:
                      + (f"{ratio:.2f}x faster." if ratio >= 1 else f"{1 / ratio:.2f}x slower."))
     metric = headline(task, list(rows.values()))
     reference = rows.get("pytorch_fp32")
-    samples = metrics.get("stages", {}).get("evaluate", {}).get("samples", 0)
+    samples = results_of(metrics).get("samples", 0)
     if fidelity := task.fidelity_headline(int8["metrics"], samples):
         lines.append(fidelity)
     elif metric is not None and metric.key in int8["metrics"] and reference and metric.key in reference["metrics"]:
@@ -177,7 +159,7 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
     rows = backend_rows(metrics)
     if not rows:
         return []
-    evaluation = metrics["stages"]["evaluate"]
+    evaluation = results_of(metrics)
     task = _task(metrics)
     batch_keys = _latency_keys(rows)
     columns = [m for m in task.metrics if any(m.key in r["metrics"] for r in rows)]
@@ -261,7 +243,7 @@ def _latency_keys(rows: list[dict]) -> list[str]:
 def _latency_caption(metrics: dict, rows: list[dict]) -> str:
     """How the latencies were measured: the machine, threads and repeats shared by every backend, which were not
     timed and why."""
-    setup = metrics.get("stages", {}).get("evaluate", {}).get("latency_setup")
+    setup = results_of(metrics).get("latency_setup")
     cpu = (setup or {}).get("cpu")
     machine = f"{cpu['model']} ({', '.join(cpu['flags']) or 'no AVX2'})" if cpu else "this machine's CPU"
     threads = setup and f"{setup['threads']} CPU thread{'s' if setup['threads'] != 1 else ''}"
@@ -290,7 +272,7 @@ def _not_measurable_lines(rows: list[dict]) -> list[str]:
 
 def _per_class_section(run_dir: Path, metrics: dict) -> list[str]:
     """Per class mAP50-95 of FP32 and each INT8 backend, the classes that lose most first (detectors)."""
-    backends_metrics = metrics.get("stages", {}).get("evaluate", {}).get("backends", {})
+    backends_metrics = results_of(metrics).get("backends", {})
     fp32 = backends_metrics.get("pytorch_fp32", {}).get("metrics", {}).get("per_class")
     if not fp32:
         return []
@@ -319,134 +301,6 @@ def _per_class_section(run_dir: Path, metrics: dict) -> list[str]:
 PER_CLASS_ROWS = 20
 
 
-def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
-    cal = metrics.get("stages", {}).get("calibrate")
-    if not cal:
-        return []
-    method = cal["method"] + (f" ({cal['percentile']})" if cal.get("percentile") else "")
-    plan = metrics.get("stages", {}).get("mixed_precision", {}).get("census")
-    lines = ["## Calibration", "",
-             f"Method **{method}** on {cal['samples']} samples in {cal['seconds']:.1f} s; {cal['folded_batchnorm']} "
-             "BatchNorm layers folded into convolutions."
-             + (" Layers by precision after the mixed-precision plan:" if plan else ""), "",
-             "| Layer type | INT8 | float |", "|---|---|---|"]
-    for type_name, counts in (plan or cal["census"]).items():
-        lines.append(f"| {type_name} | {counts['int8']} | {counts['float']} |")
-    q = cal.get("enabled_quantizers", {})
-    return lines + ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
-                    f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""]
-
-
-def _export_section(run_dir: Path, metrics: dict) -> list[str]:
-    exp = metrics.get("stages", {}).get("export")
-    if not exp:
-        return []
-    lines = ["## Exported ONNX", ""]
-    for name, entry in exp.items():
-        if "error" in entry:  # the ONNX Runtime flavour could not be written
-            lines.append(f"- `{name}`: not written: {md_text(entry['error'])}")
-        elif "census" not in entry:
-            lines += _ort_flavour_lines(name, entry)
-        else:
-            c = entry["census"]
-            quantized = ", ".join(f"{v} {k}" for k, v in c["quantized"].items()) or "none"
-            floating = ", ".join(f"{len(v)} {k}" for k, v in c["float"].items()) or "none"
-            lines.append(
-                f"- `{name}`: {entry['bytes'] / 1e6:.2f} MB, opset {c['opset']}, {c['QuantizeLinear']} QuantizeLinear "
-                "/ "
-                f"{c['DequantizeLinear']} DequantizeLinear; INT8 compute nodes: {quantized}; float compute nodes: "
-                f"{floating}."
-            )
-            rules = entry.get("tensorrt_rules")
-            if rules is not None:
-                lines.append(f"  TensorRT Q/DQ rules (`workbench check-onnx`): {len(rules)} violation(s)"
-                             + ("." if not rules else ":"))
-                lines += [f"  - [{v['rule']}] {md_name(v['node'])}"
-                          + (f" (module {md_name(v['module'])})" if v["module"] else "") + f": {md_text(v['message'])}"
-                          for v in rules[:20]]
-    return lines + [""]
-
-
-def _ort_flavour_lines(name: str, entry: dict) -> list[str]:
-    fused = ", ".join(f"{n} {op}" for op, n in entry["fused"].items())
-    lines = [f"- `{name}`: {entry['bytes'] / 1e6:.2f} MB, the ONNX Runtime flavour: {entry['weights_folded']} "
-             f"weights stored as 8-bit ({entry['weights']}: {entry['weights_unsigned']} unsigned, "
-             f"{entry['weights_7bit']} 7-bit), {entry['absorbed']} Relu/Clip absorbed into quantization; "
-             f"ONNX Runtime runs: {fused}."]
-    in_float = entry["fused"].get("Conv", 0) + entry["fused"].get("FusedConv", 0)
-    if in_float:
-        lines.append(f"  {in_float} convolution(s) still run in float in ONNX Runtime: their outputs do not go "
-                     "straight to a quantizer (an activation such as SiLU, a pooling head, the graph output), "
-                     "so ONNX Runtime cannot make them QLinearConv."
-                     + (" No convolution runs on integer kernels: for a CPU deployment `model_fp32.onnx` is faster."
-                        if not entry["fused"].get("QLinearConv") else ""))
-    return lines
-
-
-def _bench_section(run_dir: Path, metrics: dict) -> list[str]:
-    bench = metrics.get("stages", {}).get("bench")
-    if not bench:
-        return []
-    keys = [f"b{b}" for b in bench["batch_sizes"]]
-    lines = ["## Latency and size on this machine", "",
-             f"{bench['repeats']} timed runs per batch size, {bench['threads']} CPU threads; "
-             "median ms (p90), images/s.",
-             "", "| Artifact | Size MB | " + " | ".join(f"{k} ms | {k} img/s" for k in keys) + " |",
-             "|---|---|" + "---|---|" * len(keys)]
-    for name, entry in bench["backends"].items():
-        cells = [f"{_fmt(entry['latency'][k]['median_ms'])} ({_fmt(entry['latency'][k]['p90_ms'])}) | "
-                 f"{entry['latency'][k]['images_per_s']:.0f}" for k in keys]
-        unverified = " (unverified)" if entry.get("verified") is False else ""
-        lines.append(f"| {backends.title(name)}{unverified} | {entry['bytes'] / 1e6:.2f} | " + " | ".join(cells)
-                     + " |")
-    return lines + ["", "![throughput](bench.png)", ""]
-
-
-def _build_section(run_dir: Path, metrics: dict) -> list[str]:
-    b = metrics.get("stages", {}).get("build")
-    if not b:
-        return []
-    engine = b.get("engine", "tensorrt")
-    title = "## TensorRT engine" if engine == "tensorrt" else "## OpenVINO (CPU)"
-    if not b.get("built"):
-        return [title, "", f"Not built: {b['reason']}", ""]
-    if engine == "tensorrt":
-        text = [f"`{b['engine_file']}`: TensorRT {b['tensorrt']} on {b['gpu']} (compute capability "
-                f"{b['compute_capability']}), {'strongly' if b['strongly_typed'] else 'weakly'} typed, profile "
-                f"{b['profile']}; layers by output precision: {b['layer_precisions']}. Sidecar: "
-                f"`{b['engine_file']}.json`."]
-    else:
-        cpu = (b.get("int8") or b.get("fp32"))["cpu"]
-        text = [f"OpenVINO {b['openvino']} on {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags'])})."]
-        for key in ("int8", "fp32"):
-            if key in b:
-                side = b[key]
-                text.append(f"- `{side['ir']}` (from `{Path(side['onnx']).name}`): {side['int8']}."
-                            + (f" {side['graph_note']}" if side.get("graph_note") else ""))
-    guard = b.get("guard")
-    if guard:
-        text += ["", f"Guard: {_guard_sentence(guard)}"]
-    elif b.get("verified") is False:
-        text += ["", "Guard: off (guard: false): the engine is **unverified**; nothing checked that it computes its "
-                 "graph's function."]
-    return [title, ""] + text + [""]
-
-
-def _guard_sentence(guard: dict) -> str:
-    """What the build's guard measured and decided (older runs' records have no interval)."""
-    drawn = " and ".join(f"{n} {split}" for split, n in guard.get("sources", {}).items() if n) or "calibration"
-    if guard.get("agreement") is None:
-        agree = "no agreement measurable"
-    elif guard.get("low") is not None:
-        agree = (f"{guard.get('criterion', 'agreement')} {guard['agreement']:.1f}% [{guard['low']:.1f}, "
-                 f"{guard['high']:.1f}] ({100 * guard['confidence']:.0f}% interval; needs {guard['min_agreement']:g}%)")
-    else:
-        agree = f"{guard['agreement']:.2f}% agreement over {guard['compared']} compared"
-    verdict = guard.get("verdict") or ("passed" if guard["passed"] else "refused")
-    return (f"against `{guard.get('reference', 'the faithful graph')}` on {guard['samples']} images ({drawn}), "
-            f"{agree}, output SQNR {guard['sqnr_db']:.1f} dB: {verdict}.")
-
-
 def _timings_section(run_dir: Path, metrics: dict) -> list[str]:
     timings, peaks = metrics.get("timings_s", {}), metrics.get("peak_rss_mb", {})
     if not timings:
@@ -457,139 +311,6 @@ def _timings_section(run_dir: Path, metrics: dict) -> list[str]:
         lines += ["", f"Peak resident memory of the run: {max(peaks.values()):.0f} MB (reused stages of a resumed run "
                       "are not measured again)."]
     return lines + [""]
-
-
-def _prune_section(run_dir: Path, metrics: dict) -> list[str]:
-    stages = metrics.get("stages", {})
-    p = stages.get("prune")
-    if not p:
-        return []
-    lines = ["## Pruning", ""]
-    if p["method"] == "structured":
-        lines += ["| | Parameters | MMACs | ONNX MB | ORT latency b1 ms |", "|---|---|---|---|---|"]
-        for key in ("before", "after"):
-            size = p.get(f"onnx_bytes_{key}")
-            lat = p.get(f"ort_latency_b1_ms_{key}")
-            lines.append(f"| {key} | {p[f'params_{key}']:,} | {p[f'macs_{key}'] / 1e6:.1f} | "
-                         f"{_fmt(size / 1e6 if size else None)} | {_fmt(lat)} |")
-        lines += ["", f"Structured ({p['importance']} importance, channels rounded to {p['round_to']}): MACs "
-                      f"x{p['macs_ratio']:.2f}"
-                  + (f", ONNX Runtime {p['ort_speedup_b1']:.2f}x faster at batch 1." if "ort_speedup_b1" in p
-                     else "."), ""]
-    else:
-        lines += [f"{p['method']}: {100 * p['sparsity']:.1f}% of {p['weights']:,} weights are zero ({p['layers']} "
-                  f"layers). {p['note']}.", ""]
-    ft = stages.get("finetune")
-    if ft and ft.get("eval"):
-        start = f"{_fmt(ft['eval_before']['value'])} after pruning, " if ft.get("eval_before") else ""
-        fp32 = f", FP32 before pruning {_fmt(ft['eval_fp32']['value'])}" if ft.get("eval_fp32") else ""
-        lines += [f"{ft['eval']['metric']} after each epoch, on {_subset(ft, metrics)}: {start}"
-                  f"{_fmt(ft['eval']['value'])} after fine-tuning ({ft['epochs']} epochs){fp32}.", ""]
-    if ft and (run_dir / "training_curve.png").is_file():
-        lines += ["![fine-tuning curve](training_curve.png)", ""]
-    return lines
-
-
-def _subset(stage: dict, metrics: dict) -> str:
-    """Which images a training stage's per-epoch score is on, against the evaluate stage's table."""
-    samples = stage["eval"].get("samples")
-    table = metrics.get("stages", {}).get("evaluate", {}).get("samples")
-    if samples is None:
-        return "the evaluation subset"
-    if table is not None and table != samples:
-        return (f"{samples} evaluation images drawn with seed 0 (the table above uses all {table}, so its numbers "
-                "differ)")
-    return f"the {samples} evaluation images"
-
-
-def _qat_section(run_dir: Path, metrics: dict) -> list[str]:
-    q = metrics.get("stages", {}).get("qat")
-    if not q:
-        return []
-    lines = ["## Quantization-aware training", ""]
-    if q.get("eval") and q.get("eval_before"):
-        lines.append(f"{q['eval']['metric']} after each epoch, on {_subset(q, metrics)}: PTQ "
-                     f"{_fmt(q['eval_before']['value'])}, after {q['epochs']} QAT epochs {_fmt(q['eval']['value'])}"
-                     + (f", FP32 {_fmt(q['eval_fp32']['value'])}" if q.get("eval_fp32") else "") + ".")
-    per_epoch = q.get("seconds_per_epoch") or []
-    if per_epoch:
-        lines.append(f"{sum(per_epoch) / len(per_epoch):.1f} s per epoch. FP32, PTQ and QAT side by side, in PyTorch "
-                     "and "
-                     "ONNX Runtime: the accuracy table above. Loss and metric per epoch: `training_curve_qat.png`.")
-    lines += ["", "![QAT training curve](training_curve_qat.png)", ""]
-    return lines
-
-
-def _delta_cell(row: dict, prefix: str) -> str:
-    if f"{prefix}_delta" not in row:
-        return "n/a"
-    if f"{prefix}_delta_low" not in row:
-        return _fmt(row[f"{prefix}_delta"])
-    noise = "" if row.get(f"{prefix}_resolved") else " (noise)"
-    return (f"{row[f'{prefix}_delta']:+.2f} [{row[f'{prefix}_delta_low']:+.2f}, {row[f'{prefix}_delta_high']:+.2f}]"
-            f"{noise}")
-
-
-def _sensitivity_section(run_dir: Path, metrics: dict) -> list[str]:
-    stages = metrics.get("stages", {})
-    lines = []
-    sens = stages.get("sensitivity")
-    table_path = run_dir / "sensitivity.json"
-    if sens and table_path.is_file():
-        table = json.loads(table_path.read_text())["layers"]
-        lines += ["## Layer sensitivity", ""]
-        task = (f", task metric ({sens['metric']}) on {sens['task_samples']} in {sens['task_seconds']:.1f} s"
-                if sens.get("metric") else "")
-        lines.append(
-            f"{sens['units']} layers, modes {', '.join(sens['modes'])}: proxies on {sens['proxy_samples']} samples in "
-            f"{sens['proxy_seconds']:.1f} s{task}. `only`: this layer alone in INT8 (change against FP32); `loo`: "
-            "every layer but this one in INT8 (gain over all-INT8). Full table: `sensitivity.csv`."
-        )
-        lines.append("")
-        if sens.get("confidence") and sens.get("task_samples"):  # a task-metric sweep ran, with intervals
-            spearman = sens.get("proxy_task_spearman") or {}
-            rho = (f"; the SQNR proxy's Spearman correlation with the resolved deltas is {spearman['rho']:.2f} over "
-                   f"{spearman['layers']} layers" if spearman.get("rho") is not None else
-                   f"; too few resolved layers ({spearman.get('layers', 0)}) for the proxy's rank correlation")
-            lines += [f"The probe images resolve the task-metric effect ({100 * sens['confidence']:.0f}% paired "
-                      f"interval excluding 0) of {sens['resolved_layers']} of {sens['units']} layers: those are "
-                      f"ranked by the task metric (a resolved loss first, a resolved gain last), the rest (within "
-                      f"noise) by the proxy, between them{rho}.", ""]
-        lines += ["| Rank | Layer | Type | MMACs | only Δ [interval] | loo Δ [interval] | only SQNR dB | Proxy rank | "
-                  "Ranked by |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in table[:10]:
-            lines.append(
-                f"| {r['rank']} | {md_name(r['layer'])} | {r['type']} | {r['macs'] / 1e6:.1f} | "
-                f"{_delta_cell(r, 'only')} | "
-                f"{_delta_cell(r, 'loo')} | {_fmt(r.get('only_sqnr_db'), 1)} | {r['proxy_rank']} | "
-                f"{r.get('ranked_by', '-')} |"
-            )
-        lines.append("")
-        if (run_dir / "sensitivity.png").is_file():
-            lines += ["![layer sensitivity](sensitivity.png)", ""]
-    mp = stages.get("mixed_precision")
-    if mp:
-        budget = ", ".join(f"{k} {v}" for k, v in mp["budget"].items())
-        floats = ", ".join(md_name(u) for u in mp["float_layers"]) or "none"
-        lines += ["## Mixed precision", ""]
-        lines.append(
-            f"Budget {budget} ({mp['metric']}): FP32 {_fmt(mp['fp32'])}, every layer INT8 {_fmt(mp['int8_all'])}, "
-            f"plan {_fmt(mp['final'])} on {mp['evaluation_samples']} samples. Kept in float "
-            f"({len(mp['float_layers'])}): "
-            f"{floats}; {mp['int8_layers']} layers and {100 * mp['int8_mac_share']:.1f}% of the MACs in INT8. "
-            "`recipe_mixed_precision.yaml` re-runs this plan as plain PTQ."
-        )
-        exported = mp.get("exported") or {}
-        if "low" in exported:
-            lines.append(f" Verified on the exported graph run faithfully in ONNX Runtime ({exported['samples']} "
-                         f"images): a difference with FP32 of {exported['delta']:+.3f} points, no worse than "
-                         f"{exported['low']:+.3f} with {100 * exported['confidence']:.0f}% confidence (one-sided "
-                         "paired bootstrap).")
-        elif "agreement" in exported:
-            lines.append(" Verified on the exported graph run faithfully in ONNX Runtime: "
-                         f"{exported['agreement']:.2f}% agreement with FP32.")
-        lines.append("")
-    return lines
 
 
 def print_summary(run_dir: str | Path, console) -> None:
@@ -634,9 +355,9 @@ def print_summary(run_dir: str | Path, console) -> None:
         console.print(deploy_line(metrics["deploy"]), markup=False, highlight=False)
     for warning in map(warning_text, metrics.get("warnings", [])):
         console.print(f"warning: {warning}", markup=False)
-    cal = metrics.get("stages", {}).get("calibrate")
-    if cal:
-        plan = metrics.get("stages", {}).get("mixed_precision", {}).get("census")  # as the report's census
-        census = ", ".join(f"{t}: {c['int8']} INT8 / {c['float']} float" for t, c in (plan or cal["census"]).items())
-        console.print(f"quantized layers: {census}")
+    from .stages import STAGES
+
+    for stage in STAGES.values():  # each stage's own lines, by its registration
+        for line in stage.console(metrics) if stage.console else []:
+            console.print(line)
     console.print(f"run directory: {run_dir}")

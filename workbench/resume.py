@@ -2,8 +2,8 @@
 
 Every finished stage records in metrics.json a fingerprint (a hash of the recipe up to and including that
 stage: the whole recipe but its name, runs_dir and later stages), the SHA-256 of its metrics, and the SHA-256
-of every file resume would restore it from (calibration.json, the ONNX files, sensitivity.json, the engine,
-pruned_model.pt). The run also records its inputs once: the model and weight files, the module of an `import:`
+of every file resume would restore it from (the files its registration's restorer names: its ranges, graphs,
+tables, engines, models). The run also records its inputs once: the model and weight files, the module of an `import:`
 spec, a COCO annotations file and a named calibration set's YAML, each by its size, time and content hash,
 and every data split a stage reads by the samples the run built from it: their count, a hash of their names
 and labels (boxes, for detection) in order, and the size, time and content of at most SAMPLED_FILES of their
@@ -15,9 +15,11 @@ On resume the recipe (the run's recipe.yaml, or the one given, with overrides) m
 fingerprints and inputs for every stage the run finished: if not, the resume is refused naming the
 first stage that changed, since its artifacts no longer follow from the recipe. The finished stages
 are then reused, each restored from its files in the run directory (the state it handed on to later
-stages, and its metrics), in order, up to the first stage that cannot be restored soundly (qat and
-mixed_precision keep their state only in memory; a finetune without prune only in its checkpoints):
-that stage and every later one run again. A complete run is refused: there is nothing to resume.
+stages, and its metrics), in order, up to the first stage that cannot be restored soundly (a stage registered
+without a restorer keeps its state only in memory; a restorer may decline, as one whose state lives only in its
+checkpoints does): that stage and every later one run again. Each stage says how it comes back beside its own
+function (stages/registry.py's Restorer): this module names no stage. A complete run is refused: there is
+nothing to resume.
 
 The run directory is untrusted input: it is reused for what it holds, never for the names of its files.
   - metrics.json and recipe.yaml are the run's record: one that fails its check (a field of the wrong type
@@ -26,25 +28,22 @@ The run directory is untrusted input: it is reused for what it holds, never for 
   - A file a stage wrote that is missing, or whose hash was never recorded (an older workbench), is a stage
     that cannot be restored: it and every later one run again, as the console line says.
   - A file a stage wrote that is there but not what the stage wrote (another SHA-256), that fails its own
-    check (an activation range that is not a finite number > 0, a quantizer or layer the model does not have,
-    a sensitivity rank that is no integer), or that is a symbolic link or no regular file, ends the resume
-    with exit 2 naming the file, the field and what was expected, and the run directory as it was. It is not
-    silently recomputed: an edited file may be someone's intent, and a damaged one a finding. Deleting that
-    file makes its stage and every later one run again.
+    check (each stage's restorer checks its own: an activation range that is not a finite number > 0, a
+    quantizer or layer the model does not have, a rank that is no integer), or that is a symbolic link or no
+    regular file, ends the resume with exit 2 naming the file, the field and what was expected, and the run
+    directory as it was. It is not silently recomputed: an edited file may be someone's intent, and a damaged
+    one a finding. Deleting that file makes its stage and every later one run again.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import math
 import os
 import stat
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import WorkbenchError
 from .recipe import Recipe, parse_recipe
@@ -136,15 +135,11 @@ def describe_inputs(recipe: Recipe, datasets: dict) -> dict[str, dict]:
     """What a run reads, by recipe field (after the model was loaded): the model's files by size and time, the
     data splits in `datasets` (the ones the stages read, as preflight built them) by their samples."""
     from .data.calibsets import find_calib_set, load_calib_set
+    from .models.registry import spec_input_file
 
     model = recipe.model
     paths = {"model.weights": model.weights, "model.pruned": model.pruned}
-    source, _, rest = model.spec.partition(":")
-    if source in ("file", "yolov5", "ultralytics"):
-        paths["model.spec"] = rest
-    elif source == "import":
-        module = sys.modules.get(rest.split(":")[0])  # imported by the preflight: its source file
-        paths["model.spec"] = getattr(module, "__file__", None)
+    paths["model.spec"] = spec_input_file(model.spec)  # a checkpoint, or an import: spec's module file
     sets, folders = {}, {}
     for split in datasets:
         config = getattr(recipe.data, split)
@@ -259,7 +254,7 @@ def stage_record(run, name: str, options, fingerprint: str) -> dict:
     from .run_record import sha256_file, sha256_values
 
     values = run.metrics.get("stages", {}).get(name)
-    restorer = RESTORERS.get(name)
+    restorer = _restorer(name)
     names = restorer.files(options, values) if restorer is not None and isinstance(values, dict) else []
     files = {n: sha256_file(run.path(n)) for n in names if run.path(n).is_file()}
     return {"stage": name, "fingerprint": fingerprint, "files": files, "metrics_sha256": sha256_values(values)}
@@ -281,13 +276,13 @@ def restore_stages(run, previous: Previous, count: int) -> Restored:
     its hash, ends the restoring there (that stage runs again); one present but not what the stage wrote, or that
     fails its check, is a RecordError naming the file and the field."""
     fingerprints = previous.metrics["fingerprints"][:count]
-    recorded: dict[str, str] = {}  # file -> its hash as the last stage that wrote it recorded (finetune re-saves)
+    recorded: dict[str, str] = {}  # file -> its hash as the stage that wrote it last recorded it
     for entry in fingerprints:
         recorded.update(entry.get("files", {}))
     restored = Restored([])
     for index, ((name, options), entry) in enumerate(zip(run.recipe.stage_list()[:count], fingerprints)):
         values = previous.metrics.get("stages", {}).get(name)
-        restorer = RESTORERS.get(name)
+        restorer = _restorer(name)
         if values is None:
             restored.rerun_because = f"{name} recorded no metrics"
         elif restorer is None:
@@ -305,11 +300,19 @@ def restore_stages(run, previous: Previous, count: int) -> Restored:
         if name in previous.metrics.get("timings_s", {}):
             run.metrics.setdefault("timings_s", {})[name] = previous.metrics["timings_s"][name]
         run.metrics["fingerprints"].append(entry)
-        # The stage's warnings come with it: a reused export that failed check-onnx still says so.
+        # The stage's warnings come with it: a reused stage whose output failed a check still says so.
         run.metrics.setdefault("warnings", []).extend(
             w for w in previous.metrics.get("warnings", []) if w.get("stage") == name)
         restored.stages.append(name)
     return restored
+
+
+def _restorer(name: str):
+    """How a finished stage comes back from its run directory: its registration's restorer (None: it keeps its state
+    only in memory, and runs again)."""
+    from .stages import STAGES
+
+    return STAGES[name].restorer if name in STAGES else None
 
 
 def _same_metrics(previous: Previous, index: int, name: str, values: dict, entry: dict) -> bool:
@@ -328,7 +331,7 @@ def _same_metrics(previous: Previous, index: int, name: str, values: dict, entry
     return True
 
 
-def _checked_files(run, restorer: Restorer, options, values: dict, entry: dict, recorded: dict[str, str],
+def _checked_files(run, restorer, options, values: dict, entry: dict, recorded: dict[str, str],
                    stage: str) -> tuple[dict[str, Any] | None, str | None]:
     """The stage's files checked as the module's docstring says: ({JSON file: its content}, None) when every one is
     there and is what the stage wrote; (None, why) when one is missing or its hash was never recorded (the stage
@@ -363,244 +366,3 @@ def _remedy(path: Path, stage: str) -> str:
     return f"Delete {path.name} to have {stage} and every later stage run again on --resume, or start a new run"
 
 
-def _bad(path: Path, field: str, value: Any, expected: str) -> Exception:
-    from .run_record import RecordError, show
-
-    what = f"field {field} is {show(value)}" if field else f"holds {show(value)}"
-    return RecordError(f"--resume: {path}: {what}, expected {expected}: it was edited or damaged since the run "
-                       f"wrote it. Delete {path.name} to have its stage and every later one run again on --resume, "
-                       "or start a new run")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# One restorer per stage that hands something on: the files it reads, their checks, the restoring
-# ---------------------------------------------------------------------------------------------------------
-
-
-def check_calibration(saved: Any, path: Path) -> None:
-    """calibration.json as calibrate writes it: every activation range a finite number > 0 (one per quantizer,
-    per tensor; calibrate never writes less than quant.ptq.MIN_AMAX), the layer lists lists of names."""
-    if not isinstance(saved, dict):
-        raise _bad(path, "", saved, "an object with config, activation_amax and quantized_layers (calibrate's ranges)")
-    if not isinstance(saved.get("config"), dict):
-        raise _bad(path, "config", saved.get("config"), "an object (the calibrate stage's options)")
-    amax = saved.get("activation_amax")
-    if not isinstance(amax, dict) or not amax:
-        raise _bad(path, "activation_amax", amax, "an object of quantizer name -> activation range")
-    for quantizer, value in amax.items():
-        if not _is_number(value) or not math.isfinite(value) or value <= 0:
-            raise _bad(path, f"activation_amax[{json.dumps(quantizer)}]", value,
-                       "a finite number > 0 (the quantizer's activation range, one per tensor)")
-    for key in ("quantized_layers", "float_layers"):
-        layers = saved.get(key)
-        if not isinstance(layers, dict) or not all(isinstance(t, str) for t in layers.values()):
-            raise _bad(path, key, layers, "an object of layer name -> layer type")
-
-
-def _is_count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _is_measure(v: Any) -> bool:
-    """A proxy or a metric: a number (inf: SQNR of a layer INT8 leaves exact), or None where it was not measured."""
-    return v is None or _is_number(v)
-
-
-# A sensitivity row's field -> (accepts its value, what is expected); by the suffix after the last _ where not named.
-_SENSITIVITY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "rank": (lambda v: _is_count(v) and v > 0, "an integer rank (1 = most sensitive)"),
-    "proxy_rank": (lambda v: _is_count(v) and v > 0, "an integer rank (1 = most sensitive)"),
-    "layer": (lambda v: isinstance(v, str), "a layer name"),
-    "type": (lambda v: isinstance(v, str), "a layer type name"),
-    "ranked_by": (lambda v: v in ("proxy", "task"), '"proxy" or "task"'),
-    "macs": (_is_count, "an integer count >= 0"),
-    "params": (_is_count, "an integer count >= 0"),
-    "onnx_qdq_nodes": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of node names"),
-    "_resolved": (lambda v: isinstance(v, bool), "true or false"),
-    **{f"_{k}": (_is_measure, "a number or null") for k in ("db", "cosine", "kl", "metric", "delta", "low", "high")},
-}
-_OTHER = (lambda v: v is None or isinstance(v, (str, bool)) or _is_number(v), "a number, a string, true/false or null")
-
-
-def check_sensitivity(saved: Any, path: Path) -> None:
-    """sensitivity.json as the sensitivity stage writes it: a row per layer, ranked 1..n, of plain values."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("layers"), list):
-        raise _bad(path, "layers", saved.get("layers") if isinstance(saved, dict) else saved,
-                   "a list of rows, one per layer (the sensitivity table)")
-    rows = saved["layers"]
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not isinstance(row.get("layer"), str):
-            raise _bad(path, f"layers[{i}].layer", row.get("layer") if isinstance(row, dict) else row, "a layer name")
-        if "rank" not in row:
-            raise _bad(path, f"layers[{i}].rank", None, "an integer rank (1 = most sensitive)")
-        for key, value in row.items():
-            accepts, expected = _SENSITIVITY_FIELDS.get(key) or _SENSITIVITY_FIELDS.get("_" + key.rsplit("_", 1)[-1],
-                                                                                       _OTHER)
-            if not accepts(value):
-                raise _bad(path, f"layers[{i}].{key}", value, expected)
-    if sorted(row["rank"] for row in rows) != list(range(1, len(rows) + 1)):
-        raise _bad(path, "layers[].rank", [row["rank"] for row in rows], f"the ranks 1 to {len(rows)}, each once")
-
-
-def _pruned_files(options, values) -> list[str]:
-    return ["pruned_model.pt"]
-
-
-def _pruned(run, options, values, loaded) -> bool:
-    """prune: the pruned model from pruned_model.pt (as a later finetune re-saved it, when it finished too)."""
-    from .models import resolve_model
-
-    path = run.path("pruned_model.pt")
-    model = resolve_model(run.recipe.model.model_copy(update={"pruned": str(path)}))
-    run.model = model.to(run.device).eval()
-    run.artifacts.pruned_fp32 = run.model
-    run.artifacts.pruned_file = path
-    return True
-
-
-def _finetuned(run, options, values, loaded) -> bool:
-    # After prune, pruned_model.pt holds the fine-tuned weights, already restored with the prune stage;
-    # a finetune without prune keeps its weights only in the epoch checkpoints: it runs again.
-    return run.artifacts.pruned_file is not None
-
-
-def _calibrated(run, options, values, loaded) -> bool:
-    from .errors import CalibrationError
-    from .quant.ptq import restore_
-
-    saved = loaded["calibration.json"]
-    if saved["config"] != options.model_dump(mode="json"):
-        return False  # written by a workbench whose calibrate options differ: calibrate again
-    path = run.path("calibration.json")
-    if run.artifacts.pruned_fp32 is run.model:  # as the calibrate stage: keep the pruned FP32 model apart
-        run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
-    amax = saved["activation_amax"]
-    try:
-        run.artifacts.quant = result = restore_(run.model, options, amax, run.example_input())
-    except CalibrationError as e:  # a quantizer of the model without a range
-        raise _bad(path, "activation_amax", f"{len(amax)} ranges", f"a range for every quantizer of the model ({e})")
-    if extra := sorted(set(amax) - set(result.activation_amax)):
-        raise _bad(path, f"activation_amax[{json.dumps(extra[0])}]", amax[extra[0]],
-                   f"no range for a quantizer the model does not have ({len(extra)} such name(s)); the model's "
-                   f"quantizers are e.g. {sorted(result.activation_amax)[:3]}")
-    if saved["quantized_layers"] != result.quantized:
-        raise _bad(path, "quantized_layers", saved["quantized_layers"],
-                   f"the layers calibrate quantizes in this model, {_show_list(list(result.quantized))}")
-    return True
-
-
-def _show_list(names: list[str], limit: int = 4) -> str:
-    return "[" + ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "") + "]"
-
-
-def _exported_files(options, values) -> list[str]:
-    return [n for n, v in values.items() if isinstance(v, dict) and "bytes" in v]
-
-
-def _exported(run, options, values, loaded) -> bool:
-    """The ONNX files export wrote (their content already checked against the hashes it recorded)."""
-    from .stages.export import MODEL, onnx_files
-
-    present = set(_exported_files(options, values))
-    if MODEL not in present:
-        return False
-    run.artifacts.onnx = onnx_files(run, present)
-    return True
-
-
-def _sensitivity(run, options, values, loaded) -> bool:
-    from .quant.ptq import quant_units
-
-    path = run.path("sensitivity.json")
-    rows = loaded["sensitivity.json"]["layers"]
-    if run.artifacts.quant is not None:
-        units = quant_units(run.model, run.artifacts.quant)
-        if unknown := [(i, r["layer"]) for i, r in enumerate(rows) if r["layer"] not in units]:
-            i, layer = unknown[0]
-            raise _bad(path, f"layers[{i}].layer", layer,
-                       f"a quantized layer of the model, e.g. {_show_list(sorted(units))}")
-    run.artifacts.sensitivity = rows
-    return True
-
-
-def _built_files(options, values) -> list[str]:
-    if not values.get("built"):
-        return []
-    if values.get("engine", "tensorrt") == "tensorrt":  # the engine and its sidecar, which says `verified`
-        return [f"model_{options.precision}.engine", f"model_{options.precision}.engine.json"]
-    from .runtime.openvino import artifact_files
-
-    # The IR, its weights and its sidecar; the blob (a compiled cache) where the compile left one; and the converted
-    # graph the INT8 engine was compiled from, which evaluate measures the engine against.
-    files = [p.name for key in ("int8", "fp32") if key in values
-             for p in artifact_files(Path(f"model_openvino_{key}.xml")) if p.suffix != ".blob"]
-    int8 = values.get("int8")
-    if isinstance(int8, dict) and int8.get("graph", "tensorrt_style") != "tensorrt_style":
-        files.append("model_openvino_int8.onnx")
-    return files
-
-
-def _built(run, options, values, loaded) -> bool:
-    """The engine files the build stage wrote (an OpenVINO IR also with its sidecar, which says it was compiled by
-    this OpenVINO for this CPU)."""
-    if not values.get("built"):
-        return True  # nothing was built: nothing to hand on
-    from .runtime.guard import GuardPolicy
-
-    # The recipe's threshold, for evaluate's check of every engine on the evaluation split.
-    run.artifacts.engine_guard = GuardPolicy(options.guard_min_agreement, options.guard_min_sqnr_db,
-                                             options.guard_confidence, options.guard_max_samples)
-    if values.get("engine", "tensorrt") == "tensorrt":
-        run.artifacts.tensorrt_engine = run.path(f"model_{options.precision}.engine")
-        return True
-    from .runtime.openvino import check_sidecar
-
-    found = {}
-    for key in ("int8", "fp32"):
-        if key in values:
-            xml = run.path(f"model_openvino_{key}.xml")
-            try:
-                check_sidecar(xml)
-            except WorkbenchError:  # another OpenVINO or CPU since: compile again
-                return False
-            found[key] = xml
-    run.artifacts.openvino_int8, run.artifacts.openvino_fp32 = found.get("int8"), found.get("fp32")
-    if "int8" in found:  # the graph it was compiled from (model.onnx itself for the TensorRT-style layout)
-        converted = run.path("model_openvino_int8.onnx")
-        run.artifacts.openvino_int8_graph = converted if converted.is_file() else run.artifacts.onnx.model
-    return True
-
-
-def _metrics_only(run, options, values, loaded) -> bool:
-    return True  # evaluate and bench hand nothing on: their metrics are all there is
-
-
-def _no_files(options, values) -> list[str]:
-    return []
-
-
-@dataclass(frozen=True)
-class Restorer:
-    """How a finished stage comes back from its run directory: the files restoring reads (by name, from the stage's
-    options and metrics; export hashes them as it finishes), the check of each JSON one, and the restoring (False:
-    the stage runs again)."""
-
-    restore: Callable[..., bool]  # (run, options, values, {JSON file: its checked content}) -> restored
-    files: Callable[[Any, dict], list[str]] = _no_files
-    checks: dict[str, Callable[[Any, Path], None]] = field(default_factory=dict)
-
-
-RESTORERS = {
-    "prune": Restorer(_pruned, _pruned_files),
-    "finetune": Restorer(_finetuned, _pruned_files),
-    "calibrate": Restorer(_calibrated, lambda o, v: ["calibration.json"], {"calibration.json": check_calibration}),
-    "export": Restorer(_exported, _exported_files),
-    "sensitivity": Restorer(_sensitivity, lambda o, v: ["sensitivity.json"], {"sensitivity.json": check_sensitivity}),
-    "build": Restorer(_built, _built_files),
-    "evaluate": Restorer(_metrics_only),
-    "bench": Restorer(_metrics_only),
-}

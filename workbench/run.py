@@ -45,6 +45,7 @@ from .resume import (
 )
 from .rundir import check_runs_dir, mark_stale_runs, process_identity
 from .stages import STAGES
+from .stages.registry import check_made
 from .tasks import Classes, Task, get_task
 from .tracking import Trackers
 from .validate import check_recipe_inputs
@@ -253,10 +254,12 @@ def _run_stages(run: Run, previous: Previous | None, restored: Restored | None, 
         run.stage = name
         start = time.perf_counter()
         token = current_stage.set(f"stage {index + 1}/{len(recipe.stages)} {name}")
+        made = run.artifacts.made()
         try:
             STAGES[name].fn(run, options)
         finally:
             current_stage.reset(token)
+        check_made(STAGES[name], options, made, run.artifacts.made())  # what it hands on is what it declared
         run.metrics.setdefault("timings_s", {})[name] = round(time.perf_counter() - start, 3)
         run.metrics.setdefault("peak_rss_mb", {})[name] = peak_rss_mb()
         run.metrics["fingerprints"].append(stage_record(run, name, options, fingerprints[index]))

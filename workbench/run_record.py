@@ -103,7 +103,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -148,10 +148,10 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pid_namespace": (lambda v: _is_int(v) and v >= 0, "a namespace inode: an integer >= 0"),
     "boot_id": (lambda v: isinstance(v, str), "a boot id as a string"),
     "stage_names": (_is_str_list, "a list of stage names"),
-    "timings_s": (lambda v: isinstance(v, dict) and all(_is_number(t) and math.isfinite(t) and t >= 0
+    "timings_s": (lambda v: isinstance(v, dict) and all(is_number(t) and math.isfinite(t) and t >= 0
                                                         for t in v.values()),
                   "an object of stage name -> seconds (a finite number >= 0)"),
-    "peak_rss_mb": (lambda v: isinstance(v, dict) and all(_is_number(t) and math.isfinite(t) and t >= 0
+    "peak_rss_mb": (lambda v: isinstance(v, dict) and all(is_number(t) and math.isfinite(t) and t >= 0
                                                           for t in v.values()),
                     "an object of stage name -> the process's peak memory in MB after it (a finite number >= 0)"),
     "stages": (lambda v: isinstance(v, dict) and all(isinstance(s, dict) for s in v.values()),
@@ -191,3 +191,14 @@ def read_record(run_dir: Path) -> dict | None:
     except OSError as e:
         raise RecordError(f"{path}: cannot be read ({e.strerror})") from None
     return check_record(metrics, path)
+
+
+def bad_field(path: Path, field: str, value: Any, expected: str) -> Exception:
+    what = f"field {field} is {show(value)}" if field else f"holds {show(value)}"
+    return RecordError(f"--resume: {path}: {what}, expected {expected}: it was edited or damaged since the run "
+                       f"wrote it. Delete {path.name} to have its stage and every later one run again on --resume, "
+                       "or start a new run")
+
+
+def show_list(names: list[str], limit: int = 4) -> str:
+    return "[" + ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "") + "]"

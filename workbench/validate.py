@@ -13,7 +13,6 @@ reads the same whichever finds it. Nothing here imports user code or unpickles a
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -117,12 +116,10 @@ def _split_problems(split: DataSplit, field: str) -> list[str]:
         problems += missing_path(split.label_dir, f"{field}.label_dir", "the folder of YOLO txt labels", folder=True)
     if split.yaml:
         problems += missing_path(split.yaml, f"{field}.yaml", "the dataset's data.yaml")
-    if split.source == "hf":
-        from .data.sources import hf_problems
+    if split.source is not None:
+        from .data.registry import source_problems
 
-        problems += hf_problems(split, field)
-    if split.source == "package" and split.package and importlib.util.find_spec(split.package.split(".")[0]) is None:
-        problems.append(f"{field}.package: package {split.package!r} is not installed (pip install {split.package})")
+        problems += source_problems(split, field)  # beyond its files: packages, downloads
     return problems
 
 
@@ -133,31 +130,5 @@ def _stage_problems(recipe: Recipe) -> list[str]:
         for train in (options, getattr(options, "finetune_between", None)):
             if getattr(train, "resume", None):
                 problems += missing_path(train.resume, f"{where}.resume", "a checkpoint (checkpoints/*.pt of a run)")
-        if stage == "prune" and options.method == "structured" and options.importance == "taylor":
-            from .tasks import get_task  # the task's adapter loads torch: only asked when it matters
-
-            if not get_task(recipe.task).has_label_loss:
-                problems.append(f"{where}.importance: taylor needs a labeled classification fine-tune split "
-                                f"(task is {recipe.task})")
-        if stage == "build" and options.required:
-            problems += _engine_problems(options, where)
+        problems += STAGES[stage].preflight(options, where, recipe)  # what the stage itself needs here
     return problems
-
-
-def _engine_problems(options, where: str) -> list[str]:
-    """A required engine whose package (or, for TensorRT, GPU) is missing."""
-    from .stages.build import resolve_engine
-
-    if resolve_engine(options) == "tensorrt":
-        from .runtime.tensorrt import TensorRTUnavailable, require_tensorrt
-
-        try:
-            require_tensorrt()
-        except TensorRTUnavailable as e:
-            return [f"{where}.required is true, but {e}"]
-        return []
-    if importlib.util.find_spec("openvino") is None:
-        from .runtime.openvino import INSTALL_HINT
-
-        return [f"{where}.required is true, but OpenVINO is not installed: {INSTALL_HINT}"]
-    return []

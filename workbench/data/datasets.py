@@ -113,8 +113,14 @@ def build_dataset(data: DataConfig, split_name: str) -> ImageDataset:
         transform = transform.model_copy(update={"mean": data.transform.mean, "std": data.transform.std})
     else:
         transform = split.transform or data.transform
-    if split.source in ("coco", "yolo_txt", "yolo"):
-        return _detection_dataset(split, transform, field)
+    from .registry import data_source, load
+
+    source = data_source(split.source)
+    if source.boxes is not None:  # box labels: letterboxed as the detection task reads them
+        if transform.letterbox is None:
+            raise DataError(f"{field}: detection sources need data.transform.letterbox: [height, width], e.g. "
+                            "[640, 640]")
+        return load(source.boxes)(split, tuple(transform.letterbox), transform.stride, field)
     samples = list_samples(split, field)
     samples = sample_subset(samples, split, transform, field)
     if transform.letterbox:  # a detector's unlabeled images (calibration, distillation)
@@ -122,20 +128,6 @@ def build_dataset(data: DataConfig, split_name: str) -> ImageDataset:
 
         return LetterboxedImages(samples, tuple(transform.letterbox), transform.stride)
     return ImageDataset(samples, transform, seed=split.seed, field=field, batch_size=data.batch_size)
-
-
-def _detection_dataset(split: DataSplit, transform: TransformConfig, field: str):
-    from .detection import coco_dataset, yolo_data_yaml_dataset, yolo_txt_dataset
-
-    if transform.letterbox is None:
-        raise DataError(f"{field}: detection sources need data.transform.letterbox: [height, width], e.g. [640, 640]")
-    size, stride = tuple(transform.letterbox), transform.stride
-    if split.source == "coco":
-        return coco_dataset(split.path, split.annotations, size, stride, count=split.count, seed=split.seed)
-    if split.source == "yolo":
-        return yolo_data_yaml_dataset(split.yaml, split.split, size, stride, count=split.count, seed=split.seed,
-                                      field=field)
-    return yolo_txt_dataset(split.path, split.label_dir, size, stride, count=split.count, seed=split.seed)
 
 
 def sample_subset(samples: list[Sample], split: DataSplit, transform: TransformConfig, field: str) -> list[Sample]:

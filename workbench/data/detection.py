@@ -627,3 +627,18 @@ def _coco_from_dict(dataset: dict) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
         coco.createIndex()
     return coco
+
+
+# The detection sources' rows in data/registry.py: a recipe's split, letterboxed to `size` (data.transform.letterbox).
+
+def coco_split(split, size: tuple[int, int], stride: int, field: str):
+    return coco_dataset(split.path, split.annotations, size, stride, count=split.count, seed=split.seed)
+
+
+def yolo_txt_split(split, size: tuple[int, int], stride: int, field: str):
+    return yolo_txt_dataset(split.path, split.label_dir, size, stride, count=split.count, seed=split.seed)
+
+
+def yolo_split(split, size: tuple[int, int], stride: int, field: str):
+    return yolo_data_yaml_dataset(split.yaml, split.split, size, stride, count=split.count, seed=split.seed,
+                                  field=field)

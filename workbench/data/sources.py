@@ -132,8 +132,13 @@ def verify_image(sample: Sample, field: str) -> tuple[int, int] | None:
 
 def list_samples(split: DataSplit, field: str) -> list[Sample]:
     """All samples a split's source holds, in a stable order (sampling happens later)."""
-    builders = {"imagefolder": _imagefolder, "files": _files, "hf": _hf, "package": _package}
-    samples = builders[split.source](split, field)
+    from .registry import data_source, load
+
+    row = data_source(split.source)
+    if row.samples is None:  # box-labelled: only a detection dataset reads it (data.transform.letterbox)
+        raise DataError(f"{field}: the {split.source} source is read as a detection dataset, not a list of images: "
+                        "use imagefolder or files for a calibration set's images")
+    samples = load(row.samples)(split, field)
     if not samples:
         raise DataError(f"{field}: the {split.source} source {_where(split)} holds no images; check the path and "
                         "pattern")
@@ -158,7 +163,7 @@ def _file_sample(path: Path, label: int) -> Sample:
     return Sample(str(path), lambda p=path: open_image_file(p), label)
 
 
-def _imagefolder(split: DataSplit, field: str) -> list[Sample]:
+def imagefolder_samples(split: DataSplit, field: str) -> list[Sample]:
     root = Path(split.path)
     if not root.is_dir():
         raise DataError(f"{field}.path: {root} does not exist or is not a folder")
@@ -196,7 +201,7 @@ def imagenet_wnids() -> dict[str, int]:
     return {wnid: i for i, wnid in enumerate(text.split())}
 
 
-def _files(split: DataSplit, field: str) -> list[Sample]:
+def files_samples(split: DataSplit, field: str) -> list[Sample]:
     paths = _image_files(Path(split.path), split.pattern, field)
     if split.labels == "wnid_prefix":
         # By the full 1000-class list, not the ids this folder happens to hold: a folder with a
@@ -215,7 +220,7 @@ def _files(split: DataSplit, field: str) -> list[Sample]:
     return [_file_sample(p, UNLABELED) for p in paths]
 
 
-def _package(split: DataSplit, field: str) -> list[Sample]:
+def package_samples(split: DataSplit, field: str) -> list[Sample]:
     spec = importlib.util.find_spec(split.package)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"{field}.package: package {split.package!r} is not installed (pip install {split.package})")
@@ -223,7 +228,14 @@ def _package(split: DataSplit, field: str) -> list[Sample]:
     return [_file_sample(p, UNLABELED) for p in _image_files(root, split.pattern, field)]
 
 
-def _hf(split: DataSplit, field: str) -> list[Sample]:
+def package_problems(split: DataSplit, field: str) -> list[str]:
+    """A `source: package` split whose package is not installed (validate.py lists it, loading refuses it)."""
+    if split.package and importlib.util.find_spec(split.package.split(".")[0]) is None:
+        return [f"{field}.package: package {split.package!r} is not installed (pip install {split.package})"]
+    return []
+
+
+def hf_samples(split: DataSplit, field: str) -> list[Sample]:
     try:
         import datasets
     except ImportError:

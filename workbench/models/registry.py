@@ -38,19 +38,43 @@ class ModelSource:
     # What is wrong with a spec of this source, found without building a model, reading a weights file, importing
     # user code or downloading (see spec_problems).
     problems: Callable[[str, ModelConfig], list[str]] = _no_problems
+    # The file a spec of this source reads (the name after the colon, given the name), which a run records by content
+    # and resume checks; None: it reads none beyond model.weights.
+    input_file: Callable[[str], str | None] = lambda name: None
+    names_file: bool = False  # the name is a file path: a run's recipe.yaml makes it absolute
 
 
 MODEL_SOURCES: dict[str, ModelSource] = {}
 
 
 def register_source(name: str, names: Callable[[], list[str]], example: str,
-                    problems: Callable[[str, ModelConfig], list[str]] = _no_problems):
+                    problems: Callable[[str, ModelConfig], list[str]] = _no_problems, names_file: bool = False,
+                    input_file: Callable[[str], str | None] | None = None):
 
     def decorator(build: Callable[[str, ModelConfig], nn.Module]):
-        MODEL_SOURCES[name] = ModelSource(name, build, names, example, problems)
+        reads = input_file or ((lambda path: path) if names_file else (lambda path: None))
+        MODEL_SOURCES[name] = ModelSource(name, build, names, example, problems, reads, names_file)
         return build
 
     return decorator
+
+
+def spec_input_file(spec: str) -> str | None:
+    """The file a model spec reads, by its source's registration (resume records it by content)."""
+    source, sep, name = spec.partition(":")
+    return MODEL_SOURCES[source].input_file(name) if sep and source in MODEL_SOURCES else None
+
+
+def spec_names_file(spec: str) -> bool:
+    """Whether the name after a spec's colon is a file path (a run's recipe.yaml makes it absolute)."""
+    source, sep, _ = spec.partition(":")
+    return bool(sep) and source in MODEL_SOURCES and MODEL_SOURCES[source].names_file
+
+
+def _module_file(name: str) -> str | None:
+    """The source file of an `import:` spec's module, as the preflight imported it."""
+    module = sys.modules.get(name.split(":")[0])
+    return getattr(module, "__file__", None)
 
 
 def spec_problems(config: ModelConfig) -> list[str]:
@@ -118,7 +142,7 @@ def resolve_model(config: ModelConfig) -> nn.Module:
     if config.pruned:
         import torch
 
-        from ..prune.structured import load_pruned
+        from .pruned_file import load_pruned
 
         refuse_torchscript(config.pruned, "model.pruned")
         example = torch.randn(1, *config.input_size, generator=torch.Generator().manual_seed(0))
@@ -427,7 +451,7 @@ def _import_problems(name: str, config: ModelConfig) -> list[str]:
     return []
 
 
-@register_source("import", lambda: [], "import:torchvision.models:resnet18", _import_problems)
+@register_source("import", lambda: [], "import:torchvision.models:resnet18", _import_problems, input_file=_module_file)
 def _build_import(name: str, config: ModelConfig) -> nn.Module:
     from torch import nn
 
@@ -474,7 +498,7 @@ def _file_problems(name: str, config: ModelConfig) -> list[str]:
     return problems
 
 
-@register_source("file", lambda: [], "file:model.pt", _file_problems)
+@register_source("file", lambda: [], "file:model.pt", _file_problems, names_file=True)
 def _build_file(name: str, config: ModelConfig) -> nn.Module:
     import torch
     from torch import nn
@@ -505,7 +529,7 @@ def _build_file(name: str, config: ModelConfig) -> nn.Module:
 
 
 @register_source("yolov5", lambda: [], "yolov5:weights/yolov5n.pt",
-                 lambda name, config: checkpoint_file_problems(name, "model.spec", "the checkpoint"))
+                 lambda name, config: checkpoint_file_problems(name, "model.spec", "the checkpoint"), names_file=True)
 def _build_yolov5(name: str, config: ModelConfig) -> nn.Module:
     from .yolov5_legacy import load_yolov5_checkpoint
 
@@ -564,7 +588,7 @@ def _ultralytics_problems(name: str, config: ModelConfig) -> list[str]:
 
 
 @register_source("ultralytics", lambda: ["yolov8n.yaml", "yolo11n.yaml", "yolov5nu.yaml", "yolov10n.yaml", "PATH.pt"],
-                 "ultralytics:yolov8n.pt", _ultralytics_problems)
+                 "ultralytics:yolov8n.pt", _ultralytics_problems, names_file=True)
 def _build_ultralytics(name: str, config: ModelConfig) -> nn.Module:
     from .guards import refuse_torchscript
 

@@ -9,7 +9,7 @@ from .unstructured import magnitude_prune_, make_permanent, prunable_layers, spa
 def hand_on_pruned(run) -> Path:
     """Save the run's model as pruned_model.pt (re-saved after fine-tuning) and hand it on as the pruned FP32
     model, which export and evaluate show beside the original FP32 model and the INT8 one."""
-    from .structured import save_pruned
+    from ..models.pruned_file import save_pruned
 
     run.artifacts.pruned_fp32 = run.model
     run.artifacts.pruned_file = save_pruned(run.model, run.path("pruned_model.pt"))

@@ -7,29 +7,24 @@ dependency graph and prunes each coupled group together, so the model stays
 consistent; channel counts are rounded to a multiple of `round_to` so INT8
 kernels (multiples of 8 or 16 channels) still get full tiles.
 
-A pruned model is saved as plain data (`save_pruned`): its state dict and each
-module's plain attributes (channel counts, groups). `load_pruned` sets those on
-a fresh instance of the original architecture and loads the tensors of the new
-shapes; the file loads with weights_only=True, so it runs no code.
+A pruned model is saved as plain data (models/pruned_file.py, which loading a
+model reads): its state dict and each module's plain attributes.
 """
 
 from __future__ import annotations
 
 import copy
-import pickle
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import WorkbenchError
-from ..io import atomic_path
+from ..errors import PruningError
+from ..models.coupling import make_coupling_explicit_
 
-
-class PruningError(WorkbenchError):
-    """Structured pruning cannot be applied to this model as asked."""
+# The pruned-model file lives in models/ (loading a model reads it); named here too, where its readers found it.
+from ..models.pruned_file import PRUNED_FORMAT, PRUNED_VERSION, _freeze, load_pruned, save_pruned  # noqa: F401
 
 
 def _importance(kind: str):
@@ -149,35 +144,8 @@ def untracked_channel_ops(graph) -> list[str]:
     return sorted(names)
 
 
-_COUPLING = "structured pruning: rewriting option-A shortcuts (F.pad) as 1x1 convolutions"
-_COUPLING_ADVICE = ("This is a workbench defect, not your model's: report it; meanwhile ignore the blocks around it "
-                    "(stages.prune.ignore) or use unstructured pruning.")
 
 
-def make_coupling_explicit_(model: nn.Module, example: torch.Tensor | None = None) -> None:
-    """Rewrite modules whose channel coupling the dependency graph cannot see into exact equivalents it can.
-
-    Applied before pruning and before loading a pruned model, so both see the same modules. Proved to keep the
-    float model's outputs on `example` (models/equivalence.py); without one (a pruned file being loaded), each
-    replaced module is proved against the one it replaces on a random input. A RewriteError where either differs.
-    """
-    from ..models.cifar_resnet import LambdaLayer, option_a_as_convolutions_
-    from ..models.equivalence import checked_rewrite, checked_swap
-
-    if not any(isinstance(m, LambdaLayer) for m in model.modules()):
-        return  # nothing to rewrite: no check to run
-    if example is not None:
-        checked_rewrite(model, option_a_as_convolutions_, example, what=_COUPLING, advice=_COUPLING_ADVICE)
-        return
-    for name, old, new in option_a_as_convolutions_(model):
-        sample = torch.randn(2, old.in_planes, 8, 8, generator=torch.Generator().manual_seed(0))
-        checked_swap(name, old, new, sample.to(new.weight.device), what=_COUPLING, advice=_COUPLING_ADVICE)
-
-
-def _freeze(model: nn.Module, names: list[str]) -> None:
-    params = dict(model.named_parameters())
-    for name in names:
-        params[name].requires_grad_(False)
 
 
 def _nearest_multiple_ratios(model: nn.Module, ignored: list[nn.Module], ratio: float, round_to: int) -> dict:
@@ -202,122 +170,17 @@ def _restore(model: nn.Module, original: nn.Module) -> None:
         setattr(model, name, child)
 
 
-# pruned_model.pt: plain data that torch.load reads with weights_only=True (no pickled classes).
-PRUNED_FORMAT = "workbench.pruned"
-PRUNED_VERSION = 1
 
 
-def save_pruned(model: nn.Module, path: str | Path) -> Path:
-    """The pruned model as its state dict plus every module's plain attributes (channel counts, groups, ...)."""
-    path = Path(path)
-    saved = {
-        "format": PRUNED_FORMAT,
-        "version": PRUNED_VERSION,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "attributes": {name: _plain_attributes(m) for name, m in model.named_modules()},
-    }
-    with atomic_path(path) as tmp:
-        torch.save(saved, tmp)
-    return path
 
 
-def load_pruned(model: nn.Module, path: str | Path, trust_pickle: bool = False,
-                example: torch.Tensor | None = None) -> nn.Module:
-    """Reshape a fresh instance of the original architecture to the saved pruned one and load its weights.
-
-    Files of the older format (Torch-Pruning's own state dict, which pickles whole modules) load only
-    with `trust_pickle`, since unpickling them runs code from the file. `example` (an input of the model's size)
-    is what the rewrite before loading is proved on.
-    """
-    from ..models.checkpoints import check_checkpoint_file, check_loaded_tensors
-
-    check_checkpoint_file(path, "model.pruned", "the pruned_model.pt of a run's prune stage")
-    make_coupling_explicit_(model, example)
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return _load_pickled_pruned(model, path, trust_pickle)
-    except Exception as e:  # truncated or foreign files raise a zoo of errors
-        raise PruningError(f"model.pruned: cannot read {path} "
-                           f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
-    check_loaded_tensors(saved, "model.pruned", path)  # before a tensor's shape is allocated in the model
-    if not isinstance(saved, dict) or saved.get("format") != PRUNED_FORMAT:
-        raise PruningError(f"model.pruned: {path} is not a pruned_model.pt written by a prune stage")
-    if saved.get("version") != PRUNED_VERSION:
-        raise PruningError(
-            f"model.pruned: {path} has format version {saved.get('version')!r}; this workbench reads version "
-            f"{PRUNED_VERSION}: re-run the prune stage with this version"
-        )
-    try:
-        _apply_pruned(model, saved["attributes"], saved["state_dict"])
-    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
-        raise _not_this_architecture(path, e) from None
-    return model.eval()
 
 
-def _plain_attributes(module: nn.Module) -> dict:
-    """The module's own public attributes that are plain data: where Torch-Pruning records new channel counts."""
-    return {k: v for k, v in vars(module).items() if not k.startswith("_") and _is_plain(v)}
 
 
-def _is_plain(value) -> bool:
-    if value is None or type(value) in (bool, int, float, str):
-        return True
-    if type(value) in (tuple, list):
-        return all(_is_plain(v) for v in value)
-    if type(value) is dict:
-        return all(_is_plain(k) and _is_plain(v) for k, v in value.items())
-    return False  # tensors are in the state dict; modules, functions and other objects are not data
 
 
-def _apply_pruned(model: nn.Module, attributes: dict, state: dict) -> None:
-    modules = dict(model.named_modules())
-    unknown = [name for name in attributes if name not in modules]
-    if unknown:
-        raise KeyError(f"the architecture has no layer {unknown[0]!r}")
-    for name, values in attributes.items():
-        for key, value in values.items():
-            if getattr(modules[name], key, None) != value:
-                setattr(modules[name], key, value)
-    # Replace every tensor whose shape pruning changed by one of the saved shape; load_state_dict then
-    # copies the values and refuses missing or unexpected keys.
-    for key, value in state.items():
-        module_name, _, attr = key.rpartition(".")
-        module = modules.get(module_name)
-        if module is None:
-            continue
-        if module._parameters.get(attr) is not None and module._parameters[attr].shape != value.shape:
-            old = module._parameters[attr]
-            module._parameters[attr] = nn.Parameter(torch.empty_like(value, dtype=old.dtype),
-                                                    requires_grad=old.requires_grad)
-        elif module._buffers.get(attr) is not None and module._buffers[attr].shape != value.shape:
-            module._buffers[attr] = torch.empty_like(value, dtype=module._buffers[attr].dtype)
-    model.load_state_dict(state, strict=True)
 
 
-def _not_this_architecture(path: str | Path, error: Exception) -> PruningError:
-    reason = (str(error).splitlines() or [type(error).__name__])[0]
-    return PruningError(f"model.pruned: {path} is not a pruned model of this architecture ({reason})")
 
 
-def _load_pickled_pruned(model: nn.Module, path: str | Path, trust_pickle: bool) -> nn.Module:
-    """A pruned model in Torch-Pruning's pickled state dict (what this workbench wrote before)."""
-    import torch_pruning as tp
-
-    from ..models.checkpoints import check_loaded_tensors
-
-    if not trust_pickle:
-        raise PruningError(
-            f"model.pruned: {path} holds pickled Python objects, not only tensors and numbers: it is a pruned model in "
-            "the older format (Torch-Pruning's state dict), or not one at all, and unpickling it runs code from the "
-            "file. Set model.trust_pickle: true if you trust it; a prune stage now writes a format that loads safely."
-        )
-    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        check_loaded_tensors(state, "model.pruned", path)
-        tp.load_state_dict(model, state_dict=state)
-        _freeze(model, frozen)
-    except (RuntimeError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as e:
-        raise _not_this_architecture(path, e) from None
-    return model.eval()

@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError
+from ..hardware.ort import ort_session_options
 from ..io import atomic_path
-from ..runtime.runners import ort_session_options
 from . import WeightType
 from .export import check_model_file, clean_graph
 from .graph import GraphIndex
@@ -68,7 +68,7 @@ class OrtConversion:
 
 def u8s8_can_saturate() -> bool:
     """True on x86 CPUs without VNNI or AMX, where 8-bit kernels use VPMADDUBSW (16-bit saturating sums)."""
-    from ..runtime.cpu import cpu_info
+    from ..hardware.cpu import cpu_info
 
     return not cpu_info().int8_dot
 

@@ -111,8 +111,9 @@ def names() -> tuple[str, ...]:
 def artifact_bytes(model: nn.Module | Path) -> int:
     """A file's bytes on disk (an OpenVINO IR's .xml with its .bin), a module's parameter bytes."""
     if isinstance(model, Path):
-        weights = model.with_suffix(".bin") if model.suffix == ".xml" else None
-        return model.stat().st_size + (weights.stat().st_size if weights and weights.is_file() else 0)
+        from .engines import companion_bytes
+
+        return model.stat().st_size + companion_bytes(model)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 

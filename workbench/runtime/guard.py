@@ -24,6 +24,8 @@ from typing import Iterable
 
 import numpy as np
 
+from ..errors import WorkbenchError
+
 
 @dataclass(frozen=True)
 class GuardPolicy:
@@ -205,7 +207,7 @@ def verify_engine(runner, graph: Path, batches: Iterable[tuple[str, np.ndarray]]
         return result
     where = ""
     if tap is not None and taken:
-        from ..qdq.compare import first_diverging, graph_divergence
+        from .compare import first_diverging, graph_divergence
 
         result.first_diverging = first_diverging(graph_divergence(graph, taken[0], tap))
         if result.first_diverging is not None:
@@ -215,3 +217,36 @@ def verify_engine(runner, graph: Path, batches: Iterable[tuple[str, np.ndarray]]
         path.unlink(missing_ok=True)
     raise EngineRefused(f"the {engine_name} engine was refused ({result.verdict}): {result.describe()}{where}. Its "
                         "files were removed", result)
+
+
+class EngineNotBuilt(WorkbenchError):
+    """The engine's package or device is missing, or the guard refused what was built (`details`: its numbers)."""
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
+
+
+def guard_in_run(run, opts, runner, graph, files: list, tap, engine_name: str) -> dict:
+    """The guard's record: the engine compared with the faithful execution of the ONNX `graph` it was compiled from,
+    on the calibration images and then the evaluation images (runtime/guard.py). A refused engine's files are
+    removed and EngineNotBuilt raised with what was measured; with the guard off the engine is kept, marked
+    unverified in its sidecar and the build's record."""
+    if not opts.guard:
+        mark_sidecar(files[0], None)
+        return {"verified": False, "guard": None}
+    try:
+        result = verify_engine(runner(), graph, _guard_images(run), run.task.agreement_meter(run.num_classes()),
+                               run.artifacts.engine_guard, files, engine_name, tap)
+    except EngineRefused as e:
+        raise EngineNotBuilt(f"{e}; the faithful ONNX graph is the artifact to deploy (or set guard: false to keep "
+                             "the engine, marked unverified)", {"guard": e.result.as_dict()}) from None
+    return {"verified": True, "guard": result.as_dict()}
+
+
+def _guard_images(run):
+    """(split, images) batches: the calibration split, then the evaluation split where the recipe has one."""
+    splits = ["calibration"] + (["evaluation"] if run.recipe.data.evaluation is not None else [])
+    for split in splits:
+        for images, _ in run.loader(split):
+            yield split, images.numpy()

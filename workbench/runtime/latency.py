@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import contextmanager
@@ -130,23 +129,12 @@ def model_input_shape(path: Path) -> tuple[tuple[int, ...] | None, int | None]:
     """((C, H, W) when the file fixes them, else None; the fixed batch size, else None) of a model file's input,
     from the ONNX graph or OpenVINO IR input, or an engine's sidecar (the profile's opt shape; engines take any
     batch in it)."""
-    from ..errors import WorkbenchError
+    from ..qdq.export import onnx_input_dims
+    from . import engines
 
     path = Path(path)
-    if path.suffix == ".engine":
-        side = path.with_name(path.name + ".json")
-        try:
-            return tuple(json.loads(side.read_text())["profile"]["opt"][1:]), None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise WorkbenchError(f"{path}: its sidecar {side.name} is missing or unreadable ({type(e).__name__}); "
-                                 "build engines with `workbench build`, which writes it") from None
-    if path.suffix == ".xml":
-        from .openvino import input_dims
-
-        fixed = input_dims(path)
-    else:
-        from ..qdq.export import onnx_input_dims
-
-        fixed = onnx_input_dims(path)
+    if engine := engines.for_suffix(path.suffix):
+        return engine.input_shape(path)
+    fixed = onnx_input_dims(path)
     shape = tuple(fixed[1:]) if len(fixed) > 1 and all(fixed[1:]) else None
     return shape, (fixed[0] if fixed else None)

@@ -3,7 +3,7 @@
 `compile_model_file` reads an ONNX file, saves it as OpenVINO IR (.xml/.bin, weights kept in FP32: the
 Q/DQ nodes say what is INT8), compiles it for this CPU, exports the compiled blob where OpenVINO supports
 it, and writes a JSON sidecar: the OpenVINO version, the CPU's model and the instruction sets its INT8
-kernels depend on (runtime/cpu.py), and each compute layer's runtime precision read from the compiled
+kernels depend on (hardware/cpu.py), and each compute layer's runtime precision read from the compiled
 model's runtime graph ("60 of 60 convolutions run in u8"). `OpenVINORunner` runs an IR (or ONNX) file;
 `check_sidecar` refuses an artifact compiled by another OpenVINO version or on a CPU with instruction sets
 this one lacks, by name.
@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import WorkbenchError
+from ..hardware.cpu import cpu_info
 from ..io import write_bytes, write_json
-from .cpu import cpu_info
+from .engines import Engine
 
 INSTALL_HINT = "pip install openvino (Apache-2.0, CPU wheels for x86-64 and Arm); the run's ONNX files do not need it"
 # Runtime-graph layer types that do the multiply-accumulates: the ones whose precision says "INT8 or not".
@@ -226,7 +227,7 @@ class OpenVINORunner:
 
 
 def run_tapped(path: Path, batch: np.ndarray, threads: int | None = None) -> dict[str, np.ndarray]:
-    """Run an ONNX file once on `batch`; every output by each of its tensor names (for qdq.compare.graph_divergence)."""
+    """Run an ONNX file once on `batch`; every output by each of its tensor names (for compare.graph_divergence)."""
     core = require_openvino().Core()
     model = core.read_model(str(path))
     model.reshape({model.inputs[0].get_any_name(): list(batch.shape)})
@@ -238,7 +239,7 @@ def run_tapped(path: Path, batch: np.ndarray, threads: int | None = None) -> dic
 def weights_for_cpu(requested: str = "auto") -> tuple[str, str]:
     """(weights, why) of the u8 graph OpenVINO compiles: 8-bit (s8) where this CPU's INT8 dot products accumulate in
     32 bits (VNNI, AMX; Arm), 7 bits where a 16-bit pairwise sum could saturate (x86 without VNNI: VPMADDUBSW)."""
-    from . import cpu
+    from ..hardware import cpu
 
     if requested != "auto":
         return requested, f"{requested} weights, as asked"
@@ -267,3 +268,141 @@ def int8_graph(model: Path, out: Path, graph: str = "u8", weights: str = "auto")
     return out, {"graph": f"u8 activations, {chosen} weights", "weights": chosen,
                  "graph_note": (f"Compiled from {out.name}: {model.name}'s ranges with unsigned activations (zero "
                                 f"point 128 where signed), which OpenVINO computes faithfully on every CPU; {why}.")}
+
+
+def compile_int8(model: Path, xml: Path, graph_out: Path, guard, graph: str = "u8",
+                 weights: str = "auto") -> tuple[dict, Path, dict]:
+    """The INT8 IR of the Q/DQ graph `model` for this CPU, kept only once `guard` (engines.Guard) passes it: its layout
+    `graph` (int8_graph; written to `graph_out` unless that layout is `model` itself) compiled to `xml`. Returns (the
+    IR's sidecar as compiled, the graph compiled, the guard's record). The build stage and `workbench build` both
+    compile through here, so both honour the layout and weights asked for and guard against the graph compiled."""
+    compiled, notes = int8_graph(model, graph_out, graph, weights)
+    converted = [compiled] if compiled != model else []  # never the caller's own file: a refusal removes these
+    try:
+        sidecar = compile_model_file(CompileRequest(onnx=compiled, xml=xml, notes=notes))
+    except BaseException:
+        for path in converted:
+            path.unlink(missing_ok=True)
+        raise
+    record = guard(lambda: OpenVINORunner(xml, "openvino_int8"), compiled, artifact_files(xml) + converted,
+                   run_tapped, "openvino_int8")
+    return sidecar, compiled, record
+
+
+def build_in_run(run, opts) -> dict:
+    """The build stage's OpenVINO IRs (stages/build.py's options `opts`): the FP32 baseline and the guarded INT8."""
+    from ..qdq.numeric import require_numeric
+    from .guard import EngineNotBuilt, guard_in_run
+
+    try:
+        require_openvino()
+    except OpenVINOUnavailable as e:
+        raise EngineNotBuilt(str(e)) from None
+    onnx = run.artifacts.onnx
+    values: dict = {"engine": "openvino", "built": True, "openvino": version()}
+    if onnx.fp32 is not None:  # the baseline the INT8 engine's speed is measured against
+        require_numeric(onnx.fp32)
+        xml = run.path("model_openvino_fp32.xml")
+        values["fp32"] = compile_model_file(CompileRequest(onnx=onnx.fp32, xml=xml))
+        run.artifacts.openvino_fp32 = xml
+    if opts.precision == "int8":
+        require_numeric(onnx.model)
+        xml = run.path("model_openvino_int8.xml")
+        values["int8"], graph, guarded = compile_int8(
+            onnx.model, xml, run.path("model_openvino_int8.onnx"), lambda *a: guard_in_run(run, opts, *a),
+            opts.openvino_graph, opts.openvino_weights)
+        values.update(guarded)
+        run.artifacts.openvino_int8, run.artifacts.openvino_int8_graph = xml, graph
+    return values
+
+
+def build_file(req, guard) -> dict:
+    """`workbench build --engine openvino` (req: engines.FileBuild): the IR of one ONNX file; returns its sidecar."""
+    from ..qdq.graph import qdq_census
+
+    if req.precision == "int8" and qdq_census(req.onnx)["QuantizeLinear"] == 0:
+        raise WorkbenchError(f"{req.onnx} has no QuantizeLinear/DequantizeLinear nodes, so an INT8 build would "
+                             "run in float: build the model.onnx of a run with a calibrate stage, or ask "
+                             "--precision fp32")
+    xml = req.out or _default_out(req.onnx)
+    if xml.suffix != ".xml":  # OpenVINO writes an IR only under .xml (its .bin beside it)
+        xml = xml.with_name(xml.name + ".xml")
+    if req.precision != "int8":
+        return compile_model_file(CompileRequest(onnx=req.onnx, xml=xml))
+    compile_int8(req.onnx, xml, xml.with_name(xml.stem + "_graph.onnx"), guard, req.openvino_graph,
+                 req.openvino_weights)
+    return json.loads(sidecar_path(xml).read_text())
+
+
+def _default_out(onnx: Path) -> Path:
+    return onnx.with_name(f"{onnx.stem}_openvino.xml")
+
+
+def _unavailable() -> str | None:
+    import importlib.util
+
+    return None if importlib.util.find_spec("openvino") is not None else f"OpenVINO is not installed: {INSTALL_HINT}"
+
+
+def _makes(opts, made: set[str]) -> set[str]:
+    out = {"openvino_int8", "openvino_int8_graph"} if opts.precision == "int8" else set()
+    return out | ({"openvino_fp32"} if "onnx_fp32" in made else set())
+
+
+def _run_files(options, values: dict) -> list[str]:
+    # The IR, its weights and its sidecar; the blob (a compiled cache) where the compile left one; and the converted
+    # graph the INT8 engine was compiled from, which evaluate measures the engine against.
+    files = [p.name for key in ("int8", "fp32") if key in values
+             for p in artifact_files(Path(f"model_openvino_{key}.xml")) if p.suffix != ".blob"]
+    int8 = values.get("int8")
+    if isinstance(int8, dict) and int8.get("graph", "tensorrt_style") != "tensorrt_style":
+        files.append("model_openvino_int8.onnx")
+    return files
+
+
+def _restore(run, options, values: dict) -> bool:
+    """The IRs, each with its sidecar, which says it was compiled by this OpenVINO for this CPU (else: compile
+    again)."""
+    found = {}
+    for key in ("int8", "fp32"):
+        if key in values:
+            xml = run.path(f"model_openvino_{key}.xml")
+            try:
+                check_sidecar(xml)
+            except WorkbenchError:  # another OpenVINO or CPU since: compile again
+                return False
+            found[key] = xml
+    run.artifacts.openvino_int8, run.artifacts.openvino_fp32 = found.get("int8"), found.get("fp32")
+    if "int8" in found:  # the graph it was compiled from (model.onnx itself for the TensorRT-style layout)
+        converted = run.path("model_openvino_int8.onnx")
+        run.artifacts.openvino_int8_graph = converted if converted.is_file() else run.artifacts.onnx.model
+    return True
+
+
+def _report(b: dict) -> list[str]:
+    cpu = (b.get("int8") or b.get("fp32"))["cpu"]
+    text = [f"OpenVINO {b['openvino']} on {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags'])})."]
+    for key in ("int8", "fp32"):
+        if key in b:
+            side = b[key]
+            text.append(f"- `{side['ir']}` (from `{Path(side['onnx']).name}`): {side['int8']}."
+                        + (f" {side['graph_note']}" if side.get("graph_note") else ""))
+    return text
+
+
+def _describe(sidecar: dict, onnx: Path, out: Path | None) -> str:
+    where = out or onnx.with_name(sidecar["ir"])
+    return f"OpenVINO IR: {where} (OpenVINO {sidecar['openvino']}, {sidecar['cpu']['model']}); {sidecar['int8']}"
+
+
+def _input_shape(path: Path) -> tuple:
+    fixed = input_dims(path)
+    return (tuple(fixed[1:]) if len(fixed) > 1 and all(fixed[1:]) else None), (fixed[0] if fixed else None)
+
+
+ENGINE = Engine(
+    name="openvino", title="OpenVINO", section="OpenVINO (CPU)", device="the CPU", package="openvino",
+    precisions=("int8", "fp32"), options=("openvino_graph", "openvino_weights"), suffixes=(".xml", ".bin"),
+    unavailable=_unavailable, makes=_makes, build=build_in_run, build_file=build_file, run_files=_run_files,
+    restore=_restore, report=_report, describe=_describe, default_out=_default_out, input_shape=_input_shape,
+)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..hardware.ort import ort_session_options
 from ..tasks.base import first_output
 
 
@@ -61,21 +62,6 @@ class DeviceResidentRunner:
                 self._x = self._x.contiguous(memory_format=torch.channels_last)
         self.model(self._x)
         torch.cuda.synchronize()
-
-
-def ort_session_options(mode: Literal["faithful", "default"] = "faithful", threads: int | None = None):
-    """ONNX Runtime session options for one of the two ways of running a Q/DQ graph (module docstring)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if mode == "faithful" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    )
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return options
 
 
 class OrtRunner:

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import WorkbenchError
 from ..io import atomic_path, write_json
+from .engines import Engine
 
 INSTALL_HINT = (
     "install TensorRT 10 or newer for your CUDA version, e.g. `pip install tensorrt-cu12` (NVIDIA's index), "
@@ -280,3 +281,120 @@ class TensorRTRunner:
             raise WorkbenchError(f"{self.path}: TensorRT execution failed")
         stream.synchronize()
         return outs[0].float().cpu().numpy()
+
+
+def build_in_run(run, opts) -> dict:
+    """The build stage's TensorRT engine (stages/build.py's options `opts`), guarded where INT8."""
+    from ..qdq.numeric import require_numeric
+    from .guard import EngineNotBuilt, guard_in_run
+
+    onnx = run.artifacts.onnx
+    c, h, w = run.recipe.model.input_size
+    cache = Path(opts.timing_cache) if opts.timing_cache else default_timing_cache()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    req = BuildRequest(
+        onnx=onnx.model if opts.precision == "int8" else onnx.fp32,
+        engine=run.path(f"model_{opts.precision}.engine"),
+        profile=profile_for(c, (opts.min_batch, opts.opt_batch, opts.max_batch),
+                            [opts.min_size or (h, w), opts.opt_size or (h, w), opts.max_size or (h, w)]),
+        precision=opts.precision, strongly_typed=opts.strongly_typed, fp16=opts.fp16,
+        workspace_mib=opts.workspace_mib, timing_cache=cache, sparse_weights=opts.sparse_weights,
+    )
+    check_request(req)  # a bad profile or a graph without Q/DQ fails with or without TensorRT
+    require_numeric(req.onnx)
+    try:
+        sidecar = build_engine(req)
+    except TensorRTUnavailable as e:
+        raise EngineNotBuilt(str(e)) from None
+    values = {**sidecar, "engine": "tensorrt", "engine_file": sidecar["engine"], "built": True}
+    if opts.precision == "int8":
+        files = [req.engine, req.engine.with_name(req.engine.name + ".json")]
+        values.update(guard_in_run(run, opts, lambda: TensorRTRunner(req.engine, "tensorrt"), req.onnx, files, None,
+                                   "tensorrt"))
+    run.artifacts.tensorrt_engine = req.engine
+    return values
+
+
+def build_file(req, guard) -> dict:
+    """`workbench build --engine tensorrt` (req: engines.FileBuild): the engine of one ONNX file; returns its
+    sidecar."""
+    if req.size:
+        hw = tuple(req.size)
+    elif len(req.dims) == 4 and req.dims[2] and req.dims[3]:
+        hw = (req.dims[2], req.dims[3])
+    else:
+        raise WorkbenchError(f"{req.onnx} has a dynamic image size: give --size H W")
+    channels = req.dims[1] if len(req.dims) > 1 and req.dims[1] else 3
+    cache = Path(req.timing_cache) if req.timing_cache else default_timing_cache()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    engine_file = req.out or _default_out(req.onnx)
+    sidecar = build_engine(BuildRequest(
+        onnx=req.onnx, engine=engine_file,
+        profile=profile_for(channels, tuple(req.batch), [hw] * 3), precision=req.precision,
+        strongly_typed=req.strongly_typed, fp16=True, workspace_mib=req.workspace_mib, timing_cache=cache,
+        sparse_weights=req.sparse,
+    ))
+    if req.precision != "int8":
+        return sidecar
+    guard(lambda: TensorRTRunner(engine_file, "tensorrt"), req.onnx, [engine_file, sidecar_path(engine_file)], None,
+          "tensorrt")
+    return json.loads(sidecar_path(engine_file).read_text())
+
+
+def _default_out(onnx: Path) -> Path:
+    return onnx.with_suffix(".engine")
+
+
+def _unavailable() -> str | None:
+    try:
+        require_tensorrt()
+    except TensorRTUnavailable as e:
+        return str(e)
+    return None
+
+
+def _makes(opts, made: set[str]) -> set[str]:
+    return {"tensorrt_engine"}
+
+
+def _run_files(options, values: dict) -> list[str]:
+    return [f"model_{options.precision}.engine", f"model_{options.precision}.engine.json"]  # the sidecar: `verified`
+
+
+def _restore(run, options, values: dict) -> bool:
+    run.artifacts.tensorrt_engine = run.path(f"model_{options.precision}.engine")
+    return True
+
+
+def _report(b: dict) -> list[str]:
+    return [f"`{b['engine_file']}`: TensorRT {b['tensorrt']} on {b['gpu']} (compute capability "
+            f"{b['compute_capability']}), {'strongly' if b['strongly_typed'] else 'weakly'} typed, profile "
+            f"{b['profile']}; layers by output precision: {b['layer_precisions']}. Sidecar: "
+            f"`{b['engine_file']}.json`."]
+
+
+def _describe(sidecar: dict, onnx: Path, out: Path | None) -> str:
+    where = out or onnx.with_name(sidecar["engine"])
+    return (f"engine: {where} (TensorRT {sidecar['tensorrt']}, {sidecar['gpu']}); layers by precision: "
+            f"{sidecar['layer_precisions']}")
+
+
+def _input_shape(path: Path) -> tuple:
+    """The profile's opt shape, from the engine's sidecar (an engine takes any batch in its profile)."""
+    side = sidecar_path(path)
+    try:
+        return tuple(json.loads(side.read_text())["profile"]["opt"][1:]), None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WorkbenchError(f"{path}: its sidecar {side.name} is missing or unreadable ({type(e).__name__}); "
+                             "build engines with `workbench build`, which writes it") from None
+
+
+ENGINE = Engine(
+    name="tensorrt", title="TensorRT", section="TensorRT engine", device="NVIDIA GPUs", package="tensorrt",
+    precisions=("int8", "fp16", "fp32"),
+    options=("min_batch", "opt_batch", "max_batch", "min_size", "opt_size", "max_size", "strongly_typed", "fp16",
+             "workspace_mib", "timing_cache", "sparse_weights"),
+    suffixes=(".engine",), unavailable=_unavailable, makes=_makes, build=build_in_run, build_file=build_file,
+    run_files=_run_files, restore=_restore, report=_report, describe=_describe, default_out=_default_out,
+    input_shape=_input_shape,
+)

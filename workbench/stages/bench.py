@@ -12,11 +12,15 @@ engine's GPU time compares with. Writes bench.json and bench.png; the report sho
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, field_validator
 
 from ..io import write_json
+from ..report_text import fmt as _fmt
+from ..runtime import backends
 from ..schema import BatchSize, check_batch_sizes
-from .registry import StageOptions, register_stage
+from .registry import Restorer, StageOptions, metrics_only, register_stage
 
 
 class BenchOptions(StageOptions):
@@ -31,7 +35,29 @@ class BenchOptions(StageOptions):
     _batch_sizes_once = field_validator("batch_sizes")(check_batch_sizes)
 
 
-@register_stage("bench", BenchOptions)
+# What the report shows of the stage (report.py reads its registration), from metrics.json alone.
+
+def _bench_section(run_dir: Path, metrics: dict) -> list[str]:
+    bench = metrics.get("stages", {}).get("bench")
+    if not bench:
+        return []
+    keys = [f"b{b}" for b in bench["batch_sizes"]]
+    lines = ["## Latency and size on this machine", "",
+             f"{bench['repeats']} timed runs per batch size, {bench['threads']} CPU threads; "
+             "median ms (p90), images/s.",
+             "", "| Artifact | Size MB | " + " | ".join(f"{k} ms | {k} img/s" for k in keys) + " |",
+             "|---|---|" + "---|---|" * len(keys)]
+    for name, entry in bench["backends"].items():
+        cells = [f"{_fmt(entry['latency'][k]['median_ms'])} ({_fmt(entry['latency'][k]['p90_ms'])}) | "
+                 f"{entry['latency'][k]['images_per_s']:.0f}" for k in keys]
+        unverified = " (unverified)" if entry.get("verified") is False else ""
+        lines.append(f"| {backends.title(name)}{unverified} | {entry['bytes'] / 1e6:.2f} | " + " | ".join(cells)
+                     + " |")
+    return lines + ["", "![throughput](bench.png)", ""]
+
+
+@register_stage("bench", BenchOptions, restorer=Restorer(metrics_only),
+                report=_bench_section, report_position=60)
 def bench(run, opts: BenchOptions) -> None:
     """Latency (median, p90) and throughput per batch size of every artifact, and its size."""
     import torch

@@ -14,18 +14,19 @@ goes on to its reports; `required: true` fails the run instead, as it does for a
 
 from __future__ import annotations
 
-import importlib.util
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from ..errors import WorkbenchError
+from ..runtime import engines
 from ..schema import MAX_BATCH, ImageSide
-from .registry import StageOptions, register_stage
+from .registry import Restorer, StageOptions, register_stage
 
 
 class BuildOptions(StageOptions):
-    engine: Literal["auto", "tensorrt", "openvino"] = Field(
+    engine: Literal[("auto",) + engines.NAMES] = Field(
         "auto", description="tensorrt (NVIDIA GPUs), openvino (CPUs); auto: tensorrt where the tensorrt package is "
         "installed, openvino elsewhere.")
     precision: Literal["int8", "fp16", "fp32"] = Field(
@@ -77,16 +78,15 @@ class BuildOptions(StageOptions):
         if not self.min_batch <= self.opt_batch <= self.max_batch:
             raise ValueError(f"need min_batch <= opt_batch <= max_batch, got {self.min_batch}, {self.opt_batch}, "
                              f"{self.max_batch}")
-        if self.engine == "openvino" and self.precision == "fp16":
-            raise ValueError("precision fp16 is for TensorRT; OpenVINO on the CPU compiles int8 or fp32")
+        if self.engine != "auto" and (problem := engines.precision_problem(engines.engine(self.engine),
+                                                                            self.precision)):
+            raise ValueError(problem)
         return self
 
 
 def resolve_engine(opts: BuildOptions) -> str:
-    """The engine `auto` stands for: TensorRT where its package is installed, OpenVINO elsewhere."""
-    if opts.engine != "auto":
-        return opts.engine
-    return "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "openvino"
+    """The engine `auto` stands for (runtime/engines.resolve: the first in the table whose package is installed)."""
+    return engines.resolve(opts.engine).name
 
 
 def _needs(opts: BuildOptions) -> tuple[str, ...]:
@@ -95,128 +95,90 @@ def _needs(opts: BuildOptions) -> tuple[str, ...]:
 
 
 def _makes(opts: BuildOptions, made: set[str]) -> set[str]:
-    if resolve_engine(opts) == "tensorrt":
-        return {"tensorrt_engine"}
-    out = {"openvino_int8", "openvino_int8_graph"} if opts.precision == "int8" else set()
-    return out | ({"openvino_fp32"} if "onnx_fp32" in made else set())
+    return engines.resolve(opts.engine).makes(opts, made)
 
 
-@register_stage("build", BuildOptions, needs=_needs, makes=_makes)
-def build(run, opts: BuildOptions) -> None:
-    """An engine (TensorRT, or OpenVINO for the CPU) from the exported ONNX, checked against its faithful graph."""
+def _preflight(opts: BuildOptions, where: str, recipe) -> list[str]:
+    """A required engine that cannot build here (its package, or its device, is missing: the engine table says)."""
+    if not opts.required:
+        return []
+    why = engines.resolve(opts.engine).unavailable()
+    return [f"{where}.required is true, but {why}"] if why else []
+
+
+# How the stage comes back from its run directory on --resume (resume.py reads its registration).
+
+def _built_files(options, values) -> list[str]:
+    """The files the engine that built wrote (its row in runtime/engines.py says which)."""
+    from ..runtime import engines
+
+    return engines.of_record(values).run_files(options, values) if values.get("built") else []
+
+
+def _built(run, options, values, loaded) -> bool:
+    """The engine files the build stage wrote, handed on by the engine's row (which may refuse them: an IR compiled
+    by another version of its compiler or for another CPU builds again)."""
+    if not values.get("built"):
+        return True  # nothing was built: nothing to hand on
+    from ..runtime import engines
     from ..runtime.guard import GuardPolicy
 
-    engine = resolve_engine(opts)
+    # The recipe's threshold, for evaluate's check of every engine on the evaluation split.
+    run.artifacts.engine_guard = GuardPolicy(options.guard_min_agreement, options.guard_min_sqnr_db,
+                                             options.guard_confidence, options.guard_max_samples)
+    return engines.of_record(values).restore(run, options, values)
+
+
+# What the report shows of the stage (report.py reads its registration), from metrics.json alone.
+
+def _build_section(run_dir: Path, metrics: dict) -> list[str]:
+    b = metrics.get("stages", {}).get("build")
+    if not b:
+        return []
+
+    engine = engines.of_record(b)
+    title = f"## {engine.section}"
+    if not b.get("built"):
+        return [title, "", f"Not built: {b['reason']}", ""]
+    text = engine.report(b)
+    guard = b.get("guard")
+    if guard:
+        text += ["", f"Guard: {_guard_sentence(guard)}"]
+    elif b.get("verified") is False:
+        text += ["", "Guard: off (guard: false): the engine is **unverified**; nothing checked that it computes its "
+                 "graph's function."]
+    return [title, ""] + text + [""]
+
+
+def _guard_sentence(guard: dict) -> str:
+    """What the build's guard measured and decided (older runs' records have no interval)."""
+    drawn = " and ".join(f"{n} {split}" for split, n in guard.get("sources", {}).items() if n) or "calibration"
+    if guard.get("agreement") is None:
+        agree = "no agreement measurable"
+    elif guard.get("low") is not None:
+        agree = (f"{guard.get('criterion', 'agreement')} {guard['agreement']:.1f}% [{guard['low']:.1f}, "
+                 f"{guard['high']:.1f}] ({100 * guard['confidence']:.0f}% interval; needs {guard['min_agreement']:g}%)")
+    else:
+        agree = f"{guard['agreement']:.2f}% agreement over {guard['compared']} compared"
+    verdict = guard.get("verdict") or ("passed" if guard["passed"] else "refused")
+    return (f"against `{guard.get('reference', 'the faithful graph')}` on {guard['samples']} images ({drawn}), "
+            f"{agree}, output SQNR {guard['sqnr_db']:.1f} dB: {verdict}.")
+
+
+@register_stage("build", BuildOptions, needs=_needs, makes=_makes, restorer=Restorer(_built, _built_files),
+                preflight=_preflight,
+                report=_build_section, report_position=70)
+def build(run, opts: BuildOptions) -> None:
+    """An engine (TensorRT, or OpenVINO for the CPU) from the exported ONNX, checked against its faithful graph."""
+    from ..runtime.guard import EngineNotBuilt, GuardPolicy
+
+    engine = engines.resolve(opts.engine)
     run.artifacts.engine_guard = GuardPolicy(opts.guard_min_agreement, opts.guard_min_sqnr_db, opts.guard_confidence,
                                              opts.guard_max_samples)
     try:
-        values = _build_tensorrt(run, opts) if engine == "tensorrt" else _build_openvino(run, opts)
+        values = engine.build(run, opts)
     except EngineNotBuilt as e:
         if opts.required:
             raise WorkbenchError(f"stages.build: {e}") from None
-        values = {"engine": engine, "built": False, "reason": str(e), **e.details}
+        values = {"engine": engine.name, "built": False, "reason": str(e), **e.details}
     run.record("build", values)
-
-
-class EngineNotBuilt(WorkbenchError):
-    """The engine's package or device is missing, or the guard refused what was built (`details`: its numbers)."""
-
-    def __init__(self, message: str, details: dict | None = None):
-        super().__init__(message)
-        self.details = details or {}
-
-
-def _build_tensorrt(run, opts: BuildOptions) -> dict:
-    from pathlib import Path
-
-    from ..qdq.numeric import require_numeric
-    from ..runtime.tensorrt import (
-        BuildRequest,
-        TensorRTRunner,
-        TensorRTUnavailable,
-        build_engine,
-        check_request,
-        default_timing_cache,
-        profile_for,
-    )
-
-    onnx = run.artifacts.onnx
-    c, h, w = run.recipe.model.input_size
-    cache = Path(opts.timing_cache) if opts.timing_cache else default_timing_cache()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    req = BuildRequest(
-        onnx=onnx.model if opts.precision == "int8" else onnx.fp32,
-        engine=run.path(f"model_{opts.precision}.engine"),
-        profile=profile_for(c, (opts.min_batch, opts.opt_batch, opts.max_batch),
-                            [opts.min_size or (h, w), opts.opt_size or (h, w), opts.max_size or (h, w)]),
-        precision=opts.precision, strongly_typed=opts.strongly_typed, fp16=opts.fp16,
-        workspace_mib=opts.workspace_mib, timing_cache=cache, sparse_weights=opts.sparse_weights,
-    )
-    check_request(req)  # a bad profile or a graph without Q/DQ fails with or without TensorRT
-    require_numeric(req.onnx)
-    try:
-        sidecar = build_engine(req)
-    except TensorRTUnavailable as e:
-        raise EngineNotBuilt(str(e)) from None
-    values = {**sidecar, "engine": "tensorrt", "engine_file": sidecar["engine"], "built": True}
-    if opts.precision == "int8":
-        files = [req.engine, req.engine.with_name(req.engine.name + ".json")]
-        values.update(_guard(run, opts, lambda: TensorRTRunner(req.engine, "tensorrt"), req.onnx, files, None,
-                             "tensorrt"))
-    run.artifacts.tensorrt_engine = req.engine
-    return values
-
-
-def _build_openvino(run, opts: BuildOptions) -> dict:
-    from ..qdq.numeric import require_numeric
-    from ..runtime import openvino
-
-    try:
-        openvino.require_openvino()
-    except openvino.OpenVINOUnavailable as e:
-        raise EngineNotBuilt(str(e)) from None
-    onnx = run.artifacts.onnx
-    values: dict = {"engine": "openvino", "built": True, "openvino": openvino.version()}
-    if onnx.fp32 is not None:  # the baseline the INT8 engine's speed is measured against
-        require_numeric(onnx.fp32)
-        xml = run.path("model_openvino_fp32.xml")
-        values["fp32"] = openvino.compile_model_file(openvino.CompileRequest(onnx=onnx.fp32, xml=xml))
-        run.artifacts.openvino_fp32 = xml
-    if opts.precision == "int8":
-        require_numeric(onnx.model)
-        xml = run.path("model_openvino_int8.xml")
-        graph, notes = openvino.int8_graph(onnx.model, run.path("model_openvino_int8.onnx"), opts.openvino_graph,
-                                           opts.openvino_weights)
-        values["int8"] = openvino.compile_model_file(openvino.CompileRequest(onnx=graph, xml=xml, notes=notes))
-        files = openvino.artifact_files(xml) + ([graph] if graph != onnx.model else [])
-        values.update(_guard(run, opts, lambda: openvino.OpenVINORunner(xml, "openvino_int8"), graph, files,
-                             openvino.run_tapped, "openvino_int8"))
-        run.artifacts.openvino_int8, run.artifacts.openvino_int8_graph = xml, graph
-    return values
-
-
-def _guard(run, opts: BuildOptions, runner, graph, files: list, tap, engine_name: str) -> dict:
-    """The guard's record: the engine compared with the faithful execution of the ONNX `graph` it was compiled from,
-    on the calibration images and then the evaluation images (runtime/guard.py). A refused engine's files are
-    removed and EngineNotBuilt raised with what was measured; with the guard off the engine is kept, marked
-    unverified in its sidecar and the build's record."""
-    from ..runtime.guard import EngineRefused, mark_sidecar, verify_engine
-
-    if not opts.guard:
-        mark_sidecar(files[0], None)
-        return {"verified": False, "guard": None}
-    try:
-        result = verify_engine(runner(), graph, _guard_images(run), run.task.agreement_meter(run.num_classes()),
-                               run.artifacts.engine_guard, files, engine_name, tap)
-    except EngineRefused as e:
-        raise EngineNotBuilt(f"{e}; the faithful ONNX graph is the artifact to deploy (or set guard: false to keep "
-                             "the engine, marked unverified)", {"guard": e.result.as_dict()}) from None
-    return {"verified": True, "guard": result.as_dict()}
-
-
-def _guard_images(run):
-    """(split, images) batches: the calibration split, then the evaluation split where the recipe has one."""
-    splits = ["calibration"] + (["evaluation"] if run.recipe.data.evaluation is not None else [])
-    for split in splits:
-        for images, _ in run.loader(split):
-            yield split, images.numpy()

@@ -2,22 +2,112 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
 from pydantic import Field
 
 from ..errors import CalibrationError
 from ..io import write_json
 from ..progress import track
 from ..quant.config import Int8Config
+from ..run_record import bad_field as _bad
+from ..run_record import is_number as _is_number
+from ..run_record import show_list as _show_list
 from ..schema import StrictModel
-from .registry import register_stage
+from .registry import Restorer, register_stage
 
 
 class CalibrateOptions(Int8Config, StrictModel):
     max_batches: int | None = Field(None, gt=0, description="Stop after this many calibration batches (default: all).")
 
 
+# How the stage comes back from its run directory on --resume (resume.py reads its registration).
+
+def check_calibration(saved: Any, path: Path) -> None:
+    """calibration.json as calibrate writes it: every activation range a finite number > 0 (one per quantizer,
+    per tensor; calibrate never writes less than quant.ptq.MIN_AMAX), the layer lists lists of names."""
+    if not isinstance(saved, dict):
+        raise _bad(path, "", saved, "an object with config, activation_amax and quantized_layers (calibrate's ranges)")
+    if not isinstance(saved.get("config"), dict):
+        raise _bad(path, "config", saved.get("config"), "an object (the calibrate stage's options)")
+    amax = saved.get("activation_amax")
+    if not isinstance(amax, dict) or not amax:
+        raise _bad(path, "activation_amax", amax, "an object of quantizer name -> activation range")
+    for quantizer, value in amax.items():
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            raise _bad(path, f"activation_amax[{json.dumps(quantizer)}]", value,
+                       "a finite number > 0 (the quantizer's activation range, one per tensor)")
+    for key in ("quantized_layers", "float_layers"):
+        layers = saved.get(key)
+        if not isinstance(layers, dict) or not all(isinstance(t, str) for t in layers.values()):
+            raise _bad(path, key, layers, "an object of layer name -> layer type")
+
+
+def _calibrated(run, options, values, loaded) -> bool:
+    from ..errors import CalibrationError
+    from ..quant.ptq import restore_
+
+    saved = loaded["calibration.json"]
+    if saved["config"] != options.model_dump(mode="json"):
+        return False  # written by a workbench whose calibrate options differ: calibrate again
+    path = run.path("calibration.json")
+    if run.artifacts.pruned_fp32 is run.model:  # as the calibrate stage: keep the pruned FP32 model apart
+        run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
+    amax = saved["activation_amax"]
+    try:
+        run.artifacts.quant = result = restore_(run.model, options, amax, run.example_input())
+    except CalibrationError as e:  # a quantizer of the model without a range
+        raise _bad(path, "activation_amax", f"{len(amax)} ranges", f"a range for every quantizer of the model ({e})")
+    if extra := sorted(set(amax) - set(result.activation_amax)):
+        raise _bad(path, f"activation_amax[{json.dumps(extra[0])}]", amax[extra[0]],
+                   f"no range for a quantizer the model does not have ({len(extra)} such name(s)); the model's "
+                   f"quantizers are e.g. {sorted(result.activation_amax)[:3]}")
+    if saved["quantized_layers"] != result.quantized:
+        raise _bad(path, "quantized_layers", saved["quantized_layers"],
+                   f"the layers calibrate quantizes in this model, {_show_list(list(result.quantized))}")
+    return True
+
+
+def _console(metrics: dict) -> list[str]:
+    """The console summary's census of quantized layers (after the mixed-precision plan, as the report's)."""
+    cal = metrics.get("stages", {}).get("calibrate")
+    if not cal:
+        return []
+    plan = metrics.get("stages", {}).get("mixed_precision", {}).get("census")  # as the report's census
+    census = ", ".join(f"{t}: {c['int8']} INT8 / {c['float']} float" for t, c in (plan or cal["census"]).items())
+    return [f"quantized layers: {census}"]
+
+
+# What the report shows of the stage (report.py reads its registration), from metrics.json alone.
+
+def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
+    cal = metrics.get("stages", {}).get("calibrate")
+    if not cal:
+        return []
+    method = cal["method"] + (f" ({cal['percentile']})" if cal.get("percentile") else "")
+    plan = metrics.get("stages", {}).get("mixed_precision", {}).get("census")
+    lines = ["## Calibration", "",
+             f"Method **{method}** on {cal['samples']} samples in {cal['seconds']:.1f} s; {cal['folded_batchnorm']} "
+             "BatchNorm layers folded into convolutions."
+             + (" Layers by precision after the mixed-precision plan:" if plan else ""), "",
+             "| Layer type | INT8 | float |", "|---|---|---|"]
+    for type_name, counts in (plan or cal["census"]).items():
+        lines.append(f"| {type_name} | {counts['int8']} | {counts['float']} |")
+    q = cal.get("enabled_quantizers", {})
+    return lines + ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
+                    f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""]
+
+
 @register_stage("calibrate", CalibrateOptions, makes=("quantized",), refuses=("quantized",),
-                refusal_hint=" (a recipe calibrates once)", needs_data=("calibration",))
+                restorer=Restorer(_calibrated, lambda o, v: ["calibration.json"],
+                                  {"calibration.json": check_calibration}),
+                refusal_hint=" (a recipe calibrates once)", needs_data=("calibration",),
+                report=_calibration_section, report_position=10,
+                console=_console)
 def calibrate(run, opts: CalibrateOptions) -> None:
     """INT8 PTQ: per-channel weights, per-tensor activations, ranges by max/entropy/percentile/mse."""
     import copy

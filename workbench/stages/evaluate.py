@@ -17,7 +17,7 @@ from ..errors import DataError, RecipeError, WorkbenchError
 from ..progress import track
 from ..runtime.backends import BACKENDS
 from ..schema import BatchSize, check_batch_sizes
-from .registry import StageOptions, register_stage
+from .registry import Restorer, StageOptions, metrics_only, register_stage
 
 BackendName = Literal[tuple(BACKENDS)]
 
@@ -63,7 +63,8 @@ def _nonfinite_output(run, backend: str, error: FloatingPointError, images) -> W
     )
 
 
-@register_stage("evaluate", EvaluateOptions, needs=_needs, needs_data=("evaluation",))
+@register_stage("evaluate", EvaluateOptions, needs=_needs, needs_data=("evaluation",), restorer=Restorer(metrics_only),
+                results=True)
 def evaluate(run, opts: EvaluateOptions) -> None:
     """Accuracy (or agreement with FP32), size and latency of every backend."""
     from ..runtime.latency import cpu_threads, torch_threads
@@ -157,7 +158,7 @@ def _evaluate(run, opts: EvaluateOptions, threads: int) -> None:
     _write_per_image(run, task, scorers)
     values = {"samples": seen, "labeled": labeled, "backends": results}
     if latencies:
-        from ..runtime.cpu import cpu_info
+        from ..hardware.cpu import cpu_info
 
         values["latency_setup"] = {"threads": threads, "repeats": opts.latency_repeats,
                                    "batch_sizes": list(opts.latency_batch_sizes), "pytorch_device": str(run.device),

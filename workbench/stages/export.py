@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from ..artifacts import OnnxFiles
 from ..qdq import WeightType
-from .registry import StageOptions, register_stage
+from ..report_text import md_name, md_text
+from .registry import Restorer, StageOptions, register_stage
 
 
 class ExportOptions(StageOptions):
@@ -52,7 +55,71 @@ def onnx_files(run, written: set[str]) -> OnnxFiles:
                      pruned_fp32=path[PRUNED_FP32], ptq=path[PTQ], ort_int8=path[ORT_INT8])
 
 
-@register_stage("export", ExportOptions, makes=_makes)
+# How the stage comes back from its run directory on --resume (resume.py reads its registration).
+
+def _exported_files(options, values) -> list[str]:
+    return [n for n, v in values.items() if isinstance(v, dict) and "bytes" in v]
+
+
+def _exported(run, options, values, loaded) -> bool:
+    """The ONNX files export wrote (their content already checked against the hashes it recorded)."""
+    present = set(_exported_files(options, values))
+    if MODEL not in present:
+        return False
+    run.artifacts.onnx = onnx_files(run, present)
+    return True
+
+
+# What the report shows of the stage (report.py reads its registration), from metrics.json alone.
+
+def _export_section(run_dir: Path, metrics: dict) -> list[str]:
+    exp = metrics.get("stages", {}).get("export")
+    if not exp:
+        return []
+    lines = ["## Exported ONNX", ""]
+    for name, entry in exp.items():
+        if "error" in entry:  # the ONNX Runtime flavour could not be written
+            lines.append(f"- `{name}`: not written: {md_text(entry['error'])}")
+        elif "census" not in entry:
+            lines += _ort_flavour_lines(name, entry)
+        else:
+            c = entry["census"]
+            quantized = ", ".join(f"{v} {k}" for k, v in c["quantized"].items()) or "none"
+            floating = ", ".join(f"{len(v)} {k}" for k, v in c["float"].items()) or "none"
+            lines.append(
+                f"- `{name}`: {entry['bytes'] / 1e6:.2f} MB, opset {c['opset']}, {c['QuantizeLinear']} QuantizeLinear "
+                "/ "
+                f"{c['DequantizeLinear']} DequantizeLinear; INT8 compute nodes: {quantized}; float compute nodes: "
+                f"{floating}."
+            )
+            rules = entry.get("tensorrt_rules")
+            if rules is not None:
+                lines.append(f"  TensorRT Q/DQ rules (`workbench check-onnx`): {len(rules)} violation(s)"
+                             + ("." if not rules else ":"))
+                lines += [f"  - [{v['rule']}] {md_name(v['node'])}"
+                          + (f" (module {md_name(v['module'])})" if v["module"] else "") + f": {md_text(v['message'])}"
+                          for v in rules[:20]]
+    return lines + [""]
+
+
+def _ort_flavour_lines(name: str, entry: dict) -> list[str]:
+    fused = ", ".join(f"{n} {op}" for op, n in entry["fused"].items())
+    lines = [f"- `{name}`: {entry['bytes'] / 1e6:.2f} MB, the ONNX Runtime flavour: {entry['weights_folded']} "
+             f"weights stored as 8-bit ({entry['weights']}: {entry['weights_unsigned']} unsigned, "
+             f"{entry['weights_7bit']} 7-bit), {entry['absorbed']} Relu/Clip absorbed into quantization; "
+             f"ONNX Runtime runs: {fused}."]
+    in_float = entry["fused"].get("Conv", 0) + entry["fused"].get("FusedConv", 0)
+    if in_float:
+        lines.append(f"  {in_float} convolution(s) still run in float in ONNX Runtime: their outputs do not go "
+                     "straight to a quantizer (an activation such as SiLU, a pooling head, the graph output), "
+                     "so ONNX Runtime cannot make them QLinearConv."
+                     + (" No convolution runs on integer kernels: for a CPU deployment `model_fp32.onnx` is faster."
+                        if not entry["fused"].get("QLinearConv") else ""))
+    return lines
+
+
+@register_stage("export", ExportOptions, makes=_makes, restorer=Restorer(_exported, _exported_files),
+                report=_export_section, report_position=50)
 def export(run, opts: ExportOptions) -> None:
     """ONNX export (Q/DQ for a calibrated model), checked with onnx.checker; the ONNX Runtime flavour beside it."""
     import json

@@ -9,10 +9,18 @@ a task with a loss of its own (a classifier: cross-entropy) adds it. Writes a ch
 from __future__ import annotations
 
 from ..train.options import FinetuneOptions
-from .registry import register_stage
+from .registry import Restorer, register_stage
+
+# How the stage comes back from its run directory on --resume (resume.py reads its registration).
+
+def _finetuned(run, options, values, loaded) -> bool:
+    # After prune, pruned_model.pt holds the fine-tuned weights, already restored with the prune stage;
+    # a finetune without prune keeps its weights only in the epoch checkpoints: it runs again.
+    return run.artifacts.pruned_file is not None
 
 
 @register_stage("finetune", FinetuneOptions, refuses=("quantized",),
+                restorer=Restorer(_finetuned, lambda o, v: ["pruned_model.pt"]),
                 refusal_hint=" (training a quantized model is the qat stage)", needs_data=("finetune",))
 def finetune(run, opts: FinetuneOptions) -> None:
     """Fine-tune (after pruning): distillation from the FP32 model and/or the task loss, checkpoints per epoch."""

@@ -9,13 +9,16 @@ same architecture.
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from ..errors import RecipeError
+from ..report_text import fmt as _fmt
+from ..report_text import training_subset as _subset
 from ..train.options import FinetuneOptions
-from .registry import StageOptions, register_stage
+from .registry import Restorer, StageOptions, register_stage
 
 
 class PruneOptions(StageOptions):
@@ -62,7 +65,71 @@ def _needs_data(opts: PruneOptions) -> tuple[str, ...]:
     return ("finetune",) if opts.finetune_between is not None or taylor else ()
 
 
-@register_stage("prune", PruneOptions, makes=("pruned", "pruned_file"), refuses=("quantized",), needs_data=_needs_data)
+def _preflight(opts: PruneOptions, where: str, recipe) -> list[str]:
+    """Taylor importance needs the task's loss against labels."""
+    if opts.method == "structured" and opts.importance == "taylor":
+        from ..tasks import get_task  # the task's adapter loads torch: only asked when it matters
+
+        if not get_task(recipe.task).has_label_loss:
+            return [f"{where}.importance: taylor needs a labeled classification fine-tune split "
+                    f"(task is {recipe.task})"]
+    return []
+
+
+# How the stage comes back from its run directory on --resume (resume.py reads its registration).
+
+def _pruned_files(options, values) -> list[str]:
+    return ["pruned_model.pt"]
+
+
+def _pruned(run, options, values, loaded) -> bool:
+    """prune: the pruned model from pruned_model.pt (as a later finetune re-saved it, when it finished too)."""
+    from ..models import resolve_model
+
+    path = run.path("pruned_model.pt")
+    model = resolve_model(run.recipe.model.model_copy(update={"pruned": str(path)}))
+    run.model = model.to(run.device).eval()
+    run.artifacts.pruned_fp32 = run.model
+    run.artifacts.pruned_file = path
+    return True
+
+
+# What the report shows of the stage (report.py reads its registration), from metrics.json alone.
+
+def _prune_section(run_dir: Path, metrics: dict) -> list[str]:
+    stages = metrics.get("stages", {})
+    p = stages.get("prune")
+    if not p:
+        return []
+    lines = ["## Pruning", ""]
+    if p["method"] == "structured":
+        lines += ["| | Parameters | MMACs | ONNX MB | ORT latency b1 ms |", "|---|---|---|---|---|"]
+        for key in ("before", "after"):
+            size = p.get(f"onnx_bytes_{key}")
+            lat = p.get(f"ort_latency_b1_ms_{key}")
+            lines.append(f"| {key} | {p[f'params_{key}']:,} | {p[f'macs_{key}'] / 1e6:.1f} | "
+                         f"{_fmt(size / 1e6 if size else None)} | {_fmt(lat)} |")
+        lines += ["", f"Structured ({p['importance']} importance, channels rounded to {p['round_to']}): MACs "
+                      f"x{p['macs_ratio']:.2f}"
+                  + (f", ONNX Runtime {p['ort_speedup_b1']:.2f}x faster at batch 1." if "ort_speedup_b1" in p
+                     else "."), ""]
+    else:
+        lines += [f"{p['method']}: {100 * p['sparsity']:.1f}% of {p['weights']:,} weights are zero ({p['layers']} "
+                  f"layers). {p['note']}.", ""]
+    ft = stages.get("finetune")
+    if ft and ft.get("eval"):
+        start = f"{_fmt(ft['eval_before']['value'])} after pruning, " if ft.get("eval_before") else ""
+        fp32 = f", FP32 before pruning {_fmt(ft['eval_fp32']['value'])}" if ft.get("eval_fp32") else ""
+        lines += [f"{ft['eval']['metric']} after each epoch, on {_subset(ft, metrics)}: {start}"
+                  f"{_fmt(ft['eval']['value'])} after fine-tuning ({ft['epochs']} epochs){fp32}.", ""]
+    if ft and (run_dir / "training_curve.png").is_file():
+        lines += ["![fine-tuning curve](training_curve.png)", ""]
+    return lines
+
+
+@register_stage("prune", PruneOptions, makes=("pruned", "pruned_file"), refuses=("quantized",), needs_data=_needs_data,
+                restorer=Restorer(_pruned, _pruned_files), preflight=_preflight,
+                report=_prune_section, report_position=20)
 def prune_stage(run, opts: PruneOptions) -> None:
     """Pruning: structured channels over a dependency graph, magnitude (global or per layer, in steps) or 2:4."""
     from ..prune import (

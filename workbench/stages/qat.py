@@ -14,11 +14,14 @@ fake-quant state dict) and a checkpoint per epoch (`checkpoints/qat_epoch<N>.pt`
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from ..io import atomic_path
+from ..report_text import fmt as _fmt
+from ..report_text import training_subset as _subset
 from ..train.options import FinetuneOptions
 from .registry import register_stage
 
@@ -33,7 +36,28 @@ class QatOptions(FinetuneOptions):
                                 "weights).")
 
 
-@register_stage("qat", QatOptions, needs=("quantized",), makes=("ptq",), needs_data=("finetune",))
+# What the report shows of the stage (report.py reads its registration), from metrics.json alone.
+
+def _qat_section(run_dir: Path, metrics: dict) -> list[str]:
+    q = metrics.get("stages", {}).get("qat")
+    if not q:
+        return []
+    lines = ["## Quantization-aware training", ""]
+    if q.get("eval") and q.get("eval_before"):
+        lines.append(f"{q['eval']['metric']} after each epoch, on {_subset(q, metrics)}: PTQ "
+                     f"{_fmt(q['eval_before']['value'])}, after {q['epochs']} QAT epochs {_fmt(q['eval']['value'])}"
+                     + (f", FP32 {_fmt(q['eval_fp32']['value'])}" if q.get("eval_fp32") else "") + ".")
+    per_epoch = q.get("seconds_per_epoch") or []
+    if per_epoch:
+        lines.append(f"{sum(per_epoch) / len(per_epoch):.1f} s per epoch. FP32, PTQ and QAT side by side, in PyTorch "
+                     "and "
+                     "ONNX Runtime: the accuracy table above. Loss and metric per epoch: `training_curve_qat.png`.")
+    lines += ["", "![QAT training curve](training_curve_qat.png)", ""]
+    return lines
+
+
+@register_stage("qat", QatOptions, needs=("quantized",), makes=("ptq",), needs_data=("finetune",),
+                report=_qat_section, report_position=30)
 def qat(run, opts: QatOptions) -> None:
     """Quantization-aware training of the calibrated model (distillation from FP32, STE through the fake quantizers)."""
     import copy

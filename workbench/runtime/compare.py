@@ -3,7 +3,7 @@
 When the exported graph and the fake-quant model disagree at the output, this says
 where the disagreement starts: every Conv/Gemm output is exposed as an extra graph
 output and compared with the PyTorch module of the same name (the TorchScript
-exporter names nodes after module scopes: see `graph.scope_to_module`).
+exporter names nodes after module scopes: see `qdq.graph.scope_to_module`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..hardware.ort import ort_session_options
 from ..models.guards import COMPUTE_MODULES
-from ..runtime.runners import ort_session_options
-from .graph import COMPUTE_OPS, scope_to_module
+from ..qdq.graph import COMPUTE_OPS, scope_to_module
 
 
 def layer_divergence(model: nn.Module, onnx_path: str | Path, batch: torch.Tensor,
