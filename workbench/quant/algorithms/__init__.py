@@ -14,6 +14,7 @@ from .base import (
     Statistics,
     register_algorithm,
 )
+from . import bias_correction, cle  # noqa: F401  (each registers itself)
 
 __all__ = ["ALGORITHMS", "Algorithm", "AlgorithmContext", "AlgorithmOptions", "AlgorithmRecord", "AlgorithmStep",
            "ChannelStats", "PipelineResult", "StatisticRequest", "Statistics", "register_algorithm"]
