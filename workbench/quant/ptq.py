@@ -69,6 +69,7 @@ class QuantResult:
     # the PTQ algorithms that ran (quant/algorithms): their records and the state that reproduces their changes
     algorithms: list = field(default_factory=list)  # AlgorithmRecord, in the order they ran
     ptq_state: dict | None = None  # what ptq_state.pt holds (None: no algorithm was asked for)
+    algorithm_metric_before: dict = field(default_factory=dict)  # phase -> the run's metric as it began
 
     def census(self) -> dict[str, dict[str, int]]:
         """Per layer type: how many layers run INT8 and how many stay float."""
@@ -239,6 +240,7 @@ def quantize_(
     if pipeline is not None:
         run_phase("after_ranges", list(algorithms), ctx, pipeline, evaluate)
         result.algorithms, result.ptq_state = pipeline.records, pipeline.state()
+        result.algorithm_metric_before = pipeline.metric_before
     return result
 
 

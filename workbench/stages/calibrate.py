@@ -22,6 +22,10 @@ class CalibrateOptions(Int8Config, StrictModel):
                     "bias_correction, mode: full}] (quant/algorithms). Weight-changing ones (cle) come first.",
     )
 
+    algorithm_eval_samples: int | None = Field(
+        None, gt=0, description="Score the task metric on this many evaluation samples before and after each PTQ "
+                                "algorithm (needs data.evaluation; default: not scored).")
+
     @field_validator("algorithms")
     @classmethod
     def _algorithm_order(cls, v: list[AlgorithmStep]) -> list[AlgorithmStep]:
@@ -31,7 +35,9 @@ class CalibrateOptions(Int8Config, StrictModel):
 
 
 @register_stage("calibrate", CalibrateOptions, makes=("quantized",), refuses=("quantized",),
-                refusal_hint=" (a recipe calibrates once)", needs_data=("calibration",))
+                refusal_hint=" (a recipe calibrates once)",
+                needs_data=lambda o: ("calibration", "evaluation") if o.algorithms and o.algorithm_eval_samples
+                else ("calibration",))
 def calibrate(run, opts: CalibrateOptions) -> None:
     """INT8 PTQ: per-channel weights, per-tensor activations, ranges by max/entropy/percentile/mse."""
     import copy
@@ -59,8 +65,10 @@ def calibrate(run, opts: CalibrateOptions) -> None:
     if run.artifacts.pruned_fp32 is run.model:  # keep the pruned FP32 model: quantize_ works in place
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     start = time.perf_counter()
+    evaluate = _algorithm_metric(run, opts.algorithm_eval_samples) if opts.algorithms and \
+        opts.algorithm_eval_samples else None
     result = quantize_(run.model, opts, forward_loop, _check_images(loader, run), algorithms=opts.algorithms,
-                       arithmetic=getattr(run, "arithmetic", None))
+                       evaluate=evaluate, arithmetic=getattr(run, "arithmetic", None))
     seconds = time.perf_counter() - start
     run.artifacts.quant = result
     if result.ptq_state is not None:  # what the algorithms changed: restore_ re-applies it on --resume/open_run
@@ -87,7 +95,8 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "quantized_layers": result.quantized,
             "float_layers": result.excluded,
             "activation_amax": result.activation_amax,
-            **({"algorithms": [r.as_dict() for r in result.algorithms]} if opts.algorithms else {}),
+            **({"algorithms": [r.as_dict() for r in result.algorithms],
+                "algorithm_metric_before": result.algorithm_metric_before} if opts.algorithms else {}),
         },
     )
     run.record(
@@ -109,7 +118,8 @@ def calibrate(run, opts: CalibrateOptions) -> None:
                             "max_weight_change": max((c.get("weight", 0.0) for c in r.changes.values()), default=0.0),
                             "max_bias_change": max((c.get("bias", 0.0) for c in r.changes.values()), default=0.0),
                             "skipped": len(r.skipped), "metric_after": r.metric_after}
-                           for r in result.algorithms]} if opts.algorithms else {}),
+                           for r in result.algorithms],
+                "algorithm_metric_before": result.algorithm_metric_before} if opts.algorithms else {}),
         },
     )
 
@@ -125,3 +135,14 @@ def _check_images(loader, run):
     for images, _ in loader:
         return images[:CHECK_IMAGES].to(run.device)
     return run.example_input()
+
+
+def _algorithm_metric(run, samples: int):
+    """model -> the task's headline metric (points) on the first `samples` evaluation samples."""
+    from ..data import subset_loader
+    from ..quant.sensitivity import TaskMetric, make_probe, measure_task
+
+    dataset = run.dataset("evaluation")
+    probe = make_probe(run.reference, subset_loader(dataset, run.recipe.data, samples), None, run.device)
+    metric = TaskMetric(lambda: run.task.scorer(run.recipe, dataset), run.task.headline_points)
+    return lambda model: measure_task(model, probe, metric)[1]

@@ -376,6 +376,9 @@ class PipelineResult:
     tensors: dict[str, Any] = field(default_factory=dict)  # state_dict key -> final value (changed by an algorithm)
     modules: dict[str, str] = field(default_factory=dict)  # module name -> MODULE_KINDS key
     statistics_passes: int = 0
+    # the run's metric as each phase began (before_ranges: the float model; after_ranges: the calibrated model
+    # before any after-ranges algorithm, i.e. PTQ alone), where evaluation data was given
+    metric_before: dict[str, float] = field(default_factory=dict)
 
     def state(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "tensors": dict(self.tensors), "modules": dict(self.modules)}
@@ -392,6 +395,9 @@ def run_phase(phase: Phase, steps: list[AlgorithmStep], ctx: AlgorithmContext, p
     if not chosen:
         return
     algorithms = [(step, cls(), opts) for step, cls, opts in chosen]
+    if evaluate is not None:
+        with ctx.float_mode() if phase == "before_ranges" else contextlib.nullcontext():
+            pipeline.metric_before[phase] = _number(evaluate(ctx.model))
     requests = [r for _, algo, opts in algorithms for r in algo.statistics(ctx, opts)]
     stats, passes = collect_statistics(ctx, requests) if requests else ({}, 0)
     pipeline.statistics_passes += passes
@@ -413,8 +419,12 @@ def run_phase(phase: Phase, steps: list[AlgorithmStep], ctx: AlgorithmContext, p
         if evaluate is not None:
             record.metric_model = "float" if phase == "before_ranges" else "int8"
             with ctx.float_mode() if phase == "before_ranges" else contextlib.nullcontext():
-                record.metric_after = float(evaluate(ctx.model))
+                record.metric_after = _number(evaluate(ctx.model))
         pipeline.records.append(record)
+
+
+def _number(value) -> float | None:
+    return None if value is None else float(value)
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
