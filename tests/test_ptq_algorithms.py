@@ -354,6 +354,8 @@ def test_a_resumed_run_reuses_the_algorithms_state(tmp_path):
     final = failed.with_name(failed.name.removesuffix(".failed"))
     metrics = json.loads((final / "metrics.json").read_text())
     assert "calibrate" in metrics["resumed"]["reused"]
+    recorded = metrics["stages"]["calibrate"]["algorithms"]
+    assert [a["name"] for a in recorded] == ["cle", "bias_correction"] and recorded[1]["layers_changed"] > 0
     assert "ptq_state.pt" in {f["stage"]: f for f in metrics["fingerprints"]}["calibrate"]["files"]
     # The same recipe run in one go: its evaluation equals the resumed run's (the state was re-applied).
     whole = tmp_path / "whole.yaml"
