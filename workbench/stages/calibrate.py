@@ -8,11 +8,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..errors import CalibrationError
 from ..io import write_json
 from ..progress import track
+from ..quant.algorithms import AlgorithmStep
+from ..quant.algorithms.base import STATE_FILE, order_problem
 from ..quant.config import Int8Config
 from ..run_record import bad_field as _bad
 from ..run_record import is_number as _is_number
@@ -23,6 +25,22 @@ from .registry import Restorer, register_stage
 
 class CalibrateOptions(Int8Config, StrictModel):
     max_batches: int | None = Field(None, gt=0, description="Stop after this many calibration batches (default: all).")
+    algorithms: list[AlgorithmStep] = Field(
+        default_factory=list,
+        description="PTQ algorithms, in order: a name or a mapping with `name` and its options, e.g. [cle, {name: "
+                    "bias_correction, mode: full}] (quant/algorithms). Weight-changing ones (cle) come first.",
+    )
+
+    algorithm_eval_samples: int | None = Field(
+        None, gt=0, description="Score the task metric on this many evaluation samples before and after each PTQ "
+                                "algorithm (needs data.evaluation; default: not scored).")
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithm_order(cls, v: list[AlgorithmStep]) -> list[AlgorithmStep]:
+        if problem := order_problem(v):
+            raise ValueError(problem)
+        return v
 
 
 # How the stage comes back from its run directory on --resume (resume.py reads its registration).
@@ -58,8 +76,13 @@ def _calibrated(run, options, values, loaded) -> bool:
     if run.artifacts.pruned_fp32 is run.model:  # as the calibrate stage: keep the pruned FP32 model apart
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     amax = saved["activation_amax"]
-    try:
-        run.artifacts.quant = result = restore_(run.model, options, amax, run.example_input())
+    from ..quant.algorithms.base import StateError, read_run_state
+
+    try:  # what the PTQ algorithms changed (ptq_state.pt, its hash checked), re-applied by restore_
+        state = read_run_state(run.dir, options)
+        run.artifacts.quant = result = restore_(run.model, options, amax, run.example_input(), ptq_state=state)
+    except StateError as e:
+        raise _bad(run.path(STATE_FILE), "", "a state", f"one that fits the model ({e})")
     except CalibrationError as e:  # a quantizer of the model without a range
         raise _bad(path, "activation_amax", f"{len(amax)} ranges", f"a range for every quantizer of the model ({e})")
     if extra := sorted(set(amax) - set(result.activation_amax)):
@@ -99,13 +122,39 @@ def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
         lines.append(f"| {type_name} | {counts['int8']} | {counts['float']} |")
     q = cal.get("enabled_quantizers", {})
     return lines + ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
-                    f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""]
+                    f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""] \
+        + _algorithms_lines(cal)
+
+
+def _algorithms_lines(cal: dict) -> list[str]:
+    """The PTQ algorithms that ran in calibrate (quant/algorithms): in order, their time, what they changed (the
+    largest relative L2 change of a layer's weight and bias), what they skipped and the metric after each."""
+    from ..report_text import fmt as _fmt
+    from ..report_text import md_name
+
+    algorithms = cal.get("algorithms")
+    if not algorithms:
+        return []
+    before = cal.get("algorithm_metric_before") or {}
+    lines = ["### PTQ algorithms", "", "Per-layer changes are in calibration.json; the metric is the task's on the "
+             "evaluation subset (before_ranges: the float model; after_ranges: INT8)."
+             + (f" Before them: float {_fmt(before.get('before_ranges'))}, INT8 (ranges only) "
+                f"{_fmt(before.get('after_ranges'))}." if before else ""), "",
+             "| Algorithm | Phase | Seconds | Layers changed | Max weight change | Max bias change | Skipped | "
+             "Metric after |", "|---|---|---|---|---|---|---|---|"]
+    for a in algorithms:
+        lines.append(f"| {md_name(a['name'])} | {a['phase']} | {a['seconds']:.1f} | {a['layers_changed']} | "
+                     f"{a['max_weight_change']:.3g} | {a['max_bias_change']:.3g} | {a['skipped']} | "
+                     f"{_fmt(a.get('metric_after'))} |")
+    return lines + [""]
 
 
 @register_stage("calibrate", CalibrateOptions, makes=("quantized",), refuses=("quantized",),
-                restorer=Restorer(_calibrated, lambda o, v: ["calibration.json"],
-                                  {"calibration.json": check_calibration}),
-                refusal_hint=" (a recipe calibrates once)", needs_data=("calibration",),
+                restorer=Restorer(_calibrated, lambda o, v: ["calibration.json", *([STATE_FILE] if getattr(
+                    o, "algorithms", None) else [])], {"calibration.json": check_calibration}),
+                refusal_hint=" (a recipe calibrates once)",
+                needs_data=lambda o: ("calibration", "evaluation") if o.algorithms and o.algorithm_eval_samples
+                else ("calibration",),
                 report=_calibration_section, report_position=10,
                 console=_console)
 def calibrate(run, opts: CalibrateOptions) -> None:
@@ -135,9 +184,21 @@ def calibrate(run, opts: CalibrateOptions) -> None:
     if run.artifacts.pruned_fp32 is run.model:  # keep the pruned FP32 model: quantize_ works in place
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     start = time.perf_counter()
-    result = quantize_(run.model, opts, forward_loop, _check_images(loader, run))
+    evaluate = _algorithm_metric(run, opts.algorithm_eval_samples) if opts.algorithms and \
+        opts.algorithm_eval_samples else None
+    result = quantize_(run.model, opts, forward_loop, _check_images(loader, run), algorithms=opts.algorithms,
+                       evaluate=evaluate, arithmetic=getattr(run, "arithmetic", None))
     seconds = time.perf_counter() - start
     run.artifacts.quant = result
+    if result.ptq_state is not None:  # what the algorithms changed: restore_ re-applies it on --resume/open_run
+        from ..quant.algorithms.base import save_state
+
+        save_state(result.ptq_state, run.path(STATE_FILE))
+    for record in result.algorithms:
+        if record.skipped:
+            shown = "; ".join(f"{what}: {why}" for what, why in list(record.skipped.items())[:3])
+            run.warn(f"calibrate: algorithm {record.name} skipped {len(record.skipped)} item(s) ({shown}"
+                     f"{'; ...' if len(record.skipped) > 3 else ''})")
     if left := result.residual_left_alone:
         shown = "; ".join(f"{block}: {why}" for block, why in list(left.items())[:3])
         run.warn(f"residual_add left {len(left)} residual block(s) with their own forward and a float Add ({shown}"
@@ -153,6 +214,8 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "quantized_layers": result.quantized,
             "float_layers": result.excluded,
             "activation_amax": result.activation_amax,
+            **({"algorithms": [r.as_dict() for r in result.algorithms],
+                "algorithm_metric_before": result.algorithm_metric_before} if opts.algorithms else {}),
         },
     )
     run.record(
@@ -168,6 +231,14 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "census": result.census(),
             "residual_left_alone": result.residual_left_alone,
             "enabled_quantizers": quantizer_summary(run.model),
+            # per algorithm: seconds, how many layers it changed and the largest change, what it skipped
+            **({"algorithms": [{"name": r.name, "phase": r.phase, "seconds": round(r.seconds, 3),
+                            "layers_changed": len(r.changes),
+                            "max_weight_change": max((c.get("weight", 0.0) for c in r.changes.values()), default=0.0),
+                            "max_bias_change": max((c.get("bias", 0.0) for c in r.changes.values()), default=0.0),
+                            "skipped": len(r.skipped), "metric_after": r.metric_after}
+                           for r in result.algorithms],
+                "algorithm_metric_before": result.algorithm_metric_before} if opts.algorithms else {}),
         },
     )
 
@@ -183,3 +254,14 @@ def _check_images(loader, run):
     for images, _ in loader:
         return images[:CHECK_IMAGES].to(run.device)
     return run.example_input()
+
+
+def _algorithm_metric(run, samples: int):
+    """model -> the task's headline metric (points) on the first `samples` evaluation samples."""
+    from ..data import subset_loader
+    from ..quant.sensitivity import TaskMetric, make_probe, measure_task
+
+    dataset = run.dataset("evaluation")
+    probe = make_probe(run.reference, subset_loader(dataset, run.recipe.data, samples), None, run.device)
+    metric = TaskMetric(lambda: run.task.scorer(run.recipe, dataset), run.task.headline_points)
+    return lambda model: measure_task(model, probe, metric)[1]
