@@ -52,15 +52,6 @@ def write_deploy(run_dir: str | Path, metrics: dict) -> dict | None:
     return manifest
 
 
-def deploy_line(manifest: dict) -> str:
-    """The console's last word on a run: the file to deploy, its size and speed-up."""
-    speed = f", {manifest['speedup_b1']:.2f}x the speed of {manifest['fp32_backend']} at batch 1" if (
-        manifest.get("speedup_b1")) else ""
-    size = f", {manifest['size_mb']:.2f} MB" if manifest.get("size_mb") else ""
-    checked = "" if manifest.get("verified") is not False else " (UNVERIFIED: built with the guard off)"
-    return f"deploy: {manifest['files'][0]} ({manifest['backend']}{size}{speed}){checked}"
-
-
 def _link_or_copy(source: Path, dest: Path) -> None:
     try:
         os.link(source, dest)

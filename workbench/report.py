@@ -313,6 +313,15 @@ def _timings_section(run_dir: Path, metrics: dict) -> list[str]:
     return lines + [""]
 
 
+def deploy_line(manifest: dict) -> str:
+    """The console's last word on a run: the file to deploy (deploy.py's manifest), its size and speed-up."""
+    speed = f", {manifest['speedup_b1']:.2f}x the speed of {manifest['fp32_backend']} at batch 1" if (
+        manifest.get("speedup_b1")) else ""
+    size = f", {manifest['size_mb']:.2f} MB" if manifest.get("size_mb") else ""
+    checked = "" if manifest.get("verified") is not False else " (UNVERIFIED: built with the guard off)"
+    return f"deploy: {manifest['files'][0]} ({manifest['backend']}{size}{speed}){checked}"
+
+
 def print_summary(run_dir: str | Path, console) -> None:
     from rich.table import Table
 
@@ -350,8 +359,6 @@ def print_summary(run_dir: str | Path, console) -> None:
     if short:
         console.print("in short: " + " ".join(short), markup=False, highlight=False)
     if isinstance(metrics.get("deploy"), dict):
-        from .deploy import deploy_line
-
         console.print(deploy_line(metrics["deploy"]), markup=False, highlight=False)
     for warning in map(warning_text, metrics.get("warnings", [])):
         console.print(f"warning: {warning}", markup=False)
