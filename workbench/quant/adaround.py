@@ -249,16 +249,16 @@ def adaround_weight(weight: torch.Tensor, bias: torch.Tensor | None, groups: int
     rest = (scaled - floor).clamp(1e-4, 1 - 1e-4)  # AIMET's init: h(V) = the fractional part, so step 0 is w itself
     v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
     optimizer = torch.optim.Adam([v], lr=options.learning_rate())
-    generator = torch.Generator().manual_seed(options.seed)
     n = rows.shape[0]
     resident = device.type == "cuda" or rows.device == device
     x_all = rows.to(device) if resident else rows
     y_all = targets.to(device) if resident else targets
+    generator = torch.Generator(device=x_all.device).manual_seed(options.seed)  # batches drawn where the rows are
     warm_end = options.warm_start * options.iterations
     for iteration in range(options.iterations):
-        idx = torch.randint(n, (min(options.batch_rows, n),), generator=generator)
-        x = x_all[idx.to(x_all.device)].to(device, torch.float32)
-        y = y_all[idx.to(y_all.device)].to(device, torch.float32)
+        idx = torch.randint(n, (min(options.batch_rows, n),), generator=generator, device=x_all.device)
+        x = x_all[idx].to(device, torch.float32)
+        y = y_all[idx].to(device, torch.float32)
         h = rectified_sigmoid(v)
         soft = torch.where(pinned, nearest, floor + h) / inv
         out = apply_rows(soft, b, x, groups)
