@@ -318,6 +318,8 @@ def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
     for type_name, counts in (plan or cal["census"]).items():
         lines.append(f"| {type_name} | {counts['int8']} | {counts['float']} |")
     q = cal.get("enabled_quantizers", {})
+    if (target := cal.get("target")) and target.get("target", "tensorrt") != "tensorrt":
+        lines += ["", f"Target **{target.get('summary', target.get('target'))}**: {target.get('why', '')}."]
     return lines + ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
                     f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""]
 

@@ -397,6 +397,20 @@ def check_calibration(saved: Any, path: Path) -> None:
         if not _is_number(value) or not math.isfinite(value) or value <= 0:
             raise _bad(path, f"activation_amax[{json.dumps(quantizer)}]", value,
                        "a finite number > 0 (the quantizer's activation range, one per tensor)")
+    if "target" in saved:
+        from .quant.targets import Arithmetic
+
+        try:
+            Arithmetic.from_dict(saved["target"])
+        except (ValueError, TypeError) as e:
+            raise _bad(path, "target", saved["target"], str(e)) from None
+    lower = saved.get("activation_min", {})
+    if not isinstance(lower, dict):
+        raise _bad(path, "activation_min", lower, "an object of quantizer name -> lower end of its range")
+    for quantizer, value in lower.items():
+        if not _is_number(value) or not math.isfinite(value) or value > 0:
+            raise _bad(path, f"activation_min[{json.dumps(quantizer)}]", value,
+                       "a finite number <= 0 (the lower end of the quantizer's asymmetric range)")
     for key in ("quantized_layers", "float_layers"):
         layers = saved.get(key)
         if not isinstance(layers, dict) or not all(isinstance(t, str) for t in layers.values()):
@@ -470,9 +484,15 @@ def _finetuned(run, options, values, loaded) -> bool:
     return run.artifacts.pruned_file is not None
 
 
+def _without_why(arithmetic: dict) -> dict:
+    # `why` names the CPU model; the arithmetic is the rest (the same on another CPU of the same variant).
+    return {k: v for k, v in arithmetic.items() if k != "why"} if isinstance(arithmetic, dict) else arithmetic
+
+
 def _calibrated(run, options, values, loaded) -> bool:
     from .errors import CalibrationError
     from .quant.ptq import restore_
+    from .quant.targets import TENSORRT
 
     saved = loaded["calibration.json"]
     if saved["config"] != options.model_dump(mode="json"):
@@ -481,8 +501,12 @@ def _calibrated(run, options, values, loaded) -> bool:
     if run.artifacts.pruned_fp32 is run.model:  # as the calibrate stage: keep the pruned FP32 model apart
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     amax = saved["activation_amax"]
+    arithmetic = run.arithmetic
+    if _without_why(saved.get("target", TENSORRT.as_dict())) != _without_why(arithmetic.as_dict()):
+        return False  # calibrated for another target (or CPU variant): calibrate again
     try:
-        run.artifacts.quant = result = restore_(run.model, options, amax, run.example_input())
+        run.artifacts.quant = result = restore_(run.model, options, amax, run.example_input(), arithmetic,
+                                                saved.get("activation_min"))
     except CalibrationError as e:  # a quantizer of the model without a range
         raise _bad(path, "activation_amax", f"{len(amax)} ranges", f"a range for every quantizer of the model ({e})")
     if extra := sorted(set(amax) - set(result.activation_amax)):

@@ -100,6 +100,22 @@ class Arithmetic:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, saved: Any) -> "Arithmetic":
+        """The arithmetic a run's calibration.json recorded (untrusted: every field checked), or ValueError."""
+        if not isinstance(saved, dict) or set(saved) - set(cls.__dataclass_fields__):
+            raise ValueError(f"an object with the fields {', '.join(cls.__dataclass_fields__)}")
+        out = cls(**saved)
+        checks = {"target": out.target in TARGET_NAMES, "weight_bits": out.weight_bits in (7, 8),
+                  "activation_bits": out.activation_bits == 8,
+                  "weight_granularity": out.weight_granularity in ("per_channel", "per_tensor"),
+                  "cpu": out.cpu is None or out.cpu in CPU_KINDS, "why": isinstance(out.why, str)}
+        checks.update({k: isinstance(getattr(out, k), bool) for k in
+                       ("activation_signed", "activation_zero_point", "power_of_two_scales")})
+        if bad := [k for k, ok in checks.items() if not ok]:
+            raise ValueError(f"an arithmetic the workbench writes; {', '.join(bad)} is not")
+        return out
+
     def describe(self) -> str:
         acts = ("u8 asymmetric (zero point)" if self.activation_zero_point
                 else f"s{self.activation_bits} symmetric")

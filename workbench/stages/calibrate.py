@@ -45,7 +45,8 @@ def calibrate(run, opts: CalibrateOptions) -> None:
     if run.artifacts.pruned_fp32 is run.model:  # keep the pruned FP32 model: quantize_ works in place
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     start = time.perf_counter()
-    result = quantize_(run.model, opts, forward_loop, _check_images(loader, run))
+    arithmetic = run.arithmetic  # the recipe's target (quant/targets.py): what every quantizer computes
+    result = quantize_(run.model, opts, forward_loop, _check_images(loader, run), arithmetic)
     seconds = time.perf_counter() - start
     run.artifacts.quant = result
     if left := result.residual_left_alone:
@@ -63,6 +64,9 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "quantized_layers": result.quantized,
             "float_layers": result.excluded,
             "activation_amax": result.activation_amax,
+            # The target's arithmetic, and the lower ends of its asymmetric ranges (restore_ needs both).
+            **({"target": arithmetic.as_dict()} if arithmetic.target != "tensorrt" else {}),
+            **({"activation_min": result.activation_min} if result.activation_min else {}),
         },
     )
     run.record(
@@ -78,6 +82,7 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "census": result.census(),
             "residual_left_alone": result.residual_left_alone,
             "enabled_quantizers": quantizer_summary(run.model),
+            "target": {**arithmetic.as_dict(), "summary": arithmetic.describe()},
         },
     )
 
