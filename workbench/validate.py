@@ -142,12 +142,11 @@ def _target_problems(recipe: Recipe) -> list[str]:
     stages = [(f"stages[{i}].{stage}", stage, options) for i, (stage, options) in enumerate(recipe.stage_list())]
     problems = engine_problems(target, [(where, resolve_engine(o)) for where, stage, o in stages if stage == "build"])
     for where, stage, options in stages:
-        if stage == "calibrate" and target.name == "fixed_point" and "weights" in options.model_fields_set \
-                and options.weights == "per_channel":
-            problems.append(f"{where}.weights: per_channel with target: fixed_point, whose toolchains take one "
-                            "power-of-two scale per tensor: drop weights (the target quantizes per tensor)")
         if stage == "build" and target.name == "openvino":
-            if given := sorted({"openvino_graph", "openvino_weights"} & options.model_fields_set):
+            # (compared with the defaults: a recipe is re-validated from its dump, where every field counts as set)
+            given = [f for f, default in (("openvino_graph", "u8"), ("openvino_weights", "auto"))
+                     if getattr(options, f) != default]
+            if given:
                 problems.append(f"{where}.{given[0]} with target: openvino: the target calibrates and exports the "
                                 "graph OpenVINO compiles (its weights follow target.cpu), so there is no conversion to "
                                 f"choose; drop {' and '.join(given)} (or use target: tensorrt to convert its graph)")
