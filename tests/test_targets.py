@@ -227,6 +227,7 @@ model:
   input_size: [3, 32, 32]
 data:
   calibration: {{source: imagefolder, path: "{images}", count: 12, seed: 0}}
+  evaluation: {{source: imagefolder, path: "{images}"}}
   batch_size: 4
 runs_dir: "{runs}"
 {target}stages:
@@ -264,3 +265,33 @@ def test_validate_accepts_each_target_on_openvino_and_refuses_a_conversion_optio
     path = write_recipe(tmp_path / "bad.yaml", text.replace("target: openvino", "target: {name: openvino, cpu: sse}"))
     assert main(["validate", str(path)]) == 2
     assert "target" in capsys.readouterr().err
+
+
+def test_a_run_with_the_openvino_target_records_and_reopens_its_arithmetic(tmp_path):
+    """Through the recipe runner: metrics and calibration.json name the target and hold the asymmetric ranges'
+    lower ends, export skips what is TensorRT's, and the notebook's RunExplorer rebuilds the very model the run
+    exported (the faithful graph's outputs) from calibration.json alone."""
+    import json
+
+    from workbench import api
+    from workbench.explore import RunExplorer
+
+    images = make_image_folder(tmp_path / "images")
+    text = RECIPE.format(images=images, runs=tmp_path / "runs", target="target: {name: openvino, cpu: avx2}\n",
+                         engine="openvino")
+    text = text.replace("  - build: {engine: openvino}\n", "  - evaluate: {backends: [pytorch_int8, "
+                        "ort_int8_faithful], latency: false}\n")
+    run = api.run(write_recipe(tmp_path / "r.yaml", text))
+    target = run.metrics["stages"]["calibrate"]["target"]
+    assert (target["target"], target["weight_bits"], target["activation_zero_point"]) == ("openvino", 7, True)
+    saved = json.loads((run.dir / "calibration.json").read_text())
+    assert saved["target"]["cpu"] == "avx2" and set(saved["activation_min"]) == set(saved["activation_amax"])
+    export = run.metrics["stages"]["export"]
+    assert export["model.onnx"]["tensorrt_rules"] is None and "skipped" in export["model_int8_ort.onnx"]
+    faithful = run.metrics["stages"]["evaluate"]["backends"]["ort_int8_faithful"]["metrics"]["top1"]
+    assert faithful == run.metrics["stages"]["evaluate"]["backends"]["pytorch_int8"]["metrics"]["top1"]
+    explorer = RunExplorer(run.dir, trust_code=True)
+    assert explorer.arithmetic.weight_bits == 7
+    with torch.no_grad():
+        mine = explorer.model(TEST).numpy()
+    np.testing.assert_allclose(OrtRunner(run.dir / "model.onnx", "faithful")(TEST), mine, atol=1e-5, rtol=0)

@@ -332,6 +332,8 @@ def _export_section(run_dir: Path, metrics: dict) -> list[str]:
     for name, entry in exp.items():
         if "error" in entry:  # the ONNX Runtime flavour could not be written
             lines.append(f"- `{name}`: not written: {md_text(entry['error'])}")
+        elif "skipped" in entry:  # not written for this target (quant/targets.py)
+            lines.append(f"- `{name}`: not written: {md_text(entry['skipped'])}")
         elif "census" not in entry:
             lines += _ort_flavour_lines(name, entry)
         else:

@@ -52,6 +52,10 @@ def onnx_files(run, written: set[str]) -> OnnxFiles:
                      pruned_fp32=path[PRUNED_FP32], ptq=path[PTQ], ort_int8=path[ORT_INT8])
 
 
+_ORT_SKIPPED = ("target {target}: model.onnx is already in the target's arithmetic, which the ONNX Runtime flavour's "
+                "re-lay (u8 shift, Relu/Clip absorbed, 7-bit weights) would change")
+
+
 @register_stage("export", ExportOptions, makes=_makes)
 def export(run, opts: ExportOptions) -> None:
     """ONNX export (Q/DQ for a calibrated model), checked with onnx.checker; the ONNX Runtime flavour beside it."""
@@ -99,6 +103,8 @@ def export(run, opts: ExportOptions) -> None:
     if result is not None and not signed:
         values[MODEL]["tensorrt_rules"] = None
         values[MODEL]["target"] = result.arithmetic.describe()
+        if opts.ort_int8:
+            values[ORT_INT8] = {"skipped": _ORT_SKIPPED.format(target=result.arithmetic.target)}
     if result is not None and signed:  # TensorRT's Q/DQ rules, node by node (workbench check-onnx)
         names = {n for n, _ in run.model.named_modules()}
         violations = check_qdq(path, names)
@@ -109,9 +115,7 @@ def export(run, opts: ExportOptions) -> None:
                      f"({', '.join(rules)}), e.g. {violations[0]}; TensorRT would run those nodes in float or not "
                      "fuse them (the report lists them)")
         if opts.ort_int8 and result.arithmetic.target != "tensorrt":
-            values[ORT_INT8] = {"skipped": f"target {result.arithmetic.target}: model.onnx is already in the "
-                                "target's arithmetic, which the ONNX Runtime flavour's re-lay (u8 shift, 7-bit "
-                                "weights) would change"}
+            values[ORT_INT8] = {"skipped": _ORT_SKIPPED.format(target=result.arithmetic.target)}
         elif opts.ort_int8:
             # The TensorRT artifact is written; a graph the converter cannot re-lay is reported, not fatal.
             try:
