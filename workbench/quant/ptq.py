@@ -78,6 +78,10 @@ class QuantResult:
     kept_float: list[str] = field(default_factory=list)
     batches: int = 0
     samples: int = 0
+    # the PTQ algorithms that ran (quant/algorithms): their records and the state that reproduces their changes
+    algorithms: list = field(default_factory=list)  # AlgorithmRecord, in the order they ran
+    ptq_state: dict | None = None  # what ptq_state.pt holds (None: no algorithm was asked for)
+    algorithm_metric_before: dict = field(default_factory=dict)  # phase -> the run's metric as it began
 
     def census(self) -> dict[str, dict[str, int]]:
         """Per layer type: how many layers run INT8 and how many stay float."""
@@ -187,6 +191,8 @@ def quantize_(
     forward_loop: Callable[[nn.Module], None],
     example_input: torch.Tensor,
     arithmetic: Arithmetic = TENSORRT,
+    algorithms: list | tuple = (),
+    evaluate: Callable[[nn.Module], float] | None = None,
 ) -> QuantResult:
     """Quantize `model` in place to INT8 fake-quant and calibrate it with `forward_loop`.
 
@@ -196,10 +202,23 @@ def quantize_(
     `forward_loop(model)` runs the calibration batches through the model. `example_input` is a few calibration
     images: BatchNorm pairs are found on them, and each rewrite of the model (BatchNorm folding, the residual_add rule)
     is proved on them to keep the float model's outputs (a RewriteError where it does not).
+
+    `algorithms` (AlgorithmStep, quant/algorithms) run in two slots: the "before_ranges" ones after folding and
+    quantizer insertion, every quantizer off, before the activation-range pass (the weight ranges are re-measured
+    after them); the "after_ranges" ones on the calibrated model. `evaluate(model)`, where given, is the run's metric
+    after each algorithm. Their records and state are `result.algorithms` and `result.ptq_state`.
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     result, activation_quantizers = _insert_quantizers(model, config, example_input, arithmetic)
+    pipeline = ctx = None
+    if algorithms:
+        from .algorithms.base import AlgorithmContext, PipelineResult, run_phase
+
+        pipeline = PipelineResult()
+        ctx = AlgorithmContext(model, config, result, forward_loop, example_input, arithmetic)
+        run_phase("before_ranges", list(algorithms), ctx, pipeline, evaluate,
+                  after_each=lambda: refresh_weight_ranges_(model, result))
     # One calibration pass in float (every quantizer passes data through), collecting |x| histograms (signed ones
     # where ranges may be asymmetric).
     histograms: dict[str, AbsHistogram | SignedHistogram] = {}
@@ -248,16 +267,22 @@ def quantize_(
             amax = {name: power_of_two_amax(histograms[name], value, num_bits=arithmetic.activation_bits,
                                             nearest=config.method != "max") for name, value in amax.items()}
     _set_ranges(model, result, activation_quantizers, amax, lower)
+    if pipeline is not None:
+        run_phase("after_ranges", list(algorithms), ctx, pipeline, evaluate)
+        result.algorithms, result.ptq_state = pipeline.records, pipeline.state()
+        result.algorithm_metric_before = pipeline.metric_before
     return result
 
 
 def restore_(model: nn.Module, config: Int8Config, activation_amax: dict[str, float],
              example_input: torch.Tensor, arithmetic: Arithmetic = TENSORRT,
-             activation_min: dict[str, float] | None = None) -> QuantResult:
+             activation_min: dict[str, float] | None = None, ptq_state: dict | None = None) -> QuantResult:
     """Rebuild a calibrated fake-quant model from saved ranges (a run's calibration.json), without data.
 
     Folding, layer choice and weight ranges are deterministic functions of the weights, the config and the
-    arithmetic, so only the activation ranges need saving (and their lower ends, where they are asymmetric).
+    arithmetic, so only the activation ranges need saving (and their lower ends, where they are asymmetric), and
+    what the PTQ algorithms changed (`ptq_state`, a run's ptq_state.pt: re-applied after the ranges, as its values
+    are final ones).
     """
     result, activation_quantizers = _insert_quantizers(model, config, example_input, arithmetic)
     if arithmetic.activation_zero_point and (
@@ -273,6 +298,11 @@ def restore_(model: nn.Module, config: Int8Config, activation_amax: dict[str, fl
         )
     _set_ranges(model, result, activation_quantizers, {n: activation_amax[n] for n in activation_quantizers},
                 {n: activation_min[n] for n in activation_quantizers} if arithmetic.activation_zero_point else {})
+    if ptq_state is not None:
+        from .algorithms.base import apply_state
+
+        apply_state(model, ptq_state)
+        result.ptq_state = ptq_state
     return result
 
 
