@@ -295,3 +295,27 @@ def test_a_run_with_the_openvino_target_records_and_reopens_its_arithmetic(tmp_p
     with torch.no_grad():
         mine = explorer.model(TEST).numpy()
     np.testing.assert_allclose(OrtRunner(run.dir / "model.onnx", "faithful")(TEST), mine, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("profile", ["openvino_avx2", "fixed_point"])
+def test_ptq_algorithms_run_in_the_target_arithmetic(profile, tmp_path):
+    """CLE and bias correction (quant/algorithms) on a target's quantizers: the algorithms see the arithmetic they
+    are handed, the fake-quant model they leave is still what its exported graph computes, and restore_ with their
+    state rebuilds it."""
+    from workbench.quant.algorithms import AlgorithmStep
+
+    arithmetic = resolve_target(PROFILES[profile])
+    steps = [AlgorithmStep.model_validate(s) for s in ("cle", {"name": "bias_correction", "mode": "fast"})]
+    model = SiluNet().eval()
+    result = quantize_(model, Int8Config(method="mse"), _loop, CALIB[0][:2], arithmetic, algorithms=steps)
+    assert [r.name for r in result.algorithms] == ["cle", "bias_correction"]
+    assert result.arithmetic == arithmetic and isinstance(model.conv1.weight_quantizer, AffineQuantizer)
+    with torch.no_grad():
+        expected = model(TEST).numpy()
+    got = OrtRunner(export_onnx(model, TEST[:1], tmp_path / "m.onnx"), "faithful")(TEST)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * max(1.0, float(np.abs(expected).max())))
+    restored = SiluNet().eval()
+    restore_(restored, Int8Config(method="mse"), result.activation_amax, CALIB[0][:2], arithmetic,
+             result.activation_min or None, ptq_state=result.ptq_state)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(TEST), model(TEST))
