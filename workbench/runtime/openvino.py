@@ -248,7 +248,8 @@ def weights_for_cpu(requested: str = "auto") -> tuple[str, str]:
     return "reduce_range", "7-bit weights where a 16-bit sum could saturate (no VNNI on this CPU)"
 
 
-def int8_graph(model: Path, out: Path, graph: str = "u8", weights: str = "auto") -> tuple[Path, dict]:
+def int8_graph(model: Path, out: Path, graph: str = "u8", weights: str = "auto",
+               arithmetic=None) -> tuple[Path, dict]:
     """The INT8 graph OpenVINO compiles for this CPU, and the sidecar's note of which it is and why.
 
     OpenVINO takes signed 8-bit activations as they are only on CPUs with AMX; elsewhere its low-precision
@@ -259,6 +260,10 @@ def int8_graph(model: Path, out: Path, graph: str = "u8", weights: str = "auto")
     """
     from ..qdq.ort_flavour import to_ort_int8
 
+    if arithmetic is not None and arithmetic.target == "openvino":  # calibrated and exported in OpenVINO's arithmetic
+        return model, {"graph": "as exported (target: openvino)", "weights": f"s{arithmetic.weight_bits}",
+                       "graph_note": f"Compiled from {model.name} as exported: the target's arithmetic "
+                                     f"({arithmetic.describe()}); {arithmetic.why}."}
     if graph == "tensorrt_style":
         return model, {"graph": "tensorrt_style", "graph_note": f"Compiled from {model.name} as exported (signed "
                        "activations), as asked: OpenVINO computes a signed Q/DQ after a Concat wrongly on CPUs "
@@ -271,12 +276,12 @@ def int8_graph(model: Path, out: Path, graph: str = "u8", weights: str = "auto")
 
 
 def compile_int8(model: Path, xml: Path, graph_out: Path, guard, graph: str = "u8",
-                 weights: str = "auto") -> tuple[dict, Path, dict]:
+                 weights: str = "auto", arithmetic=None) -> tuple[dict, Path, dict]:
     """The INT8 IR of the Q/DQ graph `model` for this CPU, kept only once `guard` (engines.Guard) passes it: its layout
     `graph` (int8_graph; written to `graph_out` unless that layout is `model` itself) compiled to `xml`. Returns (the
     IR's sidecar as compiled, the graph compiled, the guard's record). The build stage and `workbench build` both
     compile through here, so both honour the layout and weights asked for and guard against the graph compiled."""
-    compiled, notes = int8_graph(model, graph_out, graph, weights)
+    compiled, notes = int8_graph(model, graph_out, graph, weights, arithmetic)
     converted = [compiled] if compiled != model else []  # never the caller's own file: a refusal removes these
     try:
         sidecar = compile_model_file(CompileRequest(onnx=compiled, xml=xml, notes=notes))
@@ -310,7 +315,7 @@ def build_in_run(run, opts) -> dict:
         xml = run.path("model_openvino_int8.xml")
         values["int8"], graph, guarded = compile_int8(
             onnx.model, xml, run.path("model_openvino_int8.onnx"), lambda *a: guard_in_run(run, opts, *a),
-            opts.openvino_graph, opts.openvino_weights)
+            opts.openvino_graph, opts.openvino_weights, run.artifacts.quant.arithmetic)
         values.update(guarded)
         run.artifacts.openvino_int8, run.artifacts.openvino_int8_graph = xml, graph
     return values

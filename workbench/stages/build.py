@@ -99,11 +99,23 @@ def _makes(opts: BuildOptions, made: set[str]) -> set[str]:
 
 
 def _preflight(opts: BuildOptions, where: str, recipe) -> list[str]:
-    """A required engine that cannot build here (its package, or its device, is missing: the engine table says)."""
-    if not opts.required:
-        return []
-    why = engines.resolve(opts.engine).unavailable()
-    return [f"{where}.required is true, but {why}"] if why else []
+    """A required engine that cannot build here (its package, or its device, is missing: the engine table says), and
+    an engine or engine option the recipe's target (targets.py) cannot honour."""
+    from ..targets import engine_problems
+
+    engine = engines.resolve(opts.engine)
+    problems = engine_problems(recipe.target, [(where, engine.name)])
+    if recipe.target.name == "openvino":
+        # (compared with the defaults: a recipe is re-validated from its dump, where every field counts as set)
+        given = [f for f, default in (("openvino_graph", "u8"), ("openvino_weights", "auto"))
+                 if getattr(opts, f) != default]
+        if given:
+            problems.append(f"{where}.{given[0]} with target: openvino: the target calibrates and exports the graph "
+                            "OpenVINO compiles (its weights follow target.cpu), so there is no conversion to choose; "
+                            f"drop {' and '.join(given)} (or use target: tensorrt to convert its graph)")
+    if opts.required and (why := engine.unavailable()):
+        problems.append(f"{where}.required is true, but {why}")
+    return problems
 
 
 # How the stage comes back from its run directory on --resume (resume.py reads its registration).

@@ -59,15 +59,35 @@ def check_calibration(saved: Any, path: Path) -> None:
         if not _is_number(value) or not math.isfinite(value) or value <= 0:
             raise _bad(path, f"activation_amax[{json.dumps(quantizer)}]", value,
                        "a finite number > 0 (the quantizer's activation range, one per tensor)")
+    if "target" in saved:
+        from ..targets import Arithmetic
+
+        try:
+            Arithmetic.from_dict(saved["target"])
+        except (ValueError, TypeError) as e:
+            raise _bad(path, "target", saved["target"], str(e)) from None
+    lower = saved.get("activation_min", {})
+    if not isinstance(lower, dict):
+        raise _bad(path, "activation_min", lower, "an object of quantizer name -> lower end of its range")
+    for quantizer, value in lower.items():
+        if not _is_number(value) or not math.isfinite(value) or value > 0:
+            raise _bad(path, f"activation_min[{json.dumps(quantizer)}]", value,
+                       "a finite number <= 0 (the lower end of the quantizer's asymmetric range)")
     for key in ("quantized_layers", "float_layers"):
         layers = saved.get(key)
         if not isinstance(layers, dict) or not all(isinstance(t, str) for t in layers.values()):
             raise _bad(path, key, layers, "an object of layer name -> layer type")
 
 
+def _without_why(arithmetic: dict) -> dict:
+    # `why` names the CPU model; the arithmetic is the rest (the same on another CPU of the same variant).
+    return {k: v for k, v in arithmetic.items() if k != "why"} if isinstance(arithmetic, dict) else arithmetic
+
+
 def _calibrated(run, options, values, loaded) -> bool:
     from ..errors import CalibrationError
     from ..quant.ptq import restore_
+    from ..targets import TENSORRT
 
     saved = loaded["calibration.json"]
     if saved["config"] != options.model_dump(mode="json"):
@@ -76,11 +96,15 @@ def _calibrated(run, options, values, loaded) -> bool:
     if run.artifacts.pruned_fp32 is run.model:  # as the calibrate stage: keep the pruned FP32 model apart
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     amax = saved["activation_amax"]
+    arithmetic = run.arithmetic
+    if _without_why(saved.get("target", TENSORRT.as_dict())) != _without_why(arithmetic.as_dict()):
+        return False  # calibrated for another target (or CPU variant): calibrate again
     from ..quant.algorithms.base import StateError, read_run_state
 
     try:  # what the PTQ algorithms changed (ptq_state.pt, its hash checked), re-applied by restore_
         state = read_run_state(run.dir, options)
-        run.artifacts.quant = result = restore_(run.model, options, amax, run.example_input(), ptq_state=state)
+        run.artifacts.quant = result = restore_(run.model, options, amax, run.example_input(), arithmetic,
+                                                saved.get("activation_min"), ptq_state=state)
     except StateError as e:
         raise _bad(run.path(STATE_FILE), "", "a state", f"one that fits the model ({e})")
     except CalibrationError as e:  # a quantizer of the model without a range
@@ -121,6 +145,8 @@ def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
     for type_name, counts in (plan or cal["census"]).items():
         lines.append(f"| {type_name} | {counts['int8']} | {counts['float']} |")
     q = cal.get("enabled_quantizers", {})
+    if (target := cal.get("target")) and target.get("target", "tensorrt") != "tensorrt":
+        lines += ["", f"Target **{target.get('summary', target.get('target'))}**: {target.get('why', '')}."]
     return lines + ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
                     f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""] \
         + _algorithms_lines(cal)
@@ -184,10 +210,11 @@ def calibrate(run, opts: CalibrateOptions) -> None:
     if run.artifacts.pruned_fp32 is run.model:  # keep the pruned FP32 model: quantize_ works in place
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     start = time.perf_counter()
+    arithmetic = run.arithmetic  # the recipe's target (targets.py): what every quantizer computes
     evaluate = _algorithm_metric(run, opts.algorithm_eval_samples) if opts.algorithms and \
         opts.algorithm_eval_samples else None
-    result = quantize_(run.model, opts, forward_loop, _check_images(loader, run), algorithms=opts.algorithms,
-                       evaluate=evaluate, arithmetic=getattr(run, "arithmetic", None))
+    result = quantize_(run.model, opts, forward_loop, _check_images(loader, run), arithmetic,
+                       algorithms=opts.algorithms, evaluate=evaluate)
     seconds = time.perf_counter() - start
     run.artifacts.quant = result
     if result.ptq_state is not None:  # what the algorithms changed: restore_ re-applies it on --resume/open_run
@@ -214,6 +241,9 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "quantized_layers": result.quantized,
             "float_layers": result.excluded,
             "activation_amax": result.activation_amax,
+            # The target's arithmetic, and the lower ends of its asymmetric ranges (restore_ needs both).
+            **({"target": arithmetic.as_dict()} if arithmetic.target != "tensorrt" else {}),
+            **({"activation_min": result.activation_min} if result.activation_min else {}),
             **({"algorithms": [r.as_dict() for r in result.algorithms],
                 "algorithm_metric_before": result.algorithm_metric_before} if opts.algorithms else {}),
         },
@@ -231,6 +261,7 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "census": result.census(),
             "residual_left_alone": result.residual_left_alone,
             "enabled_quantizers": quantizer_summary(run.model),
+            "target": {**arithmetic.as_dict(), "summary": arithmetic.describe()},
             # per algorithm: seconds, how many layers it changed and the largest change, what it skipped
             **({"algorithms": [{"name": r.name, "phase": r.phase, "seconds": round(r.seconds, 3),
                             "layers_changed": len(r.changes),

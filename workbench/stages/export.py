@@ -80,6 +80,8 @@ def _export_section(run_dir: Path, metrics: dict) -> list[str]:
     for name, entry in exp.items():
         if "error" in entry:  # the ONNX Runtime flavour could not be written
             lines.append(f"- `{name}`: not written: {md_text(entry['error'])}")
+        elif "skipped" in entry:  # not written for this target (targets.py)
+            lines.append(f"- `{name}`: not written: {md_text(entry['skipped'])}")
         elif "census" not in entry:
             lines += _ort_flavour_lines(name, entry)
         else:
@@ -116,6 +118,10 @@ def _ort_flavour_lines(name: str, entry: dict) -> list[str]:
                      + (" No convolution runs on integer kernels: for a CPU deployment `model_fp32.onnx` is faster."
                         if not entry["fused"].get("QLinearConv") else ""))
     return lines
+
+
+_ORT_SKIPPED = ("target {target}: model.onnx is already in the target's arithmetic, which the ONNX Runtime flavour's "
+                "re-lay (u8 shift, Relu/Clip absorbed, 7-bit weights) would change")
 
 
 @register_stage("export", ExportOptions, makes=_makes, restorer=Restorer(_exported, _exported_files),
@@ -160,7 +166,15 @@ def export(run, opts: ExportOptions) -> None:
         }
     path = write(run.model, MODEL, metadata)
     values[MODEL]["quantized"] = result is not None
-    if result is not None:  # TensorRT's Q/DQ rules, node by node (workbench check-onnx)
+    # The openvino target's graph has u8 activations with zero points: TensorRT's rules and the ONNX Runtime flavour
+    # (a re-lay of a signed graph) are for the other targets' graphs.
+    signed = result is None or result.arithmetic.activation_signed
+    if result is not None and not signed:
+        values[MODEL]["tensorrt_rules"] = None
+        values[MODEL]["target"] = result.arithmetic.describe()
+        if opts.ort_int8:
+            values[ORT_INT8] = {"skipped": _ORT_SKIPPED.format(target=result.arithmetic.target)}
+    if result is not None and signed:  # TensorRT's Q/DQ rules, node by node (workbench check-onnx)
         names = {n for n, _ in run.model.named_modules()}
         violations = check_qdq(path, names)
         values[MODEL]["tensorrt_rules"] = [v.as_dict() for v in violations]
@@ -169,7 +183,9 @@ def export(run, opts: ExportOptions) -> None:
             run.warn(f"export: model.onnx fails check-onnx: {len(violations)} violation(s) of TensorRT's Q/DQ rules "
                      f"({', '.join(rules)}), e.g. {violations[0]}; TensorRT would run those nodes in float or not "
                      "fuse them (the report lists them)")
-        if opts.ort_int8:
+        if opts.ort_int8 and result.arithmetic.target != "tensorrt":
+            values[ORT_INT8] = {"skipped": _ORT_SKIPPED.format(target=result.arithmetic.target)}
+        elif opts.ort_int8:
             # The TensorRT artifact is written; a graph the converter cannot re-lay is reported, not fatal.
             try:
                 conversion = to_ort_int8(path, run.path(ORT_INT8), opts.ort_weights)
