@@ -39,7 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# WORKBENCH_SRC: the checkout whose workbench runs the workbench rows (another helper's worktree whose branch does
+# not merge cleanly yet); imported first, so the benchmarks imported below (which put this checkout on sys.path)
+# reuse it.
+sys.path.insert(0, os.environ.get("WORKBENCH_SRC") or str(Path(__file__).resolve().parents[1]))
+import workbench  # noqa: E402,F401
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ort_int8 import ASSETS, interleaved_latency  # noqa: E402
@@ -93,28 +98,35 @@ STAGES = {
 PER_TENSOR = {"resnet20": True, "efficientnet_lite0": True, "yolov5n": False}
 
 # The workbench's configurations: recipe overrides on top of DATA + STAGES (issue 25's `target:` profiles and the
-# calibrate stage's `algorithms:` list, docs of CONTRACT25). "today" is the recipe as it stands.
-_ALGOS = "stages.calibrate.algorithms=[cle, {name: bias_correction, mode: full}]"
-_ADAROUND = "stages.calibrate.algorithms=[cle, {name: bias_correction, mode: full}, adaround]"
-WORKBENCH: dict[str, dict[str, list[str]]] = {
+# calibrate stage's `algorithms:` list, CONTRACT25). "today" is the recipe as it stands. The fixed-point rows skip
+# the OpenVINO build (their engine is an FPGA's or DSP's: the faithful graph is what they compute).
+@dataclass(frozen=True)
+class Config:
+    overrides: tuple[str, ...] = ()
+    build: bool = True
+
+
+_BC = "{name: bias_correction, mode: full}"
+_ADAROUND = "{name: adaround, iterations: ITERATIONS}"  # --adaround-iterations, the same as AIMET's
+_OPENVINO = "target={name: openvino, cpu: auto}"
+WORKBENCH: dict[str, dict[str, Config]] = {
     "resnet20": {
-        "today": [],
-        "fixed_point": ["target=fixed_point"],
-        "fixed_point+cle+bc": ["target=fixed_point", _ALGOS],
+        "today": Config(),
+        "fixed_point": Config(("target=fixed_point",), build=False),
+        "fixed_point+cle+bc": Config(("target=fixed_point", f"stages.calibrate.algorithms=[cle, {_BC}]"), False),
     },
     "efficientnet_lite0": {
-        "today": [],
-        "cle+bc": [_ALGOS],
-        "cle+bc+adaround": [_ADAROUND],
-        "openvino+cle+bc": ["target={name: openvino, cpu: auto}", _ALGOS],
-        "fixed_point": ["target=fixed_point"],
-        "fixed_point+cle+bc": ["target=fixed_point", _ALGOS],
+        "today": Config(),
+        "cle+bc": Config((f"stages.calibrate.algorithms=[cle, {_BC}]",)),
+        "cle+bc+adaround": Config((f"stages.calibrate.algorithms=[cle, {_BC}, {_ADAROUND}]",)),
+        "openvino+cle+bc": Config((_OPENVINO, f"stages.calibrate.algorithms=[cle, {_BC}]")),
+        "fixed_point": Config(("target=fixed_point",), build=False),
+        "fixed_point+cle+bc": Config(("target=fixed_point", f"stages.calibrate.algorithms=[cle, {_BC}]"), False),
     },
     "yolov5n": {
-        "today": [],
-        "openvino": ["target={name: openvino, cpu: auto}"],
-        "openvino+bc": ["target={name: openvino, cpu: auto}", "stages.calibrate.algorithms=[{name: bias_correction, "
-                                                               "mode: full}]"],
+        "today": Config(),
+        "openvino": Config((_OPENVINO,)),
+        "openvino+bc": Config((_OPENVINO, f"stages.calibrate.algorithms=[{_BC}]")),
     },
 }
 PEERS = {"resnet20": ["brevitas"],
@@ -203,12 +215,14 @@ def calibration_batches(bench: Bench) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------- workbench
-def workbench_run(name: str, overrides: list[str], calib_count: int, runs_dir: str):
+def workbench_run(name: str, config: Config, args):
     from workbench import api
     from workbench.recipe import parse_recipe
 
-    text = (f"name: peers_{name}\n" + recipe_text(name, calib_count) + "stages:\n" + STAGES[name]
-            + f'runs_dir: "{runs_dir}"\n')
+    stages = STAGES[name] if config.build else STAGES[name].replace("  - build: {engine: openvino}\n", "")
+    text = (f"name: peers_{name}\n" + recipe_text(name, args.calib_count) + "stages:\n" + stages
+            + f'runs_dir: "{args.runs_dir}"\n')
+    overrides = [o.replace("ITERATIONS", str(args.adaround_iterations)) for o in config.overrides]
     return api.run(parse_recipe(text, f"{name} (benchmark)", overrides))
 
 
@@ -216,8 +230,8 @@ def workbench_rows(bench: Bench, label: str, run, seconds: float, threads: int |
     from workbench.runtime.openvino import OpenVINORunner
     from workbench.runtime.runners import OrtRunner
 
-    arithmetic = getattr(run, "arithmetic", None)
-    note = f"whole recipe {seconds:.0f} s" + (f"; {arithmetic}" if arithmetic is not None else "")
+    arithmetic = getattr(run, "arithmetic", None)  # issue 25's target profile, where this checkout has it
+    note = f"whole recipe {seconds:.0f} s" + (f"; {arithmetic.describe()}" if arithmetic is not None else "")
     algos = run.metrics["stages"].get("calibrate", {}).get("algorithms")
     if algos:
         note += "; " + ", ".join(f"{a.get('name')} {a.get('seconds', 0):.1f} s" for a in algos if isinstance(a, dict))
@@ -446,16 +460,20 @@ def main() -> None:
     os.environ.setdefault("WORKBENCH_ASSETS", str(ASSETS))
     from workbench.runtime.cpu import cpu_info
 
-    print(f"# CPU {cpu_info().describe()}; {args.threads or os.cpu_count()} threads; {_versions()}\n", flush=True)
+    print(f"# CPU {cpu_info().describe()}; {args.threads or os.cpu_count()} threads; {_versions()}; workbench from "
+          f"{Path(workbench.__file__).parents[1]}\n", flush=True)
     benches = []
     for name in args.models:
-        configs = {k: v for k, v in WORKBENCH[name].items() if args.workbench is None or k in args.workbench}
+        configs = {k: WORKBENCH[name][k] for k in (WORKBENCH[name] if args.workbench is None else args.workbench)
+                   if k in WORKBENCH[name]}
         for extra in args.set_workbench:
             label, _, overrides = extra.partition("=")
-            configs[label] = [o for o in overrides.split(";") if o]
+            configs[label] = Config(tuple(o for o in overrides.split(";") if o))
         print(f"## {name}", flush=True)
+        # The first configuration's run is the base: its data, FP32 model and FP32 ONNX serve every peer.
+        first = next(iter(configs), "today")
         start = time.perf_counter()
-        base = workbench_run(name, [], args.calib_count, args.runs_dir)
+        base = workbench_run(name, configs.get(first, Config()), args)
         bench = Bench(name, base)
         from workbench.runtime.runners import OrtRunner
 
@@ -467,19 +485,20 @@ def main() -> None:
 
             bench.timed["FP32 OpenVINO"] = OpenVINORunner(base.dir / "model_openvino_fp32.xml", "fp32", args.threads)
             bench.timed["FP32 ONNX Runtime"] = OrtRunner(base.dir / "model_fp32.onnx", "fp32", "default", args.threads)
-        if "today" in configs:
-            workbench_rows(bench, "today", base, time.perf_counter() - start, args.threads)
+        if first in configs:
+            workbench_rows(bench, first, base, time.perf_counter() - start, args.threads)
         for peer in (PEERS[name] if args.peers is None else [q for q in args.peers if q in PEERS[name]]):
             run_peer(bench, peer, args)
-        for label, overrides in configs.items():
-            if label == "today":
+        for label, config in configs.items():
+            if label == first:
                 continue
             start = time.perf_counter()
             try:
-                run = workbench_run(name, overrides, args.calib_count, args.runs_dir)
+                run = workbench_run(name, config, args)
             except (Exception, SystemExit) as error:  # an option this checkout does not know yet
                 add_row(bench, Row("workbench", label, "-", note=f"not run: {type(error).__name__}: "
-                                                                 f"{str(error)[:300]} (overrides {overrides})"), None)
+                                                                 f"{str(error)[:300]} (overrides {config.overrides})"),
+                        None)
                 continue
             workbench_rows(bench, label, run, time.perf_counter() - start, args.threads)
         print_table(bench)
