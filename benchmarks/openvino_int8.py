@@ -39,8 +39,9 @@ from workbench.runtime.runners import OrtRunner  # noqa: E402
 METHOD = {"resnet20": "mse", "efficientnet_lite0": "mse", "yolov5n": "mse"}
 
 
-def nncf_quantize(run, out_xml: Path, threads: int | None) -> tuple[float, str]:
-    """NNCF's post-training quantization of the run's FP32 graph on its calibration images; (seconds, INT8 census)."""
+def nncf_quantize(run, out_xml: Path, threads: int | None, **options) -> tuple[float, str]:
+    """NNCF's post-training quantization of the run's FP32 graph on its calibration images; (seconds, INT8 census).
+    `options` go to `nncf.quantize` as they are (fast_bias_correction, advanced_parameters: benchmarks/ptq_peers.py)."""
     import nncf
     import openvino as ov
 
@@ -49,7 +50,7 @@ def nncf_quantize(run, out_xml: Path, threads: int | None) -> tuple[float, str]:
     images = [batch.numpy() for batch, _ in run.loader("calibration")]
     samples = sum(len(b) for b in images)
     dataset = nncf.Dataset(images)
-    kwargs = {"subset_size": samples}
+    kwargs = {"subset_size": samples, **options}
     if run.recipe.task == "detection":
         # The box decode after the head's convolutions stays float, as NNCF's YOLO examples keep it (and as the
         # workbench does): every node of the Detect module (model.24) but its convolutions. MIXED: symmetric
