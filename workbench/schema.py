@@ -92,7 +92,7 @@ InputSize = Annotated[tuple[int, int, int], AfterValidator(_check_input_size)]
 
 class ModelConfig(StrictModel):
     spec: str = Field(
-        description="Model source and name: 'torchvision:resnet18', 'cifar_resnet:resnet20', "
+        description="Model source and name: 'torchvision:resnet18', 'timm:seresnet18', 'cifar_resnet:resnet20', "
         "'efficientnet_lite:efficientnet-lite0', 'import:package.module:factory', 'file:model.pt' "
         "(a whole pickled model). `workbench models list` shows them."
     )

@@ -106,9 +106,10 @@ def _split_problems(split: DataSplit, field: str) -> list[str]:
         except WorkbenchError as e:
             return [str(e)]
         field = f"calibration set {name!r}"
+    from .data.registry import path_is_local, source_problems
+
     problems = []
-    # A hub dataset's path is a data_dir inside the hub repository; every other path is a local folder.
-    if split.path and (split.source != "hf" or split.name in (None, "imagefolder")):
+    if split.path and path_is_local(split):  # not a hub dataset's data_dir (its source's row says)
         problems += missing_path(split.path, f"{field}.path", "the data folder", folder=True)
     if split.annotations:
         problems += missing_path(split.annotations, f"{field}.annotations", "the COCO JSON file")
@@ -117,8 +118,6 @@ def _split_problems(split: DataSplit, field: str) -> list[str]:
     if split.yaml:
         problems += missing_path(split.yaml, f"{field}.yaml", "the dataset's data.yaml")
     if split.source is not None:
-        from .data.registry import source_problems
-
         problems += source_problems(split, field)  # beyond its files: packages, downloads
     return problems
 

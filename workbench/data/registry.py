@@ -26,6 +26,8 @@ class DataSource:
     # "module:function" of what stops a split of this source from loading here beyond its files (validate.py):
     # (split, field) -> problems; None: nothing but its files
     problems: str | None = None
+    # "module:function" of (split) -> whether split.path is a local folder validate checks exists; None: always
+    local_path: str | None = None
 
 
 DATA_SOURCES: dict[str, DataSource] = {}
@@ -43,7 +45,8 @@ def register_data_source(row: DataSource) -> DataSource:
 register_data_source(DataSource("imagefolder", samples="workbench.data.sources:imagefolder_samples"))
 register_data_source(DataSource("files", samples="workbench.data.sources:files_samples"))
 register_data_source(DataSource("hf", samples="workbench.data.sources:hf_samples",
-                                problems="workbench.data.sources:hf_problems"))
+                                problems="workbench.data.sources:hf_problems",
+                                local_path="workbench.data.sources:hf_path_is_local"))
 register_data_source(DataSource("package", samples="workbench.data.sources:package_samples",
                                 problems="workbench.data.sources:package_problems"))
 register_data_source(DataSource("coco", boxes="workbench.data.detection:coco_split"))
@@ -59,6 +62,12 @@ def source_problems(split, field: str) -> list[str]:
     """What stops `split` from loading here beyond its files, by its source's row."""
     row = DATA_SOURCES[split.source]
     return load(row.problems)(split, field) if row.problems else []
+
+
+def path_is_local(split) -> bool:
+    """Whether `split.path` names a local folder (a hub dataset's path is a data_dir inside its repository)."""
+    row = DATA_SOURCES[split.source]
+    return load(row.local_path)(split) if row.local_path else True
 
 
 def load(target: str) -> Callable:

@@ -235,6 +235,11 @@ def package_problems(split: DataSplit, field: str) -> list[str]:
     return []
 
 
+def hf_path_is_local(split: DataSplit) -> bool:
+    """A hub dataset's path is a data_dir inside the hub repository; saved datasets and imagefolder read a folder."""
+    return split.name in (None, "imagefolder")
+
+
 def hf_samples(split: DataSplit, field: str) -> list[Sample]:
     try:
         import datasets

@@ -42,6 +42,8 @@ class ModelSource:
     # and resume checks; None: it reads none beyond model.weights.
     input_file: Callable[[str], str | None] = lambda name: None
     names_file: bool = False  # the name is a file path: a run's recipe.yaml makes it absolute
+    # model.weights values the source reads itself (a weights name), not a file resolve_model loads as every source's
+    reads_weights: Callable[[str], bool] = lambda weights: False
 
 
 MODEL_SOURCES: dict[str, ModelSource] = {}
@@ -49,11 +51,13 @@ MODEL_SOURCES: dict[str, ModelSource] = {}
 
 def register_source(name: str, names: Callable[[], list[str]], example: str,
                     problems: Callable[[str, ModelConfig], list[str]] = _no_problems, names_file: bool = False,
-                    input_file: Callable[[str], str | None] | None = None):
+                    input_file: Callable[[str], str | None] | None = None,
+                    reads_weights: Callable[[str], bool] | None = None):
 
     def decorator(build: Callable[[str, ModelConfig], nn.Module]):
         reads = input_file or ((lambda path: path) if names_file else (lambda path: None))
-        MODEL_SOURCES[name] = ModelSource(name, build, names, example, problems, reads, names_file)
+        MODEL_SOURCES[name] = ModelSource(name, build, names, example, problems, reads, names_file,
+                                          reads_weights or (lambda weights: False))
         return build
 
     return decorator
@@ -92,7 +96,7 @@ def spec_problems(config: ModelConfig) -> list[str]:
         return [f"model.spec {config.spec!r} does not name a known source.{hint} Write 'source:name' with source one "
                 "of: " + ", ".join(f"{s.name} (e.g. {s.example})" for s in MODEL_SOURCES.values())]
     problems = MODEL_SOURCES[source].problems(name, config)
-    if config.weights and source != "torchvision":  # torchvision's may name its weights enum instead of a file
+    if config.weights and not MODEL_SOURCES[source].reads_weights(config.weights):  # or a weights name it reads
         problems += checkpoint_file_problems(config.weights, "model.weights", "a state dict (.pt/.pth)")
     if config.pruned:
         problems += checkpoint_file_problems(config.pruned, "model.pruned", "the pruned_model.pt of a run's prune "
@@ -133,7 +137,7 @@ def resolve_model(config: ModelConfig) -> nn.Module:
         raise ModelLoadError("\n".join(problems))
     source, _, name = config.spec.partition(":")
     model = MODEL_SOURCES[source].build(name, config)
-    if config.weights and source != "torchvision":
+    if config.weights and not MODEL_SOURCES[source].reads_weights(config.weights):
         load_weights(model, config.weights)
     # Checkpoints saved for inference (YOLOv5's among them) freeze every parameter; fine-tuning,
     # QAT and Torch-Pruning's tracing (which follows autograd) all need them trainable.
@@ -324,7 +328,8 @@ def _hub_cache_file(member) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(member.url).path)
 
 
-@register_source("torchvision", _torchvision_names, "torchvision:resnet18", _torchvision_problems)
+@register_source("torchvision", _torchvision_names, "torchvision:resnet18", _torchvision_problems,
+                 reads_weights=lambda weights: True)
 def _build_torchvision(name: str, config: ModelConfig) -> nn.Module:
     import torch
     import torchvision
@@ -608,3 +613,30 @@ def _build_ultralytics(name: str, config: ModelConfig) -> nn.Module:
     from .ultralytics_head import UltralyticsDetector
 
     return UltralyticsDetector(model.float().eval())
+
+
+# timm's registry (models/timm_models.py): imported when a timm: spec is listed, checked or built.
+
+def _timm_problems(name: str, config: ModelConfig) -> list[str]:
+    from . import timm_models
+
+    return timm_models.problems(name, config)
+
+
+def _timm_names() -> list[str]:
+    from . import timm_models
+
+    return timm_models.names()
+
+
+def _timm_reads_weights(weights: str) -> bool:
+    from . import timm_models
+
+    return timm_models.reads_weights(weights)
+
+
+@register_source("timm", _timm_names, "timm:resnet18", _timm_problems, reads_weights=_timm_reads_weights)
+def _build_timm(name: str, config: ModelConfig) -> nn.Module:
+    from . import timm_models
+
+    return _built("timm", name, config, lambda: timm_models.build(name, config))
