@@ -394,6 +394,10 @@ def run_phase(phase: Phase, steps: list[AlgorithmStep], ctx: AlgorithmContext, p
     chosen = [(step, *step.parsed()) for step in steps if ALGORITHMS[step.name].phase == phase]
     if not chosen:
         return
+    if evaluate is not None:
+        import torch
+
+        evaluate = torch.no_grad()(evaluate)
     algorithms = [(step, cls(), opts) for step, cls, opts in chosen]
     if evaluate is not None:
         with ctx.float_mode() if phase == "before_ranges" else contextlib.nullcontext():

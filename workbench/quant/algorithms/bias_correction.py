@@ -32,8 +32,8 @@ from .base import Algorithm, AlgorithmOptions, AlgorithmRecord, StatisticRequest
 class BiasCorrectionOptions(AlgorithmOptions):
     mode: Literal["full", "fast"] = Field(
         "full", description="full: empirical, sequential over the quantized model; fast: per layer, weight error only.")
-    images: int = Field(64, ge=1, le=4096, description="mode full: calibration images run as one batch (memory "
-                                                       "grows with it).")
+    images: int = Field(32, ge=1, le=4096, description="mode full: calibration images run as one batch (memory "
+                                                       "grows with it: 32 yolov5n images at 640 px take ~2 GB).")
     layers: list[str] = Field(default_factory=list, description="Module-name glob patterns to correct (default: every "
                                                                 "quantized Conv/Linear layer).")
 
