@@ -46,8 +46,8 @@ from workbench.tasks.classification import ClassificationScorer, ClassificationT
 ASSETS = Path(os.environ.get("WORKBENCH_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 
 
-def configs(iterations: int) -> dict[str, list]:
-    ada = {"name": "adaround", "iterations": iterations}
+def configs(iterations: int, max_images: int | None = None) -> dict[str, list]:
+    ada = {"name": "adaround", "iterations": iterations, **({"max_images": max_images} if max_images else {})}
     return {"PTQ": [], "+AdaRound": [ada], "+CLE+AdaRound": ["cle", ada]}
 
 
@@ -150,6 +150,7 @@ def main() -> None:
     p.add_argument("model", choices=list(SETUPS))
     p.add_argument("--weights", choices=["per_channel", "per_tensor"], default="per_channel")
     p.add_argument("--iterations", type=int, default=10_000, help="AdaRound steps per layer (AIMET: 10,000)")
+    p.add_argument("--max-images", type=int, default=None, help="AdaRound's max_images (default: its own, 256)")
     p.add_argument("--configs", nargs="*", default=None, help="of PTQ, +AdaRound, +CLE+AdaRound")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="write the results here")
@@ -163,7 +164,7 @@ def main() -> None:
         get_cuda_ext.extension = None  # modelopt falls back to its PyTorch fake quantization
     if not (ASSETS / "models").is_dir() and not (ASSETS / "data").is_dir():
         sys.exit(f"shared assets not found at {ASSETS}: set WORKBENCH_ASSETS=../shared/assets")
-    table = configs(args.iterations)
+    table = configs(args.iterations, args.max_images)
     chosen = args.configs or list(table)
     if unknown := [c for c in chosen if c not in table]:
         sys.exit(f"unknown configuration(s) {unknown}; known: {list(table)}")

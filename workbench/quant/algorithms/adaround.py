@@ -6,14 +6,14 @@ as AIMET does: the layer's input is what the *quantized* model feeds it (its act
 earlier layer already AdaRounded), through the layer's own input quantizer, and the target is the *float* model's
 output of that layer. So each layer also makes up for what quantizing everything before it did.
 
-Data and memory. The first `max_images` calibration images are kept (as the model receives them); for each layer
-one float and one quantized pass over them (each stopped once the layer has run) produce its rows: `positions`
-output positions sampled at random per image (the same in both passes), each the input patch that produces it
-(im2col, so stride, padding, dilation and groups are the layer's) and the float output there. Rows are kept on the
-CPU in float16, for one layer at a time: 256 images x 64 positions of EfficientNet-Lite0's widest 1x1 conv (1152
-inputs) are 38 MB. Each optimisation step draws `batch_rows` of them onto `device`. The pipeline's one-pass
-statistics are not used: they are per-channel moments taken before the phase, and AdaRound needs raw inputs taken
-after each earlier layer was rounded.
+Data and memory. The first `max_images` calibration images are kept (as the model receives them). One float pass
+over them, before any weight is rounded, gives every layer's float outputs at `positions` output positions sampled
+at random per image; then, per layer, one quantized pass (stopped once the layer has run) gives its inputs at the
+same positions: each the input patch that produces that output (im2col, so stride, padding, dilation and groups are
+the layer's). Rows are kept on the CPU in float16: the float outputs of every layer (EfficientNet-Lite0, 128 images
+x 64 positions: about 0.25 GB) and the inputs of one layer at a time (its widest 1x1 conv, 1152 inputs: 19 MB).
+Each optimisation step draws `batch_rows` of them onto `device`. The pipeline's one-pass statistics are not used:
+they are per-channel moments, and AdaRound needs raw inputs taken after each earlier layer was rounded.
 
 The rounded weights are exactly on each weight quantizer's grid, with its num_bits (8, or 7 for a CPU target that
 needs them) and granularity (per channel or per tensor), and the quantizer's range does not move: re-measuring it
@@ -28,7 +28,6 @@ forward is more than a convolution of its input (checked: the rows must reproduc
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 from typing import Literal
 
@@ -100,9 +99,13 @@ class AdaRound(Algorithm):
         rounding = RoundingOptions(iterations=opts.iterations, reg_param=opts.reg_param,
                                    beta_range=tuple(opts.beta_range), warm_start=opts.warm_start,
                                    batch_rows=opts.batch_rows, lr=opts.lr, seed=opts.seed)
+        seeds = {name: opts.seed * 100_003 + i for i, name in enumerate(targets)}
+        # The float model's outputs of every layer, in one pass before any weight is rounded: later layers' targets
+        # must not see the earlier layers' rounding (the quantized inputs do, that is the asymmetric part).
+        floats = _float_rows(ctx, targets, images, opts, seeds)
         gains = []
-        for index, (name, layer) in enumerate(targets.items()):
-            outcome = _round_layer(ctx, name, layer, images, opts, rounding, device, seed=opts.seed * 100_003 + index)
+        for name, layer in targets.items():
+            outcome = _round_layer(ctx, layer, images, opts, rounding, device, seeds[name], floats.pop(name, None))
             if isinstance(outcome, str):
                 record.skipped[name] = outcome
                 continue
@@ -154,70 +157,93 @@ class _Reached(Exception):
     """Raised from a layer's hook to stop the forward once the layer has run (the rest of the model is not needed)."""
 
 
-def _round_layer(ctx, name, layer, images, opts: AdaRoundOptions, rounding, device, seed: int):
-    """Cache the layer's rows, optimise its rounding, write the rounded weight into it. Returns the RoundingResult,
-    or why the layer was skipped."""
+def _positions(layer, opts: AdaRoundOptions):
+    from torch import nn
+
+    return opts.positions if isinstance(layer, nn.Conv2d) else None
+
+
+def _float_rows(ctx, targets: dict, images, opts: AdaRoundOptions, seeds: dict) -> dict:
+    """One float pass over the images: per layer, its float outputs at its sampled positions (float16, CPU) and, for
+    the first chunk, its input rows and outputs in float32 (to check that the rows reproduce the layer)."""
     import torch
 
-    from ..adaround import WeightGrid, adaround_weight, apply_rows, layer_rows, output_rows
+    from ..adaround import layer_rows, output_rows
 
+    out: dict[str, dict] = {name: {"targets": [], "check": None} for name in targets}
+    generators = {name: torch.Generator().manual_seed(seeds[name]) for name in targets}
+
+    def hook(name):
+        def fn(module, args, output):
+            entry = out[name]
+            if entry.get("seen_chunk") == chunk[0]:
+                return  # a layer run twice in one forward: its first run counts (as in the quantized pass)
+            entry["seen_chunk"] = chunk[0]
+            r, pick = layer_rows(module, args[0], _positions(module, opts), generators[name])
+            y = output_rows(module, output, pick) if pick is not None else output.reshape(-1, output.shape[-1])
+            entry["targets"].append(y.to("cpu", torch.float16))
+            if entry["check"] is None:
+                entry["check"] = (r.float(), y.float())
+
+        return fn
+
+    chunk = [0]
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in targets.items()]
+    try:
+        with torch.no_grad(), ctx.float_mode():
+            for start in range(0, images.shape[0], CHUNK_IMAGES):
+                chunk[0] = start
+                ctx.model(images[start:start + CHUNK_IMAGES])
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: entry for name, entry in out.items() if entry["targets"]}
+
+
+def _round_layer(ctx, layer, images, opts: AdaRoundOptions, rounding, device, seed: int, floats: dict | None):
+    """Cache the layer's quantized input rows, optimise its rounding against its float outputs (`floats`, from
+    _float_rows), write the rounded weight into it. Returns the RoundingResult, or why the layer was skipped."""
+    import torch
+
+    from ..adaround import WeightGrid, adaround_weight, apply_rows, layer_rows
+
+    if floats is None:
+        return "the calibration images never reach it"
     try:
         grid = WeightGrid.of(layer.weight_quantizer, layer.weight)
     except ValueError as e:
         return str(e)
-    positions = opts.positions if isinstance(layer, torch.nn.Conv2d) else None
     groups = getattr(layer, "groups", 1)
-    rows: list[torch.Tensor] = []
-    targets: list[torch.Tensor] = []
-    check: list[torch.Tensor] = []
-
-    def run(quantized: bool) -> bool:
-        generator = torch.Generator().manual_seed(seed)  # the same positions in both passes
-
-        def hook(module, args, output):
-            with torch.no_grad():
-                x = args[0]
-                if quantized:
-                    r, _ = layer_rows(module, module.input_quantizer(x), positions, generator)
-                    rows.append(r.to("cpu", torch.float16))
-                else:
-                    r, pick = layer_rows(module, x, positions, generator)
-                    y = output_rows(module, output, pick) if pick is not None else output.reshape(-1, output.shape[-1])
-                    targets.append(y.to("cpu", torch.float16))
-                    if not check:  # the first chunk in float32: do the rows reproduce the layer?
-                        check.append(r.float())
-                        check.append(y.float())
-            raise _Reached
-
-        handle = layer.register_forward_hook(hook)
-        try:
-            with torch.no_grad(), contextlib.nullcontext() if quantized else ctx.float_mode():
-                for start in range(0, images.shape[0], CHUNK_IMAGES):
-                    try:
-                        ctx.model(images[start:start + CHUNK_IMAGES])
-                    except _Reached:
-                        pass
-        finally:
-            handle.remove()
-        return bool(rows if quantized else targets)
-
-    if not run(quantized=False):
-        return "the calibration images never reach it"
     with torch.no_grad():
         w = layer.weight.detach().float()
         b = None if layer.bias is None else layer.bias.detach().float()
-        expected = check[1]
-        got = apply_rows(w, b, check[0], groups)
-        if (got - expected).abs().max() > 1e-3 * expected.abs().max().clamp(min=1e-6):
+        check_rows, expected = floats["check"]
+        got = apply_rows(w, b, check_rows.to(w.device), groups)
+        if (got - expected.to(w.device)).abs().max() > 1e-3 * expected.abs().max().clamp(min=1e-6):
             return ("its forward computes more than a convolution of its input (the im2col rows do not reproduce "
                     "its float outputs), so its rounding cannot be optimised here")
-    check.clear()
-    run(quantized=True)
-    all_rows, all_targets = torch.cat(rows), torch.cat(targets)
+    rows: list[torch.Tensor] = []
+    generator = torch.Generator().manual_seed(seed)  # the same positions as the float pass drew
+
+    def hook(module, args, output):
+        with torch.no_grad():
+            r, _ = layer_rows(module, module.input_quantizer(args[0]), _positions(module, opts), generator)
+            rows.append(r.to("cpu", torch.float16))
+        raise _Reached
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for start in range(0, images.shape[0], CHUNK_IMAGES):
+                try:
+                    ctx.model(images[start:start + CHUNK_IMAGES])
+                except _Reached:
+                    pass
+    finally:
+        handle.remove()
+    all_rows, all_targets = torch.cat(rows), torch.cat(floats["targets"])
     rows.clear()
-    targets.clear()
     result = adaround_weight(layer.weight, layer.bias, groups, grid, all_rows, all_targets, rounding, device)
     with torch.no_grad():
         layer.weight.copy_(result.weight.to(layer.weight.device, layer.weight.dtype))
     return result
-
