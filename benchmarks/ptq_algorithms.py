@@ -131,6 +131,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), help=f"of {list(CONFIGS)}")
     p.add_argument("--cost-only", action="store_true", help="time the algorithms, score nothing")
     p.add_argument("--faithful", action="store_true", help="also score the Q/DQ ONNX in ONNX Runtime (faithful)")
+    p.add_argument("--no-float-rows", action="store_true", help="do not score the float model CLE left (faster)")
     args = p.parse_args()
     if not (ASSETS / "models").is_dir():
         sys.exit(f"shared assets not found at {ASSETS}: set WORKBENCH_ASSETS=../shared/assets")
@@ -160,7 +161,10 @@ def main() -> None:
     print(f"# {args.model}: {args.weights} weights, mse ranges, {n_calib} calibration images, {n_eval} evaluation "
           f"images (one image = {100 / n_eval:.2f} points)\n")
     ref = score(fp32, evals)
+    print("| configuration | top-1 | - FP32 [95% CI] | - PTQ [95% CI] | agreement with FP32 % | seconds per "
+          "algorithm |\n|---|---|---|---|---|---|")
     rows = [f"| FP32 | {ref['top1']:.2f} | - | - | 100.00 | - |"]
+    print(rows[-1], flush=True)
     ptq = None
     tmp = Path(tempfile.mkdtemp())
     for title in args.configs:
@@ -170,6 +174,7 @@ def main() -> None:
         vs_ptq = interval(fq, ptq) if ptq is not None and CONFIGS[title] else "-"
         rows.append(f"| {title} | {fq['top1']:.2f} | {interval(fq, ref)} | {vs_ptq} | {fq['agreement_top1']:.2f} | "
                     f"{seconds_of(result)} |")
+        print(rows[-1], flush=True)
         if args.faithful:
             from workbench.qdq.export import export_onnx
             from workbench.runtime.runners import OrtRunner
@@ -178,7 +183,9 @@ def main() -> None:
             faithful = score(OrtRunner(path, "f", "faithful"), evals, ref["outputs"])
             rows.append(f"| {title}, ORT faithful | {faithful['top1']:.2f} | {interval(faithful, ref)} | - | "
                         f"{faithful['agreement_top1']:.2f} | - |")
-        if any(r.name == "cle" for r in result.algorithms):  # the float model CLE left (ReLU6 -> ReLU where swapped)
+            print(rows[-1], flush=True)
+        # the float model CLE left (ReLU6 -> ReLU where swapped)
+        if not args.no_float_rows and any(r.name == "cle" for r in result.algorithms):
             from workbench.quant.algorithms.base import AlgorithmContext
 
             ctx = AlgorithmContext(model, None, result, lambda m: None, example)
@@ -186,13 +193,11 @@ def main() -> None:
                 fl = score(model, evals, ref["outputs"])
             rows.append(f"| {title}: its float model | {fl['top1']:.2f} | {interval(fl, ref)} | - | "
                         f"{fl['agreement_top1']:.2f} | - |")
+            print(rows[-1], flush=True)
         for r in result.algorithms:
             if r.skipped:
                 print(f"  {title}: {r.name} skipped {len(r.skipped)}: {list(r.skipped.items())[:2]}", file=sys.stderr)
         print(f"  done {title}: {fq['top1']:.2f}", file=sys.stderr, flush=True)
-    print("| configuration | top-1 | - FP32 [95% CI] | - PTQ [95% CI] | agreement with FP32 % | seconds per "
-          "algorithm |\n|---|---|---|---|---|---|")
-    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -291,6 +291,7 @@ def _chains_hooks(model, example) -> list[Chain]:
     made_by: dict[int, str] = {}
     readers: dict[int, list[str]] = {}
     outputs: dict[str, int] = {}
+    calls: dict[str, int] = {}  # a module run twice (a shared activation) has no single reader to follow
     alive = []
     modules = dict(model.named_modules())
 
@@ -303,6 +304,7 @@ def _chains_hooks(model, example) -> list[Chain]:
             if isinstance(output, torch.Tensor):
                 made_by[id(output)] = name
                 outputs[name] = id(output)
+                calls[name] = calls.get(name, 0) + 1
                 alive.append(output)
 
         return fn
@@ -317,6 +319,8 @@ def _chains_hooks(model, example) -> list[Chain]:
             h.remove()
 
     def only_reader(name):
+        if calls.get(name, 0) != 1:
+            return None
         found = readers.get(outputs.get(name, -1), [])
         return found[0] if len(found) == 1 else None
 
