@@ -84,7 +84,11 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2000, help="resnet20: CIFAR-10 test images scored")
     p.add_argument("--profiles", nargs="*", default=list(PROFILES), choices=list(PROFILES))
     p.add_argument("--runs", default=None, help="keep the run directories here (default: a temp dir)")
+    p.add_argument("--table", nargs="*", metavar="PROFILE=RUN_DIR", help="only print the table of finished runs")
     args = p.parse_args()
+    if args.table:
+        _print(args.model, {item.split("=", 1)[0]: _finished(Path(item.split("=", 1)[1])) for item in args.table})
+        return
     if not (ASSETS / "models").is_dir():
         sys.exit(f"shared assets not found at {ASSETS}: set WORKBENCH_ASSETS=../shared/assets")
     os.environ.setdefault("WORKBENCH_ASSETS", str(ASSETS))
@@ -138,6 +142,14 @@ def _print(model: str, results: dict) -> None:
     for profile, run in results.items():
         print(f"- {profile}: {run.metrics['stages']['calibrate']['target']['why']}; build: "
               f"{run.metrics['stages'].get('build', {}).get('int8', {}).get('graph', 'n/a')}")
+
+
+def _finished(run_dir: Path):
+    """A finished run directory, read back as the table needs it (metrics.json, per_image.npz)."""
+    import json
+    from types import SimpleNamespace
+
+    return SimpleNamespace(dir=run_dir, metrics=json.loads((run_dir / "metrics.json").read_text()))
 
 
 def _per_image(run) -> np.ndarray | None:

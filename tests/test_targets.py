@@ -319,3 +319,17 @@ def test_ptq_algorithms_run_in_the_target_arithmetic(profile, tmp_path):
              result.activation_min or None, ptq_state=result.ptq_state)
     with torch.no_grad():
         torch.testing.assert_close(restored(TEST), model(TEST))
+
+
+def test_the_target_is_part_of_every_stage_fingerprint_but_the_default_keeps_old_ones(tmp_path):
+    """A run resumed under another target calibrates again (its fingerprints differ); runs written before `target:`
+    existed (no key, the tensorrt default) keep theirs."""
+    from workbench.recipe import parse_recipe
+    from workbench.resume import stage_fingerprints
+
+    images = make_image_folder(tmp_path / "images")
+    text = RECIPE.format(images=images, runs=tmp_path / "runs", target="", engine="openvino")
+    plain = stage_fingerprints(parse_recipe(text))
+    assert stage_fingerprints(parse_recipe(text, overrides=["target=tensorrt"])) == plain
+    other = stage_fingerprints(parse_recipe(text, overrides=["target=openvino"]))
+    assert all(a != b for a, b in zip(plain, other))
