@@ -231,6 +231,11 @@ def workbench_rows(bench: Bench, label: str, run, seconds: float, threads: int |
     from workbench.runtime.runners import OrtRunner
 
     arithmetic = getattr(run, "arithmetic", None)  # issue 25's target profile, where this checkout has it
+    if arithmetic is not None:  # the weights as quantized: the profile's, or the calibrate stage's per_tensor
+        import dataclasses
+
+        weights = arithmetic.weights_for("per_tensor" if PER_TENSOR[bench.name] else "per_channel")
+        arithmetic = dataclasses.replace(arithmetic, weight_granularity=weights)
     note = f"whole recipe {seconds:.0f} s" + (f"; {arithmetic.describe()}" if arithmetic is not None else "")
     algos = run.metrics["stages"].get("calibrate", {}).get("algorithms")
     if algos:
