@@ -80,7 +80,13 @@ class RunExplorer:
             ).to(self.device).eval()
         else:
             self.model = copy.deepcopy(self.reference)
-        self.result = restore_(self.model, self.config, saved["activation_amax"], self._example())
+        from .quant.algorithms.base import StateError, read_run_state
+
+        try:  # what the run's PTQ algorithms changed (ptq_state.pt)
+            state = read_run_state(self.dir, self.config)
+        except StateError as e:
+            raise WorkbenchError(f"{self.dir / 'ptq_state.pt'}: {e}") from None
+        self.result = restore_(self.model, self.config, saved["activation_amax"], self._example(), ptq_state=state)
         self.units = list(quant_units(self.model, self.result))
         self.table: list[dict] = []
         if sens is not None:

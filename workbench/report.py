@@ -319,7 +319,28 @@ def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
         lines.append(f"| {type_name} | {counts['int8']} | {counts['float']} |")
     q = cal.get("enabled_quantizers", {})
     return lines + ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
-                    f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""]
+                    f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""] \
+        + _algorithms_lines(cal)
+
+
+def _algorithms_lines(cal: dict) -> list[str]:
+    """The PTQ algorithms that ran in calibrate (quant/algorithms): in order, their time, what they changed (the
+    largest relative L2 change of a layer's weight and bias), what they skipped and the metric after each."""
+    algorithms = cal.get("algorithms")
+    if not algorithms:
+        return []
+    before = cal.get("algorithm_metric_before") or {}
+    lines = ["### PTQ algorithms", "", "Per-layer changes are in calibration.json; the metric is the task's on the "
+             "evaluation subset (before_ranges: the float model; after_ranges: INT8)."
+             + (f" Before them: float {_fmt(before.get('before_ranges'))}, INT8 (ranges only) "
+                f"{_fmt(before.get('after_ranges'))}." if before else ""), "",
+             "| Algorithm | Phase | Seconds | Layers changed | Max weight change | Max bias change | Skipped | "
+             "Metric after |", "|---|---|---|---|---|---|---|---|"]
+    for a in algorithms:
+        lines.append(f"| {md_name(a['name'])} | {a['phase']} | {a['seconds']:.1f} | {a['layers_changed']} | "
+                     f"{a['max_weight_change']:.3g} | {a['max_bias_change']:.3g} | {a['skipped']} | "
+                     f"{_fmt(a.get('metric_after'))} |")
+    return lines + [""]
 
 
 def _export_section(run_dir: Path, metrics: dict) -> list[str]:

@@ -479,8 +479,13 @@ def _calibrated(run, options, values, loaded) -> bool:
     if run.artifacts.pruned_fp32 is run.model:  # as the calibrate stage: keep the pruned FP32 model apart
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     amax = saved["activation_amax"]
-    try:
-        run.artifacts.quant = result = restore_(run.model, options, amax, run.example_input())
+    from .quant.algorithms.base import StateError, read_run_state
+
+    try:  # what the PTQ algorithms changed (ptq_state.pt, its hash checked), re-applied by restore_
+        state = read_run_state(run.dir, options)
+        run.artifacts.quant = result = restore_(run.model, options, amax, run.example_input(), ptq_state=state)
+    except StateError as e:
+        raise _bad(run.path("ptq_state.pt"), "", "a state", f"one that fits the model ({e})")
     except CalibrationError as e:  # a quantizer of the model without a range
         raise _bad(path, "activation_amax", f"{len(amax)} ranges", f"a range for every quantizer of the model ({e})")
     if extra := sorted(set(amax) - set(result.activation_amax)):
@@ -597,7 +602,8 @@ class Restorer:
 RESTORERS = {
     "prune": Restorer(_pruned, _pruned_files),
     "finetune": Restorer(_finetuned, _pruned_files),
-    "calibrate": Restorer(_calibrated, lambda o, v: ["calibration.json"], {"calibration.json": check_calibration}),
+    "calibrate": Restorer(_calibrated, lambda o, v: ["calibration.json", *(["ptq_state.pt"] if getattr(
+        o, "algorithms", None) else [])], {"calibration.json": check_calibration}),
     "export": Restorer(_exported, _exported_files),
     "sensitivity": Restorer(_sensitivity, lambda o, v: ["sensitivity.json"], {"sensitivity.json": check_sensitivity}),
     "build": Restorer(_built, _built_files),

@@ -66,6 +66,10 @@ class QuantResult:
     kept_float: list[str] = field(default_factory=list)
     batches: int = 0
     samples: int = 0
+    # the PTQ algorithms that ran (quant/algorithms): their records and the state that reproduces their changes
+    algorithms: list = field(default_factory=list)  # AlgorithmRecord, in the order they ran
+    ptq_state: dict | None = None  # what ptq_state.pt holds (None: no algorithm was asked for)
+    algorithm_metric_before: dict = field(default_factory=dict)  # phase -> the run's metric as it began
 
     def census(self) -> dict[str, dict[str, int]]:
         """Per layer type: how many layers run INT8 and how many stay float."""
@@ -172,16 +176,32 @@ def quantize_(
     config: Int8Config,
     forward_loop: Callable[[nn.Module], None],
     example_input: torch.Tensor,
+    algorithms: list | tuple = (),
+    evaluate: Callable[[nn.Module], float] | None = None,
+    arithmetic=None,
 ) -> QuantResult:
     """Quantize `model` in place to INT8 fake-quant and calibrate it with `forward_loop`.
 
     `forward_loop(model)` runs the calibration batches through the model. `example_input` is a few calibration
     images: BatchNorm pairs are found on them, and each rewrite of the model (BatchNorm folding, the residual_add rule)
     is proved on them to keep the float model's outputs (a RewriteError where it does not).
+
+    `algorithms` (AlgorithmStep, quant/algorithms) run in two slots: the "before_ranges" ones after folding and
+    quantizer insertion, every quantizer off, before the activation-range pass (the weight ranges are re-measured
+    after them); the "after_ranges" ones on the calibrated model. `evaluate(model)`, where given, is the run's metric
+    after each algorithm. Their records and state are `result.algorithms` and `result.ptq_state`.
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     result, activation_quantizers = _insert_quantizers(model, config, example_input)
+    pipeline = ctx = None
+    if algorithms:
+        from .algorithms.base import AlgorithmContext, PipelineResult, run_phase
+
+        pipeline = PipelineResult()
+        ctx = AlgorithmContext(model, config, result, forward_loop, example_input, arithmetic)
+        run_phase("before_ranges", list(algorithms), ctx, pipeline, evaluate,
+                  after_each=lambda: refresh_weight_ranges_(model, result))
     # One calibration pass in float (every quantizer passes data through), collecting |x| histograms.
     histograms: dict[str, AbsHistogram] = {}
     counter = {"batches": 0, "samples": 0}
@@ -217,15 +237,20 @@ def quantize_(
         for name in activation_quantizers
     }
     _set_ranges(model, result, activation_quantizers, amax)
+    if pipeline is not None:
+        run_phase("after_ranges", list(algorithms), ctx, pipeline, evaluate)
+        result.algorithms, result.ptq_state = pipeline.records, pipeline.state()
+        result.algorithm_metric_before = pipeline.metric_before
     return result
 
 
 def restore_(model: nn.Module, config: Int8Config, activation_amax: dict[str, float],
-             example_input: torch.Tensor) -> QuantResult:
+             example_input: torch.Tensor, ptq_state: dict | None = None) -> QuantResult:
     """Rebuild a calibrated fake-quant model from saved ranges (a run's calibration.json), without data.
 
     Folding, layer choice and weight ranges are deterministic functions of the weights and
-    the config, so only the activation ranges need saving.
+    the config, so only the activation ranges need saving, and what the PTQ algorithms changed
+    (`ptq_state`, a run's ptq_state.pt: re-applied after the ranges, as its values are final ones).
     """
     result, activation_quantizers = _insert_quantizers(model, config, example_input)
     if missing := sorted(set(activation_quantizers) - set(activation_amax)):
@@ -235,6 +260,11 @@ def restore_(model: nn.Module, config: Int8Config, activation_amax: dict[str, fl
             "for another model or another config; calibrate again"
         )
     _set_ranges(model, result, activation_quantizers, {n: activation_amax[n] for n in activation_quantizers})
+    if ptq_state is not None:
+        from .algorithms.base import apply_state
+
+        apply_state(model, ptq_state)
+        result.ptq_state = ptq_state
     return result
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..errors import CalibrationError
 from ..io import write_json
 from ..progress import track
+from ..quant.algorithms import AlgorithmStep
+from ..quant.algorithms.base import STATE_FILE, order_problem
 from ..quant.config import Int8Config
 from ..schema import StrictModel
 from .registry import register_stage
@@ -14,10 +16,28 @@ from .registry import register_stage
 
 class CalibrateOptions(Int8Config, StrictModel):
     max_batches: int | None = Field(None, gt=0, description="Stop after this many calibration batches (default: all).")
+    algorithms: list[AlgorithmStep] = Field(
+        default_factory=list,
+        description="PTQ algorithms, in order: a name or a mapping with `name` and its options, e.g. [cle, {name: "
+                    "bias_correction, mode: full}] (quant/algorithms). Weight-changing ones (cle) come first.",
+    )
+
+    algorithm_eval_samples: int | None = Field(
+        None, gt=0, description="Score the task metric on this many evaluation samples before and after each PTQ "
+                                "algorithm (needs data.evaluation; default: not scored).")
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithm_order(cls, v: list[AlgorithmStep]) -> list[AlgorithmStep]:
+        if problem := order_problem(v):
+            raise ValueError(problem)
+        return v
 
 
 @register_stage("calibrate", CalibrateOptions, makes=("quantized",), refuses=("quantized",),
-                refusal_hint=" (a recipe calibrates once)", needs_data=("calibration",))
+                refusal_hint=" (a recipe calibrates once)",
+                needs_data=lambda o: ("calibration", "evaluation") if o.algorithms and o.algorithm_eval_samples
+                else ("calibration",))
 def calibrate(run, opts: CalibrateOptions) -> None:
     """INT8 PTQ: per-channel weights, per-tensor activations, ranges by max/entropy/percentile/mse."""
     import copy
@@ -45,9 +65,21 @@ def calibrate(run, opts: CalibrateOptions) -> None:
     if run.artifacts.pruned_fp32 is run.model:  # keep the pruned FP32 model: quantize_ works in place
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     start = time.perf_counter()
-    result = quantize_(run.model, opts, forward_loop, _check_images(loader, run))
+    evaluate = _algorithm_metric(run, opts.algorithm_eval_samples) if opts.algorithms and \
+        opts.algorithm_eval_samples else None
+    result = quantize_(run.model, opts, forward_loop, _check_images(loader, run), algorithms=opts.algorithms,
+                       evaluate=evaluate, arithmetic=getattr(run, "arithmetic", None))
     seconds = time.perf_counter() - start
     run.artifacts.quant = result
+    if result.ptq_state is not None:  # what the algorithms changed: restore_ re-applies it on --resume/open_run
+        from ..quant.algorithms.base import save_state
+
+        save_state(result.ptq_state, run.path(STATE_FILE))
+    for record in result.algorithms:
+        if record.skipped:
+            shown = "; ".join(f"{what}: {why}" for what, why in list(record.skipped.items())[:3])
+            run.warn(f"calibrate: algorithm {record.name} skipped {len(record.skipped)} item(s) ({shown}"
+                     f"{'; ...' if len(record.skipped) > 3 else ''})")
     if left := result.residual_left_alone:
         shown = "; ".join(f"{block}: {why}" for block, why in list(left.items())[:3])
         run.warn(f"residual_add left {len(left)} residual block(s) with their own forward and a float Add ({shown}"
@@ -63,6 +95,8 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "quantized_layers": result.quantized,
             "float_layers": result.excluded,
             "activation_amax": result.activation_amax,
+            **({"algorithms": [r.as_dict() for r in result.algorithms],
+                "algorithm_metric_before": result.algorithm_metric_before} if opts.algorithms else {}),
         },
     )
     run.record(
@@ -78,6 +112,14 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "census": result.census(),
             "residual_left_alone": result.residual_left_alone,
             "enabled_quantizers": quantizer_summary(run.model),
+            # per algorithm: seconds, how many layers it changed and the largest change, what it skipped
+            **({"algorithms": [{"name": r.name, "phase": r.phase, "seconds": round(r.seconds, 3),
+                            "layers_changed": len(r.changes),
+                            "max_weight_change": max((c.get("weight", 0.0) for c in r.changes.values()), default=0.0),
+                            "max_bias_change": max((c.get("bias", 0.0) for c in r.changes.values()), default=0.0),
+                            "skipped": len(r.skipped), "metric_after": r.metric_after}
+                           for r in result.algorithms],
+                "algorithm_metric_before": result.algorithm_metric_before} if opts.algorithms else {}),
         },
     )
 
@@ -93,3 +135,14 @@ def _check_images(loader, run):
     for images, _ in loader:
         return images[:CHECK_IMAGES].to(run.device)
     return run.example_input()
+
+
+def _algorithm_metric(run, samples: int):
+    """model -> the task's headline metric (points) on the first `samples` evaluation samples."""
+    from ..data import subset_loader
+    from ..quant.sensitivity import TaskMetric, make_probe, measure_task
+
+    dataset = run.dataset("evaluation")
+    probe = make_probe(run.reference, subset_loader(dataset, run.recipe.data, samples), None, run.device)
+    metric = TaskMetric(lambda: run.task.scorer(run.recipe, dataset), run.task.headline_points)
+    return lambda model: measure_task(model, probe, metric)[1]
