@@ -301,7 +301,7 @@ def test_records_say_what_changed_how_long_and_the_metric_after_each():
 
 
 @pytest.mark.parametrize("algorithms, message", [
-    (["cel"], "unknown PTQ algorithm 'cel' (did you mean 'cle'?); known algorithms: bias_correction, cle"),
+    (["cel"], "unknown PTQ algorithm 'cel' (did you mean 'cle'?); known algorithms: adaround, bias_correction, cle"),
     ([{"name": "bias_correction", "mode": "slow"}], "algorithm 'bias_correction': mode"),
     ([{"name": "cle", "sweeps": 3}], "algorithm 'cle': sweeps: Extra inputs are not permitted"),
     ([{"mode": "full"}], "an algorithm is a name"),
