@@ -81,12 +81,18 @@ class RunExplorer:
         else:
             self.model = copy.deepcopy(self.reference)
         from .quant.algorithms.base import StateError, read_run_state
+        from .quant.targets import TENSORRT, Arithmetic
 
+        try:  # the arithmetic the run calibrated with (openvino's cpu: auto read that run's CPU, not this one)
+            self.arithmetic = Arithmetic.from_dict(saved["target"]) if "target" in saved else TENSORRT
+        except (ValueError, TypeError) as e:
+            raise CalibrationError(f"{calibration}: target is not {e}; calibrate again") from None
         try:  # what the run's PTQ algorithms changed (ptq_state.pt)
             state = read_run_state(self.dir, self.config)
         except StateError as e:
             raise WorkbenchError(f"{self.dir / 'ptq_state.pt'}: {e}") from None
-        self.result = restore_(self.model, self.config, saved["activation_amax"], self._example(), ptq_state=state)
+        self.result = restore_(self.model, self.config, saved["activation_amax"], self._example(), self.arithmetic,
+                               saved.get("activation_min"), ptq_state=state)
         self.units = list(quant_units(self.model, self.result))
         self.table: list[dict] = []
         if sens is not None:

@@ -318,6 +318,8 @@ def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
     for type_name, counts in (plan or cal["census"]).items():
         lines.append(f"| {type_name} | {counts['int8']} | {counts['float']} |")
     q = cal.get("enabled_quantizers", {})
+    if (target := cal.get("target")) and target.get("target", "tensorrt") != "tensorrt":
+        lines += ["", f"Target **{target.get('summary', target.get('target'))}**: {target.get('why', '')}."]
     return lines + ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
                     f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""] \
         + _algorithms_lines(cal)
@@ -351,6 +353,8 @@ def _export_section(run_dir: Path, metrics: dict) -> list[str]:
     for name, entry in exp.items():
         if "error" in entry:  # the ONNX Runtime flavour could not be written
             lines.append(f"- `{name}`: not written: {md_text(entry['error'])}")
+        elif "skipped" in entry:  # not written for this target (quant/targets.py)
+            lines.append(f"- `{name}`: not written: {md_text(entry['skipped'])}")
         elif "census" not in entry:
             lines += _ort_flavour_lines(name, entry)
         else:

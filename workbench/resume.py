@@ -124,6 +124,8 @@ def stage_fingerprints(recipe: Recipe) -> list[str]:
     data = recipe.model_dump(mode="json")
     # log_to only says where results are also sent: adding TensorBoard on --resume changes no result.
     base = {k: v for k, v in data.items() if k not in ("name", "runs_dir", "log_to", "stages")}
+    if base.get("target") == {"name": "tensorrt"}:  # the default target: runs from before `target:` still resume
+        del base["target"]
     digest = hashlib.sha256(json.dumps(base, sort_keys=True).encode())
     out = []
     for stage in data["stages"]:
@@ -395,6 +397,20 @@ def check_calibration(saved: Any, path: Path) -> None:
         if not _is_number(value) or not math.isfinite(value) or value <= 0:
             raise _bad(path, f"activation_amax[{json.dumps(quantizer)}]", value,
                        "a finite number > 0 (the quantizer's activation range, one per tensor)")
+    if "target" in saved:
+        from .quant.targets import Arithmetic
+
+        try:
+            Arithmetic.from_dict(saved["target"])
+        except (ValueError, TypeError) as e:
+            raise _bad(path, "target", saved["target"], str(e)) from None
+    lower = saved.get("activation_min", {})
+    if not isinstance(lower, dict):
+        raise _bad(path, "activation_min", lower, "an object of quantizer name -> lower end of its range")
+    for quantizer, value in lower.items():
+        if not _is_number(value) or not math.isfinite(value) or value > 0:
+            raise _bad(path, f"activation_min[{json.dumps(quantizer)}]", value,
+                       "a finite number <= 0 (the lower end of the quantizer's asymmetric range)")
     for key in ("quantized_layers", "float_layers"):
         layers = saved.get(key)
         if not isinstance(layers, dict) or not all(isinstance(t, str) for t in layers.values()):
@@ -468,9 +484,15 @@ def _finetuned(run, options, values, loaded) -> bool:
     return run.artifacts.pruned_file is not None
 
 
+def _without_why(arithmetic: dict) -> dict:
+    # `why` names the CPU model; the arithmetic is the rest (the same on another CPU of the same variant).
+    return {k: v for k, v in arithmetic.items() if k != "why"} if isinstance(arithmetic, dict) else arithmetic
+
+
 def _calibrated(run, options, values, loaded) -> bool:
     from .errors import CalibrationError
     from .quant.ptq import restore_
+    from .quant.targets import TENSORRT
 
     saved = loaded["calibration.json"]
     if saved["config"] != options.model_dump(mode="json"):
@@ -479,11 +501,15 @@ def _calibrated(run, options, values, loaded) -> bool:
     if run.artifacts.pruned_fp32 is run.model:  # as the calibrate stage: keep the pruned FP32 model apart
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     amax = saved["activation_amax"]
+    arithmetic = run.arithmetic
+    if _without_why(saved.get("target", TENSORRT.as_dict())) != _without_why(arithmetic.as_dict()):
+        return False  # calibrated for another target (or CPU variant): calibrate again
     from .quant.algorithms.base import StateError, read_run_state
 
     try:  # what the PTQ algorithms changed (ptq_state.pt, its hash checked), re-applied by restore_
         state = read_run_state(run.dir, options)
-        run.artifacts.quant = result = restore_(run.model, options, amax, run.example_input(), ptq_state=state)
+        run.artifacts.quant = result = restore_(run.model, options, amax, run.example_input(), arithmetic,
+                                                saved.get("activation_min"), ptq_state=state)
     except StateError as e:
         raise _bad(run.path("ptq_state.pt"), "", "a state", f"one that fits the model ({e})")
     except CalibrationError as e:  # a quantizer of the model without a range

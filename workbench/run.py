@@ -104,6 +104,14 @@ class Run:
     def path(self, name: str) -> Path:
         return self.dir / name
 
+    @property
+    def arithmetic(self):
+        """The recipe's target resolved to the arithmetic every quantizer follows (quant/targets.Arithmetic; the
+        openvino target's `cpu: auto` reads this CPU once)."""
+        from .quant.targets import resolve_target
+
+        return resolve_target(self.recipe.target)
+
     def warn(self, message: str) -> None:
         """A finding the run goes on after, which the console summary and the report show (never a silent
         'complete'): a failed check of an exported graph, say."""

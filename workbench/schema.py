@@ -23,7 +23,9 @@ import typing
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from .quant.targets import TargetSpec, TensorRTTarget, target_from_name
 
 
 class StrictModel(BaseModel):
@@ -300,6 +302,12 @@ class Recipe(StrictModel):
         default_factory=list, description="Also log the training stages' per-epoch metrics and the final table to "
         "TensorBoard (<run dir>/tensorboard) and/or MLflow (MLFLOW_TRACKING_URI); each needs its package installed.")
     stages: list[Any] = Field(description="Ordered stages, each a one-key mapping: - calibrate: {method: entropy}")
+    target: Annotated[TargetSpec, BeforeValidator(target_from_name)] = Field(
+        default_factory=TensorRTTarget, description="The deployment target whose arithmetic calibration, every PTQ "
+        "algorithm, sensitivity, mixed precision, QAT and the exported graph use: tensorrt (default: s8 symmetric "
+        "activations, per-channel s8 weights), openvino (u8 asymmetric activations; 7-bit weights for a CPU without "
+        "VNNI; {name: openvino, cpu: auto|avx2|avx512_vnni|amx}), fixed_point (per-tensor, power-of-two scales, for "
+        "FPGA/DSP toolchains).")
 
     @model_validator(mode="before")
     @classmethod

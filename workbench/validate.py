@@ -37,7 +37,8 @@ def recipe_input_problems(recipe: Recipe) -> list[str]:
     from .tracking import missing_packages
 
     return (order_problems(recipe.stage_list()) + spec_problems(recipe.model) + _data_problems(recipe)
-            + _stage_problems(recipe) + missing_packages(recipe.log_to) + runs_dir_problems(recipe.runs_dir))
+            + _stage_problems(recipe) + _target_problems(recipe) + missing_packages(recipe.log_to)
+            + runs_dir_problems(recipe.runs_dir))
 
 
 # Kernel pseudo-filesystems: a folder there is no place for a run (/proc/self/x, /sys, /dev).
@@ -129,6 +130,26 @@ def _stage_problems(recipe: Recipe) -> list[str]:
                                 f"(task is {recipe.task})")
         if stage == "build" and options.required:
             problems += _engine_problems(options, where)
+    return problems
+
+
+def _target_problems(recipe: Recipe) -> list[str]:
+    """Stage options the recipe's target (quant/targets.py) cannot honour, each naming the fields and why."""
+    from .quant.targets import engine_problems
+    from .stages.build import resolve_engine
+
+    target = recipe.target
+    stages = [(f"stages[{i}].{stage}", stage, options) for i, (stage, options) in enumerate(recipe.stage_list())]
+    problems = engine_problems(target, [(where, resolve_engine(o)) for where, stage, o in stages if stage == "build"])
+    for where, stage, options in stages:
+        if stage == "build" and target.name == "openvino":
+            # (compared with the defaults: a recipe is re-validated from its dump, where every field counts as set)
+            given = [f for f, default in (("openvino_graph", "u8"), ("openvino_weights", "auto"))
+                     if getattr(options, f) != default]
+            if given:
+                problems.append(f"{where}.{given[0]} with target: openvino: the target calibrates and exports the "
+                                "graph OpenVINO compiles (its weights follow target.cpu), so there is no conversion to "
+                                f"choose; drop {' and '.join(given)} (or use target: tensorrt to convert its graph)")
     return problems
 
 

@@ -27,6 +27,10 @@ __all__ = [
     "amax_entropy",
     "amax_mse",
     "compute_amax",
+    "SignedHistogram",
+    "affine_range",
+    "power_of_two_amax",
+    "power_of_two_weight_amax",
 ]
 
 METHODS = ("max", "percentile", "entropy", "mse")
@@ -527,3 +531,152 @@ def compute_amax(
     raise ValueError(
         f"unknown calibration method {method!r}; valid methods: {', '.join(METHODS)}"
     )
+
+
+# ------------------------------------------------------ asymmetric and power-of-two ranges
+class SignedHistogram:
+    """Histograms of both signs of x, for asymmetric ranges [lo, hi] (unsigned 8-bit with a zero point).
+
+    The |x| histogram above cannot tell a SiLU's [-0.28, 6] from [-6, 6]; this keeps the positive values and the
+    magnitudes of the negative ones apart (each an AbsHistogram, growing as it does), plus the exact extremes.
+    """
+
+    def __init__(self, num_bins: int = 2048):
+        self.positive = AbsHistogram(num_bins=num_bins)
+        self.negative = AbsHistogram(num_bins=num_bins)
+        self.min = 0.0
+        self.max = 0.0
+        self.seen = False
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if x.numel() == 0:
+            return
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            n_bad = int(x.numel() - torch.isfinite(x).sum().item())
+            raise NonFiniteError(f"calibration batch has {n_bad} non-finite value(s) (NaN or Inf) out of {x.numel()}")
+        x = x.float().reshape(-1)
+        self.seen = True
+        self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
+        # Zeros go to the positive side (one bin or the other: they are quantized exactly either way).
+        self.positive.update(x.clamp(min=0))
+        if self.min < 0:
+            negative = x[x < 0]
+            if negative.numel():
+                self.negative.update(negative)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seen
+
+    def values(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bin centers with their sign, counts) of both sides, the non-empty bins only."""
+        parts = []
+        for hist, sign in ((self.positive, 1.0), (self.negative, -1.0)):
+            arrs = _arrays(hist) if not hist.is_empty else None
+            if arrs is None:
+                if not hist.is_empty and sign > 0:  # only zeros on this side
+                    parts.append((np.zeros(1), np.array([hist.total])))
+                continue
+            counts, edges = arrs
+            centers = (edges[1:] + edges[:-1]) / 2
+            nz = counts > 0
+            parts.append((sign * centers[nz], counts[nz]))
+        if not parts:
+            return np.zeros(1), np.zeros(1)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _affine_errors(values: np.ndarray, weights: np.ndarray, lo: np.ndarray, hi: np.ndarray, levels: int) -> np.ndarray:
+    """Histogram-weighted squared error of u8-with-zero-point fake quantization over [lo[i], hi[i]], per candidate."""
+    err = np.empty(len(lo))
+    chunk = max(1, _MSE_CHUNK_ELEMS // max(1, len(values)))
+    for k in range(0, len(lo), chunk):
+        a, b = lo[k:k + chunk, None], hi[k:k + chunk, None]
+        scale = (b - a) / levels
+        zero_point = np.clip(np.rint(-a / scale), 0, levels)
+        q = np.clip(np.rint(values[None, :] / scale) + zero_point, 0, levels)
+        d = (q - zero_point) * scale - values[None, :]
+        err[k:k + len(a)] = np.square(d) @ weights
+    return err
+
+
+def affine_range(hist: SignedHistogram, method: str, *, percentile: float = 99.99, num_bits: int = 8,
+                 rounds: int = 2) -> tuple[float, float]:
+    """(lo, hi) of an unsigned `num_bits` quantizer with a zero point, lo <= 0 <= hi, for `method`.
+
+    max: the extremes seen. percentile / entropy: each side on its own by the symmetric method (entropy with the
+    unsigned grid on the positive side). mse: the range minimising the histogram-weighted error of the actual affine
+    grid (both sides share one step), by alternating one-dimensional searches: hi over the positive bins with lo fixed
+    at the smallest value seen, then lo over the negative bins with that hi, `rounds` times. An activation with no
+    negative values gets lo = 0, zero point 0 and all 2^bits levels on [0, hi].
+    """
+    if hist.is_empty:
+        raise ValueError("no calibration data was collected")
+    lo, hi = min(hist.min, 0.0), max(hist.max, 0.0)
+    negative = not hist.negative.is_empty and hist.min < 0
+    if method == "max" or hi == lo:
+        return lo, hi
+    if method in ("percentile", "entropy"):
+        upper = compute_amax(hist.positive, method, percentile=percentile, num_bits=num_bits, unsigned=True)
+        lower = compute_amax(hist.negative, method, percentile=percentile, num_bits=num_bits) if negative else 0.0
+        return -lower, upper if upper > 0 else hi
+    if method != "mse":
+        raise ValueError(f"unknown calibration method {method!r}; valid methods: {', '.join(METHODS)}")
+    values, weights = hist.values()
+    levels = (1 << num_bits) - 1
+    pos = np.unique(values[values > 0])
+    neg = np.unique(values[values < 0])
+    for _ in range(rounds):
+        if len(pos):
+            cand = pos[min(128, len(pos) - 1):] if len(pos) > 128 else pos
+            cand = np.append(cand, hi)
+            err = _affine_errors(values, weights, np.full(len(cand), lo), cand, levels)
+            hi = float(cand[int(np.argmin(err))])
+        if negative and len(neg):
+            cand = neg[: max(1, len(neg) - 128)] if len(neg) > 128 else neg
+            cand = np.append(cand, lo)
+            err = _affine_errors(values, weights, cand, np.full(len(cand), hi), levels)
+            lo = float(min(cand[int(np.argmin(err))], 0.0))
+    return lo, hi
+
+
+def power_of_two_amax(hist: AbsHistogram, amax: float, *, num_bits: int = 8, nearest: bool = True) -> float:
+    """The range 2^k * qmax of a symmetric power-of-two quantizer near `amax`: of the two powers of two around
+    amax / qmax, the one with the smaller histogram-weighted error (`nearest`), else the one above (never clips
+    below amax; calibration method max)."""
+    qmax = float(2 ** (num_bits - 1) - 1)
+    if amax <= 0:
+        return amax
+    k = math.ceil(math.log2(amax / qmax))
+    above = qmax * 2.0 ** k
+    if not nearest or hist.is_empty:
+        return above
+    below = qmax * 2.0 ** (k - 1)
+    arrs = _arrays(hist)
+    if arrs is None:
+        return above
+    counts, edges = arrs
+    centers = (edges[1:] + edges[:-1]) / 2
+    errors = [float(counts @ np.square(np.clip(np.rint(centers / (a / qmax)), -qmax - 1, qmax) * (a / qmax) - centers))
+              for a in (below, above)]
+    return below if errors[0] < errors[1] else above
+
+
+def power_of_two_weight_amax(weights: torch.Tensor, num_bits: int = 8) -> float:
+    """The range 2^k * qmax of a per-tensor power-of-two weight quantizer: the power of two around max|w| / qmax
+    with the smaller squared error on the weights themselves."""
+    qmax = float(2 ** (num_bits - 1) - 1)
+    w = weights.detach().float().reshape(-1)
+    amax = float(w.abs().max())
+    if amax <= 0:
+        return amax
+    k = math.ceil(math.log2(amax / qmax))
+    best, best_err = None, math.inf
+    for a in (qmax * 2.0 ** (k - 1), qmax * 2.0 ** k):
+        s = a / qmax
+        err = float(torch.square(torch.clamp(torch.round(w / s), -qmax - 1, qmax) * s - w).sum())
+        if err < best_err:
+            best, best_err = a, err
+    return best

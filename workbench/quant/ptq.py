@@ -29,10 +29,19 @@ from torch import nn
 
 from ..errors import CalibrationError
 from ..models.guards import first_nonfinite
-from .calibrators import AbsHistogram, NonFiniteError, compute_amax
+from .calibrators import (
+    AbsHistogram,
+    NonFiniteError,
+    SignedHistogram,
+    affine_range,
+    compute_amax,
+    power_of_two_amax,
+    power_of_two_weight_amax,
+)
 from .config import QUANTIZABLE_TYPE_NAMES, Int8Config
 from .fold import fold_batchnorm_
 from .rules import apply_residual_rule, residual_units
+from .targets import TENSORRT, Arithmetic
 
 QUANTIZABLE_TYPES: dict[str, type[nn.Module]] = {
     "Conv1d": nn.Conv1d,
@@ -58,6 +67,9 @@ class QuantResult:
     quantized: dict[str, str] = field(default_factory=dict)  # module name -> type name
     excluded: dict[str, str] = field(default_factory=dict)  # module name -> type name (matched an exclude)
     activation_amax: dict[str, float] = field(default_factory=dict)  # input quantizer -> amax
+    # asymmetric ranges (arithmetic.activation_zero_point): input quantizer -> the range's lower end (<= 0)
+    activation_min: dict[str, float] = field(default_factory=dict)
+    arithmetic: Arithmetic = TENSORRT  # the target's arithmetic every quantizer follows (quant/targets.py)
     residual_quantizers: list[str] = field(default_factory=list)  # added by the residual_add rule
     residual_excluded: list[str] = field(default_factory=list)  # residual Add units the excludes keep float
     # residual blocks the rule left with their own forward and float Add, and why (structure not recognised)
@@ -138,11 +150,13 @@ def _type_name(module: nn.Module, types: dict[str, type[nn.Module]]) -> str | No
     return None
 
 
-def modelopt_config(model: nn.Module, config: Int8Config, layers: dict[str, str]) -> dict:
+def modelopt_config(model: nn.Module, config: Int8Config, layers: dict[str, str],
+                    arithmetic: Arithmetic = TENSORRT) -> dict:
     """The modelopt quant_cfg for exactly these layers: everything else disabled, by name."""
     entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
+    per_channel = arithmetic.weights_for(config.weights) == "per_channel"
     for name, type_name in layers.items():
-        axis = _WEIGHT_AXIS.get(type_name, 0) if config.weights == "per_channel" else None
+        axis = _WEIGHT_AXIS.get(type_name, 0) if per_channel else None
         # modelopt matches these names as fnmatch patterns: a module named `a[1]` or `x*` must match itself only.
         pattern = glob.escape(name)
         entries.append({"quantizer_name": f"{pattern}.weight_quantizer", "cfg": {"num_bits": 8, "axis": axis},
@@ -176,11 +190,14 @@ def quantize_(
     config: Int8Config,
     forward_loop: Callable[[nn.Module], None],
     example_input: torch.Tensor,
+    arithmetic: Arithmetic = TENSORRT,
     algorithms: list | tuple = (),
     evaluate: Callable[[nn.Module], float] | None = None,
-    arithmetic=None,
 ) -> QuantResult:
     """Quantize `model` in place to INT8 fake-quant and calibrate it with `forward_loop`.
+
+    `arithmetic` is the target's (quant/targets.py): TensorRT's by default; with asymmetric activations the ranges
+    come from signed histograms, with power-of-two scales each range is the nearer power of two (by error).
 
     `forward_loop(model)` runs the calibration batches through the model. `example_input` is a few calibration
     images: BatchNorm pairs are found on them, and each rewrite of the model (BatchNorm folding, the residual_add rule)
@@ -193,7 +210,7 @@ def quantize_(
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    result, activation_quantizers = _insert_quantizers(model, config, example_input)
+    result, activation_quantizers = _insert_quantizers(model, config, example_input, arithmetic)
     pipeline = ctx = None
     if algorithms:
         from .algorithms.base import AlgorithmContext, PipelineResult, run_phase
@@ -202,13 +219,15 @@ def quantize_(
         ctx = AlgorithmContext(model, config, result, forward_loop, example_input, arithmetic)
         run_phase("before_ranges", list(algorithms), ctx, pipeline, evaluate,
                   after_each=lambda: refresh_weight_ranges_(model, result))
-    # One calibration pass in float (every quantizer passes data through), collecting |x| histograms.
-    histograms: dict[str, AbsHistogram] = {}
+    # One calibration pass in float (every quantizer passes data through), collecting |x| histograms (signed ones
+    # where ranges may be asymmetric).
+    histograms: dict[str, AbsHistogram | SignedHistogram] = {}
     counter = {"batches": 0, "samples": 0}
     quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer) and q.is_enabled]
     for q in quantizers:
         q.disable_quant()
-    handles = _attach_collectors(model, activation_quantizers, histograms, config.num_bins, counter)
+    histogram = SignedHistogram if arithmetic.activation_zero_point else AbsHistogram
+    handles = _attach_collectors(model, activation_quantizers, histograms, config.num_bins, counter, histogram)
     try:
         forward_loop(model)
     except NonFiniteError as e:
@@ -231,12 +250,23 @@ def quantize_(
             f"model's forward does not run '{layer}' on these images, so it has no range. Exclude it (exclude: "
             f"['{layer}']) if it is unused, or calibrate on images that reach it"
         )
-    amax = {
-        name: (histograms[name].amax if config.method == "max"
-               else compute_amax(histograms[name], config.method, percentile=config.percentile))
-        for name in activation_quantizers
-    }
-    _set_ranges(model, result, activation_quantizers, amax)
+    lower: dict[str, float] = {}
+    if arithmetic.activation_zero_point:
+        ranges = {name: affine_range(histograms[name], config.method, percentile=config.percentile,
+                                     num_bits=arithmetic.activation_bits) for name in activation_quantizers}
+        amax = {name: hi for name, (_, hi) in ranges.items()}
+        lower = {name: lo for name, (lo, _) in ranges.items()}
+    else:
+        amax = {
+            name: (histograms[name].amax if config.method == "max"
+                   else compute_amax(histograms[name], config.method, percentile=config.percentile,
+                                     num_bits=arithmetic.activation_bits))
+            for name in activation_quantizers
+        }
+        if arithmetic.power_of_two_scales:  # the power of two nearer by error (above the range for method max)
+            amax = {name: power_of_two_amax(histograms[name], value, num_bits=arithmetic.activation_bits,
+                                            nearest=config.method != "max") for name, value in amax.items()}
+    _set_ranges(model, result, activation_quantizers, amax, lower)
     if pipeline is not None:
         run_phase("after_ranges", list(algorithms), ctx, pipeline, evaluate)
         result.algorithms, result.ptq_state = pipeline.records, pipeline.state()
@@ -245,21 +275,29 @@ def quantize_(
 
 
 def restore_(model: nn.Module, config: Int8Config, activation_amax: dict[str, float],
-             example_input: torch.Tensor, ptq_state: dict | None = None) -> QuantResult:
+             example_input: torch.Tensor, arithmetic: Arithmetic = TENSORRT,
+             activation_min: dict[str, float] | None = None, ptq_state: dict | None = None) -> QuantResult:
     """Rebuild a calibrated fake-quant model from saved ranges (a run's calibration.json), without data.
 
-    Folding, layer choice and weight ranges are deterministic functions of the weights and
-    the config, so only the activation ranges need saving, and what the PTQ algorithms changed
-    (`ptq_state`, a run's ptq_state.pt: re-applied after the ranges, as its values are final ones).
+    Folding, layer choice and weight ranges are deterministic functions of the weights, the config and the
+    arithmetic, so only the activation ranges need saving (and their lower ends, where they are asymmetric), and
+    what the PTQ algorithms changed (`ptq_state`, a run's ptq_state.pt: re-applied after the ranges, as its values
+    are final ones).
     """
-    result, activation_quantizers = _insert_quantizers(model, config, example_input)
+    result, activation_quantizers = _insert_quantizers(model, config, example_input, arithmetic)
+    if arithmetic.activation_zero_point and (
+            missing := sorted(set(activation_quantizers) - set(activation_min or {}))):
+        raise CalibrationError(
+            f"the saved ranges have no lower end (activation_min) for {len(missing)} quantizer(s), e.g. "
+            f"{missing[0]!r}, which the {arithmetic.target} target's asymmetric ranges need; calibrate again")
     if missing := sorted(set(activation_quantizers) - set(activation_amax)):
         raise CalibrationError(
             f"the saved ranges have no entry for {len(missing)} quantizer(s), e.g. {missing[0]!r}: they were "
             "calibrated "
             "for another model or another config; calibrate again"
         )
-    _set_ranges(model, result, activation_quantizers, {n: activation_amax[n] for n in activation_quantizers})
+    _set_ranges(model, result, activation_quantizers, {n: activation_amax[n] for n in activation_quantizers},
+                {n: activation_min[n] for n in activation_quantizers} if arithmetic.activation_zero_point else {})
     if ptq_state is not None:
         from .algorithms.base import apply_state
 
@@ -268,11 +306,13 @@ def restore_(model: nn.Module, config: Int8Config, activation_amax: dict[str, fl
     return result
 
 
-def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torch.Tensor) -> tuple[QuantResult, dict]:
-    """Fold BN, choose the layers, insert modelopt quantizers (weights calibrated) and the rules' quantizers."""
+def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torch.Tensor,
+                       arithmetic: Arithmetic = TENSORRT) -> tuple[QuantResult, dict]:
+    """Fold BN, choose the layers, insert modelopt quantizers (weights calibrated) and the rules' quantizers; turn
+    them into the target's quantizers where modelopt cannot express its arithmetic (quant/affine.py)."""
     import modelopt.torch.quantization as mtq
 
-    result = QuantResult()
+    result = QuantResult(arithmetic=arithmetic)
     model.eval()
     if config.fold_batchnorm:
         result.folded = fold_batchnorm_(model, example_input)
@@ -284,7 +324,7 @@ def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torc
             f"{'/'.join(config.layer_types)} layers outside the exclude patterns {config.exclude}"
         )
     register_subclasses(model)
-    mt_cfg = modelopt_config(model, config, result.quantized)
+    mt_cfg = modelopt_config(model, config, result.quantized, arithmetic)
 
     # modelopt inserts the quantizers and calibrates the weights (per-channel max); without a
     # forward loop it leaves the activation ranges unset, and those are ours to compute.
@@ -298,6 +338,11 @@ def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torc
     modules = dict(model.named_modules())
     activation_quantizers = {f"{n}.input_quantizer": modules[n].input_quantizer for n in result.quantized}
     activation_quantizers.update({n: modules[n] for n in result.residual_quantizers})
+    if not arithmetic.modelopt_native:
+        from .affine import convert_quantizers_
+
+        convert_quantizers_([modules[n].weight_quantizer for n in result.quantized],
+                            list(activation_quantizers.values()), arithmetic)
     return result, activation_quantizers
 
 
@@ -324,17 +369,26 @@ def _check_finite_weights(model: nn.Module, folded: dict[str, str]) -> None:
         )
 
 
-def _set_ranges(model: nn.Module, result: QuantResult, activation_quantizers: dict, amax: dict[str, float]) -> None:
+def _set_ranges(model: nn.Module, result: QuantResult, activation_quantizers: dict, amax: dict[str, float],
+                lower: dict[str, float] | None = None) -> None:
+    """Activation ranges set (upper ends `amax`; lower ends `lower` where asymmetric) and weight ranges kept
+    positive; per-tensor power-of-two weight ranges chosen by their error on the weights."""
     device = _device_of(model)
     for name, quantizer in activation_quantizers.items():
         value = max(float(amax[name]), MIN_AMAX)
         quantizer.amax = torch.tensor(value, device=device)
         quantizer.enable()
         result.activation_amax[name] = value
+        if lower:
+            quantizer.range_min = min(float(lower[name]), 0.0)
+            result.activation_min[name] = quantizer.range_min
     modules = dict(model.named_modules())
     for name in result.quantized:
         weight_q = modules[name].weight_quantizer
         if weight_q.amax is not None:
+            if result.arithmetic.power_of_two_scales and weight_q.amax.numel() == 1:
+                value = power_of_two_weight_amax(modules[name].weight, result.arithmetic.weight_bits)
+                weight_q.amax = torch.full_like(weight_q.amax, value)
             # A channel of all-zero weights gets amax 0 and a zero scale, which ONNX cannot express.
             weight_q.amax = weight_q.amax.clamp(min=MIN_AMAX)
 
@@ -388,8 +442,9 @@ def set_float_units(model: nn.Module, result: QuantResult, float_units: list[str
     result.kept_float = [n for n in units if n in set(float_units)]
 
 
-def _attach_collectors(model, quantizers: dict, histograms: dict, num_bins: int, counter: dict) -> list:
-    """Hooks on activation quantizers that count batches, reject NaN/Inf and build |x| histograms."""
+def _attach_collectors(model, quantizers: dict, histograms: dict, num_bins: int, counter: dict,
+                       histogram: type = AbsHistogram) -> list:
+    """Hooks on activation quantizers that count batches, reject NaN/Inf and build histograms (of |x|, or signed)."""
     handles = []
     first = next(iter(quantizers))
 
@@ -406,7 +461,7 @@ def _attach_collectors(model, quantizers: dict, histograms: dict, num_bins: int,
                 raise NonFiniteError(
                     f"{bad} NaN/Inf values in the input of layer '{layer}' in calibration batch {counter['batches']}"
                 )
-            histograms.setdefault(name, AbsHistogram(num_bins=num_bins)).update(x.detach())
+            histograms.setdefault(name, histogram(num_bins=num_bins)).update(x.detach())
 
         handles.append(quantizer.register_forward_pre_hook(pre_hook))
     return handles

@@ -185,8 +185,15 @@ def _build_openvino(run, opts: BuildOptions) -> dict:
     if opts.precision == "int8":
         require_numeric(onnx.model)
         xml = run.path("model_openvino_int8.xml")
-        graph, notes = openvino.int8_graph(onnx.model, run.path("model_openvino_int8.onnx"), opts.openvino_graph,
-                                           opts.openvino_weights)
+        arithmetic = run.artifacts.quant.arithmetic
+        if arithmetic.target == "openvino":  # calibrated and exported in OpenVINO's arithmetic: compiled as it is
+            graph = onnx.model
+            notes = {"graph": "as exported (target: openvino)", "weights": f"s{arithmetic.weight_bits}",
+                     "graph_note": f"Compiled from {graph.name} as exported: the target's arithmetic "
+                                   f"({arithmetic.describe()}); {arithmetic.why}."}
+        else:
+            graph, notes = openvino.int8_graph(onnx.model, run.path("model_openvino_int8.onnx"), opts.openvino_graph,
+                                               opts.openvino_weights)
         values["int8"] = openvino.compile_model_file(openvino.CompileRequest(onnx=graph, xml=xml, notes=notes))
         files = openvino.artifact_files(xml) + ([graph] if graph != onnx.model else [])
         values.update(_guard(run, opts, lambda: openvino.OpenVINORunner(xml, "openvino_int8"), graph, files,

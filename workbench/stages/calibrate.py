@@ -65,10 +65,11 @@ def calibrate(run, opts: CalibrateOptions) -> None:
     if run.artifacts.pruned_fp32 is run.model:  # keep the pruned FP32 model: quantize_ works in place
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     start = time.perf_counter()
+    arithmetic = run.arithmetic  # the recipe's target (quant/targets.py): what every quantizer computes
     evaluate = _algorithm_metric(run, opts.algorithm_eval_samples) if opts.algorithms and \
         opts.algorithm_eval_samples else None
-    result = quantize_(run.model, opts, forward_loop, _check_images(loader, run), algorithms=opts.algorithms,
-                       evaluate=evaluate, arithmetic=getattr(run, "arithmetic", None))
+    result = quantize_(run.model, opts, forward_loop, _check_images(loader, run), arithmetic,
+                       algorithms=opts.algorithms, evaluate=evaluate)
     seconds = time.perf_counter() - start
     run.artifacts.quant = result
     if result.ptq_state is not None:  # what the algorithms changed: restore_ re-applies it on --resume/open_run
@@ -95,6 +96,9 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "quantized_layers": result.quantized,
             "float_layers": result.excluded,
             "activation_amax": result.activation_amax,
+            # The target's arithmetic, and the lower ends of its asymmetric ranges (restore_ needs both).
+            **({"target": arithmetic.as_dict()} if arithmetic.target != "tensorrt" else {}),
+            **({"activation_min": result.activation_min} if result.activation_min else {}),
             **({"algorithms": [r.as_dict() for r in result.algorithms],
                 "algorithm_metric_before": result.algorithm_metric_before} if opts.algorithms else {}),
         },
@@ -112,6 +116,7 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "census": result.census(),
             "residual_left_alone": result.residual_left_alone,
             "enabled_quantizers": quantizer_summary(run.model),
+            "target": {**arithmetic.as_dict(), "summary": arithmetic.describe()},
             # per algorithm: seconds, how many layers it changed and the largest change, what it skipped
             **({"algorithms": [{"name": r.name, "phase": r.phase, "seconds": round(r.seconds, 3),
                             "layers_changed": len(r.changes),

@@ -52,6 +52,10 @@ def onnx_files(run, written: set[str]) -> OnnxFiles:
                      pruned_fp32=path[PRUNED_FP32], ptq=path[PTQ], ort_int8=path[ORT_INT8])
 
 
+_ORT_SKIPPED = ("target {target}: model.onnx is already in the target's arithmetic, which the ONNX Runtime flavour's "
+                "re-lay (u8 shift, Relu/Clip absorbed, 7-bit weights) would change")
+
+
 @register_stage("export", ExportOptions, makes=_makes)
 def export(run, opts: ExportOptions) -> None:
     """ONNX export (Q/DQ for a calibrated model), checked with onnx.checker; the ONNX Runtime flavour beside it."""
@@ -93,7 +97,15 @@ def export(run, opts: ExportOptions) -> None:
         }
     path = write(run.model, MODEL, metadata)
     values[MODEL]["quantized"] = result is not None
-    if result is not None:  # TensorRT's Q/DQ rules, node by node (workbench check-onnx)
+    # The openvino target's graph has u8 activations with zero points: TensorRT's rules and the ONNX Runtime flavour
+    # (a re-lay of a signed graph) are for the other targets' graphs.
+    signed = result is None or result.arithmetic.activation_signed
+    if result is not None and not signed:
+        values[MODEL]["tensorrt_rules"] = None
+        values[MODEL]["target"] = result.arithmetic.describe()
+        if opts.ort_int8:
+            values[ORT_INT8] = {"skipped": _ORT_SKIPPED.format(target=result.arithmetic.target)}
+    if result is not None and signed:  # TensorRT's Q/DQ rules, node by node (workbench check-onnx)
         names = {n for n, _ in run.model.named_modules()}
         violations = check_qdq(path, names)
         values[MODEL]["tensorrt_rules"] = [v.as_dict() for v in violations]
@@ -102,7 +114,9 @@ def export(run, opts: ExportOptions) -> None:
             run.warn(f"export: model.onnx fails check-onnx: {len(violations)} violation(s) of TensorRT's Q/DQ rules "
                      f"({', '.join(rules)}), e.g. {violations[0]}; TensorRT would run those nodes in float or not "
                      "fuse them (the report lists them)")
-        if opts.ort_int8:
+        if opts.ort_int8 and result.arithmetic.target != "tensorrt":
+            values[ORT_INT8] = {"skipped": _ORT_SKIPPED.format(target=result.arithmetic.target)}
+        elif opts.ort_int8:
             # The TensorRT artifact is written; a graph the converter cannot re-lay is reported, not fatal.
             try:
                 conversion = to_ort_int8(path, run.path(ORT_INT8), opts.ort_weights)
