@@ -177,6 +177,8 @@ class Bench:
     fp32_metrics: dict | None = None
     rows: list[Row] = field(default_factory=list)
     timed: dict[str, Callable] = field(default_factory=dict)  # OpenVINO graphs for --latency
+    scored_in: tuple[str, ...] = ("fake_quant", "faithful", "openvino")  # where the workbench's rows are scored
+    fp32_in: str = "PyTorch"  # where the FP32 reference was scored
 
 
 def torch_runner(model) -> Callable:
@@ -231,16 +233,26 @@ def workbench_rows(bench: Bench, label: str, run, seconds: float, threads: int |
     from workbench.runtime.runners import OrtRunner
 
     arithmetic = getattr(run, "arithmetic", None)  # issue 25's target profile, where this checkout has it
+    if arithmetic is not None:  # the weights as quantized: the profile's, or the calibrate stage's per_tensor
+        import dataclasses
+
+        weights = arithmetic.weights_for("per_tensor" if PER_TENSOR[bench.name] else "per_channel")
+        arithmetic = dataclasses.replace(arithmetic, weight_granularity=weights)
     note = f"whole recipe {seconds:.0f} s" + (f"; {arithmetic.describe()}" if arithmetic is not None else "")
     algos = run.metrics["stages"].get("calibrate", {}).get("algorithms")
     if algos:
         note += "; " + ", ".join(f"{a.get('name')} {a.get('seconds', 0):.1f} s" for a in algos if isinstance(a, dict))
-    add_row(bench, Row("workbench", label, "fake quant (PyTorch)", seconds=seconds, note=note), torch_runner(run.model))
-    if (run.dir / "model.onnx").is_file():
+    scored_in = bench.scored_in
+    if "fake_quant" in scored_in:
+        add_row(bench, Row("workbench", label, "fake quant (PyTorch)", seconds=seconds, note=note),
+                torch_runner(run.model))
+    else:
+        print(f"  workbench | {label}: {note}", flush=True)
+    if (run.dir / "model.onnx").is_file() and "faithful" in scored_in:
         add_row(bench, Row("workbench", label, "faithful Q/DQ ONNX (ORT)"),
                 OrtRunner(run.dir / "model.onnx", "faithful", "faithful"))
     build = run.metrics["stages"].get("build")
-    if build is not None:
+    if build is not None and "openvino" in scored_in:
         if build.get("built"):
             runner = OpenVINORunner(run.dir / "model_openvino_int8.xml", f"wb_{label}", threads)
             add_row(bench, Row("workbench", label, "OpenVINO INT8", note=f"{build['int8']['int8']}"), runner)
@@ -331,7 +343,7 @@ def brevitas_peer(bench: Bench, equalize_iters: int) -> None:
 
     batches = calibration_batches(bench)
     who = f"Brevitas {brevitas.__version__}"
-    for iters in (0, equalize_iters):
+    for iters in sorted({0, equalize_iters}):
         model = copy.deepcopy(bench.base.reference).eval().cpu()
         start = time.perf_counter()
         try:
@@ -428,7 +440,8 @@ def print_table(bench: Bench) -> None:
     samples = bench.fp32_metrics.get("samples", "?")
     step = run.task.metric_step(samples) if isinstance(samples, int) else None
     print(f"\n## {bench.name}: {samples} evaluation images"
-          + (f" (one image is {step:.2f} points)" if step else "") + f", FP32 {unit} {fp32:.2f}; run {run.dir}\n")
+          + (f" (one image is {step:.2f} points)" if step else "")
+          + f", FP32 ({bench.fp32_in}) {unit} {fp32:.2f}; run {run.dir}\n")
     print(f"| Who | Configuration | Scored in | {unit} | vs FP32 (95% paired bootstrap) | quantize s | note |")
     print("|---|---|---|---|---|---|---|")
     for r in bench.rows:
@@ -454,6 +467,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--latency", action="store_true", help="time the OpenVINO graphs, interleaved, at the end")
     p.add_argument("--runs-dir", default="/tmp/workbench_bench_peers")
+    p.add_argument("--scored-in", nargs="+", default=["fake_quant", "faithful", "openvino"],
+                   choices=["fake_quant", "faithful", "openvino"], help="where the workbench's rows are scored")
+    p.add_argument("--fp32-in", choices=["pytorch", "openvino"], default="pytorch",
+                   help="the FP32 reference: the PyTorch model, or its OpenVINO FP32 compile (faster on a busy CPU)")
+    p.add_argument("--resume-base", type=Path, help="the base configuration's run, made earlier: resumed, not rerun")
     args = p.parse_args()
     if not (ASSETS / "models").is_dir():
         sys.exit(f"shared assets not found at {ASSETS}: set WORKBENCH_ASSETS=../shared/assets")
@@ -473,16 +491,25 @@ def main() -> None:
         # The first configuration's run is the base: its data, FP32 model and FP32 ONNX serve every peer.
         first = next(iter(configs), "today")
         start = time.perf_counter()
-        base = workbench_run(name, configs.get(first, Config()), args)
-        bench = Bench(name, base)
+        if args.resume_base:
+            from workbench import api
+
+            base = api.run(None, resume=args.resume_base)
+        else:
+            base = workbench_run(name, configs.get(first, Config()), args)
+        bench = Bench(name, base, scored_in=tuple(args.scored_in))
+        from workbench.runtime.openvino import OpenVINORunner
         from workbench.runtime.runners import OrtRunner
 
-        bench.fp32_metrics, bench.fp32_scorer = score(bench, torch_runner(base.reference))
+        fp32_xml = base.dir / "model_openvino_fp32.xml"
+        fp32_runner = (OpenVINORunner(fp32_xml, "fp32", args.threads) if args.fp32_in == "openvino"
+                       and fp32_xml.is_file() else torch_runner(base.reference))
+        bench.fp32_metrics, bench.fp32_scorer = score(bench, fp32_runner)
         calib = sum(len(b) for b in calibration_batches(bench))
-        print(f"  FP32 (PyTorch): {_points(bench, bench.fp32_metrics)}; {calib} calibration images", flush=True)
-        if name != "resnet20":
-            from workbench.runtime.openvino import OpenVINORunner
-
+        bench.fp32_in = "OpenVINO" if isinstance(fp32_runner, OpenVINORunner) else "PyTorch"
+        print(f"  FP32 ({bench.fp32_in}): "
+              f"{_points(bench, bench.fp32_metrics)}; {calib} calibration images", flush=True)
+        if fp32_xml.is_file():
             bench.timed["FP32 OpenVINO"] = OpenVINORunner(base.dir / "model_openvino_fp32.xml", "fp32", args.threads)
             bench.timed["FP32 ONNX Runtime"] = OrtRunner(base.dir / "model_fp32.onnx", "fp32", "default", args.threads)
         if first in configs:
