@@ -191,6 +191,10 @@ def _build_openvino(run, opts: BuildOptions) -> dict:
             notes = {"graph": "as exported (target: openvino)", "weights": f"s{arithmetic.weight_bits}",
                      "graph_note": f"Compiled from {graph.name} as exported: the target's arithmetic "
                                    f"({arithmetic.describe()}); {arithmetic.why}."}
+            if arithmetic.weight_bits == 8 and not openvino.cpu_info().int8_dot:
+                notes["graph_note"] += (" This CPU has no VNNI: its kernels sum u8 x s8 products in 16 bits, which "
+                                        "8-bit weights can saturate (the guard decides; target.cpu: avx2 quantizes for "
+                                        "it).")
         else:
             graph, notes = openvino.int8_graph(onnx.model, run.path("model_openvino_int8.onnx"), opts.openvino_graph,
                                                opts.openvino_weights)
