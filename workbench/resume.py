@@ -502,7 +502,9 @@ def _calibrated(run, options, values, loaded) -> bool:
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     amax = saved["activation_amax"]
     arithmetic = run.arithmetic
-    if _without_why(saved.get("target", TENSORRT.as_dict())) != _without_why(arithmetic.as_dict()):
+    calibrated_for = _without_why(saved["target"]) if "target" in saved else TENSORRT.target
+    wanted = _without_why(arithmetic.for_weights(options.weights).as_dict()) if "target" in saved else arithmetic.target
+    if calibrated_for != wanted:
         return False  # calibrated for another target (or CPU variant): calibrate again
     from .quant.algorithms.base import StateError, read_run_state
 
