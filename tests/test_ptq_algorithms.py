@@ -329,7 +329,8 @@ def test_a_stored_step_reads_back_as_itself():
     assert CalibrateOptions(**dumped).model_dump(mode="json") == dumped
 
 
-STAGES = ("  - calibrate: {method: max, weights: per_tensor, algorithms: [cle, {name: bias_correction, images: 8}]}\n"
+STAGES = ("  - calibrate: {method: max, weights: per_tensor, algorithm_eval_samples: 8,\n"
+          "               algorithms: [cle, {name: bias_correction, images: 8}]}\n"
           "  - export: {}\n  - build: {engine: tensorrt}\n"
           "  - evaluate: {backends: [tensorrt], latency: false}\n")
 FIXED = ["model.trust_code=true", "stages.evaluate.backends=[pytorch_int8]"]
@@ -356,6 +357,9 @@ def test_a_resumed_run_reuses_the_algorithms_state(tmp_path):
     assert "calibrate" in metrics["resumed"]["reused"]
     recorded = metrics["stages"]["calibrate"]["algorithms"]
     assert [a["name"] for a in recorded] == ["cle", "bias_correction"] and recorded[1]["layers_changed"] > 0
+    # top-1 on 8 evaluation images after each algorithm, and before them (float, then INT8 with ranges only)
+    assert all(0 <= a["metric_after"] <= 100 for a in recorded)
+    assert set(metrics["stages"]["calibrate"]["algorithm_metric_before"]) == {"before_ranges", "after_ranges"}
     assert "ptq_state.pt" in {f["stage"]: f for f in metrics["fingerprints"]}["calibrate"]["files"]
     # The same recipe run in one go: its evaluation equals the resumed run's (the state was re-applied).
     whole = tmp_path / "whole.yaml"

@@ -402,8 +402,11 @@ def run_phase(phase: Phase, steps: list[AlgorithmStep], ctx: AlgorithmContext, p
     if evaluate is not None:
         with ctx.float_mode() if phase == "before_ranges" else contextlib.nullcontext():
             pipeline.metric_before[phase] = _number(evaluate(ctx.model))
-    requests = [r for _, algo, opts in algorithms for r in algo.statistics(ctx, opts)]
+    asked = {id(algo): algo.statistics(ctx, opts) for _, algo, opts in algorithms}
+    requests = [r for found in asked.values() for r in found]
+    start = time.perf_counter()
     stats, passes = collect_statistics(ctx, requests) if requests else ({}, 0)
+    stats_seconds = time.perf_counter() - start
     pipeline.statistics_passes += passes
     for step, algo, opts in algorithms:
         before = _snapshot(ctx.model)
@@ -416,6 +419,9 @@ def run_phase(phase: Phase, steps: list[AlgorithmStep], ctx: AlgorithmContext, p
             after_each()
         record.seconds = time.perf_counter() - start
         record.name, record.phase, record.options = step.name, phase, dict(step.options)
+        if asked[id(algo)]:  # its statistics came from the phase's shared pass, timed apart from `seconds`
+            record.notes.append(f"statistics: {len(asked[id(algo)])} request(s) from the phase's shared pass "
+                                f"({passes} pass(es), {stats_seconds:.1f} s, not in this algorithm's seconds)")
         changed = _changed(before, ctx.model)
         record.changes = _change_norms(before, changed, set(ctx.result.quantized))
         pipeline.tensors.update(changed)
