@@ -333,3 +333,15 @@ def test_the_target_is_part_of_every_stage_fingerprint_but_the_default_keeps_old
     assert stage_fingerprints(parse_recipe(text, overrides=["target=tensorrt"])) == plain
     other = stage_fingerprints(parse_recipe(text, overrides=["target=openvino"]))
     assert all(a != b for a, b in zip(plain, other))
+
+
+def test_the_recorded_arithmetic_is_the_one_the_quantizers_use():
+    """The calibrate option `weights: per_tensor` narrows a per-channel profile; fixed point is per tensor whatever
+    the option says. What quantize_ records is what its weight quantizers hold."""
+    for arithmetic, requested, expected in ((TENSORRT, "per_tensor", "per_tensor"),
+                                            (resolve_target(FixedPointTarget()), "per_channel", "per_tensor"),
+                                            (resolve_target(OpenVINOTarget(cpu="amx")), "per_channel", "per_channel")):
+        model = SiluNet().eval()
+        result = quantize_(model, Int8Config(method="max", weights=requested), _loop, CALIB[0][:2], arithmetic)
+        assert result.arithmetic.weight_granularity == expected
+        assert (model.conv1.weight_quantizer.amax.numel() == 1) == (expected == "per_tensor")

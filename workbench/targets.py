@@ -20,7 +20,7 @@ Plain data (pydantic only, no torch): a recipe is read and validated without loa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
@@ -96,6 +96,10 @@ class Arithmetic:
     def weights_for(self, requested: str) -> str:
         """The weight granularity the quantizers use, given the calibrate stage's `weights` option."""
         return "per_tensor" if self.weight_granularity == "per_tensor" else requested
+
+    def for_weights(self, requested: str) -> "Arithmetic":
+        """This arithmetic with the weight granularity the quantizers use (what a calibration records)."""
+        return replace(self, weight_granularity=self.weights_for(requested))
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -312,7 +312,7 @@ def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torc
     them into the target's quantizers where modelopt cannot express its arithmetic (quant/affine.py)."""
     import modelopt.torch.quantization as mtq
 
-    result = QuantResult(arithmetic=arithmetic)
+    result = QuantResult(arithmetic=arithmetic.for_weights(config.weights))
     model.eval()
     if config.fold_batchnorm:
         result.folded = fold_batchnorm_(model, example_input)

@@ -261,9 +261,13 @@ def int8_graph(model: Path, out: Path, graph: str = "u8", weights: str = "auto",
     from ..qdq.ort_flavour import to_ort_int8
 
     if arithmetic is not None and arithmetic.target == "openvino":  # calibrated and exported in OpenVINO's arithmetic
+        note = f"Compiled from {model.name} as exported: the target's arithmetic ({arithmetic.describe()}); " \
+               f"{arithmetic.why}."
+        if arithmetic.weight_bits == 8 and not cpu_info().int8_dot:
+            note += (" This CPU has no VNNI: its kernels sum u8 x s8 products in 16 bits, which 8-bit weights can "
+                     "saturate (the guard decides; target.cpu: avx2 quantizes for it).")
         return model, {"graph": "as exported (target: openvino)", "weights": f"s{arithmetic.weight_bits}",
-                       "graph_note": f"Compiled from {model.name} as exported: the target's arithmetic "
-                                     f"({arithmetic.describe()}); {arithmetic.why}."}
+                       "graph_note": note}
     if graph == "tensorrt_style":
         return model, {"graph": "tensorrt_style", "graph_note": f"Compiled from {model.name} as exported (signed "
                        "activations), as asked: OpenVINO computes a signed Q/DQ after a Concat wrongly on CPUs "

@@ -97,7 +97,9 @@ def _calibrated(run, options, values, loaded) -> bool:
         run.artifacts.pruned_fp32 = copy.deepcopy(run.model)
     amax = saved["activation_amax"]
     arithmetic = run.arithmetic
-    if _without_why(saved.get("target", TENSORRT.as_dict())) != _without_why(arithmetic.as_dict()):
+    calibrated_for = _without_why(saved["target"]) if "target" in saved else TENSORRT.target
+    wanted = _without_why(arithmetic.for_weights(options.weights).as_dict()) if "target" in saved else arithmetic.target
+    if calibrated_for != wanted:
         return False  # calibrated for another target (or CPU variant): calibrate again
     from ..quant.algorithms.base import StateError, read_run_state
 
@@ -242,7 +244,7 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "float_layers": result.excluded,
             "activation_amax": result.activation_amax,
             # The target's arithmetic, and the lower ends of its asymmetric ranges (restore_ needs both).
-            **({"target": arithmetic.as_dict()} if arithmetic.target != "tensorrt" else {}),
+            **({"target": result.arithmetic.as_dict()} if arithmetic.target != "tensorrt" else {}),
             **({"activation_min": result.activation_min} if result.activation_min else {}),
             **({"algorithms": [r.as_dict() for r in result.algorithms],
                 "algorithm_metric_before": result.algorithm_metric_before} if opts.algorithms else {}),
@@ -261,7 +263,7 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "census": result.census(),
             "residual_left_alone": result.residual_left_alone,
             "enabled_quantizers": quantizer_summary(run.model),
-            "target": {**arithmetic.as_dict(), "summary": arithmetic.describe()},
+            "target": {**result.arithmetic.as_dict(), "summary": result.arithmetic.describe()},
             # per algorithm: seconds, how many layers it changed and the largest change, what it skipped
             **({"algorithms": [{"name": r.name, "phase": r.phase, "seconds": round(r.seconds, 3),
                             "layers_changed": len(r.changes),
