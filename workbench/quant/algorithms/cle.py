@@ -431,7 +431,10 @@ def _pads(conv) -> bool:
     if any(conv.padding):
         return True
     extra = getattr(conv, "static_padding", None)  # EfficientNet's Conv2dStaticSamePadding pads in its forward
-    return extra is not None and not isinstance(extra, nn.Identity)
+    if extra is None or isinstance(extra, nn.Identity):
+        return False
+    padding = getattr(extra, "padding", None)  # a ZeroPad2d((0, 0, 0, 0)) of a 1x1 convolution pads nothing
+    return not (isinstance(padding, (tuple, list)) and not any(padding))
 
 
 def _absorb(model, chains: list[Chain], stats, scales: dict, absorbed: dict, skipped: dict) -> dict:
