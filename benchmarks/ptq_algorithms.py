@@ -48,6 +48,7 @@ CONFIGS: dict[str, list] = {
     "+CLE+BC fast": ["cle", {"name": "bias_correction", "mode": "fast"}],
     "+CLE+BC full": ["cle", {"name": "bias_correction", "mode": "full"}],
     "+BC full": [{"name": "bias_correction", "mode": "full"}],
+    "+CLE(ReLU6->ReLU)+BC full": [{"name": "cle", "relu6": "replace"}, {"name": "bias_correction", "mode": "full"}],
     # AdaRound with 1,000 steps per layer (AIMET's 10,000 take hours on 2 CPU cores; benchmarks/adaround.py takes
     # --iterations and --device cuda for the full schedule)
     "+AdaRound": [{"name": "adaround", "iterations": 1000}],

@@ -115,10 +115,10 @@ def test_cle_absorbs_high_biases_exactly_on_the_calibration_data():
 def test_relu6_is_replaced_by_relu_or_skipped_as_the_options_say():
     net = _pathological(nn.ReLU6())
     x = torch.randn(16, 3, 12, 12)
-    model, result = _quantize(net, x, "cle")
+    model, result = _quantize(net, x, {"name": "cle", "relu6": "replace"})
     assert isinstance(model[1], nn.ReLU) and result.ptq_state["modules"] == {"1": "ReLU"}
     assert any("replaced 1 ReLU6" in n for n in result.algorithms[0].notes)
-    kept, kept_result = _quantize(net, x, {"name": "cle", "relu6": "skip"})
+    kept, kept_result = _quantize(net, x, "cle")  # the default: exact, the chain skipped
     assert isinstance(kept[1], nn.ReLU6) and "0 -> 2" in kept_result.algorithms[0].skipped
     assert torch.equal(kept[0].weight, net[0].weight)
 
@@ -261,7 +261,7 @@ def test_a_statistic_two_algorithms_need_is_collected_once(two_readers):
 def test_the_saved_state_rebuilds_the_exact_model(tmp_path):
     net = _pathological(nn.ReLU6())
     x = torch.randn(16, 3, 12, 12)
-    model, result = _quantize(net, x, "cle", {"name": "bias_correction", "images": 16})
+    model, result = _quantize(net, x, {"name": "cle", "relu6": "replace"}, {"name": "bias_correction", "images": 16})
     path = tmp_path / "ptq_state.pt"
     save_state(result.ptq_state, path)
     state = load_state(path)
