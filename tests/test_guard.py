@@ -343,8 +343,8 @@ def test_the_guard_measures_the_engine_and_evaluate_scores_the_conversion_apart(
 
     original = openvino.int8_graph
 
-    def wrong_conversion(model, out, graph="u8", weights="auto"):
-        path, notes = original(model, out, graph, weights)
+    def wrong_conversion(model, out, graph="u8", weights="auto", arithmetic=None):
+        path, notes = original(model, out, graph, weights, arithmetic)
         return _negate_weights(path, path), notes
 
     monkeypatch.setattr(openvino, "int8_graph", wrong_conversion)
