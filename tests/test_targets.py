@@ -345,3 +345,48 @@ def test_the_recorded_arithmetic_is_the_one_the_quantizers_use():
         result = quantize_(model, Int8Config(method="max", weights=requested), _loop, CALIB[0][:2], arithmetic)
         assert result.arithmetic.weight_granularity == expected
         assert (model.conv1.weight_quantizer.amax.numel() == 1) == (expected == "per_tensor")
+
+
+def test_a_run_with_the_openvino_target_reuses_its_engine_on_resume(tmp_path):
+    """The openvino target's engine is compiled from model.onnx as exported (no converted graph beside it): resume
+    must not ask for model_openvino_int8.onnx and build again."""
+    import json
+
+    pytest.importorskip("openvino", reason="needs OpenVINO")
+    images = make_image_folder(tmp_path / "images")
+    text = RECIPE.format(images=images, runs=tmp_path / "runs", target="target: {name: openvino, cpu: avx2}\n",
+                         engine="openvino")
+    text = text.replace("  - build: {engine: openvino}\n", "  - build: {engine: openvino, guard: false}\n"
+                        "  - evaluate: {backends: [openvino_int8], latency: false}\n")
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", text))]) == 0
+    (done,) = (tmp_path / "runs").iterdir()
+    assert not (done / "model_openvino_int8.onnx").exists() and (done / "model_openvino_int8.xml").is_file()
+    # as if evaluate had failed: the run marked failed, evaluate's record gone
+    metrics = json.loads((done / "metrics.json").read_text())
+    metrics.update(status="failed", failed_stage="evaluate", error="evaluate failed")
+    del metrics["stages"]["evaluate"]
+    metrics["fingerprints"] = [f for f in metrics["fingerprints"] if f["stage"] != "evaluate"]
+    failed = done.with_name(done.name + ".failed")
+    done.rename(failed)
+    (failed / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["run", "--resume", str(failed), "model.trust_code=true"]) == 0
+    metrics = json.loads((done / "metrics.json").read_text())
+    assert metrics["resumed"]["reused"] == ["calibrate", "export", "build"], metrics["resumed"]
+
+
+def test_qat_weight_ranges_keep_the_fixed_point_targets_powers_of_two():
+    """QAT re-measures weight ranges after every step (refresh_weight_ranges_): under fixed_point they must stay
+    2^k * qmax, or the exported graph leaves the target's arithmetic."""
+    import math
+
+    from workbench.quant.ptq import refresh_weight_ranges_
+
+    model = SiluNet().eval()
+    result = quantize_(model, Int8Config(method="max"), _loop, CALIB[0][:2], resolve_target(PROFILES["fixed_point"]))
+    with torch.no_grad():
+        for name in result.quantized:
+            dict(model.named_modules())[name].weight.mul_(1.37)  # as a training step moves them
+    refresh_weight_ranges_(model, result)
+    for name in result.quantized:
+        amax = float(dict(model.named_modules())[name].weight_quantizer.amax)
+        assert math.log2(amax / 127) == round(math.log2(amax / 127)), (name, amax)

@@ -407,7 +407,9 @@ def refresh_weight_ranges_(model: nn.Module, result: QuantResult) -> None:
         if q.amax is None or not q.is_enabled:
             continue
         w = layer.weight.detach().abs()
-        if q.amax.numel() == 1:
+        if q.amax.numel() == 1 and result.arithmetic.power_of_two_scales:  # the target's 2^-k scales, as calibrated
+            amax = torch.tensor(power_of_two_weight_amax(layer.weight, result.arithmetic.weight_bits))
+        elif q.amax.numel() == 1:
             amax = w.amax()
         else:
             axis = q.axis if isinstance(q.axis, int) else q.axis[0]

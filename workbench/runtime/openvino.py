@@ -263,7 +263,9 @@ def int8_graph(model: Path, out: Path, graph: str = "u8", weights: str = "auto",
     if arithmetic is not None and arithmetic.target == "openvino":  # calibrated and exported in OpenVINO's arithmetic
         note = f"Compiled from {model.name} as exported: the target's arithmetic ({arithmetic.describe()}); " \
                f"{arithmetic.why}."
-        if arithmetic.weight_bits == 8 and not cpu_info().int8_dot:
+        from ..hardware import cpu
+
+        if arithmetic.weight_bits == 8 and not cpu.cpu_info().int8_dot:  # through the module: a stub reaches it
             note += (" This CPU has no VNNI: its kernels sum u8 x s8 products in 16 bits, which 8-bit weights can "
                      "saturate (the guard decides; target.cpu: avx2 quantizes for it).")
         return model, {"graph": "as exported (target: openvino)", "weights": f"s{arithmetic.weight_bits}",
@@ -364,7 +366,9 @@ def _run_files(options, values: dict) -> list[str]:
     files = [p.name for key in ("int8", "fp32") if key in values
              for p in artifact_files(Path(f"model_openvino_{key}.xml")) if p.suffix != ".blob"]
     int8 = values.get("int8")
-    if isinstance(int8, dict) and int8.get("graph", "tensorrt_style") != "tensorrt_style":
+    # only where the engine was compiled from that conversion (not from model.onnx itself: the tensorrt_style layout,
+    # or the openvino target's graph as exported)
+    if isinstance(int8, dict) and Path(str(int8.get("onnx", ""))).name == "model_openvino_int8.onnx":
         files.append("model_openvino_int8.onnx")
     return files
 
