@@ -143,7 +143,7 @@ def test_one_scope_mapper_with_and_without_the_model():
 
 
 @pytest.mark.parametrize("old", ["workbench.onnx_tools", "workbench.qdq_check", "workbench.ort_int8",
-                                 "workbench.runtime.compare"])
+                                 "workbench.qdq.compare"])
 def test_the_loose_onnx_modules_are_gone(old):
     """One package: no second copy of the ONNX layer left behind under the old names."""
     with pytest.raises(ModuleNotFoundError):
