@@ -36,11 +36,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import ptq_algorithms  # noqa: E402  (beside this script)
+
 from workbench.data import build_dataset  # noqa: E402
 from workbench.models import resolve_model  # noqa: E402
 from workbench.quant.algorithms import AlgorithmStep  # noqa: E402
 from workbench.quant.ptq import Int8Config, quantize_, restore_  # noqa: E402
-from workbench.schema import DataConfig, DataSplit, ModelConfig, TransformConfig  # noqa: E402
+from workbench.schema import DataConfig  # noqa: E402
 from workbench.tasks.classification import ClassificationScorer, ClassificationTask  # noqa: E402
 
 ASSETS = Path(os.environ.get("WORKBENCH_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
@@ -51,28 +53,8 @@ def configs(iterations: int, max_images: int | None = None) -> dict[str, list]:
     return {"PTQ": [], "+AdaRound": [ada], "+CLE+AdaRound": ["cle", ada]}
 
 
-SETUPS = {
-    "resnet20": dict(
-        model=ModelConfig(spec="cifar_resnet:resnet20", weights=str(ASSETS / "models/cifar10_resnet20.th"),
-                          input_size=(3, 32, 32)),
-        data=DataConfig(
-            transform=TransformConfig(),
-            calibration=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10/train"), count=512, seed=0),
-            evaluation=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10/test"), count=2000, seed=0),
-            batch_size=250,
-        ),
-    ),
-    "efficientnet_lite0": dict(
-        model=ModelConfig(spec="efficientnet_lite:efficientnet-lite0", input_size=(3, 224, 224)),
-        data=DataConfig(
-            transform=TransformConfig(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-            calibration=DataSplit(calib_set="skimage_photos"),
-            evaluation=DataSplit(source="files", path=str(ASSETS / "data/imagenet_samples"),
-                                 pattern="n*[13579]_*.JPEG", labels="wnid_prefix"),
-            batch_size=32,
-        ),
-    ),
-}
+# The same models, splits and calibration as benchmarks/ptq_algorithms.py, so the two scripts' rows compare.
+SETUPS = ptq_algorithms.SETUPS
 
 
 def machine(device: torch.device) -> dict:
