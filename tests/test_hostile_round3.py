@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -399,20 +400,29 @@ def test_sigterm_marks_the_run_interrupted_in_its_stage_and_it_resumes(tmp_path,
     recipe = tmp_path / "r.yaml"
     recipe.write_text(tiny_recipe(images, tmp_path / "runs", stages=stages))
     process = subprocess.Popen([sys.executable, "-m", "workbench", "run", str(recipe)], cwd=ROOT / "tests",
-                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env={**_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    # The heading "stage 3/3: evaluate" is printed after the runner enters the stage, so a signal sent once it is
+    # read lands inside evaluate (its million latency repeats). Waiting for export's timing in metrics.json instead
+    # raced the few instructions between one stage's end and the next one's start on a loaded CI machine.
+    entered = threading.Event()
+
+    def watch_stdout():
+        for line in process.stdout:
+            if "stage 3/3: evaluate" in line:
+                entered.set()
+
+    errors: list[str] = []  # read as it comes, so a chatty stderr never fills the pipe and stalls the run
+    readers = [threading.Thread(target=watch_stdout, daemon=True),
+               threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)]
+    for reader in readers:
+        reader.start()
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and process.poll() is None:
-            metrics = list((tmp_path / "runs").glob("*.incomplete/metrics.json"))
-            try:
-                if metrics and "export" in json.loads(metrics[0].read_text()).get("timings_s", {}):
-                    break  # calibrate and export finished: evaluate is timing its million repeats
-            except (OSError, ValueError):
-                pass  # caught between writes (the file is replaced atomically, but may not exist yet)
-            time.sleep(0.2)
-        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert entered.wait(timeout=240) and process.poll() is None, "evaluate never started"
         process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=120)
+        process.wait(timeout=120)
+        readers[1].join(timeout=30)
+        err = "".join(errors)
     finally:
         if process.poll() is None:
             process.kill()

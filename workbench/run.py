@@ -257,9 +257,9 @@ def _run_stages(run: Run, previous: Previous | None, restored: Restored | None, 
     for index, (name, options) in enumerate(recipe.stage_list()):
         if index < len(reused):
             continue
+        run.stage = name  # before the heading: a signal after the heading is recorded as in this stage
         if console is not None:
             console.print(f"[bold]stage {index + 1}/{len(recipe.stages)}: {name}[/bold]")
-        run.stage = name
         start = time.perf_counter()
         token = current_stage.set(f"stage {index + 1}/{len(recipe.stages)} {name}")
         made = run.artifacts.made()
