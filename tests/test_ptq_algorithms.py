@@ -118,9 +118,87 @@ def test_relu6_is_replaced_by_relu_or_skipped_as_the_options_say():
     model, result = _quantize(net, x, {"name": "cle", "relu6": "replace"})
     assert isinstance(model[1], nn.ReLU) and result.ptq_state["modules"] == {"1": "ReLU"}
     assert any("replaced 1 ReLU6" in n for n in result.algorithms[0].notes)
-    kept, kept_result = _quantize(net, x, "cle")  # the default: exact, the chain skipped
+    kept, kept_result = _quantize(net, x, {"name": "cle", "relu6": "skip"})  # exact, the chain skipped
     assert isinstance(kept[1], nn.ReLU6) and "0 -> 2" in kept_result.algorithms[0].skipped
     assert torch.equal(kept[0].weight, net[0].weight)
+
+
+class _SharedReLU6Block(nn.Module):
+    """EfficientNet-Lite's MBConv shape: ONE ReLU6 module applied after the expansion and after the depthwise
+    convolution, so a per-channel bound must follow each call's own channel scales."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(3, 8, 1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.project = nn.Conv2d(8, 4, 1)
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        return self.project(self.act(self.depthwise(self.act(self.expand(x)))))
+
+
+def _shared_relu6_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(_SharedReLU6Block(), nn.ReLU6(), nn.Conv2d(4, 3, 1)).eval()
+    with torch.no_grad():  # channel ranges from 0.01 to 10 on both calls; a high bias for the absorption
+        scale = torch.logspace(-2, 1, 8).view(-1, 1, 1, 1)
+        net[0].expand.weight.mul_(scale)
+        net[0].depthwise.weight.mul_(scale.flip(0))
+        net[0].depthwise.bias[:3] += 3.0
+    return net
+
+
+def test_relu6_chains_are_equalized_exactly_with_per_channel_clips_on_every_call(tmp_path):
+    from workbench.quant.algorithms.channel_clip import ChannelClip
+
+    net = _shared_relu6_net()
+    x = torch.randn(32, 3, 10, 10) * 4  # large enough that both calls clip at 6 on some channels
+    with torch.no_grad():
+        reference = net(x)
+        assert bool((net[0].act(net[0].expand(x)) == 6).any())  # the clip is live: replacing it would show
+    model, result = _quantize(net, x, "cle")  # the default relu6: clip
+    (record,) = result.algorithms
+    assert list(record.skipped) == ["absorb 0.expand -> 0.depthwise"]  # the depthwise pads: no absorption there
+    assert any("absorbed high biases" in n for n in record.notes)  # depthwise -> project: the bound moved with it
+    assert isinstance(model[0].act, ChannelClip) and model[0].act.calls == 2
+    assert result.ptq_state["modules"] == {"0.act": "ChannelClip", "1": "ChannelClip"}
+    # the two calls carry different bounds (each follows its own convolution's scales), neither all 6
+    first, second = model[0].act.bound(0).flatten(), model[0].act.bound(1).flatten()
+    assert not torch.allclose(first, second) and not torch.allclose(first, torch.full_like(first, 6.0))
+    for _ in range(2):  # the call count restarts with every forward: the second forward is as exact
+        after = _float_out(model, result, x)
+        assert float((after - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
+    assert _spread(_out_ranges(model[0].expand)) < 0.2 * _spread(_out_ranges(net[0].expand))
+    # ptq_state.pt replays the swap, its bounds and its call counting
+    path = tmp_path / "ptq_state.pt"
+    save_state(result.ptq_state, path)
+    fresh = copy.deepcopy(net)
+    restore_(fresh, Int8Config(method="max", weights="per_tensor"), result.activation_amax, x[:4],
+             ptq_state=load_state(path))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x)) and torch.equal(fresh(x[:5]), model(x[:5]))
+
+
+def test_a_per_channel_clip_exports_as_relu_and_min_and_onnx_runtime_agrees(tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from workbench.quant.algorithms.channel_clip import ChannelClip
+
+    net = _shared_relu6_net()
+    x = torch.randn(4, 3, 10, 10) * 4
+    model, result = _quantize(net, x, "cle")
+    ctx = AlgorithmContext(model, None, result, lambda m: None, x)
+    path = tmp_path / "m.onnx"
+    with torch.no_grad(), ctx.float_mode():
+        expected = model(x).numpy()
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"])
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Min") == 3 and isinstance(model[1], ChannelClip)  # expand, depthwise and the outer ReLU6
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
 
 
 def test_cle_skips_silu_chains_and_a_model_without_chains_and_the_run_goes_on():

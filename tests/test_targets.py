@@ -372,6 +372,16 @@ def test_a_run_with_the_openvino_target_reuses_its_engine_on_resume(tmp_path):
     assert main(["run", "--resume", str(failed), "model.trust_code=true"]) == 0
     metrics = json.loads((done / "metrics.json").read_text())
     assert metrics["resumed"]["reused"] == ["calibrate", "export", "build"], metrics["resumed"]
+    # `workbench build` of that graph compiles it as exported (the target's arithmetic, recorded in its metadata),
+    # not through a u8 conversion meant for TensorRT-style graphs, and its sidecar says so
+    assert main(["build", str(done / "model.onnx"), "--engine", "openvino", "--no-guard", "--out",
+                 str(tmp_path / "cli.xml")]) == 0
+    sidecar = json.loads((tmp_path / "cli.xml.json").read_text())
+    assert sidecar["graph"] == "as exported (target: openvino)" and sidecar["weights"] == "s7"
+    assert not (tmp_path / "cli_graph.onnx").exists()
+    assert main(["build", str(done / "model.onnx"), "--engine", "openvino", "--no-guard", "--openvino-graph",
+                 "tensorrt_style", "--out", str(tmp_path / "other.xml")]) == 2
+    assert not (tmp_path / "other.xml").exists()
 
 
 def test_qat_weight_ranges_keep_the_fixed_point_targets_powers_of_two():

@@ -281,6 +281,24 @@ def int8_graph(model: Path, out: Path, graph: str = "u8", weights: str = "auto",
                                 f"point 128 where signed), which OpenVINO computes faithfully on every CPU; {why}.")}
 
 
+def exported_arithmetic(model: Path):
+    """The target arithmetic the export recorded in the graph's metadata (`workbench.target`; only targets other
+    than tensorrt write it), or None. The file is untrusted: a value that is not an arithmetic the workbench writes
+    is refused with the field named."""
+    import json
+
+    from ..qdq.export import load_onnx
+    from ..targets import Arithmetic
+
+    found = [p.value for p in load_onnx(model).metadata_props if p.key == "workbench.target"]
+    if not found:
+        return None
+    try:
+        return Arithmetic.from_dict(json.loads(found[0]))
+    except (ValueError, TypeError) as e:
+        raise WorkbenchError(f"{model}: metadata workbench.target is not {e}; export the model again") from None
+
+
 def compile_int8(model: Path, xml: Path, graph_out: Path, guard, graph: str = "u8",
                  weights: str = "auto", arithmetic=None) -> tuple[dict, Path, dict]:
     """The INT8 IR of the Q/DQ graph `model` for this CPU, kept only once `guard` (engines.Guard) passes it: its layout
@@ -340,8 +358,13 @@ def build_file(req, guard) -> dict:
         xml = xml.with_name(xml.name + ".xml")
     if req.precision != "int8":
         return compile_model_file(CompileRequest(onnx=req.onnx, xml=xml))
+    arithmetic = exported_arithmetic(req.onnx)
+    if arithmetic is not None and arithmetic.target == "openvino" and (
+            req.openvino_graph != "u8" or req.openvino_weights != "auto"):
+        raise WorkbenchError(f"{req.onnx} was calibrated and exported for target: openvino ({arithmetic.describe()}): "
+                             "it is compiled as it is, so drop --openvino-graph and --openvino-weights")
     compile_int8(req.onnx, xml, xml.with_name(xml.stem + "_graph.onnx"), guard, req.openvino_graph,
-                 req.openvino_weights)
+                 req.openvino_weights, arithmetic)
     return json.loads(sidecar_path(xml).read_text())
 
 

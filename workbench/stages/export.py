@@ -164,6 +164,8 @@ def export(run, opts: ExportOptions) -> None:
             "workbench.float_layers": json.dumps(result.float_units()),
             "workbench.int8_layers": str(len(result.quantized) - len(set(result.kept_float) & set(result.quantized))),
         }
+        if result.arithmetic.target != "tensorrt":  # `workbench build` compiles such a graph as it is
+            metadata["workbench.target"] = json.dumps(result.arithmetic.as_dict())
     path = write(run.model, MODEL, metadata)
     values[MODEL]["quantized"] = result is not None
     # The openvino target's graph has u8 activations with zero points: TensorRT's rules and the ONNX Runtime flavour

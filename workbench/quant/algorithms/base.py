@@ -272,8 +272,10 @@ MODULE_KINDS: dict[str, Callable[[], nn.Module]] = {}
 def _module_kinds() -> dict[str, Callable[[], nn.Module]]:
     from torch import nn
 
+    from .channel_clip import ChannelClip
+
     if not MODULE_KINDS:
-        MODULE_KINDS.update({"ReLU": lambda: nn.ReLU(inplace=False)})
+        MODULE_KINDS.update({"ReLU": lambda: nn.ReLU(inplace=False), "ChannelClip": ChannelClip})
     return MODULE_KINDS
 
 
@@ -360,7 +362,10 @@ def replace_module(model: nn.Module, name: str, kind: str) -> None:
     parent = model.get_submodule(parent_name) if parent_name else model
     if not hasattr(parent, child):
         raise KeyError(name)
-    setattr(parent, child, kinds[kind]())
+    module = kinds[kind]()
+    setattr(parent, child, module)
+    if hasattr(module, "attach"):  # a module that must see its parent's forwards (ChannelClip counts its calls)
+        module.attach(parent)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -524,6 +529,9 @@ def apply_state(model: nn.Module, state: dict[str, Any]) -> None:
             if what == "bias" and module is not None and getattr(module, "bias", 0) is None:
                 module.bias = nn.Parameter(torch.zeros_like(value, device=module.weight.device,
                                                             dtype=module.weight.dtype))
+                own = model.state_dict()
+            elif module is not None and hasattr(module, "accepts_state_buffer") and module.accepts_state_buffer(what):
+                module.register_buffer(what, torch.zeros_like(value))  # a swapped-in module's own state
                 own = model.state_dict()
             else:
                 raise StateError(f"tensors[{key!r}]: the model has no such parameter or buffer")

@@ -9,13 +9,14 @@ pair by pair, sweeping until no scale moves by more than `tolerance`.
 
 Activations:
 - ReLU, LeakyReLU, PReLU and none (Identity) are positively homogeneous: equalized exactly.
-- ReLU6 clips at 6, which scaling would move to 6 / s_i. `relu6: skip` (the default) leaves those chains alone,
-  keeping the float function exact, and records them as skipped. Like DFQ's MobileNetV2 experiments and AIMET
-  (which replaces ReLU6 by ReLU before CLE), `relu6: replace` swaps each ReLU6 module of an equalized chain for a
-  ReLU (every use of that module), a declared change of the float function whose size on the check images is
-  recorded in the notes. Measured on EfficientNet-Lite0 it is no small change: CLE with the swap plus full bias
-  correction scored 34.7 top-1 against FP32's 88.6 (docs/BENCHMARKS.md), hence the default. A functional relu6
-  cannot be swapped: its chain is skipped.
+- ReLU6 clips at 6, which scaling would move to 6 / s_i. `relu6: clip` (the default) equalizes those chains
+  exactly: the ReLU6 module becomes a ChannelClip (channel_clip.py) whose bound moves with each channel's scale,
+  one set of bounds per call of the module. `relu6: skip` leaves the chains alone. Like DFQ's MobileNetV2
+  experiments and AIMET (which replaces ReLU6 by ReLU before CLE), `relu6: replace` swaps each ReLU6 module of an
+  equalized chain for a ReLU (every use of that module), a declared change of the float function whose size on
+  the check images is recorded in the notes. Measured on EfficientNet-Lite0 it is no small change: CLE with the
+  swap plus full bias correction scored 34.7 top-1 against FP32's 88.6 (docs/BENCHMARKS.md). A functional relu6
+  can be neither clipped per channel nor swapped: its chain is skipped.
 - SiLU/Swish, Hardswish, GELU, sigmoid, tanh and other activations are not positively homogeneous
   (SiLU(x / s) != SiLU(x) / s): their chains are skipped and recorded as skipped with that reason.
 
@@ -49,12 +50,13 @@ NOT_HOMOGENEOUS = ("silu", "hardswish", "gelu", "sigmoid", "tanh", "mish", "elu"
 
 
 class CLEOptions(AlgorithmOptions):
-    # skip by default: replacing ReLU6 by ReLU (DFQ, AIMET) took EfficientNet-Lite0 from 88.6 to 34.7 top-1 with CLE
-    # and full bias correction (docs/BENCHMARKS.md, issue 25): its activations exceed 6, so the swap is no
-    # small change there. `replace` stays for models trained to tolerate it.
-    relu6: Literal["replace", "skip"] = Field(
-        "skip", description="ReLU6 in a chain: skip the chain (exact), or replace it by ReLU and equalize (DFQ, "
-                            "AIMET; changes the float function where activations exceed 6).")
+    # clip by default (exact): replacing ReLU6 by ReLU (DFQ, AIMET) took EfficientNet-Lite0 from 88.6 to 34.7
+    # top-1 with CLE and full bias correction (docs/BENCHMARKS.md, issue 25): its activations exceed 6, so the
+    # swap is no small change there. `replace` stays for models trained to tolerate it.
+    relu6: Literal["clip", "replace", "skip"] = Field(
+        "clip", description="ReLU6 in a chain: equalize it exactly with a per-channel clip bound (clip), skip the "
+                            "chain, or replace ReLU6 by ReLU and equalize (DFQ, AIMET; changes the float function "
+                            "where activations exceed 6).")
     high_bias_absorption: bool = Field(True, description="Absorb high biases into the next layer after equalizing.")
     max_sweeps: int = Field(100, ge=1, le=10_000, description="Most equalization sweeps over all chains.")
     tolerance: float = Field(1e-4, gt=0, le=1.0, description="Stop when no channel scale moves by more than this "
@@ -70,6 +72,7 @@ class Chain:
     kind: str  # the activation: a HOMOGENEOUS / NOT_HOMOGENEOUS kind, or "relu6"
     act_module: str | None  # the activation's module, None for a function
     direct: bool  # the activation's output goes straight into `second` (no pooling or padding between)
+    act_call: int = 0  # which call of act_module in one forward (a module may be applied several times)
 
     @property
     def label(self) -> str:
@@ -80,6 +83,7 @@ class Chain:
 class Found:
     chains: list[Chain] = field(default_factory=list)
     traced_by: str = "torch.fx"
+    calls: dict[str, int] = field(default_factory=dict)  # activation module -> its calls in one forward
 
 
 @register_algorithm("cle")
@@ -114,14 +118,18 @@ class CrossLayerEqualization(Algorithm):
             elif chain.kind == "relu6" and opts.relu6 == "skip":
                 record.skipped[chain.label] = "ReLU6 clips at 6, which scaling would move (relu6: skip)"
             elif chain.kind == "relu6" and chain.act_module is None:
-                record.skipped[chain.label] = "a functional relu6 cannot be replaced by ReLU (only a ReLU6 module)"
+                record.skipped[chain.label] = ("a functional relu6 can be neither clipped per channel nor replaced "
+                                               "by ReLU (only a ReLU6 module)")
+            elif chain.kind == "channel_clip":
+                record.skipped[chain.label] = "its activation is already a per-channel clip (equalized before)"
             else:
                 chosen.append(chain)
         if not chosen:
             record.skipped.setdefault("model", "no conv -> ReLU-like activation -> conv chain in which each "
                                                "output feeds only the next (nothing to equalize)")
             return record
-        swaps = sorted({c.act_module for c in chosen if c.kind == "relu6"})
+        clipped = sorted({c.act_module for c in chosen if c.kind == "relu6"}) if opts.relu6 == "clip" else []
+        swaps = sorted({c.act_module for c in chosen if c.kind == "relu6"}) if opts.relu6 == "replace" else []
         if swaps:
             change = _swap_relu6(ctx, swaps)
             record.notes.append(f"replaced {len(swaps)} ReLU6 module(s) by ReLU (every use of each): the float "
@@ -129,13 +137,23 @@ class CrossLayerEqualization(Algorithm):
         scales: dict[str, object] = {}
 
         def equalize(model) -> dict:
-            return _equalize(model, chosen, opts, scales)
+            _clip_relu6(model, clipped, found.calls)
+            done = _equalize(model, chosen, opts, scales)
+            _move_bounds(model, [c for c in chosen if c.act_module in clipped], scales)
+            return done
 
         advice = "Remove cle from stages.calibrate.algorithms (and report the model: its chain was misread)."
         sweeps = checked_rewrite(ctx.model, equalize, ctx.example_input, what="cle (cross-layer equalization)",
                                  advice=advice)
         record.notes.append(f"equalized {len(chosen)} chain(s) in {sweeps['sweeps']} sweep(s) (largest last scale "
                             f"step {sweeps['last_step']:.1e})")
+        modules = dict(ctx.model.named_modules())
+        for name in clipped:  # swapped inside the checked rewrite: recorded (and hooked) once it was accepted
+            ctx.replaced[name] = "ChannelClip"
+            parent_name = name.rpartition(".")[0]
+            modules[name].attach(modules[parent_name] if parent_name else ctx.model)
+        if clipped:
+            record.notes.append(f"{len(clipped)} ReLU6 module(s) became per-channel clips (ChannelClip), exactly")
         if opts.high_bias_absorption:
             absorbed, skipped = {}, {}
 
@@ -158,6 +176,10 @@ class CrossLayerEqualization(Algorithm):
 def _activation_kind_of_module(module) -> str | None:
     from torch import nn
 
+    from .channel_clip import ChannelClip
+
+    if isinstance(module, ChannelClip):
+        return "channel_clip"
     table = [(nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.LeakyReLU, "leaky_relu"), (nn.PReLU, "prelu"),
              (nn.SiLU, "silu"), (nn.Hardswish, "hardswish"), (nn.GELU, "gelu"), (nn.Sigmoid, "sigmoid"),
              (nn.Tanh, "tanh"), (nn.Mish, "mish"), (nn.ELU, "elu"), (nn.Softplus, "softplus"),
@@ -220,9 +242,11 @@ def _passthrough_module(module) -> str | None:
 def find_chains(model, example) -> Found:
     """Every conv -> activation -> conv chain whose tensors each have one reader (see the module docstring)."""
     try:
-        return Found(_chains_fx(model), "torch.fx")
+        chains, calls = _chains_fx(model)
+        return Found(chains, "torch.fx", calls)
     except Exception:  # fx cannot trace it (data-dependent control flow in a detector head, say): module hooks
-        return Found(_chains_hooks(model, example), "module forward hooks (fx could not trace the model)")
+        chains, calls = _chains_hooks(model, example)
+        return Found(chains, "module forward hooks (fx could not trace the model)", calls)
 
 
 def _leaf_tracer():
@@ -246,9 +270,15 @@ def _leaf_tracer():
     return LeafTracer()
 
 
-def _chains_fx(model) -> list[Chain]:
+def _chains_fx(model) -> tuple[list[Chain], dict[str, int]]:
     graph = _leaf_tracer().trace(model)
     modules = dict(model.named_modules())
+    call_of: dict = {}  # an activation module's node -> which call of that module it is (graph order is run order)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and _activation_kind_of_module(modules[node.target]) is not None:
+            call_of[node] = calls.get(node.target, 0)
+            calls[node.target] = call_of[node] + 1
 
     def module_of(node):
         return modules.get(node.target) if node.op == "call_module" else None
@@ -285,11 +315,11 @@ def _chains_fx(model) -> list[Chain]:
         if second is None or not _is_conv(second) or second.in_channels != first.out_channels \
                 or second.weight.dim() != first.weight.dim():
             continue
-        chains.append(Chain(node.target, cur.target, kind, act_module, direct))
-    return chains
+        chains.append(Chain(node.target, cur.target, kind, act_module, direct, call_of.get(nxt, 0)))
+    return chains, calls
 
 
-def _chains_hooks(model, example) -> list[Chain]:
+def _chains_hooks(model, example) -> tuple[list[Chain], dict[str, int]]:
     """Chains from the modules' forward hooks: a tensor made by one module and read by exactly one other. Functions
     are invisible here, so a chain read by one is caught by the check of the rewrite, not here."""
     import torch
@@ -345,8 +375,8 @@ def _chains_hooks(model, example) -> list[Chain]:
             cur = only_reader(cur)
         if cur is None or not _is_conv(modules[cur]) or modules[cur].in_channels != module.out_channels:
             continue
-        chains.append(Chain(name, cur, kind, nxt, direct))
-    return chains
+        chains.append(Chain(name, cur, kind, nxt, direct))  # an activation called once: call 0
+    return chains, {name: n for name, n in calls.items() if _activation_kind_of_module(modules[name]) is not None}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,6 +397,28 @@ def _swap_relu6(ctx, names: list[str]) -> float:
         after = ctx.model(ctx.example_input)
     found = difference(before, after)
     return float("inf") if found is None else found[0] / max(found[1], 1e-12)
+
+
+def _clip_relu6(model, names: list[str], calls: dict[str, int]) -> None:
+    """Swap each ReLU6 module for a ChannelClip computing the same (a scalar bound 6 for each of its calls)."""
+    from .channel_clip import ChannelClip
+
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, ChannelClip(calls.get(name, 1), bound=6.0))
+
+
+def _move_bounds(model, chains: list[Chain], scales: dict) -> None:
+    """Each clipped chain's bound, 6 on the original scale, follows its channels: 6 times the factor the first
+    convolution's output channels were multiplied by."""
+    modules = dict(model.named_modules())
+    for chain in chains:
+        first = modules[chain.first]
+        factor = scales.get(chain.first)
+        if factor is not None:
+            modules[chain.act_module].set_bound(chain.act_call, (6.0 * factor).to(first.weight.dtype),
+                                                spatial_dims=first.weight.dim() - 2)
 
 
 def _out_ranges(conv):
@@ -441,6 +493,8 @@ def _absorb(model, chains: list[Chain], stats, scales: dict, absorbed: dict, ski
     import torch
     from torch import nn
 
+    from .channel_clip import ChannelClip
+
     modules = dict(model.named_modules())
     with torch.no_grad():
         for chain in chains:
@@ -459,9 +513,16 @@ def _absorb(model, chains: list[Chain], stats, scales: dict, absorbed: dict, ski
                 continue
             low = stats[request].min.to(first.bias.device) * scales.get(chain.first, 1.0)
             h = low.clamp(min=0).to(first.bias.dtype)
+            clip = modules[chain.act_module] if chain.act_module else None
+            bound = None
+            if isinstance(clip, ChannelClip):  # min(x, c) - h = min(x - h, c - h) where x >= h: the bound moves too
+                bound = clip.bound(chain.act_call).reshape(-1).expand_as(h)
+                h = torch.minimum(h, bound)
             if not bool((h > 0).any()):
                 continue
             first.bias.sub_(h)
+            if bound is not None:
+                clip.set_bound(chain.act_call, bound - h, spatial_dims=first.weight.dim() - 2)
             out, in_per_group = second.weight.shape[0], second.weight.shape[1]
             g = second.groups
             w_sum = second.weight.reshape(out, in_per_group, -1).sum(-1)  # (out, in per group)
