@@ -485,3 +485,19 @@ def test_every_algorithm_file_registers_itself():
     for name, cls in ALGORITHMS.items():
         if not name.startswith("_"):
             assert cls.name == name and cls.phase in algo_base.PHASES
+
+
+def test_a_convolution_whose_same_padding_module_is_a_foreign_identity_does_not_pad():
+    """EfficientNet's Conv2dStaticSamePadding holds its own `Identity` class where a 1x1 convolution needs no
+    padding; read as padding, it blocked high-bias absorption into every projection of EfficientNet-Lite0."""
+    from workbench.quant.algorithms.cle import _pads
+
+    class Identity(nn.Module):  # not torch's
+        def forward(self, x):
+            return x
+
+    conv = nn.Conv2d(4, 4, 1)
+    conv.static_padding = Identity()
+    assert not _pads(conv)
+    conv.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+    assert _pads(conv)

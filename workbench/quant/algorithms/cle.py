@@ -483,7 +483,8 @@ def _pads(conv) -> bool:
     if any(conv.padding):
         return True
     extra = getattr(conv, "static_padding", None)  # EfficientNet's Conv2dStaticSamePadding pads in its forward
-    if extra is None or isinstance(extra, nn.Identity):
+    # (efficientnet_pytorch and its lite fork define an Identity class of their own for "no padding")
+    if extra is None or isinstance(extra, nn.Identity) or type(extra).__name__ == "Identity":
         return False
     padding = getattr(extra, "padding", None)  # a ZeroPad2d((0, 0, 0, 0)) of a 1x1 convolution pads nothing
     return not (isinstance(padding, (tuple, list)) and not any(padding))
