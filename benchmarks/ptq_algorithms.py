@@ -100,7 +100,19 @@ def interval(result: dict, reference: dict) -> str:
     return f"{d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}]"
 
 
-def quantize(fp32, weights: str, algorithms: list, calib, example):
+def target_arithmetic(name: str):
+    """A TARGETS name -> the Arithmetic every quantizer follows (targets.py, as a recipe's `target:` resolves)."""
+    from workbench.targets import FixedPointTarget, OpenVINOTarget, resolve_target
+
+    return resolve_target({"tensorrt": None, "fixed_point": FixedPointTarget(name="fixed_point"),
+                           "openvino_avx2": OpenVINOTarget(name="openvino", cpu="avx2"),
+                           "openvino_vnni": OpenVINOTarget(name="openvino", cpu="avx512_vnni")}[name])
+
+
+TARGETS = ("tensorrt", "fixed_point", "openvino_avx2", "openvino_vnni")
+
+
+def quantize(fp32, weights: str, algorithms: list, calib, example, target: str = "tensorrt"):
     model = copy.deepcopy(fp32)
 
     def loop(m):
@@ -110,7 +122,8 @@ def quantize(fp32, weights: str, algorithms: list, calib, example):
 
     steps = [AlgorithmStep.model_validate(a) for a in algorithms]
     start = time.perf_counter()
-    result = quantize_(model, Int8Config(method="mse", weights=weights), loop, example, algorithms=steps)
+    result = quantize_(model, Int8Config(method="mse", weights=weights), loop, example, target_arithmetic(target),
+                       algorithms=steps)
     return model, result, time.perf_counter() - start
 
 
@@ -135,6 +148,8 @@ def main() -> None:
     p.add_argument("--weights", choices=["per_channel", "per_tensor"], default="per_channel")
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), help=f"of {list(CONFIGS)}")
     p.add_argument("--cost-only", action="store_true", help="time the algorithms, score nothing")
+    p.add_argument("--target", choices=TARGETS, default="tensorrt",
+                   help="the recipe's target profile (targets.py): fixed_point forces per-tensor power-of-two scales")
     p.add_argument("--faithful", action="store_true", help="also score the Q/DQ ONNX in ONNX Runtime (faithful)")
     p.add_argument("--no-float-rows", action="store_true", help="do not score the float model CLE left (faster)")
     args = p.parse_args()
@@ -159,12 +174,12 @@ def main() -> None:
         print(f"# {args.model}: cost of the algorithms, {args.weights} weights, {n_calib} calibration images\n")
         print("| configuration | quantize_ s (all) | seconds per algorithm |\n|---|---|---|")
         for title in args.configs:
-            _, result, seconds = quantize(fp32, args.weights, CONFIGS[title], calib, example)
+            _, result, seconds = quantize(fp32, args.weights, CONFIGS[title], calib, example, args.target)
             print(f"| {title} | {seconds:.1f} | {seconds_of(result)} |", flush=True)
         return
     n_eval = sum(len(x) for x, _ in evals)
-    print(f"# {args.model}: {args.weights} weights, mse ranges, {n_calib} calibration images, {n_eval} evaluation "
-          f"images (one image = {100 / n_eval:.2f} points)\n")
+    print(f"# {args.model}: target {args.target}, {args.weights} weights, mse ranges, {n_calib} calibration images, "
+          f"{n_eval} evaluation images (one image = {100 / n_eval:.2f} points)\n")
     ref = score(fp32, evals)
     print("| configuration | top-1 | - FP32 [95% CI] | - PTQ [95% CI] | agreement with FP32 % | seconds per "
           "algorithm |\n|---|---|---|---|---|---|")
@@ -173,7 +188,7 @@ def main() -> None:
     ptq = None
     tmp = Path(tempfile.mkdtemp())
     for title in args.configs:
-        model, result, seconds = quantize(fp32, args.weights, CONFIGS[title], calib, example)
+        model, result, seconds = quantize(fp32, args.weights, CONFIGS[title], calib, example, args.target)
         fq = score(model, evals, ref["outputs"])
         ptq = ptq or (fq if not CONFIGS[title] else None)
         vs_ptq = interval(fq, ptq) if ptq is not None and CONFIGS[title] else "-"

@@ -40,3 +40,23 @@ def test_the_workbench_has_no_module_cycle_folder_loop_or_stage_importing_a_stag
     g = _script()
     found, loops, crossing = g.problems(g.without_registration(g.graph()))
     assert (found, [comp for comp, _ in loops], crossing) == ([], [], [])
+
+
+def test_resume_validate_and_report_name_no_stage_engine_backend_or_family():
+    """They iterate the stage registry and the backend and engine tables: a name written in them is a member that
+    a new stage, engine or model family would have to edit them for. Derived from the registries, so a new member
+    is checked too."""
+    import re
+
+    from workbench.runtime import backends, engines
+    from workbench.stages.registry import STAGES
+    from workbench.targets import TARGET_NAMES
+
+    names = set(STAGES) | set(backends.BACKENDS) | set(engines.ENGINES) | set(TARGET_NAMES) | {
+        "yolov5", "ultralytics", "timm", "torchvision", "efficientnet_lite", "cifar_resnet", "qat"}
+    assert {"calibrate", "evaluate", "openvino", "pytorch_fp32", "ort_int8_default"} <= names  # the tables were read
+    pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b", re.I)
+    root = SCRIPT.parent.parent / "workbench"
+    found = {f"{name}:{i}: {line.strip()}" for name in ("resume.py", "validate.py", "report.py")
+             for i, line in enumerate((root / name).read_text().splitlines(), 1) if pattern.search(line)}
+    assert not found, sorted(found)

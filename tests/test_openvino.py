@@ -143,6 +143,13 @@ def test_validate_knows_what_an_openvino_build_makes(images, tmp_path, capsys):
                                   "  - build: {engine: openvino, precision: fp16}\n"))
     assert main(["validate", str(recipe)]) == 2
     assert "precision fp16 is for TensorRT" in capsys.readouterr().err
+    # an option another engine reads is refused by name, not silently ignored (the engine table says whose it is)
+    for build, whose in (("{engine: openvino, max_batch: 64}", "max_batch is one of TensorRT's options"),
+                         ("{engine: tensorrt, openvino_graph: tensorrt_style}", "openvino_graph is one of OpenVINO's")):
+        recipe.write_text(tiny_recipe(images, tmp_path / "runs", "  - calibrate: {}\n  - export: {}\n"
+                                      f"  - build: {build}\n"))
+        assert main(["validate", str(recipe)]) == 2
+        assert whose in " ".join(capsys.readouterr().err.split())
 
 
 # OpenVINO honours oneDNN's ISA cap: AVX512_CORE_BF16 is an AVX-512 VNNI CPU without AMX (a Zen 4 EPYC, Ice Lake).

@@ -125,7 +125,11 @@ def in_short(metrics: dict) -> list[str]:
     if int8 is None:
         return []
     lines = []
-    fp32_file = rows.get("ort_fp32") or rows.get("pytorch_fp32")
+    # the FP32 artifact's size: a deployable FP32 file where one was made, else the reference model's parameters
+    fp32_sized = [r for r in rows.values() if r["backend"] in backends.BACKENDS
+                  and backends.BACKENDS[r["backend"]].deploys == "fp32" and r["size_mb"]]
+    fp32_file = (next((r for r in fp32_sized if not r["not_for_deployment"]), None)
+                 or rows.get(backends.reference_name()))
     size = ""
     if int8["size_mb"] and fp32_file and fp32_file["size_mb"]:
         ratio = fp32_file["size_mb"] / int8["size_mb"]
@@ -140,7 +144,7 @@ def in_short(metrics: dict) -> list[str]:
                      f"the fastest FP32 backend (`{fp32['backend']}`): "
                      + (f"{ratio:.2f}x faster." if ratio >= 1 else f"{1 / ratio:.2f}x slower."))
     metric = headline(task, list(rows.values()))
-    reference = rows.get("pytorch_fp32")
+    reference = rows.get(backends.reference_name())
     samples = results_of(metrics).get("samples", 0)
     if fidelity := task.fidelity_headline(int8["metrics"], samples):
         lines.append(fidelity)
@@ -172,7 +176,7 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["title"]] + [_fmt(r["metrics"].get(m.key), m.digits) for m in columns]
-        cells += [_interval(r["delta"]) if r["backend"] != "pytorch_fp32" else "-"] if deltas else []
+        cells += [_interval(r["delta"]) if r["backend"] != backends.reference_name() else "-"] if deltas else []
         cells += [_fmt(r["size_mb"])]
         cells += [f"{_fmt(r['latency'].get(k))} ({_fmt(r['latency_p90'].get(k))})" if k in r["latency"] else "-"
                   for k in batch_keys]
@@ -187,7 +191,7 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
                   "apart.", ""]
     for row in rows:
         if row["delta_ptq"]:
-            lines += [f"{row['title']} after QAT against the PTQ model it started from: "
+            lines += [f"{row['title']} after training against the PTQ model it started from: "
                       f"{_interval(row['delta_ptq'])} points.", ""]
     for key, sentence in backends.comparison_sentences().items():
         cmp = evaluation.get(key)
@@ -214,18 +218,15 @@ def _backends_section(run_dir: Path, metrics: dict) -> list[str]:
     lines += _not_measurable_lines(rows)
     speed = evaluation.get("speed_ms_per_image")
     if speed:
-        lines += [f"Per image, as Ultralytics splits it: pre-process {speed['preprocess']:.2f} ms "
+        lines += [f"Per image, split as detectors report speed: pre-process {speed['preprocess']:.2f} ms "
                   f"({task.preprocess_steps}), inference the backend's batch-1 latency above, post-process "
                   f"{speed['postprocess']:.2f} ms ({task.postprocess_steps}), on {speed['images']} images.", ""]
     if batch_keys:
         lines += [_latency_caption(metrics, rows) + ".", ""]
-    if any(k in r["latency"] for r in rows for k in batch_keys if r["backend"] == "ort_int8_default"):
-        lines += ["The TensorRT-style Q/DQ graph keeps FP32 weights behind DequantizeLinear and Relu between Conv and "
-                  "QuantizeLinear, which ONNX Runtime cannot fuse into its integer kernels: it is the artifact for "
-                  "TensorRT, and its ONNX Runtime latency is not an INT8 engine's."
-                  + (" The CPU deployment artifacts are the ONNX Runtime flavour (`ort_int8_native`)"
-                     + (" and the OpenVINO engine (`openvino_int8`)." if "openvino_int8" in evaluation["backends"]
-                        else ".") if "ort_int8_native" in evaluation["backends"] else ""), ""]
+    for r in rows:  # what a timed row's latency means, where the backend table says
+        note = backends.BACKENDS[r["backend"]].timed_note if r["backend"] in backends.BACKENDS else None
+        if note and any(k in r["latency"] for k in batch_keys):
+            lines += [note, ""]
     metric = headline(task, rows)
     if metric is not None:
         plot_accuracy_latency(run_dir / "accuracy_latency.png", [r["backend"] for r in rows],
@@ -260,24 +261,25 @@ def _latency_caption(metrics: dict, rows: list[dict]) -> str:
 def _not_measurable_lines(rows: list[dict]) -> list[str]:
     """A detector whose FP32 model finds no confident box: every agreement is unmeasurable, and so are its mAPs'
     meaning (an untrained model); say so rather than show 100% agreement."""
-    fp32 = next((r for r in rows if r["backend"] == "pytorch_fp32"), None)
+    reference = backends.reference_name()
+    fp32 = next((r for r in rows if r["backend"] == reference), None)
     compared = [r["metrics"]["box_agreement_compared"] for r in rows
-                if r["backend"] != "pytorch_fp32" and "box_agreement_compared" in r["metrics"]]
+                if r["backend"] != reference and "box_agreement_compared" in r["metrics"]]
     if fp32 is None or not compared or any(compared):
         return []
     return ["**Box agreement is not measurable:** the FP32 model finds no box with score >= 0.25 on these images, "
-            "so there is nothing for INT8 to agree with. A model with random weights (an Ultralytics .yaml without "
+            "so there is nothing for INT8 to agree with. A model with random weights (a model .yaml without "
             "trained weights) does this: its mAP and agreement say nothing about quantization.", ""]
 
 
 def _per_class_section(run_dir: Path, metrics: dict) -> list[str]:
     """Per class mAP50-95 of FP32 and each INT8 backend, the classes that lose most first (detectors)."""
     backends_metrics = results_of(metrics).get("backends", {})
-    fp32 = backends_metrics.get("pytorch_fp32", {}).get("metrics", {}).get("per_class")
+    fp32 = backends_metrics.get(backends.reference_name(), {}).get("metrics", {}).get("per_class")
     if not fp32:
         return []
-    int8 = [b for b in ("pytorch_int8", "ort_int8_faithful", "ort_int8_native", "openvino_int8", "tensorrt")
-            if backends_metrics.get(b, {}).get("metrics", {}).get("per_class")]
+    int8 = [b for b, row in backends.BACKENDS.items()
+            if row.per_class and backends_metrics.get(b, {}).get("metrics", {}).get("per_class")]
     if not int8:
         return []
     per = {b: backends_metrics[b]["metrics"]["per_class"] for b in int8}
@@ -340,7 +342,7 @@ def print_summary(run_dir: str | Path, console) -> None:
         table.add_column(f"{key} ms", justify="right")
     for r in rows:
         value = r["metrics"].get(metric.key) if metric else None
-        delta = [_interval(r["delta"]) if r["backend"] != "pytorch_fp32" else "-"] if confidence else []
+        delta = [_interval(r["delta"]) if r["backend"] != backends.reference_name() else "-"] if confidence else []
         name = r["backend"] + (" (unverified)" if r["verified"] is False else "") + (
             " (not for deployment)" if r["not_for_deployment"] else "")
         table.add_row(name, _fmt(value, metric.digits if metric else 2), *delta, _fmt(r["size_mb"]),

@@ -48,6 +48,7 @@ from typing import Any
 from .errors import WorkbenchError
 from .recipe import Recipe, parse_recipe
 from .rundir import is_alive, read_metrics
+from .targets import DEFAULT_TARGET
 
 
 @dataclass
@@ -123,7 +124,7 @@ def stage_fingerprints(recipe: Recipe) -> list[str]:
     data = recipe.model_dump(mode="json")
     # log_to only says where results are also sent: adding TensorBoard on --resume changes no result.
     base = {k: v for k, v in data.items() if k not in ("name", "runs_dir", "log_to", "stages")}
-    if base.get("target") == {"name": "tensorrt"}:  # the default target: runs from before `target:` still resume
+    if base.get("target") == {"name": DEFAULT_TARGET}:  # the default target: runs from before `target:` resume
         del base["target"]
     digest = hashlib.sha256(json.dumps(base, sort_keys=True).encode())
     out = []

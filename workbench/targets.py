@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 TARGET_NAMES = ("tensorrt", "openvino", "fixed_point")
+DEFAULT_TARGET = TARGET_NAMES[0]  # what a recipe without `target:` quantizes for
 CPU_KINDS = ("avx2", "avx512_vnni", "amx")
 
 

@@ -71,9 +71,18 @@ class Backend:
     # Why a row that the tables show is no candidate for deployment (the console and the report say so under the
     # table): a reference that checks arithmetic, a configuration known to mislead. None: a deployable runtime.
     not_for_deployment: str | None = None
+    reference: bool = False  # the FP32 model every other row's difference is taken against (one row)
+    per_class: bool = False  # an INT8 row the detection report breaks down per class against the reference
+    # A paragraph the report adds under the table when this row was timed (what its latency means).
+    timed_note: str | None = None
 
 
 BACKENDS: dict[str, Backend] = {}
+
+
+def reference_name() -> str:
+    """The backend every difference is taken against (the table's reference row)."""
+    return next(r.name for r in BACKENDS.values() if r.reference)
 
 
 def not_for_deployment(name: str) -> str | None:
@@ -256,6 +265,7 @@ def _onnx(field: str) -> Callable[[Any], Path | None]:
 # The table, in the order evaluate scores and reports them (FP32 first: every backend is compared with it).
 for _row in (
     Backend("pytorch_fp32", "FP32 (PyTorch)", (), lambda run: run.reference, _torch, benched=True, deploys="fp32",
+            reference=True,
             not_for_deployment="eager PyTorch: the accuracy reference; its latency is not a deployment's (the FP32 "
             "graph in ONNX Runtime or OpenVINO is)",
             variants=(Variant("pytorch_fp32_cuda", _cuda_fp32),
@@ -265,7 +275,7 @@ for _row in (
     Backend("pytorch_fp32_pruned", "FP32 pruned (PyTorch)", ("pruned",), lambda run: run.artifacts.pruned_fp32,
             _torch),
     Backend("pytorch_int8", "INT8 fake-quant (PyTorch)", ("quantized",), lambda run: run.model, _torch,
-            sized=False, timed=False,
+            sized=False, timed=False, per_class=True,
             not_for_deployment="INT8 simulated in float32: what the export is checked against"),
     Backend("pytorch_int8_ptq", "INT8 PTQ before QAT, fake-quant (PyTorch)", ("ptq",),
             lambda run: run.artifacts.ptq_model, _torch, sized=False, timed=False,
@@ -275,24 +285,29 @@ for _row in (
     Backend("ort_fp32_pruned", "FP32 pruned (ONNX Runtime)", ("onnx_pruned_fp32",), _onnx("pruned_fp32"),
             _ort("default"), benched=True),
     Backend("ort_int8_faithful", "INT8 Q/DQ (ONNX Runtime, faithful: TensorRT arithmetic)", ("quantized", "onnx"),
-            _onnx("model"), _ort("faithful"), not_for_deployment="the reference: TensorRT's arithmetic computed "
-            "exactly by ONNX Runtime with its optimisations off, slowly", compares=Comparison(
+            _onnx("model"), _ort("faithful"), per_class=True, not_for_deployment="the reference: TensorRT's "
+            "arithmetic computed exactly by ONNX Runtime with its optimisations off, slowly", compares=Comparison(
                 "ort_faithful_vs_fakequant", "pytorch_int8",  # the export is the fake-quant model
                 "The faithful ONNX Runtime execution agrees with the fake-quant model")),
     Backend("ort_int8_default", "INT8 Q/DQ (ONNX Runtime, default optimisations on the TensorRT-style graph)",
             ("quantized", "onnx"), _onnx("model"), _ort("default"), benched=True, file_suffix=".onnx",
             not_for_deployment="the TensorRT-style graph is made for TensorRT: ONNX Runtime's default optimisations "
             "run it on integer kernels whose u8 x s8 sums saturate on CPUs without VNNI, and fuse it differently, so "
-            "its accuracy can fall far below the faithful graph's; model_int8_ort.onnx is the ONNX Runtime file"),
+            "its accuracy can fall far below the faithful graph's; model_int8_ort.onnx is the ONNX Runtime file",
+            timed_note="The TensorRT-style Q/DQ graph keeps FP32 weights behind DequantizeLinear and Relu between Conv "
+            "and QuantizeLinear, which ONNX Runtime cannot fuse into its integer kernels: it is the artifact for "
+            "TensorRT, and its ONNX Runtime latency is not an INT8 engine's. The CPU deployment artifacts are the "
+            "deployable INT8 rows (the ONNX Runtime flavour, the OpenVINO engine where built)."),
     Backend("ort_int8_native", "INT8 ONNX Runtime flavour (model_int8_ort.onnx, ORT integer kernels)",
             ("quantized", "ort_int8"), _onnx("ort_int8"), _ort("default"), benched=True, deploys="int8",
+            per_class=True,
             compares=Comparison(
                 "ort_native_vs_faithful", "ort_int8_faithful",  # the ORT flavour is the TensorRT-style graph
                 "The ONNX Runtime flavour (integer kernels) agrees with the faithful TensorRT-style graph")),
     Backend("ort_int8_ptq", "INT8 PTQ before QAT (ONNX Runtime, faithful)", ("quantized", "onnx_ptq"),
             _onnx("ptq"), _ort("faithful"), not_for_deployment="the PTQ graph QAT started from, for comparison"),
     Backend("tensorrt", "TensorRT engine", ("tensorrt_engine",), lambda run: run.artifacts.tensorrt_engine, _tensorrt,
-            benched=True, file_suffix=".engine", deploys="int8", guarded_against="ort_int8_faithful"),
+            benched=True, file_suffix=".engine", deploys="int8", guarded_against="ort_int8_faithful", per_class=True),
     Backend("ort_openvino_graph", "INT8 Q/DQ as OpenVINO is given it (model_openvino_int8.onnx, ONNX Runtime, "
             "faithful)", ("openvino_int8_graph",), lambda run: run.artifacts.openvino_int8_graph, _ort("faithful"),
             sized=False, timed=False, not_for_deployment="the reference the OpenVINO engine is checked against",
@@ -304,8 +319,9 @@ for _row in (
             _openvino, benched=True, deploys="fp32"),
     Backend("openvino_int8", "INT8 OpenVINO (compiled from the Q/DQ graph, integer kernels)", ("openvino_int8",),
             lambda run: run.artifacts.openvino_int8, _openvino, benched=True, file_suffix=".xml", deploys="int8",
-            guarded_against="ort_openvino_graph",
+            guarded_against="ort_openvino_graph", per_class=True,
             compares=Comparison("openvino_vs_faithful", "ort_openvino_graph",
                                 "The OpenVINO INT8 engine agrees with the graph it was compiled from")),
 ):
     register_backend(_row)
+assert sum(r.reference for r in BACKENDS.values()) == 1, "the backend table needs exactly one reference row"

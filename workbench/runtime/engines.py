@@ -117,6 +117,20 @@ def precision_problem(row: Engine, precision: str, field: str = "precision") -> 
     return f"{field} {precision} is for {others}; {row.title} on {row.device} compiles {' or '.join(row.precisions)}"
 
 
+def foreign_option(row: Engine, options: Any) -> str | None:
+    """An option of another engine given a value of its own in build options that name `row` (compared with the
+    default: a recipe is re-validated from its dump, where every field counts as set); None where there is none."""
+    for name in NAMES:
+        other = engine(name)
+        for field in other.options if other is not row else ():
+            if field in row.options or field not in type(options).model_fields:
+                continue
+            if getattr(options, field) != type(options).model_fields[field].default:
+                return (f"{field} is one of {other.title}'s options, and engine {row.name} does not read it: drop "
+                        f"it, or use engine: {other.name} (its options: {', '.join(other.options)})")
+    return None
+
+
 def companion_bytes(path: Path) -> int:
     """The bytes of the files beside a built file that it needs (an OpenVINO IR's .bin beside its .xml)."""
     row = for_suffix(path.suffix)

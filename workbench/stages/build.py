@@ -81,6 +81,8 @@ class BuildOptions(StageOptions):
         if self.engine != "auto" and (problem := engines.precision_problem(engines.engine(self.engine),
                                                                             self.precision)):
             raise ValueError(problem)
+        if self.engine != "auto" and (problem := engines.foreign_option(engines.engine(self.engine), self)):
+            raise ValueError(problem)
         return self
 
 
