@@ -2,6 +2,7 @@
 
     python benchmarks/ptq_algorithms.py efficientnet_lite0 --weights per_tensor   # 516 held-out imagenet_samples
     python benchmarks/ptq_algorithms.py resnet20                                  # 2,000 CIFAR-10 test images
+    python benchmarks/ptq_algorithms.py resnet32 --configs PTQ "+CLE+BC full"     # resnet44 too: the same split
     python benchmarks/ptq_algorithms.py yolov5n --cost-only                       # seconds of CLE and BC only
     python benchmarks/ptq_algorithms.py resnet20 --configs PTQ "+CLE+BC full"     # a subset of CONFIGS
 
@@ -66,6 +67,17 @@ SETUPS = {
             batch_size=250,
         ),
     ),
+    # ResNet-32 and -44: the same data as ResNet-20 (the per-channel goal: the algorithms cost nothing)
+    **{f"resnet{depth}": dict(
+        model=ModelConfig(spec=f"cifar_resnet:resnet{depth}", weights=str(ASSETS / f"models/cifar10_resnet{depth}.th"),
+                          input_size=(3, 32, 32)),
+        data=DataConfig(
+            transform=TransformConfig(),
+            calibration=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10/train"), count=512, seed=0),
+            evaluation=DataSplit(source="imagefolder", path=str(ASSETS / "data/cifar10/test"), count=2000, seed=0),
+            batch_size=250,
+        ),
+    ) for depth in (32, 44)},
     "efficientnet_lite0": dict(
         model=ModelConfig(spec="efficientnet_lite:efficientnet-lite0", input_size=(3, 224, 224)),
         data=DataConfig(
