@@ -45,9 +45,11 @@ def test_fold_batchnorm_keeps_the_function():
 def test_every_calibrator_quantizes_every_layer(method):
     fp32 = tiny_cnn()
     model, result = _quantized(method)
-    assert result.census() == {"Conv2d": {"int8": 3, "float": 0}, "Linear": {"int8": 1, "float": 0}}
+    # TinyCNN's `relu(bn3(conv3(x)) + x)` is a residual Add between quantized convolutions, found by pattern.
+    assert result.census() == {"Conv2d": {"int8": 3, "float": 0}, "Linear": {"int8": 1, "float": 0},
+                               "Add (residual)": {"int8": 1, "float": 0}}
     assert result.samples == 32 and result.batches == 4
-    assert len(result.activation_amax) == 4 and all(a > 0 for a in result.activation_amax.values())
+    assert len(result.activation_amax) == 6 and all(a > 0 for a in result.activation_amax.values())  # 4 + the Add's 2
     for name in ("conv1", "conv2", "conv3", "fc"):  # both quantizers of every layer are on, with ranges
         layer = getattr(model, name)
         assert layer.input_quantizer.is_enabled and layer.weight_quantizer.is_enabled

@@ -11,8 +11,8 @@ So every graph that declares a dynamic dimension is run here, in ONNX Runtime on
 must give the same outputs as the smaller batch alone), and, when height and width are dynamic, at a second size.
 
 The one fix applied: a Reshape whose shape is a constant with the export's batch as its first entry, reading a
-tensor whose first dimension is the graph input's batch (ONNX shape inference carries the symbolic `batch` through
-convolutions, transposes and Reshapes that copy it), gets 0 there instead (ONNX Reshape: copy the input's
+tensor whose first dimension is the graph input's batch (symbolic shape inference carries `batch` through
+convolutions, slices, transposes and Reshapes that copy it), gets 0 there instead (ONNX Reshape: copy the input's
 dimension). At the export's batch that computes exactly what it did; at any other batch it keeps each image's
 values apart. The fixed graph is run through the same check again, and kept only if it passes.
 """
@@ -182,7 +182,7 @@ def pinned_batch_reshapes(model, batch: int) -> list[str]:
 
 
 def _leading_dims(model) -> dict[str, str | int | None]:
-    """The first dimension of every tensor ONNX shape inference can type: a symbol ("batch"), a number or None."""
+    """The first dimension of every tensor shape inference can type: a symbol ("batch"), a number or None."""
     import onnx
 
     bare = onnx.ModelProto()
@@ -191,7 +191,14 @@ def _leading_dims(model) -> dict[str, str | int | None]:
     del bare.graph.value_info[:]
     for out in bare.graph.output:
         out.type.tensor_type.ClearField("shape")
-    inferred = onnx.shape_inference.infer_shapes(bare)
+    try:  # ONNX Runtime's symbolic inference carries `batch` through a Slice (a traced chunk), ONNX's does not
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(bare, auto_merge=True)
+    except Exception:  # noqa: BLE001 - an op it does not know: ONNX's own inference, weaker but total
+        inferred = None
+    if inferred is None:
+        inferred = onnx.shape_inference.infer_shapes(bare)
     dims: dict[str, str | int | None] = {}
     for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         shape = info.type.tensor_type.shape
