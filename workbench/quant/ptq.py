@@ -74,6 +74,7 @@ class QuantResult:
     residual_excluded: list[str] = field(default_factory=list)  # residual Add units the excludes keep float
     # residual blocks the rule left with their own forward and float Add, and why (structure not recognised)
     residual_left_alone: dict[str, str] = field(default_factory=dict)
+    residual_by_pattern: list[str] = field(default_factory=list)  # residual units found by graph pattern, not class
     # units switched back to float after calibration (mixed precision)
     kept_float: list[str] = field(default_factory=list)
     batches: int = 0
@@ -334,7 +335,7 @@ def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torc
     if config.residual_add:
         rewrite = apply_residual_rule(model, example_input, config.exclude)
         result.residual_quantizers, result.residual_excluded = rewrite.quantizers, rewrite.excluded
-        result.residual_left_alone = rewrite.left_alone
+        result.residual_left_alone, result.residual_by_pattern = rewrite.left_alone, rewrite.by_pattern
     modules = dict(model.named_modules())
     activation_quantizers = {f"{n}.input_quantizer": modules[n].input_quantizer for n in result.quantized}
     activation_quantizers.update({n: modules[n] for n in result.residual_quantizers})

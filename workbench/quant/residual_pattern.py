@@ -8,10 +8,13 @@ flags. Here the Adds are found on what the model computes, not on its class name
 1. Find (`find_residual_adds`): the float model runs once on the example (quantizers off) under a TorchFunctionMode
    that follows every tensor op. A tensor is "quantized-derived" when it is a quantized layer's output (a module with
    a `weight_quantizer`, found by a forward hook) or computed from one by any op but another compute op (a float
-   convolution, a MatMul: what comes out of those is not INT8 data). An Add (`a + b`, `torch.add`, `+=`) of two
-   tensors of one shape that are both quantized-derived is a residual Add. Its site is the bytecode instruction that
-   ran it (code object and offset) and how many times that instruction had run before in the same call, and its
-   owner is the module whose `forward` ran it (`self` in that frame).
+   convolution, a MatMul: what comes out of those is not INT8 data); its origins are the quantized layers it was
+   last computed from. An Add (`a + b`, `torch.add`, `x += y`; not a bare `x.add_(y)`) of two tensors of one shape,
+   both quantized-derived, from different origins, is a residual Add: a branch through a quantized layer joined to
+   a tensor from before it. Two terms of one layer's output (a box decode, `s * scale + s * s * square`) have one
+   origin, and are not. Its site is the bytecode instruction that ran it (code object and offset) and how many
+   times that instruction had run before in the same call, and its owner is the module whose `forward` ran it (the
+   first argument of that frame).
 2. Rewrite (`insert_pattern_quantizers`): the owner gets one `ResidualAdd` per site (`<owner>.residual_add`, then
    `<owner>.pattern_add<k>.residual_add`) and a subclass whose forward runs the original one under a mode that
    replaces exactly those Adds by their ResidualAdd (both inputs quantized; identical with the quantizers off). Its
@@ -24,6 +27,7 @@ flags. Here the Adds are found on what the model computes, not on its class name
 
 from __future__ import annotations
 
+import dis
 import fnmatch
 import os
 import sys
@@ -35,7 +39,10 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 _ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__}
-_IN_PLACE = {torch.Tensor.add_}  # found, but its result is the mutated input: not replaceable by a new tensor
+# `x += y` arrives as add_ too: replaceable, since Python binds x to what it returns; `x.add_(y)` as a statement is
+# not (its result is the mutated input, which a new tensor would not be). The caller's instruction tells them apart.
+_IN_PLACE = {torch.Tensor.add_}
+_REBINDING = {dis.opmap[name] for name in ("BINARY_OP", "INPLACE_ADD") if name in dis.opmap}
 # Ops after which a tensor is no longer INT8 data of a quantized layer: a float layer or an attention product.
 _COMPUTE = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.linear,
             torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.mm, torch.einsum}
@@ -81,6 +88,11 @@ def _frame_self(frame):
     return frame.f_locals.get(frame.f_code.co_varnames[0])
 
 
+def _rebinds(frame) -> bool:
+    """Whether the caller's instruction is an operator (`x += y`, whose result Python binds), not a method call."""
+    return frame is not None and frame.f_code.co_code[frame.f_lasti] in _REBINDING
+
+
 def _code_key(code) -> tuple[str, int, str]:
     return code.co_filename, code.co_firstlineno, code.co_name
 
@@ -109,21 +121,22 @@ def _add_operands(func, args, kwargs) -> tuple[torch.Tensor, torch.Tensor] | Non
 
 
 class _Recorder(TorchFunctionMode):
-    """Follows which tensors are quantized-derived and records each Add of two of them (module docstring, 1)."""
+    """Follows which tensors are quantized-derived, and from which layers, and records each residual Add (module
+    docstring, 1)."""
 
     def __init__(self, names: dict[int, str], stack: list[str]):
         super().__init__()
         self.names, self.stack = names, stack
-        self.derived: set[int] = set()
+        self.derived: dict[int, frozenset[int]] = {}  # id(tensor) -> the quantized layers it was last computed from
         self.alive: list[torch.Tensor] = []  # held so that an id is not reused by another tensor within the run
         self.counts: dict[tuple[int, int], int] = {}
         self.frames: list = []
         self.sites: list[AddSite] = []
         self.unhandled: dict[str, str] = {}
 
-    def mark(self, value) -> None:
+    def mark(self, value, origins: frozenset[int]) -> None:
         for t in _tensors(value):
-            self.derived.add(id(t))
+            self.derived[id(t)] = origins
             self.alive.append(t)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -131,27 +144,31 @@ class _Recorder(TorchFunctionMode):
         if func in _ADDS or func in _IN_PLACE:
             operands = _add_operands(func, args, kwargs)
             if operands is not None:
-                self._record(func, all(id(t) in self.derived for t in operands))
+                a, b = (self.derived.get(id(t)) for t in operands)
+                self._record(func, a is not None and b is not None and a != b)
         out = func(*args, **kwargs)
-        if func not in _COMPUTE and any(id(t) in self.derived for t in _tensors((args, kwargs))):
-            self.mark(out)
+        if func not in _COMPUTE:
+            origins = [self.derived[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.derived]
+            if origins:
+                self.mark(out, frozenset().union(*origins))
         return out
 
     def _record(self, func, residual: bool) -> None:
         """Count the Add where it ran (the rewritten forward counts every Add of equal shapes the same way) and
-        record it if it is `residual` (both inputs quantized-derived)."""
+        record it if it is `residual` (both inputs quantized-derived, from different origins)."""
         frame = _caller()
         owner = _frame_self(frame)
         key = (id(frame), frame.f_lasti) if frame is not None else None
         occurrence = self.counts.get(key, 0)
-        if func not in _IN_PLACE:  # the rewritten forward counts the Adds it can replace
+        in_place = func in _IN_PLACE and not _rebinds(frame)
+        if not in_place:  # the rewritten forward counts the Adds it can replace
             self.counts[key] = occurrence + 1
         self.frames.append(frame)  # alive, so that the next call's frame cannot take its id and its counts
         if not residual:
             return
         inner = self.stack[-1] if self.stack else ""
         where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}" if frame is not None else "?"
-        if func in _IN_PLACE:
+        if in_place:
             self.unhandled.setdefault(inner, f"its Add at {where} is an in-place add_, which the rule cannot replace")
             return
         if not isinstance(owner, nn.Module) or id(owner) not in self.names:
@@ -178,7 +195,7 @@ def find_residual_adds(model: nn.Module, example: torch.Tensor) -> PatternAdds:
         if stack:
             stack.pop()
         if id(module) in quantized:
-            recorder.mark(output)
+            recorder.mark(output, frozenset({id(module)}))
 
     recorder = _Recorder(names, stack)
     handles = [m.register_forward_pre_hook(enter) for m in model.modules()]
@@ -213,9 +230,9 @@ class _Replacer(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _ADDS and (operands := _add_operands(func, args, kwargs)) is not None:
+        if (func in _ADDS or func in _IN_PLACE) and (operands := _add_operands(func, args, kwargs)) is not None:
             frame = _caller()
-            if _frame_self(frame) is self.owner:
+            if _frame_self(frame) is self.owner and (func not in _IN_PLACE or _rebinds(frame)):
                 key = (id(frame), frame.f_lasti)
                 occurrence = self.counts.get(key, 0)
                 self.counts[key] = occurrence + 1
