@@ -72,7 +72,8 @@ def test_clipping_calibrators_choose_smaller_ranges_than_max():
 
 def test_exclude_keeps_layers_float():
     model, result = _quantized(exclude=["fc", "conv1"])
-    assert result.census() == {"Conv2d": {"int8": 2, "float": 1}, "Linear": {"int8": 0, "float": 1}}
+    assert result.census() == {"Conv2d": {"int8": 2, "float": 1}, "Linear": {"int8": 0, "float": 1},
+                               "Add (residual)": {"int8": 1, "float": 0}}  # conv3's Add, between INT8 conv2/conv3
     assert not model.fc.input_quantizer.is_enabled and model.conv2.input_quantizer.is_enabled
 
 
@@ -107,7 +108,8 @@ def test_onnx_faithful_matches_fake_quant_and_census(tmp_path):
     census = qdq_census(path)
     assert census["quantized"] == {"Conv": 3, "Gemm": 1} and census["float"] == {}
     # one Q/DQ pair per activation and per weight (FP32 weights behind Q/DQ: the TensorRT style)
-    assert census["QuantizeLinear"] == 8 and census["DequantizeLinear"] == 8 and census["opset"] == 17
+    # 4 layers x (input, weight) + the residual Add's two inputs (found by pattern: quant/residual_pattern.py)
+    assert census["QuantizeLinear"] == 10 and census["DequantizeLinear"] == 10 and census["opset"] == 17
     fake = TorchRunner(model, "fq")(TEST)
     faithful = OrtRunner(path, "ort", "faithful")(TEST.numpy())
     np.testing.assert_allclose(faithful, fake, atol=2e-3 * np.abs(fake).max())

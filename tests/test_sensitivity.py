@@ -43,7 +43,8 @@ def test_sensitivity_finds_the_layer_int8_ruins(blobs, tmp_path):
     table = json.loads((run_dir / "sensitivity.json").read_text())
     rows = table["layers"]
     assert [r["layer"] for r in rows][0] == "conv2" and rows[0]["rank"] == 1 and rows[0]["proxy_rank"] == 1
-    assert {r["layer"] for r in rows} == {"conv1", "conv2", "conv3", "fc"}
+    # and TinyCNN's residual Add (`relu(bn3(conv3(x)) + x)` in its own forward), found by pattern
+    assert {r["layer"] for r in rows} == {"conv1", "conv2", "conv3", "fc", "residual_add"}
     worst = rows[0]
     assert worst["only_delta"] < -20  # conv2 alone in INT8 costs tens of top-1 points
     assert worst["loo_delta"] > 20  # and keeping it float buys them back

@@ -482,6 +482,7 @@ def quantizer_summary(model: nn.Module) -> dict[str, int]:
     counts = {"input": 0, "weight": 0, "output": 0, "residual_add": 0, "other": 0}
     for name, module in model.named_modules():
         if isinstance(module, TensorQuantizer) and module.is_enabled:
-            role = "residual_add" if ".residual_add." in name else name.rsplit(".", 1)[-1].removesuffix("_quantizer")
+            role = name.rsplit(".", 1)[-1].removesuffix("_quantizer")
+            role = "residual_add" if ".residual_add." in f".{name}" else role  # the model's own Add: "residual_add.*"
             counts[role if role in counts else "other"] += 1
     return counts

@@ -317,8 +317,8 @@ def _insert_by_pattern(model: nn.Module, example: torch.Tensor, exclude, rewrite
     inputs = _block_inputs(model, list(owners), example)
     for name, sites in owners.items():
         units = unit_names(name, len(sites))
-        if excluded(units, exclude):
-            rewrite.excluded += units
+        if excluded(units, exclude):  # (a known block the excludes kept whole is listed once, by its class rewrite)
+            rewrite.excluded += [u for u in units if u not in rewrite.excluded]
             rewrite.left_alone.pop(name, None)
             continue
         owner = model.get_submodule(name)
