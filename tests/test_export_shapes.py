@@ -109,3 +109,36 @@ def test_a_pinned_size_is_refused_when_the_size_is_declared_dynamic(tmp_path):
         export_onnx(FlattenSpatial().eval(), example, tmp_path / "s.onnx", dynamic_size=True)
     assert "height/width" in str(e.value) and "Reshape" in str(e.value) and "(1, 3, 80, 80)" in str(e.value)
     assert not (tmp_path / "s.onnx").exists()
+
+
+class ShuffleClassifier(nn.Module):
+    """A classifier with the pinned channel_shuffle, for a whole run (`import:test_export_shapes:ShuffleClassifier`)."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv2(channel_shuffle(torch.relu(self.conv1(x)), 2)).mean((2, 3)))
+
+
+def test_a_run_exports_the_fixed_graph_says_so_and_evaluates_it_in_batches(tmp_path, capsys):
+    import json
+
+    from conftest import tiny_recipe
+    from helpers import make_image_folder
+
+    from workbench.cli import main
+
+    text = tiny_recipe(make_image_folder(tmp_path / "images"), tmp_path / "runs")
+    text = text.replace('"import:helpers:tiny_cnn"', '"import:test_export_shapes:ShuffleClassifier"')
+    (tmp_path / "r.yaml").write_text(text)
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0  # evaluate runs the ONNX graphs at batch_size 4
+    run_dir = next((tmp_path / "runs").iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for name in ("model.onnx", "model_fp32.onnx"):
+        assert len(metrics["stages"]["export"][name]["shape_fixes"]) == 2
+    assert "Fixed to run at the declared dynamic batch: Reshape" in (run_dir / "report.md").read_text()
