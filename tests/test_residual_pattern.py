@@ -191,3 +191,29 @@ def test_exclude_keeps_a_pattern_add_float():
     result = quantize_(model, Int8Config(method="max", exclude=["blocks.0.residual_add"]), lambda m: m(x), x[:1])
     assert result.residual_excluded == ["blocks.0.residual_add"]
     assert {q.rsplit(".", 2)[0] for q in result.residual_quantizers} == {"blocks.1"}
+
+
+class InPlaceBlock(PlainBlock):
+    """`out += x` (Python binds `out` to what += returns) is rewritable; a bare `out.add_(x)` is not."""
+
+    def __init__(me, c, bare: bool):
+        super().__init__(c)
+        me.bare = bare
+
+    def forward(me, x):
+        out = me.conv2(me.act(me.conv1(x)))
+        if me.bare:
+            out.add_(x)
+        else:
+            out += x
+        return me.act(out)
+
+
+@pytest.mark.parametrize("bare", [False, True])
+def test_in_place_adds(bare):
+    model = _init(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), InPlaceBlock(8, bare)))
+    result, _ = _quantize(model)
+    if bare:
+        assert result.residual_quantizers == [] and "in-place add_" in result.residual_left_alone["2"]
+    else:
+        assert result.residual_quantizers == ["2.residual_add.input0_quantizer", "2.residual_add.input1_quantizer"]
