@@ -66,7 +66,7 @@ def measure(label: str, build, size: int, tmp: Path) -> dict:
     by_class = len(residual_blocks(model))
     bare = copy.deepcopy(model)  # without the rule: what the pattern search finds over the whole model
     quantize_(bare, Int8Config(method="max", residual_add=False), lambda m: m(x), x[:1])
-    pattern_sites = len(find_residual_adds(bare, x[:1]).sites)
+    pattern_sites = len(find_residual_adds(bare, x[:1], quantizers_off).sites)
     bare_violations = check_qdq(export_onnx(bare, x[:1], tmp / "bare.onnx"))
     result = quantize_(model, Int8Config(method="max"), lambda m: m(x), x[:1])
     with torch.no_grad(), quantizers_off(model), quantizers_off(bare):

@@ -180,10 +180,9 @@ class _Recorder(TorchFunctionMode):
                                   frame.f_lineno))
 
 
-def find_residual_adds(model: nn.Module, example: torch.Tensor) -> PatternAdds:
-    """The residual Adds of `model` by pattern (module docstring, 1), found on one run on `example`."""
-    from .rules import quantizers_off
-
+def find_residual_adds(model: nn.Module, example: torch.Tensor, float_mode) -> PatternAdds:
+    """The residual Adds of `model` by pattern (module docstring, 1), found on one run on `example` inside
+    `float_mode(model)` (rules.quantizers_off, handed in: rules imports this module)."""
     names = {id(m): n for n, m in model.named_modules()}
     quantized = {id(m) for m in model.modules() if _is_quantized_layer(m)}  # before the quantizers are switched off
     stack: list[str] = []
@@ -203,7 +202,7 @@ def find_residual_adds(model: nn.Module, example: torch.Tensor) -> PatternAdds:
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad(), quantizers_off(model), recorder:
+        with torch.no_grad(), float_mode(model), recorder:
             model(example)
     finally:
         model.train(was_training)
@@ -254,19 +253,18 @@ def unit_names(owner: str, count: int) -> list[str]:
     return [f"{prefix}residual_add" if k == 0 else f"{prefix}{PATTERN_UNIT}{k}.residual_add" for k in range(count)]
 
 
-def rewrite_owner(owner: nn.Module, name: str, sites: list[AddSite]) -> list[str]:
-    """Give `owner` a ResidualAdd per site and the forward that uses them; returns its residual units."""
-    from .rules import ResidualAdd
-
+def rewrite_owner(owner: nn.Module, name: str, sites: list[AddSite], quantized_add) -> list[str]:
+    """Give `owner` a quantized Add per site (`quantized_add()`: rules.ResidualAdd) and the forward that uses them;
+    returns its residual units."""
     units = unit_names(name, len(sites))
     paths = {}
     for k, site in enumerate(sites):
         if k == 0:
-            owner.residual_add = ResidualAdd()
+            owner.residual_add = quantized_add()
             paths[(site.code, site.offset, site.occurrence)] = "residual_add"
         else:
             holder = nn.Module()
-            holder.residual_add = ResidualAdd()
+            holder.residual_add = quantized_add()
             owner.add_module(f"{PATTERN_UNIT}{k}", holder)
             paths[(site.code, site.offset, site.occurrence)] = f"{PATTERN_UNIT}{k}.residual_add"
     owner._pattern_units = paths  # plain tuples and strings: the model still deep-copies and pickles

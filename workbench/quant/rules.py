@@ -309,7 +309,7 @@ def _insert_by_pattern(model: nn.Module, example: torch.Tensor, exclude, rewrite
     in classes the rules do not know, and in known blocks whose class rewrite was not proved."""
     from .residual_pattern import excluded, find_residual_adds, rewrite_owner, undo_owner, unit_names
 
-    found = find_residual_adds(model, example)
+    found = find_residual_adds(model, example, quantizers_off)
     owners: dict[str, list] = {}
     for site in found.sites:  # an Add inside a ResidualAdd is one a class rewrite already quantizes
         if not isinstance(model.get_submodule(site.owner), ResidualAdd):
@@ -324,7 +324,8 @@ def _insert_by_pattern(model: nn.Module, example: torch.Tensor, exclude, rewrite
         owner = model.get_submodule(name)
         if name not in inputs:
             continue
-        done, gap = _proved(owner, inputs[name], lambda o=owner, n=name, s=sites: rewrite_owner(o, n, s), undo_owner)
+        done, gap = _proved(owner, inputs[name], lambda o=owner, n=name, s=sites: rewrite_owner(o, n, s, ResidualAdd),
+                            undo_owner)
         where = ", ".join(s.where() for s in sites)
         if gap:
             rewrite.left_alone[name] = f"{NOT_RECOGNISED} ({type(owner).__name__}, Add at {where}: {gap})"
