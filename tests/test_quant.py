@@ -45,9 +45,11 @@ def test_fold_batchnorm_keeps_the_function():
 def test_every_calibrator_quantizes_every_layer(method):
     fp32 = tiny_cnn()
     model, result = _quantized(method)
-    assert result.census() == {"Conv2d": {"int8": 3, "float": 0}, "Linear": {"int8": 1, "float": 0}}
+    # TinyCNN's `relu(bn3(conv3(x)) + x)` is a residual Add between quantized convolutions, found by pattern.
+    assert result.census() == {"Conv2d": {"int8": 3, "float": 0}, "Linear": {"int8": 1, "float": 0},
+                               "Add (residual)": {"int8": 1, "float": 0}}
     assert result.samples == 32 and result.batches == 4
-    assert len(result.activation_amax) == 4 and all(a > 0 for a in result.activation_amax.values())
+    assert len(result.activation_amax) == 6 and all(a > 0 for a in result.activation_amax.values())  # 4 + the Add's 2
     for name in ("conv1", "conv2", "conv3", "fc"):  # both quantizers of every layer are on, with ranges
         layer = getattr(model, name)
         assert layer.input_quantizer.is_enabled and layer.weight_quantizer.is_enabled
@@ -70,7 +72,8 @@ def test_clipping_calibrators_choose_smaller_ranges_than_max():
 
 def test_exclude_keeps_layers_float():
     model, result = _quantized(exclude=["fc", "conv1"])
-    assert result.census() == {"Conv2d": {"int8": 2, "float": 1}, "Linear": {"int8": 0, "float": 1}}
+    assert result.census() == {"Conv2d": {"int8": 2, "float": 1}, "Linear": {"int8": 0, "float": 1},
+                               "Add (residual)": {"int8": 1, "float": 0}}  # conv3's Add, between INT8 conv2/conv3
     assert not model.fc.input_quantizer.is_enabled and model.conv2.input_quantizer.is_enabled
 
 
@@ -105,7 +108,8 @@ def test_onnx_faithful_matches_fake_quant_and_census(tmp_path):
     census = qdq_census(path)
     assert census["quantized"] == {"Conv": 3, "Gemm": 1} and census["float"] == {}
     # one Q/DQ pair per activation and per weight (FP32 weights behind Q/DQ: the TensorRT style)
-    assert census["QuantizeLinear"] == 8 and census["DequantizeLinear"] == 8 and census["opset"] == 17
+    # 4 layers x (input, weight) + the residual Add's two inputs (found by pattern: quant/residual_pattern.py)
+    assert census["QuantizeLinear"] == 10 and census["DequantizeLinear"] == 10 and census["opset"] == 17
     fake = TorchRunner(model, "fq")(TEST)
     faithful = OrtRunner(path, "ort", "faithful")(TEST.numpy())
     np.testing.assert_allclose(faithful, fake, atol=2e-3 * np.abs(fake).max())

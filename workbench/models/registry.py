@@ -559,6 +559,11 @@ def import_ultralytics():
     os.environ.setdefault("YOLO_AUTOINSTALL", "False")
     import PIL.Image
 
+    from .ultralytics_checkpoint import version_problem
+
+    if problem := version_problem():  # before importing it: a fork or an old release may lack what is used below
+        raise ModelLoadError(f"model.spec 'ultralytics:...': {problem}")
+    image_open, save = PIL.Image.open, torch.save  # as they are before this import (if it is the first) patches them
     try:
         import ultralytics
         from ultralytics.utils import patches  # where the patches are made (otherwise imported lazily)
@@ -566,8 +571,10 @@ def import_ultralytics():
         raise ModelLoadError(_ULTRALYTICS_EXTRA) from None
     # Importing Ultralytics patches PIL.Image.open (an unidentifiable image then tries to install pi-heif and fails
     # with ModuleNotFoundError) and torch.save for the whole process: put the originals, which it keeps, back, so
-    # reading data and writing artifacts behave the same whether or not an Ultralytics model was loaded.
-    PIL.Image.open, torch.save = patches._image_open, patches._torch_save
+    # reading data and writing artifacts behave the same whether or not an Ultralytics model was loaded. (A release
+    # or fork that keeps no original under these names patched nothing of them: the ones from before stay.)
+    PIL.Image.open = getattr(patches, "_image_open", image_open)
+    torch.save = getattr(patches, "_torch_save", save)
     return ultralytics
 
 
@@ -576,6 +583,10 @@ def _ultralytics_problems(name: str, config: ModelConfig) -> list[str]:
     if path.suffix not in (".pt", ".yaml", ".yml"):
         return [f"model.spec 'ultralytics:{name}': give a .pt checkpoint or a model .yaml (e.g. yolov8n.yaml)"]
     problems = [] if importlib.util.find_spec("ultralytics") else [_ULTRALYTICS_EXTRA]
+    from .ultralytics_checkpoint import version_problem  # the package's metadata: nothing imported
+
+    if not problems and (problem := version_problem()):
+        problems.append(f"model.spec 'ultralytics:{name}': {problem}")
     if path.suffix != ".pt":
         return problems
     official = path.parent == Path(".")  # a bare name such as yolov8n.pt: one of Ultralytics' released weights
@@ -604,6 +615,10 @@ def _build_ultralytics(name: str, config: ModelConfig) -> nn.Module:
     if path.suffix == ".pt" and not path.exists() and not config.allow_download:  # no network unasked
         raise ModelLoadError(f"model.spec: {path} does not exist (model.allow_download: true lets Ultralytics fetch "
                              "its released weights by name)")
+    if path.suffix == ".pt" and path.exists():  # every class it pickles is in the installed package (or why not)
+        from .ultralytics_checkpoint import check_ultralytics_checkpoint
+
+        check_ultralytics_checkpoint(path)
     try:
         model = ultralytics.YOLO(str(path), task="detect").model
     except Exception as e:

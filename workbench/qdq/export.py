@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -12,9 +13,12 @@ from torch import nn
 from ..errors import ExportError, WorkbenchError
 from ..io import atomic_path
 from .graph import COMPUTE_OPS, GraphIndex
+from .shapes import check_declared_shapes
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "output"
+# Metadata key of the Reshapes export freed of a constant batch (qdq/shapes.py), one sentence each, as JSON.
+SHAPE_FIXES = "workbench.shape_fixes"
 
 
 def export_onnx(
@@ -30,7 +34,9 @@ def export_onnx(
     """Export with the TorchScript exporter (modelopt's Q/DQ export needs it: dynamo=False), then check.
 
     `metadata` goes into the model's metadata_props (e.g. the precision plan). `clean` runs
-    onnxslim over the graph (constant folding, dead and duplicate nodes; Q/DQ kept).
+    onnxslim over the graph (constant folding, dead and duplicate nodes; Q/DQ kept). A graph declaring a dynamic
+    batch or size is run at two of each before it is written (qdq/shapes.py): a Reshape that pins the batch is fixed
+    (and listed under SHAPE_FIXES in its metadata, see `shape_fixes`), any other failure is an ExportError.
     """
     import onnx
 
@@ -64,15 +70,34 @@ def export_onnx(
             raise ExportError(f"export: torch.onnx.export failed for {type(model).__name__}: {e}") from None
         finally:
             model.train(was_training)
-        if metadata or clean:
+        if metadata or clean or axes:
             proto = onnx.load(str(tmp))
             if clean:
                 proto = clean_graph(proto)
+            if axes:  # the graph runs at the shapes it declares, or is fixed to, or nothing is written
+                proto, shapes = check_declared_shapes(proto, tuple(example.shape), dynamic_batch, dynamic_size,
+                                                      f"export: {path.name}")
+                if shapes.fixes:
+                    proto.metadata_props.add(key=SHAPE_FIXES, value=json.dumps(shapes.fixes))
             for key, value in (metadata or {}).items():
                 proto.metadata_props.add(key=key, value=value)
             onnx.save(proto, str(tmp))
         check_model_file(tmp, f"export: {path.name}")
     return path
+
+
+def shape_fixes(path: str | Path) -> list[str]:
+    """The Reshapes export freed of a constant batch in the graph at `path` (its SHAPE_FIXES metadata), [] if none."""
+    import onnx
+
+    for prop in onnx.load(str(path), load_external_data=False).metadata_props:
+        if prop.key == SHAPE_FIXES:
+            try:
+                fixes = json.loads(prop.value)
+            except ValueError:
+                return []
+            return [str(f) for f in fixes] if isinstance(fixes, list) else []
+    return []
 
 
 def check_model_file(path: str | Path, what: str) -> None:

@@ -74,6 +74,7 @@ class QuantResult:
     residual_excluded: list[str] = field(default_factory=list)  # residual Add units the excludes keep float
     # residual blocks the rule left with their own forward and float Add, and why (structure not recognised)
     residual_left_alone: dict[str, str] = field(default_factory=dict)
+    residual_by_pattern: list[str] = field(default_factory=list)  # residual units found by graph pattern, not class
     # units switched back to float after calibration (mixed precision)
     kept_float: list[str] = field(default_factory=list)
     batches: int = 0
@@ -334,7 +335,7 @@ def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torc
     if config.residual_add:
         rewrite = apply_residual_rule(model, example_input, config.exclude)
         result.residual_quantizers, result.residual_excluded = rewrite.quantizers, rewrite.excluded
-        result.residual_left_alone = rewrite.left_alone
+        result.residual_left_alone, result.residual_by_pattern = rewrite.left_alone, rewrite.by_pattern
     modules = dict(model.named_modules())
     activation_quantizers = {f"{n}.input_quantizer": modules[n].input_quantizer for n in result.quantized}
     activation_quantizers.update({n: modules[n] for n in result.residual_quantizers})
@@ -481,6 +482,7 @@ def quantizer_summary(model: nn.Module) -> dict[str, int]:
     counts = {"input": 0, "weight": 0, "output": 0, "residual_add": 0, "other": 0}
     for name, module in model.named_modules():
         if isinstance(module, TensorQuantizer) and module.is_enabled:
-            role = "residual_add" if ".residual_add." in name else name.rsplit(".", 1)[-1].removesuffix("_quantizer")
+            role = name.rsplit(".", 1)[-1].removesuffix("_quantizer")
+            role = "residual_add" if ".residual_add." in f".{name}" else role  # the model's own Add: "residual_add.*"
             counts[role if role in counts else "other"] += 1
     return counts

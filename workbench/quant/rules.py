@@ -229,6 +229,7 @@ class ResidualRewrite:
     quantizers: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
     left_alone: dict[str, str] = field(default_factory=dict)
+    by_pattern: list[str] = field(default_factory=list)  # the residual units found by graph pattern, not by class
 
 
 NOT_RECOGNISED = "not rewritten: structure not recognised"
@@ -238,8 +239,6 @@ def apply_residual_rule(model: nn.Module, example: torch.Tensor, exclude: list[s
     """The residual_add rule, block by block as `insert_residual_quantizers` proves them, and then proved on the whole
     model: with every quantizer off it must compute what it did before on `example`, or a RewriteError names the
     first module whose output differs (and the model is put back)."""
-    if not residual_blocks(model):  # nothing the rule would rewrite: no check to run
-        return insert_residual_quantizers(model, example, exclude)
     return checked_rewrite(
         model, lambda m: insert_residual_quantizers(m, example, exclude), example, float_mode=quantizers_off,
         what="calibrate: the residual_add rule (quantized residual Adds)",
@@ -247,7 +246,8 @@ def apply_residual_rule(model: nn.Module, example: torch.Tensor, exclude: list[s
                "(exclude: ['<block>.residual_add']).")
 
 
-def insert_residual_quantizers(model: nn.Module, example: torch.Tensor, exclude: list[str] = ()) -> ResidualRewrite:
+def insert_residual_quantizers(model: nn.Module, example: torch.Tensor, exclude: list[str] = (),
+                               pattern: bool = True) -> ResidualRewrite:
     """Apply `residual_add` to every block whose structure it can prove; returns the quantizer names added (calibrated
     like any input quantizer), the residual units left float by the excludes, and the blocks left alone.
 
@@ -255,7 +255,8 @@ def insert_residual_quantizers(model: nn.Module, example: torch.Tensor, exclude:
     really receives when the model runs on `example` (every quantizer off). A block whose structure is not known, or
     whose rewritten forward differs (a timm block with an unknown extra, a subclass with another forward), keeps its
     own forward and float Add, and is reported. A block whose `<block>.residual_add` matches an exclude pattern keeps
-    its float Add(s).
+    its float Add(s). With `pattern`, every other residual Add between quantized layers is then found on the traced
+    model and rewritten the same way, proved the same way (`_insert_by_pattern`).
     """
     rewrite = ResidualRewrite(left_alone={name: f"{NOT_RECOGNISED} ({type(model.get_submodule(name)).__name__} of "
                                                 f"an unknown form)" for name in unrecognised_blocks(model)})
@@ -272,25 +273,69 @@ def insert_residual_quantizers(model: nn.Module, example: torch.Tensor, exclude:
         if name not in inputs:
             rewrite.left_alone[name] = f"{NOT_RECOGNISED} (the block never ran on the check images, so it is unproved)"
             continue
-        args, kwargs = inputs[name]
-        with torch.no_grad(), quantizers_off(block):
-            before = block(*_clones(args), **kwargs)
-        units = _rewrite_block(block, name)
-        try:
-            with torch.no_grad(), quantizers_off(block):  # entered after the rewrite: its new quantizers pass through
-                after = block(*_clones(args), **kwargs)
-            found = difference(before, after)
-        except Exception as e:  # the rewritten forward does not even run on this block: not the structure it assumes
-            found, failure = None, f"its rewritten forward fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        else:
-            failure = "another output structure"
-        if found is None or found[0] > DEFAULT_RTOL * max(found[1], 1e-6):
-            _undo_rewrite(block)
-            gap = failure if found is None else f"its rewritten output differs by {found[0]:.3g}"
+        units, gap = _proved(block, inputs[name], lambda b=block, n=name: _rewrite_block(b, n), _undo_rewrite)
+        if gap:
             rewrite.left_alone[name] = f"{NOT_RECOGNISED} ({type(block).__name__}: {gap})"
             continue
         rewrite.quantizers += [f"{unit}.input{i}_quantizer" for unit in units for i in (0, 1)]
+    if pattern:
+        _insert_by_pattern(model, example, exclude, rewrite)
     return rewrite
+
+
+def _proved(block: nn.Module, inputs: tuple[tuple, dict], apply, undo) -> tuple[list[str], str | None]:
+    """Apply a rewrite to `block` and keep it if, with every quantizer off, the block gives its original output on
+    the input it really receives: (its units, None), or ([], why not) with the rewrite undone."""
+    args, kwargs = inputs
+    with torch.no_grad(), quantizers_off(block):
+        before = block(*_clones(args), **kwargs)
+    units = apply()
+    try:
+        with torch.no_grad(), quantizers_off(block):  # entered after the rewrite: its new quantizers pass through
+            after = block(*_clones(args), **kwargs)
+        found = difference(before, after)
+    except Exception as e:  # the rewritten forward does not even run on this block: not the structure it assumes
+        found, failure = None, f"its rewritten forward fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    else:
+        failure = "another output structure"
+    if found is None or found[0] > DEFAULT_RTOL * max(found[1], 1e-6):
+        undo(block)
+        return [], failure if found is None else f"its rewritten output differs by {found[0]:.3g}"
+    return units, None
+
+
+def _insert_by_pattern(model: nn.Module, example: torch.Tensor, exclude, rewrite: ResidualRewrite) -> None:
+    """The residual Adds no class rewrite covers, found and rewritten by graph pattern (quant/residual_pattern.py):
+    in classes the rules do not know, and in known blocks whose class rewrite was not proved."""
+    from .residual_pattern import excluded, find_residual_adds, rewrite_owner, undo_owner, unit_names
+
+    found = find_residual_adds(model, example, quantizers_off)
+    owners: dict[str, list] = {}
+    for site in found.sites:  # an Add inside a ResidualAdd is one a class rewrite already quantizes
+        if not isinstance(model.get_submodule(site.owner), ResidualAdd):
+            owners.setdefault(site.owner, []).append(site)
+    inputs = _block_inputs(model, list(owners), example)
+    for name, sites in owners.items():
+        units = unit_names(name, len(sites))
+        if excluded(units, exclude):  # (a known block the excludes kept whole is listed once, by its class rewrite)
+            rewrite.excluded += [u for u in units if u not in rewrite.excluded]
+            rewrite.left_alone.pop(name, None)
+            continue
+        owner = model.get_submodule(name)
+        if name not in inputs:
+            continue
+        done, gap = _proved(owner, inputs[name], lambda o=owner, n=name, s=sites: rewrite_owner(o, n, s, ResidualAdd),
+                            undo_owner)
+        where = ", ".join(s.where() for s in sites)
+        if gap:
+            rewrite.left_alone[name] = f"{NOT_RECOGNISED} ({type(owner).__name__}, Add at {where}: {gap})"
+            continue
+        rewrite.left_alone.pop(name, None)
+        rewrite.by_pattern += done
+        rewrite.quantizers += [f"{unit}.input{i}_quantizer" for unit in done for i in (0, 1)]
+    for name, why in found.unhandled.items():
+        if name not in owners:
+            rewrite.left_alone.setdefault(name, f"{NOT_RECOGNISED} ({why})")
 
 
 def _rewrite_block(block: nn.Module, name: str) -> list[str]:

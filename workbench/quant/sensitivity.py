@@ -99,9 +99,10 @@ def layer_costs(model: nn.Module, units: list[str], example: torch.Tensor) -> di
     for name in units:
         module = modules[name]
         params = sum(p.numel() for p in module.parameters(recurse=False))
-        type_name = "Add (residual)" if name.endswith(".residual_add") else type(module).__name__.removeprefix("Quant")
+        residual = f".{name}".endswith(".residual_add")  # the model's own Add (by pattern) is "residual_add"
+        type_name = "Add (residual)" if residual else type(module).__name__.removeprefix("Quant")
         costs[name] = {"type": type_name, "macs": 0, "params": int(params)}
-        if not name.endswith(".residual_add"):
+        if not residual:
             handles.append(module.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():

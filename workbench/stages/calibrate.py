@@ -262,6 +262,7 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "layers_float": len(result.excluded),
             "census": result.census(),
             "residual_left_alone": result.residual_left_alone,
+            "residual_by_pattern": result.residual_by_pattern,
             "enabled_quantizers": quantizer_summary(run.model),
             "target": {**result.arithmetic.as_dict(), "summary": result.arithmetic.describe()},
             # per algorithm: seconds, how many layers it changed and the largest change, what it skipped

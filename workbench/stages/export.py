@@ -94,6 +94,8 @@ def _export_section(run_dir: Path, metrics: dict) -> list[str]:
                 f"{c['DequantizeLinear']} DequantizeLinear; INT8 compute nodes: {quantized}; float compute nodes: "
                 f"{floating}."
             )
+            for fix in entry.get("shape_fixes", []):
+                lines.append(f"  Fixed to run at the declared dynamic batch: {md_text(fix)}.")
             rules = entry.get("tensorrt_rules")
             if rules is not None:
                 lines.append(f"  TensorRT Q/DQ rules (`workbench check-onnx`): {len(rules)} violation(s)"
@@ -131,7 +133,7 @@ def export(run, opts: ExportOptions) -> None:
     import json
 
     from ..errors import ExportError
-    from ..qdq.export import export_onnx
+    from ..qdq.export import export_onnx, shape_fixes
     from ..qdq.graph import qdq_census
     from ..qdq.ort_flavour import to_ort_int8
     from ..qdq.trt_rules import check_qdq
@@ -148,6 +150,8 @@ def export(run, opts: ExportOptions) -> None:
         path = export_onnx(model, example, run.path(name), opts.opset, opts.dynamic_batch, opts.dynamic_size,
                            {**task_metadata, **(metadata or {})}, clean=opts.clean)
         values[name] = {"bytes": path.stat().st_size, "census": qdq_census(path)}
+        if fixes := shape_fixes(path):  # Reshapes that pinned the declared dynamic batch, freed (qdq/shapes.py)
+            values[name]["shape_fixes"] = fixes
         return path
 
     result = run.artifacts.quant
