@@ -242,6 +242,7 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "folded_batchnorm": [list(p) for p in result.folded],
             "quantized_layers": result.quantized,
             "float_layers": result.excluded,
+            **({"decode_float": result.decode.as_dict()} if result.decode is not None else {}),
             "activation_amax": result.activation_amax,
             # The target's arithmetic, and the lower ends of its asymmetric ranges (restore_ needs both).
             **({"target": result.arithmetic.as_dict()} if arithmetic.target != "tensorrt" else {}),
@@ -261,6 +262,9 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "layers_int8": len(result.quantized),
             "layers_float": len(result.excluded),
             "census": result.census(),
+            # the output decode found in the traced graph and kept float (quant/decode_scope.py)
+            **({"decode_float": {"summary": result.decode.summary(), **result.decode.as_dict()}}
+               if result.decode is not None else {}),
             "residual_left_alone": result.residual_left_alone,
             "enabled_quantizers": quantizer_summary(run.model),
             "target": {**result.arithmetic.as_dict(), "summary": result.arithmetic.describe()},
