@@ -134,7 +134,10 @@ class ModelConfig(StrictModel):
 
 
 class TransformConfig(StrictModel):
-    resize: ImageSide | None = Field(None, description="Resize the shorter side to this many pixels.")
+    resize: ImageSide | tuple[ImageSide, ImageSide] | None = Field(
+        None, description="Resize the shorter side to this many pixels. Detection: [height, width] stretches every "
+        "image to that size without keeping its aspect ratio (a model trained on plain resizes), instead of "
+        "letterbox; boxes are mapped back to the original image per axis.")
     crop: ImageSide | None = Field(None, description="Center crop to this square size.")
     random_resized_crop: ImageSide | None = Field(
         None, description="Random resized crop to this size (seeded per sample; for calibration sets)."
@@ -145,6 +148,11 @@ class TransformConfig(StrictModel):
     )
     stride: int = Field(
         32, gt=0, le=1024, description="Detection: the model's largest stride (letterbox sizes must be multiples).")
+    channels: Literal["rgb", "bgr"] = Field(
+        "rgb", description="Detection: the channel order the model was trained with (bgr: images read by OpenCV).")
+    pixel_max: float = Field(
+        1.0, gt=0, le=255, description="Detection: the value of a white pixel in the model's input: 1.0 (pixels / "
+        "255, YOLO's) or 255 (raw 0..255). Detectors take no mean/std.")
     hflip: bool = Field(False, description="Training augmentation (data.finetune only): random horizontal flip.")
     pad_crop: int | None = Field(
         None, ge=1, le=MAX_IMAGE_SIDE,
@@ -153,6 +161,22 @@ class TransformConfig(StrictModel):
     )
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean (RGB, 0..1).")
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std (RGB, 0..1).")
+
+    @model_validator(mode="after")
+    def _one_detector_fit(self) -> "TransformConfig":
+        if self.letterbox is not None and isinstance(self.resize, tuple):
+            raise ValueError("letterbox and resize: [height, width] are two ways to fit a detector's input; set one "
+                             "(the one the model was trained with)")
+        return self
+
+    def detector_input(self) -> tuple[tuple[int, int], str] | None:
+        """(size, fit) of a detector's input: letterbox or plain resize to [height, width]; None for a classifier's
+        transform."""
+        if self.letterbox is not None:
+            return tuple(self.letterbox), "letterbox"
+        if isinstance(self.resize, tuple):
+            return tuple(self.resize), "resize"
+        return None
 
     @field_validator("scale")
     @classmethod
@@ -332,6 +356,17 @@ class Recipe(StrictModel):
         }
         data.setdefault("task", "detection")
         return data
+
+    @model_validator(mode="after")
+    def _plain_resize_for_detectors(self) -> "Recipe":
+        transforms = [("data.transform", self.data.transform)] + [
+            (f"data.{n}.transform", getattr(self.data, n).transform) for n in ("calibration", "evaluation", "finetune")
+            if getattr(self.data, n) is not None and getattr(self.data, n).transform is not None]
+        for field, t in transforms:
+            if self.task != "detection" and isinstance(t.resize, tuple):
+                raise ValueError(f"{field}.resize: [height, width] is a detector's plain resize (task: detection); a "
+                                 "classifier resizes its shorter side (resize: 256) and crops (crop: 224)")
+        return self
 
     @field_validator("log_to")
     @classmethod
