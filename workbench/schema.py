@@ -90,6 +90,25 @@ def _check_input_size(size: tuple[int, int, int]) -> tuple[int, int, int]:
 InputSize = Annotated[tuple[int, int, int], AfterValidator(_check_input_size)]
 
 
+class DetectorConfig(StrictModel):
+    """What a detector's forward returns (README: the detector contract). The input side (letterbox or resize,
+    channels, pixel scale) is data.transform's."""
+
+    layout: Literal["anchor_objectness", "anchor_free"] | None = Field(
+        None, description="anchor_objectness: (batch, boxes, 5 + classes) rows [box, objectness, class scores], score "
+        "= objectness x class (YOLOv5, FastestDet); anchor_free: (batch, 4 + classes, boxes) columns [box, class "
+        "scores] (YOLOv8/11). Unset: read from the output's shape (more boxes than channels). Declared, it wins over "
+        "that reading and is checked on every forward.")
+    boxes: Literal["cxcywh", "xyxy"] = Field("cxcywh", description="The four box numbers: centre x, centre y, "
+                                                                   "width, height; or x1, y1, x2, y2.")
+    units: Literal["pixels", "normalized"] = Field(
+        "pixels", description="Box units: pixels of the network input (after letterbox/resize), or fractions of its "
+                              "width and height (0..1).")
+    scores: Literal["probabilities", "logits"] = Field(
+        "probabilities", description="Objectness and class scores: already probabilities (sigmoid or softmax in "
+                                     "forward), or logits (a sigmoid is applied after the model, kept float).")
+
+
 class ModelConfig(StrictModel):
     spec: str = Field(
         description="Model source and name: 'torchvision:resnet18', 'timm:seresnet18', 'cifar_resnet:resnet20', "
@@ -127,6 +146,9 @@ class ModelConfig(StrictModel):
     input_size: InputSize = Field(
         (3, 224, 224), description="C, H, W of one input: used for export, latency and tracing."
     )
+    detector: DetectorConfig | None = Field(
+        None, description="task: detection: what the model's forward returns (layout, box form and units, score "
+        "form). Unset: YOLOv5's or YOLOv8/11's output, read from its shape.")
     pruned: str | None = Field(
         None, description="A pruned_model.pt written by a run's structured prune stage: reshapes the architecture to "
                           "it and loads its weights."
@@ -362,6 +384,9 @@ class Recipe(StrictModel):
         transforms = [("data.transform", self.data.transform)] + [
             (f"data.{n}.transform", getattr(self.data, n).transform) for n in ("calibration", "evaluation", "finetune")
             if getattr(self.data, n) is not None and getattr(self.data, n).transform is not None]
+        if self.task != "detection" and self.model.detector is not None:
+            raise ValueError("model.detector: declares a detector's output, for task: detection; remove it or set "
+                             "task: detection")
         for field, t in transforms:
             if self.task != "detection" and isinstance(t.resize, tuple):
                 raise ValueError(f"{field}.resize: [height, width] is a detector's plain resize (task: detection); a "

@@ -93,6 +93,9 @@ def model_num_classes(model: torch.nn.Module, input_size) -> int:
         count, said = head, "its detection head's nc"
     elif named is not None:
         count, said = named, "its names"
+    elif (declared := getattr(model, "detector_layout", None)) is not None:  # model.detector.layout wins
+        count, said = (shape[2] - 5 if declared == ANCHOR_OBJECTNESS else shape[1] - 4), \
+            f"its output, read as model.detector.layout {declared}"
     elif shape[1] > shape[2]:
         count, said = shape[2] - 5, "its output, read as YOLOv5"
     else:
