@@ -167,6 +167,15 @@ def test_a_declared_layout_decides_the_class_count():
     assert model_num_classes(model, (3, 64, 64)) == 3
 
 
+def test_export_metadata_reads_a_single_number_stride():
+    from workbench.tasks import Classes
+    from workbench.tasks.detection import DetectionTask
+
+    model = distribution_head()  # its own `stride = 16`, an int, not a head's list of strides
+    meta = DetectionTask().onnx_metadata(model, Classes(3, None), (3, 64, 64), False, False)
+    assert meta["stride"] == "16" and meta["workbench.output_layout"].startswith("(batch, 4 + classes, boxes)")
+
+
 def test_the_contract_and_plain_resize_belong_to_detectors():
     base = {"name": "r", "model": {"spec": "torchvision:resnet18", "detector": {"units": "normalized"}},
             "data": {}, "stages": []}

@@ -523,7 +523,9 @@ class DetectionTask(Task):
         from .. import __version__
 
         stride = getattr(model, "stride", None)
-        stride = int(max(stride.tolist() if hasattr(stride, "tolist") else stride)) if stride is not None else 32
+        stride = stride.tolist() if hasattr(stride, "tolist") else stride
+        # a head's strides (Ultralytics' tensor, a list), or one number (a single-scale model's own attribute)
+        stride = int(max(stride) if isinstance(stride, (list, tuple)) else stride) if stride is not None else 32
         names = classes.names or [str(i) for i in range(classes.count or 0)]
         layout = _output_layout(model, input_size, classes.count)
         dynamic = ", ".join(axis for axis, on in (("batch", dynamic_batch), ("height", dynamic_size),
