@@ -2,6 +2,7 @@
 
     WORKBENCH_ASSETS=../shared/assets python benchmarks/custom_detectors.py              # 16 calib, 32 eval images
     python benchmarks/custom_detectors.py --calibration 32 --evaluation 80 --json out.json
+    python benchmarks/custom_detectors.py --models distribution_head --quantize-decode   # its decode conv INT8 too
 
 The models are tests/custom_heads.py's, as a user would write them (each decodes its own head in forward), built
 with random weights from a fixed seed for COCO's 80 classes: this measures the plumbing (what was kept float, whether
@@ -54,7 +55,8 @@ MODELS = {
 }
 
 
-def recipe_for(name: str, spec: dict, runs: Path, calibration: int, evaluation: int) -> Recipe:
+def recipe_for(name: str, spec: dict, runs: Path, calibration: int, evaluation: int,
+               decode_float: bool = True) -> Recipe:
     coco = ASSETS / "data" / "coco_tiny"
     ann = coco / "annotations"
     return recipe_model().model_validate({
@@ -67,7 +69,7 @@ def recipe_for(name: str, spec: dict, runs: Path, calibration: int, evaluation: 
                                  "annotations": str(ann / "instances_train2017.json"), "count": calibration},
                  "evaluation": {"source": "coco", "path": str(coco / "val2017"),
                                 "annotations": str(ann / "instances_val2017.json"), "count": evaluation}},
-        "stages": [{"calibrate": {"method": "mse"}}, {"export": {}},
+        "stages": [{"calibrate": {"method": "mse", "decode_float": decode_float}}, {"export": {}},
                    {"evaluate": {"latency_repeats": 1, "latency_batch_sizes": [1],
                                  "backends": ["pytorch_fp32", "pytorch_int8", "ort_int8_faithful"]}}],
     })
@@ -96,13 +98,17 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=16, help="coco_tiny train images that calibrate")
     parser.add_argument("--evaluation", type=int, default=32, help="coco_tiny val images that score")
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--quantize-decode", action="store_true",
+                        help="calibrate with decode_float: false (the decode's layers quantized too), to compare")
     args = parser.parse_args()
     if not (ASSETS / "data" / "coco_tiny").is_dir():
         sys.exit(f"coco_tiny not found under {ASSETS}: set WORKBENCH_ASSETS")
     rows = []
     with tempfile.TemporaryDirectory() as runs:
-        for name, spec in MODELS.items():
-            recipe = recipe_for(name, spec, Path(runs), args.calibration, args.evaluation)
+        for name in args.models:
+            recipe = recipe_for(name, MODELS[name], Path(runs), args.calibration, args.evaluation,
+                                decode_float=not args.quantize_decode)
             run = run_recipe(recipe)
             stages = run.metrics["stages"]
             calib, export = stages["calibrate"], stages["export"]
@@ -113,7 +119,8 @@ def main() -> None:
             rows.append({
                 "model": name, "layout": meta.get("workbench.output_layout"),
                 "preprocess": meta.get("workbench.preprocess"),
-                "decode": calib["decode_float"]["summary"], "conv": calib["census"].get("Conv2d"),
+                "decode": calib["decode_float"]["summary"] if "decode_float" in calib else "decode_float: false",
+                "conv": calib["census"].get("Conv2d"),
                 "trt_violations": len(export["model.onnx"].get("tensorrt_rules", [])),
                 "box_agreement_0.25": {k: backends[k]["metrics"].get("box_agreement")
                                        for k in ("pytorch_int8", "ort_int8_faithful")},

@@ -267,5 +267,6 @@ stages:
 
     meta = {p.key: p.value for p in onnx.load(str(run_dir / "model.onnx")).metadata_props}
     assert meta["workbench.resize"] == "resize" and meta["workbench.channels"] == "bgr"
+    assert "Output decode, kept float: decode after 1 head layer(s)" in (run_dir / "report.md").read_text()
     backends = metrics["stages"]["evaluate"]["backends"]
     assert backends["pytorch_int8"]["metrics"]["samples"] == backends["pytorch_fp32"]["metrics"]["samples"] > 0

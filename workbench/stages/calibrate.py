@@ -151,7 +151,17 @@ def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
         lines += ["", f"Target **{target.get('summary', target.get('target'))}**: {target.get('why', '')}."]
     return lines + ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
                     f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""] \
-        + _algorithms_lines(cal)
+        + _decode_lines(cal) + _algorithms_lines(cal)
+
+
+def _decode_lines(cal: dict) -> list[str]:
+    """What the traced graph's output decode kept float (quant/decode_scope.py): shown when there is a decode."""
+    decode = cal.get("decode_float")
+    if not isinstance(decode, dict) or not isinstance(decode.get("summary"), str):
+        return []
+    if decode.get("traced") and not decode.get("ops") and not decode.get("layers_float"):
+        return []  # a classifier's logits straight from its last layer: nothing after it
+    return [f"Output decode, kept float: {decode['summary']}.", ""]
 
 
 def _algorithms_lines(cal: dict) -> list[str]:
