@@ -270,3 +270,24 @@ stages:
     assert "Output decode, kept float: decode after 1 head layer(s)" in (run_dir / "report.md").read_text()
     backends = metrics["stages"]["evaluate"]["backends"]
     assert backends["pytorch_int8"]["metrics"]["samples"] == backends["pytorch_fp32"]["metrics"]["samples"] > 0
+
+
+def test_a_wrong_declared_layout_stops_the_run_at_preflight_naming_the_field(tmp_path, capsys):
+    images, ann, _ = write_detection_set(tmp_path / "set")
+    tests_dir = __import__("pathlib").Path(__file__).parent
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""name: wrong
+task: detection
+model: {{spec: "import:custom_heads:fastestdet_like", trust_code: true, import_path: "{tests_dir}",
+        input_size: [3, 64, 64], detector: {{layout: anchor_free, units: normalized}}}}
+data:
+  transform: {{resize: [64, 64], stride: 16}}
+  calibration: {{source: coco, path: "{images}", annotations: "{ann}"}}
+  evaluation: {{source: coco, path: "{images}", annotations: "{ann}"}}
+runs_dir: "{tmp_path / 'runs'}"
+stages: [calibrate: {{method: max}}]
+""")
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "model.detector.layout: declared anchor_free" in err and "Traceback" not in err
+
