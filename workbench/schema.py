@@ -90,6 +90,25 @@ def _check_input_size(size: tuple[int, int, int]) -> tuple[int, int, int]:
 InputSize = Annotated[tuple[int, int, int], AfterValidator(_check_input_size)]
 
 
+class DetectorConfig(StrictModel):
+    """What a detector's forward returns (README: the detector contract). The input side (letterbox or resize,
+    channels, pixel scale) is data.transform's."""
+
+    layout: Literal["anchor_objectness", "anchor_free"] | None = Field(
+        None, description="anchor_objectness: (batch, boxes, 5 + classes) rows [box, objectness, class scores], score "
+        "= objectness x class (YOLOv5, FastestDet); anchor_free: (batch, 4 + classes, boxes) columns [box, class "
+        "scores] (YOLOv8/11). Unset: read from the output's shape (more boxes than channels). Declared, it wins over "
+        "that reading and is checked on every forward.")
+    boxes: Literal["cxcywh", "xyxy"] = Field("cxcywh", description="The four box numbers: centre x, centre y, "
+                                                                   "width, height; or x1, y1, x2, y2.")
+    units: Literal["pixels", "normalized"] = Field(
+        "pixels", description="Box units: pixels of the network input (after letterbox/resize), or fractions of its "
+                              "width and height (0..1).")
+    scores: Literal["probabilities", "logits"] = Field(
+        "probabilities", description="Objectness and class scores: already probabilities (sigmoid or softmax in "
+                                     "forward), or logits (a sigmoid is applied after the model, kept float).")
+
+
 class ModelConfig(StrictModel):
     spec: str = Field(
         description="Model source and name: 'torchvision:resnet18', 'timm:seresnet18', 'cifar_resnet:resnet20', "
@@ -127,6 +146,9 @@ class ModelConfig(StrictModel):
     input_size: InputSize = Field(
         (3, 224, 224), description="C, H, W of one input: used for export, latency and tracing."
     )
+    detector: DetectorConfig | None = Field(
+        None, description="task: detection: what the model's forward returns (layout, box form and units, score "
+        "form). Unset: YOLOv5's or YOLOv8/11's output, read from its shape.")
     pruned: str | None = Field(
         None, description="A pruned_model.pt written by a run's structured prune stage: reshapes the architecture to "
                           "it and loads its weights."
@@ -134,7 +156,10 @@ class ModelConfig(StrictModel):
 
 
 class TransformConfig(StrictModel):
-    resize: ImageSide | None = Field(None, description="Resize the shorter side to this many pixels.")
+    resize: ImageSide | tuple[ImageSide, ImageSide] | None = Field(
+        None, description="Resize the shorter side to this many pixels. Detection: [height, width] stretches every "
+        "image to that size without keeping its aspect ratio (a model trained on plain resizes), instead of "
+        "letterbox; boxes are mapped back to the original image per axis.")
     crop: ImageSide | None = Field(None, description="Center crop to this square size.")
     random_resized_crop: ImageSide | None = Field(
         None, description="Random resized crop to this size (seeded per sample; for calibration sets)."
@@ -145,6 +170,11 @@ class TransformConfig(StrictModel):
     )
     stride: int = Field(
         32, gt=0, le=1024, description="Detection: the model's largest stride (letterbox sizes must be multiples).")
+    channels: Literal["rgb", "bgr"] = Field(
+        "rgb", description="Detection: the channel order the model was trained with (bgr: images read by OpenCV).")
+    pixel_max: float = Field(
+        1.0, gt=0, le=255, description="Detection: the value of a white pixel in the model's input: 1.0 (pixels / "
+        "255, YOLO's) or 255 (raw 0..255). Detectors take no mean/std.")
     hflip: bool = Field(False, description="Training augmentation (data.finetune only): random horizontal flip.")
     pad_crop: int | None = Field(
         None, ge=1, le=MAX_IMAGE_SIDE,
@@ -153,6 +183,22 @@ class TransformConfig(StrictModel):
     )
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean (RGB, 0..1).")
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std (RGB, 0..1).")
+
+    @model_validator(mode="after")
+    def _one_detector_fit(self) -> "TransformConfig":
+        if self.letterbox is not None and isinstance(self.resize, tuple):
+            raise ValueError("letterbox and resize: [height, width] are two ways to fit a detector's input; set one "
+                             "(the one the model was trained with)")
+        return self
+
+    def detector_input(self) -> tuple[tuple[int, int], str] | None:
+        """(size, fit) of a detector's input: letterbox or plain resize to [height, width]; None for a classifier's
+        transform."""
+        if self.letterbox is not None:
+            return tuple(self.letterbox), "letterbox"
+        if isinstance(self.resize, tuple):
+            return tuple(self.resize), "resize"
+        return None
 
     @field_validator("scale")
     @classmethod
@@ -332,6 +378,20 @@ class Recipe(StrictModel):
         }
         data.setdefault("task", "detection")
         return data
+
+    @model_validator(mode="after")
+    def _plain_resize_for_detectors(self) -> "Recipe":
+        transforms = [("data.transform", self.data.transform)] + [
+            (f"data.{n}.transform", getattr(self.data, n).transform) for n in ("calibration", "evaluation", "finetune")
+            if getattr(self.data, n) is not None and getattr(self.data, n).transform is not None]
+        if self.task != "detection" and self.model.detector is not None:
+            raise ValueError("model.detector: declares a detector's output, for task: detection; remove it or set "
+                             "task: detection")
+        for field, t in transforms:
+            if self.task != "detection" and isinstance(t.resize, tuple):
+                raise ValueError(f"{field}.resize: [height, width] is a detector's plain resize (task: detection); a "
+                                 "classifier resizes its shorter side (resize: 256) and crops (crop: 224)")
+        return self
 
     @field_validator("log_to")
     @classmethod

@@ -116,18 +116,28 @@ def build_dataset(data: DataConfig, split_name: str) -> ImageDataset:
     from .registry import data_source, load
 
     source = data_source(split.source)
-    if source.boxes is not None:  # box labels: letterboxed as the detection task reads them
-        if transform.letterbox is None:
+    detector = transform.detector_input()
+    if source.boxes is not None:  # box labels: letterboxed (or resized) as the detection task reads them
+        if detector is None:
             raise DataError(f"{field}: detection sources need data.transform.letterbox: [height, width], e.g. "
-                            "[640, 640]")
-        return load(source.boxes)(split, tuple(transform.letterbox), transform.stride, field)
+                            "[640, 640] (or resize: [height, width] for a model trained on plain resizes)")
+        dataset = load(source.boxes)(split, detector[0], transform.stride, field)
+        dataset.prep = detector_prep(transform)
+        return dataset
     samples = list_samples(split, field)
     samples = sample_subset(samples, split, transform, field)
-    if transform.letterbox:  # a detector's unlabeled images (calibration, distillation)
+    if detector is not None:  # a detector's unlabeled images (calibration, distillation)
         from .detection import LetterboxedImages
 
-        return LetterboxedImages(samples, tuple(transform.letterbox), transform.stride)
+        return LetterboxedImages(samples, detector[0], transform.stride, detector_prep(transform))
     return ImageDataset(samples, transform, seed=split.seed, field=field, batch_size=data.batch_size)
+
+
+def detector_prep(transform: TransformConfig):
+    """How the recipe's transform turns an image into a detector's input (data/detection.py's ImageInput)."""
+    from .detection import ImageInput
+
+    return ImageInput(fit=transform.detector_input()[1], channels=transform.channels, pixel_max=transform.pixel_max)
 
 
 def sample_subset(samples: list[Sample], split: DataSplit, transform: TransformConfig, field: str) -> list[Sample]:
@@ -201,6 +211,8 @@ def spatial_size(size: tuple[int, int], t: TransformConfig) -> tuple[int, int]:
         return t.random_resized_crop, t.random_resized_crop
     if not t.resize:
         return size
+    if isinstance(t.resize, tuple):  # a detector's plain resize: (height, width)
+        return t.resize[1], t.resize[0]
     w, h = size  # torchvision's resize: the shorter side to `resize`, the longer one scaled and truncated
     if w <= h:
         return t.resize, int(t.resize * h / w)

@@ -36,19 +36,25 @@ PAD_VALUE = 114
 
 @dataclass(frozen=True)
 class Letterbox:
-    """How one image was mapped into the network input: x_input = x_orig * ratio + pad_left."""
+    """How one image was mapped into the network input: x_input = x_orig * ratio + pad_left, y_input = y_orig *
+    ratio_y + pad_top (ratio_y None: the letterbox's one ratio; a plain resize scales x and y apart)."""
 
     ratio: float
     pad_left: float
     pad_top: float
     orig_h: int
     orig_w: int
+    ratio_y: float | None = None
+
+    @property
+    def ry(self) -> float:
+        return self.ratio if self.ratio_y is None else self.ratio_y
 
     def to_original(self, boxes_xyxy: np.ndarray) -> np.ndarray:
         """Boxes (n, 4) xyxy in network-input pixels -> original pixels, clipped to the image."""
         boxes = np.array(boxes_xyxy, dtype=np.float64, copy=True).reshape(-1, 4)
         boxes[:, [0, 2]] = (boxes[:, [0, 2]] - self.pad_left) / self.ratio
-        boxes[:, [1, 3]] = (boxes[:, [1, 3]] - self.pad_top) / self.ratio
+        boxes[:, [1, 3]] = (boxes[:, [1, 3]] - self.pad_top) / self.ry
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, self.orig_w)
         boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, self.orig_h)
         return boxes
@@ -57,7 +63,7 @@ class Letterbox:
         """Boxes (n, 4) xyxy in original pixels -> network-input pixels (the inverse, no clipping)."""
         boxes = np.array(boxes_xyxy, dtype=np.float64, copy=True).reshape(-1, 4)
         boxes[:, [0, 2]] = boxes[:, [0, 2]] * self.ratio + self.pad_left
-        boxes[:, [1, 3]] = boxes[:, [1, 3]] * self.ratio + self.pad_top
+        boxes[:, [1, 3]] = boxes[:, [1, 3]] * self.ry + self.pad_top
         return boxes
 
 
@@ -95,6 +101,44 @@ def letterbox(
     # The offsets actually used (integers), as Ultralytics 8's scale_boxes: YOLOv5 kept dw/2
     # unrounded, which puts boxes half a pixel off whenever the padding is odd.
     return out, Letterbox(ratio=r, pad_left=float(left), pad_top=float(top), orig_h=ih, orig_w=iw)
+
+
+def plain_resize(img: Image.Image, size: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
+    """Stretch `img` to `size` (h, w) without keeping its aspect ratio, as models trained on plain resizes see
+    their images (FastestDet, many SSD-style heads): (h, w, 3) uint8 RGB, x and y scaled apart."""
+    h, w = size
+    pixels = np.asarray(img.convert("RGB"))
+    ih, iw = pixels.shape[:2]
+    if (ih, iw) != (h, w):
+        pixels = _resize_bilinear(pixels, w, h)
+    return pixels, Letterbox(ratio=w / iw, pad_left=0.0, pad_top=0.0, orig_h=ih, orig_w=iw, ratio_y=h / ih)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """How an image becomes a detector's input tensor (data.transform): letterbox or plain resize to the size,
+    channel order, and the value of a white pixel (1.0: pixels / 255, as YOLO; 255: raw 0..255)."""
+
+    fit: str = "letterbox"  # "letterbox" | "resize"
+    channels: str = "rgb"  # "rgb" | "bgr"
+    pixel_max: float = 1.0
+
+    def __call__(self, img: Image.Image, size: tuple[int, int], stride: int) -> tuple[torch.Tensor, Letterbox]:
+        pixels, lb = plain_resize(img, size) if self.fit == "resize" else letterbox(img, size, stride)
+        if self.channels == "bgr":  # a model trained on cv2.imread's images
+            pixels = np.ascontiguousarray(pixels[..., ::-1])
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
+        return (tensor if self.pixel_max == 1.0 else tensor.mul_(self.pixel_max)), lb
+
+    def metadata(self, size: tuple[int, int]) -> dict[str, str]:
+        """The exported graph's record of it (workbench.preprocess), so a deployment feeds the same pixels."""
+        fit = f"letterbox to {size[0]}x{size[1]} (pad {PAD_VALUE})" if self.fit == "letterbox" else \
+            f"plain resize to {size[0]}x{size[1]} (aspect ratio not kept)"
+        return {"workbench.preprocess": f"{fit}; channels {self.channels.upper()}; pixels 0..{self.pixel_max:g}",
+                "workbench.channels": self.channels, "workbench.resize": self.fit}
+
+
+RGB_LETTERBOX = ImageInput()
 
 
 def _resize_bilinear(pixels: np.ndarray, new_w: int, new_h: int) -> np.ndarray:
@@ -139,7 +183,9 @@ class DetectionDataset(Dataset):
         source: str,
         yolo_labels: bool = False,
         names_from: str | None = None,
+        prep: ImageInput = RGB_LETTERBOX,
     ):
+        self.prep = prep
         self.records = records
         self.coco_gt = coco_gt
         self.category_ids = category_ids  # contiguous class index -> COCO category id
@@ -195,7 +241,7 @@ class DetectionDataset(Dataset):
         gt = dict(self.coco_gt.dataset, categories=_yolo_categories(num_classes, chosen))
         return DetectionDataset(
             self.records, _coco_from_dict(gt), list(range(num_classes)), self.size, self.stride, self.source,
-            yolo_labels=True, names_from=self.names_from if chosen is own else "the model",
+            yolo_labels=True, names_from=self.names_from if chosen is own else "the model", prep=self.prep,
         )
 
     def __len__(self) -> int:
@@ -209,8 +255,7 @@ class DetectionDataset(Dataset):
                 f"image {rec.path} is {img.width}x{img.height} but {self.source} says {rec.width}x{rec.height}: "
                 "the boxes would not fit it; use the images the labels were made for"
             )
-        pixels, lb = letterbox(img, self.size, self.stride)
-        tensor = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
+        tensor, lb = self.prep(img, self.size, self.stride)
         target = {
             "image_id": rec.image_id,
             "boxes": torch.from_numpy(rec.boxes),
@@ -228,7 +273,8 @@ class LetterboxedImages(Dataset):
 
     category_ids: list[int] = []  # no classes: this set cannot be scored
 
-    def __init__(self, samples: list, size: tuple[int, int], stride: int):
+    def __init__(self, samples: list, size: tuple[int, int], stride: int, prep: ImageInput = RGB_LETTERBOX):
+        self.prep = prep
         self.samples = samples
         self.size = _check_size(size, stride)
         self.stride = stride
@@ -237,8 +283,7 @@ class LetterboxedImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        pixels, lb = letterbox(self.samples[index].opener().convert("RGB"), self.size, self.stride)
-        tensor = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
+        tensor, lb = self.prep(self.samples[index].opener().convert("RGB"), self.size, self.stride)
         return tensor, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "letterbox": lb}
 
 

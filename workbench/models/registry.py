@@ -151,6 +151,10 @@ def resolve_model(config: ModelConfig) -> nn.Module:
         refuse_torchscript(config.pruned, "model.pruned")
         example = torch.randn(1, *config.input_size, generator=torch.Generator().manual_seed(0))
         model = load_pruned(model, config.pruned, trust_pickle=config.trust_pickle, example=example)
+    if config.detector is not None:
+        from ..tasks.detection_contract import attach_contract
+
+        attach_contract(model, config.detector)
     check_finite(model, _weights_origin(config))
     return model.eval()
 

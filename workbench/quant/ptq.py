@@ -40,6 +40,7 @@ from .calibrators import (
     power_of_two_weight_amax,
 )
 from .config import QUANTIZABLE_TYPE_NAMES, Int8Config
+from .decode_scope import DecodeScope, find_decode_scope
 from .fold import fold_batchnorm_
 from .rules import apply_residual_rule, residual_units
 
@@ -75,6 +76,8 @@ class QuantResult:
     # residual blocks the rule left with their own forward and float Add, and why (structure not recognised)
     residual_left_alone: dict[str, str] = field(default_factory=dict)
     residual_by_pattern: list[str] = field(default_factory=list)  # residual units found by graph pattern, not class
+    # the output decode found in the traced graph (quant/decode_scope.py); its layers are in `excluded` too
+    decode: DecodeScope | None = None
     # units switched back to float after calibration (mixed precision)
     kept_float: list[str] = field(default_factory=list)
     batches: int = 0
@@ -119,11 +122,13 @@ def decode_layers(model: nn.Module) -> set[str]:
     return names
 
 
-def select_layers(model: nn.Module, config: Int8Config) -> tuple[dict[str, str], dict[str, str]]:
-    """Split the quantizable layers into (quantized, excluded) by type, decode rules and exclude patterns."""
+def select_layers(model: nn.Module, config: Int8Config,
+                  scope: DecodeScope | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """Split the quantizable layers into (quantized, excluded) by type, decode (the traced `scope` and the name
+    rules) and exclude patterns."""
     types = {name: QUANTIZABLE_TYPES[name] for name in config.layer_types}
     quantized, excluded = {}, {}
-    decode = decode_layers(model)
+    decode = decode_layers(model) | set(scope.layers if scope is not None else ())
     for name, module in model.named_modules():
         type_name = _type_name(module, types)
         if type_name is None or not name:
@@ -318,7 +323,9 @@ def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torc
     if config.fold_batchnorm:
         result.folded = fold_batchnorm_(model, example_input)
     _check_finite_weights(model, dict(result.folded))
-    result.quantized, result.excluded = select_layers(model, config)
+    if config.decode_float:
+        result.decode = find_decode_scope(model, example_input)
+    result.quantized, result.excluded = select_layers(model, config, result.decode)
     if not result.quantized:
         raise CalibrationError(
             "calibrate: no layer to quantize: the model has no "

@@ -151,7 +151,17 @@ def _calibration_section(run_dir: Path, metrics: dict) -> list[str]:
         lines += ["", f"Target **{target.get('summary', target.get('target'))}**: {target.get('why', '')}."]
     return lines + ["", f"Enabled quantizers: {q.get('input', 0)} on inputs, {q.get('weight', 0)} on weights, "
                     f"{q.get('residual_add', 0)} on residual Add inputs, {q.get('output', 0)} on outputs.", ""] \
-        + _algorithms_lines(cal)
+        + _decode_lines(cal) + _algorithms_lines(cal)
+
+
+def _decode_lines(cal: dict) -> list[str]:
+    """What the traced graph's output decode kept float (quant/decode_scope.py): shown when there is a decode."""
+    decode = cal.get("decode_float")
+    if not isinstance(decode, dict) or not isinstance(decode.get("summary"), str):
+        return []
+    if decode.get("traced") and not decode.get("ops") and not decode.get("layers_float"):
+        return []  # a classifier's logits straight from its last layer: nothing after it
+    return [f"Output decode, kept float: {decode['summary']}.", ""]
 
 
 def _algorithms_lines(cal: dict) -> list[str]:
@@ -242,6 +252,7 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "folded_batchnorm": [list(p) for p in result.folded],
             "quantized_layers": result.quantized,
             "float_layers": result.excluded,
+            **({"decode_float": result.decode.as_dict()} if result.decode is not None else {}),
             "activation_amax": result.activation_amax,
             # The target's arithmetic, and the lower ends of its asymmetric ranges (restore_ needs both).
             **({"target": result.arithmetic.as_dict()} if arithmetic.target != "tensorrt" else {}),
@@ -261,6 +272,9 @@ def calibrate(run, opts: CalibrateOptions) -> None:
             "layers_int8": len(result.quantized),
             "layers_float": len(result.excluded),
             "census": result.census(),
+            # the output decode found in the traced graph and kept float (quant/decode_scope.py)
+            **({"decode_float": {"summary": result.decode.summary(), **result.decode.as_dict()}}
+               if result.decode is not None else {}),
             "residual_left_alone": result.residual_left_alone,
             "residual_by_pattern": result.residual_by_pattern,
             "enabled_quantizers": quantizer_summary(run.model),

@@ -145,6 +145,7 @@ def export(run, opts: ExportOptions) -> None:
     classes = Classes(run.num_classes(), run.class_names())
     task_metadata = run.task.onnx_metadata(run.reference, classes, run.recipe.model.input_size, opts.dynamic_batch,
                                            opts.dynamic_size)
+    task_metadata.update(preprocess_metadata(run.recipe.data))
 
     def write(model, name: str, metadata: dict | None = None):
         path = export_onnx(model, example, run.path(name), opts.opset, opts.dynamic_batch, opts.dynamic_size,
@@ -201,3 +202,14 @@ def export(run, opts: ExportOptions) -> None:
                 values[ORT_INT8] = {"bytes": conversion.path.stat().st_size, **conversion.as_dict()}
     run.artifacts.onnx = onnx_files(run, {name for name, v in values.items() if "bytes" in v})
     run.record("export", values)
+
+
+def preprocess_metadata(data) -> dict[str, str]:
+    """A detector's pre-processing as the evaluation saw it (letterbox or plain resize, channels, pixel scale), so
+    whoever deploys the graph feeds it the same pixels; nothing for a classifier's transform."""
+    from ..data.datasets import detector_prep
+
+    transform = (data.evaluation.transform if data.evaluation is not None and data.evaluation.transform else None) \
+        or data.transform
+    fit = transform.detector_input()
+    return detector_prep(transform).metadata(fit[0]) if fit is not None else {}

@@ -93,6 +93,9 @@ def model_num_classes(model: torch.nn.Module, input_size) -> int:
         count, said = head, "its detection head's nc"
     elif named is not None:
         count, said = named, "its names"
+    elif (declared := getattr(model, "detector_layout", None)) is not None:  # model.detector.layout wins
+        count, said = (shape[2] - 5 if declared == ANCHOR_OBJECTNESS else shape[1] - 4), \
+            f"its output, read as model.detector.layout {declared}"
     elif shape[1] > shape[2]:
         count, said = shape[2] - 5, "its output, read as YOLOv5"
     else:
@@ -520,7 +523,9 @@ class DetectionTask(Task):
         from .. import __version__
 
         stride = getattr(model, "stride", None)
-        stride = int(max(stride.tolist() if hasattr(stride, "tolist") else stride)) if stride is not None else 32
+        stride = stride.tolist() if hasattr(stride, "tolist") else stride
+        # a head's strides (Ultralytics' tensor, a list), or one number (a single-scale model's own attribute)
+        stride = int(max(stride) if isinstance(stride, (list, tuple)) else stride) if stride is not None else 32
         names = classes.names or [str(i) for i in range(classes.count or 0)]
         layout = _output_layout(model, input_size, classes.count)
         dynamic = ", ".join(axis for axis, on in (("batch", dynamic_batch), ("height", dynamic_size),
