@@ -19,12 +19,6 @@ from workbench.schema import DetectorConfig, ModelConfig, Recipe
 from workbench.tasks.detection import UnknownHeadError, decode, model_num_classes
 from workbench.tasks.detection_contract import attach_contract
 
-
-def _last_convs(model):
-    """The convolutions whose output no other convolution of the model reads: by construction of these heads."""
-    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
-
-
 # --- the decode, found in the traced graph ---------------------------------------------------------------------
 
 
