@@ -19,12 +19,6 @@ from workbench.schema import DetectorConfig, ModelConfig, Recipe
 from workbench.tasks.detection import UnknownHeadError, decode, model_num_classes
 from workbench.tasks.detection_contract import attach_contract
 
-
-def _last_convs(model):
-    """The convolutions whose output no other convolution of the model reads: by construction of these heads."""
-    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
-
-
 # --- the decode, found in the traced graph ---------------------------------------------------------------------
 
 
@@ -291,3 +285,28 @@ stages: [calibrate: {{method: max}}]
     err = capsys.readouterr().err
     assert "model.detector.layout: declared anchor_free" in err and "Traceback" not in err
 
+
+
+def test_the_build_guard_feeds_a_detector_graph_the_input_its_export_recorded(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from workbench.api import _guard_images
+
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["out"])], "g",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 64])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 32, 64])])
+    model = helper.make_model(graph)
+    meta = {"task": "detect", **ImageInput(fit="resize", channels="bgr").metadata((32, 64))}
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, tmp_path / "model.onnx")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    img = Image.new("RGB", (48, 48), (0, 0, 0))
+    ImageDraw.Draw(img).rectangle([0, 0, 23, 47], fill=(255, 0, 0))  # red left half: B and R tell BGR from RGB
+    img.save(folder / "a.png")
+    _, _, batches = _guard_images(tmp_path / "model.onnx", [1, 3, 32, 64], str(folder), None)
+    (_, images), = list(batches)
+    expected, _ = ImageInput(fit="resize", channels="bgr")(img, (32, 64), 16)
+    np.testing.assert_array_equal(images[0], expected.numpy())  # stretched (no grey pad) and BGR

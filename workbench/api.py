@@ -294,9 +294,13 @@ def _guard_images(onnx_path: Path, dims: list, data, policy):
         if h is None:
             raise WorkbenchError(f"{onnx_path} has a dynamic image size: the guard cannot tell what size to give "
                                  "--data's images; build the model.onnx of a run directory, or --no-guard")
+        # a detector's own input, as its export recorded it (plain resize, BGR): the images it was made for
+        fit = "resize" if metadata.get("workbench.resize") == "resize" else "letterbox"
+        detector = {fit: [h, w], "channels": "bgr" if metadata.get("workbench.channels") == "bgr" else "rgb",
+                    "pixel_max": _pixel_max(metadata.get("workbench.pixel_max"))}
         if path.is_file() and path.suffix in (".yaml", ".yml"):
             splits = ["calibration", "evaluation"]
-            config = DataConfig(transform={"letterbox": [h, w]},
+            config = DataConfig(transform=detector,
                                 calibration={"source": "yolo", "yaml": str(path), "split": "train"},
                                 evaluation={"source": "yolo", "yaml": str(path), "split": "val"})
         elif path.is_dir():
@@ -304,7 +308,7 @@ def _guard_images(onnx_path: Path, dims: list, data, policy):
                 raise WorkbenchError(f"{onnx_path} takes {h}x{w} images and --data's are center-cropped square: "
                                      "build the model.onnx of a run directory (its recipe says how images are "
                                      "prepared), or --no-guard")
-            transform = ({"letterbox": [h, w]} if task_name == "detection" else {"resize": min(h, w), "crop": h})
+            transform = detector if task_name == "detection" else {"resize": min(h, w), "crop": h}
             config = DataConfig(transform=transform, calibration={"source": "files", "path": str(path)})
             splits = ["calibration"]
         else:
@@ -326,6 +330,15 @@ def _guard_images(onnx_path: Path, dims: list, data, policy):
     if not any(len(d) for _, d in datasets):
         raise WorkbenchError(f"the guard found no images in {where}: give --data a folder of images, or --no-guard")
     return task, None, batches()
+
+
+def _pixel_max(value: str | None) -> float:
+    """A graph's recorded white-pixel value (workbench.pixel_max), 1.0 where absent or not a valid one."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return 1.0
+    return v if 0 < v <= 255 else 1.0
 
 
 def _onnx_metadata(path: Path) -> dict[str, str]:

@@ -135,7 +135,8 @@ class ImageInput:
         fit = f"letterbox to {size[0]}x{size[1]} (pad {PAD_VALUE})" if self.fit == "letterbox" else \
             f"plain resize to {size[0]}x{size[1]} (aspect ratio not kept)"
         return {"workbench.preprocess": f"{fit}; channels {self.channels.upper()}; pixels 0..{self.pixel_max:g}",
-                "workbench.channels": self.channels, "workbench.resize": self.fit}
+                "workbench.channels": self.channels, "workbench.resize": self.fit,
+                "workbench.pixel_max": f"{self.pixel_max:g}"}
 
 
 RGB_LETTERBOX = ImageInput()

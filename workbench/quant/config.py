@@ -36,7 +36,8 @@ class Int8Config(BaseModel):
     decode_float: bool = Field(
         True, description="Find the output decode from the traced graph (the ops after each head's last convolution: "
                           "sigmoid/exp/grid arithmetic/concat/softmax, and layers reading them such as DFL) and keep "
-                          "it float; the report lists it. exclude adds to it.")
+                          "it float; the report lists it. exclude adds to it. The calibrate stage turns it on for "
+                          "task: detection and, unless set, off for other tasks.")
     fold_batchnorm: bool = Field(True, description="Fold BatchNorm into the preceding convolution first (refused, "
                                                    "exit 2, if the folded float model computes other outputs).")
     residual_add: bool = Field(

@@ -84,12 +84,21 @@ def _without_why(arithmetic: dict) -> dict:
     return {k: v for k, v in arithmetic.items() if k != "why"} if isinstance(arithmetic, dict) else arithmetic
 
 
+def task_options(run, opts: CalibrateOptions) -> CalibrateOptions:
+    """The options as calibrate uses them: decode_float, unless the recipe sets it, only for a detector (a
+    classifier's logits come straight from its last layer: no decode to find, no trace to pay for)."""
+    if run.recipe.task != "detection" and "decode_float" not in opts.model_fields_set:
+        return opts.model_copy(update={"decode_float": False})
+    return opts
+
+
 def _calibrated(run, options, values, loaded) -> bool:
     from ..errors import CalibrationError
     from ..quant.ptq import restore_
     from ..targets import TENSORRT
 
     saved = loaded["calibration.json"]
+    options = task_options(run, options)
     if saved["config"] != options.model_dump(mode="json"):
         return False  # written by a workbench whose calibrate options differ: calibrate again
     path = run.path("calibration.json")
@@ -204,6 +213,7 @@ def calibrate(run, opts: CalibrateOptions) -> None:
 
     from ..quant.ptq import quantize_, quantizer_summary, unmatched_patterns
 
+    opts = task_options(run, opts)
     if missing := unmatched_patterns(run.model, opts.exclude):
         raise CalibrationError(
             f"stages.calibrate.exclude: pattern(s) {missing} match no module of the model; "

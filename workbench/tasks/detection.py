@@ -7,8 +7,9 @@ layouts are understood (the raw tensor, before any NMS):
   probabilities already sigmoided; score = obj * cls.
 - "anchor_free", YOLOv8/11: (B, 4 + C, N) columns [cx, cy, w, h, cls_1..cls_C]; score = cls.
 
-Boxes are in network-input (letterboxed) pixels; the dataset's Letterbox maps
-them back to the original image, where the COCO ground truth lives.
+Boxes are in network-input (letterboxed or resized) pixels; the dataset's Letterbox maps
+them back to the original image, where the COCO ground truth lives. A model whose output has
+another form declares it in the recipe (model.detector: tasks/detection_contract.py converts it).
 """
 
 from __future__ import annotations
@@ -464,7 +465,7 @@ class DetectionTask(Task):
     proxy_samples = 8  # a detector's output holds thousands of boxes per image: 8 images give plenty of values
     task_samples = None
     train_mode = "eval"  # BatchNorm statistics of a detector's small distillation batches would drift
-    preprocess_steps = "read, letterbox, normalise"
+    preprocess_steps = "read, letterbox or resize, normalise"
     postprocess_steps = "decode and NMS"
 
     def fidelity_sentences(self, metrics: dict[str, float], samples: int) -> list[str]:
