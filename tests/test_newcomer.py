@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -183,3 +184,61 @@ def test_a_run_ends_with_the_one_file_to_deploy(tmp_path, images, capsys):
                                                    abs=5e-4)
     assert "deploy: deploy/model_int8_ort.onnx (ort_int8_native, " in out
     assert "(the file to deploy: `deploy/model_int8_ort.onnx`)" in (run_dir / "report.md").read_text()
+
+
+def _text_files(run_dir: Path) -> dict[str, str]:
+    """Every file of a run directory that reads as text (JSON, YAML, Markdown, HTML, sidecars), by relative name."""
+    texts = {}
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+        try:
+            texts[str(path.relative_to(run_dir))] = path.read_text()
+        except UnicodeDecodeError:  # an ONNX graph, weights, a blob, a PNG
+            pass
+    return texts
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="the run builds an OpenVINO engine")
+def test_no_file_of_a_run_names_the_directory_it_was_built_in(tmp_path, monkeypatch):
+    """The run directory is built as `….incomplete`, renamed `.failed` or final, and may be moved: the paths its
+    files record (the OpenVINO sidecars' source graph, metrics.json's build record) are relative to it, so a run
+    moved elsewhere resumes and benches from its own files."""
+    import json
+    import shutil
+
+    from conftest import tiny_recipe
+    from helpers import make_image_folder
+
+    images = make_image_folder(tmp_path / "images36", per_class=12)
+    import workbench.stages.evaluate as evaluate_stage
+    from workbench.errors import WorkbenchError
+
+    stages = ("  - calibrate: {method: max}\n  - export: {}\n  - build: {engine: openvino}\n"
+              "  - evaluate: {backends: [openvino_int8], latency: false}\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs", stages).replace("helpers:tiny_cnn", "helpers:trained_cnn"))
+
+    def interrupted(*_):  # the run fails after build, so that it is resumed from a directory moved elsewhere
+        raise WorkbenchError("evaluate interrupted by the test")
+
+    monkeypatch.setattr(evaluate_stage, "_evaluate", interrupted)
+    assert main(["run", str(recipe)]) == 2
+    monkeypatch.undo()
+    (failed,) = (tmp_path / "runs").iterdir()
+    assert failed.name.endswith(".failed")
+    moved = tmp_path / "elsewhere" / failed.name
+    shutil.move(failed, moved)
+    assert main(["run", "--resume", str(moved), "model.trust_code=true"]) == 0
+    final = moved.with_name(moved.name.removesuffix(".failed"))
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert "build" in metrics["resumed"]["reused"]  # restored from the moved directory's own files
+    assert metrics["stages"]["build"]["int8"]["onnx"] == "model_openvino_int8.onnx"
+    assert json.loads((final / "model_openvino_int8.xml.json").read_text())["onnx"] == "model_openvino_int8.onnx"
+    texts = _text_files(final)
+    assert "metrics.json" in texts and "model_openvino_fp32.xml.json" in texts
+    stale = {name for name, text in texts.items()
+             if ".incomplete" in text or str(tmp_path / "runs" / failed.name.removesuffix(".failed")) in text}
+    assert not stale
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(final), "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                 "--json", str(out)]) == 0
+    assert "model_openvino_int8.xml" in json.loads(out.read_text())["backends"]
