@@ -242,3 +242,28 @@ def test_no_file_of_a_run_names_the_directory_it_was_built_in(tmp_path, monkeypa
     assert main(["bench", str(final), "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--threads", "1",
                  "--json", str(out)]) == 0
     assert "model_openvino_int8.xml" in json.loads(out.read_text())["backends"]
+
+
+def test_a_detection_runs_recipe_shows_no_imagenet_mean_it_never_used(tmp_path):
+    """A detector's images are letterboxed and scaled to 0..1, nothing else: the run's recipe.yaml lists no ImageNet
+    mean/std beside letterbox (a user would think them applied), yet reads back to the recipe that ran."""
+    from test_yolo_users import _recipe, ultralytics_set
+
+    from workbench.recipe import load_recipe, parse_recipe
+    from workbench.schema import dump_recipe
+
+    data_yaml = ultralytics_set(tmp_path / "set")
+    assert main(["run", str(_recipe(tmp_path, str(data_yaml), "  - calibrate: {method: max}\n"))]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    dumped = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    assert dumped["task"] == "detection" and dumped["data"]["transform"]["letterbox"] == [64, 64]
+    assert not {"mean", "std"} & set(dumped["data"]["transform"])
+    ran = load_recipe(tmp_path / "r.yaml")
+    assert load_recipe(run_dir / "recipe.yaml").model_dump() == ran.model_dump()  # resume hashes this: unchanged
+    # another mean is kept (read back, the recipe must be the one that ran); a classifier's defaults are written
+    written = ran.model_copy(update={"data": ran.data.model_copy(update={"transform": TransformConfig(
+        letterbox=(64, 64), mean=(0.5, 0.5, 0.5))})})
+    assert yaml.safe_load(dump_recipe(written))["data"]["transform"]["mean"] == [0.5, 0.5, 0.5]
+    classifier = parse_recipe(f"name: c\nmodel: {{spec: 'torchvision:resnet18'}}\ndata:\n  calibration: "
+                              f"{{source: imagefolder, path: '{tmp_path}'}}\nstages: [{{calibrate: {{}}}}]\n")
+    assert yaml.safe_load(dump_recipe(classifier))["data"]["transform"]["std"] == [0.229, 0.224, 0.225]
