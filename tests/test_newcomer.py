@@ -267,3 +267,20 @@ def test_a_detection_runs_recipe_shows_no_imagenet_mean_it_never_used(tmp_path):
     classifier = parse_recipe(f"name: c\nmodel: {{spec: 'torchvision:resnet18'}}\ndata:\n  calibration: "
                               f"{{source: imagefolder, path: '{tmp_path}'}}\nstages: [{{calibrate: {{}}}}]\n")
     assert yaml.safe_load(dump_recipe(classifier))["data"]["transform"]["std"] == [0.229, 0.224, 0.225]
+
+
+def test_the_quick_commands_import_neither_rich_nor_an_engine(tmp_path):
+    """`workbench stages` and `schema` answer at interpreter speed plus pydantic's: rich (the console), torch and the
+    ONNX packages are for the commands that run something. In a fresh interpreter, as the command starts."""
+    import subprocess
+    import sys
+
+    probe = ("import contextlib, io, sys\nfrom workbench.cli import main\n"
+             "with contextlib.redirect_stdout(io.StringIO()):\n    assert main([sys.argv[1]]) == 0\n"
+             "heavy = ('rich', 'torch', 'onnx', 'onnxruntime', 'openvino', 'numpy')\n"
+             "print(sorted(m for m in heavy if m in sys.modules))")
+    for command in ("stages", "schema"):
+        done = subprocess.run([sys.executable, "-c", probe, command], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "[]", (command, done.stdout)
