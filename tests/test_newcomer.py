@@ -270,8 +270,8 @@ def test_a_detection_runs_recipe_shows_no_imagenet_mean_it_never_used(tmp_path):
 
 
 def test_the_quick_commands_import_neither_rich_nor_an_engine(tmp_path):
-    """`workbench stages` and `schema` answer at interpreter speed plus pydantic's: rich (the console), torch and the
-    ONNX packages are for the commands that run something. In a fresh interpreter, as the command starts."""
+    """`workbench stages` answers at interpreter speed, `schema` at pydantic's: rich (the console), torch and the ONNX
+    packages are for the commands that run something. In a fresh interpreter, as the command starts."""
     import subprocess
     import sys
 
@@ -279,8 +279,21 @@ def test_the_quick_commands_import_neither_rich_nor_an_engine(tmp_path):
              "with contextlib.redirect_stdout(io.StringIO()):\n    assert main([sys.argv[1]]) == 0\n"
              "heavy = ('rich', 'torch', 'onnx', 'onnxruntime', 'openvino', 'numpy')\n"
              "print(sorted(m for m in heavy if m in sys.modules))")
-    for command in ("stages", "schema"):
-        done = subprocess.run([sys.executable, "-c", probe, command], cwd=ROOT, capture_output=True, text=True,
+    # stages reads the stage modules' source: not even pydantic; schema is pydantic's, but nothing heavier
+    for command, check in (("stages", probe.replace("'numpy')", "'numpy', 'pydantic')")), ("schema", probe)):
+        done = subprocess.run([sys.executable, "-c", check, command], cwd=ROOT, capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "[]", (command, done.stdout)
+
+
+def test_stages_lists_what_the_registry_holds(capsys):
+    """`workbench stages` reads names and summaries from the stage modules' source; they must be the registry's, in
+    its order (a stage registered another way, or a summary changed, fails here)."""
+    from workbench.stage_summaries import stage_summaries
+    from workbench.stages import STAGES
+
+    assert list(stage_summaries().items()) == [(name, spec.summary) for name, spec in STAGES.items()]
+    assert main(["stages"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == list(STAGES)

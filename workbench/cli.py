@@ -341,11 +341,12 @@ def _dispatch(args, parser) -> int:
         print("\n".join(found))
         return 0
     if args.command == "stages":
-        from .stages import STAGES
+        from .stage_summaries import stage_summaries  # the stage modules' source, not their import: instant
 
-        width = max(map(len, STAGES))
-        for name, spec in STAGES.items():
-            print(f"{name:<{width}}  {spec.summary}")
+        summaries = stage_summaries()
+        width = max(map(len, summaries))
+        for name, summary in summaries.items():
+            print(f"{name:<{width}}  {summary}")
         return 0
     parser.print_help()
     return 2
