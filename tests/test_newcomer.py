@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -183,3 +184,116 @@ def test_a_run_ends_with_the_one_file_to_deploy(tmp_path, images, capsys):
                                                    abs=5e-4)
     assert "deploy: deploy/model_int8_ort.onnx (ort_int8_native, " in out
     assert "(the file to deploy: `deploy/model_int8_ort.onnx`)" in (run_dir / "report.md").read_text()
+
+
+def _text_files(run_dir: Path) -> dict[str, str]:
+    """Every file of a run directory that reads as text (JSON, YAML, Markdown, HTML, sidecars), by relative name."""
+    texts = {}
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+        try:
+            texts[str(path.relative_to(run_dir))] = path.read_text()
+        except UnicodeDecodeError:  # an ONNX graph, weights, a blob, a PNG
+            pass
+    return texts
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="the run builds an OpenVINO engine")
+def test_no_file_of_a_run_names_the_directory_it_was_built_in(tmp_path, monkeypatch):
+    """The run directory is built as `….incomplete`, renamed `.failed` or final, and may be moved: the paths its
+    files record (the OpenVINO sidecars' source graph, metrics.json's build record) are relative to it, so a run
+    moved elsewhere resumes and benches from its own files."""
+    import json
+    import shutil
+
+    from conftest import tiny_recipe
+    from helpers import make_image_folder
+
+    images = make_image_folder(tmp_path / "images36", per_class=12)
+    import workbench.stages.evaluate as evaluate_stage
+    from workbench.errors import WorkbenchError
+
+    stages = ("  - calibrate: {method: max}\n  - export: {}\n  - build: {engine: openvino}\n"
+              "  - evaluate: {backends: [openvino_int8], latency: false}\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(images, tmp_path / "runs", stages).replace("helpers:tiny_cnn", "helpers:trained_cnn"))
+
+    def interrupted(*_):  # the run fails after build, so that it is resumed from a directory moved elsewhere
+        raise WorkbenchError("evaluate interrupted by the test")
+
+    monkeypatch.setattr(evaluate_stage, "_evaluate", interrupted)
+    assert main(["run", str(recipe)]) == 2
+    monkeypatch.undo()
+    (failed,) = (tmp_path / "runs").iterdir()
+    assert failed.name.endswith(".failed")
+    moved = tmp_path / "elsewhere" / failed.name
+    shutil.move(failed, moved)
+    assert main(["run", "--resume", str(moved), "model.trust_code=true"]) == 0
+    final = moved.with_name(moved.name.removesuffix(".failed"))
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert "build" in metrics["resumed"]["reused"]  # restored from the moved directory's own files
+    assert metrics["stages"]["build"]["int8"]["onnx"] == "model_openvino_int8.onnx"
+    assert json.loads((final / "model_openvino_int8.xml.json").read_text())["onnx"] == "model_openvino_int8.onnx"
+    texts = _text_files(final)
+    assert "metrics.json" in texts and "model_openvino_fp32.xml.json" in texts
+    stale = {name for name, text in texts.items()
+             if ".incomplete" in text or str(tmp_path / "runs" / failed.name.removesuffix(".failed")) in text}
+    assert not stale
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(final), "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                 "--json", str(out)]) == 0
+    assert "model_openvino_int8.xml" in json.loads(out.read_text())["backends"]
+
+
+def test_a_detection_runs_recipe_shows_no_imagenet_mean_it_never_used(tmp_path):
+    """A detector's images are letterboxed and scaled to 0..1, nothing else: the run's recipe.yaml lists no ImageNet
+    mean/std beside letterbox (a user would think them applied), yet reads back to the recipe that ran."""
+    from test_yolo_users import _recipe, ultralytics_set
+
+    from workbench.recipe import load_recipe, parse_recipe
+    from workbench.schema import dump_recipe
+
+    data_yaml = ultralytics_set(tmp_path / "set")
+    assert main(["run", str(_recipe(tmp_path, str(data_yaml), "  - calibrate: {method: max}\n"))]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    dumped = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    assert dumped["task"] == "detection" and dumped["data"]["transform"]["letterbox"] == [64, 64]
+    assert not {"mean", "std"} & set(dumped["data"]["transform"])
+    ran = load_recipe(tmp_path / "r.yaml")
+    assert load_recipe(run_dir / "recipe.yaml").model_dump() == ran.model_dump()  # resume hashes this: unchanged
+    # another mean is kept (read back, the recipe must be the one that ran); a classifier's defaults are written
+    written = ran.model_copy(update={"data": ran.data.model_copy(update={"transform": TransformConfig(
+        letterbox=(64, 64), mean=(0.5, 0.5, 0.5))})})
+    assert yaml.safe_load(dump_recipe(written))["data"]["transform"]["mean"] == [0.5, 0.5, 0.5]
+    classifier = parse_recipe(f"name: c\nmodel: {{spec: 'torchvision:resnet18'}}\ndata:\n  calibration: "
+                              f"{{source: imagefolder, path: '{tmp_path}'}}\nstages: [{{calibrate: {{}}}}]\n")
+    assert yaml.safe_load(dump_recipe(classifier))["data"]["transform"]["std"] == [0.229, 0.224, 0.225]
+
+
+def test_the_quick_commands_import_neither_rich_nor_an_engine(tmp_path):
+    """`workbench stages` answers at interpreter speed, `schema` at pydantic's: rich (the console), torch and the ONNX
+    packages are for the commands that run something. In a fresh interpreter, as the command starts."""
+    import subprocess
+    import sys
+
+    probe = ("import contextlib, io, sys\nfrom workbench.cli import main\n"
+             "with contextlib.redirect_stdout(io.StringIO()):\n    assert main([sys.argv[1]]) == 0\n"
+             "heavy = ('rich', 'torch', 'onnx', 'onnxruntime', 'openvino', 'numpy')\n"
+             "print(sorted(m for m in heavy if m in sys.modules))")
+    # stages reads the stage modules' source: not even pydantic; schema is pydantic's, but nothing heavier
+    for command, check in (("stages", probe.replace("'numpy')", "'numpy', 'pydantic')")), ("schema", probe)):
+        done = subprocess.run([sys.executable, "-c", check, command], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "[]", (command, done.stdout)
+
+
+def test_stages_lists_what_the_registry_holds(capsys):
+    """`workbench stages` reads names and summaries from the stage modules' source; they must be the registry's, in
+    its order (a stage registered another way, or a summary changed, fails here)."""
+    from workbench.stage_summaries import stage_summaries
+    from workbench.stages import STAGES
+
+    assert list(stage_summaries().items()) == [(name, spec.summary) for name, spec in STAGES.items()]
+    assert main(["stages"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == list(STAGES)

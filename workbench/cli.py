@@ -248,8 +248,6 @@ class _PipeSafe(io.TextIOBase):
 
 
 def _dispatch(args, parser) -> int:
-    from rich.console import Console
-
     quiet = False
     if args.command in ("run", "sensitivity"):
         from . import distributed
@@ -267,9 +265,8 @@ def _dispatch(args, parser) -> int:
     # set it globally), so logs and captured output hold no escape codes. NO_COLOR turns colour off on a terminal.
     # Off a terminal, tables are laid out 200 columns wide instead of rich's 80: a log keeps whole backend and
     # file names, and what a table shows does not change with the width of whatever captured it.
-    stdout = _PipeSafe(sys.stdout)
-    tty = stdout.isatty()
-    console = Console(file=stdout, quiet=quiet, force_terminal=None if tty else False, width=None if tty else 200)
+    # Only the commands that print through it import rich (validate, stages, schema answer at once without it).
+    console = _console(quiet) if args.command in ("run", "quantize", "sensitivity", "bench") else None
     if args.command == "run":
         from . import api
 
@@ -344,14 +341,23 @@ def _dispatch(args, parser) -> int:
         print("\n".join(found))
         return 0
     if args.command == "stages":
-        from .stages import STAGES
+        from .stage_summaries import stage_summaries  # the stage modules' source, not their import: instant
 
-        width = max(map(len, STAGES))
-        for name, spec in STAGES.items():
-            print(f"{name:<{width}}  {spec.summary}")
+        summaries = stage_summaries()
+        width = max(map(len, summaries))
+        for name, summary in summaries.items():
+            print(f"{name:<{width}}  {summary}")
         return 0
     parser.print_help()
     return 2
+
+
+def _console(quiet: bool):
+    from rich.console import Console
+
+    stdout = _PipeSafe(sys.stdout)
+    tty = stdout.isatty()
+    return Console(file=stdout, quiet=quiet, force_terminal=None if tty else False, width=None if tty else 200)
 
 
 def _run_arguments(args) -> None:

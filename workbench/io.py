@@ -69,3 +69,11 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def path_from(folder: str | os.PathLike, path: str | os.PathLike) -> str:
+    """`path` as a file written into `folder` should name it: relative to that folder where it lies in it (a run
+    directory is built as `….incomplete` and renamed, and may be moved; a relative name stays true), else
+    absolute (a file the user named elsewhere)."""
+    path, folder = Path(path).absolute(), Path(folder).absolute()
+    return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)

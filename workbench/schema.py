@@ -415,5 +415,18 @@ class Recipe(StrictModel):
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as YAML: every default written out, so a run says exactly what it did."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """The resolved recipe as YAML: every default written out, so a run says exactly what it did; but no default
+    that the run never read (a detector's images are only scaled to 0..1: ImageNet's mean/std beside letterbox would
+    say otherwise)."""
+    data = recipe.model_dump(mode="json")
+    if recipe.task == "detection":
+        dumped = data["data"]
+        pairs = [(recipe.data.transform, dumped["transform"])] + [
+            (split.transform, dumped[name]["transform"]) for name in ("calibration", "evaluation", "finetune")
+            if (split := getattr(recipe.data, name)) is not None and split.transform is not None]
+        for transform, written in pairs:
+            for key in ("mean", "std"):
+                # another value stays: the recipe read back must be the one that ran (resume hashes it)
+                if getattr(transform, key) == TransformConfig.model_fields[key].default:
+                    written.pop(key)
+    return yaml.safe_dump(data, sort_keys=False)

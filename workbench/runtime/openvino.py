@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import WorkbenchError
 from ..hardware.cpu import cpu_info
-from ..io import write_bytes, write_json
+from ..io import path_from, write_bytes, write_json
 from .engines import Engine
 
 INSTALL_HINT = "pip install openvino (Apache-2.0, CPU wheels for x86-64 and Arm); the run's ONNX files do not need it"
@@ -160,7 +160,7 @@ def compile_model_file(req: CompileRequest) -> dict:
         "engine": "openvino",
         "ir": req.xml.name,
         "blob": blob.name if blob else None,
-        "onnx": str(req.onnx),
+        "onnx": path_from(req.xml.parent, req.onnx),  # true after the run directory's rename
         "openvino": ov.get_version(),
         "cpu": cpu_info().as_dict(),
         "layer_precisions": precisions,

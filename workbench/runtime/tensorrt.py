@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import WorkbenchError
-from ..io import atomic_path, write_json
+from ..io import atomic_path, path_from, write_json
 from .engines import Engine
 
 INSTALL_HINT = (
@@ -180,7 +180,7 @@ def build_engine(req: BuildRequest) -> dict:
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     sidecar = {
         "engine": req.engine.name,
-        "onnx": str(req.onnx),
+        "onnx": path_from(req.engine.parent, req.onnx),  # true after the run directory's rename
         "tensorrt": trt.__version__,
         "gpu": props.name,
         "compute_capability": f"{props.major}.{props.minor}",
