@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dis
 import fnmatch
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -241,10 +242,17 @@ class _Replacer(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _pattern_forward(self, *args, **kwargs):
-    units = {key: self.get_submodule(path) for key, path in self._pattern_units.items()}
-    with _Replacer(self, units):
-        return type(self).__mro__[1].forward(self, *args, **kwargs)
+def _pattern_forward(original):
+    """The owner's forward with its recorded Adds replaced; it shows the original's signature (functools.wraps), so
+    torch.fx traces it as it traced the original (CLE finds its chains so)."""
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        units = {key: self.get_submodule(path) for key, path in self._pattern_units.items()}
+        with _Replacer(self, units):
+            return original(self, *args, **kwargs)
+
+    return forward
 
 
 def unit_names(owner: str, count: int) -> list[str]:
@@ -268,7 +276,8 @@ def rewrite_owner(owner: nn.Module, name: str, sites: list[AddSite], quantized_a
             owner.add_module(f"{PATTERN_UNIT}{k}", holder)
             paths[(site.code, site.offset, site.occurrence)] = f"{PATTERN_UNIT}{k}.residual_add"
     owner._pattern_units = paths  # plain tuples and strings: the model still deep-copies and pickles
-    owner.__class__ = type(f"QuantResidual{type(owner).__name__}", (type(owner),), {"forward": _pattern_forward})
+    cls = type(owner)
+    owner.__class__ = type(f"QuantResidual{cls.__name__}", (cls,), {"forward": _pattern_forward(cls.forward)})
     return units
 
 
