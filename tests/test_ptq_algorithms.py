@@ -504,3 +504,13 @@ def test_a_convolution_whose_same_padding_module_is_a_foreign_identity_does_not_
     assert not _pads(conv)
     conv.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
     assert _pads(conv)
+
+
+def test_chains_are_found_by_module_hooks_through_an_identity_that_returns_its_input():
+    """Where torch.fx cannot trace, the hooks see an Identity (a folded BatchNorm) hand back the very tensor it read:
+    its readers include itself, which once sent the chain search round in a loop forever."""
+    from workbench.quant.algorithms.cle import _chains_hooks
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Identity(), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    chains, calls = _chains_hooks(net, torch.randn(2, 3, 6, 6))
+    assert [(c.first, c.second, c.kind) for c in chains] == [("0", "3", "relu")] and calls == {"2": 1}

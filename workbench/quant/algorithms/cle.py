@@ -357,7 +357,10 @@ def _chains_hooks(model, example) -> tuple[list[Chain], dict[str, int]]:
     def only_reader(name):
         if calls.get(name, 0) != 1:
             return None
-        found = readers.get(outputs.get(name, -1), [])
+        # Identity hands back the very tensor it read: that tensor's readers include the Identity, whose readers
+        # are then the tensor's own. A module that returned what it read is skipped, not counted as a reader.
+        tensor = outputs.get(name, -1)
+        found = [r for r in readers.get(tensor, []) if r != name and outputs.get(r) != tensor]
         return found[0] if len(found) == 1 else None
 
     chains = []
