@@ -310,3 +310,27 @@ def test_the_build_guard_feeds_a_detector_graph_the_input_its_export_recorded(tm
     (_, images), = list(batches)
     expected, _ = ImageInput(fit="resize", channels="bgr")(img, (32, 64), 16)
     np.testing.assert_array_equal(images[0], expected.numpy())  # stretched (no grey pad) and BGR
+
+
+def test_normalized_boxes_scale_by_the_input_size_in_a_dynamic_size_export(tmp_path):
+    """units: normalized multiplies by the input's width and height: traced from the input's shape, so a graph
+    exported with dynamic height and width scales each size by its own (not the export's, as a constant would)."""
+    import onnxruntime as ort
+
+    from workbench.tasks.detection_contract import DetectorContract
+
+    contract = DetectorContract("anchor_objectness", "cxcywh", "normalized", "probabilities")
+
+    class Normalized(torch.nn.Module):  # 20 boxes of (cx, cy, w, h, obj, cls) in 0..1, from the image's mean
+        def forward(self, x):
+            rows = torch.sigmoid(x.mean(dim=(2, 3), keepdim=True).flatten(1)[:, :1]).expand(-1, 6)
+            return contract.convert(rows[:, None, :].expand(-1, 20, -1).contiguous(), x)
+
+    path = tmp_path / "n.onnx"
+    torch.onnx.export(Normalized(), (torch.rand(1, 3, 64, 64),), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for h, w in ((64, 64), (96, 128)):
+        x = torch.rand(1, 3, h, w)
+        got = session.run(None, {"x": x.numpy()})[0]
+        np.testing.assert_allclose(got, Normalized()(x).numpy(), rtol=1e-5, atol=1e-5)

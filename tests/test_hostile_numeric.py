@@ -43,8 +43,8 @@ def inf_fold_cnn(num_classes: int = 3) -> TinyCNN:
 
 
 class PoisonedByCalibration(TinyCNN):
-    """Its fc weight turns NaN the first time it runs in eval mode with its quantizers inserted (calibration's
-    batches), after calibrate checked the weights: calibration sees finite activations, the export would not."""
+    """Its fc weight turns NaN the first time it runs in eval mode once its fc is calibrated (after calibrate
+    checked the weights): calibration sees finite activations, the export would not."""
 
     def __init__(self, num_classes: int = 3):
         super().__init__(num_classes)
@@ -52,7 +52,8 @@ class PoisonedByCalibration(TinyCNN):
 
     def forward(self, x):
         out = super().forward(x)
-        if not self.training and hasattr(self.fc, "weight_quantizer") and not self.poisoned:
+        quantizer = getattr(self.fc, "input_quantizer", None)  # its range is set once calibration has run
+        if not self.training and getattr(quantizer, "amax", None) is not None and not self.poisoned:
             self.poisoned = True
             with torch.no_grad():
                 self.fc.weight.fill_(NAN)

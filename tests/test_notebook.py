@@ -96,7 +96,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, kernel_env):
     text = [_text(c) for c in nb.cells if c.cell_type == "code"]
     joined = "\n".join(text)
     assert f"run: {run_dir}" in text[0]
-    assert "4 switchable units; the run's own plan keeps in float: none" in joined
+    # conv1-3, fc and the residual Add (quantized by the pattern rule: TinyCNN's block is no known class)
+    assert "5 switchable units; the run's own plan keeps in float: none" in joined
     # The table, as Markdown, with conv2 (the layer INT8 ruins) first; and both plots drawn.
     table = next(t for t in text if "| rank | layer |" in t)
     assert table.splitlines()[2].startswith("| 1 | `conv2` | Conv2d | 294,912 | -")

@@ -47,7 +47,8 @@ def test_run_writes_a_complete_run_directory(images, tmp_path, capsys):
     assert metrics["status"] == "complete"
     assert metrics["stages"]["calibrate"]["method"] == "percentile"
     assert metrics["stages"]["calibrate"]["census"] == {"Conv2d": {"int8": 3, "float": 0},
-                                                        "Linear": {"int8": 1, "float": 0}}
+                                                        "Linear": {"int8": 1, "float": 0},
+                                                        "Add (residual)": {"int8": 1, "float": 0}}
     backends = metrics["stages"]["evaluate"]["backends"]
     assert set(backends) == {"pytorch_fp32", "pytorch_int8", "ort_fp32", "ort_int8_faithful", "ort_int8_default",
                              "ort_int8_native"}

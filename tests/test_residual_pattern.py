@@ -218,3 +218,39 @@ def test_in_place_adds(bare):
         assert result.residual_quantizers == [] and "in-place add_" in result.residual_left_alone["2"]
     else:
         assert result.residual_quantizers == ["2.residual_add.input0_quantizer", "2.residual_add.input1_quantizer"]
+
+
+def test_adds_of_a_detectors_decode_are_not_residual_adds():
+    """A CenterNet-style decode adds a grid to an offset map (two head outputs, of different origins): the decode
+    scope keeps it float, so the residual rule must not put 8-bit quantizers on it (box centres would move)."""
+    import contextlib
+
+    from workbench.quant.decode_scope import find_decode_scope
+    from workbench.quant.residual_pattern import find_residual_adds
+
+    class Centers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+            self.hm, self.off = nn.Conv2d(8, 1, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            f = torch.relu(self.body(x))
+            w = f.shape[-1]
+            score, idx = self.hm(f).sigmoid().flatten(1).topk(20, dim=1)
+            off = self.off(f).flatten(2)
+            cx = (idx % w).float() + off[:, 0].gather(1, idx)
+            cy = (idx // w).float() + off[:, 1].gather(1, idx)
+            return torch.stack([cx, cy, score], -1)
+
+    class Enabled:  # what the finder reads of a quantized layer
+        is_enabled = True
+
+    model, x = Centers().eval(), torch.rand(1, 3, 64, 64)
+    heads = find_decode_scope(model, x).head_layers
+    assert set(heads) == {"hm", "off"}
+    for conv in (model.body, model.hm, model.off):
+        conv.weight_quantizer = Enabled()
+    untold = find_residual_adds(model, x, lambda m: contextlib.nullcontext())
+    assert len(untold.sites) == 2  # without the decode's heads, grid + offset looks like a residual Add
+    assert find_residual_adds(model, x, lambda m: contextlib.nullcontext(), heads).sites == []

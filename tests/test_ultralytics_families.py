@@ -21,7 +21,7 @@ FAMILIES = {
     "yolov8n.yaml": (63, 6, 0),
     "yolov5nu.yaml": (75, 7, 0),
     "yolo11n.yaml": (87, 13, 2),  # C3k2, and C2PSA's PSABlock: attention and feed-forward residuals
-    "yolov10n.yaml": (107, 8, 2),  # PSA
+    "yolov10n.yaml": (107, 10, 2),  # PSA; and two Adds no class rewrite knows, found by pattern
 }
 
 

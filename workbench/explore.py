@@ -71,7 +71,8 @@ class RunExplorer:
         self.task = get_task(self.recipe.task)
         saved = _read_json(calibration)
         check_calibration(saved, calibration)
-        self.config = CalibrateOptions(**saved["config"])
+        # a run from before `decode_float` quantized its decode: a missing key means it did not keep it float
+        self.config = CalibrateOptions(**{"decode_float": False, **saved["config"]})
         self.device = torch.device(device)
         self.reference = resolve_model(self.recipe.model).to(self.device).eval()
         pruned = self.dir / "pruned_model.pt"

@@ -97,6 +97,10 @@ def _random_crop_box(height: int, width: int, scale: tuple[float, float],
     return (height - side) // 2, (width - side) // 2, side, side
 
 
+# What the model fixes about its input, whichever images a named calibration set picks.
+MODEL_INPUT_FIELDS = ("mean", "std", "channels", "pixel_max")
+
+
 def build_dataset(data: DataConfig, split_name: str) -> ImageDataset:
     """The Dataset for data.<split_name> (calibration, evaluation or finetune)."""
     split: DataSplit | None = getattr(data, split_name)
@@ -110,7 +114,8 @@ def build_dataset(data: DataConfig, split_name: str) -> ImageDataset:
             split.calib_set, field, count=split.count, seed=split.seed if "seed" in given else None
         )
         # The set fixes which pixels; the model fixes how they are normalised.
-        transform = transform.model_copy(update={"mean": data.transform.mean, "std": data.transform.std})
+        transform = transform.model_copy(update={k: getattr(data.transform, k) for k in MODEL_INPUT_FIELDS
+                                                 if hasattr(data.transform, k)})
     else:
         transform = split.transform or data.transform
     from .registry import data_source, load

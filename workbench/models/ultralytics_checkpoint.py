@@ -141,6 +141,19 @@ def checkpoint_facts(path: str | Path) -> CheckpointFacts | None:
 def missing_globals(names: list[tuple[str, str]], package: str = "ultralytics") -> list[str]:
     """`module.attribute` of each global under `package` the installed package lacks (its module does not exist,
     or has no such attribute). Only the installed package's own modules are imported, never the file's code."""
+    import PIL.Image
+    import torch
+
+    # Importing Ultralytics patches PIL.Image.open and torch.save for the whole process (registry.import_ultralytics
+    # says why that matters): whatever this imports, they are put back as they were.
+    image_open, save = PIL.Image.open, torch.save
+    try:
+        return _missing_globals(names, package)
+    finally:
+        PIL.Image.open, torch.save = image_open, save
+
+
+def _missing_globals(names: list[tuple[str, str]], package: str) -> list[str]:
     missing = []
     for module, name in names:
         if module != package and not module.startswith(package + "."):

@@ -54,6 +54,12 @@ class DecodeScope:
         return {"traced": self.traced, **({"reason": self.reason} if self.reason else {}), "ops": self.ops,
                 "layers_float": self.layers, "head_layers": self.head_layers}
 
+    def decoding_heads(self) -> list[str]:
+        """The head layers, where what follows them decodes (a sigmoid, exp or softmax among the ops after them);
+        none where only plain arithmetic follows the last layers (a toy classifier ending in a residual Add), which
+        is no decode for the residual rule to leave float."""
+        return list(self.head_layers) if self.traced and set(self.ops) & (DECODE_MARKS | {"TopK"}) else []
+
     def summary(self) -> str:
         """One line for the run's log and report."""
         if not self.traced:

@@ -340,7 +340,8 @@ def _insert_quantizers(model: nn.Module, config: Int8Config, example_input: torc
         warnings.simplefilter("ignore")
         mtq.quantize(model, mt_cfg, forward_loop=None)
     if config.residual_add:
-        rewrite = apply_residual_rule(model, example_input, config.exclude)
+        rewrite = apply_residual_rule(model, example_input, config.exclude,
+                                      result.decode.decoding_heads() if result.decode is not None else ())
         result.residual_quantizers, result.residual_excluded = rewrite.quantizers, rewrite.excluded
         result.residual_left_alone, result.residual_by_pattern = rewrite.left_alone, rewrite.by_pattern
     modules = dict(model.named_modules())

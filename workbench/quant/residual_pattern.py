@@ -125,9 +125,10 @@ class _Recorder(TorchFunctionMode):
     """Follows which tensors are quantized-derived, and from which layers, and records each residual Add (module
     docstring, 1)."""
 
-    def __init__(self, names: dict[int, str], stack: list[str]):
+    def __init__(self, names: dict[int, str], stack: list[str], heads: frozenset[int] = frozenset()):
         super().__init__()
         self.names, self.stack = names, stack
+        self.heads = heads  # a detector's head layers: what is computed from them is its decode, kept float
         self.derived: dict[int, frozenset[int]] = {}  # id(tensor) -> the quantized layers it was last computed from
         self.alive: list[torch.Tensor] = []  # held so that an id is not reused by another tensor within the run
         self.counts: dict[tuple[int, int], int] = {}
@@ -146,7 +147,7 @@ class _Recorder(TorchFunctionMode):
             operands = _add_operands(func, args, kwargs)
             if operands is not None:
                 a, b = (self.derived.get(id(t)) for t in operands)
-                self._record(func, a is not None and b is not None and a != b)
+                self._record(func, a is not None and b is not None and a != b and not (a | b) & self.heads)
         out = func(*args, **kwargs)
         if func not in _COMPUTE:
             origins = [self.derived[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.derived]
@@ -181,10 +182,13 @@ class _Recorder(TorchFunctionMode):
                                   frame.f_lineno))
 
 
-def find_residual_adds(model: nn.Module, example: torch.Tensor, float_mode) -> PatternAdds:
+def find_residual_adds(model: nn.Module, example: torch.Tensor, float_mode, decode_heads=()) -> PatternAdds:
     """The residual Adds of `model` by pattern (module docstring, 1), found on one run on `example` inside
-    `float_mode(model)` (rules.quantizers_off, handed in: rules imports this module)."""
+    `float_mode(model)` (rules.quantizers_off, handed in: rules imports this module). An Add with an operand computed
+    from one of `decode_heads` (the last layers of a detector's heads: quant/decode_scope.py) is the decode's, which
+    stays float, however many head outputs it joins (a grid plus an offset, a centre plus a size)."""
     names = {id(m): n for n, m in model.named_modules()}
+    heads = frozenset(id(m) for n, m in model.named_modules() if n in set(decode_heads))
     quantized = {id(m) for m in model.modules() if _is_quantized_layer(m)}  # before the quantizers are switched off
     stack: list[str] = []
 
@@ -197,7 +201,7 @@ def find_residual_adds(model: nn.Module, example: torch.Tensor, float_mode) -> P
         if id(module) in quantized:
             recorder.mark(output, frozenset({id(module)}))
 
-    recorder = _Recorder(names, stack)
+    recorder = _Recorder(names, stack, heads)
     handles = [m.register_forward_pre_hook(enter) for m in model.modules()]
     handles += [m.register_forward_hook(leave) for m in model.modules()]
     was_training = model.training

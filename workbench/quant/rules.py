@@ -235,19 +235,21 @@ class ResidualRewrite:
 NOT_RECOGNISED = "not rewritten: structure not recognised"
 
 
-def apply_residual_rule(model: nn.Module, example: torch.Tensor, exclude: list[str] = ()) -> ResidualRewrite:
+def apply_residual_rule(model: nn.Module, example: torch.Tensor, exclude: list[str] = (),
+                        decode_heads: list[str] = ()) -> ResidualRewrite:
     """The residual_add rule, block by block as `insert_residual_quantizers` proves them, and then proved on the whole
     model: with every quantizer off it must compute what it did before on `example`, or a RewriteError names the
     first module whose output differs (and the model is put back)."""
     return checked_rewrite(
-        model, lambda m: insert_residual_quantizers(m, example, exclude), example, float_mode=quantizers_off,
+        model, lambda m: insert_residual_quantizers(m, example, exclude, decode_heads=decode_heads), example,
+        float_mode=quantizers_off,
         what="calibrate: the residual_add rule (quantized residual Adds)",
         advice="Set residual_add: false in stages.calibrate (the Adds then stay float), or exclude that block's Add "
                "(exclude: ['<block>.residual_add']).")
 
 
 def insert_residual_quantizers(model: nn.Module, example: torch.Tensor, exclude: list[str] = (),
-                               pattern: bool = True) -> ResidualRewrite:
+                               pattern: bool = True, decode_heads: list[str] = ()) -> ResidualRewrite:
     """Apply `residual_add` to every block whose structure it can prove; returns the quantizer names added (calibrated
     like any input quantizer), the residual units left float by the excludes, and the blocks left alone.
 
@@ -279,7 +281,7 @@ def insert_residual_quantizers(model: nn.Module, example: torch.Tensor, exclude:
             continue
         rewrite.quantizers += [f"{unit}.input{i}_quantizer" for unit in units for i in (0, 1)]
     if pattern:
-        _insert_by_pattern(model, example, exclude, rewrite)
+        _insert_by_pattern(model, example, exclude, rewrite, decode_heads)
     return rewrite
 
 
@@ -304,12 +306,13 @@ def _proved(block: nn.Module, inputs: tuple[tuple, dict], apply, undo) -> tuple[
     return units, None
 
 
-def _insert_by_pattern(model: nn.Module, example: torch.Tensor, exclude, rewrite: ResidualRewrite) -> None:
+def _insert_by_pattern(model: nn.Module, example: torch.Tensor, exclude, rewrite: ResidualRewrite,
+                       decode_heads: list[str] = ()) -> None:
     """The residual Adds no class rewrite covers, found and rewritten by graph pattern (quant/residual_pattern.py):
     in classes the rules do not know, and in known blocks whose class rewrite was not proved."""
     from .residual_pattern import excluded, find_residual_adds, rewrite_owner, undo_owner, unit_names
 
-    found = find_residual_adds(model, example, quantizers_off)
+    found = find_residual_adds(model, example, quantizers_off, decode_heads)
     owners: dict[str, list] = {}
     for site in found.sites:  # an Add inside a ResidualAdd is one a class rewrite already quantizes
         if not isinstance(model.get_submodule(site.owner), ResidualAdd):

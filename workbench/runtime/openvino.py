@@ -293,9 +293,12 @@ def exported_arithmetic(model: Path):
     found = [p.value for p in load_onnx(model).metadata_props if p.key == "workbench.target"]
     if not found:
         return None
+    if len(found[0]) > 4096:  # an arithmetic is a few hundred bytes; a deep nest would exhaust the JSON parser
+        raise WorkbenchError(f"{model}: metadata workbench.target is {len(found[0])} characters, not an arithmetic "
+                             "the workbench writes; export the model again")
     try:
         return Arithmetic.from_dict(json.loads(found[0]))
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:
         raise WorkbenchError(f"{model}: metadata workbench.target is not {e}; export the model again") from None
 
 

@@ -44,8 +44,10 @@ class DetectorContract:
         if self.boxes == "xyxy":
             box = torch.cat([(box[..., :2] + box[..., 2:]) / 2, box[..., 2:] - box[..., :2]], dim=-1)
         if self.units == "normalized":  # fractions of the input's width and height
-            h, w = image.shape[-2], image.shape[-1]
-            box = box * torch.tensor([w, h, w, h], dtype=box.dtype, device=box.device)
+            # x and y channels scaled by the traced sizes (a torch.tensor of Python ints would export as a constant
+            # and scale every other size of a dynamic-size graph by the export's)
+            w, h = image.shape[-1], image.shape[-2]
+            box = torch.stack([box[..., 0] * w, box[..., 1] * h, box[..., 2] * w, box[..., 3] * h], dim=-1)
         if self.scores == "logits":
             score = score.sigmoid()
         rows = torch.cat([box, score], dim=-1)

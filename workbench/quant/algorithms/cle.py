@@ -137,7 +137,7 @@ class CrossLayerEqualization(Algorithm):
         scales: dict[str, object] = {}
 
         def equalize(model) -> dict:
-            _clip_relu6(model, clipped, found.calls)
+            _clip_relu6(model, clipped, found.calls)  # with their parents' reset hooks: the proof runs them too
             done = _equalize(model, chosen, opts, scales)
             _move_bounds(model, [c for c in chosen if c.act_module in clipped], scales)
             return done
@@ -147,11 +147,8 @@ class CrossLayerEqualization(Algorithm):
                                  advice=advice)
         record.notes.append(f"equalized {len(chosen)} chain(s) in {sweeps['sweeps']} sweep(s) (largest last scale "
                             f"step {sweeps['last_step']:.1e})")
-        modules = dict(ctx.model.named_modules())
-        for name in clipped:  # swapped inside the checked rewrite: recorded (and hooked) once it was accepted
+        for name in clipped:  # swapped inside the checked rewrite: recorded once it was accepted
             ctx.replaced[name] = "ChannelClip"
-            parent_name = name.rpartition(".")[0]
-            modules[name].attach(modules[parent_name] if parent_name else ctx.model)
         if clipped:
             record.notes.append(f"{len(clipped)} ReLU6 module(s) became per-channel clips (ChannelClip), exactly")
         if opts.high_bias_absorption:
@@ -409,7 +406,9 @@ def _clip_relu6(model, names: list[str], calls: dict[str, int]) -> None:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, ChannelClip(calls.get(name, 1), bound=6.0))
+        clip = ChannelClip(calls.get(name, 1), bound=6.0)
+        setattr(parent, child, clip)
+        clip.attach(parent)
 
 
 def _move_bounds(model, chains: list[Chain], scales: dict) -> None:
@@ -521,7 +520,8 @@ def _absorb(model, chains: list[Chain], stats, scales: dict, absorbed: dict, ski
             bound = None
             if isinstance(clip, ChannelClip):  # min(x, c) - h = min(x - h, c - h) where x >= h: the bound moves too
                 bound = clip.bound(chain.act_call).reshape(-1).expand_as(h)
-                h = torch.minimum(h, bound)
+                # at most 0.999 of the bound: an emptied bound would divide by ~0 in the export (NaN in FP16)
+                h = torch.minimum(h, 0.999 * bound)
             if not bool((h > 0).any()):
                 continue
             first.bias.sub_(h)
