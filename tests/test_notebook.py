@@ -101,8 +101,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, kernel_env):
     # The table, as Markdown, with conv2 (the layer INT8 ruins) first; and both plots drawn.
     table = next(t for t in text if "| rank | layer |" in t)
     assert table.splitlines()[2].startswith("| 1 | `conv2` | Conv2d | 294,912 | -")
-    assert len(table.splitlines()) == 2 + 4
-    assert "most sensitive: conv2 (of 4 units)" in joined
+    assert len(table.splitlines()) == 2 + 5  # one row per unit, the residual Add included
+    assert "most sensitive: conv2 (of 5 units)" in joined
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2
     # On the 32-sample subset: all INT8 is ruined, and conv2 alone in float recovers FP32.
@@ -115,7 +115,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, kernel_env):
     snippet = text[-1]
     assert _top1(_line(snippet, "plan: 1 unit(s) float")) == fp32
     assert ("stages:\n- calibrate:\n    method: max\n" in snippet
-            and "    exclude:\n    - conv2\n    fold_batchnorm" in snippet)
+            and "    exclude:\n    - conv2\n" in snippet)
 
 
 def test_notebook_finds_the_newest_run_with_a_sensitivity_table(tmp_path, kernel_env):

@@ -3,6 +3,7 @@ workbench drives, and a checkpoint pickling classes the installed package lacks 
 is refused naming each missing `module.attribute`, what it was saved with and what to do, before anything is
 unpickled; one whose classes are all importable loads."""
 
+import importlib.util
 import sys
 import types
 
@@ -15,7 +16,9 @@ from workbench.models import resolve_model
 from workbench.models import ultralytics_checkpoint as uc
 from workbench.schema import ModelConfig
 
-pytest.importorskip("ultralytics", reason="ultralytics extra not installed")
+# Found, not imported: importing Ultralytics at collection would patch PIL.Image.open for every test that runs after.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ultralytics") is None,
+                                reason="ultralytics extra not installed")
 
 
 class ForkBlock(torch.nn.Module):
