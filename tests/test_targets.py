@@ -400,3 +400,24 @@ def test_qat_weight_ranges_keep_the_fixed_point_targets_powers_of_two():
     for name in result.quantized:
         amax = float(dict(model.named_modules())[name].weight_quantizer.amax)
         assert math.log2(amax / 127) == round(math.log2(amax / 127)), (name, amax)
+
+
+@pytest.mark.parametrize("value", ["[" * 100_000, '{"target": "openvino", "weight_bits": 3}', "not json"])
+def test_a_hostile_target_in_a_graphs_metadata_is_refused_by_name(tmp_path, value):
+    """`workbench build` reads the exporting target back from the graph: a value the workbench would not write (a deep
+    nest that exhausts the JSON parser, a bad field, no JSON) is a clear refusal naming the key, not a traceback."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from workbench.errors import WorkbenchError
+    from workbench.runtime.openvino import exported_arithmetic
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    model = helper.make_model(graph)
+    model.metadata_props.add(key="workbench.target", value=value)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(WorkbenchError, match="metadata workbench.target"):
+        exported_arithmetic(path)
